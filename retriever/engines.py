@@ -1,0 +1,146 @@
+"""Scan engines: given prepared queries and the lists each one probes, return the top-k.
+
+Every engine searches one set of inverted lists (a whole index or one shard) and answers
+``search(queries, list_ids, k) -> (distances, ids)`` in faiss's conventions: squared L2
+distances ascending, or inner products descending; id -1 (and an infinite distance) where fewer
+than k candidates exist. Coarse keys are computed here from the engine's own centroids, so a
+retrieval node needs only the query vectors and list ids.
+"""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+
+from retriever.errors import RetrieverError
+from retriever.index import IVFPQIndex
+from retriever.scan import scan_ivfpq
+from retriever.vectors import as_query_matrix
+
+# faiss's own limit for precomputed L2 tables (IndexIVFPQ::precomputed_table_max_bytes).
+PRECOMPUTED_TABLE_MAX_BYTES = 2 << 30
+
+
+def coarse_keys(queries: np.ndarray, centroids: np.ndarray, list_ids: np.ndarray, metric: str) -> np.ndarray:
+    """Per (query, probed list) coarse term: |q - c|^2 for l2, <q, c> for ip/cos (0 for skipped lists)."""
+    probed = centroids[np.maximum(list_ids, 0)]
+    if metric == "l2":
+        diff = queries[:, None, :] - probed
+        keys = np.einsum("qpd,qpd->qp", diff, diff)
+    else:
+        keys = np.einsum("qd,qpd->qp", queries, probed)
+    return np.where(list_ids >= 0, keys, 0).astype(np.float32)
+
+
+class ScanEngine:
+    """Common validation; subclasses implement ``_search`` on checked, prepared inputs."""
+
+    name = "base"
+
+    def __init__(self, index: IVFPQIndex):
+        self.params = index.params
+        self.centroids = np.ascontiguousarray(index.centroids, dtype=np.float32)
+        self.codebooks = np.ascontiguousarray(index.codebooks, dtype=np.float32)
+        self.lists = index.whole()
+
+    @property
+    def ntotal(self) -> int:
+        return self.lists.ntotal
+
+    def search(self, queries: np.ndarray, list_ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k of already prepared (float32, normalised for cos) ``queries`` over ``list_ids``."""
+        queries = np.ascontiguousarray(as_query_matrix(queries, self.params.dim), dtype=np.float32)
+        list_ids = np.asarray(list_ids)
+        if list_ids.ndim != 2 or list_ids.shape[0] != queries.shape[0] or list_ids.shape[1] < 1:
+            raise RetrieverError(f"list ids must have shape ({queries.shape[0]}, nprobe), got {list_ids.shape}")
+        if not np.issubdtype(list_ids.dtype, np.integer):
+            raise RetrieverError(f"list ids must be integers, got dtype {list_ids.dtype}")
+        if list_ids.size and (list_ids.min() < -1 or list_ids.max() >= self.params.nlist):
+            raise RetrieverError(f"list ids must lie in [-1, {self.params.nlist}), got {list_ids.min()}..{list_ids.max()}")
+        if not isinstance(k, (int, np.integer)) or k < 1:
+            raise RetrieverError(f"k must be a positive integer, got {k!r}")
+        return self._search(queries, np.ascontiguousarray(list_ids, dtype=np.int64), int(k))
+
+    def _search(self, queries, list_ids, k):
+        raise NotImplementedError
+
+
+class NumbaEngine(ScanEngine):
+    """Our CPU engine: the Numba ADC kernel of :mod:`retriever.scan`."""
+
+    name = "numba"
+
+    def __init__(self, index: IVFPQIndex):
+        super().__init__(index)
+        p = self.params
+        self.offsets = np.ascontiguousarray(self.lists.offsets, dtype=np.int64)
+        self.ids = np.ascontiguousarray(self.lists.ids, dtype=np.int64)
+        self.codes = np.ascontiguousarray(self.lists.codes, dtype=np.uint8)
+        table_bytes = p.nlist * p.m * p.ksub * 4
+        if p.metric == "l2" and table_bytes <= PRECOMPUTED_TABLE_MAX_BYTES:
+            norms = np.einsum("jcd,jcd->jc", self.codebooks, self.codebooks)
+            cross = np.einsum("ljd,jcd->ljc", self.centroids.reshape(p.nlist, p.m, p.dsub), self.codebooks)
+            self.list_terms = np.ascontiguousarray(norms[None] + 2 * cross, dtype=np.float32)
+        else:
+            self.list_terms = np.zeros((0, p.m, p.ksub), dtype=np.float32)
+
+    def _search(self, queries, list_ids, k):
+        coarse = coarse_keys(queries, self.centroids, list_ids, self.params.metric)
+        if self.params.inner_product:
+            coarse = -coarse
+        keys, ids = scan_ivfpq(
+            queries, list_ids, coarse, self.centroids, self.codebooks, self.list_terms,
+            self.offsets, self.ids, self.codes, k, self.params.inner_product,
+        )  # fmt: skip
+        return (-keys if self.params.inner_product else keys), ids
+
+
+class FaissEngine(ScanEngine):
+    """faiss's ``IndexIVFPQ`` filled with *our* centroids, codebooks and codes.
+
+    It scans exactly the same codes as :class:`NumbaEngine`, so the two can be compared code for
+    code; it is the reference the Numba kernel is tested against.
+    """
+
+    name = "faiss"
+
+    def __init__(self, index: IVFPQIndex):
+        super().__init__(index)
+        self.index = to_faiss_ivfpq(index)
+
+    def _search(self, queries, list_ids, k):
+        coarse = coarse_keys(queries, self.centroids, list_ids, self.params.metric)
+        self.index.nprobe = list_ids.shape[1]
+        return self.index.search_preassigned(queries, k, list_ids, coarse)
+
+
+def to_faiss_ivfpq(index: IVFPQIndex) -> faiss.IndexIVFPQ:
+    """An ``IndexIVFPQ`` holding our quantizers and codes (no retraining, no re-encoding)."""
+    p = index.params
+    faiss_metric = faiss.METRIC_L2 if p.metric == "l2" else faiss.METRIC_INNER_PRODUCT
+    quantizer = faiss.IndexFlatL2(p.dim) if p.metric == "l2" else faiss.IndexFlatIP(p.dim)
+    quantizer.add(np.ascontiguousarray(index.centroids, dtype=np.float32))
+    ivf = faiss.IndexIVFPQ(quantizer, p.dim, p.nlist, p.m, p.nbits, faiss_metric)
+    ivf.own_fields = True
+    quantizer.this.disown()
+    faiss.copy_array_to_vector(np.ascontiguousarray(index.codebooks, dtype=np.float32).ravel(), ivf.pq.centroids)
+    ivf.pq.sync_transposed_centroids()
+    ivf.is_trained = True
+    ivf.precompute_table()
+    lists = index.whole()
+    ids = np.ascontiguousarray(lists.ids, dtype=np.int64)
+    codes = np.ascontiguousarray(lists.codes, dtype=np.uint8)
+    for list_id in np.flatnonzero(lists.list_sizes()):
+        start, end = int(lists.offsets[list_id]), int(lists.offsets[list_id + 1])
+        ivf.invlists.add_entries(int(list_id), end - start, faiss.swig_ptr(ids[start:end]), faiss.swig_ptr(codes[start:end]))
+    ivf.ntotal = lists.ntotal
+    return ivf
+
+
+ENGINES = {engine.name: engine for engine in (NumbaEngine, FaissEngine)}
+
+
+def make_engine(name: str, index: IVFPQIndex) -> ScanEngine:
+    if name not in ENGINES:
+        raise RetrieverError(f"unknown engine {name!r}; choose from {', '.join(ENGINES)}")
+    return ENGINES[name](index)

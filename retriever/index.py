@@ -1,0 +1,354 @@
+"""The IVF-PQ index: in-memory form, on-disk format, shards.
+
+On disk an index is a directory::
+
+    manifest.json                  format version, parameters, counts, shard layout, every array's
+                                   shape, dtype and sha256
+    centroids.npy                  (nlist, dim) float32 coarse centroids
+    codebooks.npy                  (m, 2**nbits, dim // m) float32 PQ codebooks of the residuals
+    shard-000/offsets.npy          (nlist + 1,) int64: list l is rows offsets[l]:offsets[l+1]
+    shard-000/ids.npy              (n,) int64 original row ids
+    shard-000/codes.npy            (n, code_size) uint8 PQ codes
+    shard-001/...
+
+Every index has S >= 1 shards. A shard holds a balanced slice of *every* inverted list (the way
+Chameleon stripes lists across memory banks and nodes), so each query loads each shard about
+equally. Arrays are plain ``.npy`` files, memory-mapped on load. The directory is written under a
+temporary name and renamed into place, so a reader never sees half an index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from retriever.errors import RetrieverError
+
+FORMAT_NAME = "chameleon.ivfpq"
+FORMAT_VERSION = 1
+METRICS = ("l2", "ip", "cos")
+SUPPORTED_NBITS = (8,)
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class IVFPQParams:
+    """Shape of an IVF-PQ index. ``cos`` is inner product on L2-normalised vectors."""
+
+    metric: str
+    dim: int
+    nlist: int
+    m: int
+    nbits: int = 8
+
+    def __post_init__(self):
+        if self.metric not in METRICS:
+            raise RetrieverError(f"metric must be one of {', '.join(METRICS)}, got {self.metric!r}")
+        for name in ("dim", "nlist", "m"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or value < 1:
+                raise RetrieverError(f"{name} must be a positive integer, got {value!r}")
+        if self.nbits not in SUPPORTED_NBITS:
+            raise RetrieverError(f"nbits must be one of {SUPPORTED_NBITS}, got {self.nbits!r}")
+        if self.dim % self.m:
+            raise RetrieverError(f"m={self.m} must divide the dimension {self.dim}")
+
+    @property
+    def ksub(self) -> int:
+        return 1 << self.nbits
+
+    @property
+    def dsub(self) -> int:
+        return self.dim // self.m
+
+    @property
+    def code_size(self) -> int:
+        return (self.m * self.nbits + 7) // 8
+
+    @property
+    def inner_product(self) -> bool:
+        """True when larger scores are better (ip, cos)."""
+        return self.metric != "l2"
+
+
+@dataclass
+class InvertedLists:
+    """CSR inverted lists: list l holds rows ``offsets[l]:offsets[l+1]`` of ``ids`` and ``codes``."""
+
+    offsets: np.ndarray
+    ids: np.ndarray
+    codes: np.ndarray
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.ids.shape[0])
+
+    @property
+    def nlist(self) -> int:
+        return int(self.offsets.shape[0]) - 1
+
+    def list_sizes(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    @classmethod
+    def from_assignment(cls, assignment: np.ndarray, ids: np.ndarray, codes: np.ndarray, nlist: int):
+        """Group rows by list (stable, so ids keep their order within a list)."""
+        order = np.argsort(assignment, kind="stable")
+        offsets = np.zeros(nlist + 1, dtype=np.int64)
+        np.cumsum(np.bincount(assignment, minlength=nlist), out=offsets[1:])
+        return cls(offsets, np.ascontiguousarray(ids[order], dtype=np.int64), np.ascontiguousarray(codes[order]))
+
+
+@dataclass
+class IVFPQIndex:
+    """Trained quantizers plus the encoded database, split into one or more shards."""
+
+    params: IVFPQParams
+    centroids: np.ndarray
+    codebooks: np.ndarray
+    shards: list[InvertedLists]
+    build_info: dict = field(default_factory=dict)
+
+    @property
+    def ntotal(self) -> int:
+        return sum(s.ntotal for s in self.shards)
+
+    @property
+    def nshards(self) -> int:
+        return len(self.shards)
+
+    def whole(self) -> InvertedLists:
+        """The inverted lists of the whole index (the shards put back together)."""
+        return merge_shards(self.shards) if self.nshards > 1 else self.shards[0]
+
+    def shard(self, i: int) -> IVFPQIndex:
+        """An index holding only shard ``i`` (what one retrieval node serves)."""
+        if not 0 <= i < self.nshards:
+            raise RetrieverError(f"shard {i} does not exist: the index has {self.nshards} shard(s)")
+        return IVFPQIndex(self.params, self.centroids, self.codebooks, [self.shards[i]], self.build_info)
+
+    def resharded(self, nshards: int) -> IVFPQIndex:
+        return IVFPQIndex(
+            self.params, self.centroids, self.codebooks, split_shards(self.whole(), nshards), self.build_info
+        )
+
+
+def _slice_bounds(size: int, nshards: int) -> np.ndarray:
+    return np.arange(nshards + 1, dtype=np.int64) * size // nshards
+
+
+def _slice_owner(list_id: int, slice_no: int, nshards: int) -> int:
+    # Rotating which shard takes which slice keeps small lists' remainders from piling up on one shard.
+    return (list_id + slice_no) % nshards
+
+
+def split_shards(lists: InvertedLists, nshards: int) -> list[InvertedLists]:
+    """Split every inverted list into ``nshards`` contiguous slices of (nearly) equal size."""
+    if not isinstance(nshards, (int, np.integer)) or nshards < 1:
+        raise RetrieverError(f"the number of shards must be a positive integer, got {nshards!r}")
+    rows: list[list[np.ndarray]] = [[] for _ in range(nshards)]
+    sizes = np.zeros((nshards, lists.nlist), dtype=np.int64)
+    for list_id in range(lists.nlist):
+        start, end = int(lists.offsets[list_id]), int(lists.offsets[list_id + 1])
+        bounds = start + _slice_bounds(end - start, nshards)
+        for slice_no in range(nshards):
+            owner = _slice_owner(list_id, slice_no, nshards)
+            rows[owner].append(np.arange(bounds[slice_no], bounds[slice_no + 1]))
+            sizes[owner, list_id] = bounds[slice_no + 1] - bounds[slice_no]
+    shards = []
+    for owner in range(nshards):
+        take = np.concatenate(rows[owner]) if rows[owner] else np.zeros(0, dtype=np.int64)
+        offsets = np.zeros(lists.nlist + 1, dtype=np.int64)
+        np.cumsum(sizes[owner], out=offsets[1:])
+        shards.append(InvertedLists(offsets, np.ascontiguousarray(lists.ids[take]), np.ascontiguousarray(lists.codes[take])))
+    return shards
+
+
+def merge_shards(shards: list[InvertedLists]) -> InvertedLists:
+    """Inverse of :func:`split_shards`: every list's slices back in their original order."""
+    nshards = len(shards)
+    nlist = shards[0].nlist
+    if any(s.nlist != nlist for s in shards):
+        raise RetrieverError("shards disagree on the number of inverted lists")
+    bases = np.cumsum([0] + [s.ntotal for s in shards])
+    pieces = []
+    for list_id in range(nlist):
+        for slice_no in range(nshards):
+            owner = _slice_owner(list_id, slice_no, nshards)
+            offsets = shards[owner].offsets
+            pieces.append(bases[owner] + np.arange(offsets[list_id], offsets[list_id + 1]))
+    take = np.concatenate(pieces)
+    offsets = np.zeros(nlist + 1, dtype=np.int64)
+    np.cumsum(sum(s.list_sizes() for s in shards), out=offsets[1:])
+    ids = np.concatenate([s.ids for s in shards])
+    codes = np.concatenate([s.codes for s in shards])
+    return InvertedLists(offsets, ids[take], codes[take])
+
+
+# ---------------------------------------------------------------------------------------------
+# On-disk format
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _index_arrays(index: IVFPQIndex) -> dict[str, np.ndarray]:
+    arrays = {"centroids.npy": index.centroids, "codebooks.npy": index.codebooks}
+    for i, shard in enumerate(index.shards):
+        arrays[f"shard-{i:03d}/offsets.npy"] = shard.offsets
+        arrays[f"shard-{i:03d}/ids.npy"] = shard.ids
+        arrays[f"shard-{i:03d}/codes.npy"] = shard.codes
+    return arrays
+
+
+def save_index(index: IVFPQIndex, out: str | os.PathLike, force: bool = False) -> Path:
+    """Write ``index`` to the directory ``out`` atomically (temporary directory, then rename).
+
+    An existing ``out`` is an error unless ``force``; then it is replaced only once the new index
+    is complete on disk.
+    """
+    out = Path(out)
+    if out.exists() and not force:
+        raise RetrieverError(f"{out} already exists (use --force to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        entries = {}
+        for name, array in _index_arrays(index).items():
+            path = tmp / name
+            path.parent.mkdir(exist_ok=True)
+            with open(path, "wb") as f:
+                np.save(f, np.ascontiguousarray(array))
+                f.flush()
+                os.fsync(f.fileno())
+            entries[name] = {"shape": list(array.shape), "dtype": str(array.dtype), "sha256": _sha256(path)}
+        p = index.params
+        manifest = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "metric": p.metric,
+            "dim": p.dim,
+            "nlist": p.nlist,
+            "m": p.m,
+            "nbits": p.nbits,
+            "ntotal": index.ntotal,
+            "shards": [{"ntotal": s.ntotal} for s in index.shards],
+            "arrays": entries,
+            "build": {**index.build_info, "written": datetime.now(timezone.utc).isoformat(timespec="seconds")},
+        }
+        with open(tmp / MANIFEST, "w") as f:
+            json.dump(manifest, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    if not target.exists():
+        os.rename(new, target)
+        return
+    trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    os.rename(target, trash / "old")
+    os.rename(new, target)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise RetrieverError(f"{path} is not an index directory: {MANIFEST} is missing")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RetrieverError(f"{manifest_path} is corrupt: {e}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise RetrieverError(f"{manifest_path} is not a {FORMAT_NAME} manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise RetrieverError(
+            f"{path} has format version {manifest.get('format_version')!r}; this build reads version {FORMAT_VERSION}"
+        )
+    return manifest
+
+
+def verify_index(path: str | os.PathLike) -> None:
+    """Check every array's sha256 against the manifest; raise :class:`RetrieverError` on a mismatch."""
+    path = Path(path)
+    for name, entry in read_manifest(path)["arrays"].items():
+        file = path / name
+        if not file.is_file():
+            raise RetrieverError(f"{file} is missing")
+        if _sha256(file) != entry["sha256"]:
+            raise RetrieverError(f"{file} is corrupt: its sha256 does not match the manifest")
+
+
+def _load_array(path: Path, name: str, entry: dict) -> np.ndarray:
+    file = path / name
+    try:
+        array = np.load(file, mmap_mode="r")
+    except FileNotFoundError:
+        raise RetrieverError(f"{file} is missing") from None
+    except ValueError as e:
+        raise RetrieverError(f"{file} is truncated or corrupt: {e}") from None
+    if list(array.shape) != entry["shape"] or str(array.dtype) != entry["dtype"]:
+        raise RetrieverError(
+            f"{file} holds {array.dtype}{list(array.shape)}, the manifest says {entry['dtype']}{entry['shape']}"
+        )
+    return array
+
+
+def load_index(path: str | os.PathLike, verify: bool = False, shard: int | None = None) -> IVFPQIndex:
+    """Memory-map an index directory (only ``shard`` of it when given).
+
+    Shapes, dtypes and file sizes are always checked; ``verify`` also checks every checksum.
+    """
+    path = Path(path)
+    manifest = read_manifest(path)
+    if verify:
+        verify_index(path)
+    try:
+        params = IVFPQParams(manifest["metric"], manifest["dim"], manifest["nlist"], manifest["m"], manifest["nbits"])
+        arrays = manifest["arrays"]
+        nshards = len(manifest["shards"])
+        wanted = range(nshards) if shard is None else [shard]
+        if shard is not None and not 0 <= shard < nshards:
+            raise RetrieverError(f"shard {shard} does not exist: {path} has {nshards} shard(s)")
+        centroids = _load_array(path, "centroids.npy", arrays["centroids.npy"])
+        codebooks = _load_array(path, "codebooks.npy", arrays["codebooks.npy"])
+        shards = []
+        for i in wanted:
+            names = [f"shard-{i:03d}/{a}.npy" for a in ("offsets", "ids", "codes")]
+            shards.append(InvertedLists(*(_load_array(path, n, arrays[n]) for n in names)))
+    except KeyError as e:
+        raise RetrieverError(f"{path / MANIFEST} lacks the entry {e}") from None
+    index = IVFPQIndex(params, centroids, codebooks, shards, manifest.get("build", {}))
+    _check_consistent(index, path)
+    return index
+
+
+def _check_consistent(index: IVFPQIndex, path: Path) -> None:
+    p = index.params
+    if index.centroids.shape != (p.nlist, p.dim) or index.codebooks.shape != (p.m, p.ksub, p.dsub):
+        raise RetrieverError(f"{path}: quantizer shapes do not match the parameters")
+    for s in index.shards:
+        if s.offsets.shape != (p.nlist + 1,) or s.codes.shape != (s.ntotal, p.code_size):
+            raise RetrieverError(f"{path}: inverted list shapes do not match the parameters")
+        if s.offsets[0] != 0 or s.offsets[-1] != s.ntotal or np.any(np.diff(s.offsets) < 0):
+            raise RetrieverError(f"{path}: inverted list offsets are corrupt")

@@ -1,0 +1,51 @@
+"""In-process search (coarse quantizer + scan engine) and the exact top-k merge of shard results."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from retriever.coarse import CoarseQuantizer
+from retriever.engines import make_engine
+from retriever.errors import RetrieverError
+from retriever.index import IVFPQIndex
+from retriever.vectors import as_query_matrix, prepare_vectors
+
+
+def merge_topk(
+    distances: list[np.ndarray], ids: list[np.ndarray], k: int, metric: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Global top-k of per-shard results, with the scan engines' tie-break (score, then smaller id).
+
+    Each shard's (distances, ids) is (nq, k_s) in faiss conventions; id -1 marks an empty slot.
+    """
+    all_d = np.concatenate(distances, axis=1)
+    all_i = np.concatenate(ids, axis=1)
+    keys = -all_d if metric != "l2" else all_d
+    keys = np.where(all_i < 0, np.inf, keys)
+    tie = np.where(all_i < 0, np.iinfo(np.int64).max, all_i)
+    order = np.lexsort((tie, keys), axis=1)[:, :k]
+    merged_d = np.take_along_axis(all_d, order, axis=1)
+    merged_i = np.take_along_axis(all_i, order, axis=1)
+    if merged_d.shape[1] < k:  # fewer candidates than k across all shards
+        pad = k - merged_d.shape[1]
+        empty = np.inf if metric == "l2" else -np.inf
+        merged_d = np.pad(merged_d, ((0, 0), (0, pad)), constant_values=empty)
+        merged_i = np.pad(merged_i, ((0, 0), (0, pad)), constant_values=-1)
+    return merged_d, merged_i
+
+
+class Searcher:
+    """Search a whole index in this process: prepare queries, coarse search, scan."""
+
+    def __init__(self, index: IVFPQIndex, engine: str = "numba", device: str = "auto"):
+        self.params = index.params
+        self.ntotal = index.ntotal
+        self.quantizer = CoarseQuantizer(index.centroids, index.params.metric, device=device)
+        self.engine = make_engine(engine, index)
+
+    def search(self, queries, k: int, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
+        if not isinstance(k, (int, np.integer)) or not 1 <= k <= self.ntotal:
+            raise RetrieverError(f"k must be between 1 and the number of indexed vectors ({self.ntotal}), got {k!r}")
+        queries = prepare_vectors(as_query_matrix(queries, self.params.dim), self.params.metric)
+        list_ids, _ = self.quantizer.search(queries, nprobe)
+        return self.engine.search(queries, list_ids, k)

@@ -1,0 +1,133 @@
+"""The ``chameleon`` command end to end, as a user runs it (subprocesses)."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from faiss.contrib import vecs_io
+
+from chameleon.bench import ROW_KEYS
+from retriever.datasets import exact_knn
+from retriever.index import load_index
+from tests.test_datasets import write_ann_hdf5
+
+
+def chameleon(*args, expect=0):
+    result = subprocess.run([sys.executable, "-m", "chameleon", *map(str, args)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == expect, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    return result
+
+
+@pytest.fixture(scope="module")
+def tiny_hdf5(tmp_path_factory, small_data):
+    path = tmp_path_factory.mktemp("data") / "tiny-euclidean.hdf5"
+    base, queries = small_data.base[:8000], small_data.queries[:100]
+    write_ann_hdf5(path, base, queries, exact_knn(base, queries, 100, "l2"), "euclidean")
+    return path
+
+
+def test_build_info_bench(tmp_path, tiny_hdf5):
+    out = tmp_path / "idx"
+    built = chameleon("index", "build", "--dataset", tiny_hdf5, "--out", out, "--nlist", 32, "--m", 8, "--shards", 2)
+    assert "wrote" in built.stderr
+    index = load_index(out, verify=True)
+    assert index.nshards == 2 and index.ntotal == 8000 and index.params.metric == "l2"
+
+    info = chameleon("index", "info", out, "--verify").stdout
+    assert "IVF32,PQ8x8" in info and "8,000" in info and "checksums  ok" in info and "list sizes" in info
+
+    rows_path, plot_path = tmp_path / "rows.json", tmp_path / "plot.png"
+    bench = chameleon(
+        "bench", "recall", "--dataset", tiny_hdf5, "--index", out, "--engines", "numba,faiss-ivfpq,faiss-fastscan",
+        "--nprobe", "1,4,32", "--k", 10, "--threads", "1,2", "--queries", 50, "--json", rows_path, "--plot", plot_path,
+    )  # fmt: skip
+    rows = json.loads(rows_path.read_text())
+    assert len(rows) == 3 * 2 * 3
+    assert all(tuple(row) == ROW_KEYS for row in rows)
+    assert all(0 <= row["recall"] <= 1 and row["qps"] > 0 and 0 < row["p50_ms"] <= row["p99_ms"] for row in rows)
+    by = {(r["engine"], r["threads"], r["nprobe"]): r for r in rows}
+    assert by[("numba", 1, 32)]["recall"] > by[("numba", 1, 1)]["recall"]
+    assert abs(by[("numba", 1, 32)]["recall"] - by[("faiss-ivfpq", 1, 32)]["recall"]) <= 0.01
+    assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "numba / faiss-ivfpq QPS" in bench.stdout
+
+
+def test_build_from_vector_files(tmp_path, small_data):
+    vecs_io.fvecs_write(str(tmp_path / "x.fvecs"), small_data.base[:5000])
+    chameleon("index", "build", "--vectors", tmp_path / "x.fvecs", "--out", tmp_path / "a", "--nlist", 16, "--m", 4, "--metric", "cos")
+    assert load_index(tmp_path / "a").params.metric == "cos"
+    np.save(tmp_path / "x.npy", small_data.base[:5000])
+    chameleon("index", "build", "--vectors", tmp_path / "x.npy", "--out", tmp_path / "b", "--nlist", 16, "--m", 4)
+    assert load_index(tmp_path / "b").ntotal == 5000
+
+
+def error_of(*args):
+    return chameleon(*args, expect=2).stderr
+
+
+def test_bad_input_exits_cleanly(tmp_path, small_data, tiny_hdf5):
+    x = tmp_path / "x.npy"
+    np.save(x, small_data.base[:3000])
+    build = ("index", "build", "--vectors", x, "--nlist", 16, "--m", 8)
+
+    assert "already exists" in error_of(*build, "--out", tmp_path)
+    assert "must divide the dimension" in error_of(*build[:-1], 5, "--out", tmp_path / "o1")
+    assert "larger than the number of vectors" in error_of("index", "build", "--vectors", x, "--nlist", 5000, "--m", 8, "--out", tmp_path / "o2")
+
+    nan = small_data.base[:3000].copy()
+    nan[17, 3] = np.nan
+    np.save(tmp_path / "nan.npy", nan)
+    assert "NaN or inf (first at row 17)" in error_of("index", "build", "--vectors", tmp_path / "nan.npy", "--nlist", 16, "--m", 8, "--out", tmp_path / "o3")
+
+    (tmp_path / "empty.fvecs").write_bytes(b"")
+    assert "empty or truncated" in error_of("index", "build", "--vectors", tmp_path / "empty.fvecs", "--nlist", 16, "--m", 8, "--out", tmp_path / "o4")
+    vecs_io.fvecs_write(str(tmp_path / "cut.fvecs"), small_data.base[:100])
+    (tmp_path / "cut.fvecs").write_bytes((tmp_path / "cut.fvecs").read_bytes()[:-7])
+    assert "truncated" in error_of("index", "build", "--vectors", tmp_path / "cut.fvecs", "--nlist", 16, "--m", 8, "--out", tmp_path / "o5")
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 6))  # nothing half-written
+
+    idx = tmp_path / "idx"
+    chameleon("index", "build", "--dataset", tiny_hdf5, "--out", idx, "--nlist", 16, "--m", 8)
+    bench = ("bench", "recall", "--dataset", tiny_hdf5, "--index", idx, "--queries", 10)
+    assert "nprobe must be between 1 and nlist=16" in error_of(*bench, "--nprobe", "4,17")
+    assert "k must be between 1" in error_of(*bench, "--k", 0)
+    assert "unknown engine" in error_of(*bench, "--engines", "numba,warp-drive")
+    assert "threads must be between 1" in error_of(*bench, "--threads", 999)
+    assert "comma-separated list of integers" in error_of(*bench, "--nprobe", "four")
+    chameleon(*build, "--out", tmp_path / "other")
+    assert "the index holds 3000 vectors" in error_of("bench", "recall", "--dataset", tiny_hdf5, "--index", tmp_path / "other")
+
+    codes = idx / "shard-000" / "codes.npy"
+    data = bytearray(codes.read_bytes())
+    data[-1] ^= 0xFF
+    codes.write_bytes(bytes(data))
+    assert "corrupt" in error_of("index", "info", idx, "--verify")
+    assert "not an index directory" in error_of("index", "info", tmp_path)
+
+
+@pytest.mark.integration
+def test_glove50_numba_agrees_with_faiss(tmp_path):
+    """The real built-in data: our engine returns faiss's answers on the same codes."""
+    from retriever.coarse import CoarseQuantizer
+    from retriever.datasets import glove50
+    from retriever.engines import FaissEngine, NumbaEngine
+    from retriever.vectors import prepare_vectors
+    from tests.helpers import same_up_to_ties
+
+    out = tmp_path / "glove"
+    chameleon("index", "build", "--dataset", "glove-50", "--out", out, "--nlist", 256, "--m", 10, "--train-size", 30000)
+    rows_path = tmp_path / "rows.json"
+    chameleon("bench", "recall", "--dataset", "glove-50", "--index", out, "--nprobe", "8", "--queries", 1000, "--json", rows_path)
+    rows = {r["engine"]: r for r in json.loads(rows_path.read_text())}
+    assert rows["numba"]["recall"] > 0.5
+    assert abs(rows["numba"]["recall"] - rows["faiss-ivfpq"]["recall"]) <= 0.002
+
+    index = load_index(out)
+    queries = prepare_vectors(glove50().queries[:2000], "cos")
+    list_ids, _ = CoarseQuantizer(index.centroids, "cos", device="cpu").search(queries, 8)
+    nd, ni = NumbaEngine(index).search(queries, list_ids, 10)
+    fd, fi = FaissEngine(index).search(queries, list_ids, 10)
+    assert same_up_to_ties(nd, ni, fd, fi).mean() >= 0.999

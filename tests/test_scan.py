@@ -1,0 +1,151 @@
+import faiss
+import numpy as np
+import pytest
+
+import retriever.engines as engines
+from retriever.build import build_index
+from retriever.coarse import CoarseQuantizer, cuda_available
+from retriever.datasets import exact_knn
+from retriever.engines import FaissEngine, NumbaEngine, make_engine
+from retriever.errors import RetrieverError
+from retriever.index import IVFPQParams
+from retriever.search import Searcher
+from retriever.vectors import prepare_vectors
+from tests.helpers import same_up_to_ties
+
+
+def probe(index, queries, nprobe):
+    queries = prepare_vectors(queries, index.params.metric)
+    return queries, CoarseQuantizer(index.centroids, index.params.metric, device="cpu").search(queries, nprobe)[0]
+
+
+@pytest.mark.parametrize("nprobe, k", [(1, 10), (8, 10), (64, 100)])
+def test_numba_matches_faiss_on_the_same_codes(small_index, small_data, nprobe, k):
+    queries, list_ids = probe(small_index, small_data.queries, nprobe)
+    nd, ni = NumbaEngine(small_index).search(queries, list_ids, k)
+    fd, fi = FaissEngine(small_index).search(queries, list_ids, k)
+    assert same_up_to_ties(nd, ni, fd, fi).all()
+    assert (ni == fi).all(axis=1).mean() > 0.9  # most rows have no ties at all
+
+
+def test_residual_tables_give_the_precomputed_answer(l2_index, small_data, monkeypatch):
+    queries, list_ids = probe(l2_index, small_data.queries, 8)
+    precomputed = NumbaEngine(l2_index)
+    monkeypatch.setattr(engines, "PRECOMPUTED_TABLE_MAX_BYTES", 0)
+    residual = NumbaEngine(l2_index)
+    assert precomputed.list_terms.shape[0] == 64 and residual.list_terms.shape[0] == 0
+    pd, pi = precomputed.search(queries, list_ids, 10)
+    rd, ri = residual.search(queries, list_ids, 10)
+    assert same_up_to_ties(pd, pi, rd, ri, rtol=1e-4).all()
+
+
+def test_results_are_sorted_and_unique(small_index, small_data):
+    queries, list_ids = probe(small_index, small_data.queries, 4)
+    d, i = NumbaEngine(small_index).search(queries, list_ids, 50)
+    ordered = np.diff(d, axis=1) >= 0 if small_index.params.metric == "l2" else np.diff(d, axis=1) <= 0
+    assert ordered.all()
+    for row in i:
+        found = row[row >= 0]
+        assert len(np.unique(found)) == len(found)
+
+
+def test_fewer_candidates_than_k_are_padded(l2_index, small_data):
+    queries, list_ids = probe(l2_index, small_data.queries[:5], 1)
+    sizes = l2_index.whole().list_sizes()[list_ids[:, 0]]
+    k = int(sizes.max()) + 5
+    d, i = NumbaEngine(l2_index).search(queries, list_ids, k)
+    for row_d, row_i, size in zip(d, i, sizes):
+        assert (row_i[:size] >= 0).all() and (row_i[size:] == -1).all()
+        assert np.isinf(row_d[size:]).all()
+    skipped = np.full_like(list_ids, -1)
+    _, i = NumbaEngine(l2_index).search(queries, skipped, 3)
+    assert (i == -1).all()
+
+
+def test_ties_break_by_smaller_id(rng):
+    base = np.repeat(rng.normal(size=(300, 8)).astype(np.float32), 4, axis=0)  # every vector 4 times
+    ids = rng.permutation(len(base)).astype(np.int64)
+    index = build_index(base, IVFPQParams("l2", 8, nlist=4, m=4), ids=ids, train_size=1200)
+    queries, list_ids = probe(index, base[:20], 4)
+    for engine in (NumbaEngine(index), FaissEngine(index)):
+        d, i = engine.search(queries, list_ids, 8)
+        for row_d, row_i in zip(d, i):
+            for a in range(7):
+                if row_d[a] == row_d[a + 1]:
+                    assert row_i[a] < row_i[a + 1], engine.name
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip", "cos"])
+def test_recall_is_as_good_as_native_faiss(small_data, metric):
+    """Our trained index finds the true neighbours as well as faiss's own IVF64,PQ16 does."""
+    truth = exact_knn(small_data.base, small_data.queries, 10, metric)
+
+    def recall(ids):
+        return np.mean([len(np.intersect1d(a, b)) / 10 for a, b in zip(ids, truth)])
+
+    index = build_index(small_data.base, IVFPQParams(metric, 32, nlist=64, m=16), train_size=20_000, seed=3)
+    ours = recall(Searcher(index).search(small_data.queries, 10, 16)[1])
+    base = prepare_vectors(small_data.base, metric)
+    native = faiss.index_factory(32, "IVF64,PQ16", faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT)
+    native.train(base)
+    native.add(base)
+    native.nprobe = 16
+    theirs = recall(native.search(prepare_vectors(small_data.queries, metric), 10)[1])
+    assert ours >= theirs - 0.05, (ours, theirs)
+    assert ours > 0.3
+
+
+@pytest.mark.parametrize(
+    "queries, k, nprobe, message",
+    [
+        (np.zeros((3, 31), np.float32), 10, 4, r"shape \(n, 32\)"),
+        (np.full((2, 32), np.nan, np.float32), 10, 4, "NaN or inf"),
+        (np.full((2, 32), np.inf, np.float32), 10, 4, "NaN or inf"),
+        (np.zeros((0, 32), np.float32), 10, 4, "empty"),
+        (np.ones((2, 32), np.float32), 0, 4, "k must be between 1"),
+        (np.ones((2, 32), np.float32), 20_001, 4, "k must be between 1"),
+        (np.ones((2, 32), np.float32), 10, 65, "nprobe must be between 1 and nlist=64"),
+        (np.ones((2, 32), np.float32), 10, 0, "nprobe must be between 1"),
+        (np.array([["a"] * 32]), 10, 4, "must be numeric"),
+    ],
+)
+def test_bad_search_input_gets_a_clear_error(l2_index, queries, k, nprobe, message):
+    with pytest.raises(RetrieverError, match=message):
+        Searcher(l2_index).search(queries, k, nprobe)
+
+
+def test_engine_rejects_bad_list_ids(l2_index):
+    engine = NumbaEngine(l2_index)
+    queries = np.ones((2, 32), np.float32)
+    with pytest.raises(RetrieverError, match=r"list ids must lie in \[-1, 64\)"):
+        engine.search(queries, np.array([[0, 64], [1, 2]]), 5)
+    with pytest.raises(RetrieverError, match="list ids must have shape"):
+        engine.search(queries, np.array([[0, 1]]), 5)
+    with pytest.raises(RetrieverError, match="must be integers"):
+        engine.search(queries, np.array([[0.0], [1.0]]), 5)
+    with pytest.raises(RetrieverError, match="unknown engine"):
+        make_engine("gpu-magic", l2_index)
+
+
+def test_cos_rejects_zero_vectors(small_data):
+    index = build_index(small_data.base, IVFPQParams("cos", 32, nlist=16, m=8), train_size=5000)
+    with pytest.raises(RetrieverError, match="zero vector"):
+        Searcher(index).search(np.zeros((1, 32), np.float32), 5, 2)
+
+
+@pytest.mark.skipif(not cuda_available(), reason="needs torch with CUDA")
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_cuda_coarse_search_matches_cpu(small_data, metric):
+    centroids = small_data.base[:256]
+    queries = small_data.queries
+    cpu_ids, cpu_scores = CoarseQuantizer(centroids, metric, device="cpu").search(queries, 16)
+    gpu_ids, gpu_scores = CoarseQuantizer(centroids, metric, device="cuda").search(queries, 16)
+    assert (cpu_ids == gpu_ids).mean() > 0.99
+    np.testing.assert_allclose(cpu_scores, gpu_scores, rtol=1e-3, atol=1e-2)
+
+
+def test_cuda_request_without_cuda_is_an_error(small_data):
+    if cuda_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(RetrieverError, match="CUDA is not available"):
+        CoarseQuantizer(small_data.base[:16], "l2", device="cuda")

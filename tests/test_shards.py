@@ -1,0 +1,65 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from retriever.coarse import CoarseQuantizer
+from retriever.engines import NumbaEngine
+from retriever.index import InvertedLists, merge_shards, split_shards
+from retriever.search import Searcher, merge_topk
+from retriever.vectors import prepare_vectors
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 40), min_size=1, max_size=30),
+    nshards=st.integers(1, 6),
+)
+def test_split_is_balanced_and_merge_inverts_it(sizes, nshards):
+    nlist = len(sizes)
+    assignment = np.repeat(np.arange(nlist), sizes)
+    np.random.default_rng(0).shuffle(assignment)
+    n = len(assignment)
+    lists = InvertedLists.from_assignment(
+        assignment, np.arange(n, dtype=np.int64) * 7, np.arange(n * 3, dtype=np.uint8).reshape(n, 3), nlist
+    )
+    shards = split_shards(lists, nshards)
+    per_list = np.stack([s.list_sizes() for s in shards])
+    assert (per_list.sum(axis=0) == sizes).all()
+    assert (per_list.max(axis=0) - per_list.min(axis=0) <= 1).all()  # every list split evenly
+    merged = merge_shards(shards)
+    np.testing.assert_array_equal(merged.offsets, lists.offsets)
+    np.testing.assert_array_equal(merged.ids, lists.ids)
+    np.testing.assert_array_equal(merged.codes, lists.codes)
+
+
+@pytest.mark.parametrize("nshards", [2, 3, 4])
+@pytest.mark.parametrize("k", [10, 500])
+def test_merging_shard_results_equals_searching_the_whole_index(small_index, small_data, nshards, k):
+    metric = small_index.params.metric
+    queries = prepare_vectors(small_data.queries, metric)
+    list_ids, _ = CoarseQuantizer(small_index.centroids, metric, device="cpu").search(queries, 8)
+    whole_d, whole_i = NumbaEngine(small_index).search(queries, list_ids, k)
+    sharded = small_index.resharded(nshards)
+    parts = [NumbaEngine(sharded.shard(s)).search(queries, list_ids, k) for s in range(nshards)]
+    merged_d, merged_i = merge_topk([p[0] for p in parts], [p[1] for p in parts], k, metric)
+    np.testing.assert_array_equal(merged_i, whole_i)
+    np.testing.assert_array_equal(merged_d, whole_d)
+
+
+def test_merge_topk_tie_break_and_padding():
+    d = [np.array([[1.0, 2.0, np.inf]], dtype=np.float32), np.array([[1.0, 3.0]], dtype=np.float32)]
+    i = [np.array([[9, 4, -1]]), np.array([[2, 5]])]
+    md, mi = merge_topk(d, i, 3, "l2")
+    np.testing.assert_array_equal(mi, [[2, 9, 4]])
+    md, mi = merge_topk(d, i, 6, "l2")
+    np.testing.assert_array_equal(mi, [[2, 9, 4, 5, -1, -1]])
+    assert np.isinf(md[0, -1])
+    md, mi = merge_topk([np.array([[5.0, 1.0]], dtype=np.float32)], [np.array([[3, 8]])], 2, "ip")
+    np.testing.assert_array_equal(mi, [[3, 8]])
+
+
+def test_searcher_on_sharded_index_equals_single_shard(l2_index, small_data):
+    expected = Searcher(l2_index).search(small_data.queries, 10, 4)
+    got = Searcher(l2_index.resharded(3)).search(small_data.queries, 10, 4)
+    np.testing.assert_array_equal(got[1], expected[1])
