@@ -53,6 +53,9 @@ def faiss_fastscan_runner(index: IVFPQIndex, dataset: Dataset) -> Runner:
     p = index.params
     metric = faiss.METRIC_L2 if p.metric == "l2" else faiss.METRIC_INNER_PRODUCT
     fastscan = faiss.index_factory(p.dim, f"IVF{p.nlist},PQ{p.m}x4fs", metric)
+    # faiss's factory turns residual encoding off for inner product; on GloVe it raises FastScan's
+    # recall (0.40 -> 0.50 at nprobe 64) and its speed, so the peer gets it like our index has it.
+    fastscan.by_residual = True
     base = prepare_vectors(dataset.base, p.metric)
     train_size = int(index.build_info.get("train_size", min(len(base), 100_000)))
     rng = np.random.default_rng(int(index.build_info.get("seed", 1234)))

@@ -3,7 +3,7 @@
 Every engine searches one set of inverted lists (a whole index or one shard) and answers
 ``search(queries, list_ids, k) -> (distances, ids)`` in faiss's conventions: squared L2
 distances ascending, or inner products descending; id -1 (and an infinite distance) where fewer
-than k candidates exist. Coarse keys are computed here from the engine's own centroids, so a
+than k candidates exist. Coarse keys are computed by the kernel from the engine's own centroids, so a
 retrieval node needs only the query vectors and list ids.
 """
 
@@ -14,22 +14,13 @@ import numpy as np
 
 from retriever.errors import RetrieverError
 from retriever.index import IVFPQIndex
-from retriever.scan import scan_ivfpq
+from retriever.scan import coarse_keys, scan_ivfpq, scan_ivfpq_serial
 from retriever.vectors import as_query_matrix
 
 # faiss's own limit for precomputed L2 tables (IndexIVFPQ::precomputed_table_max_bytes).
 PRECOMPUTED_TABLE_MAX_BYTES = 2 << 30
-
-
-def coarse_keys(queries: np.ndarray, centroids: np.ndarray, list_ids: np.ndarray, metric: str) -> np.ndarray:
-    """Per (query, probed list) coarse term: |q - c|^2 for l2, <q, c> for ip/cos (0 for skipped lists)."""
-    probed = centroids[np.maximum(list_ids, 0)]
-    if metric == "l2":
-        diff = queries[:, None, :] - probed
-        keys = np.einsum("qpd,qpd->qp", diff, diff)
-    else:
-        keys = np.einsum("qd,qpd->qp", queries, probed)
-    return np.where(list_ids >= 0, keys, 0).astype(np.float32)
+# Batches smaller than this run on the calling thread: a thread-pool launch costs more than it saves.
+SERIAL_BELOW = 4
 
 
 class ScanEngine:
@@ -85,11 +76,9 @@ class NumbaEngine(ScanEngine):
             self.list_terms = np.zeros((0, p.m, p.ksub), dtype=np.float32)
 
     def _search(self, queries, list_ids, k):
-        coarse = coarse_keys(queries, self.centroids, list_ids, self.params.metric)
-        if self.params.inner_product:
-            coarse = -coarse
-        keys, ids = scan_ivfpq(
-            queries, list_ids, coarse, self.centroids, self.codebooks, self.list_terms,
+        kernel = scan_ivfpq if queries.shape[0] >= SERIAL_BELOW else scan_ivfpq_serial
+        keys, ids = kernel(
+            queries, list_ids, self.centroids, self.codebooks, self.list_terms,
             self.offsets, self.ids, self.codes, k, self.params.inner_product,
         )  # fmt: skip
         return (-keys if self.params.inner_product else keys), ids
@@ -109,7 +98,9 @@ class FaissEngine(ScanEngine):
         self.index = to_faiss_ivfpq(index)
 
     def _search(self, queries, list_ids, k):
-        coarse = coarse_keys(queries, self.centroids, list_ids, self.params.metric)
+        coarse = coarse_keys(queries, self.centroids, list_ids, self.params.inner_product)
+        if self.params.inner_product:
+            coarse = -coarse  # faiss wants <q, c> itself
         self.index.nprobe = list_ids.shape[1]
         return self.index.search_preassigned(queries, k, list_ids, coarse)
 
