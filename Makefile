@@ -2,7 +2,6 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 RUNS ?= runs
-GLOVE_INDEX := $(RUNS)/glove-50
 
 .PHONY: install demo test
 
@@ -11,11 +10,7 @@ install:
 
 # Build the GloVe-50 index once, then measure recall vs QPS against faiss.
 demo: install
-	test -f $(GLOVE_INDEX)/manifest.json || $(PYTHON) -m chameleon index build --dataset glove-50 \
-		--out $(GLOVE_INDEX) --nlist 1024 --m 25
-	$(PYTHON) -m chameleon bench recall --dataset glove-50 --index $(GLOVE_INDEX) \
-		--engines numba,faiss-ivfpq,faiss-fastscan --nprobe 1,2,4,8,16,32,64 --threads 1,2 \
-		--json $(RUNS)/glove-50-recall.json --plot $(RUNS)/glove-50-recall.png
+	RUNS=$(RUNS) PYTHON=$(PYTHON) bash benchmarks/recall_glove.sh
 
 test: install
 	$(PYTHON) -m pytest -q

@@ -10,6 +10,7 @@ from typing import Optional
 
 import numpy as np
 import typer
+from tqdm.auto import tqdm
 
 from retriever.errors import RetrieverError
 
@@ -136,7 +137,7 @@ def bench_recall(
     typer.echo(f"{'engine':<15}{'threads':>8}{'nprobe':>8}{'recall':>9}{'qps':>11}{'p50 ms':>9}{'p99 ms':>9}")
 
     def show(row):
-        typer.echo(
+        tqdm.write(
             f"{row['engine']:<15}{row['threads']:>8}{row['nprobe']:>8}{row['recall']:>9.4f}"
             f"{row['qps']:>11,.0f}{row['p50_ms']:>9.3f}{row['p99_ms']:>9.3f}"
         )

@@ -67,6 +67,7 @@ class NumbaEngine(ScanEngine):
         self.offsets = np.ascontiguousarray(self.lists.offsets, dtype=np.int64)
         self.ids = np.ascontiguousarray(self.lists.ids, dtype=np.int64)
         self.codes = np.ascontiguousarray(self.lists.codes, dtype=np.uint8)
+        self.codebooks_t = np.ascontiguousarray(self.codebooks.transpose(0, 2, 1))
         table_bytes = p.nlist * p.m * p.ksub * 4
         if p.metric == "l2" and table_bytes <= PRECOMPUTED_TABLE_MAX_BYTES:
             norms = np.einsum("jcd,jcd->jc", self.codebooks, self.codebooks)
@@ -78,7 +79,7 @@ class NumbaEngine(ScanEngine):
     def _search(self, queries, list_ids, k):
         kernel = scan_ivfpq if queries.shape[0] >= SERIAL_BELOW else scan_ivfpq_serial
         keys, ids = kernel(
-            queries, list_ids, self.centroids, self.codebooks, self.list_terms,
+            queries, list_ids, self.centroids, self.codebooks_t, self.list_terms,
             self.offsets, self.ids, self.codes, k, self.params.inner_product,
         )  # fmt: skip
         return (-keys if self.params.inner_product else keys), ids

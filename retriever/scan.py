@@ -59,26 +59,30 @@ def _drain_sorted(heap_d, heap_i, out_d, out_i):
 
 
 @njit(cache=True)
-def _query_lut(q, codebooks, alpha, lut):
-    m, ksub, dsub = codebooks.shape
+def _query_lut(q, codebooks_t, alpha, lut):
+    """lut[j, c] = alpha * <q_j, y_jc>; the loop over codes is innermost and contiguous, so it vectorises."""
+    m, dsub, ksub = codebooks_t.shape
+    lut[:] = 0.0
     for j in range(m):
+        for t in range(dsub):
+            qv = q[j * dsub + t]
+            for c in range(ksub):
+                lut[j, c] += qv * codebooks_t[j, t, c]
         for c in range(ksub):
-            s = np.float32(0.0)
-            for t in range(dsub):
-                s += q[j * dsub + t] * codebooks[j, c, t]
-            lut[j, c] = alpha * s
+            lut[j, c] *= alpha
 
 
 @njit(cache=True)
-def _residual_table(q, centroid, codebooks, table):
-    m, ksub, dsub = codebooks.shape
+def _residual_table(q, centroid, codebooks_t, table):
+    """table[j, c] = |(q - centroid)_j - y_jc|^2."""
+    m, dsub, ksub = codebooks_t.shape
+    table[:] = 0.0
     for j in range(m):
-        for c in range(ksub):
-            s = np.float32(0.0)
-            for t in range(dsub):
-                diff = q[j * dsub + t] - centroid[j * dsub + t] - codebooks[j, c, t]
-                s += diff * diff
-            table[j, c] = s
+        for t in range(dsub):
+            residual = q[j * dsub + t] - centroid[j * dsub + t]
+            for c in range(ksub):
+                diff = residual - codebooks_t[j, t, c]
+                table[j, c] += diff * diff
 
 
 @njit(cache=True, inline="always")
@@ -138,14 +142,14 @@ def coarse_keys(queries, centroids, list_ids, inner_product):
 
 
 @njit(cache=True)
-def _search_query(q, probes, centroids, codebooks, list_terms, offsets, ids, codes, inner_product, out_d, out_i):
-    m, ksub, _ = codebooks.shape
+def _search_query(q, probes, centroids, codebooks_t, list_terms, offsets, ids, codes, inner_product, out_d, out_i):
+    m, _, ksub = codebooks_t.shape
     k = out_d.shape[0]
     precomputed = list_terms.shape[0] > 0
     lut = np.empty((m, ksub), np.float32)
     table = np.empty((m, ksub), np.float32)
     if inner_product or precomputed:
-        _query_lut(q, codebooks, np.float32(-1.0) if inner_product else np.float32(-2.0), lut)
+        _query_lut(q, codebooks_t, np.float32(-1.0) if inner_product else np.float32(-2.0), lut)
     heap_d = np.full(k, np.inf, np.float32)
     heap_i = np.full(k, EMPTY_ID, np.int64)
     for lst in probes:
@@ -161,32 +165,33 @@ def _search_query(q, probes, centroids, codebooks, list_terms, offsets, ids, cod
                     table[j, c] = list_terms[lst, j, c] + lut[j, c]
             coarse = _coarse_key(q, centroids[lst], False)
         else:
-            _residual_table(q, centroids[lst], codebooks, table)
+            _residual_table(q, centroids[lst], codebooks_t, table)
             coarse = np.float32(0.0)
         _scan_list(table, codes, ids, offsets[lst], offsets[lst + 1], coarse, heap_d, heap_i)
     _drain_sorted(heap_d, heap_i, out_d, out_i)
 
 
 @njit(parallel=True, cache=True)
-def scan_ivfpq(queries, list_ids, centroids, codebooks, list_terms, offsets, ids, codes, k, inner_product):
+def scan_ivfpq(queries, list_ids, centroids, codebooks_t, list_terms, offsets, ids, codes, k, inner_product):
     """Top-k keys and ids of every query over its probed lists, queries in parallel.
 
-    queries (nq, d) float32; list_ids (nq, nprobe) int64, -1 = skip; list_terms (nlist, m, ksub)
+    queries (nq, d) float32; list_ids (nq, nprobe) int64, -1 = skip; codebooks_t (m, dsub, ksub)
+    float32, the PQ codebooks with the code axis last; list_terms (nlist, m, ksub)
     float32 for L2, or with a zero first axis to compute residual tables per list. Returns
     (keys (nq, k) float32 ascending, ids (nq, k) int64, -1 where fewer than k candidates were seen).
     """
     out_d = np.empty((queries.shape[0], k), np.float32)
     out_i = np.empty((queries.shape[0], k), np.int64)
     for qi in prange(queries.shape[0]):
-        _search_query(queries[qi], list_ids[qi], centroids, codebooks, list_terms, offsets, ids, codes, inner_product, out_d[qi], out_i[qi])
+        _search_query(queries[qi], list_ids[qi], centroids, codebooks_t, list_terms, offsets, ids, codes, inner_product, out_d[qi], out_i[qi])
     return out_d, out_i
 
 
 @njit(cache=True)
-def scan_ivfpq_serial(queries, list_ids, centroids, codebooks, list_terms, offsets, ids, codes, k, inner_product):
+def scan_ivfpq_serial(queries, list_ids, centroids, codebooks_t, list_terms, offsets, ids, codes, k, inner_product):
     """:func:`scan_ivfpq` on the calling thread: no thread-pool launch for one or two queries."""
     out_d = np.empty((queries.shape[0], k), np.float32)
     out_i = np.empty((queries.shape[0], k), np.int64)
     for qi in range(queries.shape[0]):
-        _search_query(queries[qi], list_ids[qi], centroids, codebooks, list_terms, offsets, ids, codes, inner_product, out_d[qi], out_i[qi])
+        _search_query(queries[qi], list_ids[qi], centroids, codebooks_t, list_terms, offsets, ids, codes, inner_product, out_d[qi], out_i[qi])
     return out_d, out_i
