@@ -6,7 +6,11 @@ table, heap drain, call) and the per-code cost (m table lookups + the heap test)
 clock rate it reports cycles per sub-quantizer lookup. It also times the coarse search and the
 heap's share (k=1 vs k=100).
 
-    python benchmarks/profile_scan.py [--index runs/glove-50] [--threads 1]
+    python benchmarks/profile_scan.py [--index runs/glove-50]
+
+One thread only: faiss's ``search_preassigned`` leaves splitting queries across threads to
+``IndexIVF.search``, so a multi-thread fit here would compare unlike things (the recall harness
+compares threads end to end).
 """
 
 from __future__ import annotations
@@ -47,7 +51,6 @@ def clock_hz() -> float | None:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--index", type=Path, default=Path("runs/glove-50"))
-    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--queries", type=int, default=5000)
     args = parser.parse_args()
 
@@ -55,8 +58,8 @@ def main():
     if not (args.index / "manifest.json").is_file():
         save_index(build_index(dataset.base, IVFPQParams("cos", 50, 1024, 25)), args.index)
     index = load_index(args.index)
-    numba.set_num_threads(args.threads)
-    faiss.omp_set_num_threads(args.threads)
+    numba.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
     queries = prepare_vectors(dataset.queries[: args.queries], "cos")
     quantizer = CoarseQuantizer(index.centroids, "cos", device="cpu")
     sizes = index.whole().list_sizes()
