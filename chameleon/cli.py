@@ -95,7 +95,7 @@ def index_info(
     typer.echo(f"type       IVF{p.nlist},PQ{p.m}x{p.nbits}  metric={p.metric}  dim={p.dim}")
     typer.echo(f"vectors    {index.ntotal:,}  ({p.code_size} B per code, {disk / 2**20:.1f} MiB on disk)")
     typer.echo(f"shards     {index.nshards}: " + ", ".join(f"{s.ntotal:,}" for s in index.shards))
-    typer.echo(f"build      " + "  ".join(f"{k}={v}" for k, v in manifest.get("build", {}).items()))
+    typer.echo("build      " + "  ".join(f"{k}={v}" for k, v in manifest.get("build", {}).items()))
     if verify:
         typer.echo("checksums  ok")
     sizes = index.whole().list_sizes()

@@ -21,6 +21,8 @@ from retriever.vectors import as_query_matrix
 PRECOMPUTED_TABLE_MAX_BYTES = 2 << 30
 # Batches smaller than this run on the calling thread: a thread-pool launch costs more than it saves.
 SERIAL_BELOW = 4
+# Results are (nq, k) arrays; a larger k is a mistake, not a query.
+MAX_K = 1 << 16
 
 
 class ScanEngine:
@@ -48,8 +50,8 @@ class ScanEngine:
             raise RetrieverError(f"list ids must be integers, got dtype {list_ids.dtype}")
         if list_ids.size and (list_ids.min() < -1 or list_ids.max() >= self.params.nlist):
             raise RetrieverError(f"list ids must lie in [-1, {self.params.nlist}), got {list_ids.min()}..{list_ids.max()}")
-        if not isinstance(k, (int, np.integer)) or k < 1:
-            raise RetrieverError(f"k must be a positive integer, got {k!r}")
+        if not isinstance(k, (int, np.integer)) or not 1 <= k <= MAX_K:
+            raise RetrieverError(f"k must be an integer between 1 and {MAX_K}, got {k!r}")
         return self._search(queries, np.ascontiguousarray(list_ids, dtype=np.int64), int(k))
 
     def _search(self, queries, list_ids, k):

@@ -110,11 +110,11 @@ def _scan_list(table, codes, ids, start, end, coarse, heap_d, heap_i):
         _offer(heap_d, heap_i, coarse + a2, ids[r + 2])
         _offer(heap_d, heap_i, coarse + a3, ids[r + 3])
         r += 4
-    for r in range(r, end):
+    for rest in range(r, end):
         acc = np.float32(0.0)
         for j in range(m):
-            acc += table[j, codes[r, j]]
-        _offer(heap_d, heap_i, coarse + acc, ids[r])
+            acc += table[j, codes[rest, j]]
+        _offer(heap_d, heap_i, coarse + acc, ids[rest])
 
 
 @njit(cache=True, inline="always")
@@ -147,7 +147,7 @@ def _search_query(q, probes, centroids, codebooks_t, list_terms, offsets, ids, c
     k = out_d.shape[0]
     precomputed = list_terms.shape[0] > 0
     lut = np.empty((m, ksub), np.float32)
-    table = np.empty((m, ksub), np.float32)
+    table = lut if inner_product else np.empty((m, ksub), np.float32)  # per-list tables are for L2 only
     if inner_product or precomputed:
         _query_lut(q, codebooks_t, np.float32(-1.0) if inner_product else np.float32(-2.0), lut)
     heap_d = np.full(k, np.inf, np.float32)
@@ -189,7 +189,7 @@ def scan_ivfpq(queries, list_ids, centroids, codebooks_t, list_terms, offsets, i
 
 @njit(cache=True)
 def scan_ivfpq_serial(queries, list_ids, centroids, codebooks_t, list_terms, offsets, ids, codes, k, inner_product):
-    """:func:`scan_ivfpq` on the calling thread: no thread-pool launch for one or two queries."""
+    """:func:`scan_ivfpq` on the calling thread: for small batches a thread-pool launch costs more than it saves."""
     out_d = np.empty((queries.shape[0], k), np.float32)
     out_i = np.empty((queries.shape[0], k), np.int64)
     for qi in range(queries.shape[0]):

@@ -98,6 +98,7 @@ def test_bad_input_exits_cleanly(tmp_path, small_data, tiny_hdf5):
     assert "threads must be between 1" in error_of(*bench, "--threads", 999)
     assert "comma-separated list of integers" in error_of(*bench, "--nprobe", "four")
     chameleon(*build, "--out", tmp_path / "other")
+    assert "the index has dimension 32, the dataset glove-50 has 50" in error_of("bench", "recall", "--dataset", "glove-50", "--index", idx)
     assert "the index holds 3000 vectors" in error_of("bench", "recall", "--dataset", tiny_hdf5, "--index", tmp_path / "other")
 
     codes = idx / "shard-000" / "codes.npy"

@@ -124,6 +124,9 @@ def test_engine_rejects_bad_list_ids(l2_index):
         engine.search(queries, np.array([[0, 1]]), 5)
     with pytest.raises(RetrieverError, match="must be integers"):
         engine.search(queries, np.array([[0.0], [1.0]]), 5)
+    for k in (0, 10**9, 2.5):
+        with pytest.raises(RetrieverError, match="k must be an integer between 1 and 65536"):
+            engine.search(queries, np.array([[0], [1]]), k)
     with pytest.raises(RetrieverError, match="unknown engine"):
         make_engine("gpu-magic", l2_index)
 
