@@ -31,7 +31,7 @@ from retriever.vectors import prepare_vectors
 NPROBES = (1, 2, 4, 8, 16, 32, 64)
 
 
-def best_seconds(fn, repeats=3):
+def best_seconds(fn, repeats=5):
     best = float("inf")
     for _ in range(repeats):
         started = time.perf_counter()
