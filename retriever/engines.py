@@ -40,8 +40,8 @@ class ScanEngine:
     def ntotal(self) -> int:
         return self.lists.ntotal
 
-    def search(self, queries: np.ndarray, list_ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k of already prepared (float32, normalised for cos) ``queries`` over ``list_ids``."""
+    def check(self, queries, list_ids, k) -> tuple[np.ndarray, np.ndarray, int]:
+        """Validated (queries float32, list_ids int64, k), or :class:`RetrieverError` saying what is wrong."""
         queries = np.ascontiguousarray(as_query_matrix(queries, self.params.dim), dtype=np.float32)
         list_ids = np.asarray(list_ids)
         if list_ids.ndim != 2 or list_ids.shape[0] != queries.shape[0] or list_ids.shape[1] < 1:
@@ -52,7 +52,17 @@ class ScanEngine:
             raise RetrieverError(f"list ids must lie in [-1, {self.params.nlist}), got {list_ids.min()}..{list_ids.max()}")
         if not isinstance(k, (int, np.integer)) or not 1 <= k <= MAX_K:
             raise RetrieverError(f"k must be an integer between 1 and {MAX_K}, got {k!r}")
-        return self._search(queries, np.ascontiguousarray(list_ids, dtype=np.int64), int(k))
+        return queries, np.ascontiguousarray(list_ids, dtype=np.int64), int(k)
+
+    def warm_up(self) -> None:
+        """Run the search paths once (Numba compiles or loads its kernels on first use), so that a
+        server reports ready only when it answers at full speed."""
+        for nq in (1, SERIAL_BELOW):
+            self.search(np.repeat(self.centroids[:1], nq, axis=0), np.zeros((nq, 1), np.int64), 1)
+
+    def search(self, queries: np.ndarray, list_ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k of already prepared (float32, normalised for cos) ``queries`` over ``list_ids``."""
+        return self._search(*self.check(queries, list_ids, k))
 
     def _search(self, queries, list_ids, k):
         raise NotImplementedError

@@ -288,6 +288,18 @@ def read_manifest(path: str | os.PathLike) -> dict:
     return manifest
 
 
+def index_fingerprint(manifest: dict) -> str:
+    """Identifies one build of an index: its parameters, quantizers and shard layout.
+
+    Every shard of a build has the same fingerprint; nodes serving different builds must not be
+    merged.
+    """
+    arrays = manifest["arrays"]
+    identity = [manifest[key] for key in ("metric", "dim", "nlist", "m", "nbits", "ntotal")]
+    identity += [arrays["centroids.npy"]["sha256"], arrays["codebooks.npy"]["sha256"], len(manifest["shards"])]
+    return hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
+
+
 def verify_index(path: str | os.PathLike) -> None:
     """Check every array's sha256 against the manifest; raise :class:`RetrieverError` on a mismatch."""
     path = Path(path)

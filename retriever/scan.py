@@ -13,6 +13,7 @@ sub-quantizer j and code c), and for each probed list
 
 Ties are broken by id (smaller first), so results are deterministic whatever the list order.
 Queries run in parallel (``prange``); the thread count is Numba's (``numba.set_num_threads``).
+The kernels release the GIL, so a server keeps answering on another thread while one scans.
 """
 
 from __future__ import annotations
@@ -171,7 +172,7 @@ def _search_query(q, probes, centroids, codebooks_t, list_terms, offsets, ids, c
     _drain_sorted(heap_d, heap_i, out_d, out_i)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def scan_ivfpq(queries, list_ids, centroids, codebooks_t, list_terms, offsets, ids, codes, k, inner_product):
     """Top-k keys and ids of every query over its probed lists, queries in parallel.
 
@@ -187,7 +188,7 @@ def scan_ivfpq(queries, list_ids, centroids, codebooks_t, list_terms, offsets, i
     return out_d, out_i
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def scan_ivfpq_serial(queries, list_ids, centroids, codebooks_t, list_terms, offsets, ids, codes, k, inner_product):
     """:func:`scan_ivfpq` on the calling thread: for small batches a thread-pool launch costs more than it saves."""
     out_d = np.empty((queries.shape[0], k), np.float32)

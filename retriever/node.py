@@ -1,0 +1,228 @@
+"""A retrieval node: serves one shard of an IVF-PQ index over ZeroMQ.
+
+One ROUTER socket answers the wire protocol (:mod:`coordinator.protocol`). The I/O thread
+receives, validates and batches SEARCH requests and answers HEARTBEAT at once; a scan thread runs
+the engine on one batch at a time (the Numba kernels release the GIL, so heartbeats are answered
+while a batch is scanned). Requests that arrive while a batch is scanned form the next batch; an
+idle node waits ``window`` seconds after a request for others to join it. Any malformed request
+gets an ERROR reply; the node never dies of one. On SIGTERM it stops taking searches (answering
+``shutting_down`` so a coordinator fails over), finishes what it holds, replies, and exits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import zmq
+
+from coordinator import protocol
+from coordinator.protocol import Message, ProtocolError
+from coordinator.security import CurveKeys, secure_server
+from retriever.engines import make_engine
+from retriever.errors import RetrieverError
+from retriever.index import index_fingerprint, load_index, read_manifest
+
+DEFAULT_WINDOW = 0.0002
+MAX_BATCH_QUERIES = 4096
+MAX_PENDING_QUERIES = 65536
+POLL_MS = 50
+_BATCH_DONE = b""
+
+
+@dataclass
+class _Request:
+    envelope: list
+    rid: int
+    queries: np.ndarray
+    list_ids: np.ndarray
+    k: int
+
+
+class RetrievalNode:
+    def __init__(
+        self,
+        index_dir: str | os.PathLike,
+        shard: int,
+        engine: str = "numba",
+        window: float = DEFAULT_WINDOW,
+        keys: CurveKeys | None = None,
+    ):
+        manifest = read_manifest(index_dir)
+        self.index = load_index(index_dir, shard=shard)
+        self.engine = make_engine(engine, self.index)
+        self.engine.warm_up()
+        self.window = window
+        self.keys = keys
+        self.info = {
+            "role": "retrieval",
+            "shard": shard,
+            "nshards": len(manifest["shards"]),
+            "fingerprint": index_fingerprint(manifest),
+            "engine": engine,
+            "metric": self.index.params.metric,
+            "dim": self.index.params.dim,
+            "nlist": self.index.params.nlist,
+            "ntotal": self.index.ntotal,
+            "pid": os.getpid(),
+        }
+        self.endpoint: str | None = None
+        self._draining = threading.Event()
+        self._served_batches = 0
+        self._served_queries = 0
+
+    def drain(self, *_signal_args) -> None:
+        """Stop taking searches; :meth:`serve` returns once the work it holds is answered."""
+        self._draining.set()
+
+    def serve(self, bind: str, ready_file: str | os.PathLike | None = None, stop: threading.Event | None = None) -> None:
+        """Serve until drained (SIGTERM, :meth:`drain`) or ``stop`` is set."""
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self.drain)
+        context = zmq.Context()
+        router = context.socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 1000)
+        router.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_BYTES)
+        router.setsockopt(zmq.RCVHWM, 1000)
+        authenticator = secure_server(context, router, self.keys)
+        replies = context.socket(zmq.PAIR)
+        doorbell = f"inproc://node-replies-{id(self)}"
+        replies.bind(doorbell)
+        batches: queue.Queue = queue.Queue()
+        scanner = threading.Thread(target=self._scan_loop, args=(context, doorbell, batches), daemon=True)
+        scanner.start()
+        try:
+            router.bind(bind)
+            self.endpoint = router.getsockopt(zmq.LAST_ENDPOINT).decode()
+            if ready_file:
+                _write_json_atomic(Path(ready_file), {"endpoint": self.endpoint, "pid": os.getpid()})
+            self._loop(router, replies, batches, stop or threading.Event())
+        finally:
+            batches.put(None)
+            scanner.join(timeout=5)
+            router.close()
+            replies.close()
+            if authenticator:
+                authenticator.stop()
+            context.term()
+
+    def _loop(self, router, replies, batches, stop) -> None:
+        poller = zmq.Poller()
+        poller.register(router, zmq.POLLIN)
+        poller.register(replies, zmq.POLLIN)
+        pending: list[_Request] = []
+        pending_since = 0.0
+        busy = 0
+        while not stop.is_set():
+            if self._draining.is_set() and not pending and not busy:
+                return
+            timeout = POLL_MS
+            if pending and not busy:
+                timeout = max(0, int((pending_since + self.window - time.monotonic()) * 1000))
+            events = dict(poller.poll(timeout))
+            if replies in events:
+                while True:
+                    try:
+                        frames = replies.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    if len(frames) == 1 and frames[0].bytes == _BATCH_DONE:
+                        busy -= 1
+                    else:
+                        router.send_multipart(frames, copy=False)
+            if router in events:
+                while True:
+                    try:
+                        frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    request = self._handle(router, frames, sum(r.queries.shape[0] for r in pending))
+                    if request is not None:
+                        if not pending:
+                            pending_since = time.monotonic()
+                        pending.append(request)
+            if pending and not busy and time.monotonic() >= pending_since + self.window:
+                batch, pending = _take_batch(pending)
+                pending_since = time.monotonic()
+                busy += 1
+                batches.put(batch)
+
+    def _handle(self, router, frames, pending_queries: int) -> _Request | None:
+        """Answer what can be answered at once; return a validated SEARCH to batch."""
+        envelope, body = frames[:1], frames[1:]
+        rid = 0
+        try:
+            message = protocol.decode(body)
+            rid = message.rid
+            if message.op == "HEARTBEAT":
+                info = {**self.info, "load": pending_queries, "batches": self._served_batches, "queries": self._served_queries}
+                protocol.send(router, Message("INFO", rid, {"info": info}), envelope)
+                return None
+            if message.op != "SEARCH":
+                raise ProtocolError("bad_request", f"a retrieval node answers SEARCH and HEARTBEAT, not {message.op}")
+            if self._draining.is_set():
+                raise ProtocolError("shutting_down", "this node is shutting down")
+            queries, list_ids, k = self.engine.check(*message.arrays, message.fields["k"])
+            if pending_queries + queries.shape[0] > MAX_PENDING_QUERIES:
+                raise ProtocolError("overloaded", f"more than {MAX_PENDING_QUERIES} queries are waiting")
+            return _Request(envelope, rid, queries, list_ids, k)
+        except (ProtocolError, RetrieverError) as e:
+            code = e.code if isinstance(e, ProtocolError) else "bad_request"
+            protocol.send(router, protocol.error_reply(rid, code, str(e)), envelope)
+            return None
+
+    def _scan_loop(self, context, doorbell, batches) -> None:
+        replies = context.socket(zmq.PAIR)
+        replies.connect(doorbell)
+        try:
+            while (batch := batches.get()) is not None:
+                try:
+                    self._scan(replies, batch)
+                finally:
+                    replies.send(_BATCH_DONE)
+        finally:
+            replies.close()
+
+    def _scan(self, replies, batch: list[_Request]) -> None:
+        k = max(r.k for r in batch)
+        nprobe = max(r.list_ids.shape[1] for r in batch)
+        queries = np.concatenate([r.queries for r in batch])
+        list_ids = np.concatenate(
+            [np.pad(r.list_ids, ((0, 0), (0, nprobe - r.list_ids.shape[1])), constant_values=-1) for r in batch]
+        )
+        try:
+            distances, ids = self.engine.search(queries, list_ids, k)
+        except Exception as e:  # a node answers, whatever went wrong
+            for r in batch:
+                protocol.send(replies, protocol.error_reply(r.rid, "internal", f"{type(e).__name__}: {e}"), r.envelope)
+            return
+        row = 0
+        for r in batch:
+            rows = slice(row, row + r.queries.shape[0])
+            protocol.send(replies, protocol.result_reply(r.rid, distances[rows, : r.k], ids[rows, : r.k]), r.envelope)
+            row += r.queries.shape[0]
+        self._served_batches += 1
+        self._served_queries += row
+
+
+def _take_batch(pending: list[_Request]) -> tuple[list[_Request], list[_Request]]:
+    """Requests in arrival order up to :data:`MAX_BATCH_QUERIES` queries (at least one request)."""
+    total = 0
+    for n, request in enumerate(pending):
+        total += request.queries.shape[0]
+        if total > MAX_BATCH_QUERIES and n > 0:
+            return pending[:n], pending[n:]
+    return pending, []
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
