@@ -17,8 +17,14 @@ from retriever.errors import RetrieverError
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, help="Chameleon: heterogeneous RAG serving.")
 index_app = typer.Typer(no_args_is_help=True, help="Build and inspect IVF-PQ indexes.")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks.")
+node_app = typer.Typer(no_args_is_help=True, help="Run one process of the retrieval tier.")
+cluster_app = typer.Typer(no_args_is_help=True, help="A local cluster of retrieval nodes and a coordinator.")
+keys_app = typer.Typer(no_args_is_help=True, help="CURVE keys for encrypted, authenticated tiers.")
 app.add_typer(index_app, name="index")
 app.add_typer(bench_app, name="bench")
+app.add_typer(node_app, name="node")
+app.add_typer(cluster_app, name="cluster")
+app.add_typer(keys_app, name="keys")
 
 
 class Metric(str, Enum):
@@ -153,6 +159,152 @@ def bench_recall(
     if plot:
         plot_rows(rows, plot, title=data.name)
         _say(f"wrote {plot}")
+
+
+@node_app.command("retrieval")
+def node_retrieval(
+    index: Path = typer.Option(..., "--index", help="Index directory."),
+    shard: int = typer.Option(..., "--shard", help="The shard this node serves."),
+    bind: str = typer.Option(..., "--bind", help="ZeroMQ endpoint, e.g. tcp://0.0.0.0:5555 or tcp://127.0.0.1:*"),
+    engine: str = typer.Option("numba", "--engine", help="numba or faiss."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Scan threads (default: all cores)."),
+    window_ms: float = typer.Option(0.2, "--window-ms", help="How long an idle node waits for a batch to fill."),
+    keys: Optional[Path] = typer.Option(None, "--keys", help="CURVE key directory (`chameleon keys gen`)."),
+    ready_file: Optional[Path] = typer.Option(None, "--ready-file", help="Write {endpoint, pid} here once serving."),
+):
+    """Serve one shard of an index (SEARCH, HEARTBEAT) until SIGTERM."""
+    import numba
+
+    from coordinator.security import CurveKeys
+    from retriever.node import RetrievalNode
+
+    if threads is not None:
+        if not 1 <= threads <= numba.config.NUMBA_NUM_THREADS:
+            raise RetrieverError(f"threads must be between 1 and {numba.config.NUMBA_NUM_THREADS}, got {threads}")
+        numba.set_num_threads(threads)
+    node = RetrievalNode(index, shard, engine=engine, window=window_ms / 1000, keys=CurveKeys.load(keys) if keys else None)
+    _say(f"retrieval node: shard {shard}/{node.info['nshards']} of {index} ({node.info['ntotal']:,} vectors, {engine})")
+    node.serve(bind, ready_file=ready_file)
+    _say("retrieval node: drained, exiting")
+
+
+@node_app.command("coordinator")
+def node_coordinator(
+    config: Path = typer.Option(..., "--config", help="JSON: metric, nshards, fingerprint, nodes [{shard, endpoint}]."),
+    bind: str = typer.Option(..., "--bind", help="ZeroMQ endpoint for clients."),
+    timeout: float = typer.Option(2.0, "--timeout", help="Seconds before a shard's sub-request fails over."),
+    on_missing: str = typer.Option("partial", "--on-missing", help="partial (answer with what is there) or fail."),
+    keys: Optional[Path] = typer.Option(None, "--keys", help="CURVE key directory (`chameleon keys gen`)."),
+    ready_file: Optional[Path] = typer.Option(None, "--ready-file", help="Write {endpoint, pid} here once serving."),
+):
+    """Fan searches out to every shard, merge, fail over between replicas, until SIGTERM."""
+    from coordinator.router import ClusterConfig, Coordinator
+    from coordinator.security import CurveKeys
+
+    if not 0 < timeout <= 3600:
+        raise RetrieverError(f"timeout must be between 0 and 3600 seconds, got {timeout}")
+    cluster = ClusterConfig.load(config)
+    coordinator = Coordinator(cluster, timeout=timeout, on_missing=on_missing, keys=CurveKeys.load(keys) if keys else None)
+    _say(f"coordinator: {cluster.nshards} shard(s), {len(cluster.nodes)} node(s)")
+    coordinator.serve(bind, ready_file=ready_file)
+    _say("coordinator: drained, exiting")
+
+
+@keys_app.command("gen")
+def keys_gen(
+    directory: Path = typer.Argument(..., help="Directory for the key pairs."),
+    force: bool = typer.Option(False, "--force", help="Replace existing keys."),
+):
+    """Create a server and a client CURVE key pair (and authorise the client key)."""
+    from coordinator.security import generate_keys
+
+    generate_keys(directory, force=force)
+    typer.echo(f"wrote CURVE keys to {directory}: pass --keys {directory} to nodes, coordinator and clients")
+
+
+@cluster_app.command("up")
+def cluster_up(
+    index: Path = typer.Option(..., "--index", help="Index directory (re-sharded on the fly if needed)."),
+    shards: int = typer.Option(..., "--shards"),
+    state_dir: Path = typer.Option(..., "--state-dir", help="Where cluster.json, logs and re-sharded copies go."),
+    replicas: int = typer.Option(1, "--replicas", help="Nodes per shard."),
+    engine: str = typer.Option("numba", "--engine"),
+    keys: Optional[Path] = typer.Option(None, "--keys", help="CURVE key directory."),
+    timeout: float = typer.Option(2.0, "--timeout", help="Coordinator's per-shard timeout in seconds."),
+    on_missing: str = typer.Option("partial", "--on-missing", help="partial or fail."),
+):
+    """Start retrieval nodes and a coordinator in the background; print the coordinator endpoint."""
+    from chameleon.cluster import up
+
+    state = up(index, shards, state_dir, replicas=replicas, engine=engine, keys_dir=keys, timeout=timeout, on_missing=on_missing)
+    _say(f"cluster up: {shards} shard(s) x {replicas} replica(s); state in {state_dir}/cluster.json")
+    typer.echo(state["coordinator"]["endpoint"])
+
+
+@cluster_app.command("down")
+def cluster_down(state_dir: Path = typer.Option(..., "--state-dir")):
+    """Stop every process of the cluster."""
+    from chameleon.cluster import down
+
+    pids = down(state_dir)
+    typer.echo(f"stopped {len(pids)} process(es)")
+
+
+@cluster_app.command("status")
+def cluster_status(state_dir: Path = typer.Option(..., "--state-dir")):
+    """Processes and the coordinator's view of the nodes."""
+    from chameleon.cluster import status
+
+    report = status(state_dir)
+    c = report["coordinator"]
+    typer.echo(f"coordinator {c['endpoint']} pid {c['pid']} {'running' if c['running'] else 'NOT RUNNING'}")
+    seen = {(n["shard"], n["endpoint"]): n["alive"] for n in (report["view"] or {}).get("nodes", [])}
+    for n in report["nodes"]:
+        view = seen.get((n["shard"], n["endpoint"]))
+        state = "alive" if view else ("unknown" if view is None else "dead")
+        typer.echo(f"node shard {n['shard']} replica {n['replica']} {n['endpoint']} pid {n['pid']} "
+                   f"{'running' if n['running'] else 'NOT RUNNING'}, coordinator sees it {state}")  # fmt: skip
+    if report["view"] is None:
+        raise RetrieverError("the coordinator does not answer")
+
+
+@app.command("search")
+def search(
+    queries: Path = typer.Option(..., "--queries", help="Query vectors: .npy, .fvecs or .bvecs."),
+    k: int = typer.Option(10, "--k"),
+    out: Path = typer.Option(..., "--out", help="Output .npz with ids, distances and partial (per query)."),
+    index: Optional[Path] = typer.Option(None, "--index", help="Search this index in process."),
+    cluster: Optional[Path] = typer.Option(None, "--cluster", help="Search through the cluster in this state directory."),
+    nprobe: int = typer.Option(16, "--nprobe"),
+):
+    """Search query vectors in an index, in process or through a running cluster."""
+    from chameleon.cluster import ClusterSearcher, search_in_batches
+    from coordinator.client import SearchResult
+    from retriever.datasets import read_vectors
+    from retriever.index import load_index
+    from retriever.search import Searcher
+
+    if (index is None) == (cluster is None):
+        raise RetrieverError("give exactly one of --index and --cluster")
+    vectors = read_vectors(queries)
+    if cluster is not None:
+        searcher = ClusterSearcher.open(cluster)
+        try:
+            distances, ids, partial = search_in_batches(searcher.search, vectors, k, nprobe)
+        finally:
+            searcher.close()
+    else:
+        local = Searcher(load_index(index))
+
+        def in_process(q, k, nprobe):
+            return SearchResult(*local.search(q, k, nprobe), partial=False, missing=[])
+
+        distances, ids, partial = search_in_batches(in_process, vectors, k, nprobe)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.stem}.tmp.npz")
+    np.savez(tmp, ids=ids, distances=distances, partial=partial)
+    tmp.replace(out)
+    _say(f"wrote {out}: {len(ids):,} queries, k={k}, {int(partial.sum())} partial")
 
 
 def main() -> None:

@@ -1,0 +1,238 @@
+"""Local cluster launcher: retrieval nodes and a coordinator as background processes on loopback.
+
+``up`` starts S x R retrieval nodes (sharding the index on the fly when it has another shard
+count) and a coordinator, waits until the coordinator sees every node alive, and writes
+``STATE/cluster.json`` (endpoints, pids, logs). ``down`` stops them (SIGTERM, then SIGKILL after a
+grace period); ``status`` reports which processes live and what the coordinator sees. Every
+process is the same ``chameleon node ...`` command a multi-machine deployment runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from coordinator.client import RetrievalClient, SearchResult
+from coordinator.security import CurveKeys
+from retriever.coarse import CoarseQuantizer
+from retriever.errors import RetrieverError
+from retriever.index import index_fingerprint, load_index, read_manifest, save_index
+from retriever.vectors import as_query_matrix, prepare_vectors
+
+STATE_FILE = "cluster.json"
+START_TIMEOUT = 180.0
+STOP_GRACE = 10.0
+
+
+def _chameleon(*args) -> list[str]:
+    return [sys.executable, "-m", "chameleon", *map(str, args)]
+
+
+def _spawn(command: list[str], log: Path) -> subprocess.Popen:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def _wait_ready(process: subprocess.Popen, ready_file: Path, log: Path, deadline: float) -> dict:
+    while time.monotonic() < deadline:
+        if ready_file.is_file():
+            return json.loads(ready_file.read_text())
+        if process.poll() is not None:
+            tail = log.read_text(errors="replace")[-2000:] if log.is_file() else ""
+            raise RetrieverError(f"{' '.join(process.args[2:5])} exited with status {process.returncode}:\n{tail}")
+        time.sleep(0.05)
+    raise RetrieverError(f"{' '.join(process.args[2:5])} was not ready within {START_TIMEOUT:.0f} s (log: {log})")
+
+
+def _is_ours(pid: int) -> bool:
+    """True when ``pid`` is alive and still one of our processes (pids get reused)."""
+    try:
+        return b"chameleon" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def read_state(state_dir: str | os.PathLike) -> dict:
+    path = Path(state_dir) / STATE_FILE
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RetrieverError(f"no cluster is up in {state_dir} ({STATE_FILE} is missing)") from None
+    except json.JSONDecodeError as e:
+        raise RetrieverError(f"{path} is corrupt: {e}") from None
+
+
+def up(
+    index_dir: str | os.PathLike,
+    nshards: int,
+    state_dir: str | os.PathLike,
+    replicas: int = 1,
+    engine: str = "numba",
+    keys_dir: str | os.PathLike | None = None,
+    timeout: float = 2.0,
+    on_missing: str = "partial",
+) -> dict:
+    """Start the cluster and return its state (also written to ``STATE/cluster.json``)."""
+    state_dir = Path(state_dir).resolve()
+    if (state_dir / STATE_FILE).is_file():
+        state = read_state(state_dir)
+        if any(_is_ours(p["pid"]) for p in [state["coordinator"], *state["nodes"]]):
+            raise RetrieverError(f"a cluster is already up in {state_dir} (`chameleon cluster down --state-dir {state_dir}`)")
+    if not 1 <= nshards <= 256 or not 1 <= replicas <= 16:
+        raise RetrieverError(f"shards must be in 1..256 and replicas in 1..16, got {nshards} and {replicas}")
+    if keys_dir is not None:
+        CurveKeys.load(keys_dir)  # fail now, not in every child
+    index_dir = Path(index_dir).resolve()
+    manifest = read_manifest(index_dir)
+    if len(manifest["shards"]) != nshards:
+        index_dir = _resharded(index_dir, manifest, nshards, state_dir / f"index-{nshards}-shards")
+        manifest = read_manifest(index_dir)
+    run, logs = state_dir / "run", state_dir / "logs"
+    run.mkdir(parents=True, exist_ok=True)
+    for stale in run.glob("*.json"):
+        stale.unlink()
+    security = ["--keys", Path(keys_dir).resolve()] if keys_dir is not None else []
+    threads = max(1, (os.cpu_count() or 1) // (nshards * replicas))
+    started: list[subprocess.Popen] = []
+    try:
+        nodes = []
+        for shard in range(nshards):
+            for replica in range(replicas):
+                name = f"node-{shard}-{replica}"
+                command = _chameleon(
+                    "node", "retrieval", "--index", index_dir, "--shard", shard, "--bind", "tcp://127.0.0.1:*",
+                    "--engine", engine, "--threads", threads, "--ready-file", run / f"{name}.json", *security,
+                )  # fmt: skip
+                started.append(_spawn(command, logs / f"{name}.log"))
+                nodes.append({"shard": shard, "replica": replica, "log": str(logs / f"{name}.log"), "name": name})
+        deadline = time.monotonic() + START_TIMEOUT
+        for node, process in zip(nodes, started):
+            node.update(_wait_ready(process, run / f"{node['name']}.json", Path(node["log"]), deadline))
+        config = {
+            "metric": manifest["metric"],
+            "nshards": nshards,
+            "fingerprint": index_fingerprint(manifest),
+            "nodes": [{"shard": n["shard"], "endpoint": n["endpoint"]} for n in nodes],
+        }
+        (state_dir / "coordinator-config.json").write_text(json.dumps(config, indent=1))
+        command = _chameleon(
+            "node", "coordinator", "--config", state_dir / "coordinator-config.json", "--bind", "tcp://127.0.0.1:*",
+            "--timeout", timeout, "--on-missing", on_missing, "--ready-file", run / "coordinator.json", *security,
+        )  # fmt: skip
+        coordinator = _spawn(command, logs / "coordinator.log")
+        started.append(coordinator)
+        front = _wait_ready(coordinator, run / "coordinator.json", logs / "coordinator.log", deadline)
+        keys = CurveKeys.load(keys_dir) if keys_dir is not None else None
+        _wait_all_alive(front["endpoint"], keys, deadline)
+    except BaseException:
+        for process in started:
+            process.kill()
+        raise
+    state = {
+        "index": str(index_dir),
+        "nshards": nshards,
+        "replicas": replicas,
+        "metric": manifest["metric"],
+        "keys": str(Path(keys_dir).resolve()) if keys_dir is not None else None,
+        "coordinator": {**front, "log": str(logs / "coordinator.log")},
+        "nodes": nodes,
+    }
+    tmp = state_dir / f".{STATE_FILE}.tmp"
+    tmp.write_text(json.dumps(state, indent=1))
+    os.replace(tmp, state_dir / STATE_FILE)
+    return state
+
+
+def _resharded(index_dir: Path, manifest: dict, nshards: int, out: Path) -> Path:
+    """A copy of the index with ``nshards`` shards, made once per source build."""
+    source = index_fingerprint(manifest)
+    if (out / "manifest.json").is_file() and read_manifest(out)["build"].get("source_fingerprint") == source:
+        return out
+    index = load_index(index_dir).resharded(nshards)
+    index.build_info = {**index.build_info, "source_fingerprint": source}
+    save_index(index, out, force=True)
+    return out
+
+
+def _wait_all_alive(endpoint: str, keys: CurveKeys | None, deadline: float) -> None:
+    with RetrievalClient(endpoint, keys=keys, timeout=2.0) as client:
+        while time.monotonic() < deadline:
+            if all(n["alive"] for n in client.info()["nodes"]):
+                return
+            time.sleep(0.05)
+    raise RetrieverError("the coordinator did not see every node alive in time")
+
+
+def down(state_dir: str | os.PathLike) -> list[int]:
+    """SIGTERM every process of the cluster (coordinator first), SIGKILL what outlives the grace."""
+    state = read_state(state_dir)
+    pids = [p["pid"] for p in [state["coordinator"], *state["nodes"]] if _is_ours(p["pid"])]
+    for pid in pids:
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_GRACE
+    while time.monotonic() < deadline and any(_is_ours(pid) for pid in pids):
+        time.sleep(0.05)
+    for pid in pids:
+        if _is_ours(pid):
+            os.kill(pid, signal.SIGKILL)
+    (Path(state_dir) / STATE_FILE).unlink()
+    return pids
+
+
+def status(state_dir: str | os.PathLike) -> dict:
+    """Which processes live, and the coordinator's view of the nodes (None if it does not answer)."""
+    state = read_state(state_dir)
+    keys = CurveKeys.load(state["keys"]) if state.get("keys") else None
+    try:
+        with RetrievalClient(state["coordinator"]["endpoint"], keys=keys, timeout=2.0) as client:
+            view = client.info()
+    except RetrieverError:
+        view = None
+    return {
+        "coordinator": {**state["coordinator"], "running": _is_ours(state["coordinator"]["pid"])},
+        "nodes": [{**n, "running": _is_ours(n["pid"])} for n in state["nodes"]],
+        "view": view,
+    }
+
+
+@dataclass
+class ClusterSearcher:
+    """Search through a running cluster: coarse search here, everything else in the tier."""
+
+    state: dict
+    quantizer: CoarseQuantizer
+    client: RetrievalClient
+
+    @classmethod
+    def open(cls, state_dir: str | os.PathLike, timeout: float = 30.0) -> ClusterSearcher:
+        state = read_state(state_dir)
+        index = load_index(state["index"], shard=0)
+        keys = CurveKeys.load(state["keys"]) if state.get("keys") else None
+        client = RetrievalClient(state["coordinator"]["endpoint"], keys=keys, timeout=timeout)
+        return cls(state, CoarseQuantizer(index.centroids, index.params.metric), client)
+
+    def close(self) -> None:
+        self.client.close()
+
+    def search(self, queries, k: int, nprobe: int) -> SearchResult:
+        queries = prepare_vectors(as_query_matrix(queries, self.quantizer.dim), self.state["metric"])
+        list_ids, _ = self.quantizer.search(queries, nprobe)
+        return self.client.search(queries, list_ids, k)
+
+
+def search_in_batches(search, queries: np.ndarray, k: int, nprobe: int, batch: int = 1024) -> tuple[np.ndarray, ...]:
+    """(distances, ids, partial per query) of ``search(queries, k, nprobe) -> SearchResult`` over batches."""
+    parts = [search(queries[start : start + batch], k, nprobe) for start in range(0, len(queries), batch)]
+    distances = np.concatenate([p.distances for p in parts])
+    ids = np.concatenate([p.ids for p in parts])
+    partial = np.concatenate([np.full(len(p.ids), p.partial) for p in parts])
+    return distances, ids, partial

@@ -1,0 +1,278 @@
+"""The retrieval tier as separate processes on loopback: nodes, coordinator, failover, security."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from chameleon import cluster
+from coordinator import protocol
+from coordinator.client import RemoteError, RetrievalClient
+from coordinator.security import CurveKeys, generate_keys
+from retriever.coarse import CoarseQuantizer
+from retriever.errors import RetrieverError
+from retriever.index import load_index, save_index
+from retriever.search import Searcher
+from retriever.vectors import prepare_vectors
+
+
+@pytest.fixture(scope="module")
+def index_dir(tmp_path_factory, l2_index):
+    return save_index(l2_index, tmp_path_factory.mktemp("tier") / "index")
+
+
+@pytest.fixture(scope="module")
+def reference(index_dir, small_data):
+    """In-process answers on the whole index: what the tier must reproduce exactly."""
+    searcher = Searcher(load_index(index_dir))
+    return searcher.search(small_data.queries, 10, 8)
+
+
+def start_node(index_dir, tmp_path, shard=0, bind="tcp://127.0.0.1:*", keys=None):
+    ready = tmp_path / f"node-{shard}-{time.monotonic_ns()}.json"
+    command = [sys.executable, "-m", "chameleon", "node", "retrieval", "--index", str(index_dir), "--shard", str(shard),
+               "--bind", bind, "--threads", "1", "--ready-file", str(ready)]  # fmt: skip
+    if keys:
+        command += ["--keys", str(keys)]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not ready.is_file():
+        assert process.poll() is None, process.stderr.read().decode()
+        assert time.monotonic() < deadline, "node did not start"
+        time.sleep(0.05)
+    return process, json.loads(ready.read_text())["endpoint"]
+
+
+def rss_kib(pid):
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def probe(index_dir, queries, nprobe=8):
+    index = load_index(index_dir, shard=0)
+    queries = prepare_vectors(queries, index.params.metric)
+    return queries, CoarseQuantizer(index.centroids, index.params.metric, device="cpu").search(queries, nprobe)[0]
+
+
+# -- a single node --------------------------------------------------------------------------------
+
+fields = st.dictionaries(
+    st.sampled_from(["v", "op", "rid", "arrays", "k", "info", "code", "message", "zz"]),
+    st.one_of(
+        st.integers(-(2**63), 2**64 - 1), st.text(max_size=6), st.none(), st.booleans(), st.sampled_from(protocol.OPS),
+        st.lists(st.tuples(st.sampled_from(["float32", "int64", "bool"]), st.lists(st.integers(-1, 2**40), max_size=3)), max_size=3),
+    ),
+)  # fmt: skip
+valid_shapes = st.tuples(st.integers(1, 4), st.sampled_from([31, 32, 33]), st.integers(1, 3))
+
+
+@st.composite
+def hostile_messages(draw):
+    kind = draw(st.sampled_from(["garbage", "header", "search"]))
+    if kind == "garbage":
+        return draw(st.lists(st.binary(max_size=200), min_size=1, max_size=5))
+    if kind == "header":
+        return [msgpack.packb(draw(fields)), *draw(st.lists(st.binary(max_size=64), max_size=3))]
+    nq, dim, nprobe = draw(valid_shapes)  # plausible SEARCHes with wrong dims, NaN, bad list ids or k
+    queries = np.full((nq, dim), draw(st.sampled_from([0.5, np.nan, np.inf])), np.float32)
+    list_ids = np.full((nq, nprobe), draw(st.sampled_from([-2, 0, 63, 64, 10**6])), np.int64)
+    k = draw(st.sampled_from([0, 1, 10, 2**16 + 1]))
+    header = {"v": 1, "op": "SEARCH", "rid": 1, "arrays": [["float32", [nq, dim]], ["int64", [nq, nprobe]]], "k": k}
+    return [msgpack.packb(header), queries.tobytes(), list_ids.tobytes()]
+
+
+def test_node_survives_thousands_of_malformed_messages(index_dir, tmp_path):
+    process, endpoint = start_node(index_dir, tmp_path)
+    context = zmq.Context()
+    socket = context.socket(zmq.DEALER)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.connect(endpoint)
+    replies = {"ERROR": 0, "RESULT": 0, "INFO": 0}
+    try:
+        rss_before = rss_kib(process.pid)
+
+        @settings(max_examples=2000, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        @given(frames=hostile_messages())
+        def throw(frames):
+            socket.send_multipart(frames)
+            assert socket.poll(5000), "the node stopped answering"
+            reply = protocol.decode(socket.recv_multipart())
+            replies[reply.op] += 1
+
+        throw()
+        with RetrievalClient(endpoint, timeout=5) as client:
+            assert client.info()["shard"] == 0  # still up and answering
+            with pytest.raises(RemoteError, match="bad_request"):
+                client.search(np.zeros((1, 31), np.float32), np.zeros((1, 1), np.int64), 5)
+        assert process.poll() is None
+        assert replies["ERROR"] > 1500, replies
+        assert rss_kib(process.pid) - rss_before < 64 * 1024, "memory grew"
+    finally:
+        socket.close()
+        context.term()
+        process.kill()
+        process.wait()
+
+
+def test_sigterm_drains_in_flight_work(index_dir, tmp_path, small_data):
+    process, endpoint = start_node(index_dir, tmp_path)
+    queries, list_ids = probe(index_dir, np.tile(small_data.queries, (20, 1)), nprobe=64)  # 4,000 queries, all lists
+    with RetrievalClient(endpoint, timeout=60) as client:
+        request = protocol.search_request(1, queries, list_ids, 10)
+        protocol.send(client._socket, request)
+        time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        assert client._socket.poll(60_000)
+        reply = protocol.decode(client._socket.recv_multipart())
+        assert reply.op == "RESULT" and reply.arrays[1].shape == (4000, 10)
+    assert process.wait(timeout=30) == 0
+
+
+# -- clusters -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("nshards", [1, 2, 4])
+def test_cluster_answers_equal_the_in_process_search(index_dir, tmp_path, small_data, reference, nshards):
+    cluster.up(index_dir, nshards, tmp_path / "state")
+    try:
+        searcher = cluster.ClusterSearcher.open(tmp_path / "state")
+        result = searcher.search(small_data.queries, 10, 8)
+        searcher.close()
+        np.testing.assert_array_equal(result.ids, reference[1])
+        np.testing.assert_array_equal(result.distances, reference[0])
+        assert not result.partial
+    finally:
+        cluster.down(tmp_path / "state")
+
+
+def run_queries(searcher, queries, kill_at, kill, batch=20):
+    """2,000 queries in batches; ``kill()`` runs before batch ``kill_at``. Returns (results, seconds) per batch."""
+    out = []
+    for n, start in enumerate(range(0, len(queries), batch)):
+        if n == kill_at:
+            kill()
+        started = time.monotonic()
+        out.append((searcher.search(queries[start : start + batch], 10, 8), time.monotonic() - started))
+    return out
+
+
+def test_node_killed_mid_run_with_two_replicas_fails_no_query(index_dir, tmp_path, small_data, reference):
+    state = cluster.up(index_dir, 2, tmp_path / "state", replicas=2, timeout=1.0)
+    try:
+        searcher = cluster.ClusterSearcher.open(tmp_path / "state")
+        queries = np.tile(small_data.queries, (10, 1))
+        victim = state["nodes"][0]["pid"]
+        results = run_queries(searcher, queries, kill_at=30, kill=lambda: os.kill(victim, signal.SIGKILL))
+        searcher.close()
+        view = cluster.status(tmp_path / "state")["view"]["nodes"]
+        assert [n["alive"] for n in view] == [False, True, True, True]  # the kill landed; its replica took over
+        assert not any(r.partial for r, _ in results)
+        ids = np.concatenate([r.ids for r, _ in results])
+        np.testing.assert_array_equal(ids, np.tile(reference[1], (10, 1)))
+    finally:
+        cluster.down(tmp_path / "state")
+
+
+def test_node_killed_with_one_replica_gives_partial_answers_then_whole_again(index_dir, tmp_path, small_data, reference):
+    state = cluster.up(index_dir, 2, tmp_path / "state", replicas=1, timeout=1.0)
+    try:
+        searcher = cluster.ClusterSearcher.open(tmp_path / "state")
+        queries = np.tile(small_data.queries, (10, 1))
+        victim = state["nodes"][1]
+        results = run_queries(searcher, queries, kill_at=30, kill=lambda: os.kill(victim["pid"], signal.SIGKILL))
+        assert all(seconds < 1.0 + 2.0 for _, seconds in results)  # the coordinator's timeout, plus slack
+        assert not any(r.partial for r, _ in results[:30])
+        assert all(r.partial and r.missing == [1] for r, _ in results[30:])
+        shard0 = set(load_index(state["index"], shard=0).shards[0].ids.tolist())
+        assert all(set(r.ids[r.ids >= 0].tolist()) <= shard0 for r, _ in results[30:])
+
+        restarted, _ = start_node(state["index"], tmp_path, shard=1, bind=victim["endpoint"])
+        try:
+            deadline = time.monotonic() + 30
+            while cluster.status(tmp_path / "state")["view"]["nodes"][1]["alive"] is False:
+                assert time.monotonic() < deadline, "the coordinator never saw the node come back"
+                time.sleep(0.1)
+            whole = searcher.search(small_data.queries, 10, 8)
+            assert not whole.partial
+            np.testing.assert_array_equal(whole.ids, reference[1])
+        finally:
+            restarted.kill()
+            searcher.close()
+    finally:
+        cluster.down(tmp_path / "state")
+
+
+def test_on_missing_fail_reports_unavailable(index_dir, tmp_path, small_data):
+    state = cluster.up(index_dir, 2, tmp_path / "state", replicas=1, timeout=0.5, on_missing="fail")
+    try:
+        os.kill(state["nodes"][0]["pid"], signal.SIGKILL)
+        searcher = cluster.ClusterSearcher.open(tmp_path / "state", timeout=10)
+        with pytest.raises(RemoteError, match=r"unavailable: no live replica for shard\(s\) \[0\]"):
+            searcher.search(small_data.queries[:5], 10, 8)
+        searcher.close()
+    finally:
+        cluster.down(tmp_path / "state")
+
+
+def test_curve_keys_keep_strangers_out(index_dir, tmp_path, small_data, reference):
+    keys = generate_keys(tmp_path / "keys")
+    with pytest.raises(RetrieverError, match="already holds files"):
+        generate_keys(tmp_path / "keys")
+    state = cluster.up(index_dir, 2, tmp_path / "state", keys_dir=keys)
+    try:
+        endpoint = state["coordinator"]["endpoint"]
+        with RetrievalClient(endpoint, timeout=1.5) as stranger, pytest.raises(RetrieverError, match="no answer"):
+            stranger.info()
+        other = generate_keys(tmp_path / "other-keys")  # right protocol, wrong keys
+        with RetrievalClient(endpoint, keys=CurveKeys.load(other), timeout=1.5) as impostor, pytest.raises(RetrieverError, match="no answer"):
+            impostor.info()
+        with RetrievalClient(state["nodes"][0]["endpoint"], timeout=1.5) as stranger, pytest.raises(RetrieverError, match="no answer"):
+            stranger.info()  # nodes are closed to strangers too
+        searcher = cluster.ClusterSearcher.open(tmp_path / "state")
+        result = searcher.search(small_data.queries, 10, 8)
+        searcher.close()
+        np.testing.assert_array_equal(result.ids, reference[1])
+    finally:
+        cluster.down(tmp_path / "state")
+
+
+def test_cluster_command_line(index_dir, tmp_path, small_data):
+    def chameleon(*args, expect=0):
+        result = subprocess.run([sys.executable, "-m", "chameleon", *map(str, args)], capture_output=True, text=True, timeout=300)
+        assert result.returncode == expect, result.stdout + result.stderr
+        assert "Traceback" not in result.stderr
+        return result
+
+    state = tmp_path / "state"
+    endpoint = chameleon("cluster", "up", "--index", index_dir, "--shards", 3, "--replicas", 1, "--state-dir", state).stdout.strip()
+    try:
+        assert endpoint.startswith("tcp://127.0.0.1:")
+        assert "already up" in chameleon("cluster", "up", "--index", index_dir, "--shards", 3, "--state-dir", state, expect=2).stderr
+        status = chameleon("cluster", "status", "--state-dir", state).stdout
+        assert status.count("coordinator sees it alive") == 3
+        np.save(tmp_path / "q.npy", small_data.queries)
+        chameleon("search", "--cluster", state, "--queries", tmp_path / "q.npy", "--k", 7, "--nprobe", 4, "--out", tmp_path / "c.npz")
+        chameleon("search", "--index", index_dir, "--queries", tmp_path / "q.npy", "--k", 7, "--nprobe", 4, "--out", tmp_path / "i.npz")
+        through_cluster, in_process = np.load(tmp_path / "c.npz"), np.load(tmp_path / "i.npz")
+        np.testing.assert_array_equal(through_cluster["ids"], in_process["ids"])
+        np.testing.assert_array_equal(through_cluster["distances"], in_process["distances"])
+        assert through_cluster["partial"].shape == (200,) and not through_cluster["partial"].any()
+        np.save(tmp_path / "bad.npy", small_data.queries[:, :30])
+        assert "shape (n, 32)" in chameleon("search", "--cluster", state, "--queries", tmp_path / "bad.npy", "--out", tmp_path / "x.npz", expect=2).stderr
+    finally:
+        pids = [p["pid"] for p in [cluster.read_state(state)["coordinator"], *cluster.read_state(state)["nodes"]]]
+        chameleon("cluster", "down", "--state-dir", state)
+    assert not any(Path(f"/proc/{pid}").exists() and b"chameleon" in Path(f"/proc/{pid}/cmdline").read_bytes() for pid in pids)
+    assert "no cluster is up" in chameleon("cluster", "status", "--state-dir", state, expect=2).stderr
