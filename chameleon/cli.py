@@ -168,7 +168,7 @@ def node_retrieval(
     bind: str = typer.Option(..., "--bind", help="ZeroMQ endpoint, e.g. tcp://0.0.0.0:5555 or tcp://127.0.0.1:*"),
     engine: str = typer.Option("numba", "--engine", help="numba or faiss."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Scan threads (default: all cores)."),
-    window_ms: float = typer.Option(0.2, "--window-ms", help="How long an idle node waits for a batch to fill."),
+    window_ms: float = typer.Option(0.0, "--window-ms", help="How long an idle node waits for a batch to fill (ms)."),
     keys: Optional[Path] = typer.Option(None, "--keys", help="CURVE key directory (`chameleon keys gen`)."),
     ready_file: Optional[Path] = typer.Option(None, "--ready-file", help="Write {endpoint, pid} here once serving."),
 ):
@@ -178,11 +178,13 @@ def node_retrieval(
     from coordinator.security import CurveKeys
     from retriever.node import RetrievalNode
 
-    if threads is not None:
-        if not 1 <= threads <= numba.config.NUMBA_NUM_THREADS:
-            raise RetrieverError(f"threads must be between 1 and {numba.config.NUMBA_NUM_THREADS}, got {threads}")
-        numba.set_num_threads(threads)
-    node = RetrievalNode(index, shard, engine=engine, window=window_ms / 1000, keys=CurveKeys.load(keys) if keys else None)
+    if threads is not None and not 1 <= threads <= numba.config.NUMBA_NUM_THREADS:
+        raise RetrieverError(f"threads must be between 1 and {numba.config.NUMBA_NUM_THREADS}, got {threads}")
+    if not 0 <= window_ms <= 1000:
+        raise RetrieverError(f"the batching window must be between 0 and 1000 ms, got {window_ms}")
+    node = RetrievalNode(
+        index, shard, engine=engine, window=window_ms / 1000, keys=CurveKeys.load(keys) if keys else None, threads=threads
+    )
     _say(f"retrieval node: shard {shard}/{node.info['nshards']} of {index} ({node.info['ntotal']:,} vectors, {engine})")
     node.serve(bind, ready_file=ready_file)
     _say("retrieval node: drained, exiting")

@@ -10,6 +10,7 @@ retrieval node needs only the query vectors and list ids.
 from __future__ import annotations
 
 import faiss
+import numba
 import numpy as np
 
 from retriever.errors import RetrieverError
@@ -20,6 +21,8 @@ from retriever.vectors import as_query_matrix
 # faiss's own limit for precomputed L2 tables (IndexIVFPQ::precomputed_table_max_bytes).
 PRECOMPUTED_TABLE_MAX_BYTES = 2 << 30
 # Batches smaller than this run on the calling thread: a thread-pool launch costs more than it saves.
+# So does a batch when Numba has one thread: its idle pool workers would spin on cores other
+# processes (other shards' nodes) need.
 SERIAL_BELOW = 4
 # Results are (nq, k) arrays; a larger k is a mistake, not a query.
 MAX_K = 1 << 16
@@ -89,7 +92,8 @@ class NumbaEngine(ScanEngine):
             self.list_terms = np.zeros((0, p.m, p.ksub), dtype=np.float32)
 
     def _search(self, queries, list_ids, k):
-        kernel = scan_ivfpq if queries.shape[0] >= SERIAL_BELOW else scan_ivfpq_serial
+        parallel = queries.shape[0] >= SERIAL_BELOW and numba.get_num_threads() > 1
+        kernel = scan_ivfpq if parallel else scan_ivfpq_serial
         keys, ids = kernel(
             queries, list_ids, self.centroids, self.codebooks_t, self.list_terms,
             self.offsets, self.ids, self.codes, k, self.params.inner_product,

@@ -4,7 +4,8 @@ One ROUTER socket answers the wire protocol (:mod:`coordinator.protocol`). The I
 receives, validates and batches SEARCH requests and answers HEARTBEAT at once; a scan thread runs
 the engine on one batch at a time (the Numba kernels release the GIL, so heartbeats are answered
 while a batch is scanned). Requests that arrive while a batch is scanned form the next batch; an
-idle node waits ``window`` seconds after a request for others to join it. Any malformed request
+idle node starts at once, or waits ``window`` seconds (whole milliseconds, never spinning) for
+others to join. Any malformed request
 gets an ERROR reply; the node never dies of one. On SIGTERM it stops taking searches (answering
 ``shutting_down`` so a coordinator fails over), finishes what it holds, replies, and exits.
 """
@@ -12,6 +13,7 @@ gets an ERROR reply; the node never dies of one. On SIGTERM it stops taking sear
 from __future__ import annotations
 
 import json
+import math
 import os
 import queue
 import signal
@@ -20,6 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numba
 import numpy as np
 import zmq
 
@@ -30,7 +33,7 @@ from retriever.engines import make_engine
 from retriever.errors import RetrieverError
 from retriever.index import index_fingerprint, load_index, read_manifest
 
-DEFAULT_WINDOW = 0.0002
+DEFAULT_WINDOW = 0.0
 MAX_BATCH_QUERIES = 4096
 MAX_PENDING_QUERIES = 65536
 POLL_MS = 50
@@ -54,6 +57,7 @@ class RetrievalNode:
         engine: str = "numba",
         window: float = DEFAULT_WINDOW,
         keys: CurveKeys | None = None,
+        threads: int | None = None,
     ):
         manifest = read_manifest(index_dir)
         self.index = load_index(index_dir, shard=shard)
@@ -61,6 +65,7 @@ class RetrievalNode:
         self.engine.warm_up()
         self.window = window
         self.keys = keys
+        self.threads = threads
         self.info = {
             "role": "retrieval",
             "shard": shard,
@@ -124,8 +129,8 @@ class RetrievalNode:
             if self._draining.is_set() and not pending and not busy:
                 return
             timeout = POLL_MS
-            if pending and not busy:
-                timeout = max(0, int((pending_since + self.window - time.monotonic()) * 1000))
+            if pending and not busy:  # rounded up: spinning here would take a core from the other processes
+                timeout = max(0, math.ceil((pending_since + self.window - time.monotonic()) * 1000))
             events = dict(poller.poll(timeout))
             if replies in events:
                 while True:
@@ -179,6 +184,8 @@ class RetrievalNode:
             return None
 
     def _scan_loop(self, context, doorbell, batches) -> None:
+        if self.threads is not None:
+            numba.set_num_threads(self.threads)  # Numba's thread count is per calling thread
         replies = context.socket(zmq.PAIR)
         replies.connect(doorbell)
         try:
