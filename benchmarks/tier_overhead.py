@@ -15,6 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import faiss
 import numba
 import numpy as np
 
@@ -56,7 +57,10 @@ def main():
     if not (args.index / "manifest.json").is_file():
         save_index(build_index(dataset.base, IVFPQParams("cos", 50, 1024, 25)), args.index)
     queries = dataset.queries
-    numba.set_num_threads(1)  # a batch of 16 is one node's work either way; keep the peer on one core too
+    # The client (and the in-process peer) use one core: on this 2-core box the other is the tier's,
+    # and faiss's idle OpenMP workers would spin on it.
+    numba.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
     local = Searcher(load_index(args.index), device="cpu")
     base = time_batches(lambda q: local.search(q, 10, NPROBE), queries, args.batches)
     print(f"batches of {BATCH} queries, nprobe {NPROBE}, k 10, {args.batches} batches, {time.strftime('%Y-%m-%d')}")

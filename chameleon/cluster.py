@@ -38,8 +38,13 @@ def _chameleon(*args) -> list[str]:
 
 def _spawn(command: list[str], log: Path) -> subprocess.Popen:
     log.parent.mkdir(parents=True, exist_ok=True)
+    # The processes of a local cluster share the machine's cores: idle OpenMP workers must sleep, not
+    # spin on a core that another node needs.
+    env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ}
     with open(log, "ab") as out:
-        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        return subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, env=env
+        )
 
 
 def _wait_ready(process: subprocess.Popen, ready_file: Path, log: Path, deadline: float) -> dict:

@@ -20,10 +20,9 @@ from retriever.vectors import as_query_matrix
 
 # faiss's own limit for precomputed L2 tables (IndexIVFPQ::precomputed_table_max_bytes).
 PRECOMPUTED_TABLE_MAX_BYTES = 2 << 30
-# Batches smaller than this run on the calling thread: a thread-pool launch costs more than it saves.
-# So does a batch when Numba has one thread: its idle pool workers would spin on cores other
-# processes (other shards' nodes) need.
-SERIAL_BELOW = 4
+# Batches that scan fewer codes than this (~2 ms on one core) run on the calling thread: waking a
+# thread pool costs more than it saves, and its idle workers would take cores other processes need.
+PARALLEL_MIN_CODES = 1 << 18
 # Results are (nq, k) arrays; a larger k is a mistake, not a query.
 MAX_K = 1 << 16
 
@@ -38,6 +37,7 @@ class ScanEngine:
         self.centroids = np.ascontiguousarray(index.centroids, dtype=np.float32)
         self.codebooks = np.ascontiguousarray(index.codebooks, dtype=np.float32)
         self.lists = index.whole()
+        self._list_sizes = self.lists.list_sizes()
 
     @property
     def ntotal(self) -> int:
@@ -57,11 +57,14 @@ class ScanEngine:
             raise RetrieverError(f"k must be an integer between 1 and {MAX_K}, got {k!r}")
         return queries, np.ascontiguousarray(list_ids, dtype=np.int64), int(k)
 
+    def codes_to_scan(self, list_ids: np.ndarray) -> int:
+        """How many codes a search over ``list_ids`` reads (its cost, near enough)."""
+        return int(np.where(list_ids >= 0, self._list_sizes[np.maximum(list_ids, 0)], 0).sum())
+
     def warm_up(self) -> None:
         """Run the search paths once (Numba compiles or loads its kernels on first use), so that a
         server reports ready only when it answers at full speed."""
-        for nq in (1, SERIAL_BELOW):
-            self.search(np.repeat(self.centroids[:1], nq, axis=0), np.zeros((nq, 1), np.int64), 1)
+        self.search(self.centroids[:1], np.zeros((1, 1), np.int64), 1)
 
     def search(self, queries: np.ndarray, list_ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k of already prepared (float32, normalised for cos) ``queries`` over ``list_ids``."""
@@ -91,13 +94,19 @@ class NumbaEngine(ScanEngine):
         else:
             self.list_terms = np.zeros((0, p.m, p.ksub), dtype=np.float32)
 
-    def _search(self, queries, list_ids, k):
-        parallel = queries.shape[0] >= SERIAL_BELOW and numba.get_num_threads() > 1
-        kernel = scan_ivfpq if parallel else scan_ivfpq_serial
-        keys, ids = kernel(
+    def warm_up(self) -> None:
+        super().warm_up()
+        self._kernel(scan_ivfpq, self.centroids[:2], np.zeros((2, 1), np.int64), 1)  # the parallel kernel too
+
+    def _kernel(self, kernel, queries, list_ids, k):
+        return kernel(
             queries, list_ids, self.centroids, self.codebooks_t, self.list_terms,
             self.offsets, self.ids, self.codes, k, self.params.inner_product,
         )  # fmt: skip
+
+    def _search(self, queries, list_ids, k):
+        parallel = queries.shape[0] > 1 and numba.get_num_threads() > 1 and self.codes_to_scan(list_ids) >= PARALLEL_MIN_CODES
+        keys, ids = self._kernel(scan_ivfpq if parallel else scan_ivfpq_serial, queries, list_ids, k)
         return (-keys if self.params.inner_product else keys), ids
 
 

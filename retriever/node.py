@@ -5,7 +5,9 @@ receives, validates and batches SEARCH requests and answers HEARTBEAT at once; a
 the engine on one batch at a time (the Numba kernels release the GIL, so heartbeats are answered
 while a batch is scanned). Requests that arrive while a batch is scanned form the next batch; an
 idle node starts at once, or waits ``window`` seconds (whole milliseconds, never spinning) for
-others to join. Any malformed request
+others to join. A small batch (at most :data:`INLINE_MAX_CODES` codes, about a millisecond) is
+scanned on the I/O thread itself: two thread hand-offs would cost more than the scan, and a
+heartbeat waits a millisecond at most. Any malformed request
 gets an ERROR reply; the node never dies of one. On SIGTERM it stops taking searches (answering
 ``shutting_down`` so a coordinator fails over), finishes what it holds, replies, and exits.
 """
@@ -37,6 +39,8 @@ DEFAULT_WINDOW = 0.0
 MAX_BATCH_QUERIES = 4096
 MAX_PENDING_QUERIES = 65536
 POLL_MS = 50
+# Batches that scan at most this many codes (~1.5 ms) run on the I/O thread itself.
+INLINE_MAX_CODES = 200_000
 _BATCH_DONE = b""
 
 
@@ -91,6 +95,7 @@ class RetrievalNode:
         """Serve until drained (SIGTERM, :meth:`drain`) or ``stop`` is set."""
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self.drain)
+        self._use_threads()  # small batches are scanned on this thread
         context = zmq.Context()
         router = context.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 1000)
@@ -156,8 +161,11 @@ class RetrievalNode:
             if pending and not busy and time.monotonic() >= pending_since + self.window:
                 batch, pending = _take_batch(pending)
                 pending_since = time.monotonic()
-                busy += 1
-                batches.put(batch)
+                if sum(self.engine.codes_to_scan(r.list_ids) for r in batch) <= INLINE_MAX_CODES:
+                    self._scan(router, batch)  # cheaper than two thread hand-offs; heartbeats wait ~1 ms at most
+                else:
+                    busy += 1
+                    batches.put(batch)
 
     def _handle(self, router, frames, pending_queries: int) -> _Request | None:
         """Answer what can be answered at once; return a validated SEARCH to batch."""
@@ -183,9 +191,12 @@ class RetrievalNode:
             protocol.send(router, protocol.error_reply(rid, code, str(e)), envelope)
             return None
 
-    def _scan_loop(self, context, doorbell, batches) -> None:
+    def _use_threads(self) -> None:
         if self.threads is not None:
-            numba.set_num_threads(self.threads)  # Numba's thread count is per calling thread
+            numba.set_num_threads(self.threads)  # Numba's thread count belongs to the calling thread
+
+    def _scan_loop(self, context, doorbell, batches) -> None:
+        self._use_threads()
         replies = context.socket(zmq.PAIR)
         replies.connect(doorbell)
         try:

@@ -1,4 +1,5 @@
 import faiss
+import numba
 import numpy as np
 import pytest
 
@@ -9,6 +10,7 @@ from retriever.datasets import exact_knn
 from retriever.engines import FaissEngine, NumbaEngine, make_engine
 from retriever.errors import RetrieverError
 from retriever.index import IVFPQParams
+from retriever.scan import scan_ivfpq
 from retriever.search import Searcher
 from retriever.vectors import prepare_vectors
 from tests.helpers import same_up_to_ties
@@ -155,11 +157,26 @@ def test_cuda_request_without_cuda_is_an_error(small_data):
         CoarseQuantizer(small_data.base[:16], "l2", device="cuda")
 
 
-def test_single_queries_and_batches_give_the_same_answers(small_index, small_data):
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="the parallel kernel needs two threads")
+def test_serial_and_parallel_kernels_give_the_same_answers(small_index, small_data, monkeypatch):
     queries, list_ids = probe(small_index, small_data.queries[:40], 6)
     engine = NumbaEngine(small_index)
-    batch_d, batch_i = engine.search(queries, list_ids, 20)  # the parallel kernel
-    for q in range(0, 40, 3):  # 1-3 query calls take the serial kernel
+    parallel_calls = []
+
+    def counting_parallel_kernel(*args):
+        parallel_calls.append(1)
+        return scan_ivfpq(*args)
+
+    monkeypatch.setattr(engines, "scan_ivfpq", counting_parallel_kernel)
+    numba.set_num_threads(2)
+    monkeypatch.setattr(engines, "PARALLEL_MIN_CODES", 0)
+    batch_d, batch_i = engine.search(queries, list_ids, 20)
+    assert parallel_calls == [1]
+    monkeypatch.setattr(engines, "PARALLEL_MIN_CODES", 1 << 62)
+    serial_d, serial_i = engine.search(queries, list_ids, 20)
+    assert parallel_calls == [1]
+    np.testing.assert_array_equal(serial_i, batch_i)
+    np.testing.assert_array_equal(serial_d, batch_d)
+    for q in range(0, 40, 3):
         d, i = engine.search(queries[q : q + 3], list_ids[q : q + 3], 20)
         np.testing.assert_array_equal(i, batch_i[q : q + 3])
-        np.testing.assert_array_equal(d, batch_d[q : q + 3])

@@ -126,6 +126,23 @@ def test_node_survives_thousands_of_malformed_messages(index_dir, tmp_path):
         process.wait()
 
 
+def test_heartbeats_are_answered_while_a_batch_is_scanned(index_dir, tmp_path, small_data):
+    process, endpoint = start_node(index_dir, tmp_path)
+    queries, list_ids = probe(index_dir, np.tile(small_data.queries, (40, 1)), nprobe=64)  # 8,000 queries, every list
+    try:
+        with RetrievalClient(endpoint, timeout=60) as searcher, RetrievalClient(endpoint, timeout=60) as watcher:
+            protocol.send(searcher._socket, protocol.search_request(1, queries, list_ids, 10))
+            time.sleep(0.05)
+            info = watcher.info()
+            assert searcher._socket.poll(0) == 0, "the scan finished before the heartbeat: make it longer"
+            assert info["shard"] == 0
+            assert searcher._socket.poll(60_000)
+            assert protocol.decode(searcher._socket.recv_multipart()).op == "RESULT"
+    finally:
+        process.kill()
+        process.wait()
+
+
 def test_sigterm_drains_in_flight_work(index_dir, tmp_path, small_data):
     process, endpoint = start_node(index_dir, tmp_path)
     queries, list_ids = probe(index_dir, np.tile(small_data.queries, (20, 1)), nprobe=64)  # 4,000 queries, all lists
