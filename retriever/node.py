@@ -212,9 +212,11 @@ class RetrievalNode:
         k = max(r.k for r in batch)
         nprobe = max(r.list_ids.shape[1] for r in batch)
         queries = np.concatenate([r.queries for r in batch])
-        list_ids = np.concatenate(
-            [np.pad(r.list_ids, ((0, 0), (0, nprobe - r.list_ids.shape[1])), constant_values=-1) for r in batch]
-        )
+        list_ids = np.full((queries.shape[0], nprobe), -1, np.int64)  # shorter probe lists end in skips
+        row = 0
+        for r in batch:
+            list_ids[row : row + r.list_ids.shape[0], : r.list_ids.shape[1]] = r.list_ids
+            row += r.list_ids.shape[0]
         try:
             distances, ids = self.engine.search(queries, list_ids, k)
         except Exception as e:  # a node answers, whatever went wrong
