@@ -9,7 +9,6 @@ our very codes, ``faiss-fastscan`` is faiss's own ``IVF{nlist},PQ{m}x4fs`` train
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -171,14 +170,6 @@ def run_recall_benchmark(
                     on_row(row)
                     progress.update()
     return rows
-
-
-def write_json(rows: list[dict], path: str | os.PathLike) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(rows, indent=1))
-    os.replace(tmp, path)
 
 
 def plot_rows(rows: list[dict], path: str | os.PathLike, title: str) -> None:

@@ -128,7 +128,8 @@ def bench_recall(
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a recall-vs-QPS plot (PNG)."),
 ):
     """Recall@k, QPS and latency p50/p99 for each engine, thread count and nprobe."""
-    from chameleon.bench import plot_rows, run_recall_benchmark, speedups, write_json
+    from chameleon.bench import plot_rows, run_recall_benchmark, speedups
+    from retriever.files import write_json_atomic
     from retriever.datasets import load_dataset
     from retriever.index import load_index
 
@@ -154,7 +155,7 @@ def bench_recall(
         if ratios:
             typer.echo(f"numba / {peer} QPS: " + "  ".join(f"t{r['threads']}/np{r['nprobe']}={r['ratio']:.2f}x" for r in ratios))
     if json_out:
-        write_json(rows, json_out)
+        write_json_atomic(json_out, rows)
         _say(f"wrote {json_out}")
     if plot:
         plot_rows(rows, plot, title=data.name)

@@ -24,6 +24,7 @@ from coordinator.client import RetrievalClient, SearchResult
 from coordinator.security import CurveKeys
 from retriever.coarse import CoarseQuantizer
 from retriever.errors import RetrieverError
+from retriever.files import write_json_atomic
 from retriever.index import index_fingerprint, load_index, read_manifest, save_index
 from retriever.vectors import as_query_matrix, prepare_vectors
 
@@ -128,7 +129,7 @@ def up(
             "fingerprint": index_fingerprint(manifest),
             "nodes": [{"shard": n["shard"], "endpoint": n["endpoint"]} for n in nodes],
         }
-        (state_dir / "coordinator-config.json").write_text(json.dumps(config, indent=1))
+        write_json_atomic(state_dir / "coordinator-config.json", config)
         command = _chameleon(
             "node", "coordinator", "--config", state_dir / "coordinator-config.json", "--bind", "tcp://127.0.0.1:*",
             "--timeout", timeout, "--on-missing", on_missing, "--ready-file", run / "coordinator.json", *security,
@@ -151,9 +152,7 @@ def up(
         "coordinator": {**front, "log": str(logs / "coordinator.log")},
         "nodes": nodes,
     }
-    tmp = state_dir / f".{STATE_FILE}.tmp"
-    tmp.write_text(json.dumps(state, indent=1))
-    os.replace(tmp, state_dir / STATE_FILE)
+    write_json_atomic(state_dir / STATE_FILE, state)
     return state
 
 

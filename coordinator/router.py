@@ -28,7 +28,8 @@ import zmq
 
 from coordinator import protocol
 from coordinator.protocol import Message, ProtocolError
-from coordinator.security import CurveKeys, secure_client, secure_server
+from coordinator.security import CurveKeys, secure_client
+from coordinator.transport import bind_router, receive_all
 from retriever.errors import RetrieverError
 from retriever.search import merge_topk
 
@@ -125,18 +126,9 @@ class Coordinator:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self.drain)
         context = zmq.Context()
-        front = context.socket(zmq.ROUTER)
-        front.setsockopt(zmq.LINGER, 1000)
-        front.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_BYTES)
-        authenticator = secure_server(context, front, self.keys)
         nodes = [self._connect(context, spec) for spec in self.config.nodes]
+        front, authenticator, self.endpoint = bind_router(context, bind, self.keys, ready_file)
         try:
-            front.bind(bind)
-            self.endpoint = front.getsockopt(zmq.LAST_ENDPOINT).decode()
-            if ready_file:
-                tmp = Path(ready_file).with_name(f".{Path(ready_file).name}.tmp")
-                tmp.write_text(json.dumps({"endpoint": self.endpoint, "pid": os.getpid()}))
-                os.replace(tmp, ready_file)
             self._loop(front, nodes, stop or threading.Event())
         finally:
             for socket in [front] + [n.socket for n in nodes]:
@@ -173,11 +165,7 @@ class Coordinator:
                 next_heartbeat = now + self.heartbeat_interval
             self._expire(front, nodes, now)
             for socket, _ in poller.poll(timeout=10):
-                while True:
-                    try:
-                        frames = socket.recv_multipart(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
+                for frames in receive_all(socket):
                     if socket is front:
                         self._on_client(front, nodes, frames)
                     else:

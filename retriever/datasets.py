@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import faiss
 import numpy as np
 
 from retriever.errors import RetrieverError
+from retriever.files import save_npy_atomic
 from retriever.vectors import as_query_matrix, prepare_vectors
 
 GROUND_TRUTH_K = 100
@@ -174,20 +174,6 @@ def exact_knn(base: np.ndarray, queries: np.ndarray, k: int, metric: str) -> np.
     index.add(base)
     _, ids = index.search(prepare_vectors(queries, metric), k)
     return ids.astype(np.int64)
-
-
-def save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def glove_vectors_path() -> Path:

@@ -14,7 +14,6 @@ gets an ERROR reply; the node never dies of one. On SIGTERM it stops taking sear
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import queue
@@ -22,7 +21,6 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numba
 import numpy as np
@@ -30,7 +28,8 @@ import zmq
 
 from coordinator import protocol
 from coordinator.protocol import Message, ProtocolError
-from coordinator.security import CurveKeys, secure_server
+from coordinator.security import CurveKeys
+from coordinator.transport import bind_router, receive_all
 from retriever.engines import make_engine
 from retriever.errors import RetrieverError
 from retriever.index import index_fingerprint, load_index, read_manifest
@@ -97,11 +96,7 @@ class RetrievalNode:
             signal.signal(signal.SIGTERM, self.drain)
         self._use_threads()  # small batches are scanned on this thread
         context = zmq.Context()
-        router = context.socket(zmq.ROUTER)
-        router.setsockopt(zmq.LINGER, 1000)
-        router.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_BYTES)
-        router.setsockopt(zmq.RCVHWM, 1000)
-        authenticator = secure_server(context, router, self.keys)
+        router, authenticator, self.endpoint = bind_router(context, bind, self.keys, ready_file)
         replies = context.socket(zmq.PAIR)
         doorbell = f"inproc://node-replies-{id(self)}"
         replies.bind(doorbell)
@@ -109,10 +104,6 @@ class RetrievalNode:
         scanner = threading.Thread(target=self._scan_loop, args=(context, doorbell, batches), daemon=True)
         scanner.start()
         try:
-            router.bind(bind)
-            self.endpoint = router.getsockopt(zmq.LAST_ENDPOINT).decode()
-            if ready_file:
-                _write_json_atomic(Path(ready_file), {"endpoint": self.endpoint, "pid": os.getpid()})
             self._loop(router, replies, batches, stop or threading.Event())
         finally:
             batches.put(None)
@@ -138,21 +129,13 @@ class RetrievalNode:
                 timeout = max(0, math.ceil((pending_since + self.window - time.monotonic()) * 1000))
             events = dict(poller.poll(timeout))
             if replies in events:
-                while True:
-                    try:
-                        frames = replies.recv_multipart(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
+                for frames in receive_all(replies):
                     if len(frames) == 1 and frames[0].bytes == _BATCH_DONE:
                         busy -= 1
                     else:
                         router.send_multipart(frames, copy=False)
             if router in events:
-                while True:
-                    try:
-                        frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
+                for frames in receive_all(router):
                     request = self._handle(router, frames, sum(r.queries.shape[0] for r in pending))
                     if request is not None:
                         if not pending:
@@ -241,8 +224,3 @@ def _take_batch(pending: list[_Request]) -> tuple[list[_Request], list[_Request]
             return pending[:n], pending[n:]
     return pending, []
 
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)

@@ -286,6 +286,8 @@ def test_cluster_command_line(index_dir, tmp_path, small_data):
         np.testing.assert_array_equal(through_cluster["ids"], in_process["ids"])
         np.testing.assert_array_equal(through_cluster["distances"], in_process["distances"])
         assert through_cluster["partial"].shape == (200,) and not through_cluster["partial"].any()
+        taken = chameleon("node", "retrieval", "--index", index_dir, "--shard", 0, "--bind", endpoint, expect=2).stderr
+        assert f"cannot bind {endpoint}" in taken
         np.save(tmp_path / "bad.npy", small_data.queries[:, :30])
         assert "shape (n, 32)" in chameleon("search", "--cluster", state, "--queries", tmp_path / "bad.npy", "--out", tmp_path / "x.npz", expect=2).stderr
     finally:

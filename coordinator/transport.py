@@ -1,0 +1,50 @@
+"""ZeroMQ plumbing shared by the tier's servers (retrieval nodes, the coordinator)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import zmq
+from zmq.auth.thread import ThreadAuthenticator
+
+from coordinator import protocol
+from coordinator.security import CurveKeys, secure_server
+from retriever.errors import RetrieverError
+from retriever.files import write_json_atomic
+
+
+def bind_router(
+    context: zmq.Context, bind: str, keys: CurveKeys | None, ready_file: str | os.PathLike | None
+) -> tuple[zmq.Socket, ThreadAuthenticator | None, str]:
+    """A server's ROUTER socket, bounded and (with ``keys``) CURVE-secured, bound to ``bind``.
+
+    Returns the socket, its authenticator (to stop on exit) and the endpoint it really bound
+    (``tcp://127.0.0.1:*`` picks a free port). ``ready_file`` gets ``{endpoint, pid}`` once bound.
+    """
+    socket = context.socket(zmq.ROUTER)
+    socket.setsockopt(zmq.LINGER, 1000)
+    socket.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_BYTES)
+    socket.setsockopt(zmq.RCVHWM, 1000)
+    authenticator = secure_server(context, socket, keys)
+    try:
+        socket.bind(bind)
+    except zmq.ZMQError as e:
+        socket.close(linger=0)
+        if authenticator:
+            authenticator.stop()
+        raise RetrieverError(f"cannot bind {bind}: {e}") from None
+    endpoint = socket.getsockopt(zmq.LAST_ENDPOINT).decode()
+    if ready_file:
+        write_json_atomic(Path(ready_file), {"endpoint": endpoint, "pid": os.getpid()})
+    return socket, authenticator, endpoint
+
+
+def receive_all(socket: zmq.Socket) -> Iterator[list]:
+    """Every message already waiting on ``socket``, without blocking."""
+    while True:
+        try:
+            yield socket.recv_multipart(zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return
