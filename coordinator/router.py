@@ -161,7 +161,7 @@ class Coordinator:
                 return
             now = time.monotonic()
             if now >= next_heartbeat:
-                self._heartbeat(nodes, now)
+                self._heartbeat(nodes)
                 next_heartbeat = now + self.heartbeat_interval
             self._expire(front, nodes, now)
             for socket, _ in poller.poll(timeout=10):
@@ -285,7 +285,7 @@ class Coordinator:
             self._pump(front, nodes, sub.node)
             self._dispatch(front, nodes, sub)
 
-    def _heartbeat(self, nodes, now: float) -> None:
+    def _heartbeat(self, nodes) -> None:
         for node in nodes:
             try:
                 protocol.send(node.socket, Message("HEARTBEAT", 0), flags=zmq.NOBLOCK)
