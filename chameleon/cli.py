@@ -50,10 +50,11 @@ def _int_list(text: str, what: str) -> list[int]:
 @index_app.command("build")
 def index_build(
     out: Path = typer.Option(..., "--out", help="Index directory to write."),
-    nlist: int = typer.Option(..., "--nlist", help="Number of inverted lists (coarse centroids)."),
-    m: int = typer.Option(..., "--m", help="PQ sub-quantizers; must divide the dimension."),
+    nlist: Optional[int] = typer.Option(None, "--nlist", help="Inverted lists (required for vectors; corpora default to ~4 sqrt(N))."),
+    m: Optional[int] = typer.Option(None, "--m", help="PQ sub-quantizers, dividing the dimension (required for vectors; corpora: dim/8)."),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="Built-in dataset (glove-50, synthetic) or ann-benchmarks .hdf5."),
     vectors: Optional[Path] = typer.Option(None, "--vectors", help="Vector file: .npy, .fvecs, .bvecs, .ivecs or .hdf5."),
+    corpus: Optional[str] = typer.Option(None, "--corpus", help="Text corpus: python-docs, a folder of .txt/.md, or .jsonl."),
     nbits: int = typer.Option(8, "--nbits", help="Bits per PQ code."),
     metric: Optional[Metric] = typer.Option(None, "--metric", help="Default: the dataset's metric, else l2."),
     shards: int = typer.Option(1, "--shards", help="Split every list into this many balanced shards."),
@@ -61,15 +62,20 @@ def index_build(
     seed: int = typer.Option(1234, "--seed"),
     force: bool = typer.Option(False, "--force", help="Replace an existing index directory."),
 ):
-    """Train an IVF-PQ index on a dataset or a vector file and write it to OUT."""
+    """Train an IVF-PQ index on a dataset, a vector file or a text corpus and write it to OUT."""
     from retriever.build import build_index
     from retriever.datasets import load_dataset, read_vectors
     from retriever.index import IVFPQParams, save_index
 
-    if (dataset is None) == (vectors is None):
-        raise RetrieverError("give exactly one of --dataset and --vectors")
+    if sum(x is not None for x in (dataset, vectors, corpus)) != 1:
+        raise RetrieverError("give exactly one of --dataset, --vectors and --corpus")
     if out.exists() and not force:
         raise RetrieverError(f"{out} already exists (use --force to replace it)")
+    if corpus is not None:
+        _build_corpus_index(corpus, out, nlist, m, force)
+        return
+    if nlist is None or m is None:
+        raise RetrieverError("--nlist and --m are required for --dataset and --vectors")
     if dataset is not None:
         data = load_dataset(dataset)
         base, default_metric, source = data.base, data.metric, f"dataset:{dataset}"
@@ -82,6 +88,65 @@ def index_build(
     index.build_info["source"] = source
     save_index(index, out, force=force)
     _say(f"wrote {out} ({index.ntotal:,} vectors, {shards} shard(s)) in {time.perf_counter() - started:.1f} s")
+
+
+def _build_corpus_index(corpus: str, out: Path, nlist: int | None, m: int | None, force: bool) -> dict:
+    from chameleon.corpus import build_rag_index
+    from chameleon.embedder import Embedder
+
+    started = time.perf_counter()
+    _say(f"building a passage index of {corpus} with the built-in embedder")
+    meta = build_rag_index(corpus, out, Embedder(), nlist=nlist, m=m, force=force, progress=True)
+    _say(f"wrote {out}: {meta['documents']:,} documents, {meta['passages']:,} passages in {time.perf_counter() - started:.1f} s")
+    return meta
+
+
+def default_rag_index() -> Path:
+    """The built-in python-docs passage index, built on first use."""
+    from retriever.datasets import cache_dir
+
+    path = cache_dir() / "indexes" / "python-docs"
+    if not (path / "rag.json").is_file():
+        _build_corpus_index("python-docs", path, None, None, force=True)
+    return path
+
+
+@app.command("ask")
+def ask(
+    question: str = typer.Argument(..., help="The question."),
+    index: Optional[Path] = typer.Option(None, "--index", help="Passage index (default: built-in python-docs, built on first use)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Local Hugging Face model directory (default: built-in SmolLM2-135M)."),
+    k: int = typer.Option(4, "--k", help="Passages to retrieve."),
+    nprobe: int = typer.Option(16, "--nprobe"),
+    max_tokens: int = typer.Option(128, "--max-tokens", help="New tokens at most."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object: answer, sources, timings."),
+):
+    """Answer a question from the passage index with the LLM, citing the sources."""
+    import json
+
+    from chameleon.corpus import RagIndex
+    from chameleon.embedder import Embedder
+    from chameleon.llm import TorchEngine
+    from chameleon.rag import RagPipeline
+
+    if not question.strip():
+        raise RetrieverError("the question is empty")
+    embedder = Embedder()
+    rag_index = RagIndex(index if index is not None else default_rag_index(), embedder.fingerprint)
+    pipeline = RagPipeline(rag_index, embedder, TorchEngine(model), k=k, nprobe=nprobe)
+    answer = pipeline.ask(question, max_new_tokens=max_tokens)
+    if as_json:
+        typer.echo(json.dumps({"answer": answer.answer, "sources": answer.sources, "timings": answer.timings}))
+        return
+    typer.echo(answer.answer)
+    typer.echo("\nsources:")
+    for n, source in enumerate(answer.sources, 1):
+        typer.echo(f"  [{n}] {source['title']} ({source['doc_id']}, score {source['score']:.3f})")
+    t = answer.timings
+    typer.echo(
+        f"\ntimings: embed {t['embed_s'] * 1e3:.1f} ms, coarse {t['coarse_s'] * 1e3:.2f} ms, retrieval {t['retrieval_s'] * 1e3:.2f} ms, "
+        f"TTFT {t['ttft_s'] * 1e3:.0f} ms, decode {t['decode_tokens_per_s']:.1f} tokens/s"
+    )
 
 
 @index_app.command("info")

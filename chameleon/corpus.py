@@ -1,0 +1,229 @@
+"""Text corpora: documents, token-aware passages, the document store, and the RAG index on disk.
+
+A RAG index is a directory, written atomically::
+
+    rag.json         embedder fingerprint, chunking parameters, counts
+    docstore.jsonl   one passage per line: passage id (= vector id), doc id, title, source, text
+    index/           the IVF-PQ index of the passages' embeddings (retriever format)
+
+Corpora: a folder of ``.txt``/``.md`` files (doc id = relative path, title = first Markdown
+heading or the file name), a JSONL file with ``id``, ``title``, ``text`` per line, or the built-in
+``python-docs``: the Python standard library's own documentation on this machine (the pydoc topics
+and the module, class and function docstrings of the pure-Python stdlib, read with ``ast`` so no
+module is imported).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from retriever.build import build_index
+from retriever.errors import RetrieverError
+from retriever.index import IVFPQParams, load_index, save_index
+
+RAG_FORMAT = "chameleon.rag"
+PASSAGE_TOKENS = 200
+PASSAGE_OVERLAP = 40
+
+
+@dataclass
+class Document:
+    id: str
+    title: str
+    text: str
+    source: str
+
+
+@dataclass
+class Passage:
+    id: int
+    doc_id: str
+    title: str
+    source: str
+    text: str
+
+
+# -- corpora ----------------------------------------------------------------------------------
+
+
+def read_corpus(path: str | os.PathLike) -> list[Document]:
+    """Documents of ``python-docs``, a folder of text/Markdown files, or a JSONL file."""
+    if str(path) == "python-docs":
+        return python_docs()
+    path = Path(path)
+    if path.is_dir():
+        documents = [_text_file(f, path) for f in sorted(path.rglob("*")) if f.suffix in (".txt", ".md") and f.is_file()]
+    elif path.suffix == ".jsonl" and path.is_file():
+        documents = _jsonl(path)
+    else:
+        raise RetrieverError(f"{path}: a corpus is python-docs, a folder of .txt/.md files or a .jsonl file")
+    documents = [d for d in documents if d.text.strip()]
+    if not documents:
+        raise RetrieverError(f"{path} holds no text")
+    return documents
+
+
+def _text_file(file: Path, root: Path) -> Document:
+    text = file.read_text(errors="replace")
+    heading = next((line.lstrip("#").strip() for line in text.splitlines() if line.startswith("#")), "")
+    return Document(str(file.relative_to(root)), heading or file.stem, text, str(file))
+
+
+def _jsonl(path: Path) -> list[Document]:
+    documents = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            documents.append(Document(str(record["id"]), str(record.get("title", record["id"])), str(record["text"]), str(path)))
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise RetrieverError(f"{path}:{number}: each line must be a JSON object with id and text ({e})") from None
+    return documents
+
+
+def python_docs() -> list[Document]:
+    """The standard library's own documentation: pydoc topics and stdlib docstrings."""
+    from pydoc_data.topics import topics
+
+    documents = [Document(f"pydoc:{name}", f"Python: {name}", text, "pydoc_data.topics") for name, text in sorted(topics.items())]
+    documents += _stdlib_docstrings()
+    documents += _builtin_functions()
+    return documents
+
+
+def _stdlib_docstrings() -> list[Document]:
+    import sysconfig
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    documents = []
+    for name in sorted(sys.stdlib_module_names):
+        if name.startswith("_") or name in ("antigravity", "this"):
+            continue
+        # Read the source next to the interpreter: some modules (io, os, ...) are frozen into it.
+        origin = next((f for f in (stdlib / f"{name}.py", stdlib / name / "__init__.py") if f.is_file()), None)
+        if origin is None:
+            continue
+        try:
+            tree = ast.parse(origin.read_text(errors="replace"))
+        except (OSError, SyntaxError, ValueError):
+            continue
+        parts = [ast.get_docstring(tree) or ""]
+        for node in tree.body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and not node.name.startswith("_"):
+                doc = ast.get_docstring(node)
+                if doc:
+                    kind = "class" if isinstance(node, ast.ClassDef) else "function"
+                    parts.append(f"{name}.{node.name} ({kind}): {doc}")
+        text = "\n\n".join(p for p in parts if p)
+        if text:
+            documents.append(Document(f"module:{name}", f"Python module {name}", text, str(origin)))
+    return documents
+
+
+def _builtin_functions() -> list[Document]:
+    import builtins
+    import inspect
+
+    parts = [f"{name}: {inspect.getdoc(obj)}" for name, obj in sorted(vars(builtins).items())
+             if not name.startswith("_") and callable(obj) and inspect.getdoc(obj)]  # fmt: skip
+    return [Document("module:builtins", "Python built-in functions", "\n\n".join(parts), "builtins")]
+
+
+# -- passages ---------------------------------------------------------------------------------
+
+
+def chunk(documents: list[Document], tokenizer, max_tokens: int = PASSAGE_TOKENS, overlap: int = PASSAGE_OVERLAP) -> list[Passage]:
+    """Windows of ``max_tokens`` tokens (by ``tokenizer``), ``overlap`` tokens shared between neighbours."""
+    if not 0 <= overlap < max_tokens:
+        raise RetrieverError(f"overlap must be between 0 and max_tokens - 1, got {overlap} and {max_tokens}")
+    passages = []
+    step = max_tokens - overlap
+    for document in documents:
+        offsets = tokenizer(document.text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        for start in range(0, max(1, len(offsets) - overlap), step):
+            window = offsets[start : start + max_tokens]
+            if not window:
+                break
+            text = document.text[window[0][0] : window[-1][1]].strip()
+            if text:
+                passages.append(Passage(len(passages), document.id, document.title, document.source, text))
+    return passages
+
+
+def default_nlist(n: int) -> int:
+    """About 4 sqrt(n) lists, with at least 39 training points per list (faiss's floor)."""
+    return max(1, min(int(4 * math.sqrt(n)), n // 39))
+
+
+# -- the RAG index on disk --------------------------------------------------------------------
+
+
+def build_rag_index(
+    corpus: str | os.PathLike, out: str | os.PathLike, embedder, nlist: int | None = None, m: int | None = None,
+    force: bool = False, progress: bool = False, seed: int = 1234,
+) -> dict:  # fmt: skip
+    out = Path(out)
+    if out.exists() and not force:
+        raise RetrieverError(f"{out} already exists (use --force to replace it)")
+    documents = read_corpus(corpus)
+    passages = chunk(documents, embedder.tokenizer, max_tokens=min(PASSAGE_TOKENS, embedder.max_tokens))
+    if len(passages) < 256:
+        raise RetrieverError(f"the corpus makes {len(passages)} passages; IVF-PQ training needs at least 256")
+    vectors = embedder.embed([f"{p.title}\n{p.text}" for p in passages], progress=progress)
+    m = m or embedder.dim // 8
+    params = IVFPQParams("cos", embedder.dim, nlist or default_nlist(len(passages)), m)
+    index = build_index(vectors, params, seed=seed, progress=progress)
+    index.build_info["source"] = f"corpus:{corpus}"
+    meta = {
+        "format": RAG_FORMAT, "version": 1, "embedder": embedder.fingerprint, "corpus": str(corpus),
+        "documents": len(documents), "passages": len(passages), "passage_tokens": PASSAGE_TOKENS, "overlap": PASSAGE_OVERLAP,
+    }  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        save_index(index, tmp / "index")
+        with open(tmp / "docstore.jsonl", "w") as f:
+            for passage in passages:
+                f.write(json.dumps(asdict(passage)) + "\n")
+        (tmp / "rag.json").write_text(json.dumps(meta, indent=1))
+        if out.exists():
+            shutil.rmtree(out)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return meta
+
+
+class RagIndex:
+    """A RAG index directory opened for search: the IVF-PQ index plus the passages by id."""
+
+    def __init__(self, path: str | os.PathLike, embedder_fingerprint: str | None = None):
+        path = Path(path)
+        meta_path = path / "rag.json"
+        if not meta_path.is_file():
+            raise RetrieverError(f"{path} is not a RAG index (rag.json is missing); build one with `chameleon index build --corpus`")
+        self.meta = json.loads(meta_path.read_text())
+        if embedder_fingerprint is not None and self.meta["embedder"] != embedder_fingerprint:
+            raise RetrieverError(
+                f"{path} was built with the embedder {self.meta['embedder']}, not {embedder_fingerprint}: rebuild it or use that embedder"
+            )
+        self.path = path
+        self.index = load_index(path / "index")
+        self.passages = [Passage(**json.loads(line)) for line in (path / "docstore.jsonl").read_text().splitlines()]
+        if len(self.passages) != self.index.ntotal:
+            raise RetrieverError(f"{path}: the docstore holds {len(self.passages)} passages, the index {self.index.ntotal}")
+
+    def passages_for(self, ids: np.ndarray) -> list[Passage]:
+        return [self.passages[i] for i in ids if i >= 0]

@@ -1,0 +1,115 @@
+"""LLM engines behind one small interface (``generate``); the torch engine owns its KV caches.
+
+``TorchEngine`` runs a transformers causal LM on CPU or CUDA with its own greedy loop: one
+prefill over the prompt (optionally continuing from a cached prefix's KV), then one decode step
+per token on the KV cache it holds. It reports time to first token and decode speed.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from chameleon.models import resolve_model
+from retriever.errors import RetrieverError
+
+
+@dataclass
+class Generation:
+    tokens: list[int]
+    text: str
+    prompt_tokens: int
+    cached_tokens: int
+    ttft_s: float
+    decode_tokens_per_s: float
+
+
+@dataclass
+class KVPrefix:
+    """The KV cache of a token prefix, reusable by later prompts that start with the same tokens."""
+
+    tokens: list[int]
+    cache: object
+
+
+class TorchEngine:
+    name = "torch"
+
+    def __init__(self, model: str | Path | None = None, device: str = "auto"):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = resolve_model(model)
+        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise RetrieverError("device 'cuda' was asked for, but torch has no CUDA here")
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval().to(self.device)
+        self.context_window = int(getattr(self.model.config, "max_position_embeddings", 2048))
+        self.eos_ids = _eos_ids(self.model, self.tokenizer)
+
+    def chat_tokens(self, system: str, user: str) -> list[int]:
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def prefill(self, tokens: list[int], prefix: KVPrefix | None = None) -> tuple[KVPrefix, object]:
+        """KV of ``tokens`` (continuing ``prefix``, whose tokens they must start with) and the last logits."""
+        import torch
+        from transformers import DynamicCache
+
+        if prefix is not None and tokens[: len(prefix.tokens)] != prefix.tokens:
+            raise RetrieverError("the prompt does not start with the cached prefix")
+        cache = copy.deepcopy(prefix.cache) if prefix is not None else DynamicCache()
+        start = len(prefix.tokens) if prefix is not None else 0
+        if start == len(tokens):  # everything cached: recompute the last token to get its logits
+            cache.crop(-1)  # drop the last token
+            start -= 1
+        with torch.inference_mode():
+            out = self.model(torch.tensor([tokens[start:]], device=self.device), past_key_values=cache, use_cache=True)
+        return KVPrefix(list(tokens), out.past_key_values), out.logits[0, -1]
+
+    def generate(self, tokens: list[int], max_new_tokens: int = 128, prefix: KVPrefix | None = None) -> Generation:
+        """Greedy decoding of ``tokens`` (a full prompt), up to ``max_new_tokens`` or an end token."""
+        import torch
+
+        if not tokens:
+            raise RetrieverError("the prompt is empty")
+        if len(tokens) + max_new_tokens > self.context_window:
+            raise RetrieverError(
+                f"{len(tokens)} prompt tokens + {max_new_tokens} new tokens exceed the context window of {self.context_window}"
+            )
+        started = time.perf_counter()
+        state, logits = self.prefill(tokens, prefix)
+        generated = [int(torch.argmax(logits))]
+        ttft = time.perf_counter() - started
+        cache = state.cache
+        decode_started = time.perf_counter()
+        with torch.inference_mode():
+            while len(generated) < max_new_tokens and generated[-1] not in self.eos_ids:
+                out = self.model(torch.tensor([[generated[-1]]], device=self.device), past_key_values=cache, use_cache=True)
+                cache = out.past_key_values
+                generated.append(int(torch.argmax(out.logits[0, -1])))
+        decode_s = time.perf_counter() - decode_started
+        text_tokens = generated[:-1] if generated[-1] in self.eos_ids else generated
+        return Generation(
+            tokens=generated,
+            text=self.tokenizer.decode(text_tokens, skip_special_tokens=True).strip(),
+            prompt_tokens=len(tokens),
+            cached_tokens=len(prefix.tokens) if prefix is not None else 0,
+            ttft_s=ttft,
+            decode_tokens_per_s=(len(generated) - 1) / decode_s if len(generated) > 1 and decode_s > 0 else 0.0,
+        )
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids = model.generation_config.eos_token_id if model.generation_config is not None else None
+    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids

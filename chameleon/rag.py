@@ -1,0 +1,90 @@
+"""Passage RAG: question -> embed -> coarse search -> scan -> top-k passages -> prompt -> generate.
+
+Truncation policy: the prompt must leave room for ``max_new_tokens`` in the model's context
+window. Passages are dropped lowest-ranked first until it fits; a question that does not fit on
+its own is an error (it is never cut).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from chameleon.corpus import Passage, RagIndex
+from retriever.errors import RetrieverError
+from retriever.search import Searcher
+from retriever.vectors import prepare_vectors
+
+SYSTEM_PROMPT = (
+    "You are a helpful assistant for Python programmers. Answer the question using the numbered "
+    "passages from the documentation. Be concise."
+)
+SNIPPET_CHARS = 200
+
+
+@dataclass
+class Answer:
+    answer: str
+    sources: list[dict]
+    timings: dict = field(default_factory=dict)
+
+
+class RagPipeline:
+    def __init__(self, rag_index: RagIndex, embedder, engine, k: int = 4, nprobe: int = 16):
+        if not 1 <= k <= 64:
+            raise RetrieverError(f"k must be between 1 and 64, got {k}")
+        self.rag_index = rag_index
+        self.embedder = embedder
+        self.engine = engine
+        self.searcher = Searcher(rag_index.index)
+        self.searcher.engine.warm_up()
+        self.k = k
+        self.nprobe = min(nprobe, rag_index.index.params.nlist)
+
+    def retrieve(self, question: str, timings: dict) -> list[tuple[Passage, float]]:
+        started = time.perf_counter()
+        query = prepare_vectors(self.embedder.embed([question]), "cos")
+        timings["embed_s"] = time.perf_counter() - started
+        started = time.perf_counter()
+        list_ids, _ = self.searcher.quantizer.search(query, self.nprobe)
+        timings["coarse_s"] = time.perf_counter() - started
+        started = time.perf_counter()
+        scores, ids = self.searcher.engine.search(query, list_ids, self.k)
+        timings["retrieval_s"] = time.perf_counter() - started
+        return [(self.rag_index.passages[i], float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
+
+    def prompt_tokens(self, question: str, passages: list[Passage], max_new_tokens: int) -> tuple[list[int], int]:
+        """Prompt tokens and how many passages it keeps (see the truncation policy)."""
+        for keep in range(len(passages), -1, -1):
+            context = "\n\n".join(f"[{n + 1}] {p.title}\n{p.text}" for n, p in enumerate(passages[:keep]))
+            user = f"Passages:\n{context}\n\nQuestion: {question}" if keep else f"Question: {question}"
+            tokens = self.engine.chat_tokens(SYSTEM_PROMPT, user)
+            if len(tokens) + max_new_tokens <= self.engine.context_window:
+                return tokens, keep
+        raise RetrieverError(
+            f"the question alone ({len(tokens)} tokens) leaves no room for {max_new_tokens} new tokens "
+            f"in the context window of {self.engine.context_window}"
+        )
+
+    def ask(self, question: str, max_new_tokens: int = 128) -> Answer:
+        if not isinstance(question, str) or not question.strip():
+            raise RetrieverError("the question is empty")
+        if not 1 <= max_new_tokens <= 4096:
+            raise RetrieverError(f"max_new_tokens must be between 1 and 4096, got {max_new_tokens}")
+        timings: dict = {}
+        ranked = self.retrieve(question.strip(), timings)
+        tokens, kept = self.prompt_tokens(question.strip(), [p for p, _ in ranked], max_new_tokens)
+        generation = self.engine.generate(tokens, max_new_tokens)
+        timings.update(
+            ttft_s=generation.ttft_s,
+            decode_tokens_per_s=generation.decode_tokens_per_s,
+            prompt_tokens=generation.prompt_tokens,
+            new_tokens=len(generation.tokens),
+            passages_used=kept,
+        )
+        sources = [
+            {"doc_id": p.doc_id, "title": p.title, "score": round(score, 4), "snippet": p.text[:SNIPPET_CHARS]}
+            for p, score in ranked[:kept]
+        ]
+        return Answer(generation.text, sources, {k: (round(v, 5) if isinstance(v, float) else v) for k, v in timings.items()})
+

@@ -1,0 +1,199 @@
+"""Text corpora, the built-in models, the torch engine and passage RAG (real models, tiny corpora)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from chameleon.corpus import Document, RagIndex, build_rag_index, chunk, python_docs, read_corpus
+from chameleon.models import builtin_llm_path, resolve_model
+from retriever.errors import RetrieverError
+
+COLOURS = ["red", "green", "blue", "amber", "violet", "teal", "coral", "ivory", "olive", "indigo"]
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    from chameleon.embedder import Embedder
+
+    return Embedder()
+
+
+@pytest.fixture(scope="session")
+def engine():
+    from chameleon.llm import TorchEngine
+
+    return TorchEngine()
+
+
+@pytest.fixture(scope="session")
+def facts_corpus(tmp_path_factory):
+    """300 one-line documents, each stating one made-up fact."""
+    path = tmp_path_factory.mktemp("corpus") / "facts.jsonl"
+    with open(path, "w") as f:
+        for n in range(300):
+            colour = COLOURS[n % len(COLOURS)]
+            text = f"The planet Zorblax-{n} has {colour} oceans and {n + 3} moons orbiting it."
+            f.write(json.dumps({"id": f"fact-{n}", "title": f"Zorblax-{n}", "text": text}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def facts_index(tmp_path_factory, facts_corpus, embedder):
+    out = tmp_path_factory.mktemp("rag") / "facts"
+    build_rag_index(facts_corpus, out, embedder, nlist=4, m=48)
+    return out
+
+
+def test_read_corpus_folder_and_jsonl(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.md").write_text("# Reading files\nUse open().")
+    (tmp_path / "docs" / "b.txt").write_text("plain text")
+    (tmp_path / "docs" / "skip.bin").write_bytes(b"\x00")
+    documents = read_corpus(tmp_path / "docs")
+    assert [(d.id, d.title) for d in documents] == [("a.md", "Reading files"), ("b.txt", "b")]
+    (tmp_path / "c.jsonl").write_text('{"id": 1, "title": "T", "text": "x"}\n\n{"id": 2, "text": "y"}\n')
+    assert [(d.id, d.title) for d in read_corpus(tmp_path / "c.jsonl")] == [("1", "T"), ("2", "2")]
+    (tmp_path / "bad.jsonl").write_text('{"title": "no id"}\n')
+    with pytest.raises(RetrieverError, match="bad.jsonl:1"):
+        read_corpus(tmp_path / "bad.jsonl")
+    with pytest.raises(RetrieverError, match="a corpus is python-docs"):
+        read_corpus(tmp_path / "missing")
+
+
+def test_python_docs_is_the_stdlib_documentation():
+    documents = {d.id: d for d in python_docs()}
+    assert "pydoc:for" in documents and "module:json" in documents and "module:io" in documents
+    assert "open" in documents["module:io"].text
+    assert "open" in documents["module:builtins"].text
+    assert len(documents) > 200
+
+
+def test_chunks_are_token_windows_with_overlap(embedder):
+    words = " ".join(f"word{n}" for n in range(400))
+    passages = chunk([Document("d", "t", words, "s")], embedder.tokenizer, max_tokens=100, overlap=20)
+    counts = [len(embedder.tokenizer(p.text, add_special_tokens=False)["input_ids"]) for p in passages]
+    assert all(c <= 100 for c in counts) and len(passages) >= 3
+    for first, second in zip(passages, passages[1:]):
+        assert first.text.split()[-1] in second.text  # neighbours share their edge
+    assert [p.id for p in passages] == list(range(len(passages)))
+    with pytest.raises(RetrieverError, match="overlap"):
+        chunk([], embedder.tokenizer, max_tokens=10, overlap=10)
+
+
+def test_rag_index_round_trip_and_embedder_check(facts_index, embedder):
+    rag = RagIndex(facts_index, embedder.fingerprint)
+    assert rag.meta["passages"] == 300 and rag.index.ntotal == 300 and rag.index.params.metric == "cos"
+    with pytest.raises(RetrieverError, match="was built with the embedder"):
+        RagIndex(facts_index, "another-model:768")
+    with pytest.raises(RetrieverError, match="rag.json is missing"):
+        RagIndex(facts_index / "index")
+
+
+def test_too_small_corpus_is_refused(tmp_path, embedder):
+    (tmp_path / "tiny.jsonl").write_text('{"id": 1, "text": "hello"}\n')
+    with pytest.raises(RetrieverError, match="at least 256"):
+        build_rag_index(tmp_path / "tiny.jsonl", tmp_path / "out", embedder)
+    assert not (tmp_path / "out").exists()
+
+
+def test_builtin_llm_is_converted_once(engine):
+    path = builtin_llm_path()
+    assert (path / "model.safetensors").is_file() and (path / "chameleon-source.json").is_file()
+    stamp = (path / "model.safetensors").stat().st_mtime_ns
+    assert builtin_llm_path() == path and (path / "model.safetensors").stat().st_mtime_ns == stamp
+    with pytest.raises(RetrieverError, match="not a Hugging Face model directory"):
+        resolve_model("/nonexistent/model")
+
+
+def test_torch_engine_greedy_equals_transformers_generate(engine):
+    import torch
+
+    tokens = engine.chat_tokens("You are a helpful assistant.", "Name three colours.")
+    ours = engine.generate(tokens, max_new_tokens=24)
+    reference = engine.model.generate(torch.tensor([tokens]), max_new_tokens=24, do_sample=False)[0, len(tokens) :].tolist()
+    assert ours.tokens == reference[: len(ours.tokens)]
+    assert ours.ttft_s > 0 and ours.prompt_tokens == len(tokens)
+    prefix, _ = engine.prefill(tokens[:12])
+    again = engine.generate(tokens, max_new_tokens=24, prefix=prefix)
+    assert again.tokens == ours.tokens and again.cached_tokens == 12
+    whole, _ = engine.prefill(tokens)
+    assert engine.generate(tokens, max_new_tokens=24, prefix=whole).tokens == ours.tokens  # fully cached prompt
+    with pytest.raises(RetrieverError, match="exceed the context window"):
+        engine.generate(tokens, max_new_tokens=engine.context_window)
+    with pytest.raises(RetrieverError, match="does not start with the cached prefix"):
+        engine.prefill(tokens[1:], prefix)
+
+
+def test_any_local_model_directory(tmp_path, engine):
+    """--model takes a local Hugging Face directory: here a tiny random Llama with the built-in tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from chameleon.llm import TorchEngine
+
+    config = LlamaConfig(vocab_size=len(engine.tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "tiny")
+    engine.tokenizer.save_pretrained(tmp_path / "tiny")
+    tiny = TorchEngine(tmp_path / "tiny")
+    tokens = tiny.chat_tokens("s", "hello")
+    out = tiny.generate(tokens, max_new_tokens=8)
+    reference = tiny.model.generate(torch.tensor([tokens]), max_new_tokens=8, do_sample=False)[0, len(tokens) :].tolist()
+    assert out.tokens == reference[: len(out.tokens)] and tiny.context_window == 256
+
+
+def test_rag_answers_from_the_right_passage(facts_index, embedder, engine):
+    from chameleon.rag import RagPipeline
+
+    pipeline = RagPipeline(RagIndex(facts_index, embedder.fingerprint), embedder, engine, k=3, nprobe=4)
+    answer = pipeline.ask("What colour are the oceans of Zorblax-42?", max_new_tokens=16)
+    best = next(s for s in answer.sources if s["doc_id"] == "fact-42")
+    assert "Zorblax-42 has blue oceans" in best["snippet"]
+    assert answer.answer
+    assert {"embed_s", "coarse_s", "retrieval_s", "ttft_s", "decode_tokens_per_s"} <= set(answer.timings)
+    with pytest.raises(RetrieverError, match="question is empty"):
+        pipeline.ask("   ")
+
+
+def test_truncation_drops_the_lowest_ranked_passages(facts_index, embedder, engine, monkeypatch):
+    from chameleon.corpus import Passage
+    from chameleon.rag import RagPipeline
+
+    pipeline = RagPipeline(RagIndex(facts_index, embedder.fingerprint), embedder, engine)
+    passages = [Passage(n, f"d{n}", f"T{n}", "s", "lorem ipsum " * 40) for n in range(4)]
+    full, kept = pipeline.prompt_tokens("q?", passages, 10)
+    assert kept == 4
+    monkeypatch.setattr(engine, "context_window", len(full) - 1)
+    _, kept = pipeline.prompt_tokens("q?", passages, 10)
+    assert kept == 3
+    monkeypatch.setattr(engine, "context_window", 40)
+    with pytest.raises(RetrieverError, match="leaves no room"):
+        pipeline.prompt_tokens("q?", passages, 10)
+
+
+def ask(*args, expect=0):
+    result = subprocess.run([sys.executable, "-m", "chameleon", "ask", *map(str, args)], capture_output=True, text=True, timeout=900)
+    assert result.returncode == expect, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    return result
+
+
+def test_ask_command(facts_index, tmp_path):
+    out = json.loads(ask("What colour are the oceans of Zorblax-42?", "--index", facts_index, "--json", "--max-tokens", 12).stdout)
+    assert set(out) == {"answer", "sources", "timings"}
+    assert "fact-42" in [s["doc_id"] for s in out["sources"]]
+    assert "empty" in ask("  ", "--index", facts_index, expect=2).stderr
+    assert "rag.json is missing" in ask("q", "--index", tmp_path, expect=2).stderr
+    assert "not a Hugging Face model directory" in ask("q", "--index", facts_index, "--model", tmp_path, expect=2).stderr
+
+
+@pytest.mark.integration
+def test_ask_python_docs_on_the_builtin_index():
+    """The issue's acceptance question, on the built-in python-docs index (built on first use)."""
+    out = json.loads(ask("How do I read a file line by line?", "--json", "--max-tokens", 48).stdout)
+    assert out["answer"]
+    assert out["sources"] and all(s["doc_id"].startswith(("module:", "pydoc:")) for s in out["sources"])
+    assert any(word in " ".join(s["snippet"] + s["title"] for s in out["sources"]).lower() for word in ("line", "file"))
