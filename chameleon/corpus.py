@@ -19,9 +19,7 @@ import ast
 import json
 import math
 import os
-import shutil
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,6 +27,7 @@ import numpy as np
 
 from retriever.build import build_index
 from retriever.errors import RetrieverError
+from retriever.files import atomic_directory
 from retriever.index import IVFPQParams, load_index, save_index
 
 RAG_FORMAT = "chameleon.rag"
@@ -189,20 +188,12 @@ def build_rag_index(
         "format": RAG_FORMAT, "version": 1, "embedder": embedder.fingerprint, "corpus": str(corpus),
         "documents": len(documents), "passages": len(passages), "passage_tokens": PASSAGE_TOKENS, "overlap": PASSAGE_OVERLAP,
     }  # fmt: skip
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_directory(out, replace=force) as tmp:
         save_index(index, tmp / "index")
         with open(tmp / "docstore.jsonl", "w") as f:
             for passage in passages:
                 f.write(json.dumps(asdict(passage)) + "\n")
         (tmp / "rag.json").write_text(json.dumps(meta, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return meta
 
 

@@ -14,12 +14,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from retriever.datasets import cache_dir
 from retriever.errors import RetrieverError
+from retriever.files import atomic_directory
 
 BUILTIN_LLM = "smollm2-135m-instruct"
 BUILTIN_EMBEDDER = "all-minilm-l6-v2"
@@ -68,18 +67,10 @@ def _convert_gguf(gguf_dir: Path, gguf_file: str, target: Path, source: dict) ->
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model = model.to(torch.bfloat16)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with atomic_directory(target, replace=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "chameleon-source.json").write_text(json.dumps(source))
-        if target.exists():
-            shutil.rmtree(target)
-        os.rename(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def resolve_model(model: str | os.PathLike | None) -> Path:

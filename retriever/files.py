@@ -1,13 +1,18 @@
-"""Atomic file writes: a reader sees the old file or the new one, never half of one."""
+"""Atomic writes: a reader sees the old file (or directory) or the new one, never half of one."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+
+from retriever.errors import RetrieverError
 
 
 def _write_atomic(path: Path, write) -> None:
@@ -31,3 +36,30 @@ def write_json_atomic(path: str | os.PathLike, data) -> None:
 
 def save_npy_atomic(path: str | os.PathLike, array: np.ndarray) -> None:
     _write_atomic(Path(path), lambda f: np.save(f, array))
+
+
+@contextmanager
+def atomic_directory(target: str | os.PathLike, replace: bool = False) -> Iterator[Path]:
+    """Fill the yielded temporary directory; on success it becomes ``target``.
+
+    An existing ``target`` is an error unless ``replace``; it is swapped out only once the new
+    directory is complete. On any failure the temporary directory is removed and ``target`` is
+    left as it was.
+    """
+    target = Path(target)
+    if target.exists() and not replace:
+        raise RetrieverError(f"{target} already exists (use --force to replace it)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.rename(target, trash / "old")
+            os.rename(tmp, target)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

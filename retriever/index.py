@@ -22,8 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from retriever.errors import RetrieverError
+from retriever.files import atomic_directory
 
 FORMAT_NAME = "chameleon.ivfpq"
 FORMAT_VERSION = 1
@@ -221,11 +220,7 @@ def save_index(index: IVFPQIndex, out: str | os.PathLike, force: bool = False) -
     is complete on disk.
     """
     out = Path(out)
-    if out.exists() and not force:
-        raise RetrieverError(f"{out} already exists (use --force to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_directory(out, replace=force) as tmp:
         entries = {}
         for name, array in _index_arrays(index).items():
             path = tmp / name
@@ -253,21 +248,7 @@ def save_index(index: IVFPQIndex, out: str | os.PathLike, force: bool = False) -
             json.dump(manifest, f, indent=2)
             f.flush()
             os.fsync(f.fileno())
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    if not target.exists():
-        os.rename(new, target)
-        return
-    trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-    os.rename(target, trash / "old")
-    os.rename(new, target)
-    shutil.rmtree(trash, ignore_errors=True)
 
 
 def read_manifest(path: str | os.PathLike) -> dict:
