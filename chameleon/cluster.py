@@ -95,8 +95,7 @@ def up(
             raise RetrieverError(f"a cluster is already up in {state_dir} (`chameleon cluster down --state-dir {state_dir}`)")
     if not 1 <= nshards <= 256 or not 1 <= replicas <= 16:
         raise RetrieverError(f"shards must be in 1..256 and replicas in 1..16, got {nshards} and {replicas}")
-    if keys_dir is not None:
-        CurveKeys.load(keys_dir)  # fail now, not in every child
+    keys = CurveKeys.load(keys_dir) if keys_dir is not None else None  # fail now, not in every child
     index_dir = Path(index_dir).resolve()
     manifest = read_manifest(index_dir)
     if len(manifest["shards"]) != nshards:
@@ -137,7 +136,6 @@ def up(
         coordinator = _spawn(command, logs / "coordinator.log")
         started.append(coordinator)
         front = _wait_ready(coordinator, run / "coordinator.json", logs / "coordinator.log", deadline)
-        keys = CurveKeys.load(keys_dir) if keys_dir is not None else None
         _wait_all_alive(front["endpoint"], keys, deadline)
     except BaseException:
         for process in started:
