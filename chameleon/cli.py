@@ -115,6 +115,7 @@ def default_rag_index() -> Path:
 def ask(
     question: str = typer.Argument(..., help="The question."),
     index: Optional[Path] = typer.Option(None, "--index", help="Passage index (default: built-in python-docs, built on first use)."),
+    cluster: Optional[Path] = typer.Option(None, "--cluster", help="Retrieve through the cluster in this state directory."),
     model: Optional[str] = typer.Option(None, "--model", help="Local Hugging Face model directory (default: built-in SmolLM2-135M)."),
     k: int = typer.Option(4, "--k", help="Passages to retrieve."),
     nprobe: int = typer.Option(16, "--nprobe"),
@@ -133,8 +134,20 @@ def ask(
         raise RetrieverError("the question is empty")
     embedder = Embedder()
     rag_index = RagIndex(index if index is not None else default_rag_index(), embedder.fingerprint)
-    pipeline = RagPipeline(rag_index, embedder, TorchEngine(model), k=k, nprobe=nprobe)
-    answer = pipeline.ask(question, max_new_tokens=max_tokens)
+    retrieval = None
+    if cluster is not None:
+        from chameleon.cluster import ClusterSearcher
+
+        retrieval = ClusterSearcher.open(cluster)
+        if not retrieval.serves(rag_index.path / "index"):
+            retrieval.close()
+            raise RetrieverError(f"the cluster in {cluster} serves another index than {rag_index.path}")
+    try:
+        pipeline = RagPipeline(rag_index, embedder, TorchEngine(model), k=k, nprobe=nprobe, retrieval=retrieval)
+        answer = pipeline.ask(question, max_new_tokens=max_tokens)
+    finally:
+        if retrieval is not None:
+            retrieval.close()
     if as_json:
         typer.echo(json.dumps({"answer": answer.answer, "sources": answer.sources, "timings": answer.timings}))
         return

@@ -230,6 +230,18 @@ class ClusterSearcher:
         list_ids, _ = self.quantizer.search(queries, nprobe)
         return self.client.search(queries, list_ids, k)
 
+    def scan(self, queries: np.ndarray, list_ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, bool]:
+        """(distances, ids, partial) of prepared ``queries`` through the tier."""
+        result = self.client.search(queries, list_ids, k)
+        return result.distances, result.ids, result.partial
+
+    def serves(self, index_dir: str | os.PathLike) -> bool:
+        """True when the cluster serves the same vectors as ``index_dir`` (whatever its sharding)."""
+        ours, theirs = read_manifest(self.state["index"]), read_manifest(index_dir)
+        return ours["ntotal"] == theirs["ntotal"] and (
+            ours["arrays"]["centroids.npy"]["sha256"] == theirs["arrays"]["centroids.npy"]["sha256"]
+        )
+
 
 def search_in_batches(search, queries: np.ndarray, k: int, nprobe: int, batch: int = 1024) -> tuple[np.ndarray, ...]:
     """(distances, ids, partial per query) of ``search(queries, k, nprobe) -> SearchResult`` over batches."""

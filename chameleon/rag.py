@@ -30,14 +30,19 @@ class Answer:
 
 
 class RagPipeline:
-    def __init__(self, rag_index: RagIndex, embedder, engine, k: int = 4, nprobe: int = 16):
+    """``retrieval`` is where passages are searched: in this process (the default) or a cluster
+    (``chameleon.cluster.ClusterSearcher``); either offers ``quantizer`` and ``scan``."""
+
+    def __init__(self, rag_index: RagIndex, embedder, engine, k: int = 4, nprobe: int = 16, retrieval=None):
         if not 1 <= k <= 64:
             raise RetrieverError(f"k must be between 1 and 64, got {k}")
         self.rag_index = rag_index
         self.embedder = embedder
         self.engine = engine
-        self.searcher = Searcher(rag_index.index)
-        self.searcher.engine.warm_up()
+        if retrieval is None:
+            retrieval = Searcher(rag_index.index)
+            retrieval.engine.warm_up()
+        self.retrieval = retrieval
         self.k = k
         self.nprobe = min(nprobe, rag_index.index.params.nlist)
 
@@ -46,11 +51,12 @@ class RagPipeline:
         query = prepare_vectors(self.embedder.embed([question]), "cos")
         timings["embed_s"] = time.perf_counter() - started
         started = time.perf_counter()
-        list_ids, _ = self.searcher.quantizer.search(query, self.nprobe)
+        list_ids, _ = self.retrieval.quantizer.search(query, self.nprobe)
         timings["coarse_s"] = time.perf_counter() - started
         started = time.perf_counter()
-        scores, ids = self.searcher.engine.search(query, list_ids, self.k)
+        scores, ids, partial = self.retrieval.scan(query, list_ids, self.k)
         timings["retrieval_s"] = time.perf_counter() - started
+        timings["retrieval_partial"] = partial
         return [(self.rag_index.passages[i], float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
 
     def prompt_tokens(self, question: str, passages: list[Passage], max_new_tokens: int) -> tuple[list[int], int]:

@@ -35,7 +35,11 @@ def merge_topk(
 
 
 class Searcher:
-    """Search a whole index in this process: prepare queries, coarse search, scan."""
+    """Search a whole index in this process: prepare queries, coarse search, scan.
+
+    ``quantizer`` and :meth:`scan` are the two steps on their own, the same as a cluster
+    searcher's (``chameleon.cluster.ClusterSearcher``), so a caller can time or route them.
+    """
 
     def __init__(self, index: IVFPQIndex, engine: str = "numba", device: str = "auto"):
         self.params = index.params
@@ -49,3 +53,8 @@ class Searcher:
         queries = prepare_vectors(as_query_matrix(queries, self.params.dim), self.params.metric)
         list_ids, _ = self.quantizer.search(queries, nprobe)
         return self.engine.search(queries, list_ids, k)
+
+    def scan(self, queries: np.ndarray, list_ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, bool]:
+        """(distances, ids, partial) of prepared ``queries`` over ``list_ids``; never partial in process."""
+        distances, ids = self.engine.search(queries, list_ids, k)
+        return distances, ids, False

@@ -197,3 +197,24 @@ def test_ask_python_docs_on_the_builtin_index():
     assert out["answer"]
     assert out["sources"] and all(s["doc_id"].startswith(("module:", "pydoc:")) for s in out["sources"])
     assert any(word in " ".join(s["snippet"] + s["title"] for s in out["sources"]).lower() for word in ("line", "file"))
+
+
+def test_ask_through_a_cluster_gives_the_in_process_sources(facts_index, tmp_path, embedder):
+    from chameleon import cluster
+
+    question = "What colour are the oceans of Zorblax-42?"
+    local = json.loads(ask(question, "--index", facts_index, "--json", "--max-tokens", 8, "--nprobe", 2).stdout)
+    cluster.up(facts_index / "index", 2, tmp_path / "state")
+    try:
+        remote = json.loads(
+            ask(question, "--index", facts_index, "--cluster", tmp_path / "state", "--json", "--max-tokens", 8, "--nprobe", 2).stdout
+        )
+        assert remote["sources"] == local["sources"] and remote["answer"] == local["answer"]
+        assert remote["timings"]["retrieval_partial"] is False
+        other = tmp_path / "other.jsonl"
+        other.write_text("".join(json.dumps({"id": n, "text": f"Fact number {n} about nothing."}) + "\n" for n in range(300)))
+        build_rag_index(other, tmp_path / "other", embedder, nlist=4, m=48)
+        refused = ask(question, "--index", tmp_path / "other", "--cluster", tmp_path / "state", expect=2).stderr
+        assert "serves another index" in refused
+    finally:
+        cluster.down(tmp_path / "state")
