@@ -120,6 +120,7 @@ def ask(
     k: int = typer.Option(4, "--k", help="Passages to retrieve."),
     nprobe: int = typer.Option(16, "--nprobe"),
     max_tokens: int = typer.Option(128, "--max-tokens", help="New tokens at most."),
+    retrieval_interval: Optional[int] = typer.Option(None, "--retrieval-interval", help="Retrieve again every N new tokens."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object: answer, sources, timings."),
 ):
     """Answer a question from the passage index with the LLM, citing the sources."""
@@ -144,7 +145,7 @@ def ask(
             raise RetrieverError(f"the cluster in {cluster} serves another index than {rag_index.path}")
     try:
         pipeline = RagPipeline(rag_index, embedder, TorchEngine(model), k=k, nprobe=nprobe, retrieval=retrieval)
-        answer = pipeline.ask(question, max_new_tokens=max_tokens)
+        answer = pipeline.ask(question, max_new_tokens=max_tokens, retrieval_interval=retrieval_interval)
     finally:
         if retrieval is not None:
             retrieval.close()

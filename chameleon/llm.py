@@ -17,6 +17,30 @@ from retriever.errors import RetrieverError
 
 
 @dataclass
+class KVPrefix:
+    """The KV cache of a token prefix, reusable by later prompts that start with the same tokens."""
+
+    tokens: list[int]
+    cache: object
+
+    def truncated(self, length: int) -> KVPrefix:
+        """The KV of the first ``length`` tokens (a copy: this prefix stays usable)."""
+        cache = copy.deepcopy(self.cache)
+        if length < len(self.tokens):
+            cache.crop(length - len(self.tokens))  # a negative count drops that many tokens from the end
+        return KVPrefix(self.tokens[:length], cache)
+
+    def shared_with(self, tokens: list[int]) -> KVPrefix | None:
+        """The longest part of this prefix that ``tokens`` start with, or None."""
+        common = 0
+        for ours, theirs in zip(self.tokens, tokens):
+            if ours != theirs:
+                break
+            common += 1
+        return self.truncated(common) if common else None
+
+
+@dataclass
 class Generation:
     tokens: list[int]
     text: str
@@ -24,14 +48,7 @@ class Generation:
     cached_tokens: int
     ttft_s: float
     decode_tokens_per_s: float
-
-
-@dataclass
-class KVPrefix:
-    """The KV cache of a token prefix, reusable by later prompts that start with the same tokens."""
-
-    tokens: list[int]
-    cache: object
+    state: KVPrefix  # the KV of the prompt and every generated token but the last (not yet fed back)
 
 
 class TorchEngine:
@@ -96,6 +113,7 @@ class TorchEngine:
                 cache = out.past_key_values
                 generated.append(int(torch.argmax(out.logits[0, -1])))
         decode_s = time.perf_counter() - decode_started
+        state = KVPrefix(list(tokens) + generated[:-1], cache)
         text_tokens = generated[:-1] if generated[-1] in self.eos_ids else generated
         return Generation(
             tokens=generated,
@@ -104,6 +122,7 @@ class TorchEngine:
             cached_tokens=len(prefix.tokens) if prefix is not None else 0,
             ttft_s=ttft,
             decode_tokens_per_s=(len(generated) - 1) / decode_s if len(generated) > 1 and decode_s > 0 else 0.0,
+            state=state,
         )
 
 

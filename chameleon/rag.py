@@ -72,25 +72,61 @@ class RagPipeline:
             f"in the context window of {self.engine.context_window}"
         )
 
-    def ask(self, question: str, max_new_tokens: int = 128) -> Answer:
+    def ask(self, question: str, max_new_tokens: int = 128, retrieval_interval: int | None = None) -> Answer:
+        """Answer ``question``; with ``retrieval_interval`` N, retrieve again every N generated tokens.
+
+        The query is then the question plus the answer so far. When the passages change, the prompt
+        is rebuilt with them and generation continues after the answer so far; the KV of the part of
+        the prompt that did not change is reused.
+        """
         if not isinstance(question, str) or not question.strip():
             raise RetrieverError("the question is empty")
         if not 1 <= max_new_tokens <= 4096:
             raise RetrieverError(f"max_new_tokens must be between 1 and 4096, got {max_new_tokens}")
+        if retrieval_interval is not None and not 1 <= retrieval_interval <= max_new_tokens:
+            raise RetrieverError(f"the retrieval interval must be between 1 and max_new_tokens, got {retrieval_interval}")
+        question = question.strip()
+        interval = retrieval_interval or max_new_tokens
         timings: dict = {}
-        ranked = self.retrieve(question.strip(), timings)
-        tokens, kept = self.prompt_tokens(question.strip(), [p for p, _ in ranked], max_new_tokens)
-        generation = self.engine.generate(tokens, max_new_tokens)
+        ranked = self.retrieve(question, timings)
+        tokens, kept = self.prompt_tokens(question, [p for p, _ in ranked], max_new_tokens)
+        answer: list[int] = []
+        state = None
+        retrievals, changes, reused = 1, 0, 0
+        first_token_at = None
+        started = time.perf_counter()
+        while True:
+            prompt = tokens + answer
+            prefix = state.shared_with(prompt) if state is not None else None
+            reused += len(prefix.tokens) if prefix is not None else 0
+            generation = self.engine.generate(prompt, min(interval, max_new_tokens - len(answer)), prefix)
+            first_token_at = first_token_at or time.perf_counter()
+            timings.setdefault("ttft_s", generation.ttft_s)
+            answer += generation.tokens
+            state = generation.state
+            if answer[-1] in self.engine.eos_ids or len(answer) >= max_new_tokens:
+                break
+            fresh = self.retrieve(f"{question}\n{self.engine.tokenizer.decode(answer, skip_special_tokens=True)}", {})
+            retrievals += 1
+            if [p.id for p, _ in fresh] != [p.id for p, _ in ranked]:
+                changes += 1
+                ranked = fresh
+                tokens, kept = self.prompt_tokens(question, [p for p, _ in ranked], max_new_tokens)
+        elapsed = time.perf_counter() - first_token_at
+        text = answer[:-1] if answer[-1] in self.engine.eos_ids else answer
         timings.update(
-            ttft_s=generation.ttft_s,
-            decode_tokens_per_s=generation.decode_tokens_per_s,
-            prompt_tokens=generation.prompt_tokens,
-            new_tokens=len(generation.tokens),
+            decode_tokens_per_s=(len(answer) - 1) / elapsed if len(answer) > 1 and elapsed > 0 else 0.0,
+            total_s=time.perf_counter() - started,
+            prompt_tokens=len(tokens),
+            new_tokens=len(answer),
             passages_used=kept,
+            retrievals=retrievals,
+            passage_changes=changes,
+            reused_kv_tokens=reused,
         )
         sources = [
             {"doc_id": p.doc_id, "title": p.title, "score": round(score, 4), "snippet": p.text[:SNIPPET_CHARS]}
             for p, score in ranked[:kept]
         ]
-        return Answer(generation.text, sources, {k: (round(v, 5) if isinstance(v, float) else v) for k, v in timings.items()})
-
+        rounded = {k: (round(v, 5) if isinstance(v, float) else v) for k, v in timings.items()}
+        return Answer(self.engine.tokenizer.decode(text, skip_special_tokens=True).strip(), sources, rounded)

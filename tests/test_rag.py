@@ -158,6 +158,51 @@ def test_rag_answers_from_the_right_passage(facts_index, embedder, engine):
         pipeline.ask("   ")
 
 
+def test_retrieval_interval_continues_the_same_answer_when_passages_stay(facts_index, embedder, engine, monkeypatch):
+    from chameleon.rag import RagPipeline
+
+    pipeline = RagPipeline(RagIndex(facts_index, embedder.fingerprint), embedder, engine, k=3, nprobe=4)
+    question = "Describe the planet Zorblax-17 in detail."
+    once = pipeline.ask(question, max_new_tokens=24)
+    first = pipeline.retrieve(question, {})
+    queries = []
+    real_retrieve = pipeline.retrieve
+
+    def same_passages(query, timings):
+        queries.append(query)
+        real_retrieve(query, timings)  # the real retrieval runs; its answer is pinned to the first one
+        return first
+
+    monkeypatch.setattr(pipeline, "retrieve", same_passages)
+    stepped = pipeline.ask(question, max_new_tokens=24, retrieval_interval=5)
+    assert stepped.answer == once.answer
+    assert stepped.timings["retrievals"] == len(queries) >= 2 and stepped.timings["passage_changes"] == 0
+    assert all(q.startswith(question) for q in queries) and len(queries[-1]) > len(question)  # query = question + answer
+    assert stepped.timings["reused_kv_tokens"] > 0
+    with pytest.raises(RetrieverError, match="retrieval interval"):
+        pipeline.ask(question, max_new_tokens=8, retrieval_interval=9)
+
+
+def test_new_passages_rebuild_the_prompt(facts_index, embedder, engine, monkeypatch):
+    from chameleon.rag import RagPipeline
+
+    pipeline = RagPipeline(RagIndex(facts_index, embedder.fingerprint), embedder, engine, k=2, nprobe=4)
+    real_retrieve = pipeline.retrieve
+    returned = []
+
+    def shifting(query, timings):
+        ranked = real_retrieve(query, timings)
+        returned.append(ranked if not returned else ranked[::-1])  # later retrievals rank differently
+        return returned[-1]
+
+    monkeypatch.setattr(pipeline, "retrieve", shifting)
+    answer = pipeline.ask("What colour are the oceans of Zorblax-42?", max_new_tokens=12, retrieval_interval=4)
+    assert answer.timings["new_tokens"] > 4, "the answer ended before the second retrieval"
+    assert answer.timings["passage_changes"] >= 1
+    assert answer.timings["reused_kv_tokens"] > 0  # the system prompt and the template stay cached
+    assert [s["doc_id"] for s in answer.sources] == [p.doc_id for p, _ in returned[-1]]  # the prompt's passages
+
+
 def test_truncation_drops_the_lowest_ranked_passages(facts_index, embedder, engine, monkeypatch):
     from chameleon.corpus import Passage
     from chameleon.rag import RagPipeline
