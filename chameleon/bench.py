@@ -208,3 +208,46 @@ def speedups(rows: list[dict], engine: str, peer: str) -> list[dict]:
         for r in rows
         if r["engine"] == engine and (r["threads"], r["nprobe"]) in peer_rows
     ]
+
+
+def knnlm_benchmark(
+    documents, engine, workdir, k: int = 16, lambdas=(0.1, 0.25), temperatures=(1.0, 10.0, 100.0),
+    max_train_tokens: int = 60_000,
+) -> dict:  # fmt: skip
+    """Perplexity of the LM and of its kNN-LM on held-out documents of the datastore's corpus.
+
+    Documents n % 10 == 9 are the test text, n % 10 == 8 the validation text on which lambda and
+    the temperature are chosen; the datastore is built from the rest (its first
+    ``max_train_tokens`` tokens, to bound the time on small machines).
+    """
+    from chameleon.knnlm import KnnLm, build_datastore, perplexity
+
+    test = "\n\n".join(d.text for n, d in enumerate(documents) if n % 10 == 9)
+    validation = "\n\n".join(d.text for n, d in enumerate(documents) if n % 10 == 8)
+    if not test or not validation:
+        raise RetrieverError("the corpus needs at least 10 documents (every tenth is held out, the ninth validates)")
+    train, budget = [], max_train_tokens
+    for n, document in enumerate(documents):
+        if n % 10 in (8, 9) or budget <= 0:
+            continue
+        ids = engine.tokenizer(document.text, add_special_tokens=False)["input_ids"][:budget]
+        budget -= len(ids)
+        train.append(type(document)(document.id, document.title, engine.tokenizer.decode(ids), document.source))
+    meta = build_datastore(train, engine, Path(workdir) / "datastore", force=True, progress=True)
+    sweep = []
+    for lam in lambdas:
+        for temperature in temperatures:
+            knnlm = KnnLm.open(Path(workdir) / "datastore", engine, k=k, lam=lam, temperature=temperature)
+            sweep.append({"lambda": lam, "temperature": temperature, "ppl_validation": round(perplexity(engine, validation, knnlm), 4)})
+    best = min(sweep, key=lambda row: row["ppl_validation"])
+    chosen = KnnLm.open(Path(workdir) / "datastore", engine, k=k, lam=best["lambda"], temperature=best["temperature"])
+    return {
+        "ppl_base": round(perplexity(engine, test), 4),
+        "ppl_knnlm": round(perplexity(engine, test, chosen), 4),
+        "lambda": best["lambda"],
+        "k": k,
+        "temperature": best["temperature"],
+        "ppl_base_validation": round(perplexity(engine, validation), 4),
+        "validation_sweep": sweep,
+        "datastore_keys": meta["keys"],
+    }

@@ -47,6 +47,16 @@ def _int_list(text: str, what: str) -> list[int]:
     return values
 
 
+def _float_list(text: str, what: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise RetrieverError(f"{what} must be a comma-separated list of numbers, got {text!r}") from None
+    if not values:
+        raise RetrieverError(f"{what} is empty")
+    return values
+
+
 @index_app.command("build")
 def index_build(
     out: Path = typer.Option(..., "--out", help="Index directory to write."),
@@ -55,6 +65,8 @@ def index_build(
     dataset: Optional[str] = typer.Option(None, "--dataset", help="Built-in dataset (glove-50, synthetic) or ann-benchmarks .hdf5."),
     vectors: Optional[Path] = typer.Option(None, "--vectors", help="Vector file: .npy, .fvecs, .bvecs, .ivecs or .hdf5."),
     corpus: Optional[str] = typer.Option(None, "--corpus", help="Text corpus: python-docs, a folder of .txt/.md, or .jsonl."),
+    knnlm: bool = typer.Option(False, "--knnlm", help="With --corpus: a kNN-LM datastore (hidden state -> next token)."),
+    model: Optional[str] = typer.Option(None, "--model", help="With --knnlm: local HF model directory (default: built-in)."),
     nbits: int = typer.Option(8, "--nbits", help="Bits per PQ code."),
     metric: Optional[Metric] = typer.Option(None, "--metric", help="Default: the dataset's metric, else l2."),
     shards: int = typer.Option(1, "--shards", help="Split every list into this many balanced shards."),
@@ -71,6 +83,16 @@ def index_build(
         raise RetrieverError("give exactly one of --dataset, --vectors and --corpus")
     if out.exists() and not force:
         raise RetrieverError(f"{out} already exists (use --force to replace it)")
+    if knnlm and corpus is None:
+        raise RetrieverError("--knnlm builds from a text corpus: give --corpus")
+    if corpus is not None and knnlm:
+        from chameleon.corpus import read_corpus
+        from chameleon.knnlm import build_datastore
+        from chameleon.llm import TorchEngine
+
+        meta = build_datastore(read_corpus(corpus), TorchEngine(model), out, nlist=nlist, m=m, force=force, progress=True)
+        _say(f"wrote {out}: kNN-LM datastore of {meta['keys']:,} positions for {meta['model']}")
+        return
     if corpus is not None:
         _build_corpus_index(corpus, out, nlist, m, force)
         return
@@ -239,6 +261,35 @@ def bench_recall(
     if plot:
         plot_rows(rows, plot, title=data.name)
         _say(f"wrote {plot}")
+
+
+@bench_app.command("knnlm")
+def bench_knnlm(
+    corpus: str = typer.Option("python-docs", "--corpus", help="Corpus; every tenth document is held out."),
+    model: Optional[str] = typer.Option(None, "--model", help="Local HF model directory (default: built-in)."),
+    k: int = typer.Option(16, "--k"),
+    lam: str = typer.Option("0.1,0.25", "--lambda", help="Weights of the kNN distribution to try (chosen on validation text)."),
+    temperature: str = typer.Option("1,10,100", "--temperature", help="Softmax temperatures to try."),
+    max_train_tokens: int = typer.Option(60_000, "--max-train-tokens", help="Datastore size bound (tokens)."),
+    json_out: Optional[Path] = typer.Option(None, "--json"),
+):
+    """Perplexity of the base LM and of kNN-LM on held-out text of the datastore's corpus."""
+    import json
+    import tempfile
+
+    from chameleon.bench import knnlm_benchmark
+    from chameleon.corpus import read_corpus
+    from chameleon.llm import TorchEngine
+    from retriever.files import write_json_atomic
+
+    lambdas, temperatures = _float_list(lam, "--lambda"), _float_list(temperature, "--temperature")
+    if not all(0 <= x <= 1 for x in lambdas) or not all(t > 0 for t in temperatures) or not 1 <= k <= 1024 or max_train_tokens < 256:
+        raise RetrieverError("need 0 <= --lambda <= 1, --temperature > 0, 1 <= --k <= 1024, --max-train-tokens >= 256")
+    with tempfile.TemporaryDirectory() as workdir:
+        result = knnlm_benchmark(read_corpus(corpus), TorchEngine(model), workdir, k, lambdas, temperatures, max_train_tokens)
+    typer.echo(json.dumps(result))
+    if json_out:
+        write_json_atomic(json_out, result)
 
 
 @node_app.command("retrieval")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 
 import faiss
 import numpy as np
@@ -16,6 +17,7 @@ from retriever.vectors import as_query_matrix, prepare_vectors
 ENCODE_CHUNK = 65536
 KMEANS_ITERATIONS = 20
 PQ_ITERATIONS = 25
+PQ_MIN_POINTS_PER_CODE = 39  # faiss's ClusteringParameters.min_points_per_centroid
 
 
 def default_train_size(ntotal: int, nlist: int) -> int:
@@ -84,6 +86,11 @@ def train_coarse(sample: np.ndarray, params: IVFPQParams, seed: int) -> np.ndarr
 
 def train_pq(residuals: np.ndarray, params: IVFPQParams, seed: int) -> np.ndarray:
     pq = faiss.ProductQuantizer(params.dim, params.m, params.nbits)
+    recommended = PQ_MIN_POINTS_PER_CODE * params.ksub
+    if len(residuals) < recommended:
+        # faiss would print this once per sub-quantizer; say it once.
+        warnings.warn(f"training PQ on {len(residuals)} vectors, fewer than the {recommended} faiss recommends: recall may suffer")
+    pq.cp.min_points_per_centroid = 1
     pq.cp.seed = seed
     pq.cp.niter = PQ_ITERATIONS
     pq.train(np.ascontiguousarray(residuals, dtype=np.float32))

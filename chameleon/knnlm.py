@@ -1,0 +1,162 @@
+"""kNN-LM: the LM's next-token distribution interpolated with one from nearest neighbours.
+
+The datastore maps the LM's final hidden state at every position of a corpus to the token that
+followed, stored as an IVF-PQ index (L2) of the states plus the next tokens. At a generation step
+the current hidden state is the query; the k neighbours' distances d_i and next tokens v_i give
+
+    p_knn(w) = sum_i softmax(-d / T)_i [v_i = w]        p(w) = lambda p_knn(w) + (1 - lambda) p_lm(w)
+
+On disk a datastore is a directory: ``knnlm.json`` (model, hidden size, counts), ``values.npy``
+(next token per key) and ``index/`` (the retriever index of the keys).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from chameleon.corpus import Document, default_nlist
+from retriever.build import build_index
+from retriever.errors import RetrieverError
+from retriever.files import atomic_directory
+from retriever.index import IVFPQParams, load_index, save_index
+from retriever.search import Searcher
+
+WINDOW = 256
+
+
+def model_fingerprint(engine) -> str:
+    """The model a datastore's keys come from (its directory name and shape), not where it is cached."""
+    config = engine.model.config
+    return f"{Path(getattr(config, '_name_or_path', '') or 'model').name}:{config.hidden_size}:{config.vocab_size}"
+
+
+def hidden_states(engine, tokens: list[int]):
+    """(len(tokens), hidden) final hidden states and (len(tokens), vocab) log-probabilities, float32."""
+    import torch
+
+    with torch.inference_mode():
+        out = engine.model(torch.tensor([tokens], device=engine.device), output_hidden_states=True)
+        states = out.hidden_states[-1][0].float()
+        log_probs = torch.log_softmax(out.logits[0].float(), dim=-1)
+    return states, log_probs
+
+
+def keys_and_values(engine, documents: list[Document], window: int = WINDOW, progress: bool = False):
+    """Hidden state at each position of each document (in windows) and the token that follows it."""
+    keys, values = [], []
+    for document in tqdm(documents, desc="datastore", unit="doc", disable=not progress):
+        ids = engine.tokenizer(document.text, add_special_tokens=False)["input_ids"]
+        for start in range(0, max(0, len(ids) - 1), window):
+            chunk = ids[start : start + window + 1]
+            if len(chunk) < 2:
+                continue
+            states, _ = hidden_states(engine, chunk[:-1])
+            keys.append(states.cpu().numpy())
+            values.append(np.asarray(chunk[1:], dtype=np.int64))
+    if not keys:
+        raise RetrieverError("the corpus holds no text to build a datastore from")
+    return np.concatenate(keys), np.concatenate(values)
+
+
+def build_datastore(
+    documents: list[Document], engine, out: str | os.PathLike, nlist: int | None = None, m: int | None = None,
+    force: bool = False, progress: bool = False,
+) -> dict:  # fmt: skip
+    keys, values = keys_and_values(engine, documents, progress=progress)
+    if len(keys) < 256:
+        raise RetrieverError(f"the corpus gives {len(keys)} positions; IVF-PQ training needs at least 256")
+    dim = keys.shape[1]
+    params = IVFPQParams("l2", dim, nlist or default_nlist(len(keys)), m or dim // 8)
+    index = build_index(keys, params, progress=progress)
+    meta = {"format": "chameleon.knnlm", "version": 1, "model": model_fingerprint(engine), "keys": len(keys), "window": WINDOW}
+    with atomic_directory(out, replace=force) as tmp:
+        save_index(index, tmp / "index")
+        np.save(tmp / "values.npy", values)
+        (tmp / "knnlm.json").write_text(json.dumps(meta, indent=1))
+    return meta
+
+
+@dataclass
+class KnnLm:
+    """A datastore opened for queries, with the interpolation parameters."""
+
+    searcher: Searcher
+    values: np.ndarray
+    k: int = 16
+    temperature: float = 1.0
+    lam: float = 0.25
+    nprobe: int = 8
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, engine, **parameters) -> KnnLm:
+        path = Path(path)
+        meta_path = path / "knnlm.json"
+        if not meta_path.is_file():
+            raise RetrieverError(f"{path} is not a kNN-LM datastore (knnlm.json is missing)")
+        meta = json.loads(meta_path.read_text())
+        if meta["model"] != model_fingerprint(engine):
+            raise RetrieverError(f"{path} was built with the model {meta['model']}, not {model_fingerprint(engine)}")
+        knnlm = cls(Searcher(load_index(path / "index"), device="cpu"), np.load(path / "values.npy"), **parameters)
+        if not 0 <= knnlm.lam <= 1 or knnlm.temperature <= 0 or knnlm.k < 1:
+            raise RetrieverError("kNN-LM needs 0 <= lambda <= 1, temperature > 0 and k >= 1")
+        return knnlm
+
+    def log_probs(self, states, lm_log_probs):
+        """Interpolated log-probabilities for each row of ``states`` (n, hidden) given the LM's (n, vocab)."""
+        import torch
+
+        distances, ids = self.searcher.search(states.cpu().numpy(), min(self.k, self.searcher.ntotal), self.nprobe)
+        weights = torch.softmax(torch.from_numpy(-distances / self.temperature), dim=-1)
+        weights = torch.where(torch.from_numpy(ids >= 0), weights, torch.zeros_like(weights))
+        p_knn = torch.zeros_like(lm_log_probs)
+        p_knn.scatter_add_(1, torch.from_numpy(self.values[np.maximum(ids, 0)]).to(lm_log_probs.device), weights.to(lm_log_probs.device))
+        mixed = self.lam * p_knn + (1 - self.lam) * lm_log_probs.exp()
+        return torch.log(mixed.clamp(min=1e-30))
+
+
+def perplexity(engine, text: str, knnlm: KnnLm | None = None, window: int = WINDOW) -> float:
+    """Perplexity of ``text`` under the LM, or under its kNN-LM interpolation."""
+    ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) < 2:
+        raise RetrieverError("perplexity needs at least two tokens of text")
+    total, count = 0.0, 0
+    for start in range(0, len(ids) - 1, window):
+        chunk = ids[start : start + window + 1]
+        if len(chunk) < 2:
+            continue
+        states, log_probs = hidden_states(engine, chunk[:-1])
+        if knnlm is not None:
+            log_probs = knnlm.log_probs(states, log_probs)
+        targets = np.asarray(chunk[1:])
+        total -= float(log_probs[np.arange(len(targets)), targets].sum())
+        count += len(targets)
+    return math.exp(total / count)
+
+
+def generate(engine, knnlm: KnnLm, tokens: list[int], max_new_tokens: int = 64) -> list[int]:
+    """Greedy decoding from the interpolated distribution, querying the datastore at every step."""
+    import torch
+
+    if len(tokens) + max_new_tokens > engine.context_window:
+        raise RetrieverError(f"{len(tokens)} + {max_new_tokens} tokens exceed the context window of {engine.context_window}")
+    generated: list[int] = []
+    cache = None
+    step = list(tokens)
+    with torch.inference_mode():
+        while len(generated) < max_new_tokens:
+            out = engine.model(torch.tensor([step], device=engine.device), past_key_values=cache, use_cache=True, output_hidden_states=True)
+            cache = out.past_key_values
+            state = out.hidden_states[-1][0, -1:].float()
+            log_probs = knnlm.log_probs(state, torch.log_softmax(out.logits[0, -1:].float(), dim=-1))
+            generated.append(int(torch.argmax(log_probs[0])))
+            if generated[-1] in engine.eos_ids:
+                break
+            step = [generated[-1]]
+    return generated
