@@ -37,21 +37,12 @@ def _say(message: str) -> None:
     typer.echo(message, err=True)
 
 
-def _int_list(text: str, what: str) -> list[int]:
+def _number_list(text: str, what: str, kind=int) -> list:
     try:
-        values = [int(v) for v in text.split(",") if v.strip()]
+        values = [kind(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise RetrieverError(f"{what} must be a comma-separated list of integers, got {text!r}") from None
-    if not values:
-        raise RetrieverError(f"{what} is empty")
-    return values
-
-
-def _float_list(text: str, what: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise RetrieverError(f"{what} must be a comma-separated list of numbers, got {text!r}") from None
+        noun = "integers" if kind is int else "numbers"
+        raise RetrieverError(f"{what} must be a comma-separated list of {noun}, got {text!r}") from None
     if not values:
         raise RetrieverError(f"{what} is empty")
     return values
@@ -235,12 +226,12 @@ def bench_recall(
     from retriever.index import load_index
 
     engine_names = [e.strip() for e in engines.split(",") if e.strip()]
-    thread_counts = _int_list(threads, "--threads")
+    thread_counts = _number_list(threads, "--threads")
     loaded = load_index(index)
     if nprobe is None:
         nprobes = [1 << i for i in range(9) if 1 << i <= loaded.params.nlist]
     else:
-        nprobes = _int_list(nprobe, "--nprobe")
+        nprobes = _number_list(nprobe, "--nprobe")
     data = load_dataset(dataset)
     typer.echo(f"{'engine':<15}{'threads':>8}{'nprobe':>8}{'recall':>9}{'qps':>11}{'p50 ms':>9}{'p99 ms':>9}")
 
@@ -282,7 +273,7 @@ def bench_knnlm(
     from chameleon.llm import TorchEngine
     from retriever.files import write_json_atomic
 
-    lambdas, temperatures = _float_list(lam, "--lambda"), _float_list(temperature, "--temperature")
+    lambdas, temperatures = _number_list(lam, "--lambda", float), _number_list(temperature, "--temperature", float)
     if not all(0 <= x <= 1 for x in lambdas) or not all(t > 0 for t in temperatures) or not 1 <= k <= 1024 or max_train_tokens < 256:
         raise RetrieverError("need 0 <= --lambda <= 1, --temperature > 0, 1 <= --k <= 1024, --max-train-tokens >= 256")
     with tempfile.TemporaryDirectory() as workdir:
