@@ -220,6 +220,8 @@ def knnlm_benchmark(
     the temperature are chosen; the datastore is built from the rest (its first
     ``max_train_tokens`` tokens, to bound the time on small machines).
     """
+    from dataclasses import replace
+
     from chameleon.knnlm import KnnLm, build_datastore, perplexity
 
     test = "\n\n".join(d.text for n, d in enumerate(documents) if n % 10 == 9)
@@ -234,13 +236,14 @@ def knnlm_benchmark(
         budget -= len(ids)
         train.append(type(document)(document.id, document.title, engine.tokenizer.decode(ids), document.source))
     meta = build_datastore(train, engine, Path(workdir) / "datastore", force=True, progress=True)
+    datastore = KnnLm.open(Path(workdir) / "datastore", engine, k=k)
     sweep = []
     for lam in lambdas:
         for temperature in temperatures:
-            knnlm = KnnLm.open(Path(workdir) / "datastore", engine, k=k, lam=lam, temperature=temperature)
+            knnlm = replace(datastore, lam=lam, temperature=temperature)
             sweep.append({"lambda": lam, "temperature": temperature, "ppl_validation": round(perplexity(engine, validation, knnlm), 4)})
     best = min(sweep, key=lambda row: row["ppl_validation"])
-    chosen = KnnLm.open(Path(workdir) / "datastore", engine, k=k, lam=best["lambda"], temperature=best["temperature"])
+    chosen = replace(datastore, lam=best["lambda"], temperature=best["temperature"])
     return {
         "ppl_base": round(perplexity(engine, test), 4),
         "ppl_knnlm": round(perplexity(engine, test, chosen), 4),

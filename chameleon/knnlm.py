@@ -94,6 +94,10 @@ class KnnLm:
     lam: float = 0.25
     nprobe: int = 8
 
+    def __post_init__(self):
+        if not 0 <= self.lam <= 1 or self.temperature <= 0 or self.k < 1:
+            raise RetrieverError("kNN-LM needs 0 <= lambda <= 1, temperature > 0 and k >= 1")
+
     @classmethod
     def open(cls, path: str | os.PathLike, engine, **parameters) -> KnnLm:
         path = Path(path)
@@ -103,10 +107,8 @@ class KnnLm:
         meta = json.loads(meta_path.read_text())
         if meta["model"] != model_fingerprint(engine):
             raise RetrieverError(f"{path} was built with the model {meta['model']}, not {model_fingerprint(engine)}")
-        knnlm = cls(Searcher(load_index(path / "index"), device="cpu"), np.load(path / "values.npy"), **parameters)
-        if not 0 <= knnlm.lam <= 1 or knnlm.temperature <= 0 or knnlm.k < 1:
-            raise RetrieverError("kNN-LM needs 0 <= lambda <= 1, temperature > 0 and k >= 1")
-        return knnlm
+        cls(None, None, **parameters)  # check the parameters before loading anything
+        return cls(Searcher(load_index(path / "index"), device="cpu"), np.load(path / "values.npy"), **parameters)
 
     def log_probs(self, states, lm_log_probs):
         """Interpolated log-probabilities for each row of ``states`` (n, hidden) given the LM's (n, vocab)."""
