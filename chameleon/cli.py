@@ -114,19 +114,11 @@ def _build_corpus_index(corpus: str, out: Path, nlist: int | None, m: int | None
     return meta
 
 
-def default_rag_index() -> Path:
-    """The built-in python-docs passage index, built on first use."""
-    from retriever.datasets import cache_dir
-
-    path = cache_dir() / "indexes" / "python-docs"
-    if not (path / "rag.json").is_file():
-        _build_corpus_index("python-docs", path, None, None, force=True)
-    return path
-
-
 @app.command("ask")
 def ask(
     question: str = typer.Argument(..., help="The question."),
+    server: Optional[str] = typer.Option(None, "--server", envvar="CHAMELEON_SERVER", help="Ask a running `chameleon serve` at this URL."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="CHAMELEON_API_KEY", help="With --server: its API key."),
     index: Optional[Path] = typer.Option(None, "--index", help="Passage index (default: built-in python-docs, built on first use)."),
     cluster: Optional[Path] = typer.Option(None, "--cluster", help="Retrieve through the cluster in this state directory."),
     model: Optional[str] = typer.Option(None, "--model", help="Local Hugging Face model directory (default: built-in SmolLM2-135M)."),
@@ -136,18 +128,43 @@ def ask(
     retrieval_interval: Optional[int] = typer.Option(None, "--retrieval-interval", help="Retrieve again every N new tokens."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object: answer, sources, timings."),
 ):
-    """Answer a question from the passage index with the LLM, citing the sources."""
+    """Answer a question from the passage index with the LLM, citing the sources.
+
+    With --server (or CHAMELEON_SERVER) a running server answers; otherwise this process does.
+    """
     import json
 
-    from chameleon.corpus import RagIndex
+    if not question.strip():
+        raise RetrieverError("the question is empty")
+    if server is not None:
+        if index is not None or cluster is not None or model is not None:
+            raise RetrieverError("--index, --cluster and --model are the server's own settings; leave them out with --server")
+        request = {"question": question, "k": k, "max_tokens": max_tokens, "retrieval_interval": retrieval_interval}
+        answer = _post_json(server.rstrip("/") + "/v1/rag", request, api_key)
+    else:
+        answer = _ask_here(question, index, cluster, model, k, nprobe, max_tokens, retrieval_interval)
+    if as_json:
+        typer.echo(json.dumps({key: answer[key] for key in ("answer", "sources", "timings")}))
+        return
+    typer.echo(answer["answer"])
+    typer.echo("\nsources:")
+    for n, source in enumerate(answer["sources"], 1):
+        typer.echo(f"  [{n}] {source['title']} ({source['doc_id']}, score {source['score']:.3f})")
+    t = answer["timings"]
+    typer.echo(
+        f"\ntimings: embed {t['embed_s'] * 1e3:.1f} ms, coarse {t['coarse_s'] * 1e3:.2f} ms, retrieval {t['retrieval_s'] * 1e3:.2f} ms, "
+        f"TTFT {t['ttft_s'] * 1e3:.0f} ms, decode {t['decode_tokens_per_s']:.1f} tokens/s"
+    )
+
+
+def _ask_here(question, index, cluster, model, k, nprobe, max_tokens, retrieval_interval) -> dict:
+    from chameleon.corpus import RagIndex, builtin_rag_index
     from chameleon.embedder import Embedder
     from chameleon.llm import TorchEngine
     from chameleon.rag import RagPipeline
 
-    if not question.strip():
-        raise RetrieverError("the question is empty")
     embedder = Embedder()
-    rag_index = RagIndex(index if index is not None else default_rag_index(), embedder.fingerprint)
+    rag_index = RagIndex(index if index is not None else builtin_rag_index(embedder, progress=True), embedder.fingerprint)
     retrieval = None
     if cluster is not None:
         from chameleon.cluster import ClusterSearcher
@@ -162,18 +179,65 @@ def ask(
     finally:
         if retrieval is not None:
             retrieval.close()
-    if as_json:
-        typer.echo(json.dumps({"answer": answer.answer, "sources": answer.sources, "timings": answer.timings}))
-        return
-    typer.echo(answer.answer)
-    typer.echo("\nsources:")
-    for n, source in enumerate(answer.sources, 1):
-        typer.echo(f"  [{n}] {source['title']} ({source['doc_id']}, score {source['score']:.3f})")
-    t = answer.timings
-    typer.echo(
-        f"\ntimings: embed {t['embed_s'] * 1e3:.1f} ms, coarse {t['coarse_s'] * 1e3:.2f} ms, retrieval {t['retrieval_s'] * 1e3:.2f} ms, "
-        f"TTFT {t['ttft_s'] * 1e3:.0f} ms, decode {t['decode_tokens_per_s']:.1f} tokens/s"
-    )
+    return {"answer": answer.answer, "sources": answer.sources, "timings": answer.timings}
+
+
+def _post_json(url: str, body: dict, api_key: str | None, timeout: float = 600.0) -> dict:
+    """POST ``body`` to a Chameleon server; its error message (not a traceback) when it refuses."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {api_key}"} if api_key else {})
+    request = urllib.request.Request(url, json.dumps(body).encode(), headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        try:
+            message = json.loads(e.read())["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = e.reason
+        raise RetrieverError(f"the server answered {e.code}: {message}") from None
+    except urllib.error.URLError as e:
+        raise RetrieverError(f"cannot reach the server at {url}: {e.reason}") from None
+
+
+@app.command("serve")
+def serve(
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file of settings (the flags' long names, with - or _)."),
+    index: Optional[Path] = typer.Option(None, "--index", help="Passage index (default: built-in python-docs, built on first run)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Local Hugging Face model directory (default: built-in SmolLM2-135M)."),
+    engine: Optional[str] = typer.Option(None, "--engine", help="LLM engine: auto or torch."),
+    shards: Optional[int] = typer.Option(None, "--shards", help="Retrieval shards (default 2); 0 searches in the server process."),
+    replicas: Optional[int] = typer.Option(None, "--replicas", help="Nodes per shard (default 1)."),
+    retrieval_engine: Optional[str] = typer.Option(None, "--retrieval-engine", help="Scan engine of the nodes: numba or faiss."),
+    keys: Optional[Path] = typer.Option(None, "--keys", help="CURVE keys directory: encrypt and authenticate the tier."),
+    state_dir: Optional[Path] = typer.Option(None, "--state-dir", help="State and logs of the tier's processes."),
+    host: Optional[str] = typer.Option(None, "--host", help="Default 127.0.0.1."),
+    port: Optional[int] = typer.Option(None, "--port", help="Default 8000; 0 picks a free port."),
+    api_key: Optional[list[str]] = typer.Option(None, "--api-key", help="Accept this Bearer key (repeatable); none: open."),
+    k: Optional[int] = typer.Option(None, "--k", help="Passages per request by default (4)."),
+    nprobe: Optional[int] = typer.Option(None, "--nprobe", help="Lists probed per search (16)."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="The most new tokens a request may ask for (1024)."),
+    max_concurrency: Optional[int] = typer.Option(None, "--max-concurrency", help="Requests admitted at once; more get 429 (16)."),
+    knnlm: Optional[Path] = typer.Option(None, "--knnlm", help="kNN-LM datastore for mode=knnlm requests."),
+    ready_file: Optional[Path] = typer.Option(None, "--ready-file", help="Write the URL and pid here once serving (for scripts)."),
+):
+    """Serve RAG over HTTP: the RAG API, OpenAI-compatible endpoints, health and metrics.
+
+    Settings come from the flags, then CHAMELEON_* environment variables (CHAMELEON_PORT,
+    CHAMELEON_API_KEYS=a,b ...), then the --config file, then the defaults.
+    """
+    from chameleon.server.launch import serve as run_server
+    from chameleon.server.settings import ServeSettings
+
+    settings = ServeSettings.load(
+        config, index=index, model=model, engine=engine, shards=shards, replicas=replicas, retrieval_engine=retrieval_engine,
+        keys=keys, state_dir=state_dir, host=host, port=port, api_keys=api_key or None, k=k, nprobe=nprobe,
+        max_tokens=max_tokens, max_concurrency=max_concurrency, knnlm=knnlm,
+    )  # fmt: skip
+    run_server(settings, ready_file)
 
 
 @index_app.command("info")

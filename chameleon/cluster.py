@@ -9,6 +9,7 @@ process is the same ``chameleon node ...`` command a multi-machine deployment ru
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -37,15 +38,25 @@ def _chameleon(*args) -> list[str]:
     return [sys.executable, "-m", "chameleon", *map(str, args)]
 
 
-def _spawn(command: list[str], log: Path) -> subprocess.Popen:
+def _spawn(command: list[str], log: Path, die_with_parent: bool = False) -> subprocess.Popen:
     log.parent.mkdir(parents=True, exist_ok=True)
     # The processes of a local cluster share the machine's cores: idle OpenMP workers must sleep, not
     # spin on a core that another node needs.
     env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ}
     with open(log, "ab") as out:
         return subprocess.Popen(
-            command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, env=env
-        )
+            command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, env=env,
+            preexec_fn=_term_when_parent_dies if die_with_parent and _PRCTL is not None else None,
+        )  # fmt: skip
+
+
+# Linux: a child can ask for SIGTERM when its parent dies, so a killed server leaves no nodes behind.
+_PRCTL = getattr(ctypes.CDLL(None), "prctl", None) if sys.platform.startswith("linux") else None
+_PR_SET_PDEATHSIG = 1
+
+
+def _term_when_parent_dies() -> None:
+    _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _wait_ready(process: subprocess.Popen, ready_file: Path, log: Path, deadline: float) -> dict:
@@ -86,8 +97,13 @@ def up(
     keys_dir: str | os.PathLike | None = None,
     timeout: float = 2.0,
     on_missing: str = "partial",
+    die_with_parent: bool = False,
 ) -> dict:
-    """Start the cluster and return its state (also written to ``STATE/cluster.json``)."""
+    """Start the cluster and return its state (also written to ``STATE/cluster.json``).
+
+    With ``die_with_parent`` (Linux) the processes get SIGTERM when the calling process dies, for
+    a cluster owned by one process (``chameleon serve``) rather than left running in the background.
+    """
     state_dir = Path(state_dir).resolve()
     if (state_dir / STATE_FILE).is_file():
         state = read_state(state_dir)
@@ -117,7 +133,7 @@ def up(
                     "node", "retrieval", "--index", index_dir, "--shard", shard, "--bind", "tcp://127.0.0.1:*",
                     "--engine", engine, "--threads", threads, "--ready-file", run / f"{name}.json", *security,
                 )  # fmt: skip
-                started.append(_spawn(command, logs / f"{name}.log"))
+                started.append(_spawn(command, logs / f"{name}.log", die_with_parent))
                 nodes.append({"shard": shard, "replica": replica, "log": str(logs / f"{name}.log"), "name": name})
         deadline = time.monotonic() + START_TIMEOUT
         for node, process in zip(nodes, started):
@@ -133,7 +149,7 @@ def up(
             "node", "coordinator", "--config", state_dir / "coordinator-config.json", "--bind", "tcp://127.0.0.1:*",
             "--timeout", timeout, "--on-missing", on_missing, "--ready-file", run / "coordinator.json", *security,
         )  # fmt: skip
-        coordinator = _spawn(command, logs / "coordinator.log")
+        coordinator = _spawn(command, logs / "coordinator.log", die_with_parent)
         started.append(coordinator)
         front = _wait_ready(coordinator, run / "coordinator.json", logs / "coordinator.log", deadline)
         _wait_all_alive(front["endpoint"], keys, deadline)

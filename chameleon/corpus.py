@@ -197,6 +197,18 @@ def build_rag_index(
     return meta
 
 
+def builtin_rag_index(embedder, progress: bool = False) -> Path:
+    """The built-in python-docs passage index in the cache, built on first use."""
+    from retriever.datasets import cache_dir
+
+    path = cache_dir() / "indexes" / "python-docs"
+    if not (path / "rag.json").is_file():
+        if progress:
+            print("building the built-in python-docs passage index (first run only)", file=sys.stderr)
+        build_rag_index("python-docs", path, embedder, force=True, progress=progress)
+    return path
+
+
 class RagIndex:
     """A RAG index directory opened for search: the IVF-PQ index plus the passages by id."""
 

@@ -142,8 +142,11 @@ def perplexity(engine, text: str, knnlm: KnnLm | None = None, window: int = WIND
     return math.exp(total / count)
 
 
-def generate(engine, knnlm: KnnLm, tokens: list[int], max_new_tokens: int = 64) -> list[int]:
-    """Greedy decoding from the interpolated distribution, querying the datastore at every step."""
+def generate(engine, knnlm: KnnLm, tokens: list[int], max_new_tokens: int = 64, on_token=None) -> list[int]:
+    """Greedy decoding from the interpolated distribution, querying the datastore at every step.
+
+    ``on_token`` sees each new token as it is chosen; returning True stops (as in the engines).
+    """
     import torch
 
     if len(tokens) + max_new_tokens > engine.context_window:
@@ -158,7 +161,7 @@ def generate(engine, knnlm: KnnLm, tokens: list[int], max_new_tokens: int = 64) 
             state = out.hidden_states[-1][0, -1:].float()
             log_probs = knnlm.log_probs(state, torch.log_softmax(out.logits[0, -1:].float(), dim=-1))
             generated.append(int(torch.argmax(log_probs[0])))
-            if generated[-1] in engine.eos_ids:
+            if generated[-1] in engine.eos_ids or (on_token is not None and on_token(generated[-1])):
                 break
             step = [generated[-1]]
     return generated

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +49,7 @@ class Generation:
     cached_tokens: int
     ttft_s: float
     decode_tokens_per_s: float
+    finish_reason: str  # "stop" (an end token, or ``on_token`` asked to stop) or "length"
     state: KVPrefix  # the KV of the prompt and every generated token but the last (not yet fed back)
 
 
@@ -67,8 +69,8 @@ class TorchEngine:
         self.context_window = int(getattr(self.model.config, "max_position_embeddings", 2048))
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
 
-    def chat_tokens(self, system: str, user: str) -> list[int]:
-        messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+    def chat_tokens(self, messages: list[dict]) -> list[int]:
+        """The prompt of a conversation (``{"role", "content"}`` dicts) ready for the assistant's turn."""
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
@@ -91,8 +93,17 @@ class TorchEngine:
             out = self.model(torch.tensor([tokens[start:]], device=self.device), past_key_values=cache, use_cache=True)
         return KVPrefix(list(tokens), out.past_key_values), out.logits[0, -1]
 
-    def generate(self, tokens: list[int], max_new_tokens: int = 128, prefix: KVPrefix | None = None) -> Generation:
-        """Greedy decoding of ``tokens`` (a full prompt), up to ``max_new_tokens`` or an end token."""
+    def generate(
+        self,
+        tokens: list[int],
+        max_new_tokens: int = 128,
+        prefix: KVPrefix | None = None,
+        on_token: Callable[[int], bool] | None = None,
+    ) -> Generation:
+        """Greedy decoding of ``tokens`` (a full prompt), up to ``max_new_tokens`` or an end token.
+
+        ``on_token`` sees every new token as soon as it is chosen (streaming); returning True stops.
+        """
         import torch
 
         if not tokens:
@@ -107,11 +118,13 @@ class TorchEngine:
         ttft = time.perf_counter() - started
         cache = state.cache
         decode_started = time.perf_counter()
+        stopped = on_token is not None and bool(on_token(generated[-1]))
         with torch.inference_mode():
-            while len(generated) < max_new_tokens and generated[-1] not in self.eos_ids:
+            while len(generated) < max_new_tokens and generated[-1] not in self.eos_ids and not stopped:
                 out = self.model(torch.tensor([[generated[-1]]], device=self.device), past_key_values=cache, use_cache=True)
                 cache = out.past_key_values
                 generated.append(int(torch.argmax(out.logits[0, -1])))
+                stopped = on_token is not None and bool(on_token(generated[-1]))
         decode_s = time.perf_counter() - decode_started
         state = KVPrefix(list(tokens) + generated[:-1], cache)
         text_tokens = generated[:-1] if generated[-1] in self.eos_ids else generated
@@ -122,6 +135,7 @@ class TorchEngine:
             cached_tokens=len(prefix.tokens) if prefix is not None else 0,
             ttft_s=ttft,
             decode_tokens_per_s=(len(generated) - 1) / decode_s if len(generated) > 1 and decode_s > 0 else 0.0,
+            finish_reason="stop" if stopped or generated[-1] in self.eos_ids else "length",
             state=state,
         )
 

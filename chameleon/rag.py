@@ -7,13 +7,15 @@ its own is an error (it is never cut).
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from chameleon.corpus import Passage, RagIndex
 from retriever.errors import RetrieverError
 from retriever.search import Searcher
-from retriever.vectors import prepare_vectors
+from retriever.vectors import as_query_matrix, prepare_vectors
 
 SYSTEM_PROMPT = (
     "You are a helpful assistant for Python programmers. Answer the question using the numbered "
@@ -27,11 +29,21 @@ class Answer:
     answer: str
     sources: list[dict]
     timings: dict = field(default_factory=dict)
+    finish_reason: str = "stop"
+
+
+def context_block(passages: Sequence[Passage]) -> str:
+    """The numbered passages as the prompt shows them."""
+    return "\n\n".join(f"[{n + 1}] {p.title}\n{p.text}" for n, p in enumerate(passages))
 
 
 class RagPipeline:
     """``retrieval`` is where passages are searched: in this process (the default) or a cluster
-    (``chameleon.cluster.ClusterSearcher``); either offers ``quantizer`` and ``scan``."""
+    (``chameleon.cluster.ClusterSearcher``); either offers ``quantizer`` and ``scan``.
+
+    Retrieval is thread-safe (one search at a time: the embedder's tokenizer and a cluster's
+    socket are not); generation is not, the caller serialises it.
+    """
 
     def __init__(self, rag_index: RagIndex, embedder, engine, k: int = 4, nprobe: int = 16, retrieval=None):
         if not 1 <= k <= 64:
@@ -45,39 +57,77 @@ class RagPipeline:
         self.retrieval = retrieval
         self.k = k
         self.nprobe = min(nprobe, rag_index.index.params.nlist)
+        self._retrieval_lock = threading.Lock()
 
-    def retrieve(self, question: str, timings: dict) -> list[tuple[Passage, float]]:
+    def retrieve(self, question: str, timings: dict, k: int | None = None, nprobe: int | None = None) -> list[tuple[Passage, float]]:
+        """The top-k passages for ``question`` with their scores; fills ``timings``."""
+        with self._retrieval_lock:
+            started = time.perf_counter()
+            query = prepare_vectors(self.embedder.embed([question]), "cos")
+            timings["embed_s"] = time.perf_counter() - started
+            return self._search(query, timings, k, nprobe)
+
+    def retrieve_vector(self, vector, timings: dict, k: int | None = None, nprobe: int | None = None) -> list[tuple[Passage, float]]:
+        """The top-k passages nearest to an embedding ``vector`` (the embedder's dimension)."""
+        query = prepare_vectors(as_query_matrix(vector, self.rag_index.index.params.dim), "cos")
+        if len(query) != 1:
+            raise RetrieverError(f"search takes one vector, got {len(query)}")
+        with self._retrieval_lock:
+            return self._search(query, timings, k, nprobe)
+
+    def _search(self, query, timings: dict, k: int | None, nprobe: int | None) -> list[tuple[Passage, float]]:
         started = time.perf_counter()
-        query = prepare_vectors(self.embedder.embed([question]), "cos")
-        timings["embed_s"] = time.perf_counter() - started
-        started = time.perf_counter()
-        list_ids, _ = self.retrieval.quantizer.search(query, self.nprobe)
+        list_ids, _ = self.retrieval.quantizer.search(query, min(nprobe or self.nprobe, self.rag_index.index.params.nlist))
         timings["coarse_s"] = time.perf_counter() - started
         started = time.perf_counter()
-        scores, ids, partial = self.retrieval.scan(query, list_ids, self.k)
+        scores, ids, partial = self.retrieval.scan(query, list_ids, k or self.k)
         timings["retrieval_s"] = time.perf_counter() - started
         timings["retrieval_partial"] = partial
         return [(self.rag_index.passages[i], float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
 
-    def prompt_tokens(self, question: str, passages: list[Passage], max_new_tokens: int) -> tuple[list[int], int]:
-        """Prompt tokens and how many passages it keeps (see the truncation policy)."""
+    def fit(self, passages: Sequence[Passage], max_new_tokens: int, render: Callable[[Sequence[Passage]], list[int]]) -> tuple[list[int], int]:
+        """``render(kept passages)`` for the most passages that leave room for ``max_new_tokens``
+        (the truncation policy), and how many it keeps."""
         for keep in range(len(passages), -1, -1):
-            context = "\n\n".join(f"[{n + 1}] {p.title}\n{p.text}" for n, p in enumerate(passages[:keep]))
-            user = f"Passages:\n{context}\n\nQuestion: {question}" if keep else f"Question: {question}"
-            tokens = self.engine.chat_tokens(SYSTEM_PROMPT, user)
+            tokens = render(passages[:keep])
             if len(tokens) + max_new_tokens <= self.engine.context_window:
                 return tokens, keep
         raise RetrieverError(
-            f"the question alone ({len(tokens)} tokens) leaves no room for {max_new_tokens} new tokens "
+            f"the prompt alone ({len(tokens)} tokens) leaves no room for {max_new_tokens} new tokens "
             f"in the context window of {self.engine.context_window}"
         )
 
-    def ask(self, question: str, max_new_tokens: int = 128, retrieval_interval: int | None = None) -> Answer:
+    def prompt_tokens(
+        self, question: str, passages: list[Passage], max_new_tokens: int, history: Sequence[dict] = (), system: str | None = None
+    ) -> tuple[list[int], int]:
+        """Prompt tokens and how many passages it keeps (see the truncation policy).
+
+        ``history`` is the conversation before the question; ``system`` replaces the default system prompt.
+        """
+
+        def render(kept: Sequence[Passage]) -> list[int]:
+            user = f"Passages:\n{context_block(kept)}\n\nQuestion: {question}" if kept else f"Question: {question}"
+            messages = [{"role": "system", "content": system or SYSTEM_PROMPT}, *history, {"role": "user", "content": user}]
+            return self.engine.chat_tokens(messages)
+
+        return self.fit(passages, max_new_tokens, render)
+
+    def ask(
+        self,
+        question: str,
+        max_new_tokens: int = 128,
+        retrieval_interval: int | None = None,
+        k: int | None = None,
+        history: Sequence[dict] = (),
+        system: str | None = None,
+        on_token: Callable[[int], bool] | None = None,
+    ) -> Answer:
         """Answer ``question``; with ``retrieval_interval`` N, retrieve again every N generated tokens.
 
         The query is then the question plus the answer so far. When the passages change, the prompt
         is rebuilt with them and generation continues after the answer so far; the KV of the part of
-        the prompt that did not change is reused.
+        the prompt that did not change is reused. ``history``, ``system`` and ``on_token`` are as in
+        ``prompt_tokens`` and the engine's ``generate``.
         """
         if not isinstance(question, str) or not question.strip():
             raise RetrieverError("the question is empty")
@@ -85,11 +135,13 @@ class RagPipeline:
             raise RetrieverError(f"max_new_tokens must be between 1 and 4096, got {max_new_tokens}")
         if retrieval_interval is not None and not 1 <= retrieval_interval <= max_new_tokens:
             raise RetrieverError(f"the retrieval interval must be between 1 and max_new_tokens, got {retrieval_interval}")
+        if k is not None and not 1 <= k <= 64:
+            raise RetrieverError(f"k must be between 1 and 64, got {k}")
         question = question.strip()
         interval = retrieval_interval or max_new_tokens
         timings: dict = {}
-        ranked = self.retrieve(question, timings)
-        tokens, kept = self.prompt_tokens(question, [p for p, _ in ranked], max_new_tokens)
+        ranked = self.retrieve(question, timings, k)
+        tokens, kept = self.prompt_tokens(question, [p for p, _ in ranked], max_new_tokens, history, system)
         answer: list[int] = []
         state = None
         retrievals, changes, reused = 1, 0, 0
@@ -99,19 +151,20 @@ class RagPipeline:
             prompt = tokens + answer
             prefix = state.shared_with(prompt) if state is not None else None
             reused += len(prefix.tokens) if prefix is not None else 0
-            generation = self.engine.generate(prompt, min(interval, max_new_tokens - len(answer)), prefix)
-            first_token_at = first_token_at or time.perf_counter()
+            segment_started = time.perf_counter()
+            generation = self.engine.generate(prompt, min(interval, max_new_tokens - len(answer)), prefix, on_token)
+            first_token_at = first_token_at or segment_started + generation.ttft_s
             timings.setdefault("ttft_s", generation.ttft_s)
             answer += generation.tokens
             state = generation.state
-            if answer[-1] in self.engine.eos_ids or len(answer) >= max_new_tokens:
+            if generation.finish_reason == "stop" or len(answer) >= max_new_tokens:
                 break
-            fresh = self.retrieve(f"{question}\n{self.engine.tokenizer.decode(answer, skip_special_tokens=True)}", {})
+            fresh = self.retrieve(f"{question}\n{self.engine.tokenizer.decode(answer, skip_special_tokens=True)}", {}, k)
             retrievals += 1
             if [p.id for p, _ in fresh] != [p.id for p, _ in ranked]:
                 changes += 1
                 ranked = fresh
-                tokens, kept = self.prompt_tokens(question, [p for p, _ in ranked], max_new_tokens)
+                tokens, kept = self.prompt_tokens(question, [p for p, _ in ranked], max_new_tokens, history, system)
         elapsed = time.perf_counter() - first_token_at
         text = answer[:-1] if answer[-1] in self.engine.eos_ids else answer
         timings.update(
@@ -129,4 +182,5 @@ class RagPipeline:
             for p, score in ranked[:kept]
         ]
         rounded = {k: (round(v, 5) if isinstance(v, float) else v) for k, v in timings.items()}
-        return Answer(self.engine.tokenizer.decode(text, skip_special_tokens=True).strip(), sources, rounded)
+        text = self.engine.tokenizer.decode(text, skip_special_tokens=True).strip()
+        return Answer(text, sources, rounded, generation.finish_reason)

@@ -73,6 +73,8 @@ class _Node:
     inflight: int = 0
     waiting: deque = field(default_factory=deque)
     info: dict = field(default_factory=dict)
+    answered: int = 0  # sub-requests this node answered with a RESULT ...
+    answer_s: float = 0.0  # ... and the seconds they took, send to answer (for latency metrics)
 
 
 @dataclass
@@ -91,6 +93,7 @@ class _Sub:
     job: _Job
     shard: int
     node: _Node | None = None
+    sent: float = 0.0
     deadline: float = 0.0
     tried: set = field(default_factory=set)
 
@@ -201,7 +204,10 @@ class Coordinator:
             "jobs": self._jobs,
             "pid": os.getpid(),
             "nodes": [
-                {"shard": n.shard, "endpoint": n.endpoint, "alive": n.alive, "inflight": n.inflight, "waiting": len(n.waiting)}
+                {
+                    "shard": n.shard, "endpoint": n.endpoint, "alive": n.alive, "inflight": n.inflight,
+                    "waiting": len(n.waiting), "answered": n.answered, "answer_s": n.answer_s,
+                }  # fmt: skip
                 for n in nodes
             ],
         }
@@ -233,7 +239,8 @@ class Coordinator:
             protocol.send(node.socket, protocol.search_request(sub_id, queries, list_ids, sub.job.k), flags=zmq.NOBLOCK)
         except zmq.Again:
             return False
-        sub.deadline = time.monotonic() + self.timeout
+        sub.sent = time.monotonic()
+        sub.deadline = sub.sent + self.timeout
         node.inflight += 1
         self._subs[sub_id] = sub
         return True
@@ -256,6 +263,8 @@ class Coordinator:
         node.inflight -= 1
         node.last_seen = time.monotonic()
         if message.op == "RESULT":
+            node.answered += 1
+            node.answer_s += node.last_seen - sub.sent
             sub.job.results[sub.shard] = (message.arrays[0], message.arrays[1])
             self._settle(front, sub.job)
         elif message.op == "ERROR" and message.fields["code"] in NODE_FAILURE_CODES:

@@ -1,6 +1,9 @@
+import json
+
 import numpy as np
 import pytest
 
+from chameleon.corpus import build_rag_index
 from retriever.build import build_index
 from retriever.datasets import synthetic
 from retriever.index import IVFPQParams
@@ -27,3 +30,57 @@ def l2_index(small_data):
 @pytest.fixture
 def rng():
     return np.random.default_rng(123)
+
+
+COLOURS = ["red", "green", "blue", "amber", "violet", "teal", "coral", "ivory", "olive", "indigo"]
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    from chameleon.embedder import Embedder
+
+    return Embedder()
+
+
+@pytest.fixture(scope="session")
+def engine():
+    from chameleon.llm import TorchEngine
+
+    return TorchEngine()
+
+
+@pytest.fixture(scope="session")
+def facts_corpus(tmp_path_factory):
+    """300 one-line documents, each stating one made-up fact."""
+    path = tmp_path_factory.mktemp("corpus") / "facts.jsonl"
+    with open(path, "w") as f:
+        for n in range(300):
+            colour = COLOURS[n % len(COLOURS)]
+            text = f"The planet Zorblax-{n} has {colour} oceans and {n + 3} moons orbiting it."
+            f.write(json.dumps({"id": f"fact-{n}", "title": f"Zorblax-{n}", "text": text}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def facts_index(tmp_path_factory, facts_corpus, embedder):
+    out = tmp_path_factory.mktemp("rag") / "facts"
+    build_rag_index(facts_corpus, out, embedder, nlist=4, m=48)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A tiny random-initialised Llama with the built-in tokenizer: fast, and a real model directory."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from chameleon.models import builtin_llm_path
+
+    tokenizer = AutoTokenizer.from_pretrained(builtin_llm_path())
+    path = tmp_path_factory.mktemp("models") / "tiny-llama"
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

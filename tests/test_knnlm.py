@@ -14,13 +14,6 @@ FACTS = [f"The secret code of planet Zorblax-{n} is {CODES[n % 8]}-{n * 7 % 100}
 
 
 @pytest.fixture(scope="module")
-def engine():
-    from chameleon.llm import TorchEngine
-
-    return TorchEngine()
-
-
-@pytest.fixture(scope="module")
 def datastore(tmp_path_factory, engine):
     from chameleon.knnlm import build_datastore
 

@@ -10,42 +10,6 @@ from chameleon.corpus import Document, RagIndex, build_rag_index, chunk, python_
 from chameleon.models import builtin_llm_path, resolve_model
 from retriever.errors import RetrieverError
 
-COLOURS = ["red", "green", "blue", "amber", "violet", "teal", "coral", "ivory", "olive", "indigo"]
-
-
-@pytest.fixture(scope="session")
-def embedder():
-    from chameleon.embedder import Embedder
-
-    return Embedder()
-
-
-@pytest.fixture(scope="session")
-def engine():
-    from chameleon.llm import TorchEngine
-
-    return TorchEngine()
-
-
-@pytest.fixture(scope="session")
-def facts_corpus(tmp_path_factory):
-    """300 one-line documents, each stating one made-up fact."""
-    path = tmp_path_factory.mktemp("corpus") / "facts.jsonl"
-    with open(path, "w") as f:
-        for n in range(300):
-            colour = COLOURS[n % len(COLOURS)]
-            text = f"The planet Zorblax-{n} has {colour} oceans and {n + 3} moons orbiting it."
-            f.write(json.dumps({"id": f"fact-{n}", "title": f"Zorblax-{n}", "text": text}) + "\n")
-    return path
-
-
-@pytest.fixture(scope="session")
-def facts_index(tmp_path_factory, facts_corpus, embedder):
-    out = tmp_path_factory.mktemp("rag") / "facts"
-    build_rag_index(facts_corpus, out, embedder, nlist=4, m=48)
-    return out
-
-
 def test_read_corpus_folder_and_jsonl(tmp_path):
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "a.md").write_text("# Reading files\nUse open().")
@@ -110,7 +74,7 @@ def test_builtin_llm_is_converted_once(engine):
 def test_torch_engine_greedy_equals_transformers_generate(engine):
     import torch
 
-    tokens = engine.chat_tokens("You are a helpful assistant.", "Name three colours.")
+    tokens = engine.chat_tokens([{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "Name three colours."}])
     ours = engine.generate(tokens, max_new_tokens=24)
     reference = engine.model.generate(torch.tensor([tokens]), max_new_tokens=24, do_sample=False)[0, len(tokens) :].tolist()
     assert ours.tokens == reference[: len(ours.tokens)]
@@ -126,23 +90,17 @@ def test_torch_engine_greedy_equals_transformers_generate(engine):
         engine.prefill(tokens[1:], prefix)
 
 
-def test_any_local_model_directory(tmp_path, engine):
+def test_any_local_model_directory(tiny_model):
     """--model takes a local Hugging Face directory: here a tiny random Llama with the built-in tokenizer."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from chameleon.llm import TorchEngine
 
-    config = LlamaConfig(vocab_size=len(engine.tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)  # fmt: skip
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(tmp_path / "tiny")
-    engine.tokenizer.save_pretrained(tmp_path / "tiny")
-    tiny = TorchEngine(tmp_path / "tiny")
-    tokens = tiny.chat_tokens("s", "hello")
+    tiny = TorchEngine(tiny_model)
+    tokens = tiny.chat_tokens([{"role": "user", "content": "hello"}])
     out = tiny.generate(tokens, max_new_tokens=8)
     reference = tiny.model.generate(torch.tensor([tokens]), max_new_tokens=8, do_sample=False)[0, len(tokens) :].tolist()
-    assert out.tokens == reference[: len(out.tokens)] and tiny.context_window == 256
+    assert out.tokens == reference[: len(out.tokens)] and tiny.context_window == 1024
 
 
 def test_rag_answers_from_the_right_passage(facts_index, embedder, engine):
@@ -168,9 +126,9 @@ def test_retrieval_interval_continues_the_same_answer_when_passages_stay(facts_i
     queries = []
     real_retrieve = pipeline.retrieve
 
-    def same_passages(query, timings):
+    def same_passages(query, timings, k=None):
         queries.append(query)
-        real_retrieve(query, timings)  # the real retrieval runs; its answer is pinned to the first one
+        real_retrieve(query, timings, k)  # the real retrieval runs; its answer is pinned to the first one
         return first
 
     monkeypatch.setattr(pipeline, "retrieve", same_passages)
@@ -190,8 +148,8 @@ def test_new_passages_rebuild_the_prompt(facts_index, embedder, engine, monkeypa
     real_retrieve = pipeline.retrieve
     returned = []
 
-    def shifting(query, timings):
-        ranked = real_retrieve(query, timings)
+    def shifting(query, timings, k=None):
+        ranked = real_retrieve(query, timings, k)
         returned.append(ranked if not returned else ranked[::-1])  # later retrievals rank differently
         return returned[-1]
 

@@ -1,0 +1,141 @@
+"""Load on `chameleon serve`: N streamed /v1/rag requests at concurrency C, against the library call.
+
+Starts `chameleon serve` (built-in model and python-docs index, 2 retrieval shards) unless --url
+is given, sends questions about standard-library modules from C client threads, and records per
+request: status, latency, and time to the first streamed token (client side). The peer, measured
+in the same run after the server stops, is the same questions answered one after another by
+``RagPipeline.ask`` in this process (no HTTP, retrieval in process): the ratio says what the
+appliance's layers (HTTP, queueing, streaming, the retrieval tier) cost or gain.
+
+    python benchmarks/load_serve.py [--requests 200] [--concurrency 8] [--max-tokens 16] [--k 2] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+MODULES = [
+    "json", "csv", "pathlib", "itertools", "functools", "collections", "re", "datetime", "argparse", "logging",
+    "subprocess", "threading", "asyncio", "sqlite3", "hashlib", "random", "statistics", "heapq", "bisect", "shutil",
+]  # fmt: skip
+TEMPLATES = ["What does the {} module do?", "How do I use {} in Python?", "Give an example of the {} module."]
+
+
+def questions(n: int) -> list[str]:
+    return [TEMPLATES[i % len(TEMPLATES)].format(MODULES[(i * 7) % len(MODULES)]) for i in range(n)]
+
+
+def one_request(url: str, question: str, max_tokens: int, k: int) -> dict:
+    body = json.dumps({"question": question, "max_tokens": max_tokens, "k": k, "stream": True}).encode()
+    request = urllib.request.Request(url + "/v1/rag", body, {"Content-Type": "application/json"}, method="POST")
+    started = time.perf_counter()
+    first = None
+    try:
+        with urllib.request.urlopen(request, timeout=600) as response:
+            last_event = None
+            for line in response:
+                if line.startswith(b"event: "):
+                    last_event = line[7:].strip().decode()
+                    if last_event == "token" and first is None:
+                        first = time.perf_counter()
+            ok = last_event == "done"
+            status = response.status if ok else 599
+    except urllib.error.HTTPError as e:
+        status = e.code
+    except OSError:
+        status = 0
+    ended = time.perf_counter()
+    return {"status": status, "latency_s": ended - started, "ttft_s": (first or ended) - started}
+
+
+def start_server(state: Path) -> tuple[subprocess.Popen, str]:
+    ready = state / "ready.json"
+    command = [sys.executable, "-m", "chameleon", "serve", "--port", "0", "--ready-file", str(ready), "--state-dir", str(state / "tier")]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=open(state / "serve.log", "wb"))
+    while not ready.is_file():
+        if process.poll() is not None:
+            sys.exit(f"the server did not start:\n{(state / 'serve.log').read_text()[-2000:]}")
+        time.sleep(0.2)
+    return process, json.loads(ready.read_text())["url"]
+
+
+def in_process(asked: list[str], max_tokens: int, k: int) -> dict:
+    from chameleon.corpus import RagIndex, builtin_rag_index
+    from chameleon.embedder import Embedder
+    from chameleon.llm import TorchEngine
+    from chameleon.rag import RagPipeline
+
+    embedder = Embedder()
+    pipeline = RagPipeline(RagIndex(builtin_rag_index(embedder), embedder.fingerprint), embedder, TorchEngine(), k=k)
+    pipeline.ask(asked[0], max_new_tokens=max_tokens)  # warm-up, as the server's first request would be
+    latencies = []
+    started = time.perf_counter()
+    for question in asked:
+        t = time.perf_counter()
+        pipeline.ask(question, max_new_tokens=max_tokens)
+        latencies.append(time.perf_counter() - t)
+    return {"seconds": time.perf_counter() - started, "latency_s": np.array(latencies)}
+
+
+def percentiles(values) -> dict:
+    return {f"p{q}": round(float(np.percentile(values, q)) * 1e3, 1) for q in (50, 90, 99)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--url", help="A running server (default: start one).")
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--k", type=int, default=2)
+    parser.add_argument("--json", type=Path, help="Write the results here.")
+    args = parser.parse_args()
+
+    asked = questions(args.requests)
+    with tempfile.TemporaryDirectory() as tmp:
+        process, url = (None, args.url) if args.url else start_server(Path(tmp))
+        try:
+            one_request(url, asked[0], args.max_tokens, args.k)  # warm-up
+            started = time.perf_counter()
+            with ThreadPoolExecutor(args.concurrency) as pool:
+                results = list(pool.map(lambda q: one_request(url, q, args.max_tokens, args.k), asked))
+            served_s = time.perf_counter() - started
+        finally:
+            if process is not None:
+                process.send_signal(signal.SIGTERM)
+                process.wait(timeout=120)
+    errors = sum(r["status"] != 200 for r in results)
+    peer = in_process(asked, args.max_tokens, args.k)
+    report = {
+        "date": time.strftime("%Y-%m-%d"),
+        "requests": args.requests,
+        "concurrency": args.concurrency,
+        "max_tokens": args.max_tokens,
+        "k": args.k,
+        "errors": errors,
+        "server_rps": round(args.requests / served_s, 3),
+        "server_latency_ms": percentiles([r["latency_s"] for r in results]),
+        "server_ttft_ms": percentiles([r["ttft_s"] for r in results]),
+        "in_process_rps": round(args.requests / peer["seconds"], 3),
+        "in_process_latency_ms": percentiles(peer["latency_s"]),
+    }
+    report["throughput_ratio_server_vs_in_process"] = round(report["server_rps"] / report["in_process_rps"], 3)
+    print(json.dumps(report, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()

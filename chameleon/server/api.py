@@ -1,0 +1,423 @@
+"""The HTTP API: Chameleon's own routes and the OpenAI-compatible ones, on one FastAPI app.
+
+- ``POST /v1/rag``, ``POST /v1/search``: retrieval-augmented answers with sources and timings,
+  and search alone (text or vector).
+- ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``: OpenAI-compatible,
+  streaming included, retrieval-augmented unless the request says ``"rag": false``.
+- ``GET /healthz`` (the process answers), ``GET /readyz`` (every tier answers), ``GET /metrics``.
+
+Errors have OpenAI's shape (``{"error": {"message", "type", "code", "param"}}``) so its clients
+report them. With API keys configured every ``/v1`` route needs ``Authorization: Bearer KEY``;
+health, readiness and metrics stay open for probes and scrapers. Requests beyond
+``max_concurrency`` (running or queued) get 429 at once rather than waiting without bound; a
+streamed request keeps its place until its stream ends. An error found before the first token of a
+stream is an ordinary 4xx response; one after it ends the stream with an ``error`` event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException
+
+from chameleon.server import schemas
+from chameleon.server.metrics import Metrics
+from chameleon.server.service import Completion, Service
+from chameleon.server.settings import ServeSettings
+from coordinator.client import RemoteError
+from retriever.errors import RetrieverError
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.code = status, message, kind, code
+
+
+def _error_body(message: str, kind: str, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "code": code, "param": None}}
+
+
+def create_app(service: Service, settings: ServeSettings, metrics: Metrics) -> FastAPI:
+    app = FastAPI(
+        title="Chameleon",
+        version="0.1.0",
+        description="Retrieval-augmented generation over a disaggregated IVF-PQ retrieval tier.",
+    )
+    workers = ThreadPoolExecutor(max_workers=settings.max_concurrency + 4, thread_name_prefix="chameleon-request")
+    admission = _Admission(settings.max_concurrency, metrics)
+    bearer = HTTPBearer(auto_error=False, description="An API key, when the server has any.")
+
+    async def blocking(function: Callable, *args):
+        return await asyncio.get_running_loop().run_in_executor(workers, function, *args)
+
+    def authorised(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if not settings.api_keys:
+            return
+        given = credentials.credentials if credentials is not None else ""
+        if not any(secrets.compare_digest(given.encode(), key.encode()) for key in settings.api_keys):
+            raise ApiError(401, "a valid API key is required (Authorization: Bearer KEY)", "authentication_error", "invalid_api_key")
+
+    def max_tokens_of(requested: int | None) -> int:
+        tokens = requested or settings.default_max_tokens
+        if tokens > settings.max_tokens:
+            raise ApiError(400, f"max_tokens is {tokens}; this server allows at most {settings.max_tokens}", code="max_tokens")
+        return tokens
+
+    def check_model(requested: str | None) -> None:
+        if requested not in (None, service.model_id):
+            raise ApiError(404, f"the model {requested!r} does not exist; this server runs {service.model_id!r}", code="model_not_found")
+
+    async def generate(run: Callable[..., Completion], stream: bool, chunks: _Chunks) -> Response:
+        """Run a generation; answer it whole, or as server-sent events rendered by ``chunks``."""
+        admission.enter()
+        if not stream:
+            try:
+                return JSONResponse(chunks.whole(await blocking(run, None, None)))
+            finally:
+                admission.leave()
+        try:
+            events = await _stream(run, blocking, chunks)
+        except BaseException:
+            admission.leave()
+            raise
+
+        async def body() -> AsyncIterator[str]:
+            try:
+                async for event in events:
+                    yield event
+            finally:
+                admission.leave()
+
+        return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    # -- exceptions -----------------------------------------------------------------------------
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, e: ApiError):
+        headers = {"Retry-After": "1"} if e.status == 429 else {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+        return JSONResponse(_error_body(e.message, e.kind, e.code), status_code=e.status, headers=headers)
+
+    @app.exception_handler(RetrieverError)
+    async def _retriever_error(request: Request, e: RetrieverError):
+        if isinstance(e, RemoteError) and e.code in ("unavailable", "shutting_down", "overloaded"):
+            return JSONResponse(_error_body(str(e), "service_unavailable", e.code), status_code=503)
+        return JSONResponse(_error_body(str(e), "invalid_request_error"), status_code=400)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, e: RequestValidationError):
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
+        return JSONResponse(_error_body(problems, "invalid_request_error", "invalid_body"), status_code=422)
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, e: HTTPException):
+        return JSONResponse(_error_body(str(e.detail), "invalid_request_error"), status_code=e.status_code, headers=e.headers)
+
+    # -- probes -----------------------------------------------------------------------------------
+
+    @app.get("/healthz", tags=["probes"])
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["probes"], responses={503: {"description": "A tier does not answer."}})
+    async def readyz():
+        readiness = await blocking(service.readiness)
+        return JSONResponse(readiness, status_code=200 if readiness["ready"] else 503)
+
+    @app.get("/metrics", tags=["probes"], response_class=Response)
+    async def metrics_endpoint():
+        return Response(await blocking(generate_latest, metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    # -- Chameleon's API --------------------------------------------------------------------------
+
+    @app.post("/v1/rag", response_model=schemas.RagResponse, dependencies=[Depends(authorised)], tags=["chameleon"])
+    async def rag(body: schemas.RagRequest):
+        max_tokens = max_tokens_of(body.max_tokens)
+        if body.retrieval_interval is not None and body.retrieval_interval > max_tokens:
+            raise ApiError(400, f"retrieval_interval ({body.retrieval_interval}) exceeds max_tokens ({max_tokens})")
+        stop = schemas.stop_list(body.stop)
+
+        def run(on_text, cancelled):
+            return service.rag(body.question, max_tokens, body.k, body.retrieval_interval, body.mode,
+                               stop=stop, on_text=on_text, cancelled=cancelled)  # fmt: skip
+
+        return await generate(run, body.stream, _RagChunks(service.model_id))
+
+    @app.post("/v1/search", response_model=schemas.SearchResponse, dependencies=[Depends(authorised)], tags=["chameleon"])
+    async def search(body: schemas.SearchRequest):
+        admission.enter()
+        try:
+            hits, timings = await blocking(service.search, body.query, body.vector, body.k, body.nprobe)
+        finally:
+            admission.leave()
+        partial = bool(timings.pop("retrieval_partial", False))
+        return {"results": hits, "partial": partial, "timings": {k: round(v, 6) for k, v in timings.items()}}
+
+    # -- OpenAI-compatible API --------------------------------------------------------------------
+
+    @app.get("/v1/models", dependencies=[Depends(authorised)], tags=["openai"])
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": service.model_id, "object": "model", "created": 0, "owned_by": "chameleon"}]}
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorised)], tags=["openai"])
+    async def chat_completions(body: schemas.ChatCompletionRequest):
+        check_model(body.model)
+        max_tokens = max_tokens_of(body.max_completion_tokens or body.max_tokens)
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in body.messages]
+        if body.rag:
+            if messages[-1]["role"] != "user":
+                raise ApiError(400, "with rag, the last message must be the user's question (or send \"rag\": false)")
+            if body.retrieval_interval is not None and body.retrieval_interval > max_tokens:
+                raise ApiError(400, f"retrieval_interval ({body.retrieval_interval}) exceeds max_tokens ({max_tokens})")
+            system = "\n\n".join(m["content"] for m in messages if m["role"] == "system") or None
+            history = [m for m in messages[:-1] if m["role"] != "system"]
+
+            def run(on_text, cancelled):
+                return service.rag(messages[-1]["content"], max_tokens, body.k, body.retrieval_interval, "passage",
+                                   history, system, body.stops, on_text, cancelled)  # fmt: skip
+        else:
+
+            def run(on_text, cancelled):
+                return service.chat(messages, max_tokens, body.stops, on_text, cancelled)
+
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        return await generate(run, body.stream, _OpenAIChunks(service.model_id, "chat", include_usage))
+
+    @app.post("/v1/completions", dependencies=[Depends(authorised)], tags=["openai"])
+    async def completions(body: schemas.CompletionRequest):
+        check_model(body.model)
+        max_tokens = max_tokens_of(body.max_tokens)
+
+        def run(on_text, cancelled):
+            return service.complete(body.prompt, max_tokens, body.rag, body.k, body.stops, on_text, cancelled)
+
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        return await generate(run, body.stream, _OpenAIChunks(service.model_id, "text", include_usage))
+
+    app.add_middleware(_Observed, metrics=metrics, max_body_bytes=settings.max_body_bytes)
+    app.state.service, app.state.workers = service, workers
+    return app
+
+
+class _Admission:
+    """Counts admitted requests (on the event loop, so no lock); refuses past the limit."""
+
+    def __init__(self, limit: int, metrics: Metrics):
+        self.limit, self.metrics, self.active = limit, metrics, 0
+
+    def enter(self) -> None:
+        if self.active >= self.limit:
+            self.metrics.rejected.inc()
+            raise ApiError(429, f"the server is at its limit of {self.limit} concurrent requests; retry shortly",
+                           "rate_limit_error", "concurrency_limit")  # fmt: skip
+        self.active += 1
+        self.metrics.inflight.set(self.active)
+
+    def leave(self) -> None:
+        self.active -= 1
+        self.metrics.inflight.set(self.active)
+
+
+async def _stream(run: Callable[..., Completion], blocking, chunks: _Chunks) -> AsyncIterator[str]:
+    """Start ``run(on_text, cancelled)`` and wait for its first text (or its failure, raised here);
+    returns the events of the whole stream. Closing the stream early cancels the generation."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    cancelled = threading.Event()
+    task = asyncio.ensure_future(blocking(run, lambda delta: loop.call_soon_threadsafe(queue.put_nowait, delta), cancelled))
+    task.add_done_callback(lambda _: queue.put_nowait(None))
+    first = await queue.get()
+    if first is None:
+        task.result()  # raises what went wrong before any text: an ordinary error response
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            for event in chunks.opening():
+                yield event
+            delta = first
+            while delta is not None:
+                yield chunks.delta(delta)
+                delta = await queue.get()
+            try:
+                completion = task.result()
+            except Exception as e:  # after the first token the status line is gone: report in the stream
+                status = 400 if isinstance(e, RetrieverError) else 500
+                yield chunks.error(_error_body(str(e) if status == 400 else "internal error", "server_error"))
+                return
+            for event in chunks.closing(completion):
+                yield event
+        finally:
+            cancelled.set()
+
+    return events()
+
+
+def _sse(data: dict | str, event: str | None = None) -> str:
+    payload = data if isinstance(data, str) else json.dumps(data)
+    return (f"event: {event}\n" if event else "") + f"data: {payload}\n\n"
+
+
+class _Chunks(Protocol):
+    """How one route renders a completion: whole, or as the events of a stream."""
+
+    def whole(self, completion: Completion) -> dict: ...
+    def opening(self) -> list[str]: ...
+    def delta(self, text: str) -> str: ...
+    def closing(self, completion: Completion) -> list[str]: ...
+    def error(self, body: dict) -> str: ...
+
+
+class _RagChunks:
+    """``/v1/rag``: a ``token`` event per piece of text, then ``done`` with the whole response."""
+
+    def __init__(self, model_id: str):
+        self.model_id = model_id
+
+    def whole(self, c: Completion) -> dict:
+        return {
+            "answer": c.text,
+            "sources": c.sources,
+            "finish_reason": c.finish_reason,
+            "model": self.model_id,
+            "usage": _usage(c),
+            "cache": {"cached_tokens": c.cached_tokens, "prompt_tokens": c.prompt_tokens},
+            "timings": c.timings,
+        }
+
+    def opening(self) -> list[str]:
+        return []
+
+    def delta(self, text: str) -> str:
+        return _sse({"text": text}, "token")
+
+    def closing(self, c: Completion) -> list[str]:
+        return [_sse(self.whole(c), "done")]
+
+    def error(self, body: dict) -> str:
+        return _sse(body, "error")
+
+
+class _OpenAIChunks:
+    """OpenAI's ``chat.completion`` / ``text_completion`` objects and their streamed chunks."""
+
+    def __init__(self, model_id: str, kind: str, include_usage: bool):
+        self.model_id, self.kind, self.include_usage = model_id, kind, include_usage
+        self.id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+
+    def _object(self, chunk: bool) -> dict:
+        name = ("chat.completion" if self.kind == "chat" else "text_completion") + (".chunk" if chunk and self.kind == "chat" else "")
+        return {"id": self.id, "object": name, "created": self.created, "model": self.model_id}
+
+    def _choice(self, text: str | None, finish_reason: str | None, first: bool = False) -> dict:
+        if self.kind == "text":
+            return {"index": 0, "text": text or "", "finish_reason": finish_reason, "logprobs": None}
+        delta = ({"role": "assistant"} if first else {}) | ({"content": text} if text is not None else {})
+        return {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+
+    def whole(self, c: Completion) -> dict:
+        if self.kind == "chat":
+            choice = {"index": 0, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason, "logprobs": None}
+        else:
+            choice = {"index": 0, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None}
+        return {**self._object(False), "choices": [choice], "usage": _usage(c), "chameleon": _extension(c)}
+
+    def opening(self) -> list[str]:
+        return [_sse({**self._object(True), "choices": [self._choice("", None, first=True)]})] if self.kind == "chat" else []
+
+    def delta(self, text: str) -> str:
+        return _sse({**self._object(True), "choices": [self._choice(text, None)]})
+
+    def closing(self, c: Completion) -> list[str]:
+        last = {**self._object(True), "choices": [self._choice(None, c.finish_reason)], "chameleon": _extension(c)}
+        usage = [_sse({**self._object(True), "choices": [], "usage": _usage(c)})] if self.include_usage else []
+        return [_sse(last), *usage, _sse("[DONE]")]
+
+    def error(self, body: dict) -> str:
+        return _sse(body)
+
+
+def _usage(c: Completion) -> dict:
+    return {
+        "prompt_tokens": c.prompt_tokens,
+        "completion_tokens": c.completion_tokens,
+        "total_tokens": c.prompt_tokens + c.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": c.cached_tokens},
+    }
+
+
+def _extension(c: Completion) -> dict:
+    return {"sources": c.sources, "timings": c.timings}
+
+
+class _Observed:
+    """ASGI middleware: refuses bodies over the limit (413) and times every request by route."""
+
+    def __init__(self, app, metrics: Metrics, max_body_bytes: int):
+        self.app, self.metrics, self.max_body_bytes = app, metrics, max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        status = {"code": 500}
+
+        async def observed_send(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            body = await self._read_body(receive)
+            if body is None:
+                response = JSONResponse(
+                    _error_body(f"the request body exceeds {self.max_body_bytes} bytes", "invalid_request_error", "body_too_large"),
+                    status_code=413,
+                )
+                return await response(scope, receive, observed_send)
+            return await self.app(scope, _replay(body, receive), observed_send)
+        finally:
+            route = scope.get("route")
+            label = getattr(route, "path", "unmatched")
+            self.metrics.requests.labels(label, str(status["code"])).inc()
+            self.metrics.latency.labels(label).observe(time.perf_counter() - started)
+
+    async def _read_body(self, receive) -> bytes | None:
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                break
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_body_bytes:
+                return None
+            if not message.get("more_body", False):
+                break
+        return b"".join(chunks)
+
+
+def _replay(body: bytes, receive):
+    sent = False
+
+    async def replayed():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()  # afterwards: the disconnect, for streaming responses that watch for it
+
+    return replayed

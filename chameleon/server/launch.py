@@ -1,0 +1,126 @@
+"""``chameleon serve``: build what is missing, start the retrieval tier and the HTTP server.
+
+One process holds the HTTP server, the LLM engine, the embedder and the coarse quantizer (the
+inference side); the retrieval nodes and the coordinator are child processes on loopback
+(``chameleon.cluster``), asked to exit if this process dies. SIGTERM or Ctrl-C stops accepting
+requests, finishes the ones in flight, then stops every process this one started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+from chameleon.server.settings import ServeSettings
+from retriever.errors import RetrieverError
+from retriever.files import write_json_atomic
+
+GRACEFUL_SHUTDOWN_S = 120
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _interrupt(*_signal_args) -> None:
+    raise KeyboardInterrupt
+
+
+def serve(settings: ServeSettings, ready_file: Path | None = None) -> None:
+    """Serve until SIGTERM or SIGINT; ``ready_file`` gets the URL once requests are accepted."""
+    import uvicorn
+
+    from chameleon import cluster
+    from chameleon.corpus import RagIndex, builtin_rag_index
+    from chameleon.embedder import Embedder
+    from chameleon.llm import TorchEngine
+    from chameleon.models import BUILTIN_LLM
+    from chameleon.rag import RagPipeline
+    from chameleon.server.api import create_app
+    from chameleon.server.metrics import Metrics
+    from chameleon.server.service import Service
+    from coordinator.client import RetrievalClient
+    from coordinator.security import CurveKeys
+    from retriever.datasets import cache_dir
+
+    signal.signal(signal.SIGTERM, _interrupt)  # until uvicorn takes over: a stop during startup cleans up too
+    listener = _listen(settings.host, settings.port)
+    state_dir = (settings.state_dir or cache_dir() / "serve").resolve()
+    searcher = tier = app = None
+    cluster_up = False
+    try:
+        embedder = Embedder()
+        rag_index = RagIndex(settings.index or builtin_rag_index(embedder, progress=True), embedder.fingerprint)
+        _say(f"loading the LLM ({settings.model or BUILTIN_LLM})")
+        engine = TorchEngine(settings.model)
+        knnlm = None
+        if settings.knnlm is not None:
+            from chameleon.knnlm import KnnLm
+
+            knnlm = KnnLm.open(settings.knnlm, engine)
+        if settings.shards:
+            _say(f"starting {settings.shards} retrieval shard(s) x {settings.replicas} replica(s) and the coordinator ({state_dir})")
+            state = cluster.up(
+                rag_index.path / "index", settings.shards, state_dir, settings.replicas, engine=settings.retrieval_engine,
+                keys_dir=settings.keys, die_with_parent=True,
+            )  # fmt: skip
+            cluster_up = True
+            searcher = cluster.ClusterSearcher.open(state_dir)
+            keys = CurveKeys.load(settings.keys) if settings.keys is not None else None
+            tier = RetrievalClient(state["coordinator"]["endpoint"], keys=keys, timeout=1.0)
+        service: Service | None = None
+        metrics = Metrics(tier_info=lambda: service.tier_info() if service is not None else None)
+        pipeline = RagPipeline(rag_index, embedder, engine, k=settings.k, nprobe=settings.nprobe, retrieval=searcher)
+        model_id = Path(settings.model).name if settings.model else BUILTIN_LLM
+        service = Service(pipeline, model_id, tier, knnlm, metrics)
+        app = create_app(service, settings, metrics)
+        host, port = listener.getsockname()[:2]
+        url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
+        _banner(url, model_id, rag_index, settings)
+        if ready_file is not None:
+            write_json_atomic(ready_file, {"url": url, "pid": os.getpid(), "state_dir": str(state_dir) if cluster_up else None})
+        config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, access_log=False)
+        uvicorn.Server(config).run(sockets=[listener])
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second stop must not cut the cleanup short
+        listener.close()
+        for client in (searcher, tier):
+            if client is not None:
+                client.close()
+        if app is not None:
+            app.state.workers.shutdown(wait=False, cancel_futures=True)
+        if cluster_up:
+            stopped = cluster.down(state_dir)
+            _say(f"stopped {len(stopped)} tier process(es)")
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """Bind before the slow startup, so a taken port fails at once and port 0 is known early."""
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        return socket.create_server((host, port), family=family, backlog=2048)
+    except OSError as e:
+        raise RetrieverError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+
+
+def _banner(url: str, model_id: str, rag_index, settings: ServeSettings) -> None:
+    auth = " -H 'Authorization: Bearer YOUR_KEY'" if settings.api_keys else ""
+    key = "YOUR_KEY" if settings.api_keys else "none"
+    question = json.dumps({"question": "How do I read a file line by line?"})
+    print(
+        f"\nChameleon serves {model_id} over {len(rag_index.passages):,} passages of {rag_index.meta['corpus']} "
+        f"({settings.shards or 'no'} retrieval shard(s)) at {url}\n\n"
+        f"  curl -s {url}/v1/rag -H 'Content-Type: application/json'{auth} -d '{question}'\n\n"
+        f"  python -c \"from openai import OpenAI; client = OpenAI(base_url='{url}/v1', api_key='{key}'); "
+        f"print(client.chat.completions.create(model='{model_id}', messages=[{{'role': 'user', "
+        f"'content': 'How do I sort a list of dicts by a key?'}}]).choices[0].message.content)\"\n\n"
+        f"  docs {url}/docs   metrics {url}/metrics   stop with Ctrl-C\n",
+        flush=True,
+    )

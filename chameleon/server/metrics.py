@@ -1,0 +1,58 @@
+"""Prometheus metrics of one server (its own registry, so several servers can live in one process).
+
+Prefill tokens are counted as ``cached`` (their KV was reused) or ``computed``; the KV hit rate is
+``cached / (cached + computed)``. Per-shard retrieval latency comes from the coordinator at scrape
+time (sum and count of its nodes' answer times), so it covers every request the tier served.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, SummaryMetricFamily
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    def __init__(self, tier_info: Callable[[], dict | None] | None = None):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("chameleon_requests", "HTTP requests by route and status.", ["route", "status"], registry=r)
+        self.latency = Histogram("chameleon_request_seconds", "HTTP request latency by route.", ["route"], buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("chameleon_ttft_seconds", "Time to first token.", buckets=LATENCY_BUCKETS, registry=r)
+        self.decode_speed = Histogram(
+            "chameleon_decode_tokens_per_second", "Decode speed per request.", buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000), registry=r
+        )
+        self.generated_tokens = Counter("chameleon_generated_tokens", "New tokens generated.", registry=r)
+        self.prefill_tokens = Counter("chameleon_prefill_tokens", "Prompt tokens by whether their KV was reused.", ["kind"], registry=r)
+        self.retrieval = Histogram("chameleon_retrieval_seconds", "Retrieval (coarse + tier) per search.", buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_depth = Gauge("chameleon_queue_depth", "Requests waiting for the LLM engine.", registry=r)
+        self.inflight = Gauge("chameleon_inflight_requests", "Requests admitted and not yet finished.", registry=r)
+        self.rejected = Counter("chameleon_rejected_requests", "Requests refused with 429 (over the concurrency limit).", registry=r)
+        if tier_info is not None:
+            r.register(_TierCollector(tier_info))
+
+
+class _TierCollector:
+    """Per-node figures from the coordinator's INFO, read at scrape time."""
+
+    def __init__(self, tier_info: Callable[[], dict | None]):
+        self.tier_info = tier_info
+
+    def describe(self):
+        return []  # collected lazily: never call the tier at registration
+
+    def collect(self):
+        info = self.tier_info()
+        latency = SummaryMetricFamily(
+            "chameleon_shard_latency_seconds", "Retrieval node answer time, per node.", labels=["shard", "endpoint"]
+        )
+        alive = GaugeMetricFamily("chameleon_shard_node_alive", "1 when the coordinator sees the node alive.", labels=["shard", "endpoint"])
+        for node in (info or {}).get("nodes", []):
+            labels = [str(node["shard"]), node["endpoint"]]
+            latency.add_metric(labels, count_value=node.get("answered", 0), sum_value=node.get("answer_s", 0.0))
+            alive.add_metric(labels, 1.0 if node["alive"] else 0.0)
+        yield latency
+        yield alive

@@ -1,0 +1,147 @@
+"""Request and response bodies of the HTTP API (they are the OpenAPI schema at ``/openapi.json``).
+
+The OpenAI-compatible requests ignore fields we do not use (clients send many), but decoding is
+always greedy: ``temperature`` and ``top_p`` are accepted and have no effect, and ``n`` must be 1.
+Chameleon's own fields (``rag``, ``k``, ``retrieval_interval``) ride along in the same bodies
+(``extra_body`` in the ``openai`` client).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_TEXT = 32_000
+MAX_MESSAGES = 64
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _OpenAICompatible(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+Stop = str | list[str] | None
+
+
+def stop_list(value: Stop) -> list[str]:
+    return [] if value is None else [value] if isinstance(value, str) else value
+
+
+def _check_stop(value: Stop) -> Stop:
+    stops = stop_list(value)
+    if len(stops) > 4 or any(len(s) > 256 for s in stops):
+        raise ValueError("stop takes at most 4 strings of at most 256 characters")
+    return value
+
+
+# -- Chameleon's own API -----------------------------------------------------------------------
+
+
+class Source(BaseModel):
+    doc_id: str
+    title: str
+    score: float
+    snippet: str
+
+
+class RagRequest(_Strict):
+    question: str = Field(min_length=1, max_length=MAX_TEXT)
+    k: int | None = Field(None, ge=1, le=64, description="Passages to retrieve (default: the server's).")
+    retrieval_interval: int | None = Field(None, ge=1, description="Retrieve again every N new tokens.")
+    mode: Literal["passage", "knnlm"] = "passage"
+    max_tokens: int | None = Field(None, ge=1, description="New tokens at most (default and limit: the server's).")
+    stop: Stop = None
+    stream: bool = Field(False, description="Server-sent events: `sources`, then `token` events, then `done`.")
+
+    _stop = field_validator("stop")(_check_stop)
+
+
+class RagResponse(BaseModel):
+    answer: str
+    sources: list[Source]
+    finish_reason: Literal["stop", "length"]
+    model: str
+    usage: dict[str, int]
+    cache: dict[str, int] = Field(description="Prompt tokens whose KV was reused, and prompt tokens in all.")
+    timings: dict[str, float | int | bool]
+
+
+class SearchRequest(_Strict):
+    query: str | None = Field(None, min_length=1, max_length=MAX_TEXT, description="Text to search for.")
+    vector: list[float] | None = Field(None, min_length=1, max_length=65_536, description="Or an embedding to search with.")
+    k: int = Field(10, ge=1, le=1000)
+    nprobe: int | None = Field(None, ge=1, le=65_536)
+
+
+class SearchHit(Source):
+    passage_id: int
+
+
+class SearchResponse(BaseModel):
+    results: list[SearchHit]
+    partial: bool
+    timings: dict[str, float | int | bool]
+
+
+# -- OpenAI-compatible API ---------------------------------------------------------------------
+
+
+class TextPart(_OpenAICompatible):
+    type: Literal["text"]
+    text: str = Field(max_length=MAX_TEXT)
+
+
+class ChatMessage(_OpenAICompatible):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] = Field(max_length=MAX_TEXT)
+
+    @property
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+
+
+class StreamOptions(_OpenAICompatible):
+    include_usage: bool = False
+
+
+class _Generation(_OpenAICompatible):
+    model: str | None = Field(None, max_length=256)
+    max_tokens: int | None = Field(None, ge=1)
+    stop: Stop = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(None, ge=0, le=2, description="Accepted; decoding is greedy.")
+    top_p: float | None = Field(None, ge=0, le=1, description="Accepted; decoding is greedy.")
+    n: int = Field(1, ge=1, le=1)
+    rag: bool = Field(True, description="Retrieve passages for the prompt (Chameleon extension).")
+    k: int | None = Field(None, ge=1, le=64, description="Passages to retrieve (Chameleon extension).")
+
+    _stop = field_validator("stop")(_check_stop)
+
+    @property
+    def stops(self) -> list[str]:
+        return stop_list(self.stop)
+
+
+class ChatCompletionRequest(_Generation):
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    retrieval_interval: int | None = Field(None, ge=1, description="Retrieve again every N new tokens (Chameleon extension).")
+
+
+class CompletionRequest(_Generation):
+    prompt: str | list[str] = Field(description="One prompt (a list must hold exactly one).")
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, value):
+        prompts = [value] if isinstance(value, str) else value
+        if len(prompts) != 1:
+            raise ValueError("exactly one prompt per request")
+        if not prompts[0] or len(prompts[0]) > MAX_TEXT:
+            raise ValueError(f"the prompt must hold 1 to {MAX_TEXT} characters")
+        return prompts[0]

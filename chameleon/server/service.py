@@ -1,0 +1,271 @@
+"""What the HTTP routes call: generation, retrieval and readiness behind thread-safe methods.
+
+The LLM engine runs one request at a time (a lock; the requests waiting for it are the queue
+depth). Retrieval has its own lock inside the pipeline, so ``/v1/search`` is not held up by a
+long generation. Text is streamed as it is decoded; stop strings end generation as soon as they
+appear and are never sent (the part of the text that could still become one is held back).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from chameleon.rag import SNIPPET_CHARS, RagPipeline, context_block
+from coordinator.client import RetrievalClient
+from retriever.errors import RetrieverError
+
+PLAIN_SYSTEM_PROMPT = "You are a helpful assistant for Python programmers. Be concise."
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: str  # "stop" | "length"
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    sources: list[dict] = field(default_factory=list)
+    timings: dict = field(default_factory=dict)
+
+
+class TextStream:
+    """Incremental detokenization: the new text each token adds, cut at the first stop string."""
+
+    def __init__(self, tokenizer, eos_ids: set[int], stop: Sequence[str] = (), strip_leading: bool = True):
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_ids
+        self.stop = [s for s in stop if s]
+        self.strip_leading = strip_leading
+        self.tokens: list[int] = []
+        self.text = ""
+        self.stopped = False
+        self._sent = 0
+
+    def push(self, token: int) -> str:
+        """Feed one generated token; returns the text that is now safe to send."""
+        if self.stopped or token in self.eos_ids:
+            return ""
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        text = text.lstrip() if self.strip_leading else text
+        if text.endswith("\ufffd"):  # a character split across tokens: wait for the rest
+            return ""
+        self.text = text
+        cuts = [i for i in (text.find(s, max(0, self._sent - len(s))) for s in self.stop) if i >= 0]
+        if cuts:
+            self.text, self.stopped = text[: min(cuts)], True
+            return self._release(len(self.text))
+        held = max((n for s in self.stop for n in range(len(s) - 1, 0, -1) if text.endswith(s[:n])), default=0)
+        return self._release(len(text) - held)
+
+    def finish(self) -> str:
+        """The text held back for a stop string that never came."""
+        return self._release(len(self.text))
+
+    def _release(self, end: int) -> str:
+        delta = self.text[self._sent : end] if end > self._sent else ""
+        self._sent = max(self._sent, end)
+        return delta
+
+
+class Service:
+    def __init__(self, pipeline: RagPipeline, model_id: str, tier: RetrievalClient | None = None, knnlm=None, metrics=None):
+        self.pipeline = pipeline
+        self.engine = pipeline.engine
+        self.model_id = model_id
+        self.knnlm = knnlm
+        self.metrics = metrics
+        self._tier = tier
+        self._tier_lock = threading.Lock()
+        self._engine_lock = threading.Lock()
+
+    # -- readiness ----------------------------------------------------------------------------
+
+    def tier_info(self) -> dict | None:
+        """The coordinator's view of the nodes, None when retrieval is in process or it does not answer."""
+        if self._tier is None:
+            return None
+        with self._tier_lock:
+            try:
+                return self._tier.info(timeout=1.0)
+            except RetrieverError:
+                return None
+
+    def readiness(self) -> dict:
+        """``ready`` plus why not: every shard needs a live node when retrieval runs in a tier."""
+        if self._tier is None:
+            return {"ready": True, "retrieval": "in-process"}
+        info = self.tier_info()
+        if info is None:
+            return {"ready": False, "retrieval": "tier", "reason": "the coordinator does not answer"}
+        live = {n["shard"] for n in info["nodes"] if n["alive"]}
+        missing = sorted(set(range(info["nshards"])) - live)
+        if missing:
+            return {"ready": False, "retrieval": "tier", "reason": f"no live node for shard(s) {missing}"}
+        return {"ready": True, "retrieval": "tier", "shards": info["nshards"], "nodes": len(info["nodes"])}
+
+    # -- retrieval ----------------------------------------------------------------------------
+
+    def search(self, query: str | None, vector: list[float] | None, k: int, nprobe: int | None) -> tuple[list[dict], dict]:
+        timings: dict = {}
+        if (query is None) == (vector is None):
+            raise RetrieverError("give exactly one of query (text) and vector")
+        if query is not None:
+            if not query.strip():
+                raise RetrieverError("the query is empty")
+            ranked = self.pipeline.retrieve(query, timings, k, nprobe)
+        else:
+            ranked = self.pipeline.retrieve_vector([vector], timings, k, nprobe)
+        self._observe_retrieval(timings)
+        return [_source(passage, score, with_passage=True) for passage, score in ranked], timings
+
+    # -- generation ---------------------------------------------------------------------------
+
+    def rag(
+        self,
+        question: str,
+        max_tokens: int,
+        k: int | None = None,
+        retrieval_interval: int | None = None,
+        mode: str = "passage",
+        history: Sequence[dict] = (),
+        system: str | None = None,
+        stop: Sequence[str] = (),
+        on_text: Callable[[str], None] | None = None,
+        cancelled: threading.Event | None = None,
+    ) -> Completion:
+        """Answer ``question`` from the passages (``passage``) or the kNN-LM datastore (``knnlm``)."""
+        if mode == "knnlm":
+            return self._knnlm(question, max_tokens, stop, on_text, cancelled)
+        request = _Request(self.engine, stop, on_text, cancelled)
+        with self._generating() as queued:
+            answer = self.pipeline.ask(question, max_tokens, retrieval_interval, k, history, system, request.on_token)
+        self._observe_retrieval(answer.timings)
+        timings = {**answer.timings, "queue_s": queued(), "prefill_s": answer.timings["ttft_s"]}
+        return self._finish(request, answer.finish_reason, timings["prompt_tokens"], timings["reused_kv_tokens"], answer.sources, timings)
+
+    def chat(self, messages: list[dict], max_tokens: int, stop: Sequence[str] = (), on_text=None, cancelled=None) -> Completion:
+        """The model alone on a conversation (no retrieval)."""
+        request = _Request(self.engine, stop, on_text, cancelled)
+        return self._plain(request, self.engine.chat_tokens(messages), max_tokens)
+
+    def complete(
+        self, prompt: str, max_tokens: int, rag: bool, k: int | None = None, stop: Sequence[str] = (), on_text=None, cancelled=None
+    ) -> Completion:
+        """Continue ``prompt`` as raw text; with ``rag``, the retrieved passages come before it."""
+        request = _Request(self.engine, stop, on_text, cancelled, strip_leading=False)
+        encode = self.engine.tokenizer
+        if not rag:
+            return self._plain(request, encode(prompt)["input_ids"], max_tokens)
+        timings: dict = {}
+        ranked = self.pipeline.retrieve(prompt, timings, k)
+        self._observe_retrieval(timings)
+
+        def render(kept):
+            return encode(f"Passages:\n{context_block(kept)}\n\n{prompt}" if kept else prompt)["input_ids"]
+
+        tokens, kept = self.pipeline.fit([p for p, _ in ranked], max_tokens, render)
+        return self._plain(request, tokens, max_tokens, [_source(p, s) for p, s in ranked[:kept]], timings)
+
+    def _plain(self, request: _Request, tokens, max_tokens: int, sources=(), timings=None) -> Completion:
+        with self._generating() as queued:
+            generation = self.engine.generate(list(tokens), max_tokens, None, request.on_token)
+        timings = {**(timings or {}), "queue_s": queued(), "prefill_s": generation.ttft_s}
+        return self._finish(request, generation.finish_reason, len(tokens), 0, list(sources), timings)
+
+    def _knnlm(self, question, max_tokens, stop, on_text, cancelled) -> Completion:
+        from chameleon.knnlm import generate
+
+        if self.knnlm is None:
+            raise RetrieverError("mode knnlm needs a kNN-LM datastore: start the server with --knnlm DIR")
+        request = _Request(self.engine, stop, on_text, cancelled)
+        messages = [{"role": "system", "content": PLAIN_SYSTEM_PROMPT}, {"role": "user", "content": question}]
+        tokens = self.engine.chat_tokens(messages)
+        with self._generating() as queued:
+            generated = generate(self.engine, self.knnlm, tokens, max_tokens, request.on_token)
+        ended = generated[-1] in self.engine.eos_ids or request.stopped
+        return self._finish(request, "stop" if ended else "length", len(tokens), 0, [], {"queue_s": queued()})
+
+    def _finish(self, request: _Request, finish_reason: str, prompt_tokens: int, cached: int, sources, timings) -> Completion:
+        request.finish()
+        new_tokens = len(request.stream.tokens)
+        timings = {**timings, "ttft_s": request.ttft_s, "decode_tokens_per_s": request.decode_speed()}
+        if self.metrics is not None:
+            self.metrics.ttft.observe(timings["ttft_s"])
+            if timings["decode_tokens_per_s"] > 0:
+                self.metrics.decode_speed.observe(timings["decode_tokens_per_s"])
+            self.metrics.generated_tokens.inc(new_tokens)
+            self.metrics.prefill_tokens.labels("cached").inc(cached)
+            self.metrics.prefill_tokens.labels("computed").inc(max(0, prompt_tokens - cached))
+        finish_reason = "stop" if request.stream.stopped else finish_reason
+        rounded = {k: (round(v, 5) if isinstance(v, float) else v) for k, v in timings.items()}
+        return Completion(request.stream.text, finish_reason, prompt_tokens, new_tokens, cached, sources, rounded)
+
+    @contextmanager
+    def _generating(self):
+        """Hold the engine; yields a function giving how long the request queued for it."""
+        started = time.perf_counter()
+        if self.metrics is not None:
+            self.metrics.queue_depth.inc()
+        try:
+            self._engine_lock.acquire()
+        finally:
+            if self.metrics is not None:
+                self.metrics.queue_depth.dec()
+        queued = time.perf_counter() - started
+        try:
+            yield lambda: queued
+        finally:
+            self._engine_lock.release()
+
+    def _observe_retrieval(self, timings: dict) -> None:
+        if self.metrics is not None and "retrieval_s" in timings:
+            self.metrics.retrieval.observe(timings["coarse_s"] + timings["retrieval_s"])
+
+class _Request:
+    """One generation in flight: its text stream, its clock (TTFT counts from the request's arrival,
+    queueing and retrieval included) and its cancellation."""
+
+    def __init__(self, engine, stop: Sequence[str], on_text, cancelled: threading.Event | None, strip_leading: bool = True):
+        self.stream = TextStream(engine.tokenizer, engine.eos_ids, stop, strip_leading)
+        self.on_text, self.cancelled = on_text, cancelled
+        self.started = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.tokens_seen = 0
+
+    @property
+    def stopped(self) -> bool:
+        return self.stream.stopped or (self.cancelled is not None and self.cancelled.is_set())
+
+    def on_token(self, token: int) -> bool:
+        """The engines' ``on_token``: stream the text, stop on a stop string or a cancel."""
+        now = time.perf_counter()
+        self.first_token_at = self.first_token_at or now
+        self.last_token_at, self.tokens_seen = now, self.tokens_seen + 1
+        delta = self.stream.push(token)
+        if delta and self.on_text is not None:
+            self.on_text(delta)
+        return self.stopped
+
+    def finish(self) -> None:
+        tail = self.stream.finish()
+        if tail and self.on_text is not None:
+            self.on_text(tail)
+
+    @property
+    def ttft_s(self) -> float:
+        return (self.first_token_at or time.perf_counter()) - self.started
+
+    def decode_speed(self) -> float:
+        if self.tokens_seen < 2 or self.last_token_at <= self.first_token_at:
+            return 0.0
+        return (self.tokens_seen - 1) / (self.last_token_at - self.first_token_at)
+
+
+def _source(passage, score: float, with_passage: bool = False) -> dict:
+    source = {"doc_id": passage.doc_id, "title": passage.title, "score": round(score, 4), "snippet": passage.text[:SNIPPET_CHARS]}
+    return {**source, "passage_id": int(passage.id)} if with_passage else source

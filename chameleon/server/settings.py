@@ -1,0 +1,72 @@
+"""``chameleon serve`` settings: command-line flags override ``CHAMELEON_*`` environment
+variables, which override the YAML file, which overrides the defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from retriever.errors import RetrieverError
+
+
+class ServeSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CHAMELEON_", extra="forbid")
+
+    index: Path | None = Field(None, description="Passage index directory (default: built-in python-docs, built on first run).")
+    model: str | None = Field(None, description="Local Hugging Face model directory (default: built-in SmolLM2-135M-Instruct).")
+    engine: Literal["auto", "torch"] = Field("auto", description="LLM engine; auto is torch (CUDA when present).")
+    shards: int = Field(2, ge=0, le=64, description="Retrieval shards, each a node process; 0 searches in the server process.")
+    replicas: int = Field(1, ge=1, le=16, description="Nodes per shard.")
+    retrieval_engine: Literal["numba", "faiss"] = Field("numba", description="Scan engine of the retrieval nodes.")
+    keys: Path | None = Field(None, description="CURVE keys directory (`chameleon keys gen`) to encrypt the tier.")
+    state_dir: Path | None = Field(None, description="Where the tier's processes keep state and logs (default: in the cache).")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535, description="0 picks a free port.")
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="Bearer keys; none means open.")
+    k: int = Field(4, ge=1, le=64, description="Passages per request unless the request says otherwise.")
+    nprobe: int = Field(16, ge=1, le=65536)
+    max_tokens: int = Field(1024, ge=1, le=4096, description="The most new tokens a request may ask for.")
+    default_max_tokens: int = Field(256, ge=1, le=4096, description="New tokens when a request does not say.")
+    max_concurrency: int = Field(16, ge=1, le=4096, description="Requests admitted at once (running or queued); more get 429.")
+    max_body_bytes: int = Field(1 << 20, ge=1024, le=1 << 30)
+    knnlm: Path | None = Field(None, description="kNN-LM datastore (`index build --knnlm`) for mode=knnlm.")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _comma_separated(cls, value):
+        return [key.strip() for key in value.split(",") if key.strip()] if isinstance(value, str) else value
+
+    @classmethod
+    def load(cls, config_file: Path | None = None, **overrides) -> ServeSettings:
+        """Settings from ``config_file`` (YAML), the environment and ``overrides`` (None = not given)."""
+        from_file = {}
+        if config_file is not None:
+            try:
+                from_file = yaml.safe_load(Path(config_file).read_text()) or {}
+            except OSError as e:
+                raise RetrieverError(f"cannot read the config file {config_file}: {e.strerror}") from None
+            except yaml.YAMLError as e:
+                raise RetrieverError(f"{config_file} is not valid YAML: {e}") from None
+            if not isinstance(from_file, dict):
+                raise RetrieverError(f"{config_file} must hold a mapping of settings, not {type(from_file).__name__}")
+            from_file = {str(key).replace("-", "_"): value for key, value in from_file.items()}
+        try:
+            from_env = cls()
+            values = {
+                **from_file,
+                **{name: getattr(from_env, name) for name in from_env.model_fields_set},
+                **{name: value for name, value in overrides.items() if value is not None},
+            }
+            settings = cls(**values)
+        except ValidationError as e:
+            problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'settings'}: {err['msg']}" for err in e.errors())
+            raise RetrieverError(f"invalid settings: {problems}") from None
+        if "default_max_tokens" not in settings.model_fields_set:
+            settings.default_max_tokens = min(settings.default_max_tokens, settings.max_tokens)
+        if settings.default_max_tokens > settings.max_tokens:
+            raise RetrieverError(f"default_max_tokens ({settings.default_max_tokens}) exceeds max_tokens ({settings.max_tokens})")
+        return settings

@@ -1,0 +1,349 @@
+"""`chameleon serve`: real server processes on loopback, the official openai client, metrics, limits,
+and a property-based run over the OpenAPI schema. Most tests use a tiny random model; the
+integration ones use the built-in model and retrieval shards as separate processes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+
+from retriever.errors import RetrieverError
+
+KEY = "test-key"
+START_TIMEOUT = 300
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen
+    url: str
+    state_dir: str | None
+    log: Path
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=60)
+
+
+def start_server(tmp_path: Path, *args) -> Server:
+    ready, log = tmp_path / "ready.json", tmp_path / "serve.log"
+    command = [sys.executable, "-m", "chameleon", "serve", "--port", "0", "--ready-file", str(ready), "--state-dir", str(tmp_path / "state"), *map(str, args)]
+    with open(log, "wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + START_TIMEOUT
+    while not ready.is_file():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"the server did not start:\n{log.read_text()[-3000:]}")
+        time.sleep(0.1)
+    info = json.loads(ready.read_text())
+    return Server(process, info["url"], info["state_dir"], log)
+
+
+def call(url: str, body: dict | bytes | None = None, key: str | None = KEY, method: str | None = None) -> tuple[int, dict, dict]:
+    """(status, JSON body, headers) of one request."""
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
+    request = urllib.request.Request(url, data, headers, method=method or ("POST" if data is not None else "GET"))
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            raw = response.read()
+            return response.status, json.loads(raw) if raw[:1] in (b"{", b"[") else {"text": raw.decode()}, dict(response.headers)
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read()), dict(e.headers)
+
+
+def events(url: str, body: dict, key: str | None = KEY):
+    """The (event, data) pairs of a server-sent event stream, as they arrive."""
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {key}"}
+    request = urllib.request.Request(url, json.dumps(body).encode(), headers, method="POST")
+    with urllib.request.urlopen(request, timeout=120) as response:
+        event = None
+        for line in response:
+            line = line.decode().rstrip("\n")
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: "):
+                yield event, line[6:]
+                event = None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return b"chameleon" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def _tier_pids(state_dir: str) -> list[int]:
+    state = json.loads((Path(state_dir) / "cluster.json").read_text())
+    return [p["pid"] for p in [state["coordinator"], *state["nodes"]]]
+
+
+def _wait_gone(pids: list[int], limit: float = 60) -> list[int]:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.1)
+    return [p for p in pids if _alive(p)]
+
+
+def _sample(metrics_text: str, name: str, **labels) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0.0
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+# -- settings and text streaming (no server) ---------------------------------------------------
+
+
+def test_settings_precedence_flags_env_file_defaults(tmp_path, monkeypatch):
+    from chameleon.server.settings import ServeSettings
+
+    config = tmp_path / "serve.yaml"
+    config.write_text("port: 9000\nshards: 3\nmax-concurrency: 4\napi_keys: [a]\n")
+    monkeypatch.setenv("CHAMELEON_SHARDS", "1")
+    monkeypatch.setenv("CHAMELEON_API_KEYS", "x, y")
+    settings = ServeSettings.load(config, port=None, k=8)
+    assert (settings.port, settings.shards, settings.max_concurrency, settings.k) == (9000, 1, 4, 8)
+    assert settings.api_keys == ["x", "y"] and settings.nprobe == 16
+    assert ServeSettings.load(config, shards=0).shards == 0
+    config.write_text("prot: 1\n")
+    with pytest.raises(RetrieverError, match="prot: Extra inputs"):
+        ServeSettings.load(config)
+    config.write_text("[1, 2")
+    with pytest.raises(RetrieverError, match="not valid YAML"):
+        ServeSettings.load(config)
+    with pytest.raises(RetrieverError, match="port"):
+        ServeSettings.load(None, port=70000)
+    assert ServeSettings.load(None, max_tokens=8).default_max_tokens == 8
+    with pytest.raises(RetrieverError, match="default_max_tokens"):
+        ServeSettings.load(None, max_tokens=8, default_max_tokens=9)
+
+
+def test_text_stream_cuts_at_stop_strings_and_holds_back_their_beginnings(tiny_model):
+    from transformers import AutoTokenizer
+
+    from chameleon.server.service import TextStream
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    text = "Hello wörld. The answer is 42. STOP and more"
+    tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
+    eos = {tokenizer.eos_token_id}
+
+    plain = TextStream(tokenizer, eos)
+    assert "".join(plain.push(t) for t in tokens) + plain.finish() == text
+
+    stream = TextStream(tokenizer, eos, stop=["STOP"])
+    deltas = [stream.push(t) for t in tokens]
+    assert stream.stopped and "".join(deltas) + stream.finish() == "Hello wörld. The answer is 42. "
+    assert "S" not in "".join(deltas[: tokens.index(tokenizer(" STOP", add_special_tokens=False)["input_ids"][0])])
+
+    held = TextStream(tokenizer, eos, stop=["42!"])  # "42" is the start of a stop string that never completes
+    sent = "".join(held.push(t) for t in tokens)
+    assert not held.stopped and sent + held.finish() == text
+
+
+# -- a tiny model, retrieval in process ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tmp_path_factory, facts_index, tiny_model):
+    server = start_server(
+        tmp_path_factory.mktemp("tiny-server"), "--index", facts_index, "--model", tiny_model, "--shards", 0,
+        "--api-key", KEY, "--max-tokens", 64, "--max-concurrency", 1,
+    )  # fmt: skip
+    yield server
+    assert server.stop() == 0
+
+
+def test_api_keys_guard_v1_but_not_the_probes(tiny_server):
+    status, body, headers = call(tiny_server.url + "/v1/models", key=None)
+    assert status == 401 and body["error"]["code"] == "invalid_api_key" and headers["www-authenticate"] == "Bearer"
+    assert call(tiny_server.url + "/v1/models", key="wrong")[0] == 401
+    status, body, _ = call(tiny_server.url + "/v1/models")
+    assert status == 200 and body["data"][0]["id"] == "tiny-llama"
+    assert call(tiny_server.url + "/healthz", key=None)[:2] == (200, {"status": "ok"})
+    assert call(tiny_server.url + "/readyz", key=None)[1]["ready"] is True
+    assert call(tiny_server.url + "/metrics", key=None)[0] == 200
+
+
+def test_bad_requests_get_clear_errors_and_the_server_goes_on(tiny_server):
+    url = tiny_server.url
+    status, body, _ = call(url + "/v1/rag", {"question": "x", "k": 0})
+    assert status == 422 and "k" in body["error"]["message"] and body["error"]["type"] == "invalid_request_error"
+    status, body, _ = call(url + "/v1/rag", {"question": "x", "max_tokens": 65})
+    assert status == 400 and "at most 64" in body["error"]["message"]
+    status, body, _ = call(url + "/v1/rag", {"question": "x", "mode": "knnlm"})
+    assert status == 400 and "--knnlm" in body["error"]["message"]
+    status, body, _ = call(url + "/v1/rag", {"question": "x", "max_tokens": 8, "retrieval_interval": 9})
+    assert status == 400 and "retrieval_interval" in body["error"]["message"]
+    status, body, _ = call(url + "/v1/chat/completions", {"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]})
+    assert status == 404 and body["error"]["code"] == "model_not_found"
+    status, body, _ = call(url + "/v1/chat/completions", {"messages": [{"role": "assistant", "content": "hi"}]})
+    assert status == 400 and "last message" in body["error"]["message"]
+    assert call(url + "/v1/chat/completions", {"messages": []})[0] == 422
+    assert call(url + "/v1/rag", b"{not json")[0] == 422
+    assert call(url + "/v1/rag", b'{"question": "' + b"a" * (2 << 20) + b'"}')[0] == 413
+    status, body, _ = call(url + "/v1/search", {"vector": [0.1] * 5})
+    assert status == 400 and "384" in body["error"]["message"]
+    status, body, _ = call(url + "/v1/search", b'{"vector": [' + b",".join([b"NaN"] + [b"0.1"] * 383) + b"]}")
+    assert status == 400 and "NaN" in body["error"]["message"]
+    status, body, _ = call(url + "/v1/search", {"query": "x", "vector": [0.1] * 384})
+    assert status == 400 and "exactly one" in body["error"]["message"]
+    assert call(url + "/healthz")[0] == 200
+
+
+def test_search_by_text_and_by_vector(tiny_server):
+    status, body, _ = call(tiny_server.url + "/v1/search", {"query": "What colour are the oceans of Zorblax-42?", "k": 5})
+    assert status == 200 and len(body["results"]) == 5 and body["partial"] is False
+    assert body["results"][0]["doc_id"] == "fact-42" and "Zorblax-42 " in body["results"][0]["snippet"]
+    scores = [hit["score"] for hit in body["results"]]
+    assert scores == sorted(scores, reverse=True) and set(body["timings"]) >= {"embed_s", "coarse_s", "retrieval_s"}
+    vector = np.random.default_rng(0).standard_normal(384).tolist()
+    status, body, _ = call(tiny_server.url + "/v1/search", {"vector": vector, "k": 3, "nprobe": 4})
+    assert status == 200 and len(body["results"]) == 3 and "embed_s" not in body["timings"]
+
+
+def test_completions_stop_strings_and_streaming_agree(tiny_server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=tiny_server.url + "/v1", api_key=KEY)
+    prompt = "The planet Zorblax-42 has"
+    whole = client.completions.create(model="tiny-llama", prompt=prompt, max_tokens=24, extra_body={"rag": False})
+    text = whole.choices[0].text
+    assert whole.choices[0].finish_reason == "length" and whole.usage.completion_tokens == 24 and len(text) > 10
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    cut = client.completions.create(model="tiny-llama", prompt=prompt, max_tokens=24, stop=[stop], extra_body={"rag": False})
+    assert cut.choices[0].text == text[: text.index(stop)] and cut.choices[0].finish_reason == "stop"
+    streamed = client.completions.create(model="tiny-llama", prompt=prompt, max_tokens=24, stop=stop, stream=True, extra_body={"rag": False})
+    assert "".join(chunk.choices[0].text for chunk in streamed) == cut.choices[0].text
+    augmented = client.completions.create(model="tiny-llama", prompt=prompt, max_tokens=4)
+    assert augmented.usage.prompt_tokens > whole.usage.prompt_tokens  # the passages came first
+    assert "fact-42" in [s["doc_id"] for s in augmented.model_extra["chameleon"]["sources"]]
+
+
+def test_requests_over_the_concurrency_limit_get_429(tiny_server):
+    url = tiny_server.url
+    # A retrieval at every token keeps this stream busy long after its first token.
+    stream = events(url + "/v1/rag", {"question": "Zorblax-3?", "max_tokens": 64, "retrieval_interval": 1, "stream": True})
+    assert next(stream)[0] == "token"
+    status, body, headers = call(url + "/v1/rag", {"question": "Zorblax-4?", "max_tokens": 4})
+    assert status == 429 and body["error"]["type"] == "rate_limit_error" and headers["retry-after"] == "1"
+    last = list(stream)[-1]
+    assert last[0] == "done" and json.loads(last[1])["timings"]["retrievals"] == 64
+    assert call(url + "/v1/rag", {"question": "Zorblax-4?", "max_tokens": 4})[0] == 200  # the place is free again
+    metrics = call(url + "/metrics")[1]["text"]
+    assert _sample(metrics, "chameleon_rejected_requests_total") >= 1
+
+
+@pytest.fixture(scope="module")
+def api_schema(tiny_server):
+    import schemathesis
+
+    return schemathesis.openapi.from_url(tiny_server.url + "/openapi.json")
+
+
+schema = pytest.importorskip("schemathesis").pytest.from_fixture("api_schema")
+
+
+@schema.parametrize()
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+def test_no_request_the_schema_allows_makes_a_server_error(case, tiny_server):
+    response = case.call(base_url=tiny_server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
+    assert response.status_code < 500, f"{case.method} {case.path} -> {response.status_code}: {response.text[:500]}"
+
+
+# -- SIGKILL: the tier goes with the server ----------------------------------------------------
+
+
+def test_a_killed_server_takes_its_tier_with_it(tmp_path, facts_index, tiny_model):
+    server = start_server(tmp_path, "--index", facts_index, "--model", tiny_model, "--shards", 1)
+    pids = _tier_pids(server.state_dir)
+    assert all(_alive(p) for p in pids)
+    server.process.kill()
+    server.process.wait()
+    assert _wait_gone(pids) == []
+
+
+# -- the built-in model, two retrieval shards --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def real_server(tmp_path_factory, facts_index):
+    server = start_server(tmp_path_factory.mktemp("real-server"), "--index", facts_index, "--shards", 2)
+    yield server
+    server.stop()
+
+
+@pytest.mark.integration
+def test_openai_client_chat_completion_and_stream(real_server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=real_server.url + "/v1", api_key="unused")
+    messages = [{"role": "user", "content": "What colour are the oceans of Zorblax-42?"}]
+    reply = client.chat.completions.create(model="smollm2-135m-instruct", messages=messages, max_tokens=24)
+    content = reply.choices[0].message.content
+    assert "blue" in content.lower() and reply.usage.completion_tokens <= 24
+    assert reply.model_extra["chameleon"]["sources"][0]["doc_id"] == "fact-42"
+    chunks = list(client.chat.completions.create(model="smollm2-135m-instruct", messages=messages, max_tokens=24, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == content
+    assert chunks[-1].choices[0].finish_reason == reply.choices[0].finish_reason
+    plain = client.chat.completions.create(model="smollm2-135m-instruct", messages=messages, max_tokens=8, extra_body={"rag": False})
+    assert plain.model_extra["chameleon"]["sources"] == [] and plain.usage.prompt_tokens < reply.usage.prompt_tokens
+
+
+@pytest.mark.integration
+def test_ask_talks_to_a_running_server(real_server):
+    command = [sys.executable, "-m", "chameleon", "ask", "What colour are the oceans of Zorblax-42?", "--json", "--max-tokens", "12"]
+    out = subprocess.run(command, capture_output=True, text=True, check=True, env={**os.environ, "CHAMELEON_SERVER": real_server.url})
+    answer = json.loads(out.stdout)
+    assert answer["sources"][0]["doc_id"] == "fact-42" and answer["timings"]["retrievals"] == 1
+    refused = subprocess.run([*command, "--server", real_server.url + "/nowhere"], capture_output=True, text=True)
+    assert refused.returncode == 2 and "404" in refused.stderr
+
+
+@pytest.mark.integration
+def test_metrics_move_after_requests(real_server):
+    url = real_server.url
+    assert call(url + "/readyz")[1] == {"ready": True, "retrieval": "tier", "shards": 2, "nodes": 2}
+    before = call(url + "/metrics")[1]["text"]
+    status, body, _ = call(url + "/v1/rag", {"question": "How many moons orbit Zorblax-5?", "max_tokens": 8})
+    assert status == 200 and body["sources"][0]["doc_id"] == "fact-5"
+    after = call(url + "/metrics")[1]["text"]
+    assert _sample(after, "chameleon_requests_total", route="/v1/rag", status="200") == _sample(before, "chameleon_requests_total", route="/v1/rag", status="200") + 1
+    assert _sample(after, "chameleon_ttft_seconds_count") == _sample(before, "chameleon_ttft_seconds_count") + 1
+    assert _sample(after, "chameleon_generated_tokens_total") >= _sample(before, "chameleon_generated_tokens_total") + 1
+    for shard in ("0", "1"):
+        assert _sample(after, "chameleon_shard_latency_seconds_count", shard=shard) == _sample(before, "chameleon_shard_latency_seconds_count", shard=shard) + 1
+        assert _sample(after, "chameleon_shard_node_alive", shard=shard) == 1
+
+
+@pytest.mark.integration
+def test_sigterm_finishes_in_flight_requests_and_stops_every_process(real_server):
+    pids = _tier_pids(real_server.state_dir)
+    stream = events(real_server.url + "/v1/rag", {"question": "Describe Zorblax-9.", "max_tokens": 48, "stream": True}, key=None)
+    assert next(stream)[0] == "token"
+    real_server.process.send_signal(signal.SIGTERM)
+    rest = list(stream)
+    assert rest[-1][0] == "done" and json.loads(rest[-1][1])["sources"][0]["doc_id"] == "fact-9"
+    assert real_server.process.wait(timeout=60) == 0
+    assert _wait_gone(pids) == []
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(real_server.url + "/healthz", timeout=5)
