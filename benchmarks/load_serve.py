@@ -1,13 +1,14 @@
 """Load on `chameleon serve`: N streamed /v1/rag requests at concurrency C, against the library call.
 
-Starts `chameleon serve` (built-in model and python-docs index, 2 retrieval shards) unless --url
-is given, sends questions about standard-library modules from C client threads, and records per
-request: status, latency, and time to the first streamed token (client side). The peer, measured
-in the same run after the server stops, is the same questions answered one after another by
-``RagPipeline.ask`` in this process (no HTTP, retrieval in process): the ratio says what the
-appliance's layers (HTTP, queueing, streaming, the retrieval tier) cost or gain.
+For each --max-batch value, starts `chameleon serve` (built-in model and python-docs index, 2
+retrieval shards; or uses --url), sends questions about standard-library modules from C client
+threads, and records per request: status, latency, and time to the first streamed token (client
+side). The peer, measured in the same run after the servers stop, is the same questions answered
+one after another by ``RagPipeline.ask`` in this process (no HTTP, retrieval in process): the
+ratios say what the appliance's layers (HTTP, queueing, streaming, the retrieval tier) and its
+continuous batching cost or gain.
 
-    python benchmarks/load_serve.py [--requests 200] [--concurrency 8] [--max-tokens 16] [--k 2] [--json OUT]
+    python benchmarks/load_serve.py [--requests 200] [--concurrency 8] [--max-batch 1,8] [--max-tokens 16] [--k 2] [--json OUT]
 """
 
 from __future__ import annotations
@@ -60,9 +61,10 @@ def one_request(url: str, question: str, max_tokens: int, k: int) -> dict:
     return {"status": status, "latency_s": ended - started, "ttft_s": (first or ended) - started}
 
 
-def start_server(state: Path) -> tuple[subprocess.Popen, str]:
+def start_server(state: Path, max_batch: int) -> tuple[subprocess.Popen, str]:
     ready = state / "ready.json"
-    command = [sys.executable, "-m", "chameleon", "serve", "--port", "0", "--ready-file", str(ready), "--state-dir", str(state / "tier")]
+    command = [sys.executable, "-m", "chameleon", "serve", "--port", "0", "--ready-file", str(ready), "--state-dir", str(state / "tier"),
+               "--max-batch", str(max_batch), "--max-concurrency", "64"]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=open(state / "serve.log", "wb"))
     while not ready.is_file():
         if process.poll() is not None:
@@ -93,45 +95,54 @@ def percentiles(values) -> dict:
     return {f"p{q}": round(float(np.percentile(values, q)) * 1e3, 1) for q in (50, 90, 99)}
 
 
+def load(url: str, asked: list[str], args) -> dict:
+    one_request(url, asked[0], args.max_tokens, args.k)  # warm-up
+    started = time.perf_counter()
+    with ThreadPoolExecutor(args.concurrency) as pool:
+        results = list(pool.map(lambda q: one_request(url, q, args.max_tokens, args.k), asked))
+    seconds = time.perf_counter() - started
+    return {
+        "errors": sum(r["status"] != 200 for r in results),
+        "rps": round(len(asked) / seconds, 3),
+        "latency_ms": percentiles([r["latency_s"] for r in results]),
+        "ttft_ms": percentiles([r["ttft_s"] for r in results]),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--url", help="A running server (default: start one).")
+    parser.add_argument("--url", help="A running server (default: start one per --max-batch value).")
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--max-batch", default="1,8", help="Comma-separated batch sizes to serve with.")
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--k", type=int, default=2)
     parser.add_argument("--json", type=Path, help="Write the results here.")
     args = parser.parse_args()
 
     asked = questions(args.requests)
-    with tempfile.TemporaryDirectory() as tmp:
-        process, url = (None, args.url) if args.url else start_server(Path(tmp))
-        try:
-            one_request(url, asked[0], args.max_tokens, args.k)  # warm-up
-            started = time.perf_counter()
-            with ThreadPoolExecutor(args.concurrency) as pool:
-                results = list(pool.map(lambda q: one_request(url, q, args.max_tokens, args.k), asked))
-            served_s = time.perf_counter() - started
-        finally:
-            if process is not None:
-                process.send_signal(signal.SIGTERM)
-                process.wait(timeout=120)
-    errors = sum(r["status"] != 200 for r in results)
+    servers = {}
+    for max_batch in [int(b) for b in args.max_batch.split(",")] if not args.url else ["external"]:
+        with tempfile.TemporaryDirectory() as tmp:
+            process, url = (None, args.url) if args.url else start_server(Path(tmp), max_batch)
+            try:
+                servers[f"max_batch={max_batch}"] = load(url, asked, args)
+            finally:
+                if process is not None:
+                    process.send_signal(signal.SIGTERM)
+                    process.wait(timeout=120)
+        print(json.dumps({f"max_batch={max_batch}": servers[f"max_batch={max_batch}"]}), flush=True)
     peer = in_process(asked, args.max_tokens, args.k)
+    peer_rps = args.requests / peer["seconds"]
     report = {
         "date": time.strftime("%Y-%m-%d"),
         "requests": args.requests,
         "concurrency": args.concurrency,
         "max_tokens": args.max_tokens,
         "k": args.k,
-        "errors": errors,
-        "server_rps": round(args.requests / served_s, 3),
-        "server_latency_ms": percentiles([r["latency_s"] for r in results]),
-        "server_ttft_ms": percentiles([r["ttft_s"] for r in results]),
-        "in_process_rps": round(args.requests / peer["seconds"], 3),
-        "in_process_latency_ms": percentiles(peer["latency_s"]),
+        "servers": {name: {**row, "rps_vs_in_process": round(row["rps"] / peer_rps, 3)} for name, row in servers.items()},
+        "in_process": {"rps": round(peer_rps, 3), "latency_ms": percentiles(peer["latency_s"])},
     }
-    report["throughput_ratio_server_vs_in_process"] = round(report["server_rps"] / report["in_process_rps"], 3)
     print(json.dumps(report, indent=1))
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))

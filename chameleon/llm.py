@@ -51,12 +51,13 @@ class Generation:
     decode_tokens_per_s: float
     finish_reason: str  # "stop" (an end token, or ``on_token`` asked to stop) or "length"
     state: KVPrefix  # the KV of the prompt and every generated token but the last (not yet fed back)
+    queue_s: float = 0.0  # waiting for a place in a batch (``chameleon.batching``)
 
 
 class TorchEngine:
     name = "torch"
 
-    def __init__(self, model: str | Path | None = None, device: str = "auto"):
+    def __init__(self, model: str | Path | None = None, device: str = "auto", dtype: str = "bfloat16"):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -65,7 +66,9 @@ class TorchEngine:
         if self.device == "cuda" and not torch.cuda.is_available():
             raise RetrieverError("device 'cuda' was asked for, but torch has no CUDA here")
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval().to(self.device)
+        if dtype not in ("bfloat16", "float32"):
+            raise RetrieverError(f"dtype must be bfloat16 or float32, got {dtype!r}")
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval().to(self.device)
         self.context_window = int(getattr(self.model.config, "max_position_embeddings", 2048))
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
 

@@ -155,6 +155,7 @@ class RagPipeline:
             generation = self.engine.generate(prompt, min(interval, max_new_tokens - len(answer)), prefix, on_token)
             first_token_at = first_token_at or segment_started + generation.ttft_s
             timings.setdefault("ttft_s", generation.ttft_s)
+            timings["queue_s"] = timings.get("queue_s", 0.0) + generation.queue_s
             answer += generation.tokens
             state = generation.state
             if generation.finish_reason == "stop" or len(answer) >= max_new_tokens:

@@ -35,6 +35,7 @@ def serve(settings: ServeSettings, ready_file: Path | None = None) -> None:
     import uvicorn
 
     from chameleon import cluster
+    from chameleon.batching import BatchingEngine
     from chameleon.corpus import RagIndex, builtin_rag_index
     from chameleon.embedder import Embedder
     from chameleon.llm import TorchEngine
@@ -50,13 +51,13 @@ def serve(settings: ServeSettings, ready_file: Path | None = None) -> None:
     signal.signal(signal.SIGTERM, _interrupt)  # until uvicorn takes over: a stop during startup cleans up too
     listener = _listen(settings.host, settings.port)
     state_dir = (settings.state_dir or cache_dir() / "serve").resolve()
-    searcher = tier = app = None
+    searcher = tier = app = engine = None
     cluster_up = False
     try:
         embedder = Embedder()
         rag_index = RagIndex(settings.index or builtin_rag_index(embedder, progress=True), embedder.fingerprint)
         _say(f"loading the LLM ({settings.model or BUILTIN_LLM})")
-        engine = TorchEngine(settings.model)
+        engine = BatchingEngine(TorchEngine(settings.model), settings.max_batch)
         knnlm = None
         if settings.knnlm is not None:
             from chameleon.knnlm import KnnLm
@@ -74,6 +75,8 @@ def serve(settings: ServeSettings, ready_file: Path | None = None) -> None:
             tier = RetrievalClient(state["coordinator"]["endpoint"], keys=keys, timeout=1.0)
         service: Service | None = None
         metrics = Metrics(tier_info=lambda: service.tier_info() if service is not None else None)
+        metrics.queue_depth.set_function(lambda: engine.waiting)
+        metrics.batch_size.set_function(lambda: engine.running)
         pipeline = RagPipeline(rag_index, embedder, engine, k=settings.k, nprobe=settings.nprobe, retrieval=searcher)
         model_id = Path(settings.model).name if settings.model else BUILTIN_LLM
         service = Service(pipeline, model_id, tier, knnlm, metrics)
@@ -95,6 +98,8 @@ def serve(settings: ServeSettings, ready_file: Path | None = None) -> None:
                 client.close()
         if app is not None:
             app.state.workers.shutdown(wait=False, cancel_futures=True)
+        if engine is not None:
+            engine.close()
         if cluster_up:
             stopped = cluster.down(state_dir)
             _say(f"stopped {len(stopped)} tier process(es)")

@@ -28,7 +28,8 @@ class Metrics:
         self.generated_tokens = Counter("chameleon_generated_tokens", "New tokens generated.", registry=r)
         self.prefill_tokens = Counter("chameleon_prefill_tokens", "Prompt tokens by whether their KV was reused.", ["kind"], registry=r)
         self.retrieval = Histogram("chameleon_retrieval_seconds", "Retrieval (coarse + tier) per search.", buckets=LATENCY_BUCKETS, registry=r)
-        self.queue_depth = Gauge("chameleon_queue_depth", "Requests waiting for the LLM engine.", registry=r)
+        self.queue_depth = Gauge("chameleon_queue_depth", "Sequences waiting for a place in the decoding batch.", registry=r)
+        self.batch_size = Gauge("chameleon_batch_size", "Sequences being decoded together.", registry=r)
         self.inflight = Gauge("chameleon_inflight_requests", "Requests admitted and not yet finished.", registry=r)
         self.rejected = Counter("chameleon_rejected_requests", "Requests refused with 429 (over the concurrency limit).", registry=r)
         if tier_info is not None:

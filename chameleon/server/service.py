@@ -1,9 +1,10 @@
 """What the HTTP routes call: generation, retrieval and readiness behind thread-safe methods.
 
-The LLM engine runs one request at a time (a lock; the requests waiting for it are the queue
-depth). Retrieval has its own lock inside the pipeline, so ``/v1/search`` is not held up by a
-long generation. Text is streamed as it is decoded; stop strings end generation as soon as they
-appear and are never sent (the part of the text that could still become one is held back).
+The engine is a ``BatchingEngine``: concurrent requests decode together, and those beyond its
+batch wait for a place (the queue depth). Retrieval has its own lock inside the pipeline, so
+``/v1/search`` is not held up by generation. Text is streamed as it is decoded; stop strings end
+generation as soon as they appear and are never sent (the part of the text that could still
+become one is held back).
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from chameleon.rag import SNIPPET_CHARS, RagPipeline, context_block
@@ -81,7 +81,7 @@ class Service:
         self.metrics = metrics
         self._tier = tier
         self._tier_lock = threading.Lock()
-        self._engine_lock = threading.Lock()
+        self._knnlm_lock = threading.Lock()
 
     # -- readiness ----------------------------------------------------------------------------
 
@@ -96,7 +96,9 @@ class Service:
                 return None
 
     def readiness(self) -> dict:
-        """``ready`` plus why not: every shard needs a live node when retrieval runs in a tier."""
+        """``ready`` plus why not: the engine runs, and every shard has a live node when retrieval runs in a tier."""
+        if not getattr(self.engine, "alive", True):
+            return {"ready": False, "reason": "the LLM engine has stopped"}
         if self._tier is None:
             return {"ready": True, "retrieval": "in-process"}
         info = self.tier_info()
@@ -142,10 +144,9 @@ class Service:
         if mode == "knnlm":
             return self._knnlm(question, max_tokens, stop, on_text, cancelled)
         request = _Request(self.engine, stop, on_text, cancelled)
-        with self._generating() as queued:
-            answer = self.pipeline.ask(question, max_tokens, retrieval_interval, k, history, system, request.on_token)
+        answer = self.pipeline.ask(question, max_tokens, retrieval_interval, k, history, system, request.on_token)
         self._observe_retrieval(answer.timings)
-        timings = {**answer.timings, "queue_s": queued(), "prefill_s": answer.timings["ttft_s"]}
+        timings = {**answer.timings, "prefill_s": answer.timings["ttft_s"]}
         return self._finish(request, answer.finish_reason, timings["prompt_tokens"], timings["reused_kv_tokens"], answer.sources, timings)
 
     def chat(self, messages: list[dict], max_tokens: int, stop: Sequence[str] = (), on_text=None, cancelled=None) -> Completion:
@@ -172,9 +173,8 @@ class Service:
         return self._plain(request, tokens, max_tokens, [_source(p, s) for p, s in ranked[:kept]], timings)
 
     def _plain(self, request: _Request, tokens, max_tokens: int, sources=(), timings=None) -> Completion:
-        with self._generating() as queued:
-            generation = self.engine.generate(list(tokens), max_tokens, None, request.on_token)
-        timings = {**(timings or {}), "queue_s": queued(), "prefill_s": generation.ttft_s}
+        generation = self.engine.generate(list(tokens), max_tokens, None, request.on_token)
+        timings = {**(timings or {}), "queue_s": generation.queue_s, "prefill_s": generation.ttft_s}
         return self._finish(request, generation.finish_reason, len(tokens), 0, list(sources), timings)
 
     def _knnlm(self, question, max_tokens, stop, on_text, cancelled) -> Completion:
@@ -185,10 +185,11 @@ class Service:
         request = _Request(self.engine, stop, on_text, cancelled)
         messages = [{"role": "system", "content": PLAIN_SYSTEM_PROMPT}, {"role": "user", "content": question}]
         tokens = self.engine.chat_tokens(messages)
-        with self._generating() as queued:
+        with self._knnlm_lock:  # beside the batch, on the same model: one kNN-LM request at a time
+            queued = time.perf_counter() - request.started
             generated = generate(self.engine, self.knnlm, tokens, max_tokens, request.on_token)
         ended = generated[-1] in self.engine.eos_ids or request.stopped
-        return self._finish(request, "stop" if ended else "length", len(tokens), 0, [], {"queue_s": queued()})
+        return self._finish(request, "stop" if ended else "length", len(tokens), 0, [], {"queue_s": queued})
 
     def _finish(self, request: _Request, finish_reason: str, prompt_tokens: int, cached: int, sources, timings) -> Completion:
         request.finish()
@@ -204,23 +205,6 @@ class Service:
         finish_reason = "stop" if request.stream.stopped else finish_reason
         rounded = {k: (round(v, 5) if isinstance(v, float) else v) for k, v in timings.items()}
         return Completion(request.stream.text, finish_reason, prompt_tokens, new_tokens, cached, sources, rounded)
-
-    @contextmanager
-    def _generating(self):
-        """Hold the engine; yields a function giving how long the request queued for it."""
-        started = time.perf_counter()
-        if self.metrics is not None:
-            self.metrics.queue_depth.inc()
-        try:
-            self._engine_lock.acquire()
-        finally:
-            if self.metrics is not None:
-                self.metrics.queue_depth.dec()
-        queued = time.perf_counter() - started
-        try:
-            yield lambda: queued
-        finally:
-            self._engine_lock.release()
 
     def _observe_retrieval(self, timings: dict) -> None:
         if self.metrics is not None and "retrieval_s" in timings:

@@ -19,6 +19,7 @@ class ServeSettings(BaseSettings):
     index: Path | None = Field(None, description="Passage index directory (default: built-in python-docs, built on first run).")
     model: str | None = Field(None, description="Local Hugging Face model directory (default: built-in SmolLM2-135M-Instruct).")
     engine: Literal["auto", "torch"] = Field("auto", description="LLM engine; auto is torch (CUDA when present).")
+    max_batch: int = Field(8, ge=1, le=256, description="Sequences decoded together (continuous batching); 1 is one at a time.")
     shards: int = Field(2, ge=0, le=64, description="Retrieval shards, each a node process; 0 searches in the server process.")
     replicas: int = Field(1, ge=1, le=16, description="Nodes per shard.")
     retrieval_engine: Literal["numba", "faiss"] = Field("numba", description="Scan engine of the retrieval nodes.")

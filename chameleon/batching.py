@@ -1,0 +1,244 @@
+"""Continuous batching: concurrent ``generate`` calls decoded together, one token per step each.
+
+``BatchingEngine`` wraps a ``TorchEngine`` behind the same interface and is thread-safe. One
+scheduler thread owns the model: it admits waiting sequences (prefilled one at a time, reusing a
+cached prefix's KV as the engine does), then runs one decode step for every running sequence in
+a single forward pass. Sequences of different lengths share one KV cache, left-padded, with an
+attention mask over the padding and each row's own positions; a finished sequence leaves the
+batch at once (its KV is handed back as ``Generation.state``) and a waiting one takes its place.
+
+Outputs: a sequence alone in the batch runs exactly the engine's own decode (identical tokens).
+In a batch the masked padding adds nothing, so in float32 the tokens are the sequential ones
+(tested); in bf16 the batched matrix products round differently and a near-tie between two
+tokens can go the other way (as in vLLM and every batched server).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from chameleon.llm import Generation, KVPrefix, TorchEngine
+from retriever.errors import RetrieverError
+
+
+@dataclass
+class _Sequence:
+    tokens: list[int]
+    max_new_tokens: int
+    prefix: KVPrefix | None
+    on_token: Callable[[int], bool] | None
+    eos_ids: frozenset[int]
+    future: Future
+    submitted: float
+    generated: list[int] = field(default_factory=list)
+    started: float = 0.0
+    first_token_at: float = 0.0
+    stopped: bool = False
+
+    @property
+    def kv_length(self) -> int:
+        """Tokens whose KV is cached: the prompt and every generated token but the last."""
+        return len(self.tokens) + len(self.generated) - 1
+
+    def take(self, token: int) -> bool:
+        """Record ``token``; True when the sequence is finished."""
+        self.generated.append(token)
+        self.stopped = self.on_token is not None and bool(self.on_token(token))
+        return self.stopped or token in self.eos_ids or len(self.generated) >= self.max_new_tokens
+
+
+class BatchingEngine:
+    """A thread-safe engine that decodes up to ``max_batch`` sequences together."""
+
+    name = "torch-batched"
+
+    def __init__(self, engine: TorchEngine, max_batch: int = 8):
+        if not 1 <= max_batch <= 256:
+            raise RetrieverError(f"max_batch must be between 1 and 256, got {max_batch}")
+        self.engine = engine
+        self.max_batch = max_batch
+        self.tokenizer, self.eos_ids, self.context_window = engine.tokenizer, engine.eos_ids, engine.context_window
+        self.model, self.device = engine.model, engine.device
+        self.largest_batch = 0
+        self._waiting: deque[_Sequence] = deque()
+        self._running: list[_Sequence] = []
+        self._batch = None  # (per-layer keys and values, attention mask) of the running sequences
+        self._wake = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="chameleon-engine", daemon=True)
+        self._thread.start()
+
+    def chat_tokens(self, messages: list[dict]) -> list[int]:
+        return self.engine.chat_tokens(messages)
+
+    def count_tokens(self, text: str) -> int:
+        return self.engine.count_tokens(text)
+
+    @property
+    def waiting(self) -> int:
+        """Sequences submitted and not yet admitted to the batch."""
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    @property
+    def alive(self) -> bool:
+        """True while the scheduler thread runs (readiness)."""
+        return self._thread.is_alive()
+
+    def submit(self, tokens: list[int], max_new_tokens: int = 128, prefix: KVPrefix | None = None, on_token=None) -> Future:
+        """Queue a greedy generation (as ``TorchEngine.generate``); the future gives its ``Generation``."""
+        if not tokens:
+            raise RetrieverError("the prompt is empty")
+        if max_new_tokens < 1:
+            raise RetrieverError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        if len(tokens) + max_new_tokens > self.context_window:
+            raise RetrieverError(
+                f"{len(tokens)} prompt tokens + {max_new_tokens} new tokens exceed the context window of {self.context_window}"
+            )
+        if prefix is not None and tokens[: len(prefix.tokens)] != prefix.tokens:
+            raise RetrieverError("the prompt does not start with the cached prefix")
+        sequence = _Sequence(list(tokens), max_new_tokens, prefix, on_token, frozenset(self.eos_ids), Future(), time.perf_counter())
+        with self._wake:
+            if self._closed:
+                raise RetrieverError("the engine is closed")
+            self._waiting.append(sequence)
+            self._wake.notify()
+        return sequence.future
+
+    def generate(self, tokens: list[int], max_new_tokens: int = 128, prefix: KVPrefix | None = None, on_token=None) -> Generation:
+        return self.submit(tokens, max_new_tokens, prefix, on_token).result()
+
+    def close(self) -> None:
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join()
+
+    # -- the scheduler thread -----------------------------------------------------------------
+
+    def _loop(self) -> None:
+        import torch
+
+        with torch.inference_mode():
+            while True:
+                with self._wake:
+                    while not self._closed and not self._waiting and not self._running:
+                        self._wake.wait()
+                    if self._closed:
+                        break
+                try:
+                    self._admit()
+                    if self._running:
+                        self._step()
+                except Exception as e:  # noqa: BLE001 - a failed step fails its sequences, never the engine
+                    for sequence in self._running:
+                        sequence.future.set_exception(e)
+                    self._running, self._batch = [], None
+        for sequence in [*self._running, *self._waiting]:
+            sequence.future.set_exception(RetrieverError("the engine was closed"))
+
+    def _admit(self) -> None:
+        import torch
+
+        while self._waiting and len(self._running) < self.max_batch:
+            with self._wake:
+                sequence = self._waiting.popleft()
+            sequence.started = time.perf_counter()
+            try:
+                state, logits = self.engine.prefill(sequence.tokens, sequence.prefix)
+            except Exception as e:  # noqa: BLE001 - a prompt the model refuses fails that request only
+                sequence.future.set_exception(e)
+                continue
+            sequence.first_token_at = time.perf_counter()
+            if sequence.take(int(torch.argmax(logits))):
+                self._finish(sequence, state.cache)
+                continue
+            self._join(sequence, state.cache)
+        self.largest_batch = max(self.largest_batch, len(self._running))
+
+    def _join(self, sequence: _Sequence, cache) -> None:
+        """Add a prefilled sequence to the batch, left-padding whichever side is shorter."""
+        import torch
+        from torch.nn.functional import pad
+
+        layers = [(layer.keys, layer.values) for layer in cache.layers]
+        mask = torch.ones(1, layers[0][0].shape[2], dtype=torch.long, device=self.device)
+        if self._batch is None:
+            self._batch, self._running = (layers, mask), [sequence]
+            return
+        batch_layers, batch_mask = self._batch
+        length = max(batch_mask.shape[1], mask.shape[1])
+
+        def left_pad(tensor, to):  # (batch, heads, time, dim) or (batch, time)
+            extra = to - tensor.shape[-2 if tensor.dim() == 4 else -1]
+            return pad(tensor, (0, 0, extra, 0) if tensor.dim() == 4 else (extra, 0))
+
+        merged = [
+            (torch.cat([left_pad(bk, length), left_pad(k, length)]), torch.cat([left_pad(bv, length), left_pad(v, length)]))
+            for (bk, bv), (k, v) in zip(batch_layers, layers)
+        ]
+        self._batch = (merged, torch.cat([left_pad(batch_mask, length), left_pad(mask, length)]))
+        self._running.append(sequence)
+
+    def _step(self) -> None:
+        """One decode step for every running sequence; finished ones leave the batch."""
+        import torch
+        from transformers import DynamicCache
+
+        layers, mask = self._batch
+        last = torch.tensor([[s.generated[-1]] for s in self._running], device=self.device)
+        cache = DynamicCache(layers)
+        mask = torch.cat([mask, torch.ones(len(self._running), 1, dtype=mask.dtype, device=self.device)], dim=1)
+        if len(self._running) == 1:  # alone (never padded): exactly the engine's own decode step
+            out = self.model(last, past_key_values=cache, use_cache=True)
+        else:
+            positions = torch.tensor([[s.kv_length] for s in self._running], device=self.device)
+            out = self.model(last, past_key_values=cache, attention_mask=mask, position_ids=positions, use_cache=True)
+        layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        chosen = out.logits[:, -1].argmax(dim=-1).tolist()
+        keep = []
+        for row, (sequence, token) in enumerate(zip(self._running, chosen)):
+            if sequence.take(token):
+                own = -sequence.kv_length  # its real KV: the last columns, after its left padding
+                self._finish(sequence, DynamicCache([(k[row : row + 1, :, own:], v[row : row + 1, :, own:]) for k, v in layers]))
+            else:
+                keep.append(row)
+        if len(keep) == len(self._running):
+            self._batch = (layers, mask)
+            return
+        self._running = [self._running[row] for row in keep]
+        if not keep:
+            self._batch = None
+            return
+        rows = torch.tensor(keep, device=self.device)
+        mask = mask[rows]
+        start = int((mask.sum(dim=0) > 0).nonzero()[0])  # drop columns that are padding in every row left
+        self._batch = ([(k[rows, :, start:], v[rows, :, start:]) for k, v in layers], mask[:, start:])
+
+    def _finish(self, sequence: _Sequence, cache) -> None:
+        now = time.perf_counter()
+        decoding = now - sequence.first_token_at
+        generated = sequence.generated
+        ended = sequence.stopped or generated[-1] in self.eos_ids
+        text_tokens = generated[:-1] if generated[-1] in self.eos_ids else generated
+        sequence.future.set_result(
+            Generation(
+                tokens=list(generated),
+                text=self.tokenizer.decode(text_tokens, skip_special_tokens=True).strip(),
+                prompt_tokens=len(sequence.tokens),
+                cached_tokens=len(sequence.prefix.tokens) if sequence.prefix is not None else 0,
+                ttft_s=sequence.first_token_at - sequence.started,
+                decode_tokens_per_s=(len(generated) - 1) / decoding if len(generated) > 1 and decoding > 0 else 0.0,
+                finish_reason="stop" if ended else "length",
+                state=KVPrefix(sequence.tokens + generated[:-1], cache),
+                queue_s=sequence.started - sequence.submitted,
+            )
+        )

@@ -1,0 +1,105 @@
+"""Continuous batching gives every request the tokens it would get alone (tiny model, float32)."""
+
+import threading
+
+import pytest
+
+from retriever.errors import RetrieverError
+
+
+@pytest.fixture(scope="module")
+def tiny32(tmp_path_factory, tiny_model):
+    """The tiny model with larger random weights, so that positions and masks change its tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from chameleon.llm import TorchEngine
+
+    path = tmp_path_factory.mktemp("models") / "tiny-sharp"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() == 2:
+                parameter.normal_(0, 0.3)
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(path)
+    return TorchEngine(path, dtype="float32")
+
+
+def _prompts(engine, n: int) -> list[list[int]]:
+    return [engine.chat_tokens([{"role": "user", "content": "tell me " + "more " * (3 * i)}]) for i in range(n)]
+
+
+def test_batched_greedy_tokens_equal_sequential(tiny32):
+    from chameleon.batching import BatchingEngine
+
+    prompts = _prompts(tiny32, 7)
+    budgets = [20, 3, 12, 1, 17, 8, 25]  # sequences leave at different steps, waiting ones join mid-run
+    alone = [tiny32.generate(p, b) for p, b in zip(prompts, budgets)]
+    batching = BatchingEngine(tiny32, max_batch=4)
+    try:
+        together = [f.result() for f in [batching.submit(p, b) for p, b in zip(prompts, budgets)]]
+        assert [g.tokens for g in together] == [g.tokens for g in alone]
+        assert batching.largest_batch == 4
+        assert [g.finish_reason for g in together] == [g.finish_reason for g in alone]
+        # the KV handed back is each sequence's own: continuing from it equals a fresh prefill
+        for prompt, generation in zip(prompts, together):
+            assert generation.state.tokens == prompt + generation.tokens[:-1]
+            follow = prompt + generation.tokens
+            assert batching.generate(follow, 4, prefix=generation.state).tokens == tiny32.generate(follow, 4).tokens
+        # a cached prefix joins a running batch like any other sequence
+        prefix = together[0].state.truncated(len(prompts[0]))
+        futures = [batching.submit(prompts[1], 10), batching.submit(prompts[0], 10, prefix=prefix)]
+        assert [f.result().tokens for f in futures] == [tiny32.generate(prompts[1], 10).tokens, tiny32.generate(prompts[0], 10).tokens]
+        assert futures[1].result().cached_tokens == len(prompts[0])
+    finally:
+        batching.close()
+
+
+def test_stop_callback_bad_requests_and_close(tiny32):
+    from chameleon.batching import BatchingEngine
+
+    batching = BatchingEngine(tiny32, max_batch=2)
+    prompt = _prompts(tiny32, 1)[0]
+    seen = []
+    generation = batching.generate(prompt, 20, on_token=lambda token: seen.append(token) or len(seen) == 3)
+    assert generation.tokens == seen and len(seen) == 3 and generation.finish_reason == "stop"
+    with pytest.raises(RetrieverError, match="context window"):
+        batching.submit(prompt, tiny32.context_window)
+    with pytest.raises(RetrieverError, match="empty"):
+        batching.submit([], 4)
+    with pytest.raises(RetrieverError, match="cached prefix"):
+        batching.submit(prompt[1:], 4, prefix=generation.state)
+    assert batching.generate(prompt, 5).tokens == tiny32.generate(prompt, 5).tokens  # the engine goes on
+    batching.close()
+    with pytest.raises(RetrieverError, match="closed"):
+        batching.submit(prompt, 4)
+    with pytest.raises(RetrieverError, match="max_batch"):
+        BatchingEngine(tiny32, max_batch=0)
+
+
+def test_concurrent_rag_answers_equal_sequential_ones(tiny32, facts_index, embedder):
+    from chameleon.batching import BatchingEngine
+    from chameleon.corpus import RagIndex
+    from chameleon.rag import RagPipeline
+
+    rag_index = RagIndex(facts_index, embedder.fingerprint)
+    questions = [f"What colour are the oceans of Zorblax-{n}?" for n in (3, 42, 77, 150, 299)]
+    intervals = [None, 4, None, 2, 7]
+    sequential = RagPipeline(rag_index, embedder, tiny32, k=2, nprobe=4)
+    expected = [sequential.ask(q, 12, i).answer for q, i in zip(questions, intervals)]
+    batching = BatchingEngine(tiny32, max_batch=8)
+    pipeline = RagPipeline(rag_index, embedder, batching, k=2, nprobe=4)
+    answers = [None] * len(questions)
+
+    def ask(n):
+        answers[n] = pipeline.ask(questions[n], 12, intervals[n]).answer
+
+    threads = [threading.Thread(target=ask, args=(n,)) for n in range(len(questions))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    batching.close()
+    assert answers == expected and batching.largest_batch >= 2
