@@ -20,11 +20,13 @@ bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks.")
 node_app = typer.Typer(no_args_is_help=True, help="Run one process of the retrieval tier.")
 cluster_app = typer.Typer(no_args_is_help=True, help="A local cluster of retrieval nodes and a coordinator.")
 keys_app = typer.Typer(no_args_is_help=True, help="CURVE keys for encrypted, authenticated tiers.")
+profile_app = typer.Typer(no_args_is_help=True, help="Measure the costs the cache policy works with.")
 app.add_typer(index_app, name="index")
 app.add_typer(bench_app, name="bench")
 app.add_typer(node_app, name="node")
 app.add_typer(cluster_app, name="cluster")
 app.add_typer(keys_app, name="keys")
+app.add_typer(profile_app, name="profile")
 
 
 class Metric(str, Enum):
@@ -201,6 +203,28 @@ def _post_json(url: str, body: dict, api_key: str | None, timeout: float = 600.0
         raise RetrieverError(f"the server answered {e.code}: {message}") from None
     except urllib.error.URLError as e:
         raise RetrieverError(f"cannot reach the server at {url}: {e.reason}") from None
+
+
+@profile_app.command("prefill")
+def profile_prefill(
+    out: Path = typer.Option(..., "--out", help="Where to write the profile (JSON)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Local Hugging Face model directory (default: built-in)."),
+    cached: str = typer.Option("0,128,512,1024", "--cached", help="Cached prefix lengths (tokens), from 0."),
+    new: str = typer.Option("16,64,256,512", "--new", help="New-token counts."),
+    repeats: int = typer.Option(3, "--repeats", help="Timings per cell; the best is kept."),
+):
+    """Time prefill of N new tokens after C cached ones: the T(C, N) the KV cache policy costs requests with."""
+    from chameleon.llm import TorchEngine
+    from coordinator.prefill_profile import measure
+
+    grid_cached, grid_new = _number_list(cached, "--cached"), _number_list(new, "--new")
+    if not 1 <= repeats <= 100:
+        raise RetrieverError(f"--repeats must be between 1 and 100, got {repeats}")
+    profile = measure(TorchEngine(model), grid_cached, grid_new, repeats, progress=True)
+    profile.save(out)
+    typer.echo(f"wrote {out}: {len(grid_cached)} x {len(grid_new)} prefill times on {profile.device}")
+    for c, row in zip(profile.cached, profile.table):
+        typer.echo(f"  cached {c:>6}: " + "  ".join(f"{n} new {t * 1e3:8.1f} ms" for n, t in zip(profile.new, row)))
 
 
 @app.command("serve")

@@ -1,0 +1,281 @@
+"""RAGCache-style knowledge tree: which retrieved documents' KV to keep, in which tier, and what to evict.
+
+The root is the prompt template (system prompt); a node is a document *after* the documents on
+its path, because a document's KV depends on everything before it. A request that retrieves the
+ordered documents d1..dk reuses the KV of the longest resident path root → d1 → … and computes
+the rest, which is then admitted. This module is the policy only and engine-agnostic: every
+``Access`` says which nodes to copy where, and each node has a ``handle`` for the engine's KV.
+
+Tiers: ``device`` (GPU memory; on a CPU host a bounded hot pool) and ``host``, each with a byte
+budget. Invariants: a parent sits in a tier at least as fast as its children; only leaves of a
+tier are evicted from it; a node evicted from the device is copied to the host once and keeps
+that copy (a later device eviction just drops the device copy); the root never leaves the device.
+
+Replacement policies, as priorities (the lowest is evicted):
+  lru    last access                    lfu   (frequency, last access)
+  gdsf   clock + frequency × cost / size, cost = T(0, size), the node computed from scratch
+  pgdsf  clock + frequency × mean over the requests that missed on the node of T(cached_i, new_i) / new_i
+where T is the measured prefill profile and each tier has its own clock, raised to the priority
+of what that tier evicts (so what stays ages relative to newcomers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from coordinator.prefill_profile import PrefillProfile
+from retriever.errors import RetrieverError
+
+DEVICE, HOST = "device", "host"
+POLICIES = ("lru", "lfu", "gdsf", "pgdsf")
+
+
+@dataclass(eq=False)
+class Node:
+    doc: str | None  # None for the root
+    tokens: int
+    parent: Node | None = None
+    children: dict[str, Node] = field(default_factory=dict)
+    on_device: bool = False
+    on_host: bool = False
+    frequency: int = 0
+    last_access: int = 0
+    miss_cost_per_token: float = 0.0  # sum over the requests that missed on this node
+    misses: int = 0
+    priority: float | tuple = 0.0
+    handle: object = None  # the engine's KV for this node's tokens
+
+    @property
+    def tier(self) -> str | None:
+        return DEVICE if self.on_device else HOST if self.on_host else None
+
+    @property
+    def path(self) -> tuple[str, ...]:
+        docs, node = [], self
+        while node.parent is not None:
+            docs.append(node.doc)
+            node = node.parent
+        return tuple(reversed(docs))
+
+
+@dataclass
+class Access:
+    """What one request found and what the engine must do for it."""
+
+    cached_tokens: int  # template + documents whose KV is reused
+    computed_tokens: int  # documents + question prefilled now
+    device_hits: list[Node]
+    host_hits: list[Node]  # copy host -> device before use (they are now on the device)
+    inserted: list[Node]  # keep the KV computed now for these (on the device)
+    swapped_out: list[Node] = field(default_factory=list)  # copy device -> host, then drop the device copy
+    dropped: list[tuple[Node, str]] = field(default_factory=list)  # (node, tier): free that copy, the node is gone
+
+
+class KnowledgeTree:
+    def __init__(
+        self,
+        policy: str,
+        device_bytes: int,
+        host_bytes: int,
+        bytes_per_token: int,
+        template_tokens: int,
+        profile: PrefillProfile | None = None,
+    ):
+        if policy not in POLICIES:
+            raise RetrieverError(f"the cache policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+        if policy in ("gdsf", "pgdsf") and profile is None:
+            raise RetrieverError(f"{policy} needs a prefill profile (`chameleon profile prefill`)")
+        if bytes_per_token <= 0 or device_bytes < template_tokens * bytes_per_token or host_bytes < 0:
+            raise RetrieverError("the device budget must at least hold the prompt template, and budgets are non-negative")
+        self.policy, self.profile = policy, profile
+        self.budget = {DEVICE: device_bytes, HOST: host_bytes}
+        self.used = {DEVICE: template_tokens * bytes_per_token, HOST: 0}
+        self.clock = {DEVICE: 0.0, HOST: 0.0}
+        self.bytes_per_token = bytes_per_token
+        self.root = Node(None, template_tokens, on_device=True)
+        self._ticks = 0
+
+    # -- lookups ------------------------------------------------------------------------------
+
+    def match(self, docs: Sequence[str]) -> list[Node]:
+        """The resident nodes of the longest cached prefix of ``docs`` (no side effects)."""
+        matched, node = [], self.root
+        for doc in docs:
+            node = node.children.get(doc)
+            if node is None or node.tier is None:
+                break
+            matched.append(node)
+        return matched
+
+    def cached_tokens(self, docs: Sequence[str]) -> int:
+        return self.root.tokens + sum(n.tokens for n in self.match(docs))
+
+    def nodes(self) -> list[Node]:
+        found, stack = [], [self.root]
+        while stack:
+            node = stack.pop()
+            found.append(node)
+            stack.extend(node.children.values())
+        return found
+
+    # -- one request ----------------------------------------------------------------------------
+
+    def access(self, docs: Sequence[tuple[str, int]], question_tokens: int = 0) -> Access:
+        """Serve one request whose prompt is template + ``docs`` ((id, tokens) in prompt order) + question."""
+        if len({doc for doc, _ in docs}) != len(docs) or any(tokens <= 0 for _, tokens in docs):
+            raise RetrieverError("a request's documents must be distinct, each with at least one token")
+        self._ticks += 1
+        matched = self.match([doc for doc, _ in docs])
+        pinned = {id(self.root), *(id(n) for n in matched)}
+        access = Access(0, 0, [], [], [])
+        usable = []
+        for node in matched:  # host hits come back to the device, parents first, while they fit
+            if node.on_device or self._make_room(DEVICE, node.tokens, pinned, access):
+                if not node.on_device:
+                    node.on_device = True
+                    self.used[DEVICE] += self._bytes(node)
+                    access.host_hits.append(node)
+                else:
+                    access.device_hits.append(node)
+                usable.append(node)
+            else:
+                break
+        parent = usable[-1] if usable else self.root
+        missing = docs[len(usable) :]
+        access.cached_tokens = self.root.tokens + sum(n.tokens for n in usable)
+        access.computed_tokens = sum(tokens for _, tokens in missing) + question_tokens
+        cost_per_token = self._cost(access.cached_tokens, access.computed_tokens) / max(access.computed_tokens, 1)
+        for doc, tokens in missing:
+            node = parent.children.get(doc)
+            if node is None:
+                node = Node(doc, tokens, parent)
+            pinned.add(id(node))
+            if not self._make_room(DEVICE, tokens, pinned, access):
+                break  # too big for the device with this request's path pinned: computed, not kept
+            node.on_device = True
+            self.used[DEVICE] += self._bytes(node)
+            parent.children[doc] = node
+            access.inserted.append(node)
+            node.miss_cost_per_token += cost_per_token
+            node.misses += 1
+            parent = node
+        for node in [*usable, *access.inserted]:
+            node.frequency += 1
+            node.last_access = self._ticks
+            node.priority = self._priority(node, DEVICE)
+        return access
+
+    # -- eviction -------------------------------------------------------------------------------
+
+    def _make_room(self, tier: str, tokens: int, pinned: set[int], access: Access) -> bool:
+        """Evict leaves of ``tier`` (lowest priority first, never ``pinned``) until ``tokens`` fit."""
+        need = tokens * self.bytes_per_token
+        if need > self.budget[tier]:
+            return False
+        while self.used[tier] + need > self.budget[tier]:
+            candidates = [n for n in self._leaves(tier) if id(n) not in pinned]
+            if not candidates:
+                return False
+            victim = min(candidates, key=lambda n: n.priority)
+            self.clock[tier] = max(self.clock[tier], victim.priority) if self.policy in ("gdsf", "pgdsf") else 0.0
+            if tier == DEVICE:
+                self._leave_device(victim, pinned, access)
+            else:
+                self._drop(victim, HOST, access)
+        return True
+
+    def _leaves(self, tier: str) -> list[Node]:
+        """Nodes that may leave ``tier``: on the device with no child there; host-only with no resident child."""
+        if tier == DEVICE:
+            return [n for n in self.nodes() if n.on_device and n is not self.root and not any(c.on_device for c in n.children.values())]
+        return [n for n in self.nodes() if n.tier == HOST and not any(c.tier for c in n.children.values())]
+
+    def _leave_device(self, node: Node, pinned: set[int], access: Access) -> None:
+        if not node.on_host:  # swap out once: the host copy is made now and kept
+            if self._make_room(HOST, node.tokens, pinned | {id(node)}, access):
+                node.on_host = True
+                self.used[HOST] += self._bytes(node)
+                access.swapped_out.append(node)
+            else:
+                for child in list(node.children.values()):  # the host cannot take it: its subtree goes too
+                    self._drop_subtree(child, access)
+        node.on_device = False
+        self.used[DEVICE] -= self._bytes(node)
+        if node.on_host:
+            node.priority = self._priority(node, HOST)
+        else:
+            access.dropped.append((node, DEVICE))
+            del node.parent.children[node.doc]
+
+    def _drop(self, node: Node, tier: str, access: Access) -> None:
+        node.on_host = False
+        self.used[HOST] -= self._bytes(node)
+        access.dropped.append((node, tier))
+        del node.parent.children[node.doc]
+
+    def _drop_subtree(self, node: Node, access: Access) -> None:
+        for child in list(node.children.values()):
+            self._drop_subtree(child, access)
+        if node.on_host:
+            self._drop(node, HOST, access)
+
+    # -- costs ----------------------------------------------------------------------------------
+
+    def _bytes(self, node: Node) -> int:
+        return node.tokens * self.bytes_per_token
+
+    def _cost(self, cached: int, new: int) -> float:
+        return self.profile.seconds(cached, new) if self.profile is not None else float(new)
+
+    def _priority(self, node: Node, tier: str) -> float | tuple:
+        if self.policy == "lru":
+            return node.last_access
+        if self.policy == "lfu":
+            return (node.frequency, node.last_access)
+        if self.policy == "gdsf" or not node.misses:
+            per_token = self._cost(0, node.tokens) / node.tokens
+        else:
+            per_token = node.miss_cost_per_token / node.misses
+        return self.clock[tier] + node.frequency * per_token
+
+
+class CacheAwareQueue:
+    """Waiting requests, served by cached length / computed length (most reuse per unit of work
+    first, the oldest on ties); a request passed over ``window`` times is served next, so nothing
+    waits for more than ``window`` later arrivals."""
+
+    def __init__(self, tree: KnowledgeTree, window: int = 8):
+        if window < 1:
+            raise RetrieverError(f"the reordering window must be at least 1, got {window}")
+        self.tree, self.window = tree, window
+        self._waiting: list[_Waiting] = []  # in arrival order
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+    def push(self, request, docs: Sequence[tuple[str, int]], question_tokens: int) -> None:
+        self._waiting.append(_Waiting(request, [doc for doc, _ in docs], sum(t for _, t in docs) + question_tokens))
+
+    def pop(self):
+        if not self._waiting:
+            raise IndexError("no request is waiting")
+        starved = [w for w in self._waiting if w.passed_over >= self.window]
+        chosen = starved[0] if starved else max(self._waiting, key=self._ratio)  # max: the first (oldest) of equals
+        position = self._waiting.index(chosen)
+        for earlier in self._waiting[:position]:
+            earlier.passed_over += 1
+        del self._waiting[position]
+        return chosen.request
+
+    def _ratio(self, waiting: _Waiting) -> float:
+        cached = self.tree.cached_tokens(waiting.docs)
+        return cached / max(self.tree.root.tokens + waiting.tokens - cached, 1)
+
+
+@dataclass
+class _Waiting:
+    request: object
+    docs: list[str]
+    tokens: int  # documents + question
+    passed_over: int = 0
