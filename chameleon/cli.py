@@ -247,6 +247,10 @@ def serve(
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="The most new tokens a request may ask for (1024)."),
     max_concurrency: Optional[int] = typer.Option(None, "--max-concurrency", help="Requests admitted at once; more get 429 (16)."),
     knnlm: Optional[Path] = typer.Option(None, "--knnlm", help="kNN-LM datastore for mode=knnlm requests."),
+    cache_policy: Optional[str] = typer.Option(None, "--cache-policy", help="Document KV cache: pgdsf (default), gdsf, lru, lfu or none."),
+    cache_device_mb: Optional[int] = typer.Option(None, "--cache-device-mb", help="Its device tier in MiB (512)."),
+    cache_host_mb: Optional[int] = typer.Option(None, "--cache-host-mb", help="Its host tier in MiB (2048)."),
+    prefill_profile: Optional[Path] = typer.Option(None, "--prefill-profile", help="`chameleon profile prefill` output for gdsf/pgdsf."),
     ready_file: Optional[Path] = typer.Option(None, "--ready-file", help="Write the URL and pid here once serving (for scripts)."),
 ):
     """Serve RAG over HTTP: the RAG API, OpenAI-compatible endpoints, health and metrics.
@@ -260,7 +264,8 @@ def serve(
     settings = ServeSettings.load(
         config, index=index, model=model, engine=engine, max_batch=max_batch, shards=shards, replicas=replicas, retrieval_engine=retrieval_engine,
         keys=keys, state_dir=state_dir, host=host, port=port, api_keys=api_key or None, k=k, nprobe=nprobe,
-        max_tokens=max_tokens, max_concurrency=max_concurrency, knnlm=knnlm,
+        max_tokens=max_tokens, max_concurrency=max_concurrency, knnlm=knnlm, cache_policy=cache_policy,
+        cache_device_mb=cache_device_mb, cache_host_mb=cache_host_mb, prefill_profile=prefill_profile,
     )  # fmt: skip
     run_server(settings, ready_file)
 

@@ -32,9 +32,17 @@ class Answer:
     finish_reason: str = "stop"
 
 
+_PASSAGES = "\ue000chameleon-passages\ue000"  # a private-use marker where the passages go in the template
+
+
+def passage_pieces(passages: Sequence[Passage]) -> list[str]:
+    """The numbered passages as the prompt shows them, one string each (they concatenate)."""
+    last = len(passages) - 1
+    return [f"[{n + 1}] {p.title}\n{p.text}" + ("\n\n" if n < last else "") for n, p in enumerate(passages)]
+
+
 def context_block(passages: Sequence[Passage]) -> str:
-    """The numbered passages as the prompt shows them."""
-    return "\n\n".join(f"[{n + 1}] {p.title}\n{p.text}" for n, p in enumerate(passages))
+    return "".join(passage_pieces(passages))
 
 
 class RagPipeline:
@@ -42,15 +50,18 @@ class RagPipeline:
     (``chameleon.cluster.ClusterSearcher``); either offers ``quantizer`` and ``scan``.
 
     Retrieval is thread-safe (one search at a time: the embedder's tokenizer and a cluster's
-    socket are not); generation is not, the caller serialises it.
+    socket are not); so is ``ask`` when the engine is (``chameleon.batching.BatchingEngine``).
+    With a ``doc_cache`` (``chameleon.doc_cache.DocumentKVCache``) a prompt starts from the cached
+    KV of its template and of the documents it shares, in order, with earlier prompts.
     """
 
-    def __init__(self, rag_index: RagIndex, embedder, engine, k: int = 4, nprobe: int = 16, retrieval=None):
+    def __init__(self, rag_index: RagIndex, embedder, engine, k: int = 4, nprobe: int = 16, retrieval=None, doc_cache=None):
         if not 1 <= k <= 64:
             raise RetrieverError(f"k must be between 1 and 64, got {k}")
         self.rag_index = rag_index
         self.embedder = embedder
         self.engine = engine
+        self.doc_cache = doc_cache
         if retrieval is None:
             retrieval = Searcher(rag_index.index)
             retrieval.engine.warm_up()
@@ -85,17 +96,41 @@ class RagPipeline:
         timings["retrieval_partial"] = partial
         return [(self.rag_index.passages[i], float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
 
-    def fit(self, passages: Sequence[Passage], max_new_tokens: int, render: Callable[[Sequence[Passage]], list[int]]) -> tuple[list[int], int]:
-        """``render(kept passages)`` for the most passages that leave room for ``max_new_tokens``
-        (the truncation policy), and how many it keeps."""
+    def fit(
+        self, passages: Sequence[Passage], max_new_tokens: int, render: Callable[[Sequence[Passage]], list[list[int]]]
+    ) -> tuple[list[list[int]], int]:
+        """``render(kept passages)`` (token segments) for the most passages that leave room for
+        ``max_new_tokens`` (the truncation policy), and how many it keeps."""
         for keep in range(len(passages), -1, -1):
-            tokens = render(passages[:keep])
-            if len(tokens) + max_new_tokens <= self.engine.context_window:
-                return tokens, keep
+            segments = render(passages[:keep])
+            length = sum(map(len, segments))
+            if length + max_new_tokens <= self.engine.context_window:
+                return segments, keep
         raise RetrieverError(
-            f"the prompt alone ({len(tokens)} tokens) leaves no room for {max_new_tokens} new tokens "
+            f"the prompt alone ({length} tokens) leaves no room for {max_new_tokens} new tokens "
             f"in the context window of {self.engine.context_window}"
         )
+
+    def prompt_segments(
+        self, question: str, passages: Sequence[Passage], history: Sequence[dict] = (), system: str | None = None
+    ) -> list[list[int]]:
+        """The chat prompt as token segments: the template up to the passages, one segment per
+        passage, then the question and the assistant's turn. Each is tokenized on its own, so a
+        passage's tokens (and KV) depend only on what comes before it: the unit the document KV
+        cache keeps."""
+        user = f"Passages:\n{_PASSAGES}\n\nQuestion: {question}" if passages else f"Question: {question}"
+        messages = [{"role": "system", "content": system or SYSTEM_PROMPT}, *history, {"role": "user", "content": user}]
+        text = self.engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+        def encode(piece: str) -> list[int]:
+            return self.engine.tokenizer(piece, add_special_tokens=False)["input_ids"]
+
+        if not passages:
+            return [encode(text)]
+        if text.count(_PASSAGES) != 1:
+            raise RetrieverError("the prompt contains the reserved character U+E000")
+        head, tail = text.split(_PASSAGES)
+        return [encode(head), *map(encode, passage_pieces(passages)), encode(tail)]
 
     def prompt_tokens(
         self, question: str, passages: list[Passage], max_new_tokens: int, history: Sequence[dict] = (), system: str | None = None
@@ -104,13 +139,8 @@ class RagPipeline:
 
         ``history`` is the conversation before the question; ``system`` replaces the default system prompt.
         """
-
-        def render(kept: Sequence[Passage]) -> list[int]:
-            user = f"Passages:\n{context_block(kept)}\n\nQuestion: {question}" if kept else f"Question: {question}"
-            messages = [{"role": "system", "content": system or SYSTEM_PROMPT}, *history, {"role": "user", "content": user}]
-            return self.engine.chat_tokens(messages)
-
-        return self.fit(passages, max_new_tokens, render)
+        segments, kept = self.fit(passages, max_new_tokens, lambda chosen: self.prompt_segments(question, chosen, history, system))
+        return [token for segment in segments for token in segment], kept
 
     def ask(
         self,
@@ -141,7 +171,11 @@ class RagPipeline:
         interval = retrieval_interval or max_new_tokens
         timings: dict = {}
         ranked = self.retrieve(question, timings, k)
-        tokens, kept = self.prompt_tokens(question, [p for p, _ in ranked], max_new_tokens, history, system)
+        segments, kept = self.fit([p for p, _ in ranked], max_new_tokens, lambda chosen: self.prompt_segments(question, chosen, history, system))
+        tokens = [token for segment in segments for token in segment]
+        prefix, admitted = None, None
+        if self.doc_cache is not None:
+            prefix, admitted = self.doc_cache.lookup(segments, [str(p.id) for p, _ in ranked[:kept]])
         answer: list[int] = []
         state = None
         retrievals, changes, reused = 1, 0, 0
@@ -149,10 +183,12 @@ class RagPipeline:
         started = time.perf_counter()
         while True:
             prompt = tokens + answer
-            prefix = state.shared_with(prompt) if state is not None else None
+            prefix = state.shared_with(prompt) if state is not None else prefix
             reused += len(prefix.tokens) if prefix is not None else 0
             segment_started = time.perf_counter()
             generation = self.engine.generate(prompt, min(interval, max_new_tokens - len(answer)), prefix, on_token)
+            if state is None and self.doc_cache is not None:
+                self.doc_cache.keep(admitted, segments, generation.state)
             first_token_at = first_token_at or segment_started + generation.ttft_s
             timings.setdefault("ttft_s", generation.ttft_s)
             timings["queue_s"] = timings.get("queue_s", 0.0) + generation.queue_s

@@ -84,3 +84,23 @@ def tiny_model(tmp_path_factory):
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny32(tmp_path_factory, tiny_model):
+    """The tiny model in float32 with larger random weights, so that positions, masks and KV change its tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from chameleon.llm import TorchEngine
+
+    path = tmp_path_factory.mktemp("models") / "tiny-sharp"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() == 2:
+                parameter.normal_(0, 0.3)
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(path)
+    return TorchEngine(path, dtype="float32")

@@ -7,26 +7,6 @@ import pytest
 from retriever.errors import RetrieverError
 
 
-@pytest.fixture(scope="module")
-def tiny32(tmp_path_factory, tiny_model):
-    """The tiny model with larger random weights, so that positions and masks change its tokens."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from chameleon.llm import TorchEngine
-
-    path = tmp_path_factory.mktemp("models") / "tiny-sharp"
-    model = AutoModelForCausalLM.from_pretrained(tiny_model)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.dim() == 2:
-                parameter.normal_(0, 0.3)
-    model.save_pretrained(path)
-    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(path)
-    return TorchEngine(path, dtype="float32")
-
-
 def _prompts(engine, n: int) -> list[list[int]]:
     return [engine.chat_tokens([{"role": "user", "content": "tell me " + "more " * (3 * i)}]) for i in range(n)]
 

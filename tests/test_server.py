@@ -333,6 +333,12 @@ def test_metrics_move_after_requests(real_server):
     for shard in ("0", "1"):
         assert _sample(after, "chameleon_shard_latency_seconds_count", shard=shard) == _sample(before, "chameleon_shard_latency_seconds_count", shard=shard) + 1
         assert _sample(after, "chameleon_shard_node_alive", shard=shard) == 1
+    computed = _sample(after, "chameleon_kv_cache_tokens_total", source="computed") - _sample(before, "chameleon_kv_cache_tokens_total", source="computed")
+    assert computed > 0
+    again = call(url + "/v1/rag", {"question": "How many moons orbit Zorblax-5?", "max_tokens": 8})[1]
+    # the same passages again: their KV comes from the document cache (exactness: tests/test_doc_cache.py)
+    assert body["cache"]["cached_tokens"] < again["cache"]["cached_tokens"] < again["cache"]["prompt_tokens"]
+    assert _sample(call(url + "/metrics")[1]["text"], "chameleon_kv_cache_tokens_total", source="device_hit") > 0
 
 
 @pytest.mark.integration

@@ -77,7 +77,9 @@ def serve(settings: ServeSettings, ready_file: Path | None = None) -> None:
         metrics = Metrics(tier_info=lambda: service.tier_info() if service is not None else None)
         metrics.queue_depth.set_function(lambda: engine.waiting)
         metrics.batch_size.set_function(lambda: engine.running)
-        pipeline = RagPipeline(rag_index, embedder, engine, k=settings.k, nprobe=settings.nprobe, retrieval=searcher)
+        doc_cache = _document_cache(engine, settings, cache_dir())
+        metrics.watch_cache(doc_cache)
+        pipeline = RagPipeline(rag_index, embedder, engine, k=settings.k, nprobe=settings.nprobe, retrieval=searcher, doc_cache=doc_cache)
         model_id = Path(settings.model).name if settings.model else BUILTIN_LLM
         service = Service(pipeline, model_id, tier, knnlm, metrics)
         app = create_app(service, settings, metrics)
@@ -104,6 +106,25 @@ def serve(settings: ServeSettings, ready_file: Path | None = None) -> None:
             stopped = cluster.down(state_dir)
             _say(f"stopped {len(stopped)} tier process(es)")
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _document_cache(engine, settings: ServeSettings, cache: Path):
+    """The document KV cache, or None; gdsf/pgdsf cost requests with a prefill profile, measured
+    once per model and device (a few seconds) unless one is given."""
+    from chameleon.doc_cache import DocumentKVCache
+    from coordinator.prefill_profile import PrefillProfile, measure
+
+    if settings.cache_policy == "none":
+        return None
+    profile = None
+    if settings.cache_policy in ("gdsf", "pgdsf"):
+        path = settings.prefill_profile or cache / "profiles" / f"{Path(engine.model.config._name_or_path).name}-{engine.device}.json"
+        if settings.prefill_profile is None and not path.is_file():
+            _say(f"measuring the prefill profile once ({path})")
+            top = min(512, engine.context_window // 2)
+            measure(engine.engine, [0, top // 2, top], [16, top // 4, top], repeats=1).save(path)
+        profile = PrefillProfile.load(path)
+    return DocumentKVCache(engine, settings.cache_policy, settings.cache_device_mb << 20, settings.cache_host_mb << 20, profile)
 
 
 def _listen(host: str, port: int) -> socket.socket:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily, SummaryMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -34,6 +34,32 @@ class Metrics:
         self.rejected = Counter("chameleon_rejected_requests", "Requests refused with 429 (over the concurrency limit).", registry=r)
         if tier_info is not None:
             r.register(_TierCollector(tier_info))
+
+    def watch_cache(self, doc_cache) -> None:
+        """Export the document KV cache's counters (nothing when there is no cache)."""
+        if doc_cache is not None:
+            self.registry.register(_CacheCollector(doc_cache))
+
+
+class _CacheCollector:
+    """Prompt tokens by where their KV came from: the device tier, the host tier, or computed."""
+
+    def __init__(self, doc_cache):
+        self.doc_cache = doc_cache
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        stats = dict(self.doc_cache.stats)
+        tokens = CounterMetricFamily("chameleon_kv_cache_tokens", "Document KV cache: prompt tokens by source.", labels=["source"])
+        for source in ("device_hit", "host_hit", "computed"):
+            tokens.add_metric([source], stats[f"{source}_tokens"])
+        requests = CounterMetricFamily("chameleon_kv_cache_requests", "Requests through the document KV cache.", labels=["outcome"])
+        requests.add_metric(["used"], stats["requests"])
+        requests.add_metric(["bypassed"], stats["bypassed"])
+        yield tokens
+        yield requests
 
 
 class _TierCollector:

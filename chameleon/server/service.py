@@ -167,9 +167,9 @@ class Service:
         self._observe_retrieval(timings)
 
         def render(kept):
-            return encode(f"Passages:\n{context_block(kept)}\n\n{prompt}" if kept else prompt)["input_ids"]
+            return [encode(f"Passages:\n{context_block(kept)}\n\n{prompt}" if kept else prompt)["input_ids"]]
 
-        tokens, kept = self.pipeline.fit([p for p, _ in ranked], max_tokens, render)
+        (tokens,), kept = self.pipeline.fit([p for p, _ in ranked], max_tokens, render)
         return self._plain(request, tokens, max_tokens, [_source(p, s) for p, s in ranked[:kept]], timings)
 
     def _plain(self, request: _Request, tokens, max_tokens: int, sources=(), timings=None) -> Completion:

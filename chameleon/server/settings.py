@@ -35,6 +35,10 @@ class ServeSettings(BaseSettings):
     max_concurrency: int = Field(16, ge=1, le=4096, description="Requests admitted at once (running or queued); more get 429.")
     max_body_bytes: int = Field(1 << 20, ge=1024, le=1 << 30)
     knnlm: Path | None = Field(None, description="kNN-LM datastore (`index build --knnlm`) for mode=knnlm.")
+    cache_policy: Literal["none", "lru", "lfu", "gdsf", "pgdsf"] = Field("pgdsf", description="Document KV cache replacement policy.")
+    cache_device_mb: int = Field(512, ge=1, le=1 << 20, description="Device tier of the document KV cache (MiB).")
+    cache_host_mb: int = Field(2048, ge=0, le=1 << 22, description="Host tier of the document KV cache (MiB).")
+    prefill_profile: Path | None = Field(None, description="Prefill profile for gdsf/pgdsf (default: measured once, cached).")
 
     @field_validator("api_keys", mode="before")
     @classmethod
