@@ -207,8 +207,10 @@ class BatchingEngine:
         keep = []
         for row, (sequence, token) in enumerate(zip(self._running, chosen)):
             if sequence.take(token):
-                own = -sequence.kv_length  # its real KV: the last columns, after its left padding
-                self._finish(sequence, DynamicCache([(k[row : row + 1, :, own:], v[row : row + 1, :, own:]) for k, v in layers]))
+                own = -sequence.kv_length  # its real KV: the last columns, after its left padding; copied,
+                # so that the state handed back does not keep the whole batch's KV alive
+                kv = [(k[row : row + 1, :, own:].clone(), v[row : row + 1, :, own:].clone()) for k, v in layers]
+                self._finish(sequence, DynamicCache(kv))
             else:
                 keep.append(row)
         if len(keep) == len(self._running):

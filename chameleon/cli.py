@@ -377,6 +377,47 @@ def bench_knnlm(
         write_json_atomic(json_out, result)
 
 
+@bench_app.command("kvcache")
+def bench_kvcache(
+    json_out: Path = typer.Option(..., "--json", help="Write one row per configuration here."),
+    index: Optional[Path] = typer.Option(None, "--index", help="Passage index whose passages are the documents (default: python-docs)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Local HF model directory (default: built-in)."),
+    requests: int = typer.Option(100, "--requests", help="Requests per configuration."),
+    zipf: str = typer.Option("0.8,1.1", "--zipf", help="Zipf exponents of document popularity."),
+    policies: str = typer.Option("none,lru,lfu,gdsf,pgdsf", "--policies"),
+    device_docs: int = typer.Option(32, "--device-docs", help="Device tier budget, in average passages."),
+    host_docs: int = typer.Option(64, "--host-docs", help="Host tier budget, in average passages."),
+    load: float = typer.Option(0.9, "--load", help="Arrival rate as a fraction of the no-cache capacity."),
+    profile: Optional[Path] = typer.Option(None, "--profile", help="Prefill profile (default: measure a small one now)."),
+    seed: int = typer.Option(0, "--seed"),
+):
+    """TTFT, throughput and hit rate per cache policy on a Poisson stream of Zipf-popular documents."""
+    from chameleon.bench_kvcache import ROW_KEYS, kvcache_benchmark
+    from chameleon.corpus import builtin_rag_index, read_docstore
+    from chameleon.embedder import Embedder
+    from chameleon.llm import TorchEngine
+    from coordinator.kv_cache import POLICIES
+    from coordinator.prefill_profile import PrefillProfile, measure
+    from retriever.files import write_json_atomic
+
+    chosen = [p.strip() for p in policies.split(",") if p.strip()]
+    if not chosen or any(p not in ("none", *POLICIES) for p in chosen):
+        raise RetrieverError(f"--policies takes none and {', '.join(POLICIES)}, got {policies!r}")
+    engine = TorchEngine(model)
+    passages = read_docstore(index if index is not None else builtin_rag_index(Embedder(), progress=True))
+    if profile is not None:
+        cost_model = PrefillProfile.load(profile)
+    else:
+        top = min(512, engine.context_window // 2)
+        cost_model = measure(engine, [0, top // 2, top], [16, top // 4, top], repeats=1)
+    rows = kvcache_benchmark(engine, passages, cost_model, requests, tuple(_number_list(zipf, "--zipf", float)), tuple(chosen),
+                             device_docs, host_docs, load, seed)  # fmt: skip
+    write_json_atomic(json_out, rows)
+    typer.echo("  ".join(f"{key:>14}" for key in ROW_KEYS))
+    for row in rows:
+        typer.echo("  ".join(f"{str(row[key]):>14}" for key in ROW_KEYS))
+
+
 @node_app.command("retrieval")
 def node_retrieval(
     index: Path = typer.Option(..., "--index", help="Index directory."),

@@ -209,6 +209,14 @@ def builtin_rag_index(embedder, progress: bool = False) -> Path:
     return path
 
 
+def read_docstore(path: str | os.PathLike) -> list[Passage]:
+    """The passages of a RAG index directory, by id."""
+    docstore = Path(path) / "docstore.jsonl"
+    if not docstore.is_file():
+        raise RetrieverError(f"{path} is not a RAG index (docstore.jsonl is missing)")
+    return [Passage(**json.loads(line)) for line in docstore.read_text().splitlines()]
+
+
 class RagIndex:
     """A RAG index directory opened for search: the IVF-PQ index plus the passages by id."""
 
@@ -224,7 +232,7 @@ class RagIndex:
             )
         self.path = path
         self.index = load_index(path / "index")
-        self.passages = [Passage(**json.loads(line)) for line in (path / "docstore.jsonl").read_text().splitlines()]
+        self.passages = read_docstore(path)
         if len(self.passages) != self.index.ntotal:
             raise RetrieverError(f"{path}: the docstore holds {len(self.passages)} passages, the index {self.index.ntotal}")
 

@@ -38,12 +38,19 @@ def kv_bytes_per_token(engine) -> int:
 
 
 class DocumentKVCache:
-    def __init__(self, engine, policy: str = "pgdsf", device_bytes: int = 1 << 30, host_bytes: int = 4 << 30, profile: PrefillProfile | None = None):
+    """``template``: the prompt head whose requests are cached (default: the first request's)."""
+
+    def __init__(
+        self, engine, policy: str = "pgdsf", device_bytes: int = 1 << 30, host_bytes: int = 4 << 30,
+        profile: PrefillProfile | None = None, template: list[int] | None = None,
+    ):  # fmt: skip
         self.engine = engine
         self.policy, self.device_bytes, self.host_bytes, self.profile = policy, device_bytes, host_bytes, profile
         self.bytes_per_token = kv_bytes_per_token(engine)
-        self.tree: KnowledgeTree | None = None  # made with the first request: its root is that template
+        self.tree: KnowledgeTree | None = None
         self.template: list[int] | None = None
+        if template is not None:
+            self._plant(template)
         self.stats = {"requests": 0, "bypassed": 0, "device_hit_tokens": 0, "host_hit_tokens": 0, "computed_tokens": 0}
         self._lock = threading.Lock()
 
@@ -54,8 +61,7 @@ class DocumentKVCache:
 
         with self._lock:
             if self.tree is None:
-                self.template = list(segments[0])
-                self.tree = KnowledgeTree(self.policy, self.device_bytes, self.host_bytes, self.bytes_per_token, len(self.template), self.profile)
+                self._plant(segments[0])
             if segments[0] != self.template:
                 self.stats["bypassed"] += 1
                 return None, None
@@ -99,6 +105,10 @@ class DocumentKVCache:
                 if node.on_device:  # not evicted by another request meanwhile
                     depth = len(node.path) - 1
                     node.handle = cut(starts[depth], starts[depth] + node.tokens)
+
+    def _plant(self, template: list[int]) -> None:
+        self.template = list(template)
+        self.tree = KnowledgeTree(self.policy, self.device_bytes, self.host_bytes, self.bytes_per_token, len(self.template), self.profile)
 
     def _apply(self, access: Access) -> None:
         for node in access.swapped_out:

@@ -45,6 +45,27 @@ def context_block(passages: Sequence[Passage]) -> str:
     return "".join(passage_pieces(passages))
 
 
+def prompt_segments(engine, question: str, passages: Sequence[Passage], history: Sequence[dict] = (), system: str | None = None) -> list[list[int]]:
+    """The chat prompt as token segments: the template up to the passages, one segment per
+    passage, then the question and the assistant's turn. Each is tokenized on its own, so a
+    passage's tokens (and KV) depend only on what comes before it: the unit the document KV
+    cache keeps. ``history`` is the conversation before the question; ``system`` replaces the
+    default system prompt."""
+    user = f"Passages:\n{_PASSAGES}\n\nQuestion: {question}" if passages else f"Question: {question}"
+    messages = [{"role": "system", "content": system or SYSTEM_PROMPT}, *history, {"role": "user", "content": user}]
+    text = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def encode(piece: str) -> list[int]:
+        return engine.tokenizer(piece, add_special_tokens=False)["input_ids"]
+
+    if not passages:
+        return [encode(text)]
+    if text.count(_PASSAGES) != 1:
+        raise RetrieverError("the prompt contains the reserved character U+E000")
+    head, tail = text.split(_PASSAGES)
+    return [encode(head), *map(encode, passage_pieces(passages)), encode(tail)]
+
+
 class RagPipeline:
     """``retrieval`` is where passages are searched: in this process (the default) or a cluster
     (``chameleon.cluster.ClusterSearcher``); either offers ``quantizer`` and ``scan``.
@@ -111,27 +132,6 @@ class RagPipeline:
             f"in the context window of {self.engine.context_window}"
         )
 
-    def prompt_segments(
-        self, question: str, passages: Sequence[Passage], history: Sequence[dict] = (), system: str | None = None
-    ) -> list[list[int]]:
-        """The chat prompt as token segments: the template up to the passages, one segment per
-        passage, then the question and the assistant's turn. Each is tokenized on its own, so a
-        passage's tokens (and KV) depend only on what comes before it: the unit the document KV
-        cache keeps."""
-        user = f"Passages:\n{_PASSAGES}\n\nQuestion: {question}" if passages else f"Question: {question}"
-        messages = [{"role": "system", "content": system or SYSTEM_PROMPT}, *history, {"role": "user", "content": user}]
-        text = self.engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-
-        def encode(piece: str) -> list[int]:
-            return self.engine.tokenizer(piece, add_special_tokens=False)["input_ids"]
-
-        if not passages:
-            return [encode(text)]
-        if text.count(_PASSAGES) != 1:
-            raise RetrieverError("the prompt contains the reserved character U+E000")
-        head, tail = text.split(_PASSAGES)
-        return [encode(head), *map(encode, passage_pieces(passages)), encode(tail)]
-
     def prompt_tokens(
         self, question: str, passages: list[Passage], max_new_tokens: int, history: Sequence[dict] = (), system: str | None = None
     ) -> tuple[list[int], int]:
@@ -139,7 +139,7 @@ class RagPipeline:
 
         ``history`` is the conversation before the question; ``system`` replaces the default system prompt.
         """
-        segments, kept = self.fit(passages, max_new_tokens, lambda chosen: self.prompt_segments(question, chosen, history, system))
+        segments, kept = self.fit(passages, max_new_tokens, lambda chosen: prompt_segments(self.engine, question, chosen, history, system))
         return [token for segment in segments for token in segment], kept
 
     def ask(
@@ -171,7 +171,7 @@ class RagPipeline:
         interval = retrieval_interval or max_new_tokens
         timings: dict = {}
         ranked = self.retrieve(question, timings, k)
-        segments, kept = self.fit([p for p, _ in ranked], max_new_tokens, lambda chosen: self.prompt_segments(question, chosen, history, system))
+        segments, kept = self.fit([p for p, _ in ranked], max_new_tokens, lambda chosen: prompt_segments(self.engine, question, chosen, history, system))
         tokens = [token for segment in segments for token in segment]
         prefix, admitted = None, None
         if self.doc_cache is not None:

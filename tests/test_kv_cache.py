@@ -163,3 +163,19 @@ def test_bad_configurations_are_refused():
         KnowledgeTree("lru", 5, 0, 1, 10)
     with pytest.raises(RetrieverError, match="distinct"):
         KnowledgeTree("lru", 100, 0, 1, 10).access([("a", 5), ("a", 5)])
+
+
+def test_bench_kvcache_rows(facts_index, tiny_model, tmp_path):
+    from chameleon.bench_kvcache import ROW_KEYS
+
+    out = tmp_path / "kv.json"
+    command = ["bench", "kvcache", "--json", out, "--index", facts_index, "--model", tiny_model, "--requests", 20,
+               "--zipf", "1.1", "--policies", "none,lru,pgdsf", "--device-docs", 8, "--host-docs", 8]  # fmt: skip
+    subprocess.run([sys.executable, "-m", "chameleon", *map(str, command)], check=True, capture_output=True)
+    rows = json.loads(out.read_text())
+    assert [(r["policy"], r["reorder"]) for r in rows] == [("none", False), ("lru", False), ("lru", True), ("pgdsf", False), ("pgdsf", True)]
+    assert all(tuple(r) == ROW_KEYS and r["speculative"] is False and r["zipf_s"] == 1.1 for r in rows)
+    assert rows[0]["hit_rate"] == 0 and all(0 < r["hit_rate"] < 1 for r in rows[1:])
+    assert all(r["ttft_p50_ms"] <= r["ttft_p99_ms"] and r["throughput_rps"] > 0 for r in rows)
+    bad = subprocess.run([sys.executable, "-m", "chameleon", *map(str, command), "--policies", "fifo"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--policies" in bad.stderr
