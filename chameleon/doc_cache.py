@@ -60,6 +60,9 @@ class DocumentKVCache:
         from transformers import DynamicCache
 
         with self._lock:
+            if len(segments) < 3:  # no passages: nothing to cache, and no template to learn from
+                self.stats["bypassed"] += 1
+                return None, None
             if self.tree is None:
                 self._plant(segments[0])
             if segments[0] != self.template:

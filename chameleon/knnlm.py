@@ -142,8 +142,9 @@ def perplexity(engine, text: str, knnlm: KnnLm | None = None, window: int = WIND
     return math.exp(total / count)
 
 
-def generate(engine, knnlm: KnnLm, tokens: list[int], max_new_tokens: int = 64, on_token=None) -> list[int]:
-    """Greedy decoding from the interpolated distribution, querying the datastore at every step.
+def generate(engine, knnlm: KnnLm, tokens: list[int], max_new_tokens: int = 64, on_token=None, every: int = 1) -> list[int]:
+    """Greedy decoding from the interpolated distribution, querying the datastore every ``every``
+    steps (the first included; the LM alone decides the others).
 
     ``on_token`` sees each new token as it is chosen; returning True stops (as in the engines).
     """
@@ -151,6 +152,8 @@ def generate(engine, knnlm: KnnLm, tokens: list[int], max_new_tokens: int = 64, 
 
     if len(tokens) + max_new_tokens > engine.context_window:
         raise RetrieverError(f"{len(tokens)} + {max_new_tokens} tokens exceed the context window of {engine.context_window}")
+    if every < 1:
+        raise RetrieverError(f"the kNN-LM retrieval interval must be at least 1, got {every}")
     generated: list[int] = []
     cache = None
     step = list(tokens)
@@ -158,8 +161,9 @@ def generate(engine, knnlm: KnnLm, tokens: list[int], max_new_tokens: int = 64, 
         while len(generated) < max_new_tokens:
             out = engine.model(torch.tensor([step], device=engine.device), past_key_values=cache, use_cache=True, output_hidden_states=True)
             cache = out.past_key_values
-            state = out.hidden_states[-1][0, -1:].float()
-            log_probs = knnlm.log_probs(state, torch.log_softmax(out.logits[0, -1:].float(), dim=-1))
+            log_probs = torch.log_softmax(out.logits[0, -1:].float(), dim=-1)
+            if len(generated) % every == 0:
+                log_probs = knnlm.log_probs(out.hidden_states[-1][0, -1:].float(), log_probs)
             generated.append(int(torch.argmax(log_probs[0])))
             if generated[-1] in engine.eos_ids or (on_token is not None and on_token(generated[-1])):
                 break

@@ -44,6 +44,12 @@ def test_generation_draws_on_the_datastore(engine, datastore):
     base_text = engine.tokenizer.decode(engine.generate(prompt, 4).tokens)
     assert any(code in knn_text for code in CODES), knn_text  # a code from the corpus, which the base LM does not know
     assert not any(code in base_text for code in CODES)
+    # querying only at the first step: the rest is the LM's own greedy continuation of that token
+    first_only = generate(engine, KnnLm.open(datastore, engine, k=8, lam=0.9), prompt, 4, every=100)
+    assert first_only[0] == generate(engine, KnnLm.open(datastore, engine, k=8, lam=0.9), prompt, 1)[0]
+    assert first_only[1:] == engine.generate(prompt + first_only[:1], 3).tokens
+    with pytest.raises(RetrieverError, match="at least 1"):
+        generate(engine, KnnLm.open(datastore, engine), prompt, 4, every=0)
 
 
 def test_datastore_errors(engine, datastore, tmp_path):

@@ -338,7 +338,9 @@ def test_metrics_move_after_requests(real_server):
     again = call(url + "/v1/rag", {"question": "How many moons orbit Zorblax-5?", "max_tokens": 8})[1]
     # the same passages again: their KV comes from the document cache (exactness: tests/test_doc_cache.py)
     assert body["cache"]["cached_tokens"] < again["cache"]["cached_tokens"] < again["cache"]["prompt_tokens"]
-    assert _sample(call(url + "/metrics")[1]["text"], "chameleon_kv_cache_tokens_total", source="device_hit") > 0
+    final = call(url + "/metrics")[1]["text"]
+    assert _sample(final, "chameleon_kv_cache_tokens_total", source="device_hit") > 0
+    assert 0 < _sample(final, "chameleon_kv_cache_hit_rate", tier="device") < 1
 
 
 @pytest.mark.integration

@@ -40,7 +40,7 @@ def serve(settings: ServeSettings, ready_file: Path | None = None) -> None:
     from chameleon.embedder import Embedder
     from chameleon.llm import TorchEngine
     from chameleon.models import BUILTIN_LLM
-    from chameleon.rag import RagPipeline
+    from chameleon.rag import RagPipeline, prompt_segments
     from chameleon.server.api import create_app
     from chameleon.server.metrics import Metrics
     from chameleon.server.service import Service
@@ -77,7 +77,8 @@ def serve(settings: ServeSettings, ready_file: Path | None = None) -> None:
         metrics = Metrics(tier_info=lambda: service.tier_info() if service is not None else None)
         metrics.queue_depth.set_function(lambda: engine.waiting)
         metrics.batch_size.set_function(lambda: engine.running)
-        doc_cache = _document_cache(engine, settings, cache_dir())
+        template = prompt_segments(engine, "?", rag_index.passages[:1])[0]  # the head every standard request shares
+        doc_cache = _document_cache(engine, settings, cache_dir(), template)
         metrics.watch_cache(doc_cache)
         pipeline = RagPipeline(rag_index, embedder, engine, k=settings.k, nprobe=settings.nprobe, retrieval=searcher, doc_cache=doc_cache)
         model_id = Path(settings.model).name if settings.model else BUILTIN_LLM
@@ -108,7 +109,7 @@ def serve(settings: ServeSettings, ready_file: Path | None = None) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def _document_cache(engine, settings: ServeSettings, cache: Path):
+def _document_cache(engine, settings: ServeSettings, cache: Path, template: list[int]):
     """The document KV cache, or None; gdsf/pgdsf cost requests with a prefill profile, measured
     once per model and device (a few seconds) unless one is given."""
     from chameleon.doc_cache import DocumentKVCache
@@ -124,7 +125,7 @@ def _document_cache(engine, settings: ServeSettings, cache: Path):
             top = min(512, engine.context_window // 2)
             measure(engine.engine, [0, top // 2, top], [16, top // 4, top], repeats=1).save(path)
         profile = PrefillProfile.load(path)
-    return DocumentKVCache(engine, settings.cache_policy, settings.cache_device_mb << 20, settings.cache_host_mb << 20, profile)
+    return DocumentKVCache(engine, settings.cache_policy, settings.cache_device_mb << 20, settings.cache_host_mb << 20, profile, template)
 
 
 def _listen(host: str, port: int) -> socket.socket:

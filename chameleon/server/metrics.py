@@ -55,6 +55,11 @@ class _CacheCollector:
         tokens = CounterMetricFamily("chameleon_kv_cache_tokens", "Document KV cache: prompt tokens by source.", labels=["source"])
         for source in ("device_hit", "host_hit", "computed"):
             tokens.add_metric([source], stats[f"{source}_tokens"])
+        total = sum(stats[f"{source}_tokens"] for source in ("device_hit", "host_hit", "computed"))
+        hit_rate = GaugeMetricFamily("chameleon_kv_cache_hit_rate", "Share of prompt tokens whose KV came from each cache tier.", labels=["tier"])
+        for tier in ("device", "host"):
+            hit_rate.add_metric([tier], stats[f"{tier}_hit_tokens"] / total if total else 0.0)
+        yield hit_rate
         requests = CounterMetricFamily("chameleon_kv_cache_requests", "Requests through the document KV cache.", labels=["outcome"])
         requests.add_metric(["used"], stats["requests"])
         requests.add_metric(["bypassed"], stats["bypassed"])
