@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from chameleon.llm import Generation, KVPrefix, TorchEngine
+from coordinator.kv_cache import CacheAwareQueue
 from retriever.errors import RetrieverError
 
 
@@ -41,6 +41,12 @@ class _Sequence:
     stopped: bool = False
 
     @property
+    def reuse_ratio(self) -> float:
+        """Cached / computed prompt tokens: cache-aware admission serves the highest first."""
+        cached = len(self.prefix.tokens) if self.prefix is not None else 0
+        return cached / max(len(self.tokens) - cached, 1)
+
+    @property
     def kv_length(self) -> int:
         """Tokens whose KV is cached: the prompt and every generated token but the last."""
         return len(self.tokens) + len(self.generated) - 1
@@ -53,11 +59,16 @@ class _Sequence:
 
 
 class BatchingEngine:
-    """A thread-safe engine that decodes up to ``max_batch`` sequences together."""
+    """A thread-safe engine that decodes up to ``max_batch`` sequences together.
+
+    Sequences waiting for a place are admitted in arrival order, or with ``reorder_window`` W by
+    cached / computed prompt length (RAGCache's cache-aware reordering: short work on a long cached
+    prefix first), a sequence passed over W times going next.
+    """
 
     name = "torch-batched"
 
-    def __init__(self, engine: TorchEngine, max_batch: int = 8):
+    def __init__(self, engine: TorchEngine, max_batch: int = 8, reorder_window: int | None = None):
         if not 1 <= max_batch <= 256:
             raise RetrieverError(f"max_batch must be between 1 and 256, got {max_batch}")
         self.engine = engine
@@ -65,7 +76,10 @@ class BatchingEngine:
         self.tokenizer, self.eos_ids, self.context_window = engine.tokenizer, engine.eos_ids, engine.context_window
         self.model, self.device = engine.model, engine.device
         self.largest_batch = 0
-        self._waiting: deque[_Sequence] = deque()
+        if reorder_window is None:
+            self._waiting = CacheAwareQueue(lambda sequence: 0.0)
+        else:
+            self._waiting = CacheAwareQueue(lambda sequence: sequence.reuse_ratio, reorder_window)
         self._running: list[_Sequence] = []
         self._batch = None  # (per-layer keys and values, attention mask) of the running sequences
         self._wake = threading.Condition()
@@ -109,7 +123,7 @@ class BatchingEngine:
         with self._wake:
             if self._closed:
                 raise RetrieverError("the engine is closed")
-            self._waiting.append(sequence)
+            self._waiting.push(sequence)
             self._wake.notify()
         return sequence.future
 
@@ -142,7 +156,7 @@ class BatchingEngine:
                     for sequence in self._running:
                         sequence.future.set_exception(e)
                     self._running, self._batch = [], None
-        for sequence in [*self._running, *self._waiting]:
+        for sequence in [*self._running, *self._waiting.drain()]:
             sequence.future.set_exception(RetrieverError("the engine was closed"))
 
     def _admit(self) -> None:
@@ -150,7 +164,7 @@ class BatchingEngine:
 
         while self._waiting and len(self._running) < self.max_batch:
             with self._wake:
-                sequence = self._waiting.popleft()
+                sequence = self._waiting.pop()
             sequence.started = time.perf_counter()
             try:
                 state, logits = self.engine.prefill(sequence.tokens, sequence.prefix)

@@ -234,6 +234,7 @@ def serve(
     model: Optional[str] = typer.Option(None, "--model", help="Local Hugging Face model directory (default: built-in SmolLM2-135M)."),
     engine: Optional[str] = typer.Option(None, "--engine", help="LLM engine: auto or torch."),
     max_batch: Optional[int] = typer.Option(None, "--max-batch", help="Sequences decoded together (8); 1: one at a time."),
+    reorder_window: Optional[int] = typer.Option(None, "--reorder-window", help="Cache-aware admission: pass a request over at most N times (8); 0: arrival order."),
     shards: Optional[int] = typer.Option(None, "--shards", help="Retrieval shards (default 2); 0 searches in the server process."),
     replicas: Optional[int] = typer.Option(None, "--replicas", help="Nodes per shard (default 1)."),
     retrieval_engine: Optional[str] = typer.Option(None, "--retrieval-engine", help="Scan engine of the nodes: numba or faiss."),
@@ -262,7 +263,7 @@ def serve(
     from chameleon.server.settings import ServeSettings
 
     settings = ServeSettings.load(
-        config, index=index, model=model, engine=engine, max_batch=max_batch, shards=shards, replicas=replicas, retrieval_engine=retrieval_engine,
+        config, index=index, model=model, engine=engine, max_batch=max_batch, reorder_window=reorder_window, shards=shards, replicas=replicas, retrieval_engine=retrieval_engine,
         keys=keys, state_dir=state_dir, host=host, port=port, api_keys=api_key or None, k=k, nprobe=nprobe,
         max_tokens=max_tokens, max_concurrency=max_concurrency, knnlm=knnlm, cache_policy=cache_policy,
         cache_device_mb=cache_device_mb, cache_host_mb=cache_host_mb, prefill_profile=prefill_profile,

@@ -21,7 +21,7 @@ of what that tier evicts (so what stays ages relative to newcomers).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from coordinator.prefill_profile import PrefillProfile
@@ -110,6 +110,11 @@ class KnowledgeTree:
 
     def cached_tokens(self, docs: Sequence[str]) -> int:
         return self.root.tokens + sum(n.tokens for n in self.match(docs))
+
+    def reuse_ratio(self, docs: Sequence[tuple[str, int]], question_tokens: int) -> float:
+        """Cached / computed prompt tokens of a request, as the tree stands now (for reordering)."""
+        cached = self.cached_tokens([doc for doc, _ in docs])
+        return cached / max(self.root.tokens + sum(t for _, t in docs) + question_tokens - cached, 1)
 
     def nodes(self) -> list[Node]:
         found, stack = [], [self.root]
@@ -241,41 +246,35 @@ class KnowledgeTree:
 
 
 class CacheAwareQueue:
-    """Waiting requests, served by cached length / computed length (most reuse per unit of work
-    first, the oldest on ties); a request passed over ``window`` times is served next, so nothing
-    waits for more than ``window`` later arrivals."""
+    """Waiting requests, served by ``ratio(request)`` (cached length / computed length: most reuse
+    per unit of work first; read at pop time, as the cache changes while they wait), the oldest on
+    ties; a request passed over ``window`` times is served next, so nothing waits for more than
+    ``window`` later arrivals. With a constant ratio it is a FIFO queue."""
 
-    def __init__(self, tree: KnowledgeTree, window: int = 8):
+    def __init__(self, ratio: Callable[[object], float], window: int = 8):
         if window < 1:
             raise RetrieverError(f"the reordering window must be at least 1, got {window}")
-        self.tree, self.window = tree, window
-        self._waiting: list[_Waiting] = []  # in arrival order
+        self.ratio, self.window = ratio, window
+        self._waiting: list[list] = []  # [request, times passed over], in arrival order
 
     def __len__(self) -> int:
         return len(self._waiting)
 
-    def push(self, request, docs: Sequence[tuple[str, int]], question_tokens: int) -> None:
-        self._waiting.append(_Waiting(request, [doc for doc, _ in docs], sum(t for _, t in docs) + question_tokens))
+    def push(self, request) -> None:
+        self._waiting.append([request, 0])
 
     def pop(self):
         if not self._waiting:
             raise IndexError("no request is waiting")
-        starved = [w for w in self._waiting if w.passed_over >= self.window]
-        chosen = starved[0] if starved else max(self._waiting, key=self._ratio)  # max: the first (oldest) of equals
+        starved = [entry for entry in self._waiting if entry[1] >= self.window]
+        chosen = starved[0] if starved else max(self._waiting, key=lambda entry: self.ratio(entry[0]))  # max: the oldest of equals
         position = self._waiting.index(chosen)
         for earlier in self._waiting[:position]:
-            earlier.passed_over += 1
+            earlier[1] += 1
         del self._waiting[position]
-        return chosen.request
+        return chosen[0]
 
-    def _ratio(self, waiting: _Waiting) -> float:
-        cached = self.tree.cached_tokens(waiting.docs)
-        return cached / max(self.tree.root.tokens + waiting.tokens - cached, 1)
-
-
-@dataclass
-class _Waiting:
-    request: object
-    docs: list[str]
-    tokens: int  # documents + question
-    passed_over: int = 0
+    def drain(self) -> list:
+        """Every waiting request, oldest first; the queue is then empty."""
+        requests, self._waiting = [entry[0] for entry in self._waiting], []
+        return requests

@@ -1,6 +1,7 @@
 """Continuous batching gives every request the tokens it would get alone (tiny model, float32)."""
 
 import threading
+import time
 
 import pytest
 
@@ -83,3 +84,31 @@ def test_concurrent_rag_answers_equal_sequential_ones(tiny32, facts_index, embed
         thread.join()
     batching.close()
     assert answers == expected and batching.largest_batch >= 2
+
+
+def test_cache_aware_admission_order_without_starvation(tiny32):
+    from chameleon.batching import BatchingEngine
+
+    prompts = _prompts(tiny32, 4)
+    long_prefix = tiny32.generate(prompts[3], 1).state  # the KV of a long prompt: its followers reuse most of it
+    short_prefix = long_prefix.truncated(len(prompts[3]) // 3)
+    follow = prompts[3] + prompts[0][1:]
+    for window, expected in ((4, ["most", "some", "none"]), (1, ["most", "none", "some"])):
+        batching = BatchingEngine(tiny32, max_batch=1, reorder_window=window)
+        started = []
+
+        def first_token(name):
+            return lambda token: started.append(name) if name not in started else None
+
+        busy = batching.submit(prompts[2], 300, on_token=first_token("busy"))  # holds the only place meanwhile
+        while not started:
+            time.sleep(0.001)
+        futures = [
+            batching.submit(prompts[1], 2, on_token=first_token("none")),
+            batching.submit(follow, 2, prefix=short_prefix, on_token=first_token("some")),
+            batching.submit(follow, 2, prefix=long_prefix, on_token=first_token("most")),
+        ]
+        for future in [busy, *futures]:
+            future.result()
+        batching.close()
+        assert busy.result().finish_reason == "length" and started == ["busy", *expected]

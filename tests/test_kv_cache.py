@@ -145,13 +145,18 @@ def test_invariants_hold_under_random_traffic(policy, device, host, requests):
 def test_reordering_prefers_cached_work_without_starving_anyone():
     tree = KnowledgeTree("lru", 10_000, 0, 1, 10)
     tree.access([("hot", 200)])
-    queue = CacheAwareQueue(tree, window=2)
-    queue.push("cold", [("x", 200)], 10)
+    queue = CacheAwareQueue(lambda request: tree.reuse_ratio(request[1], 10), window=2)
+    queue.push(("cold", [("x", 200)]))
     for n in range(3):
-        queue.push(f"hot-{n}", [("hot", 200)], 10)
-    assert [queue.pop() for _ in range(4)] == ["hot-0", "hot-1", "cold", "hot-2"]  # cold passed over twice at most
+        queue.push((f"hot-{n}", [("hot", 200)]))
+    assert tree.reuse_ratio([("hot", 200)], 10) == 210 / 10 and tree.reuse_ratio([("x", 200)], 10) == 10 / 210
+    assert [queue.pop()[0] for _ in range(4)] == ["hot-0", "hot-1", "cold", "hot-2"]  # cold passed over twice at most
     with pytest.raises(IndexError):
         queue.pop()
+    fifo = CacheAwareQueue(lambda request: 0.0)
+    for n in range(5):
+        fifo.push(n)
+    assert [fifo.pop(), fifo.pop()] == [0, 1] and fifo.drain() == [2, 3, 4] and len(fifo) == 0
 
 
 def test_bad_configurations_are_refused():

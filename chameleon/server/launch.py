@@ -57,7 +57,7 @@ def serve(settings: ServeSettings, ready_file: Path | None = None) -> None:
         embedder = Embedder()
         rag_index = RagIndex(settings.index or builtin_rag_index(embedder, progress=True), embedder.fingerprint)
         _say(f"loading the LLM ({settings.model or BUILTIN_LLM})")
-        engine = BatchingEngine(TorchEngine(settings.model), settings.max_batch)
+        engine = BatchingEngine(TorchEngine(settings.model), settings.max_batch, settings.reorder_window or None)
         knnlm = None
         if settings.knnlm is not None:
             from chameleon.knnlm import KnnLm

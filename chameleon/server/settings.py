@@ -20,6 +20,7 @@ class ServeSettings(BaseSettings):
     model: str | None = Field(None, description="Local Hugging Face model directory (default: built-in SmolLM2-135M-Instruct).")
     engine: Literal["auto", "torch"] = Field("auto", description="LLM engine; auto is torch (CUDA when present).")
     max_batch: int = Field(8, ge=1, le=256, description="Sequences decoded together (continuous batching); 1 is one at a time.")
+    reorder_window: int = Field(8, ge=0, le=1024, description="Cache-aware admission to the batch: a request is passed over at most this often; 0: arrival order.")
     shards: int = Field(2, ge=0, le=64, description="Retrieval shards, each a node process; 0 searches in the server process.")
     replicas: int = Field(1, ge=1, le=16, description="Nodes per shard.")
     retrieval_engine: Literal["numba", "faiss"] = Field("numba", description="Scan engine of the retrieval nodes.")
