@@ -39,6 +39,7 @@ class _Sequence:
     started: float = 0.0
     first_token_at: float = 0.0
     stopped: bool = False
+    error: Exception | None = None
 
     @property
     def reuse_ratio(self) -> float:
@@ -52,10 +53,14 @@ class _Sequence:
         return len(self.tokens) + len(self.generated) - 1
 
     def take(self, token: int) -> bool:
-        """Record ``token``; True when the sequence is finished."""
+        """Record ``token``; True when the sequence is finished (a failing ``on_token`` finishes it
+        with that error, and only it)."""
         self.generated.append(token)
-        self.stopped = self.on_token is not None and bool(self.on_token(token))
-        return self.stopped or token in self.eos_ids or len(self.generated) >= self.max_new_tokens
+        try:
+            self.stopped = self.on_token is not None and bool(self.on_token(token))
+        except Exception as e:  # noqa: BLE001 - handed to this sequence's caller
+            self.error = e
+        return self.stopped or self.error is not None or token in self.eos_ids or len(self.generated) >= self.max_new_tokens
 
 
 class BatchingEngine:
@@ -154,7 +159,8 @@ class BatchingEngine:
                         self._step()
                 except Exception as e:  # noqa: BLE001 - a failed step fails its sequences, never the engine
                     for sequence in self._running:
-                        sequence.future.set_exception(e)
+                        if not sequence.future.done():
+                            sequence.future.set_exception(e)
                     self._running, self._batch = [], None
         for sequence in [*self._running, *self._waiting.drain()]:
             sequence.future.set_exception(RetrieverError("the engine was closed"))
@@ -168,12 +174,12 @@ class BatchingEngine:
             sequence.started = time.perf_counter()
             try:
                 state, logits = self.engine.prefill(sequence.tokens, sequence.prefix)
+                sequence.first_token_at = time.perf_counter()
+                if sequence.take(int(torch.argmax(logits))):
+                    self._finish(sequence, state.cache)
+                    continue
             except Exception as e:  # noqa: BLE001 - a prompt the model refuses fails that request only
                 sequence.future.set_exception(e)
-                continue
-            sequence.first_token_at = time.perf_counter()
-            if sequence.take(int(torch.argmax(logits))):
-                self._finish(sequence, state.cache)
                 continue
             self._join(sequence, state.cache)
         self.largest_batch = max(self.largest_batch, len(self._running))
@@ -240,6 +246,9 @@ class BatchingEngine:
         self._batch = ([(k[rows, :, start:], v[rows, :, start:]) for k, v in layers], mask[:, start:])
 
     def _finish(self, sequence: _Sequence, cache) -> None:
+        if sequence.error is not None:
+            sequence.future.set_exception(sequence.error)
+            return
         now = time.perf_counter()
         decoding = now - sequence.first_token_at
         generated = sequence.generated
