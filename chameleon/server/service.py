@@ -211,6 +211,7 @@ class Service:
         if self.metrics is not None and "retrieval_s" in timings:
             self.metrics.retrieval.observe(timings["coarse_s"] + timings["retrieval_s"])
 
+
 class _Request:
     """One generation in flight: its text stream, its clock (TTFT counts from the request's arrival,
     queueing and retrieval included) and its cancellation."""
