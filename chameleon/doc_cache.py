@@ -73,14 +73,16 @@ class DocumentKVCache:
             hits = access.device_hits + access.host_hits
             hits.sort(key=lambda node: len(node.path))
             usable = []
-            for node in hits:  # a node admitted by a request still in prefill has no KV yet
+            for node in hits:  # a node admitted by a request still in prefill, or swapped out before then, has no KV
                 if node.handle is None or node.handle.device is None:
                     break
                 usable.append(node)
+            unfilled = hits[len(usable) :]
+            access.inserted[:0] = unfilled  # computed by this request after all: its KV fills them
             self.stats["requests"] += 1
-            self.stats["device_hit_tokens"] += sum(n.tokens for n in access.device_hits)
-            self.stats["host_hit_tokens"] += sum(n.tokens for n in access.host_hits)
-            self.stats["computed_tokens"] += access.computed_tokens
+            self.stats["device_hit_tokens"] += sum(n.tokens for n in usable if n in access.device_hits)
+            self.stats["host_hit_tokens"] += sum(n.tokens for n in usable if n in access.host_hits)
+            self.stats["computed_tokens"] += access.computed_tokens + sum(n.tokens for n in unfilled)
             root = self.tree.root.handle
             if root is None:
                 return None, access

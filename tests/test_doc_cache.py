@@ -73,3 +73,22 @@ def _bytes(engine) -> int:
     from chameleon.doc_cache import kv_bytes_per_token
 
     return kv_bytes_per_token(engine)
+
+
+def test_documents_admitted_but_never_filled_are_filled_by_the_next_request(rag_index, tiny32):
+    from chameleon.doc_cache import DocumentKVCache
+    from chameleon.rag import prompt_segments
+
+    passages = rag_index.passages[:3]
+    segments = prompt_segments(tiny32, "Which planet?", passages)
+    ids = [str(p.id) for p in passages]
+    cache = DocumentKVCache(tiny32, "lru", 100_000 * _bytes(tiny32), 0)
+    prefix, first = cache.lookup(segments, ids)  # admitted, but its request never stores the KV (say it failed)
+    assert prefix is None and len(first.inserted) == 3
+    prefix, second = cache.lookup(segments, ids)  # resident in the tree, no KV: computed again, and kept
+    assert prefix is None and [n.path[-1] for n in second.inserted] == ids
+    tokens = [t for s in segments for t in s]
+    cache.keep(second, segments, tiny32.generate(tokens, 1).state)
+    prefix, third = cache.lookup(segments, ids)
+    assert prefix.tokens == [t for s in segments[:-1] for t in s] and third.inserted == []
+    assert tiny32.generate(tokens, 6, prefix=prefix).tokens == tiny32.generate(tokens, 6).tokens
