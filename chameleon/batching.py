@@ -21,7 +21,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from chameleon.llm import Generation, KVPrefix, TorchEngine
+from chameleon.llm import Generation, KVPrefix, TorchEngine, answer_text, decode_speed
 from coordinator.kv_cache import CacheAwareQueue
 from retriever.errors import RetrieverError
 
@@ -253,15 +253,14 @@ class BatchingEngine:
         decoding = now - sequence.first_token_at
         generated = sequence.generated
         ended = sequence.stopped or generated[-1] in self.eos_ids
-        text_tokens = generated[:-1] if generated[-1] in self.eos_ids else generated
         sequence.future.set_result(
             Generation(
                 tokens=list(generated),
-                text=self.tokenizer.decode(text_tokens, skip_special_tokens=True).strip(),
+                text=answer_text(self.tokenizer, self.eos_ids, generated),
                 prompt_tokens=len(sequence.tokens),
                 cached_tokens=len(sequence.prefix.tokens) if sequence.prefix is not None else 0,
                 ttft_s=sequence.first_token_at - sequence.started,
-                decode_tokens_per_s=(len(generated) - 1) / decoding if len(generated) > 1 and decoding > 0 else 0.0,
+                decode_tokens_per_s=decode_speed(len(generated), decoding),
                 finish_reason="stop" if ended else "length",
                 state=KVPrefix(sequence.tokens + generated[:-1], cache),
                 queue_s=sequence.started - sequence.submitted,

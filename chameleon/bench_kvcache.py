@@ -53,19 +53,21 @@ def request_stream(passages: list[Passage], n: int, zipf_s: float, rate: float, 
 
 def serve_stream(engine, stream: list[Request], doc_cache: DocumentKVCache | None, reorder: bool) -> dict:
     """Serve ``stream`` on one engine (virtual clock, measured service times); TTFTs and hit rate."""
-    waiting = CacheAwareQueue((lambda item: doc_cache.tree.reuse_ratio(*item[1:])) if reorder else (lambda item: 0.0), window=8)
+    def reuse_ratio(item) -> float:
+        request, segments = item
+        return doc_cache.tree.reuse_ratio([(str(p.id), len(s)) for p, s in zip(request.passages, segments[1:-1])], len(segments[-1]))
+
+    waiting = CacheAwareQueue(reuse_ratio if reorder else (lambda item: 0.0), window=8)
     clock, next_arrival, ttfts, prompt_tokens, reused = 0.0, 0, [], 0, 0
     for _ in tqdm(range(len(stream)), desc="requests", leave=False):
         if not len(waiting):
             clock = max(clock, stream[next_arrival].arrival)
         while next_arrival < len(stream) and stream[next_arrival].arrival <= clock:
             request = stream[next_arrival]
-            segments = prompt_segments(engine, request.question, request.passages)
-            waiting.push((request, [(str(p.id), len(s)) for p, s in zip(request.passages, segments[1:-1])], len(segments[-1])))
+            waiting.push((request, prompt_segments(engine, request.question, request.passages)))  # tokenized once, on arrival
             next_arrival += 1
-        request = waiting.pop()[0]
+        request, segments = waiting.pop()
         started = time.perf_counter()
-        segments = prompt_segments(engine, request.question, request.passages)
         tokens = [t for s in segments for t in s]
         prefix, admitted = doc_cache.lookup(segments, [str(p.id) for p in request.passages]) if doc_cache else (None, None)
         generation = engine.generate(tokens, 1, prefix)

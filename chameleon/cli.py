@@ -398,7 +398,7 @@ def bench_kvcache(
     from chameleon.embedder import Embedder
     from chameleon.llm import TorchEngine
     from coordinator.kv_cache import POLICIES
-    from coordinator.prefill_profile import PrefillProfile, measure
+    from coordinator.prefill_profile import PrefillProfile, measure_quick
     from retriever.files import write_json_atomic
 
     chosen = [p.strip() for p in policies.split(",") if p.strip()]
@@ -406,11 +406,7 @@ def bench_kvcache(
         raise RetrieverError(f"--policies takes none and {', '.join(POLICIES)}, got {policies!r}")
     engine = TorchEngine(model)
     passages = read_docstore(index if index is not None else builtin_rag_index(Embedder(), progress=True))
-    if profile is not None:
-        cost_model = PrefillProfile.load(profile)
-    else:
-        top = min(512, engine.context_window // 2)
-        cost_model = measure(engine, [0, top // 2, top], [16, top // 4, top], repeats=1)
+    cost_model = PrefillProfile.load(profile) if profile is not None else measure_quick(engine)
     rows = kvcache_benchmark(engine, passages, cost_model, requests, tuple(_number_list(zipf, "--zipf", float)), tuple(chosen),
                              device_docs, host_docs, load, seed)  # fmt: skip
     write_json_atomic(json_out, rows)

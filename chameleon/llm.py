@@ -7,7 +7,6 @@ per token on the KV cache it holds. It reports time to first token and decode sp
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,8 +24,8 @@ class KVPrefix:
     cache: object
 
     def truncated(self, length: int) -> KVPrefix:
-        """The KV of the first ``length`` tokens (a copy: this prefix stays usable)."""
-        cache = copy.deepcopy(self.cache)
+        """The KV of the first ``length`` tokens (this prefix stays usable)."""
+        cache = shared_cache(self.cache)
         if length < len(self.tokens):
             cache.crop(length - len(self.tokens))  # a negative count drops that many tokens from the end
         return KVPrefix(self.tokens[:length], cache)
@@ -87,7 +86,7 @@ class TorchEngine:
 
         if prefix is not None and tokens[: len(prefix.tokens)] != prefix.tokens:
             raise RetrieverError("the prompt does not start with the cached prefix")
-        cache = copy.deepcopy(prefix.cache) if prefix is not None else DynamicCache()
+        cache = shared_cache(prefix.cache) if prefix is not None else DynamicCache()
         start = len(prefix.tokens) if prefix is not None else 0
         if start == len(tokens):  # everything cached: recompute the last token to get its logits
             cache.crop(-1)  # drop the last token
@@ -130,17 +129,36 @@ class TorchEngine:
                 stopped = on_token is not None and bool(on_token(generated[-1]))
         decode_s = time.perf_counter() - decode_started
         state = KVPrefix(list(tokens) + generated[:-1], cache)
-        text_tokens = generated[:-1] if generated[-1] in self.eos_ids else generated
         return Generation(
             tokens=generated,
-            text=self.tokenizer.decode(text_tokens, skip_special_tokens=True).strip(),
+            text=answer_text(self.tokenizer, self.eos_ids, generated),
             prompt_tokens=len(tokens),
             cached_tokens=len(prefix.tokens) if prefix is not None else 0,
             ttft_s=ttft,
-            decode_tokens_per_s=(len(generated) - 1) / decode_s if len(generated) > 1 and decode_s > 0 else 0.0,
+            decode_tokens_per_s=decode_speed(len(generated), decode_s),
             finish_reason="stop" if stopped or generated[-1] in self.eos_ids else "length",
             state=state,
         )
+
+
+def shared_cache(cache):
+    """A new cache over the same KV tensors. transformers' dynamic layers replace their tensors
+    (cat, slice) and never write into them, so growing or cropping the new cache leaves the old
+    one intact: a copy that costs nothing."""
+    from transformers import DynamicCache
+
+    return DynamicCache([(layer.keys, layer.values) for layer in cache.layers])
+
+
+def answer_text(tokenizer, eos_ids: set[int], generated: list[int]) -> str:
+    """The text of generated tokens, without the end token they may finish with."""
+    ended = bool(generated) and generated[-1] in eos_ids
+    return tokenizer.decode(generated[:-1] if ended else generated, skip_special_tokens=True).strip()
+
+
+def decode_speed(tokens: int, seconds: float) -> float:
+    """Tokens per second after the first one (which the prefill produced)."""
+    return (tokens - 1) / seconds if tokens > 1 and seconds > 0 else 0.0
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

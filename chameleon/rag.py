@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from chameleon.corpus import Passage, RagIndex
+from chameleon.llm import answer_text, decode_speed
 from retriever.errors import RetrieverError
 from retriever.search import Searcher
 from retriever.vectors import as_query_matrix, prepare_vectors
@@ -202,10 +203,8 @@ class RagPipeline:
                 changes += 1
                 ranked = fresh
                 tokens, kept = self.prompt_tokens(question, [p for p, _ in ranked], max_new_tokens, history, system)
-        elapsed = time.perf_counter() - first_token_at
-        text = answer[:-1] if answer[-1] in self.engine.eos_ids else answer
         timings.update(
-            decode_tokens_per_s=(len(answer) - 1) / elapsed if len(answer) > 1 and elapsed > 0 else 0.0,
+            decode_tokens_per_s=decode_speed(len(answer), time.perf_counter() - first_token_at),
             total_s=time.perf_counter() - started,
             prompt_tokens=len(tokens),
             new_tokens=len(answer),
@@ -219,5 +218,5 @@ class RagPipeline:
             for p, score in ranked[:kept]
         ]
         rounded = {k: (round(v, 5) if isinstance(v, float) else v) for k, v in timings.items()}
-        text = self.engine.tokenizer.decode(text, skip_special_tokens=True).strip()
+        text = answer_text(self.engine.tokenizer, self.engine.eos_ids, answer)
         return Answer(text, sources, rounded, generation.finish_reason)

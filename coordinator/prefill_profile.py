@@ -107,3 +107,10 @@ def measure(engine, cached: list[int], new: list[int], repeats: int = 3, progres
         table[i, j] = best
     name = Path(getattr(engine.model.config, "_name_or_path", "") or "model").name
     return PrefillProfile(list(cached), list(new), table.tolist(), engine.device, name)
+
+
+def measure_quick(engine) -> PrefillProfile:
+    """A 3 x 3 profile up to 512 cached + 512 new tokens (within the context window), one timing
+    per cell: a few seconds, enough to rank cache entries when no measured profile is given."""
+    top = min(512, engine.context_window // 2)
+    return measure(engine, [0, top // 2, top], [16, top // 4, top], repeats=1)

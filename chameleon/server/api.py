@@ -148,11 +148,9 @@ def create_app(service: Service, settings: ServeSettings, metrics: Metrics) -> F
         max_tokens = max_tokens_of(body.max_tokens)
         if body.retrieval_interval is not None and body.retrieval_interval > max_tokens:
             raise ApiError(400, f"retrieval_interval ({body.retrieval_interval}) exceeds max_tokens ({max_tokens})")
-        stop = schemas.stop_list(body.stop)
-
         def run(on_text, cancelled):
             return service.rag(body.question, max_tokens, body.k, body.retrieval_interval, body.mode,
-                               stop=stop, on_text=on_text, cancelled=cancelled)  # fmt: skip
+                               stop=body.stops, on_text=on_text, cancelled=cancelled)  # fmt: skip
 
         return await generate(run, body.stream, _RagChunks(service.model_id))
 

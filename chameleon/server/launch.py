@@ -113,7 +113,7 @@ def _document_cache(engine, settings: ServeSettings, cache: Path, template: list
     """The document KV cache, or None; gdsf/pgdsf cost requests with a prefill profile, measured
     once per model and device (a few seconds) unless one is given."""
     from chameleon.doc_cache import DocumentKVCache
-    from coordinator.prefill_profile import PrefillProfile, measure
+    from coordinator.prefill_profile import PrefillProfile, measure_quick
 
     if settings.cache_policy == "none":
         return None
@@ -122,8 +122,7 @@ def _document_cache(engine, settings: ServeSettings, cache: Path, template: list
         path = settings.prefill_profile or cache / "profiles" / f"{Path(engine.model.config._name_or_path).name}-{engine.device}.json"
         if settings.prefill_profile is None and not path.is_file():
             _say(f"measuring the prefill profile once ({path})")
-            top = min(512, engine.context_window // 2)
-            measure(engine.engine, [0, top // 2, top], [16, top // 4, top], repeats=1).save(path)
+            measure_quick(engine.engine).save(path)
         profile = PrefillProfile.load(path)
     return DocumentKVCache(engine, settings.cache_policy, settings.cache_device_mb << 20, settings.cache_host_mb << 20, profile, template)
 

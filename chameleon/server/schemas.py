@@ -24,18 +24,23 @@ class _OpenAICompatible(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
-Stop = str | list[str] | None
+class _StopStrings(BaseModel):
+    stop: str | list[str] | None = Field(None, description="Up to 4 strings that end the answer (never sent).")
 
+    @field_validator("stop")
+    @classmethod
+    def _at_most_four(cls, value):
+        if len(cls._as_list(value)) > 4 or any(len(s) > 256 for s in cls._as_list(value)):
+            raise ValueError("stop takes at most 4 strings of at most 256 characters")
+        return value
 
-def stop_list(value: Stop) -> list[str]:
-    return [] if value is None else [value] if isinstance(value, str) else value
+    @staticmethod
+    def _as_list(value) -> list[str]:
+        return [] if value is None else [value] if isinstance(value, str) else value
 
-
-def _check_stop(value: Stop) -> Stop:
-    stops = stop_list(value)
-    if len(stops) > 4 or any(len(s) > 256 for s in stops):
-        raise ValueError("stop takes at most 4 strings of at most 256 characters")
-    return value
+    @property
+    def stops(self) -> list[str]:
+        return self._as_list(self.stop)
 
 
 # -- Chameleon's own API -----------------------------------------------------------------------
@@ -48,16 +53,15 @@ class Source(BaseModel):
     snippet: str
 
 
-class RagRequest(_Strict):
+class RagRequest(_StopStrings):
+    model_config = ConfigDict(extra="forbid")
+
     question: str = Field(min_length=1, max_length=MAX_TEXT)
     k: int | None = Field(None, ge=1, le=64, description="Passages to retrieve (default: the server's).")
     retrieval_interval: int | None = Field(None, ge=1, description="Retrieve again every N new tokens.")
     mode: Literal["passage", "knnlm"] = "passage"
     max_tokens: int | None = Field(None, ge=1, description="New tokens at most (default and limit: the server's).")
-    stop: Stop = None
-    stream: bool = Field(False, description="Server-sent events: `sources`, then `token` events, then `done`.")
-
-    _stop = field_validator("stop")(_check_stop)
+    stream: bool = Field(False, description="Server-sent events: `token` events, then `done` with the whole response.")
 
 
 class RagResponse(BaseModel):
@@ -108,10 +112,11 @@ class StreamOptions(_OpenAICompatible):
     include_usage: bool = False
 
 
-class _Generation(_OpenAICompatible):
+class _Generation(_StopStrings):
+    model_config = ConfigDict(extra="ignore")
+
     model: str | None = Field(None, max_length=256)
     max_tokens: int | None = Field(None, ge=1)
-    stop: Stop = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(None, ge=0, le=2, description="Accepted; decoding is greedy.")
@@ -119,12 +124,6 @@ class _Generation(_OpenAICompatible):
     n: int = Field(1, ge=1, le=1)
     rag: bool = Field(True, description="Retrieve passages for the prompt (Chameleon extension).")
     k: int | None = Field(None, ge=1, le=64, description="Passages to retrieve (Chameleon extension).")
-
-    _stop = field_validator("stop")(_check_stop)
-
-    @property
-    def stops(self) -> list[str]:
-        return stop_list(self.stop)
 
 
 class ChatCompletionRequest(_Generation):
