@@ -86,7 +86,7 @@ class BatchingEngine:
         else:
             self._waiting = CacheAwareQueue(lambda sequence: sequence.reuse_ratio, reorder_window)
         self._running: list[_Sequence] = []
-        self._batch = None  # (per-layer keys and values, attention mask) of the running sequences
+        self._batch = DecodeBatch(engine.model, engine.device)  # the running sequences' KV, row for row
         self._wake = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="chameleon-engine", daemon=True)
@@ -161,7 +161,8 @@ class BatchingEngine:
                     for sequence in self._running:
                         if not sequence.future.done():
                             sequence.future.set_exception(e)
-                    self._running, self._batch = [], None
+                    self._running = []
+                    self._batch.keep([])
         for sequence in [*self._running, *self._waiting.drain()]:
             sequence.future.set_exception(RetrieverError("the engine was closed"))
 
@@ -181,69 +182,22 @@ class BatchingEngine:
             except Exception as e:  # noqa: BLE001 - a prompt the model refuses fails that request only
                 sequence.future.set_exception(e)
                 continue
-            self._join(sequence, state.cache)
+            self._batch.join(state.cache)
+            self._running.append(sequence)
         self.largest_batch = max(self.largest_batch, len(self._running))
-
-    def _join(self, sequence: _Sequence, cache) -> None:
-        """Add a prefilled sequence to the batch, left-padding whichever side is shorter."""
-        import torch
-        from torch.nn.functional import pad
-
-        layers = [(layer.keys, layer.values) for layer in cache.layers]
-        mask = torch.ones(1, layers[0][0].shape[2], dtype=torch.long, device=self.device)
-        if self._batch is None:
-            self._batch, self._running = (layers, mask), [sequence]
-            return
-        batch_layers, batch_mask = self._batch
-        length = max(batch_mask.shape[1], mask.shape[1])
-
-        def left_pad(tensor, to):  # (batch, heads, time, dim) or (batch, time)
-            extra = to - tensor.shape[-2 if tensor.dim() == 4 else -1]
-            return pad(tensor, (0, 0, extra, 0) if tensor.dim() == 4 else (extra, 0))
-
-        merged = [
-            (torch.cat([left_pad(bk, length), left_pad(k, length)]), torch.cat([left_pad(bv, length), left_pad(v, length)]))
-            for (bk, bv), (k, v) in zip(batch_layers, layers)
-        ]
-        self._batch = (merged, torch.cat([left_pad(batch_mask, length), left_pad(mask, length)]))
-        self._running.append(sequence)
 
     def _step(self) -> None:
         """One decode step for every running sequence; finished ones leave the batch."""
-        import torch
-        from transformers import DynamicCache
-
-        layers, mask = self._batch
-        last = torch.tensor([[s.generated[-1]] for s in self._running], device=self.device)
-        cache = DynamicCache(layers)
-        mask = torch.cat([mask, torch.ones(len(self._running), 1, dtype=mask.dtype, device=self.device)], dim=1)
-        if len(self._running) == 1:  # alone (never padded): exactly the engine's own decode step
-            out = self.model(last, past_key_values=cache, use_cache=True)
-        else:
-            positions = torch.tensor([[s.kv_length] for s in self._running], device=self.device)
-            out = self.model(last, past_key_values=cache, attention_mask=mask, position_ids=positions, use_cache=True)
-        layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
-        chosen = out.logits[:, -1].argmax(dim=-1).tolist()
+        out = self._batch.step([s.generated[-1] for s in self._running], [s.kv_length for s in self._running])
         keep = []
-        for row, (sequence, token) in enumerate(zip(self._running, chosen)):
+        for row, (sequence, token) in enumerate(zip(self._running, out.logits[:, -1].argmax(dim=-1).tolist())):
             if sequence.take(token):
-                own = -sequence.kv_length  # its real KV: the last columns, after its left padding; copied,
-                # so that the state handed back does not keep the whole batch's KV alive
-                kv = [(k[row : row + 1, :, own:].clone(), v[row : row + 1, :, own:].clone()) for k, v in layers]
-                self._finish(sequence, DynamicCache(kv))
+                self._finish(sequence, self._batch.own_cache(row, sequence.kv_length))
             else:
                 keep.append(row)
-        if len(keep) == len(self._running):
-            self._batch = (layers, mask)
-            return
-        self._running = [self._running[row] for row in keep]
-        if not keep:
-            self._batch = None
-            return
-        rows = torch.tensor(keep, device=self.device)
-        mask = mask[rows]
-        start = int((mask.sum(dim=0) > 0).nonzero()[0])  # drop columns that are padding in every row left
-        self._batch = ([(k[rows, :, start:], v[rows, :, start:]) for k, v in layers], mask[:, start:])
+        if len(keep) < len(self._running):
+            self._running = [self._running[row] for row in keep]
+            self._batch.keep(keep)
 
     def _finish(self, sequence: _Sequence, cache) -> None:
         if sequence.error is not None:
@@ -266,3 +220,97 @@ class BatchingEngine:
                 queue_s=sequence.started - sequence.submitted,
             )
         )
+
+
+class DecodeBatch:
+    """Sequences of different lengths decoded together on one KV cache.
+
+    Each row's KV is left-padded to the longest, with an attention mask over the padding; every
+    step passes each row's own position. A row alone is never padded and runs exactly the
+    model's plain decode step. Rows are in join order; ``keep`` drops the others.
+    """
+
+    def __init__(self, model, device):
+        self.model, self.device = model, device
+        self.layers: list[tuple] = []  # per layer (keys, values), (rows, heads, time, dim)
+        self.mask = None  # (rows, time), 0 over padding
+
+    def __len__(self) -> int:
+        return 0 if self.mask is None else self.mask.shape[0]
+
+    def join(self, cache) -> None:
+        """Add a prefilled sequence's KV cache as the last row, left-padding whichever side is shorter."""
+        import torch
+        from torch.nn.functional import pad
+
+        layers = [(layer.keys, layer.values) for layer in cache.layers]
+        mask = torch.ones(1, layers[0][0].shape[2], dtype=torch.long, device=self.device)
+        if self.mask is None:
+            self.layers, self.mask = layers, mask
+            return
+        length = max(self.mask.shape[1], mask.shape[1])
+
+        def left_pad(tensor, to):  # (rows, heads, time, dim) or (rows, time)
+            extra = to - tensor.shape[-2 if tensor.dim() == 4 else -1]
+            return pad(tensor, (0, 0, extra, 0) if tensor.dim() == 4 else (extra, 0))
+
+        self.layers = [
+            (torch.cat([left_pad(bk, length), left_pad(k, length)]), torch.cat([left_pad(bv, length), left_pad(v, length)]))
+            for (bk, bv), (k, v) in zip(self.layers, layers)
+        ]
+        self.mask = torch.cat([left_pad(self.mask, length), left_pad(mask, length)])
+
+    def prefill(self, prompts: list[list[int]], hidden_states: bool = False):
+        """Start an empty batch with ``prompts`` in one forward pass, left-padded; the model's output
+        (the last column holds every row's next-token logits)."""
+        import torch
+
+        if self.mask is not None:
+            raise RetrieverError("prefill starts an empty batch")
+        length = max(len(prompt) for prompt in prompts)
+        ids = torch.tensor([[0] * (length - len(p)) + list(p) for p in prompts], device=self.device)
+        mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        options = {"use_cache": True, "output_hidden_states": hidden_states}
+        if len(prompts) == 1:
+            out = self.model(ids, **options)
+        else:
+            positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+            out = self.model(ids, attention_mask=mask, position_ids=positions, **options)
+        self.layers, self.mask = [(layer.keys, layer.values) for layer in out.past_key_values.layers], mask
+        return out
+
+    def step(self, tokens: list[int], kv_lengths: list[int], hidden_states: bool = False):
+        """Feed one token per row (each row's KV holds ``kv_lengths[row]`` real tokens); the model's output."""
+        import torch
+        from transformers import DynamicCache
+
+        last = torch.tensor([[token] for token in tokens], device=self.device)
+        mask = torch.cat([self.mask, torch.ones(len(tokens), 1, dtype=self.mask.dtype, device=self.device)], dim=1)
+        options = {"past_key_values": DynamicCache(self.layers), "use_cache": True, "output_hidden_states": hidden_states}
+        if len(tokens) == 1:
+            out = self.model(last, **options)
+        else:
+            positions = torch.tensor([[length] for length in kv_lengths], device=self.device)
+            out = self.model(last, attention_mask=mask, position_ids=positions, **options)
+        self.layers, self.mask = [(layer.keys, layer.values) for layer in out.past_key_values.layers], mask
+        return out
+
+    def own_cache(self, row: int, length: int):
+        """Row ``row``'s real KV (its last ``length`` columns), copied so that it does not keep the
+        whole batch's KV alive."""
+        from transformers import DynamicCache
+
+        return DynamicCache([(k[row : row + 1, :, -length:].clone(), v[row : row + 1, :, -length:].clone()) for k, v in self.layers])
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only ``rows`` (in that order), dropping columns that are padding in all of them."""
+        import torch
+
+        if not rows:
+            self.layers, self.mask = [], None
+            return
+        index = torch.tensor(rows, device=self.device)
+        mask = self.mask[index]
+        start = int((mask.sum(dim=0) > 0).nonzero()[0])
+        self.layers = [(k[index, :, start:], v[index, :, start:]) for k, v in self.layers]
+        self.mask = mask[:, start:]

@@ -222,19 +222,13 @@ def knnlm_benchmark(
     """
     from dataclasses import replace
 
-    from chameleon.knnlm import KnnLm, build_datastore, perplexity
+    from chameleon.knnlm import KnnLm, build_datastore, perplexity, training_documents
 
     test = "\n\n".join(d.text for n, d in enumerate(documents) if n % 10 == 9)
     validation = "\n\n".join(d.text for n, d in enumerate(documents) if n % 10 == 8)
     if not test or not validation:
         raise RetrieverError("the corpus needs at least 10 documents (every tenth is held out, the ninth validates)")
-    train, budget = [], max_train_tokens
-    for n, document in enumerate(documents):
-        if n % 10 in (8, 9) or budget <= 0:
-            continue
-        ids = engine.tokenizer(document.text, add_special_tokens=False)["input_ids"][:budget]
-        budget -= len(ids)
-        train.append(type(document)(document.id, document.title, engine.tokenizer.decode(ids), document.source))
+    train = training_documents(documents, engine, max_train_tokens)
     meta = build_datastore(train, engine, Path(workdir) / "datastore", force=True, progress=True)
     datastore = KnnLm.open(Path(workdir) / "datastore", engine, k=k)
     sweep = []

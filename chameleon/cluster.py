@@ -98,11 +98,13 @@ def up(
     timeout: float = 2.0,
     on_missing: str = "partial",
     die_with_parent: bool = False,
+    threads: int | None = None,
 ) -> dict:
     """Start the cluster and return its state (also written to ``STATE/cluster.json``).
 
     With ``die_with_parent`` (Linux) the processes get SIGTERM when the calling process dies, for
     a cluster owned by one process (``chameleon serve``) rather than left running in the background.
+    ``threads``: scan threads per node (default: this machine's cores shared among the nodes).
     """
     state_dir = Path(state_dir).resolve()
     if (state_dir / STATE_FILE).is_file():
@@ -122,7 +124,7 @@ def up(
     for stale in run.glob("*.json"):
         stale.unlink()
     security = ["--keys", Path(keys_dir).resolve()] if keys_dir is not None else []
-    threads = max(1, (os.cpu_count() or 1) // (nshards * replicas))
+    threads = threads or max(1, (os.cpu_count() or 1) // (nshards * replicas))
     started: list[subprocess.Popen] = []
     try:
         nodes = []
@@ -245,6 +247,19 @@ class ClusterSearcher:
         queries = prepare_vectors(as_query_matrix(queries, self.quantizer.dim), self.state["metric"])
         list_ids, _ = self.quantizer.search(queries, nprobe)
         return self.client.search(queries, list_ids, k)
+
+    def submit(self, queries, k: int, nprobe: int):
+        """Start a search (coarse search here, then the request leaves) and return a function that
+        waits for its (distances, ids); a shard missing from a partial answer leaves ids -1."""
+        queries = prepare_vectors(as_query_matrix(queries, self.quantizer.dim), self.state["metric"])
+        list_ids, _ = self.quantizer.search(queries, nprobe)
+        rid = self.client.send_search(queries, list_ids, k)
+
+        def result() -> tuple[np.ndarray, np.ndarray]:
+            answer = self.client.search_result(rid)
+            return answer.distances, answer.ids
+
+        return result
 
     def scan(self, queries: np.ndarray, list_ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, bool]:
         """(distances, ids, partial) of prepared ``queries`` through the tier."""

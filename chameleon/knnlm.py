@@ -17,11 +17,14 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from chameleon.corpus import Document, default_nlist
+from coordinator import pipeline
+from coordinator.pipeline import SCHEDULES, StepOutput
 from retriever.build import build_index
 from retriever.errors import RetrieverError
 from retriever.files import atomic_directory
@@ -65,6 +68,19 @@ def keys_and_values(engine, documents: list[Document], window: int = WINDOW, pro
     return np.concatenate(keys), np.concatenate(values)
 
 
+def training_documents(documents: list[Document], engine, max_tokens: int) -> list[Document]:
+    """The documents a benchmark's datastore is built from: all but every tenth (n % 10 == 9, the
+    test text) and ninth (n % 10 == 8, validation), cut after ``max_tokens`` tokens in all."""
+    train, budget = [], max_tokens
+    for n, document in enumerate(documents):
+        if n % 10 in (8, 9) or budget <= 0:
+            continue
+        ids = engine.tokenizer(document.text, add_special_tokens=False)["input_ids"][:budget]
+        budget -= len(ids)
+        train.append(Document(document.id, document.title, engine.tokenizer.decode(ids), document.source))
+    return train
+
+
 def build_datastore(
     documents: list[Document], engine, out: str | os.PathLike, nlist: int | None = None, m: int | None = None,
     force: bool = False, progress: bool = False,
@@ -85,9 +101,13 @@ def build_datastore(
 
 @dataclass
 class KnnLm:
-    """A datastore opened for queries, with the interpolation parameters."""
+    """A datastore opened for queries, with the interpolation parameters.
 
-    searcher: Searcher
+    ``searcher`` searches the keys: in this process (``retriever.search.Searcher``) or through
+    the retrieval tier (``chameleon.cluster.ClusterSearcher``, ``open(..., cluster=STATE_DIR)``).
+    """
+
+    searcher: Any
     values: np.ndarray
     k: int = 16
     temperature: float = 1.0
@@ -99,7 +119,9 @@ class KnnLm:
             raise RetrieverError("kNN-LM needs 0 <= lambda <= 1, temperature > 0 and k >= 1")
 
     @classmethod
-    def open(cls, path: str | os.PathLike, engine, **parameters) -> KnnLm:
+    def open(cls, path: str | os.PathLike, engine, cluster: str | os.PathLike | None = None, **parameters) -> KnnLm:
+        """Open the datastore at ``path``; with ``cluster``, search it through the cluster whose
+        state directory that is (it must serve the datastore's index)."""
         path = Path(path)
         meta_path = path / "knnlm.json"
         if not meta_path.is_file():
@@ -108,19 +130,41 @@ class KnnLm:
         if meta["model"] != model_fingerprint(engine):
             raise RetrieverError(f"{path} was built with the model {meta['model']}, not {model_fingerprint(engine)}")
         cls(None, None, **parameters)  # check the parameters before loading anything
-        return cls(Searcher(load_index(path / "index"), device="cpu"), np.load(path / "values.npy"), **parameters)
+        if cluster is None:
+            return cls(Searcher(load_index(path / "index"), device="cpu"), np.load(path / "values.npy"), **parameters)
+        from chameleon.cluster import ClusterSearcher
 
-    def log_probs(self, states, lm_log_probs):
-        """Interpolated log-probabilities for each row of ``states`` (n, hidden) given the LM's (n, vocab)."""
+        searcher = ClusterSearcher.open(cluster)
+        if not searcher.serves(path / "index"):
+            searcher.close()
+            raise RetrieverError(f"the cluster in {cluster} does not serve the datastore {path}")
+        return cls(searcher, np.load(path / "values.npy"), **parameters)
+
+    def submit(self, states):
+        """Start the search for hidden ``states`` (n, hidden); the function returned waits for it."""
+        states = states.cpu().float().numpy() if hasattr(states, "cpu") else states
+        return self.searcher.submit(np.asarray(states, dtype=np.float32), min(self.k, len(self.values)), self.nprobe)
+
+    def interpolate(self, lm_log_probs, neighbours):
+        """Interpolated log-probabilities from the LM's (n, vocab) and the (distances, ids) found."""
         import torch
 
-        distances, ids = self.searcher.search(states.cpu().numpy(), min(self.k, self.searcher.ntotal), self.nprobe)
+        distances, ids = neighbours
         weights = torch.softmax(torch.from_numpy(-distances / self.temperature), dim=-1)
         weights = torch.where(torch.from_numpy(ids >= 0), weights, torch.zeros_like(weights))
         p_knn = torch.zeros_like(lm_log_probs)
         p_knn.scatter_add_(1, torch.from_numpy(self.values[np.maximum(ids, 0)]).to(lm_log_probs.device), weights.to(lm_log_probs.device))
         mixed = self.lam * p_knn + (1 - self.lam) * lm_log_probs.exp()
         return torch.log(mixed.clamp(min=1e-30))
+
+    def log_probs(self, states, lm_log_probs):
+        """Interpolated log-probabilities for each row of ``states`` (n, hidden) given the LM's (n, vocab)."""
+        return self.interpolate(lm_log_probs, self.submit(states)())
+
+    def next_tokens(self, lm_log_probs, neighbours) -> list[int]:
+        """Greedy tokens: from the interpolation, or from the LM alone when ``neighbours`` is None."""
+        scores = lm_log_probs if neighbours is None else self.interpolate(lm_log_probs, neighbours)
+        return scores.argmax(dim=-1).tolist()
 
 
 def perplexity(engine, text: str, knnlm: KnnLm | None = None, window: int = WINDOW) -> float:
@@ -142,30 +186,67 @@ def perplexity(engine, text: str, knnlm: KnnLm | None = None, window: int = WIND
     return math.exp(total / count)
 
 
-def generate(engine, knnlm: KnnLm, tokens: list[int], max_new_tokens: int = 64, on_token=None, every: int = 1) -> list[int]:
-    """Greedy decoding from the interpolated distribution, querying the datastore every ``every``
-    steps (the first included; the LM alone decides the others).
+class HiddenStateBatch:
+    """A micro-batch of sequences on the torch engine whose every step also gives the final hidden
+    state of each row: the kNN-LM's queries (``coordinator.pipeline.MicroBatch``)."""
 
-    ``on_token`` sees each new token as it is chosen; returning True stops (as in the engines).
-    """
+    def __init__(self, engine, prompts: list[list[int]]):
+        from chameleon.batching import DecodeBatch
+
+        self.engine, self.prompts = engine, prompts
+        self.batch = DecodeBatch(engine.model, engine.device)
+        self.kv_lengths: list[int] = []
+
+    def prefill(self) -> StepOutput:
+        import torch
+
+        with torch.inference_mode():
+            out = self.batch.prefill(self.prompts, hidden_states=True)
+        self.kv_lengths = [len(prompt) for prompt in self.prompts]
+        return _step_output(out.logits[:, -1], out.hidden_states[-1][:, -1])
+
+    def step(self, tokens: list[int]) -> StepOutput:
+        import torch
+
+        with torch.inference_mode():
+            out = self.batch.step(tokens, self.kv_lengths, hidden_states=True)
+        self.kv_lengths = [length + 1 for length in self.kv_lengths]
+        return _step_output(out.logits[:, -1], out.hidden_states[-1][:, -1])
+
+    def keep(self, rows: list[int]) -> None:
+        self.batch.keep(rows)
+        self.kv_lengths = [self.kv_lengths[row] for row in rows]
+
+
+def _step_output(logits, states) -> StepOutput:
     import torch
 
-    if len(tokens) + max_new_tokens > engine.context_window:
-        raise RetrieverError(f"{len(tokens)} + {max_new_tokens} tokens exceed the context window of {engine.context_window}")
-    if every < 1:
-        raise RetrieverError(f"the kNN-LM retrieval interval must be at least 1, got {every}")
-    generated: list[int] = []
-    cache = None
-    step = list(tokens)
-    with torch.inference_mode():
-        while len(generated) < max_new_tokens:
-            out = engine.model(torch.tensor([step], device=engine.device), past_key_values=cache, use_cache=True, output_hidden_states=True)
-            cache = out.past_key_values
-            log_probs = torch.log_softmax(out.logits[0, -1:].float(), dim=-1)
-            if len(generated) % every == 0:
-                log_probs = knnlm.log_probs(out.hidden_states[-1][0, -1:].float(), log_probs)
-            generated.append(int(torch.argmax(log_probs[0])))
-            if generated[-1] in engine.eos_ids or (on_token is not None and on_token(generated[-1])):
-                break
-            step = [generated[-1]]
-    return generated
+    return StepOutput(torch.log_softmax(logits.float(), dim=-1), states.float().cpu().numpy())
+
+
+def generate_batch(
+    engine, knnlm: KnnLm, prompts: list[list[int]], max_new_tokens: int = 64, every: int | None = 1,
+    schedule: str = "pipelined", on_token=None,
+) -> list[list[int]]:  # fmt: skip
+    """Greedy kNN-LM decoding of several prompts, querying the datastore every ``every`` steps
+    (the first included; the LM alone decides the others; never with None), in the ``schedule``
+    of :mod:`coordinator.pipeline`: ``sequential`` or ``pipelined`` (two micro-batches in turn).
+
+    ``on_token(sequence, token)`` sees each token as it is chosen; returning True stops that
+    sequence. Returns each prompt's new tokens.
+    """
+    if schedule not in SCHEDULES:
+        raise RetrieverError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    longest = max((len(prompt) for prompt in prompts), default=0)
+    if longest + max_new_tokens > engine.context_window:
+        raise RetrieverError(f"{longest} + {max_new_tokens} tokens exceed the context window of {engine.context_window}")
+    return pipeline.generate(
+        prompts, lambda group: HiddenStateBatch(engine, group), knnlm, max_new_tokens, engine.eos_ids, every,
+        SCHEDULES[schedule], on_token,
+    )  # fmt: skip
+
+
+def generate(engine, knnlm: KnnLm, tokens: list[int], max_new_tokens: int = 64, on_token=None, every: int = 1) -> list[int]:
+    """``generate_batch`` for one prompt; ``on_token(token)`` returning True stops."""
+    report = None if on_token is None else (lambda _sequence, token: on_token(token))
+    return generate_batch(engine, knnlm, [tokens], max_new_tokens, every, "sequential", report)[0]

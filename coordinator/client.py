@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,7 +32,7 @@ class SearchResult:
 
 
 class RetrievalClient:
-    """One DEALER connection; one request at a time; ``timeout`` seconds per request, never a hang."""
+    """One DEALER connection (one thread at a time); ``timeout`` seconds per request, never a hang."""
 
     def __init__(self, endpoint: str, keys: CurveKeys | None = None, timeout: float = 10.0, context: zmq.Context | None = None):
         self.endpoint = endpoint
@@ -43,6 +44,8 @@ class RetrievalClient:
         secure_client(self._socket, keys)
         self._socket.connect(endpoint)
         self._rids = itertools.count(1)
+        self._outstanding: set[int] = set()  # rids sent and not yet received
+        self._replies: dict[int, Message] = {}  # replies that came while waiting for another rid
 
     def close(self) -> None:
         self._socket.close(linger=0)
@@ -57,23 +60,48 @@ class RetrievalClient:
 
     def request(self, message: Message, timeout: float | None = None) -> Message:
         """Send ``message`` (its rid is assigned here) and return the reply with the same rid."""
+        return self.receive(self.send(message), timeout)
+
+    def send(self, message: Message) -> int:
+        """Send ``message`` without waiting; its reply is ``receive(rid)`` with the rid returned.
+        Several requests may be in flight: replies are matched to them by rid."""
         message.rid = next(self._rids)
         protocol.send(self._socket, message)
-        deadline_ms = int(1000 * (self.timeout if timeout is None else timeout))
-        while self._socket.poll(deadline_ms, zmq.POLLIN):
-            try:
-                reply = protocol.decode(self._socket.recv_multipart(copy=False))
-            except ProtocolError as e:
-                raise RemoteError(e.code, f"malformed reply from {self.endpoint}: {e}") from None
-            if reply.rid != message.rid:
-                continue  # a late answer to an earlier request that timed out
-            if reply.op == "ERROR":
-                raise RemoteError(reply.fields["code"], reply.fields["message"])
-            return reply
-        raise RetrieverError(f"no answer from {self.endpoint} within {deadline_ms / 1000:g} s")
+        self._outstanding.add(message.rid)
+        return message.rid
+
+    def receive(self, rid: int, timeout: float | None = None) -> Message:
+        """The reply to request ``rid`` (ERROR raised as :class:`RemoteError`), within ``timeout`` s."""
+        if rid not in self._outstanding:
+            raise RetrieverError(f"no request {rid} is waiting for an answer")
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        try:
+            while rid not in self._replies:
+                left_ms = int(max(0.0, deadline - time.monotonic()) * 1000)
+                if not self._socket.poll(left_ms, zmq.POLLIN):
+                    raise RetrieverError(f"no answer from {self.endpoint} within {self.timeout if timeout is None else timeout:g} s")
+                try:
+                    reply = protocol.decode(self._socket.recv_multipart(copy=False))
+                except ProtocolError as e:
+                    raise RemoteError(e.code, f"malformed reply from {self.endpoint}: {e}") from None
+                if reply.rid in self._outstanding:  # else a late answer to a request that timed out
+                    self._replies[reply.rid] = reply
+        finally:
+            self._outstanding.discard(rid)
+        reply = self._replies.pop(rid)
+        if reply.op == "ERROR":
+            raise RemoteError(reply.fields["code"], reply.fields["message"])
+        return reply
 
     def search(self, queries: np.ndarray, list_ids: np.ndarray, k: int, timeout: float | None = None) -> SearchResult:
-        reply = self.request(protocol.search_request(0, queries, list_ids, k), timeout)
+        return self.search_result(self.send_search(queries, list_ids, k), timeout)
+
+    def send_search(self, queries: np.ndarray, list_ids: np.ndarray, k: int) -> int:
+        """Start a SEARCH; ``search_result(rid)`` waits for it."""
+        return self.send(protocol.search_request(0, queries, list_ids, k))
+
+    def search_result(self, rid: int, timeout: float | None = None) -> SearchResult:
+        reply = self.receive(rid, timeout)
         if reply.op != "RESULT":
             raise RemoteError("bad_request", f"expected RESULT, got {reply.op}")
         distances, ids = reply.arrays

@@ -54,6 +54,12 @@ class Searcher:
         list_ids, _ = self.quantizer.search(queries, nprobe)
         return self.engine.search(queries, list_ids, k)
 
+    def submit(self, queries, k: int, nprobe: int):
+        """``search`` as a function that returns its (distances, ids): the same interface as a
+        cluster searcher, whose search runs elsewhere meanwhile; here it runs now."""
+        result = self.search(queries, k, nprobe)
+        return lambda: result
+
     def scan(self, queries: np.ndarray, list_ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, bool]:
         """(distances, ids, partial) of prepared ``queries`` over ``list_ids``; never partial in process."""
         distances, ids = self.engine.search(queries, list_ids, k)
