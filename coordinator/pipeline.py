@@ -31,7 +31,7 @@ SCHEDULES = {"sequential": 1, "pipelined": 2}  # micro-batches
 
 @dataclass
 class StepOutput:
-    scores: Any  # (rows, vocab) the model's next-token log-probabilities
+    scores: Any  # (rows, vocab) the model's next-token scores (logits)
     queries: Any  # (rows, dim) the retrieval queries this step produced
 
 
