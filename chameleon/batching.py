@@ -15,13 +15,12 @@ tokens can go the other way (as in vLLM and every batched server).
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from chameleon.llm import Generation, KVPrefix, TorchEngine, answer_text, check_request, decode_speed
+from chameleon.llm import Generation, KVPrefix, ThreadedEngine, TorchEngine, answer_text, check_request, decode_speed
 from coordinator.kv_cache import CacheAwareQueue
 from retriever.errors import RetrieverError
 
@@ -63,7 +62,7 @@ class _Sequence:
         return self.stopped or self.error is not None or token in self.eos_ids or len(self.generated) >= self.max_new_tokens
 
 
-class BatchingEngine:
+class BatchingEngine(ThreadedEngine):
     """A thread-safe engine that decodes up to ``max_batch`` sequences together.
 
     Sequences waiting for a place are admitted in arrival order, or with ``reorder_window`` W by
@@ -87,16 +86,7 @@ class BatchingEngine:
             self._waiting = CacheAwareQueue(lambda sequence: sequence.reuse_ratio, reorder_window)
         self._running: list[_Sequence] = []
         self._batch = DecodeBatch(engine.model, engine.device)  # the running sequences' KV, row for row
-        self._wake = threading.Condition()
-        self._closed = False
-        self._thread = threading.Thread(target=self._loop, name="chameleon-engine", daemon=True)
-        self._thread.start()
-
-    def chat_tokens(self, messages: list[dict]) -> list[int]:
-        return self.engine.chat_tokens(messages)
-
-    def count_tokens(self, text: str) -> int:
-        return self.engine.count_tokens(text)
+        self._start(self._loop, "chameleon-engine")
 
     @property
     def waiting(self) -> int:
@@ -114,9 +104,7 @@ class BatchingEngine:
 
     def submit(self, tokens: list[int], max_new_tokens: int = 128, prefix: KVPrefix | None = None, on_token=None) -> Future:
         """Queue a greedy generation (as ``TorchEngine.generate``); the future gives its ``Generation``."""
-        check_request(tokens, max_new_tokens, self.context_window)
-        if prefix is not None and tokens[: len(prefix.tokens)] != prefix.tokens:
-            raise RetrieverError("the prompt does not start with the cached prefix")
+        check_request(tokens, max_new_tokens, self.context_window, prefix)
         sequence = _Sequence(list(tokens), max_new_tokens, prefix, on_token, frozenset(self.eos_ids), Future(), time.perf_counter())
         with self._wake:
             if self._closed:
@@ -124,15 +112,6 @@ class BatchingEngine:
             self._waiting.push(sequence)
             self._wake.notify()
         return sequence.future
-
-    def generate(self, tokens: list[int], max_new_tokens: int = 128, prefix: KVPrefix | None = None, on_token=None) -> Generation:
-        return self.submit(tokens, max_new_tokens, prefix, on_token).result()
-
-    def close(self) -> None:
-        with self._wake:
-            self._closed = True
-            self._wake.notify()
-        self._thread.join()
 
     # -- the scheduler thread -----------------------------------------------------------------
 

@@ -244,22 +244,23 @@ class ClusterSearcher:
         self.client.close()
 
     def search(self, queries, k: int, nprobe: int) -> SearchResult:
-        queries = prepare_vectors(as_query_matrix(queries, self.quantizer.dim), self.state["metric"])
-        list_ids, _ = self.quantizer.search(queries, nprobe)
-        return self.client.search(queries, list_ids, k)
+        return self.client.search(*self._coarse(queries, nprobe), k)
 
     def submit(self, queries, k: int, nprobe: int):
         """Start a search (coarse search here, then the request leaves) and return a function that
         waits for its (distances, ids); a shard missing from a partial answer leaves ids -1."""
-        queries = prepare_vectors(as_query_matrix(queries, self.quantizer.dim), self.state["metric"])
-        list_ids, _ = self.quantizer.search(queries, nprobe)
-        rid = self.client.send_search(queries, list_ids, k)
+        rid = self.client.send_search(*self._coarse(queries, nprobe), k)
 
         def result() -> tuple[np.ndarray, np.ndarray]:
             answer = self.client.search_result(rid)
             return answer.distances, answer.ids
 
         return result
+
+    def _coarse(self, queries, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
+        """The prepared queries and the lists each probes: the part of a search done here."""
+        queries = prepare_vectors(as_query_matrix(queries, self.quantizer.dim), self.state["metric"])
+        return queries, self.quantizer.search(queries, nprobe)[0]
 
     def scan(self, queries: np.ndarray, list_ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, bool]:
         """(distances, ids, partial) of prepared ``queries`` through the tier."""

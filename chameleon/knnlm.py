@@ -149,13 +149,20 @@ class KnnLm:
         """Interpolated log-probabilities from the LM's (n, vocab) and the (distances, ids) found."""
         import torch
 
+        weights, tokens = self._neighbour_weights(neighbours, lm_log_probs.device)
+        p_knn = torch.zeros_like(lm_log_probs)
+        p_knn.scatter_add_(1, tokens, weights)
+        mixed = self.lam * p_knn + (1 - self.lam) * lm_log_probs.exp()
+        return torch.log(mixed.clamp(min=1e-30))
+
+    def _neighbour_weights(self, neighbours, device):
+        """(n, k) softmax(-distance / T) weights (0 for empty slots) and the neighbours' next tokens."""
+        import torch
+
         distances, ids = neighbours
         weights = torch.softmax(torch.from_numpy(-distances / self.temperature), dim=-1)
         weights = torch.where(torch.from_numpy(ids >= 0), weights, torch.zeros_like(weights))
-        p_knn = torch.zeros_like(lm_log_probs)
-        p_knn.scatter_add_(1, torch.from_numpy(self.values[np.maximum(ids, 0)]).to(lm_log_probs.device), weights.to(lm_log_probs.device))
-        mixed = self.lam * p_knn + (1 - self.lam) * lm_log_probs.exp()
-        return torch.log(mixed.clamp(min=1e-30))
+        return weights.to(device), torch.from_numpy(self.values[np.maximum(ids, 0)]).to(device)
 
     def log_probs(self, states, lm_log_probs):
         """Interpolated log-probabilities for each row of ``states`` (n, hidden) given the LM's (n, vocab)."""
@@ -174,10 +181,7 @@ class KnnLm:
         best = logits.argmax(dim=-1)
         if neighbours is None:
             return best.tolist()
-        distances, ids = neighbours
-        weights = torch.softmax(torch.from_numpy(-distances / self.temperature), dim=-1)
-        weights = torch.where(torch.from_numpy(ids >= 0), weights, torch.zeros_like(weights)).to(logits.device)
-        neighbour_tokens = torch.from_numpy(self.values[np.maximum(ids, 0)]).to(logits.device)
+        weights, neighbour_tokens = self._neighbour_weights(neighbours, logits.device)
         candidates = torch.cat([neighbour_tokens, best[:, None]], dim=1)  # (n, k + 1)
         p_knn = ((neighbour_tokens[:, :, None] == candidates[:, None, :]) * weights[:, :, None]).sum(dim=1)
         p_lm = (logits.gather(1, candidates) - torch.logsumexp(logits, dim=-1, keepdim=True)).exp()

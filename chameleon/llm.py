@@ -10,6 +10,7 @@ per token on the KV cache it holds. It reports time to first token and decode sp
 from __future__ import annotations
 
 import importlib.util
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -72,6 +73,29 @@ class EngineText:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+class ThreadedEngine(EngineText):
+    """An engine whose one thread owns the model: callers on any thread ``submit`` a request (a
+    future of its ``Generation``) or ``generate`` (submit and wait); ``close`` stops the thread."""
+
+    def _start(self, loop: Callable[[], None], name: str) -> None:
+        self._wake = threading.Condition()  # guards the queue and _closed; wakes the thread
+        self._closed = False
+        self._thread = threading.Thread(target=loop, name=name, daemon=True)
+        self._thread.start()
+
+    def generate(self, tokens: list[int], max_new_tokens: int = 128, prefix: KVPrefix | None = None, on_token=None) -> Generation:
+        """Greedy decoding of ``tokens`` up to ``max_new_tokens`` or an end token; ``on_token`` sees
+        every new token as soon as it is chosen, and returning True stops the sequence."""
+        return self.submit(tokens, max_new_tokens, prefix, on_token).result()
+
+    def close(self) -> None:
+        """Stop the thread; what is still queued or running fails."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join()
+
+
 class TorchEngine(EngineText):
     name = "torch"
 
@@ -94,8 +118,7 @@ class TorchEngine(EngineText):
         import torch
         from transformers import DynamicCache
 
-        if prefix is not None and tokens[: len(prefix.tokens)] != prefix.tokens:
-            raise RetrieverError("the prompt does not start with the cached prefix")
+        check_prefix(tokens, prefix)
         cache = shared_cache(prefix.cache) if prefix is not None else DynamicCache()
         start = len(prefix.tokens) if prefix is not None else 0
         if start == len(tokens):  # everything cached: recompute the last token to get its logits
@@ -166,14 +189,20 @@ def decode_speed(tokens: int, seconds: float) -> float:
     return (tokens - 1) / seconds if tokens > 1 and seconds > 0 else 0.0
 
 
-def check_request(tokens: list[int], max_new_tokens: int, window: int) -> None:
+def check_request(tokens: list[int], max_new_tokens: int, window: int, prefix: KVPrefix | None = None) -> None:
     """The checks every engine makes before generating (clear errors, not a failure deep in the model)."""
+    check_prefix(tokens, prefix)
     if not tokens:
         raise RetrieverError("the prompt is empty")
     if max_new_tokens < 1:
         raise RetrieverError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if len(tokens) + max_new_tokens > window:
         raise RetrieverError(f"{len(tokens)} prompt tokens + {max_new_tokens} new tokens exceed the context window of {window}")
+
+
+def check_prefix(tokens: list[int], prefix: KVPrefix | None) -> None:
+    if prefix is not None and tokens[: len(prefix.tokens)] != prefix.tokens:
+        raise RetrieverError("the prompt does not start with the cached prefix")
 
 
 def check_dtype(dtype: str) -> None:

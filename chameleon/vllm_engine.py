@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -30,9 +29,9 @@ from pathlib import Path
 
 from chameleon.llm import (
     VLLM_MISSING,
-    EngineText,
     Generation,
     KVPrefix,
+    ThreadedEngine,
     answer_text,
     check_dtype,
     check_request,
@@ -74,7 +73,7 @@ def _import_vllm():
     return vllm
 
 
-class VllmEngine(EngineText):
+class VllmEngine(ThreadedEngine):
     """A thread-safe engine on vLLM: greedy decoding, up to ``max_batch`` sequences at once.
 
     ``dtype`` is the weights' and activations' (bfloat16 or float32); ``kv_cache_gib`` the KV
@@ -123,11 +122,8 @@ class VllmEngine(EngineText):
         self._ids = itertools.count()
         self._pending: list[_Request] = []
         self._active: dict[str, _Request] = {}  # in vLLM; only the driver thread changes it
-        self._wake = threading.Condition()
-        self._closed = False
         self._failure: Exception | None = None
-        self._thread = threading.Thread(target=self._drive, name="chameleon-vllm", daemon=True)
-        self._thread.start()
+        self._start(self._drive, "chameleon-vllm")
         try:
             self.generate([0], 1)  # vLLM finds some models it cannot run (attention kernels) only when it runs them
         except Exception as e:  # at start, not at the first request
@@ -157,9 +153,7 @@ class VllmEngine(EngineText):
 
         ``prefix`` is accepted for the common interface and only checked: vLLM finds the cached
         prefix of any prompt itself."""
-        check_request(tokens, max_new_tokens, self.context_window)
-        if prefix is not None and tokens[: len(prefix.tokens)] != prefix.tokens:
-            raise RetrieverError("the prompt does not start with the cached prefix")
+        check_request(tokens, max_new_tokens, self.context_window, prefix)
         request = _Request(str(next(self._ids)), list(tokens), max_new_tokens, on_token, Future(), time.perf_counter())
         with self._wake:
             if self._closed or self._failure is not None:
@@ -168,17 +162,9 @@ class VllmEngine(EngineText):
             self._wake.notify()
         return request.future
 
-    def generate(self, tokens: list[int], max_new_tokens: int = 128, prefix: KVPrefix | None = None, on_token=None) -> Generation:
-        """Greedy decoding of ``tokens`` up to ``max_new_tokens`` or an end token; ``on_token`` sees
-        every new token as soon as vLLM produces it, and returning True stops the sequence."""
-        return self.submit(tokens, max_new_tokens, prefix, on_token).result()
-
     def close(self) -> None:
         """Fail what is still queued or running, then stop vLLM's processes."""
-        with self._wake:
-            self._closed = True
-            self._wake.notify()
-        self._thread.join()
+        super().close()
         self._engine.engine_core.shutdown(timeout=SHUTDOWN_S)
 
     # -- the driver thread ----------------------------------------------------------------------
