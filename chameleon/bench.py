@@ -46,6 +46,12 @@ def numba_runner(index: IVFPQIndex) -> Runner:
     return Runner("numba", lambda q, k, nprobe: searcher.search(q, k, nprobe)[1])
 
 
+def fpga_emu_runner(index: IVFPQIndex) -> Runner:
+    """The FPGA kernel's C++ on this CPU (one compute unit, one thread): its answers, not its speed."""
+    searcher = Searcher(index, engine="fpga", device="cpu", mode="emu")
+    return Runner("fpga-emu", lambda q, k, nprobe: searcher.search(q, k, nprobe)[1])
+
+
 def faiss_ivfpq_runner(index: IVFPQIndex) -> Runner:
     return _faiss_runner("faiss-ivfpq", to_faiss_ivfpq(index), index.params.metric)
 
@@ -72,7 +78,7 @@ def _faiss_runner(name: str, index: faiss.Index, metric: str) -> Runner:
     return Runner(name, search)
 
 
-ENGINE_NAMES = ("numba", "faiss-ivfpq", "faiss-fastscan")
+ENGINE_NAMES = ("numba", "faiss-ivfpq", "faiss-fastscan", "fpga-emu")
 
 
 def make_runner(name: str, index: IVFPQIndex, dataset: Dataset) -> Runner:
@@ -82,6 +88,8 @@ def make_runner(name: str, index: IVFPQIndex, dataset: Dataset) -> Runner:
         return faiss_ivfpq_runner(index)
     if name == "faiss-fastscan":
         return faiss_fastscan_runner(index, dataset)
+    if name == "fpga-emu":
+        return fpga_emu_runner(index)
     raise RetrieverError(f"unknown engine {name!r}; choose from {', '.join(ENGINE_NAMES)}")
 
 

@@ -313,7 +313,7 @@ def index_info(
 def bench_recall(
     dataset: str = typer.Option(..., "--dataset", help="Built-in dataset or ann-benchmarks .hdf5 (gives queries and ground truth)."),
     index: Path = typer.Option(..., "--index", help="Index directory built from the same dataset."),
-    engines: str = typer.Option("numba,faiss-ivfpq", "--engines", help="Comma-separated: numba, faiss-ivfpq, faiss-fastscan."),
+    engines: str = typer.Option("numba,faiss-ivfpq", "--engines", help="Comma-separated: numba, faiss-ivfpq, faiss-fastscan, fpga-emu."),
     nprobe: Optional[str] = typer.Option(None, "--nprobe", help="Comma-separated; default: powers of two up to min(nlist, 256)."),
     k: int = typer.Option(10, "--k"),
     threads: str = typer.Option("1", "--threads", help="Comma-separated thread counts."),
@@ -354,6 +354,45 @@ def bench_recall(
     if plot:
         plot_rows(rows, plot, title=data.name)
         _say(f"wrote {plot}")
+
+
+@bench_app.command("fpga-model")
+def bench_fpga_model(
+    dataset: str = typer.Option(..., "--dataset", help="Built-in dataset or ann-benchmarks .hdf5 (gives queries and ground truth)."),
+    index: Path = typer.Option(..., "--index", help="Index directory built from the same dataset (8-bit PQ)."),
+    nprobe: Optional[str] = typer.Option(None, "--nprobe", help="Comma-separated; default: 1,4,16,64 (up to nlist)."),
+    l1: str = typer.Option("1,2,3,5", "--l1", help="Level-1 queue lengths whose recall loss is measured (emulated kernel)."),
+    k: int = typer.Option(10, "--k"),
+    clock_mhz: float = typer.Option(140.0, "--clock-mhz", help="Kernel clock (Chameleon's U250 build: 140 MHz)."),
+    banks: int = typer.Option(4, "--banks", help="Memory banks the shard is striped over (1, 2 or 4)."),
+    queries: int = typer.Option(2000, "--queries", help="Use the first N queries."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the rows as JSON."),
+):
+    """Predicted FPGA QPS and latency (cycle model of the HLS kernel) next to Numba and faiss measured here."""
+    from chameleon.bench import check_compatible
+    from chameleon.bench_fpga import MISS_KEYS, MODEL_KEYS, fpga_model_benchmark
+    from retriever.datasets import load_dataset
+    from retriever.files import write_json_atomic
+    from retriever.index import load_index
+
+    loaded = load_index(index)
+    data = load_dataset(dataset)
+    check_compatible(loaded, data)
+    if not 1 <= k <= 100:
+        raise RetrieverError(f"k must be between 1 and 100, got {k}")
+    nprobes = _number_list(nprobe, "--nprobe") if nprobe else [n for n in (1, 4, 16, 64) if n <= loaded.params.nlist]
+    result = fpga_model_benchmark(loaded, data, nprobes, _number_list(l1, "--l1"), k, clock_mhz, banks, queries)
+    kernel = result["kernel"]
+    typer.echo(f"kernel: D={kernel['dim']} m={kernel['m']} K={kernel['k']} {kernel['pes']} PEs on {kernel['banks']} banks at {clock_mhz:g} MHz")
+    for title, keys, rows in (("", MODEL_KEYS, result["rows"]), ("level-1 queues", MISS_KEYS, result["level1_misses"])):
+        if title:
+            typer.echo(title)
+        typer.echo("".join(f"{key:>22}" for key in keys))
+        for row in rows:
+            typer.echo("".join(f"{str(row[key]):>22}" for key in keys))
+    if json_out:
+        write_json_atomic(json_out, result)
+        _say(f"wrote {json_out}")
 
 
 @bench_app.command("knnlm")
@@ -475,7 +514,9 @@ def node_retrieval(
     index: Path = typer.Option(..., "--index", help="Index directory."),
     shard: int = typer.Option(..., "--shard", help="The shard this node serves."),
     bind: str = typer.Option(..., "--bind", help="ZeroMQ endpoint, e.g. tcp://0.0.0.0:5555 or tcp://127.0.0.1:*"),
-    engine: str = typer.Option("numba", "--engine", help="numba or faiss."),
+    engine: str = typer.Option("numba", "--engine", help="numba, faiss or fpga."),
+    fpga_mode: Optional[str] = typer.Option(None, "--fpga-mode", help="With --engine fpga: hw (the card, through PYNQ) or emu (the kernel's C++ on this CPU)."),
+    xclbin: Optional[Path] = typer.Option(None, "--xclbin", help="With --fpga-mode hw: the bitstream (make -C hls hw)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Scan threads (default: all cores)."),
     window_ms: float = typer.Option(0.0, "--window-ms", help="How long an idle node waits for a batch to fill (ms)."),
     keys: Optional[Path] = typer.Option(None, "--keys", help="CURVE key directory (`chameleon keys gen`)."),
@@ -492,11 +533,23 @@ def node_retrieval(
     if not 0 <= window_ms <= 1000:
         raise RetrieverError(f"the batching window must be between 0 and 1000 ms, got {window_ms}")
     node = RetrievalNode(
-        index, shard, engine=engine, window=window_ms / 1000, keys=CurveKeys.load(keys) if keys else None, threads=threads
-    )
+        index, shard, engine=engine, window=window_ms / 1000, keys=CurveKeys.load(keys) if keys else None, threads=threads,
+        engine_options=_fpga_options(engine, fpga_mode, xclbin),
+    )  # fmt: skip
     _say(f"retrieval node: shard {shard}/{node.info['nshards']} of {index} ({node.info['ntotal']:,} vectors, {engine})")
     node.serve(bind, ready_file=ready_file)
     _say("retrieval node: drained, exiting")
+
+
+def _fpga_options(engine: str, fpga_mode: Optional[str], xclbin: Optional[Path]) -> dict:
+    """The FPGA engine's options from the command line; other engines take none."""
+    if engine != "fpga":
+        if fpga_mode is not None or xclbin is not None:
+            raise RetrieverError("--fpga-mode and --xclbin go with --engine fpga")
+        return {}
+    if fpga_mode is None:
+        raise RetrieverError("--engine fpga needs --fpga-mode hw (an Alveo card through PYNQ) or emu (the kernel on this CPU)")
+    return {"mode": fpga_mode, **({"xclbin": str(xclbin)} if xclbin is not None else {})}
 
 
 @node_app.command("coordinator")
@@ -539,7 +592,8 @@ def cluster_up(
     shards: int = typer.Option(..., "--shards"),
     state_dir: Path = typer.Option(..., "--state-dir", help="Where cluster.json, logs and re-sharded copies go."),
     replicas: int = typer.Option(1, "--replicas", help="Nodes per shard."),
-    engine: str = typer.Option("numba", "--engine"),
+    engine: str = typer.Option("numba", "--engine", help="Scan engine of the nodes: numba, faiss or fpga."),
+    fpga_mode: Optional[str] = typer.Option(None, "--fpga-mode", help="With --engine fpga: hw or emu."),
     keys: Optional[Path] = typer.Option(None, "--keys", help="CURVE key directory."),
     timeout: float = typer.Option(2.0, "--timeout", help="Coordinator's per-shard timeout in seconds."),
     on_missing: str = typer.Option("partial", "--on-missing", help="partial or fail."),
@@ -547,7 +601,10 @@ def cluster_up(
     """Start retrieval nodes and a coordinator in the background; print the coordinator endpoint."""
     from chameleon.cluster import up
 
-    state = up(index, shards, state_dir, replicas=replicas, engine=engine, keys_dir=keys, timeout=timeout, on_missing=on_missing)
+    state = up(
+        index, shards, state_dir, replicas=replicas, engine=engine, keys_dir=keys, timeout=timeout, on_missing=on_missing,
+        fpga_mode=fpga_mode,
+    )  # fmt: skip
     _say(f"cluster up: {shards} shard(s) x {replicas} replica(s); state in {state_dir}/cluster.json")
     typer.echo(state["coordinator"]["endpoint"])
 

@@ -99,12 +99,14 @@ def up(
     on_missing: str = "partial",
     die_with_parent: bool = False,
     threads: int | None = None,
+    fpga_mode: str | None = None,
 ) -> dict:
     """Start the cluster and return its state (also written to ``STATE/cluster.json``).
 
     With ``die_with_parent`` (Linux) the processes get SIGTERM when the calling process dies, for
     a cluster owned by one process (``chameleon serve``) rather than left running in the background.
     ``threads``: scan threads per node (default: this machine's cores shared among the nodes).
+    ``fpga_mode``: with ``engine="fpga"``, ``emu`` or ``hw`` (see ``chameleon node retrieval``).
     """
     state_dir = Path(state_dir).resolve()
     if (state_dir / STATE_FILE).is_file():
@@ -124,6 +126,7 @@ def up(
     for stale in run.glob("*.json"):
         stale.unlink()
     security = ["--keys", Path(keys_dir).resolve()] if keys_dir is not None else []
+    engine_flags = ["--engine", engine, *(["--fpga-mode", fpga_mode] if fpga_mode is not None else [])]
     threads = threads or max(1, (os.cpu_count() or 1) // (nshards * replicas))
     started: list[subprocess.Popen] = []
     try:
@@ -133,7 +136,7 @@ def up(
                 name = f"node-{shard}-{replica}"
                 command = _chameleon(
                     "node", "retrieval", "--index", index_dir, "--shard", shard, "--bind", "tcp://127.0.0.1:*",
-                    "--engine", engine, "--threads", threads, "--ready-file", run / f"{name}.json", *security,
+                    *engine_flags, "--threads", threads, "--ready-file", run / f"{name}.json", *security,
                 )  # fmt: skip
                 started.append(_spawn(command, logs / f"{name}.log", die_with_parent))
                 nodes.append({"shard": shard, "replica": replica, "log": str(logs / f"{name}.log"), "name": name})

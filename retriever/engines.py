@@ -79,7 +79,9 @@ class NumbaEngine(ScanEngine):
 
     name = "numba"
 
-    def __init__(self, index: IVFPQIndex):
+    def __init__(self, index: IVFPQIndex, residual_tables: bool = False):
+        """``residual_tables``: build every L2 table from the query's residual, as the FPGA kernel
+        does, instead of from the precomputed per-list terms (same results up to rounding)."""
         super().__init__(index)
         p = self.params
         self.offsets = np.ascontiguousarray(self.lists.offsets, dtype=np.int64)
@@ -87,7 +89,7 @@ class NumbaEngine(ScanEngine):
         self.codes = np.ascontiguousarray(self.lists.codes, dtype=np.uint8)
         self.codebooks_t = np.ascontiguousarray(self.codebooks.transpose(0, 2, 1))
         table_bytes = p.nlist * p.m * p.ksub * 4
-        if p.metric == "l2" and table_bytes <= PRECOMPUTED_TABLE_MAX_BYTES:
+        if p.metric == "l2" and table_bytes <= PRECOMPUTED_TABLE_MAX_BYTES and not residual_tables:
             norms = np.einsum("jcd,jcd->jc", self.codebooks, self.codebooks)
             cross = np.einsum("ljd,jcd->ljc", self.centroids.reshape(p.nlist, p.m, p.dsub), self.codebooks)
             self.list_terms = np.ascontiguousarray(norms[None] + 2 * cross, dtype=np.float32)
@@ -157,7 +159,14 @@ def to_faiss_ivfpq(index: IVFPQIndex) -> faiss.IndexIVFPQ:
 ENGINES = {engine.name: engine for engine in (NumbaEngine, FaissEngine)}
 
 
-def make_engine(name: str, index: IVFPQIndex) -> ScanEngine:
+def make_engine(name: str, index: IVFPQIndex, **options) -> ScanEngine:
+    """The engine ``name`` over ``index``; ``options`` go to its constructor (``fpga``: mode, xclbin, ...)."""
+    if name == "fpga":
+        from fpga.engine import FpgaEngine  # fpga/ builds on this module
+
+        return FpgaEngine(index, **options)
     if name not in ENGINES:
-        raise RetrieverError(f"unknown engine {name!r}; choose from {', '.join(ENGINES)}")
+        raise RetrieverError(f"unknown engine {name!r}; choose from {', '.join([*ENGINES, 'fpga'])}")
+    if options:
+        raise RetrieverError(f"the {name} engine takes no options, got {', '.join(options)}")
     return ENGINES[name](index)

@@ -61,10 +61,11 @@ class RetrievalNode:
         window: float = DEFAULT_WINDOW,
         keys: CurveKeys | None = None,
         threads: int | None = None,
+        engine_options: dict | None = None,
     ):
         manifest = read_manifest(index_dir)
         self.index = load_index(index_dir, shard=shard)
-        self.engine = make_engine(engine, self.index)
+        self.engine = make_engine(engine, self.index, **(engine_options or {}))
         self.engine.warm_up()
         self.window = window
         self.keys = keys

@@ -41,11 +41,11 @@ class Searcher:
     searcher's (``chameleon.cluster.ClusterSearcher``), so a caller can time or route them.
     """
 
-    def __init__(self, index: IVFPQIndex, engine: str = "numba", device: str = "auto"):
+    def __init__(self, index: IVFPQIndex, engine: str = "numba", device: str = "auto", **engine_options):
         self.params = index.params
         self.ntotal = index.ntotal
         self.quantizer = CoarseQuantizer(index.centroids, index.params.metric, device=device)
-        self.engine = make_engine(engine, index)
+        self.engine = make_engine(engine, index, **engine_options)
 
     def search(self, queries, k: int, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
         if not isinstance(k, (int, np.integer)) or not 1 <= k <= self.ntotal:

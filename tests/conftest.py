@@ -27,6 +27,18 @@ def l2_index(small_data):
     return build_index(small_data.base, IVFPQParams("l2", small_data.dim, nlist=64, m=8), train_size=10_000, seed=7)
 
 
+@pytest.fixture(scope="session")
+def tiny_hdf5(tmp_path_factory, small_data):
+    """An ann-benchmarks file: 8,000 of ``small_data``'s vectors, 100 queries, exact top-100."""
+    from retriever.datasets import exact_knn
+    from tests.test_datasets import write_ann_hdf5
+
+    path = tmp_path_factory.mktemp("data") / "tiny-euclidean.hdf5"
+    base, queries = small_data.base[:8000], small_data.queries[:100]
+    write_ann_hdf5(path, base, queries, exact_knn(base, queries, 100, "l2"), "euclidean")
+    return path
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(123)

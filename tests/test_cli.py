@@ -9,9 +9,7 @@ import pytest
 from faiss.contrib import vecs_io
 
 from chameleon.bench import ROW_KEYS
-from retriever.datasets import exact_knn
 from retriever.index import load_index
-from tests.test_datasets import write_ann_hdf5
 
 
 def chameleon(*args, expect=0):
@@ -19,14 +17,6 @@ def chameleon(*args, expect=0):
     assert result.returncode == expect, result.stdout + result.stderr
     assert "Traceback" not in result.stderr, result.stderr
     return result
-
-
-@pytest.fixture(scope="module")
-def tiny_hdf5(tmp_path_factory, small_data):
-    path = tmp_path_factory.mktemp("data") / "tiny-euclidean.hdf5"
-    base, queries = small_data.base[:8000], small_data.queries[:100]
-    write_ann_hdf5(path, base, queries, exact_knn(base, queries, 100, "l2"), "euclidean")
-    return path
 
 
 def test_build_info_bench(tmp_path, tiny_hdf5):
