@@ -4,7 +4,10 @@ For every engine, thread count and nprobe it measures recall@k against the exact
 throughput (all queries in one batch, coarse search included, best of three runs) and
 single-query latency p50/p99.
 Peers run on the same machine in the same process: ``faiss-ivfpq`` is faiss's IndexIVFPQ holding
-our very codes, ``faiss-fastscan`` is faiss's own ``IVF{nlist},PQ{m}x4fs`` trained on the same data.
+our very codes, ``faiss-fastscan`` is faiss's own ``IVF{nlist},PQ{m}x4fs`` trained on the same data,
+``numba-fastscan`` our 4-bit SIMD engine (on a ``--nbits 4`` index). With refinement (``refine`` F > 1)
+every engine returns its top F*k and the k nearest of those by the full vectors are kept: faiss through
+``IndexRefineFlat``, ours through :func:`retriever.refine.rerank_exact`.
 """
 
 from __future__ import annotations
@@ -24,10 +27,11 @@ from retriever.datasets import Dataset
 from retriever.engines import to_faiss_ivfpq
 from retriever.errors import RetrieverError
 from retriever.index import IVFPQIndex
+from retriever.refine import rerank_exact
 from retriever.search import Searcher
 from retriever.vectors import prepare_vectors
 
-ROW_KEYS = ("engine", "nprobe", "threads", "k", "recall", "qps", "p50_ms", "p99_ms")
+ROW_KEYS = ("engine", "nprobe", "threads", "k", "refine", "recall", "qps", "p50_ms", "p99_ms")
 LATENCY_QUERIES = 1000
 WARMUP_QUERIES = 64
 BATCH_REPEATS = 3
@@ -39,11 +43,17 @@ class Runner:
 
     name: str
     search: Callable[[np.ndarray, int, int], np.ndarray]
+    faiss_index: faiss.Index | None = None  # set for faiss's engines: they refine through faiss
 
 
 def numba_runner(index: IVFPQIndex) -> Runner:
     searcher = Searcher(index, engine="numba", device="cpu")
     return Runner("numba", lambda q, k, nprobe: searcher.search(q, k, nprobe)[1])
+
+
+def numba_fastscan_runner(index: IVFPQIndex) -> Runner:
+    searcher = Searcher(index, engine="numba-fastscan", device="cpu")
+    return Runner("numba-fastscan", lambda q, k, nprobe: searcher.search(q, k, nprobe)[1])
 
 
 def fpga_emu_runner(index: IVFPQIndex) -> Runner:
@@ -75,15 +85,41 @@ def _faiss_runner(name: str, index: faiss.Index, metric: str) -> Runner:
     def search(queries, k, nprobe):
         return index.search(prepare_vectors(queries, metric), k, params=faiss.SearchParametersIVF(nprobe=nprobe))[1]
 
-    return Runner(name, search)
+    return Runner(name, search, faiss_index=index)
 
 
-ENGINE_NAMES = ("numba", "faiss-ivfpq", "faiss-fastscan", "fpga-emu")
+def with_refinement(runner: Runner, dataset: Dataset, metric: str, refine: int) -> Runner:
+    """``runner`` answering from its top ``refine * k``, re-ranked by the dataset's full vectors."""
+    if refine <= 1:
+        return runner
+    base = prepare_vectors(dataset.base, metric)
+    if runner.faiss_index is not None:
+        refined = faiss.IndexRefineFlat(runner.faiss_index, faiss.swig_ptr(base))
+
+        def faiss_search(queries, k, nprobe):
+            ivf_params = faiss.SearchParametersIVF(nprobe=nprobe)  # a local: params only points at it
+            params = faiss.IndexRefineSearchParameters()
+            params.k_factor = refine
+            params.base_index_params = ivf_params
+            return refined.search(prepare_vectors(queries, metric), k, params=params)[1]
+
+        return Runner(runner.name, faiss_search, faiss_index=refined)
+
+    def search(queries, k, nprobe):
+        candidates = runner.search(queries, min(refine * k, len(base)), nprobe)
+        return rerank_exact(prepare_vectors(queries, metric), base, candidates, k, metric)[1]
+
+    return Runner(runner.name, search)
+
+
+ENGINE_NAMES = ("numba", "numba-fastscan", "faiss-ivfpq", "faiss-fastscan", "fpga-emu")
 
 
 def make_runner(name: str, index: IVFPQIndex, dataset: Dataset) -> Runner:
     if name == "numba":
         return numba_runner(index)
+    if name == "numba-fastscan":
+        return numba_fastscan_runner(index)
     if name == "faiss-ivfpq":
         return faiss_ivfpq_runner(index)
     if name == "faiss-fastscan":
@@ -105,7 +141,7 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
     return hits / (k * len(truth))
 
 
-def measure(runner: Runner, queries: np.ndarray, truth: np.ndarray, k: int, nprobe: int, threads: int) -> dict:
+def measure(runner: Runner, queries: np.ndarray, truth: np.ndarray, k: int, nprobe: int, threads: int, refine: int = 1) -> dict:
     set_threads(threads)
     runner.search(queries[:WARMUP_QUERIES], k, nprobe)
     batch_seconds = float("inf")
@@ -124,6 +160,7 @@ def measure(runner: Runner, queries: np.ndarray, truth: np.ndarray, k: int, npro
         "nprobe": nprobe,
         "threads": threads,
         "k": k,
+        "refine": refine,
         "recall": round(recall_at_k(found, truth), 5),
         "qps": round(len(queries) / batch_seconds, 1),
         "p50_ms": round(float(np.percentile(latencies_ms, 50)), 4),
@@ -151,8 +188,12 @@ def run_recall_benchmark(
     k: int,
     nqueries: int | None = None,
     on_row: Callable[[dict], None] = lambda row: None,
+    refine: int = 1,
 ) -> list[dict]:
-    """Measure every (engine, threads, nprobe); returns rows with exactly :data:`ROW_KEYS`."""
+    """Measure every (engine, threads, nprobe); returns rows with exactly :data:`ROW_KEYS`.
+
+    ``refine`` F > 1: every engine re-ranks its top F*k by the full vectors (see :func:`with_refinement`).
+    """
     check_compatible(index, dataset)
     unknown = [e for e in engines if e not in ENGINE_NAMES]
     if unknown:
@@ -165,15 +206,17 @@ def run_recall_benchmark(
         raise RetrieverError(f"k must be between 1 and {min(100, index.ntotal)}, got {k}")
     if nqueries is not None and nqueries < 1:
         raise RetrieverError(f"the number of queries must be positive, got {nqueries}")
+    if not isinstance(refine, (int, np.integer)) or refine < 1:
+        raise RetrieverError(f"refine must be a positive integer (1: no refinement), got {refine!r}")
     queries = dataset.queries[:nqueries]
     truth = dataset.ground_truth(k)[: len(queries)]
     rows = []
     with tqdm(total=len(engines) * len(threads) * len(nprobes), desc="bench", unit="run") as progress:
         for name in engines:
-            runner = make_runner(name, index, dataset)
+            runner = with_refinement(make_runner(name, index, dataset), dataset, index.params.metric, refine)
             for t in threads:
                 for nprobe in nprobes:
-                    row = measure(runner, queries, truth, k, nprobe, t)
+                    row = measure(runner, queries, truth, k, nprobe, t, refine)
                     rows.append(row)
                     on_row(row)
                     progress.update()

@@ -24,7 +24,7 @@ from retriever.search import Searcher
 from retriever.vectors import prepare_vectors
 
 MODEL_KEYS = ("nprobe", "recall", "numba_qps", "faiss_ivfpq_qps", "fpga_cycles_per_query", "fpga_qps", "fpga_latency_us",
-              "fpga_vs_numba", "lut_share", "bandwidth_bound")  # fmt: skip
+              "fpga_vs_numba", "prepare_share", "bandwidth_bound")  # fmt: skip
 MISS_KEYS = ("l1", "nprobe", "measured_miss", "model_miss")
 
 
@@ -57,7 +57,7 @@ def model_rows(
             "fpga_qps": round(fpga_qps, 1),
             "fpga_latency_us": round(single.cycles_per_query / clock_mhz, 2),
             "fpga_vs_numba": round(fpga_qps / measured[0]["qps"], 3),
-            "lut_share": round(batched.lut_cycles / batched.cycles_per_query, 3),
+            "prepare_share": round(batched.prepare_cycles / batched.cycles_per_query, 3),
             "bandwidth_bound": batched.bandwidth_bound,
         })  # fmt: skip
     return rows

@@ -1,14 +1,14 @@
 """Performance model of the kernel: cycles per query from its structure, QPS at a clock.
 
-The kernel (hls/ivfpq_kernel.cpp) handles one query at a time and, for each probed list, builds
-the lookup table and then streams the list; per query it then merges the level-1 queues:
-
-* list: residual (D cycles, L2 only) + table (m * 256 / LUT_PARALLEL cycles; once per query for
-  inner product) + scan (one line of ``lanes`` codes per bank per cycle) + the scan pipeline's
-  fill (its depth, about m adds plus reads and the queue);
-* query: loading it (D cycles) + merging PES * L1 level-1 entries into the level-2 queue (one per
-  cycle) + writing K results;
-* batch: loading the codebooks (D * 256 floats, 16 per 512-bit beat), shared by the batch's queries.
+The kernel (hls/ivfpq_kernel.cpp) handles one query at a time. Per probed list it *prepares*
+(the coarse term and, for L2, the lookup table: D + m * 256 / LUT_PARALLEL cycles; for inner
+product only the D-cycle coarse dot product, the table being built once per query) and *scans*
+(one line of ``lanes`` codes per bank per cycle, plus the scan pipeline's fill: about m adds,
+the reads and the queue). The next list is prepared while the current one is scanned (two
+tables, ping-pong), so a list costs the longer of the two, and only the first preparation is
+exposed. Per query: loading it (D cycles), merging PES * L1 level-1 entries into the level-2
+queue (one per cycle), writing K results. Per batch: loading the codebooks (D * 256 floats, 16
+per 512-bit beat).
 
 The scan reads ``banks * lanes * (m + 8)`` bytes per cycle (codes and int64 ids); when that
 exceeds what the banks deliver at the clock, the scan is bandwidth-bound and the model says so.
@@ -35,7 +35,7 @@ DDR4_BANK_GBPS = 19.2  # one DDR4-2400 channel
 @dataclass(frozen=True)
 class CycleEstimate:
     cycles_per_query: float
-    lut_cycles: float
+    prepare_cycles: float  # preparation not hidden behind a scan: the first list's, the query's table, any excess
     scan_cycles: float
     other_cycles: float
     bandwidth_bound: bool
@@ -55,20 +55,23 @@ def estimate_cycles(
     """Mean cycles per query for queries whose probed lists have ``list_lines`` (nq, nprobe)
     lines per bank (0 for skipped or empty lists)."""
     list_lines = np.asarray(list_lines, dtype=np.float64)
-    probed = (list_lines > 0).sum(axis=1)
+    probed = list_lines > 0
     table = config.m * KSUB / LUT_PARALLEL
-    scan_depth = SCAN_READ_LATENCY + config.m + QUEUE_LATENCY
+    prepare = config.dim + (0 if inner_product else table)
     bytes_per_cycle = config.banks * config.lanes * (config.m + 8)
     deliverable = config.banks * bank_gbps * 1e9 / (clock_mhz * 1e6)
     slowdown = max(1.0, bytes_per_cycle / deliverable)
-    scan = list_lines.sum(axis=1) * slowdown + probed * scan_depth
-    if inner_product:
-        lut = np.full(len(list_lines), table) + probed * config.dim  # one table; a coarse dot product per list
-    else:
-        lut = probed * (config.dim + table)
+    scan = np.where(probed, list_lines * slowdown + SCAN_READ_LATENCY + config.m + QUEUE_LATENCY, 0.0)
+    # The first list's preparation is exposed; each later one hides behind the scan before it,
+    # except for what it takes longer (nothing follows the last probed list's scan).
+    excess = np.where(probed, np.maximum(0.0, prepare - scan), 0.0)
+    some = probed.any(axis=1)
+    last = probed.shape[1] - 1 - np.argmax(probed[:, ::-1], axis=1)
+    excess[np.flatnonzero(some), last[some]] = 0.0
+    exposed = excess.sum(axis=1) + np.where(some, prepare, 0.0) + (table if inner_product else 0.0)
     other = config.dim + config.pes * config.l1 + config.k + config.dim * KSUB / BURST_FLOATS / batch
-    total = lut + scan + other
-    return CycleEstimate(float(total.mean()), float(lut.mean()), float(scan.mean()), float(other), slowdown > 1.0)
+    total = exposed + scan.sum(axis=1) + other
+    return CycleEstimate(float(total.mean()), float(exposed.mean()), float(scan.sum(axis=1).mean()), float(other), slowdown > 1.0)
 
 
 def miss_probability(k: int, l1: int, pes: int) -> float:

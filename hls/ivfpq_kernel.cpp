@@ -11,6 +11,13 @@ namespace {
 constexpr float EMPTY_KEY = std::numeric_limits<float>::infinity();
 constexpr int64_t EMPTY_ID = std::numeric_limits<int64_t>::max();
 
+// A probed list to scan: its first row in every bank, its lines (0: nothing to scan), its coarse term.
+struct ListJob {
+    int64_t first_row;
+    int64_t lines;
+    float coarse;
+};
+
 // What one bank delivers in one cycle: LANES codes of M bytes and their ids.
 struct CodeLine {
     uint8_t codes[LANES][M];
@@ -132,6 +139,20 @@ void scan_list(const float lut[M][KSUB], float coarse, int64_t first_row, int64_
 #undef CHAMELEON_SCAN_BANK
 }
 
+// Where a probed list lies and its coarse term; for L2 also its table, built into ``lut``.
+// Skipped, out-of-range and empty lists come back with no lines.
+ListJob prepare_list(const float query[D], int32_t list, int32_t nlist, const float *centroids, const int64_t *list_rows,
+                     const float codebooks[M][KSUB][DSUB], int32_t inner_product, float lut[M][KSUB]) {
+    if (list < 0 || list >= nlist) return {0, 0, 0.0f};
+    int64_t first_row = list_rows[list];
+    int64_t lines = (list_rows[list + 1] - first_row) / LANES;
+    if (lines <= 0) return {0, 0, 0.0f};
+    const float *centroid = centroids + int64_t(list) * D;
+    if (inner_product) return {first_row, lines, negated_inner_product(query, centroid)};
+    build_residual_lut(query, centroid, codebooks, lut);
+    return {first_row, lines, 0.0f};
+}
+
 // Level 2: the PES level-1 queues merged into the top K, one entry per cycle.
 void merge_and_write(Candidate queues[BANKS][LANES][L1], float *out_keys, int64_t *out_ids) {
     Candidate top[K];
@@ -191,28 +212,30 @@ extern "C" void ivfpq_search(const float *queries, const int32_t *list_ids, cons
         for (int b = 0; b < BANKS; ++b) {
             for (int lane = 0; lane < LANES; ++lane) queue_clear<L1>(queues[b][lane]);
         }
-        // Each PE reads M entries per cycle: in hardware every lane gets its own copy of the
-        // table, partitioned by sub-quantizer.
-        float lut[M][KSUB];
-#pragma HLS array_partition variable=lut dim=1 complete
-#pragma HLS array_partition variable=lut dim=2 cyclic factor=CHAMELEON_LUT_PARALLEL
-        if (inner_product) build_inner_product_lut(query, local_codebooks, lut);
+        // Two tables, ping-pong: list p+1's is built while list p is scanned. Each PE reads M
+        // entries per cycle: in hardware every lane gets its own copy, partitioned by sub-quantizer.
+        float tables[2][M][KSUB];
+#pragma HLS array_partition variable=tables dim=1 complete
+#pragma HLS array_partition variable=tables dim=2 complete
+#pragma HLS array_partition variable=tables dim=3 cyclic factor=CHAMELEON_LUT_PARALLEL
+        if (inner_product) build_inner_product_lut(query, local_codebooks, tables[0]);
+        const int32_t *probes = list_ids + int64_t(q) * nprobe;
+        ListJob current = {0, 0, 0.0f};
+        if (nprobe > 0) current = prepare_list(query, probes[0], nlist, centroids, list_rows, local_codebooks, inner_product, tables[0]);
         for (int32_t p = 0; p < nprobe; ++p) {
-            int32_t list = list_ids[int64_t(q) * nprobe + p];
-            if (list < 0 || list >= nlist) continue;
-            int64_t first_row = list_rows[list];
-            int64_t lines = (list_rows[list + 1] - first_row) / LANES;
-            if (lines <= 0) continue;
-            const float *centroid = centroids + int64_t(list) * D;
-            float coarse = 0.0f;
-            if (inner_product) {
-                coarse = negated_inner_product(query, centroid);
-            } else {
-                build_residual_lut(query, centroid, local_codebooks, lut);
+            // Independent calls on different tables: the scheduler runs them side by side.
+            ListJob next = {0, 0, 0.0f};
+            if (p + 1 < nprobe) {
+                next = prepare_list(query, probes[p + 1], nlist, centroids, list_rows, local_codebooks, inner_product,
+                                    tables[(p + 1) & 1]);
             }
+            if (current.lines > 0) {
 #define CHAMELEON_BANK_ARGUMENTS(b) codes##b, ids##b,
-            scan_list(lut, coarse, first_row, lines, CHAMELEON_FOR_EACH_BANK(CHAMELEON_BANK_ARGUMENTS) queues);
+                scan_list(tables[inner_product ? 0 : p & 1], current.coarse, current.first_row, current.lines,
+                          CHAMELEON_FOR_EACH_BANK(CHAMELEON_BANK_ARGUMENTS) queues);
 #undef CHAMELEON_BANK_ARGUMENTS
+            }
+            current = next;
         }
         merge_and_write(queues, out_keys + int64_t(q) * K, out_ids + int64_t(q) * K);
     }

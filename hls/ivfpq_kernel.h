@@ -1,7 +1,7 @@
 // IVF-PQ scan kernel for Vitis HLS (Chameleon's retrieval accelerator), also plain C++ for g++.
 //
 // One call searches a batch of queries over their probed inverted lists of one shard:
-//   for each query, for each probed list:
+//   for each query, for each probed list (the next list's table is built while this one is scanned):
 //     LUT construction  lut[j][c] = |(q - centroid)_j - y_jc|^2 (L2) or -<q_j, y_jc> (inner product)
 //     ADC scan          PES processing elements, LANES per memory bank; every cycle each bank
 //                       delivers one line of LANES codes (II=1), each PE sums M table lookups

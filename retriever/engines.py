@@ -14,7 +14,7 @@ import numba
 import numpy as np
 
 from retriever.errors import RetrieverError
-from retriever.index import IVFPQIndex
+from retriever.index import IVFPQIndex, unpack_codes
 from retriever.scan import coarse_keys, scan_ivfpq, scan_ivfpq_serial
 from retriever.vectors import as_query_matrix
 
@@ -74,6 +74,13 @@ class ScanEngine:
         raise NotImplementedError
 
 
+def l2_list_terms(params, centroids: np.ndarray, codebooks: np.ndarray) -> np.ndarray:
+    """(nlist, m, ksub) float32 ``|y_jc|^2 + 2 <centroid_j, y_jc>``: the list's part of every L2 table."""
+    norms = np.einsum("jcd,jcd->jc", codebooks, codebooks)
+    cross = np.einsum("ljd,jcd->ljc", centroids.reshape(params.nlist, params.m, params.dsub), codebooks)
+    return np.ascontiguousarray(norms[None] + 2 * cross, dtype=np.float32)
+
+
 class NumbaEngine(ScanEngine):
     """Our CPU engine: the Numba ADC kernel of :mod:`retriever.scan`."""
 
@@ -86,13 +93,11 @@ class NumbaEngine(ScanEngine):
         p = self.params
         self.offsets = np.ascontiguousarray(self.lists.offsets, dtype=np.int64)
         self.ids = np.ascontiguousarray(self.lists.ids, dtype=np.int64)
-        self.codes = np.ascontiguousarray(self.lists.codes, dtype=np.uint8)
+        self.codes = np.ascontiguousarray(unpack_codes(self.lists.codes, p.m, p.nbits))  # one code per byte
         self.codebooks_t = np.ascontiguousarray(self.codebooks.transpose(0, 2, 1))
         table_bytes = p.nlist * p.m * p.ksub * 4
         if p.metric == "l2" and table_bytes <= PRECOMPUTED_TABLE_MAX_BYTES and not residual_tables:
-            norms = np.einsum("jcd,jcd->jc", self.codebooks, self.codebooks)
-            cross = np.einsum("ljd,jcd->ljc", self.centroids.reshape(p.nlist, p.m, p.dsub), self.codebooks)
-            self.list_terms = np.ascontiguousarray(norms[None] + 2 * cross, dtype=np.float32)
+            self.list_terms = l2_list_terms(p, self.centroids, self.codebooks)
         else:
             self.list_terms = np.zeros((0, p.m, p.ksub), dtype=np.float32)
 
@@ -156,7 +161,9 @@ def to_faiss_ivfpq(index: IVFPQIndex) -> faiss.IndexIVFPQ:
     return ivf
 
 
-ENGINES = {engine.name: engine for engine in (NumbaEngine, FaissEngine)}
+from retriever.fastscan import FastScanEngine  # noqa: E402  (it builds on ScanEngine above)
+
+ENGINES = {engine.name: engine for engine in (NumbaEngine, FaissEngine, FastScanEngine)}
 
 
 def make_engine(name: str, index: IVFPQIndex, **options) -> ScanEngine:

@@ -8,7 +8,7 @@ On disk an index is a directory::
     codebooks.npy                  (m, 2**nbits, dim // m) float32 PQ codebooks of the residuals
     shard-000/offsets.npy          (nlist + 1,) int64: list l is rows offsets[l]:offsets[l+1]
     shard-000/ids.npy              (n,) int64 original row ids
-    shard-000/codes.npy            (n, code_size) uint8 PQ codes
+    shard-000/codes.npy            (n, code_size) uint8 PQ codes as faiss packs them (4-bit: two a byte)
     shard-001/...
 
 Every index has S >= 1 shards. A shard holds a balanced slice of *every* inverted list (the way
@@ -34,7 +34,7 @@ from retriever.files import atomic_directory
 FORMAT_NAME = "chameleon.ivfpq"
 FORMAT_VERSION = 1
 METRICS = ("l2", "ip", "cos")
-SUPPORTED_NBITS = (8,)
+SUPPORTED_NBITS = (4, 8)
 MANIFEST = "manifest.json"
 
 
@@ -76,6 +76,23 @@ class IVFPQParams:
     def inner_product(self) -> bool:
         """True when larger scores are better (ip, cos)."""
         return self.metric != "l2"
+
+
+def unpack_codes(codes: np.ndarray, m: int, nbits: int) -> np.ndarray:
+    """(n, m) uint8 codes, one per byte, from PQ codes as faiss packs them.
+
+    8-bit codes are already one per byte. 4-bit codes go two to a byte, sub-quantizer 2i in the low
+    nibble and 2i + 1 in the high one (faiss's BitstringWriter fills bytes from the low bit).
+    """
+    codes = np.asarray(codes, dtype=np.uint8)
+    if nbits == 8:
+        return codes
+    if nbits != 4:
+        raise RetrieverError(f"nbits must be one of {SUPPORTED_NBITS}, got {nbits!r}")
+    unpacked = np.empty((codes.shape[0], 2 * codes.shape[1]), dtype=np.uint8)
+    unpacked[:, 0::2] = codes & 0x0F
+    unpacked[:, 1::2] = codes >> 4
+    return np.ascontiguousarray(unpacked[:, :m])
 
 
 @dataclass

@@ -32,7 +32,12 @@ def _worse(d1, i1, d2, i2):
 @njit(cache=True)
 def _replace_top(heap_d, heap_i, d, i):
     """Max-heap (worst on top) of fixed size: put (d, i) in place of the top and sift down."""
-    k = heap_d.shape[0]
+    _sift_down(heap_d, heap_i, heap_d.shape[0], d, i)
+
+
+@njit(cache=True)
+def _sift_down(heap_d, heap_i, k, d, i):
+    """:func:`_replace_top` on the heap's first ``k`` slots (a slice would cost a refcount round trip)."""
     pos = 0
     while True:
         child = 2 * pos + 1
@@ -56,7 +61,7 @@ def _drain_sorted(heap_d, heap_i, out_d, out_i):
         out_d[last] = heap_d[0]
         out_i[last] = -1 if heap_i[0] == EMPTY_ID else heap_i[0]
         d, i = heap_d[last], heap_i[last]
-        _replace_top(heap_d[:last], heap_i[:last], d, i)
+        _sift_down(heap_d, heap_i, last, d, i)
 
 
 @njit(cache=True)

@@ -234,14 +234,19 @@ def test_miss_probability_by_hand():
 
 def test_cycle_estimate_by_hand():
     config = KernelConfig(dim=16, m=4, k=10, banks=2, pes=4, l1=10)
-    lines = np.array([[10, 0, 5]])  # two probed lists, one skipped
-    estimate = estimate_cycles(config, lines, inner_product=False, batch=1)
+    fill = 8 + 4 + 2  # read latency + m adds + queue
     table = 4 * 256 / 16
-    assert estimate.lut_cycles == 2 * (16 + table)
-    assert estimate.scan_cycles == 15 + 2 * (8 + 4 + 2)
+    prepare = 16 + table  # L2: residual + table
+    lines = np.array([[10, 0, 100, 5]])  # three probed lists, one skipped
+    estimate = estimate_cycles(config, lines, inner_product=False, batch=1)
+    scans = [10 + fill, 100 + fill, 5 + fill]
+    assert estimate.scan_cycles == sum(scans)
+    # list 1 is prepared up front; list 2 during list 1's scan (longer than it: the rest shows), list 3 during list 2's
+    assert estimate.prepare_cycles == prepare + (prepare - scans[0])
     assert estimate.other_cycles == 16 + 4 * 10 + 10 + 16 * 256 / 16
-    assert estimate.cycles_per_query == estimate.lut_cycles + estimate.scan_cycles + estimate.other_cycles
+    assert estimate.cycles_per_query == estimate.prepare_cycles + estimate.scan_cycles + estimate.other_cycles
     assert not estimate.bandwidth_bound
     assert estimate_cycles(config, lines, inner_product=False, clock_mhz=1000, bank_gbps=0.1).bandwidth_bound
-    ip = estimate_cycles(config, lines, inner_product=True, batch=1)
-    assert ip.lut_cycles == table + 2 * 16
+    ip = estimate_cycles(config, lines, inner_product=True, batch=1)  # one table per query, a 16-cycle dot product per list
+    assert ip.prepare_cycles == table + 16
+    assert estimate_cycles(config, np.zeros((1, 3)), inner_product=False).prepare_cycles == 0

@@ -122,7 +122,7 @@ def test_failed_write_leaves_nothing_behind(tmp_path, l2_index, monkeypatch):
     [
         ({"metric": "hamming"}, "metric must be one of"),
         ({"m": 5}, "must divide the dimension"),
-        ({"nbits": 4}, "nbits must be one of"),
+        ({"nbits": 6}, "nbits must be one of"),
         ({"nlist": 0}, "nlist must be a positive integer"),
     ],
 )
