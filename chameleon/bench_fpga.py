@@ -28,11 +28,9 @@ MODEL_KEYS = ("nprobe", "recall", "numba_qps", "faiss_ivfpq_qps", "fpga_cycles_p
 MISS_KEYS = ("l1", "nprobe", "measured_miss", "model_miss")
 
 
-def model_rows(
-    index: IVFPQIndex, dataset: Dataset, nprobes: list[int], k: int, clock_mhz: float, banks: int, nqueries: int
-) -> list[dict]:
-    """One row per nprobe: CPU engines measured (1 thread), the kernel modelled."""
-    config = KernelConfig.for_index(index.params, k=k, banks=banks)
+def model_rows(index: IVFPQIndex, dataset: Dataset, nprobes: list[int], config: KernelConfig, clock_mhz: float, nqueries: int) -> list[dict]:
+    """One row per nprobe: CPU engines measured (1 thread), the kernel ``config`` modelled."""
+    k = config.k
     banked = pack_banks(index.whole(), config.banks, config.lanes)
     lines_per_list = np.diff(banked.list_rows) // config.lanes
     queries = dataset.queries[:nqueries]
@@ -101,6 +99,6 @@ def fpga_model_benchmark(
     config = KernelConfig.for_index(index.params, k=k, banks=banks)
     return {
         "kernel": {"dim": config.dim, "m": config.m, "k": config.k, "banks": config.banks, "pes": config.pes, "clock_mhz": clock_mhz},
-        "rows": model_rows(index, dataset, nprobes, k, clock_mhz, banks, nqueries),
+        "rows": model_rows(index, dataset, nprobes, config, clock_mhz, nqueries),
         "level1_misses": miss_rows(index, dataset, l1s, nprobes[len(nprobes) // 2], k, banks, nqueries),
     }

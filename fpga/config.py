@@ -60,10 +60,10 @@ class KernelConfig:
         """PEs per bank: the codes one bank delivers per cycle."""
         return self.pes // self.banks
 
-    def defines(self) -> list[str]:
-        """The compiler's -D flags for this build."""
+    def make_variables(self) -> list[str]:
+        """``NAME=value`` for ``make -C hls`` (each becomes ``-DCHAMELEON_NAME=value``)."""
         values = {"D": self.dim, "M": self.m, "K": self.k, "PES": self.pes, "BANKS": self.banks, "L1": self.l1}
-        return [f"-DCHAMELEON_{name}={value}" for name, value in values.items()]
+        return [f"{name}={value}" for name, value in values.items()]
 
     def port_names(self) -> list[str]:
         """The kernel's arguments in order (``ivfpq_search`` in hls/ivfpq_kernel.h)."""

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from fpga.config import KernelConfig
-from fpga.layout import BankedLists
+from fpga.layout import BankedLists, resident_arrays
 from retriever.datasets import cache_dir
 from retriever.errors import RetrieverError
 
@@ -34,7 +34,8 @@ def build_library(config: KernelConfig) -> Path:
     for tool in ("make", os.environ.get("CXX", "g++")):
         if shutil.which(tool) is None:
             raise RetrieverError(f"the FPGA emulation builds the kernel with make and a C++ compiler; {tool!r} is not on PATH")
-    digest = hashlib.sha256(" ".join(config.defines()).encode())
+    make_variables = config.make_variables()
+    digest = hashlib.sha256(" ".join(make_variables).encode())
     for name in KERNEL_FILES:
         digest.update((HLS_DIR / name).read_bytes())
     library = cache_dir() / "fpga-emu" / f"ivfpq-{digest.hexdigest()[:16]}.so"
@@ -43,11 +44,9 @@ def build_library(config: KernelConfig) -> Path:
     library.parent.mkdir(parents=True, exist_ok=True)
     fd, partial = tempfile.mkstemp(prefix=".ivfpq-", suffix=".so", dir=library.parent)
     os.close(fd)
-    make_args = [f"{name}={value}" for name, value in zip(("D", "M", "K", "PES", "BANKS", "L1"),
-                 (config.dim, config.m, config.k, config.pes, config.banks, config.l1))]  # fmt: skip
     try:
         result = subprocess.run(
-            ["make", "-s", "-C", str(HLS_DIR), "emu-lib", f"EMU_LIB={partial}", *make_args], capture_output=True, text=True
+            ["make", "-s", "-C", str(HLS_DIR), "emu-lib", f"EMU_LIB={partial}", *make_variables], capture_output=True, text=True
         )
         if result.returncode != 0:
             raise RetrieverError(f"building the FPGA kernel for emulation failed:\n{result.stdout}{result.stderr}")
@@ -85,17 +84,8 @@ class EmulatedKernel:
 
     def load(self, banked: BankedLists, centroids: np.ndarray, codebooks: np.ndarray) -> None:
         """Keep the shard's arrays where the kernel reads them (device memory, on hardware)."""
-        if banked.banks != self.config.banks:
-            raise RetrieverError(f"the shard is packed for {banked.banks} banks, the kernel has {self.config.banks}")
-        resident = {
-            "centroids": np.ascontiguousarray(centroids, dtype=np.float32),
-            "codebooks": np.ascontiguousarray(codebooks, dtype=np.float32),
-            "list_rows": np.ascontiguousarray(banked.list_rows, dtype=np.int64),
-        }
-        for b in range(banked.banks):
-            resident[f"codes{b}"] = np.ascontiguousarray(banked.codes[b])
-            resident[f"ids{b}"] = np.ascontiguousarray(banked.ids[b])
-        self._resident = resident
+        arrays = resident_arrays(banked, centroids, codebooks, self.config.banks)
+        self._resident = {name: array for name, (array, _) in arrays.items()}
 
     def run(self, queries: np.ndarray, list_ids: np.ndarray, inner_product: bool) -> tuple[np.ndarray, np.ndarray]:
         """(keys, ids), each (nq, K): keys ascending (negated inner products), id -1 past the candidates."""

@@ -61,9 +61,7 @@ def write_golden(out: str | Path, seed: int = 7) -> Path:
     config = golden_config()
     rng = np.random.default_rng(seed)
     with atomic_directory(out, replace=True) as tmp:
-        names = ("D", "M", "K", "PES", "BANKS", "L1")
-        values = (config.dim, config.m, config.k, config.pes, config.banks, config.l1)
-        (tmp / "params.txt").write_text(" ".join(f"{n}={v}" for n, v in zip(names, values)) + "\n")
+        (tmp / "params.txt").write_text(" ".join(config.make_variables()) + "\n")
         for metric in METRICS:
             vectors = rng.standard_normal((VECTORS, DIM)).astype(np.float32)
             index = build_index(vectors, IVFPQParams(metric, DIM, NLIST, M), train_size=VECTORS, seed=seed, nshards=2).shard(1)

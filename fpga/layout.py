@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from retriever.errors import RetrieverError
 from retriever.index import InvertedLists
 
 
@@ -52,3 +53,19 @@ def pack_banks(lists: InvertedLists, banks: int, lanes: int) -> BankedLists:
     codes[bank, row] = lists.codes
     ids[bank, row] = lists.ids
     return BankedLists(list_rows, codes, ids)
+
+
+def resident_arrays(banked: BankedLists, centroids: np.ndarray, codebooks: np.ndarray, banks: int) -> dict[str, tuple[np.ndarray, int]]:
+    """What a kernel with ``banks`` banks keeps in device memory for a shard: port name -> (array,
+    the memory bank it goes to). Codes and ids of bank b go to bank b, the rest to bank 0."""
+    if banked.banks != banks:
+        raise RetrieverError(f"the shard is packed for {banked.banks} banks, the kernel has {banks}")
+    arrays = {
+        "centroids": (np.ascontiguousarray(centroids, dtype=np.float32), 0),
+        "codebooks": (np.ascontiguousarray(codebooks, dtype=np.float32), 0),
+        "list_rows": (np.ascontiguousarray(banked.list_rows, dtype=np.int64), 0),
+    }
+    for b in range(banks):
+        arrays[f"codes{b}"] = (np.ascontiguousarray(banked.codes[b]), b)
+        arrays[f"ids{b}"] = (np.ascontiguousarray(banked.ids[b]), b)
+    return arrays

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from fpga.config import KernelConfig
-from fpga.layout import BankedLists
+from fpga.layout import BankedLists, resident_arrays
 from retriever.errors import RetrieverError
 
 KERNEL_NAME = "ivfpq_search_1"
@@ -65,17 +65,12 @@ class PynqKernel:
 
     def load(self, banked: BankedLists, centroids: np.ndarray, codebooks: np.ndarray) -> None:
         """Upload the shard once: codes and ids of bank b into memory bank b."""
-        if banked.banks != self.config.banks:
-            raise RetrieverError(f"the shard is packed for {banked.banks} banks, the kernel has {self.config.banks}")
+        arrays = resident_arrays(banked, centroids, codebooks, self.config.banks)
         for buffer in self._buffers.values():
             buffer.freebuffer()
         self._buffers = {}
-        self._allocate("centroids", np.ascontiguousarray(centroids, dtype=np.float32))
-        self._allocate("codebooks", np.ascontiguousarray(codebooks, dtype=np.float32))
-        self._allocate("list_rows", np.ascontiguousarray(banked.list_rows, dtype=np.int64))
-        for b in range(banked.banks):
-            self._allocate(f"codes{b}", np.ascontiguousarray(banked.codes[b]), bank=b)
-            self._allocate(f"ids{b}", np.ascontiguousarray(banked.ids[b]), bank=b)
+        for name, (array, bank) in arrays.items():
+            self._allocate(name, array, bank)
         self._allocate("queries", np.zeros((MAX_BATCH, self.config.dim), np.float32))
         self._allocate("list_ids", np.zeros((MAX_BATCH, self.max_nprobe), np.int32))
         self._allocate("out_keys", np.zeros((MAX_BATCH, self.config.k), np.float32))
