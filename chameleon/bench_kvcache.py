@@ -1,31 +1,39 @@
 """`chameleon bench kvcache`: time to first token under a RAG request stream, per cache policy.
 
-Requests arrive as a Poisson process; each retrieves k (2..5) passages whose popularity follows
-Zipf(s) over the passage store, ranked most popular first (as a retriever ranks the best match
-first), plus a short question. One engine serves them one at a time: the policy under test
-decides which documents' KV is reused (``chameleon.doc_cache``), and the prefill of what is left
-runs for real on the engine. Time is virtual but every service time is measured: a request
-starts when the engine is free and it has arrived, its TTFT is its wait plus its measured
-lookup + prefill. With ``reorder`` the waiting requests are served by cached/computed length
-(``CacheAwareQueue``) instead of in arrival order. The arrival rate is ``load`` times the
-no-cache capacity, measured first on the same stream. Speculative pipelining is not modelled
-(the retrieval tier does not report early candidates yet): every row has ``speculative: false``.
+Requests arrive as a Poisson process. Each is about a passage drawn by Zipf(s) popularity: its
+query is that passage's embedding, the retrieval tier finds the top k (2..5) passages for it (a
+real search of the passage index: the passage itself first, then its neighbours), and the prompt
+is those passages plus a short question. One engine serves the requests one at a time: the policy
+under test decides which documents' KV is reused (``chameleon.doc_cache``) and the prefill of what
+is left runs for real on the engine. Time is virtual, every service time is measured: retrieval
+runs when a request arrives (the tier is a resource of its own, so searches overlap with the
+engine's work), the request then waits for the engine, and its TTFT is retrieval + wait + lookup
++ prefill. With ``reorder`` the waiting requests are served by cached/computed length
+(``CacheAwareQueue``) instead of in arrival order. With ``speculative`` the search reports an early
+top-k after half its lists (``coordinator.speculation``); when the engine is idle then, prefill
+starts on it, and the request's first token stands at the final answer if the passages are the
+same, or prefill runs again (the speculative one cannot be cut short) on the final prompt. The
+arrival rate is ``load`` times the no-cache capacity, measured first on the same stream.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from chameleon.corpus import Passage
+from chameleon.corpus import Passage, RagIndex
 from chameleon.doc_cache import DocumentKVCache, kv_bytes_per_token
-from chameleon.rag import prompt_segments
+from chameleon.llm import Generation
+from chameleon.rag import prompt_segments, resume_prefix
 from coordinator.kv_cache import CacheAwareQueue
 from coordinator.prefill_profile import PrefillProfile
+from coordinator.speculation import SpeculativePrefill
 from retriever.errors import RetrieverError
+from retriever.search import Searcher
+from retriever.vectors import prepare_vectors
 
 ROW_KEYS = ("policy", "reorder", "speculative", "zipf_s", "ttft_p50_ms", "ttft_p99_ms", "throughput_rps", "hit_rate")
 
@@ -33,51 +41,98 @@ ROW_KEYS = ("policy", "reorder", "speculative", "zipf_s", "ttft_p50_ms", "ttft_p
 @dataclass
 class Request:
     arrival: float
-    passages: list[Passage]
+    about: Passage  # the passage the request is about; its embedding is the query
+    k: int
     question: str
+    passages: list[Passage] = field(default_factory=list)  # the retrieved top-k
+    early: list[Passage] = field(default_factory=list)  # the top-k after the first half of the lists
+    early_s: float = 0.0  # measured search time to the early answer ...
+    retrieval_s: float = 0.0  # ... and to the final one
 
 
 def request_stream(passages: list[Passage], n: int, zipf_s: float, rate: float, seed: int) -> list[Request]:
-    """``n`` requests: Poisson arrivals at ``rate`` per second, k in 2..5 Zipf-popular passages each."""
+    """``n`` requests: Poisson arrivals at ``rate`` per second, each about a Zipf-popular passage, k in 2..5."""
     rng = np.random.default_rng(seed)
     popularity = rng.permutation(len(passages))  # popularity rank -> passage
     weights = 1.0 / np.arange(1, len(passages) + 1) ** zipf_s
     weights /= weights.sum()
     arrivals = np.cumsum(rng.exponential(1.0 / rate, n))
-    stream = []
-    for i in range(n):
-        ranks = np.sort(rng.choice(len(passages), size=int(rng.integers(2, 6)), replace=False, p=weights))
-        stream.append(Request(float(arrivals[i]), [passages[popularity[r]] for r in ranks], f"What does passage {i} explain, briefly?"))
-    return stream
+    ranks = rng.choice(len(passages), size=n, p=weights)
+    return [
+        Request(float(arrivals[i]), passages[popularity[ranks[i]]], int(rng.integers(2, 6)), f"What does passage {i} explain, briefly?")
+        for i in range(n)
+    ]
 
 
-def serve_stream(engine, stream: list[Request], doc_cache: DocumentKVCache | None, reorder: bool) -> dict:
+def retrieve(stream: list[Request], rag_index: RagIndex, embedder, nprobe: int, speculation: SpeculativePrefill) -> None:
+    """Fill each request's passages (final and early) and its measured search times."""
+    searcher = Searcher(rag_index.index)
+    searcher.engine.warm_up()
+    about = sorted({r.about.id: r.about for r in stream}.values(), key=lambda p: p.id)
+    queries = dict(zip((p.id for p in about), prepare_vectors(embedder.embed([f"{p.title}\n{p.text}" for p in about]), "cos")))
+    for request in stream:
+        query = queries[request.about.id][None]
+        started = time.perf_counter()
+        list_ids, _ = searcher.quantizer.search(query, nprobe)
+        staged = searcher.scan_staged(query, list_ids, request.k, speculation.early_lists(nprobe))
+        _, early_ids, _ = staged.early()
+        request.early_s = time.perf_counter() - started
+        _, ids, _ = staged.final()
+        request.retrieval_s = time.perf_counter() - started
+        request.passages = [rag_index.passages[i] for i in ids[0] if i >= 0]
+        request.early = [rag_index.passages[i] for i in early_ids[0] if i >= 0]
+
+
+def serve_stream(
+    engine, stream: list[Request], doc_cache: DocumentKVCache | None, reorder: bool, speculation: SpeculativePrefill | None = None
+) -> dict:
     """Serve ``stream`` on one engine (virtual clock, measured service times); TTFTs and hit rate."""
     def reuse_ratio(item) -> float:
         request, segments = item
         return doc_cache.tree.reuse_ratio([(str(p.id), len(s)) for p, s in zip(request.passages, segments[1:-1])], len(segments[-1]))
 
+    def prefill(request: Request, passages: list[Passage], resume: Generation | None = None):
+        """Lookup + prefill to the first token: (segments, generation, seconds, tokens the document cache gave)."""
+        started = time.perf_counter()
+        segments = prompt_segments(engine, request.question, passages)
+        tokens = [t for s in segments for t in s]
+        cached, admitted = doc_cache.lookup(segments, [str(p.id) for p in passages]) if doc_cache else (None, None)
+        prefix = resume_prefix(resume, tokens, cached) if resume is not None else cached
+        generation = engine.generate(tokens, 1, prefix)
+        if admitted is not None:
+            doc_cache.keep(admitted, segments, generation)
+        return segments, generation, time.perf_counter() - started, len(cached.tokens) if cached is not None else 0
+
     waiting = CacheAwareQueue(reuse_ratio if reorder else (lambda item: 0.0), window=8)
-    clock, next_arrival, ttfts, prompt_tokens, reused = 0.0, 0, [], 0, 0
+    ready = sorted(stream, key=lambda r: r.arrival + r.retrieval_s)
+    clock, next_ready, ttfts, prompt_tokens, reused = 0.0, 0, [], 0, 0
     for _ in tqdm(range(len(stream)), desc="requests", leave=False):
         if not len(waiting):
-            clock = max(clock, stream[next_arrival].arrival)
-        while next_arrival < len(stream) and stream[next_arrival].arrival <= clock:
-            request = stream[next_arrival]
-            waiting.push((request, prompt_segments(engine, request.question, request.passages)))  # tokenized once, on arrival
-            next_arrival += 1
-        request, segments = waiting.pop()
-        started = time.perf_counter()
-        tokens = [t for s in segments for t in s]
-        prefix, admitted = doc_cache.lookup(segments, [str(p.id) for p in request.passages]) if doc_cache else (None, None)
-        generation = engine.generate(tokens, 1, prefix)
-        if doc_cache is not None:
-            doc_cache.keep(admitted, segments, generation.state)
-        service = time.perf_counter() - started
-        clock += service
+            upcoming = ready[next_ready]
+            early_at = max(clock, upcoming.arrival + upcoming.early_s)
+            if speculation is not None and early_at < upcoming.arrival + upcoming.retrieval_s and speculation.begin():
+                next_ready += 1  # idle engine, early answer in: prefill on it while the search finishes
+                segments, generation, seconds, shared = prefill(upcoming, upcoming.early)
+                clock = max(early_at + seconds, upcoming.arrival + upcoming.retrieval_s)
+                final = prompt_segments(engine, upcoming.question, upcoming.passages)
+                if not speculation.end([t for s in segments for t in s], [t for s in final for t in s]):
+                    segments, _, seconds, shared = prefill(upcoming, upcoming.passages, resume=generation)
+                    clock += seconds
+                ttfts.append(clock - upcoming.arrival)
+                prompt_tokens += sum(map(len, segments))
+                reused += shared
+                continue
+            clock = max(clock, upcoming.arrival + upcoming.retrieval_s)
+        while next_ready < len(ready) and ready[next_ready].arrival + ready[next_ready].retrieval_s <= clock:
+            request = ready[next_ready]
+            waiting.push((request, prompt_segments(engine, request.question, request.passages)))  # tokenized once, when retrieved
+            next_ready += 1
+        request, _ = waiting.pop()
+        segments, _, seconds, shared = prefill(request, request.passages)
+        clock += seconds
         ttfts.append(clock - request.arrival)
-        prompt_tokens += len(tokens)
-        reused += len(prefix.tokens) if prefix is not None else 0
+        prompt_tokens += sum(map(len, segments))
+        reused += shared
     return {
         "ttft_p50_ms": round(float(np.percentile(ttfts, 50)) * 1e3, 1),
         "ttft_p99_ms": round(float(np.percentile(ttfts, 99)) * 1e3, 1),
@@ -88,34 +143,44 @@ def serve_stream(engine, stream: list[Request], doc_cache: DocumentKVCache | Non
 
 def kvcache_benchmark(
     engine,
-    passages: list[Passage],
+    rag_index: RagIndex,
+    embedder,
     profile: PrefillProfile,
     requests: int = 100,
     zipf: tuple[float, ...] = (0.8, 1.1),
     policies: tuple[str, ...] = ("none", "lru", "lfu", "gdsf", "pgdsf"),
+    speculative: tuple[bool, ...] = (False, True),
     device_docs: int = 32,
     host_docs: int = 64,
     load: float = 0.9,
+    nprobe: int = 8,
     seed: int = 0,
 ) -> list[dict]:
-    """One row per (zipf s, policy, reorder); budgets in average passages (KV bytes of that many)."""
-    if requests < 10 or not 0 < load < 10 or device_docs < 6 or host_docs < 0:
-        raise RetrieverError("need at least 10 requests, 0 < load < 10, device_docs >= 6 and host_docs >= 0")
+    """One row per (zipf s, policy, reorder, speculative); budgets in average passages (KV bytes of that many)."""
+    if requests < 10 or not 0 < load < 10 or device_docs < 6 or host_docs < 0 or not 2 <= nprobe <= rag_index.index.params.nlist:
+        raise RetrieverError(f"need at least 10 requests, 0 < load < 10, device_docs >= 6, host_docs >= 0 and 2 <= nprobe <= {rag_index.index.params.nlist}")
+    passages = rag_index.passages
     sizes = [len(prompt_segments(engine, "q", [p])[1]) for p in passages[:200]]
     template = prompt_segments(engine, "q", passages[:1])[0]
     per_doc = kv_bytes_per_token(engine) * float(np.mean(sizes))
     device_bytes = int(kv_bytes_per_token(engine) * len(template) + device_docs * per_doc)
+    early_half = SpeculativePrefill(early_fraction=0.5)
     rows = []
     for s in zipf:
         # capacity without a cache, on this very stream: sets the arrival rate for every policy
-        probe = request_stream(passages, requests, s, rate=1e9, seed=seed)
-        capacity = serve_stream(engine, probe[: max(10, requests // 5)], None, reorder=False)["throughput_rps"]
+        probe = request_stream(passages, max(10, requests // 5), s, rate=1e9, seed=seed)
+        retrieve(probe, rag_index, embedder, nprobe, early_half)
+        capacity = serve_stream(engine, probe, None, reorder=False)["throughput_rps"]
         stream = request_stream(passages, requests, s, rate=load * capacity, seed=seed)
+        retrieve(stream, rag_index, embedder, nprobe, early_half)
         for policy in policies:
             for reorder in (False, True) if policy != "none" else (False,):
-                doc_cache = None
-                if policy != "none":
-                    doc_cache = DocumentKVCache(engine, policy, device_bytes, int(host_docs * per_doc), profile, template=template)
-                measured = serve_stream(engine, stream, doc_cache, reorder)
-                rows.append({"policy": policy, "reorder": reorder, "speculative": False, "zipf_s": s, **measured})
+                for speculate in speculative:
+                    doc_cache = None
+                    if policy != "none":
+                        doc_cache = DocumentKVCache(engine, policy, device_bytes, int(host_docs * per_doc), profile, template=template)
+                    speculation = SpeculativePrefill(early_fraction=0.5) if speculate else None
+                    measured = serve_stream(engine, stream, doc_cache, reorder, speculation)
+                    extra = {"speculation": speculation.stats} if speculation is not None else {}
+                    rows.append({"policy": policy, "reorder": reorder, "speculative": speculate, "zipf_s": s, **measured, **extra})
     return rows

@@ -259,6 +259,7 @@ def serve(
     cache_device_mb: Optional[int] = typer.Option(None, "--cache-device-mb", help="Its device tier in MiB (512)."),
     cache_host_mb: Optional[int] = typer.Option(None, "--cache-host-mb", help="Its host tier in MiB (2048)."),
     prefill_profile: Optional[Path] = typer.Option(None, "--prefill-profile", help="`chameleon profile prefill` output for gdsf/pgdsf."),
+    speculative: Optional[bool] = typer.Option(None, "--speculative/--no-speculative", help="Prefill on the tier's early top-k (off)."),
     ready_file: Optional[Path] = typer.Option(None, "--ready-file", help="Write the URL and pid here once serving (for scripts)."),
 ):
     """Serve RAG over HTTP: the RAG API, OpenAI-compatible endpoints, health and metrics.
@@ -273,7 +274,7 @@ def serve(
         config, index=index, model=model, engine=engine, max_batch=max_batch, reorder_window=reorder_window, shards=shards, replicas=replicas, retrieval_engine=retrieval_engine,
         keys=keys, state_dir=state_dir, host=host, port=port, api_keys=api_key or None, k=k, nprobe=nprobe,
         max_tokens=max_tokens, max_concurrency=max_concurrency, knnlm=knnlm, cache_policy=cache_policy,
-        cache_device_mb=cache_device_mb, cache_host_mb=cache_host_mb, prefill_profile=prefill_profile,
+        cache_device_mb=cache_device_mb, cache_host_mb=cache_host_mb, prefill_profile=prefill_profile, speculative=speculative,
     )  # fmt: skip
     run_server(settings, ready_file)
 
@@ -481,6 +482,8 @@ def bench_kvcache(
     requests: int = typer.Option(100, "--requests", help="Requests per configuration."),
     zipf: str = typer.Option("0.8,1.1", "--zipf", help="Zipf exponents of document popularity."),
     policies: str = typer.Option("none,lru,lfu,gdsf,pgdsf", "--policies"),
+    speculative: str = typer.Option("both", "--speculative", help="Speculative prefill on the early top-k: off, on or both (a row each)."),
+    nprobe: int = typer.Option(8, "--nprobe", help="Lists each request's search probes (the early answer comes after half)."),
     device_docs: int = typer.Option(32, "--device-docs", help="Device tier budget, in average passages."),
     host_docs: int = typer.Option(64, "--host-docs", help="Host tier budget, in average passages."),
     load: float = typer.Option(0.9, "--load", help="Arrival rate as a fraction of the no-cache capacity."),
@@ -489,7 +492,7 @@ def bench_kvcache(
 ):
     """TTFT, throughput and hit rate per cache policy on a Poisson stream of Zipf-popular documents."""
     from chameleon.bench_kvcache import ROW_KEYS, kvcache_benchmark
-    from chameleon.corpus import builtin_rag_index, read_docstore
+    from chameleon.corpus import RagIndex, builtin_rag_index
     from chameleon.embedder import Embedder
     from chameleon.llm import TorchEngine
     from coordinator.kv_cache import POLICIES
@@ -499,11 +502,15 @@ def bench_kvcache(
     chosen = [p.strip() for p in policies.split(",") if p.strip()]
     if not chosen or any(p not in ("none", *POLICIES) for p in chosen):
         raise RetrieverError(f"--policies takes none and {', '.join(POLICIES)}, got {policies!r}")
+    speculation = {"off": (False,), "on": (True,), "both": (False, True)}.get(speculative)
+    if speculation is None:
+        raise RetrieverError(f"--speculative takes off, on or both, got {speculative!r}")
     engine = TorchEngine(model)
-    passages = read_docstore(index if index is not None else builtin_rag_index(Embedder(), progress=True))
+    embedder = Embedder()
+    rag_index = RagIndex(index if index is not None else builtin_rag_index(embedder, progress=True), embedder.fingerprint)
     cost_model = PrefillProfile.load(profile) if profile is not None else measure_quick(engine)
-    rows = kvcache_benchmark(engine, passages, cost_model, requests, tuple(_number_list(zipf, "--zipf", float)), tuple(chosen),
-                             device_docs, host_docs, load, seed)  # fmt: skip
+    rows = kvcache_benchmark(engine, rag_index, embedder, cost_model, requests, tuple(_number_list(zipf, "--zipf", float)), tuple(chosen),
+                             speculation, device_docs, host_docs, load, nprobe, seed)  # fmt: skip
     write_json_atomic(json_out, rows)
     typer.echo("  ".join(f"{key:>14}" for key in ROW_KEYS))
     for row in rows:
@@ -645,6 +652,7 @@ def search(
     index: Optional[Path] = typer.Option(None, "--index", help="Search this index in process."),
     cluster: Optional[Path] = typer.Option(None, "--cluster", help="Search through the cluster in this state directory."),
     nprobe: int = typer.Option(16, "--nprobe"),
+    embedded: bool = typer.Option(False, "--embedded", help="With --cluster: run the coordinator in this process, talking to the nodes directly."),
 ):
     """Search query vectors in an index, in process or through a running cluster."""
     from chameleon.cluster import ClusterSearcher, search_in_batches
@@ -657,7 +665,7 @@ def search(
         raise RetrieverError("give exactly one of --index and --cluster")
     vectors = read_vectors(queries)
     if cluster is not None:
-        searcher = ClusterSearcher.open(cluster)
+        searcher = ClusterSearcher.open(cluster, embedded=embedded)
         try:
             distances, ids, partial = search_in_batches(searcher.search, vectors, k, nprobe)
         finally:

@@ -5,6 +5,8 @@ count) and a coordinator, waits until the coordinator sees every node alive, and
 ``STATE/cluster.json`` (endpoints, pids, logs). ``down`` stops them (SIGTERM, then SIGKILL after a
 grace period); ``status`` reports which processes live and what the coordinator sees. Every
 process is the same ``chameleon node ...`` command a multi-machine deployment runs.
+``ClusterSearcher.open(..., embedded=True)`` runs the coordinator on a thread of the searching
+process instead (the same code, its front on ``inproc://``), one network hop fewer per search.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from coordinator.client import RetrievalClient, SearchResult
+from coordinator.router import ClusterConfig, EmbeddedCoordinator
 from coordinator.security import CurveKeys
 from retriever.coarse import CoarseQuantizer
 from retriever.errors import RetrieverError
@@ -157,7 +160,9 @@ def up(
         coordinator = _spawn(command, logs / "coordinator.log", die_with_parent)
         started.append(coordinator)
         front = _wait_ready(coordinator, run / "coordinator.json", logs / "coordinator.log", deadline)
-        _wait_all_alive(front["endpoint"], keys, deadline)
+        with RetrievalClient(front["endpoint"], keys=keys) as client:
+            if not _wait_all_alive(client, deadline):
+                raise RetrieverError("the coordinator did not see every node alive in time")
     except BaseException:
         for process in started:
             process.kill()
@@ -168,7 +173,7 @@ def up(
         "replicas": replicas,
         "metric": manifest["metric"],
         "keys": str(Path(keys_dir).resolve()) if keys_dir is not None else None,
-        "coordinator": {**front, "log": str(logs / "coordinator.log")},
+        "coordinator": {**front, "log": str(logs / "coordinator.log"), "timeout": timeout, "on_missing": on_missing},
         "nodes": nodes,
     }
     write_json_atomic(state_dir / STATE_FILE, state)
@@ -186,13 +191,23 @@ def _resharded(index_dir: Path, manifest: dict, nshards: int, out: Path) -> Path
     return out
 
 
-def _wait_all_alive(endpoint: str, keys: CurveKeys | None, deadline: float) -> None:
-    with RetrievalClient(endpoint, keys=keys, timeout=2.0) as client:
-        while time.monotonic() < deadline:
-            if all(n["alive"] for n in client.info()["nodes"]):
-                return
-            time.sleep(0.05)
-    raise RetrieverError("the coordinator did not see every node alive in time")
+def _wait_all_alive(client: RetrievalClient, deadline: float) -> bool:
+    """Wait until the coordinator behind ``client`` sees every node alive (True), or ``deadline`` (False)."""
+    while time.monotonic() < deadline:
+        if all(n["alive"] for n in client.info(timeout=2.0)["nodes"]):
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def _embedded_coordinator(state: dict, keys: CurveKeys | None) -> EmbeddedCoordinator:
+    """A coordinator thread for the nodes of ``state``, with the options of its coordinator process."""
+    config = ClusterConfig(
+        state["metric"], state["nshards"], index_fingerprint(read_manifest(state["index"])),
+        [{"shard": n["shard"], "endpoint": n["endpoint"]} for n in state["nodes"]],
+    )  # fmt: skip
+    options = {name: state["coordinator"][name] for name in ("timeout", "on_missing") if name in state["coordinator"]}
+    return EmbeddedCoordinator(config, keys=keys, **options)
 
 
 def down(state_dir: str | os.PathLike) -> list[int]:
@@ -234,17 +249,35 @@ class ClusterSearcher:
     state: dict
     quantizer: CoarseQuantizer
     client: RetrievalClient
+    embedded: EmbeddedCoordinator | None = None
 
     @classmethod
-    def open(cls, state_dir: str | os.PathLike, timeout: float = 30.0) -> ClusterSearcher:
+    def open(cls, state_dir: str | os.PathLike, timeout: float = 30.0, embedded: bool = False) -> ClusterSearcher:
+        """Search through the cluster in ``state_dir``. With ``embedded``, through a coordinator on a
+        thread of this process that talks to the nodes itself (one hop fewer than the coordinator
+        process, whose place it takes for this searcher); :meth:`close` stops it."""
         state = read_state(state_dir)
         index = load_index(state["index"], shard=0)
         keys = CurveKeys.load(state["keys"]) if state.get("keys") else None
-        client = RetrievalClient(state["coordinator"]["endpoint"], keys=keys, timeout=timeout)
-        return cls(state, CoarseQuantizer(index.centroids, index.params.metric), client)
+        quantizer = CoarseQuantizer(index.centroids, index.params.metric)
+        if not embedded:
+            return cls(state, quantizer, RetrievalClient(state["coordinator"]["endpoint"], keys=keys, timeout=timeout))
+        coordinator = _embedded_coordinator(state, keys)
+        client = RetrievalClient(coordinator.endpoint, timeout=timeout, context=coordinator.context)
+        searcher = cls(state, quantizer, client, coordinator)
+        try:
+            # A node is out of rotation until it answers the thread's first heartbeat; one silent for as
+            # long as a coordinator waits for a node stays out (partial answers), as with the process.
+            _wait_all_alive(client, time.monotonic() + coordinator.coordinator.silence_limit)
+        except BaseException:
+            searcher.close()
+            raise
+        return searcher
 
     def close(self) -> None:
         self.client.close()
+        if self.embedded is not None:
+            self.embedded.close()
 
     def search(self, queries, k: int, nprobe: int) -> SearchResult:
         return self.client.search(*self._coarse(queries, nprobe), k)
@@ -270,12 +303,36 @@ class ClusterSearcher:
         result = self.client.search(queries, list_ids, k)
         return result.distances, result.ids, result.partial
 
+    def scan_staged(self, queries: np.ndarray, list_ids: np.ndarray, k: int, early: int) -> TierStagedScan:
+        """``scan`` with an early answer from the tier after the first ``early`` lists (the
+        interface of ``retriever.search.StagedScan``)."""
+        return TierStagedScan(self.client, self.client.send_search(queries, list_ids, k, early))
+
     def serves(self, index_dir: str | os.PathLike) -> bool:
         """True when the cluster serves the same vectors as ``index_dir`` (whatever its sharding)."""
         ours, theirs = read_manifest(self.state["index"]), read_manifest(index_dir)
         return ours["ntotal"] == theirs["ntotal"] and (
             ours["arrays"]["centroids.npy"]["sha256"] == theirs["arrays"]["centroids.npy"]["sha256"]
         )
+
+
+@dataclass
+class TierStagedScan:
+    """A SEARCH with ``early`` in flight: :meth:`early` waits for the tier's early answer (every
+    shard's top-k over its first lists, merged), :meth:`final` for the whole answer."""
+
+    client: RetrievalClient
+    rid: int
+    _early: SearchResult | None = None
+
+    def early(self) -> tuple[np.ndarray, np.ndarray, bool]:
+        if self._early is None:
+            self._early = self.client.search_result(self.rid, early=True)
+        return self._early.distances, self._early.ids, self._early.partial
+
+    def final(self) -> tuple[np.ndarray, np.ndarray, bool]:
+        result = self.client.search_result(self.rid)
+        return result.distances, result.ids, result.partial
 
 
 def search_in_batches(search, queries: np.ndarray, k: int, nprobe: int, batch: int = 1024) -> tuple[np.ndarray, ...]:

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from chameleon.corpus import Passage, RagIndex
-from chameleon.llm import answer_text, decode_speed
+from chameleon.llm import Generation, KVPrefix, answer_text, decode_speed
 from retriever.errors import RetrieverError
 from retriever.search import Searcher
 from retriever.vectors import as_query_matrix, prepare_vectors
@@ -37,9 +38,10 @@ _PASSAGES = "\ue000chameleon-passages\ue000"  # a private-use marker where the p
 
 
 def passage_pieces(passages: Sequence[Passage]) -> list[str]:
-    """The numbered passages as the prompt shows them, one string each (they concatenate)."""
-    last = len(passages) - 1
-    return [f"[{n + 1}] {p.title}\n{p.text}" + ("\n\n" if n < last else "") for n, p in enumerate(passages)]
+    """The numbered passages as the prompt shows them, one string each (they concatenate). The
+    separator goes in front, so a passage's text depends on its position only, never on how many
+    passages follow it: the document KV cache keeps it by position."""
+    return [("\n\n" if n else "") + f"[{n + 1}] {p.title}\n{p.text}" for n, p in enumerate(passages)]
 
 
 def context_block(passages: Sequence[Passage]) -> str:
@@ -67,6 +69,31 @@ def prompt_segments(engine, question: str, passages: Sequence[Passage], history:
     return [encode(head), *map(encode, passage_pieces(passages)), encode(tail)]
 
 
+def resume_prefix(speculative: Generation, tokens: list[int], cached: KVPrefix | None) -> KVPrefix | None:
+    """Where the prompt ``tokens`` starts after a speculative prefill: the KV of what it shares
+    with the speculative prompt (all of it when the speculation stands), or the document cache's
+    prefix ``cached`` when that is longer. vLLM keeps the KV itself (no state): None."""
+    shared = speculative.state.shared_with(tokens) if speculative.state is not None else None
+    if cached is not None and (shared is None or len(cached.tokens) > len(shared.tokens)):
+        return cached
+    return shared
+
+
+@dataclass
+class _FirstPrompt:
+    """A question's first prompt: its passages, token segments, how many passages it keeps, the
+    KV it starts from and the document cache's admission (for ``keep``)."""
+
+    ranked: list[tuple[Passage, float]]
+    segments: list[list[int]]
+    kept: int
+    prefix: KVPrefix | None
+    admitted: object
+    # KV tokens that existed before the request, where a speculative prefill computed part of
+    # ``prefix`` (None: the engine's cached_tokens say it)
+    reused: int | None = None
+
+
 class RagPipeline:
     """``retrieval`` is where passages are searched: in this process (the default) or a cluster
     (``chameleon.cluster.ClusterSearcher``); either offers ``quantizer`` and ``scan``.
@@ -76,9 +103,16 @@ class RagPipeline:
     ``chameleon.vllm_engine.VllmEngine``). With a ``doc_cache`` (``chameleon.doc_cache.DocumentKVCache``,
     torch engines only) a prompt starts from the cached KV of its template and of the documents it
     shares, in order, with earlier prompts; vLLM finds such prefixes in its own cache.
+
+    With ``speculation`` (``coordinator.speculation.SpeculativePrefill``) the first retrieval of a
+    question is scanned in two stages, and while the second runs the prompt built from the early
+    top-k is prefilled on a worker thread; the answer starts from that KV when the final passages
+    are the same, and otherwise prefills again, reusing what the two prompts share.
     """
 
-    def __init__(self, rag_index: RagIndex, embedder, engine, k: int = 4, nprobe: int = 16, retrieval=None, doc_cache=None):
+    def __init__(
+        self, rag_index: RagIndex, embedder, engine, k: int = 4, nprobe: int = 16, retrieval=None, doc_cache=None, speculation=None,
+    ):  # fmt: skip
         if not 1 <= k <= 64:
             raise RetrieverError(f"k must be between 1 and 64, got {k}")
         self.rag_index = rag_index
@@ -92,14 +126,19 @@ class RagPipeline:
         self.k = k
         self.nprobe = min(nprobe, rag_index.index.params.nlist)
         self._retrieval_lock = threading.Lock()
+        self.speculation = speculation
+        self._speculator = ThreadPoolExecutor(speculation.limit, "speculative-prefill") if speculation is not None else None
 
-    def retrieve(self, question: str, timings: dict, k: int | None = None, nprobe: int | None = None) -> list[tuple[Passage, float]]:
-        """The top-k passages for ``question`` with their scores; fills ``timings``."""
+    def retrieve(
+        self, question: str, timings: dict, k: int | None = None, nprobe: int | None = None, on_early=None
+    ) -> list[tuple[Passage, float]]:
+        """The top-k passages for ``question`` with their scores; fills ``timings``. ``on_early``:
+        as in :meth:`_search`."""
         with self._retrieval_lock:
             started = time.perf_counter()
             query = prepare_vectors(self.embedder.embed([question]), "cos")
             timings["embed_s"] = time.perf_counter() - started
-            return self._search(query, timings, k, nprobe)
+            return self._search(query, timings, k, nprobe, on_early)
 
     def retrieve_vector(self, vector, timings: dict, k: int | None = None, nprobe: int | None = None) -> list[tuple[Passage, float]]:
         """The top-k passages nearest to an embedding ``vector`` (the embedder's dimension)."""
@@ -109,15 +148,77 @@ class RagPipeline:
         with self._retrieval_lock:
             return self._search(query, timings, k, nprobe)
 
-    def _search(self, query, timings: dict, k: int | None, nprobe: int | None) -> list[tuple[Passage, float]]:
+    def _search(self, query, timings: dict, k: int | None, nprobe: int | None, on_early=None) -> list[tuple[Passage, float]]:
+        """The top-k passages; with ``on_early``, the scan runs in two stages (when there are at
+        least two lists) and ``on_early(early top-k passages)`` runs between them."""
         started = time.perf_counter()
         list_ids, _ = self.retrieval.quantizer.search(query, min(nprobe or self.nprobe, self.rag_index.index.params.nlist))
         timings["coarse_s"] = time.perf_counter() - started
         started = time.perf_counter()
-        scores, ids, partial = self.retrieval.scan(query, list_ids, k or self.k)
+        early = self.speculation.early_lists(list_ids.shape[1]) if on_early is not None else None
+        if early is None:
+            scores, ids, partial = self.retrieval.scan(query, list_ids, k or self.k)
+        else:
+            staged = self.retrieval.scan_staged(query, list_ids, k or self.k, early)
+            on_early(self._passages(*staged.early()[:2]))
+            scores, ids, partial = staged.final()
         timings["retrieval_s"] = time.perf_counter() - started
         timings["retrieval_partial"] = partial
+        return self._passages(scores, ids)
+
+    def _passages(self, scores, ids) -> list[tuple[Passage, float]]:
         return [(self.rag_index.passages[i], float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
+
+    def _first_prompt(self, question: str, timings: dict, k: int | None, max_new_tokens: int, render) -> _FirstPrompt:
+        """Retrieve for ``question``, build its prompt and find the KV it starts from (speculating
+        on the early top-k when asked to)."""
+        speculative: list = []  # (segments, admission, future) of the prefill started on the early top-k
+
+        def speculate(early_ranked) -> None:
+            early_ranked = self._canonical(early_ranked)
+            segments, kept = self.fit([p for p, _ in early_ranked], max_new_tokens, render)
+            if not self.speculation.begin():
+                return
+            prefix, admitted = self._cached_prefix(segments, early_ranked[:kept])
+            tokens = [t for segment in segments for t in segment]
+            speculative.append((segments, admitted, self._speculator.submit(self.engine.generate, tokens, 1, prefix)))
+
+        try:
+            ranked = self._canonical(self.retrieve(question, timings, k, on_early=speculate if self.speculation is not None else None))
+            segments, kept = self.fit([p for p, _ in ranked], max_new_tokens, render)
+        except Exception:
+            for early_segments, _, future in speculative:  # the engine is the caller's again only once it is done
+                future.exception()
+                self.speculation.end([t for s in early_segments for t in s], ())
+            raise
+        if not speculative:
+            return _FirstPrompt(ranked, segments, kept, *self._cached_prefix(segments, ranked[:kept]))
+        early_segments, early_admitted, future = speculative[0]
+        try:
+            generation = future.result()
+        finally:
+            confirmed = self.speculation.end([t for s in early_segments for t in s], [t for s in segments for t in s])
+        timings["speculation"] = "confirmed" if confirmed else "restarted"
+        if self.doc_cache is not None:
+            self.doc_cache.keep(early_admitted, early_segments, generation)
+        if confirmed:
+            return _FirstPrompt(ranked, segments, kept, resume_prefix(generation, [t for s in segments for t in s], None), None, generation.cached_tokens)
+        cached, admitted = self._cached_prefix(segments, ranked[:kept])
+        prefix = resume_prefix(generation, [t for s in segments for t in s], cached)
+        return _FirstPrompt(ranked, segments, kept, prefix, admitted, len(cached.tokens) if cached is not None else 0)
+
+    def _canonical(self, ranked: list[tuple[Passage, float]]) -> list[tuple[Passage, float]]:
+        """``ranked`` in the document cache's order (with vLLM: its resident documents first, which
+        changes where passages stand in the prompt); as retrieved without a cache."""
+        if self.doc_cache is None:
+            return ranked
+        return [ranked[i] for i in self.doc_cache.order([str(p.id) for p, _ in ranked])]
+
+    def _cached_prefix(self, segments: list[list[int]], ranked: list[tuple[Passage, float]]):
+        """The document cache's KV prefix for a prompt and its admission (None, None without a cache)."""
+        if self.doc_cache is None:
+            return None, None
+        return self.doc_cache.lookup(segments, [str(p.id) for p, _ in ranked])
 
     def fit(
         self, passages: Sequence[Passage], max_new_tokens: int, render: Callable[[Sequence[Passage]], list[list[int]]]
@@ -172,12 +273,11 @@ class RagPipeline:
         question = question.strip()
         interval = retrieval_interval or max_new_tokens
         timings: dict = {}
-        ranked = self.retrieve(question, timings, k)
-        segments, kept = self.fit([p for p, _ in ranked], max_new_tokens, lambda chosen: prompt_segments(self.engine, question, chosen, history, system))
+        first = self._first_prompt(
+            question, timings, k, max_new_tokens, lambda chosen: prompt_segments(self.engine, question, chosen, history, system)
+        )
+        ranked, segments, kept, prefix, admitted = first.ranked, first.segments, first.kept, first.prefix, first.admitted
         tokens = [token for segment in segments for token in segment]
-        prefix, admitted = None, None
-        if self.doc_cache is not None:
-            prefix, admitted = self.doc_cache.lookup(segments, [str(p.id) for p, _ in ranked[:kept]])
         answer: list[int] = []
         state = None
         retrievals, changes, reused = 1, 0, 0
@@ -188,9 +288,9 @@ class RagPipeline:
             prefix = state.shared_with(prompt) if state is not None else prefix
             segment_started = time.perf_counter()
             generation = self.engine.generate(prompt, min(interval, max_new_tokens - len(answer)), prefix, on_token)
-            reused += generation.cached_tokens
-            if state is None and self.doc_cache is not None:
-                self.doc_cache.keep(admitted, segments, generation.state)
+            reused += generation.cached_tokens if state is not None or first.reused is None else first.reused
+            if state is None and admitted is not None:
+                self.doc_cache.keep(admitted, segments, generation)
             first_token_at = first_token_at or segment_started + generation.ttft_s
             timings.setdefault("ttft_s", generation.ttft_s)
             timings["queue_s"] = timings.get("queue_s", 0.0) + generation.queue_s
@@ -198,7 +298,7 @@ class RagPipeline:
             state = generation.state
             if generation.finish_reason == "stop" or len(answer) >= max_new_tokens:
                 break
-            fresh = self.retrieve(f"{question}\n{self.engine.tokenizer.decode(answer, skip_special_tokens=True)}", {}, k)
+            fresh = self._canonical(self.retrieve(f"{question}\n{self.engine.tokenizer.decode(answer, skip_special_tokens=True)}", {}, k))
             retrievals += 1
             if [p.id for p, _ in fresh] != [p.id for p, _ in ranked]:
                 changes += 1

@@ -2,8 +2,10 @@
 
 vLLM keeps the KV itself, in blocks: ``generate`` hands no KV back (``Generation.state`` is None),
 and a prompt that starts with tokens vLLM has already seen reuses their KV (automatic prefix
-caching, whole blocks; ``cached_tokens`` says how many). That is the document KV cache's job for
-the torch engine, so the server uses no document cache with this one.
+caching, whole blocks; ``cached_tokens`` says how many). The server's document cache for this
+engine (``chameleon.doc_cache.VllmDocumentCache``) keeps no KV: it orders each prompt's documents
+so that a cached head comes first, and follows what vLLM holds through ``config``, ``dtype``,
+``kv_block_size`` and ``kv_cache_tokens``.
 
 Threads: vLLM's ``LLMEngine`` is not thread-safe, so one driver thread owns it. Callers queue
 requests from any thread and wait on their own future; the driver adds them to vLLM, steps the
@@ -92,7 +94,9 @@ class VllmEngine(ThreadedEngine):
 
         path = resolve_model(model)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.context_window = context_window(AutoConfig.from_pretrained(path))
+        self.config = AutoConfig.from_pretrained(path)
+        self.context_window = context_window(self.config)
+        self.dtype = getattr(torch, dtype)  # vLLM's KV cache takes the model's dtype
         try:
             generation_config = GenerationConfig.from_pretrained(path)
         except OSError:  # a model directory without generation_config.json
@@ -115,6 +119,9 @@ class VllmEngine(ThreadedEngine):
             self._engine = vllm.LLMEngine.from_engine_args(args)
         except Exception as e:  # vLLM's reasons (model, memory) as one clear error
             raise RetrieverError(f"vLLM could not start on {path}: {e}") from e
+        cache = self._engine.vllm_config.cache_config  # the engine's process reports what it allocated
+        self.kv_block_size = cache.block_size
+        self.kv_cache_tokens = (cache.num_gpu_blocks or 0) * cache.block_size  # on a CPU host too: vLLM's name for its KV blocks
         from vllm.exceptions import VLLMServerError
         from vllm.sampling_params import RequestOutputKind
 

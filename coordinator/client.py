@@ -46,6 +46,7 @@ class RetrievalClient:
         self._rids = itertools.count(1)
         self._outstanding: set[int] = set()  # rids sent and not yet received
         self._replies: dict[int, Message] = {}  # replies that came while waiting for another rid
+        self._early: dict[int, Message] = {}  # early RESULTs not yet asked for
 
     def close(self) -> None:
         self._socket.close(linger=0)
@@ -70,13 +71,16 @@ class RetrievalClient:
         self._outstanding.add(message.rid)
         return message.rid
 
-    def receive(self, rid: int, timeout: float | None = None) -> Message:
-        """The reply to request ``rid`` (ERROR raised as :class:`RemoteError`), within ``timeout`` s."""
+    def receive(self, rid: int, timeout: float | None = None, early: bool = False) -> Message:
+        """The reply to request ``rid`` (ERROR raised as :class:`RemoteError`), within ``timeout`` s.
+
+        With ``early``, the early RESULT to a SEARCH that asked for one, or the final reply if that
+        came first; the request then stays open for its final reply."""
         if rid not in self._outstanding:
             raise RetrieverError(f"no request {rid} is waiting for an answer")
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         try:
-            while rid not in self._replies:
+            while rid not in self._replies and not (early and rid in self._early):
                 left_ms = int(max(0.0, deadline - time.monotonic()) * 1000)
                 if not self._socket.poll(left_ms, zmq.POLLIN):
                     raise RetrieverError(f"no answer from {self.endpoint} within {self.timeout if timeout is None else timeout:g} s")
@@ -85,23 +89,35 @@ class RetrievalClient:
                 except ProtocolError as e:
                     raise RemoteError(e.code, f"malformed reply from {self.endpoint}: {e}") from None
                 if reply.rid in self._outstanding:  # else a late answer to a request that timed out
-                    self._replies[reply.rid] = reply
-        finally:
-            self._outstanding.discard(rid)
-        reply = self._replies.pop(rid)
+                    (self._early if reply.fields.get("early") else self._replies)[reply.rid] = reply
+        except Exception:
+            self._close_request(rid)
+            raise
+        if early and rid in self._early:
+            reply = self._early.pop(rid)  # the final reply is still to come
+        else:
+            reply = self._replies[rid]
+            if not early or reply.op == "ERROR":
+                self._close_request(rid)
         if reply.op == "ERROR":
             raise RemoteError(reply.fields["code"], reply.fields["message"])
         return reply
 
+    def _close_request(self, rid: int) -> None:
+        self._outstanding.discard(rid)
+        self._replies.pop(rid, None)
+        self._early.pop(rid, None)
+
     def search(self, queries: np.ndarray, list_ids: np.ndarray, k: int, timeout: float | None = None) -> SearchResult:
         return self.search_result(self.send_search(queries, list_ids, k), timeout)
 
-    def send_search(self, queries: np.ndarray, list_ids: np.ndarray, k: int) -> int:
-        """Start a SEARCH; ``search_result(rid)`` waits for it."""
-        return self.send(protocol.search_request(0, queries, list_ids, k))
+    def send_search(self, queries: np.ndarray, list_ids: np.ndarray, k: int, early: int | None = None) -> int:
+        """Start a SEARCH; ``search_result(rid)`` waits for it. With ``early``, an early answer
+        after the first ``early`` probed lists also comes: ``search_result(rid, early=True)``."""
+        return self.send(protocol.search_request(0, queries, list_ids, k, early))
 
-    def search_result(self, rid: int, timeout: float | None = None) -> SearchResult:
-        reply = self.receive(rid, timeout)
+    def search_result(self, rid: int, timeout: float | None = None, early: bool = False) -> SearchResult:
+        reply = self.receive(rid, timeout, early)
         if reply.op != "RESULT":
             raise RemoteError("bad_request", f"expected RESULT, got {reply.op}")
         distances, ids = reply.arrays

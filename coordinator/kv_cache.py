@@ -4,7 +4,9 @@ The root is the prompt template (system prompt); a node is a document *after* th
 its path, because a document's KV depends on everything before it. A request that retrieves the
 ordered documents d1..dk reuses the KV of the longest resident path root → d1 → … and computes
 the rest, which is then admitted. This module is the policy only and engine-agnostic: every
-``Access`` says which nodes to copy where, and each node has a ``handle`` for the engine's KV.
+``Access`` says which nodes to copy where, and each node has a ``handle`` for the engine's KV. An
+engine that evicts KV on its own (vLLM) tells the tree with ``forget``; ``canonical_order`` says
+in which order to put a request's documents to reuse the most of the tree.
 
 Tiers: ``device`` (GPU memory; on a CPU host a bounded hot pool) and ``host``, each with a byte
 budget. Invariants: a parent sits in a tier at least as fast as its children; only leaves of a
@@ -16,11 +18,19 @@ Replacement policies, as priorities (the lowest is evicted):
   gdsf   clock + frequency × cost / size, cost = T(0, size), the node computed from scratch
   pgdsf  clock + frequency × mean over the requests that missed on the node of T(cached_i, new_i) / new_i
 where T is the measured prefill profile and each tier has its own clock, raised to the priority
-of what that tier evicts (so what stays ages relative to newcomers).
+of what that tier evicts (so what stays ages relative to newcomers). Ties: of two leaves with equal
+priorities the node created earlier (the lower ``Node.seq``, i.e. first admitted earlier) is evicted
+first.
+
+Each tier keeps its evictable leaves as they change (a node's leafness changes only when it or a
+child enters or leaves a tier, which the counts of device and resident children tell in O(1)), in a
+heap by (priority, seq) with lazy invalidation: an eviction costs O(log nodes), not a walk of the tree.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -29,6 +39,7 @@ from retriever.errors import RetrieverError
 
 DEVICE, HOST = "device", "host"
 POLICIES = ("lru", "lfu", "gdsf", "pgdsf")
+_NODE_SEQ = itertools.count()  # creation order: the tie-break between equal priorities
 
 
 @dataclass(eq=False)
@@ -43,8 +54,11 @@ class Node:
     last_access: int = 0
     miss_cost_per_token: float = 0.0  # sum over the requests that missed on this node
     misses: int = 0
-    priority: float | tuple = 0.0
+    priority: float | tuple | None = None  # None until the end of the request that created it
     handle: object = None  # the engine's KV for this node's tokens
+    seq: int = field(default_factory=_NODE_SEQ.__next__)
+    device_children: int = 0  # children on the device, kept by the tree (its leaf bookkeeping)
+    resident_children: int = 0  # children in either tier, likewise
 
     @property
     def tier(self) -> str | None:
@@ -95,6 +109,9 @@ class KnowledgeTree:
         self.bytes_per_token = bytes_per_token
         self.root = Node(None, template_tokens, on_device=True)
         self._ticks = 0
+        # per tier: the evictable leaves, each with its newest heap entry; older entries are stale
+        self._live: dict[str, dict[Node, tuple]] = {DEVICE: {}, HOST: {}}
+        self._heaps: dict[str, list[tuple]] = {DEVICE: [], HOST: []}
 
     # -- lookups ------------------------------------------------------------------------------
 
@@ -124,6 +141,45 @@ class KnowledgeTree:
             stack.extend(node.children.values())
         return found
 
+    def canonical_order(self, docs: Sequence[str]) -> list[int]:
+        """Positions of ``docs`` in the order that reuses the most of the tree: first the resident
+        path a greedy walk from the root finds among them (at each node, of the resident children
+        among ``docs``, the one ranked first in ``docs``, so top-ranked documents stay early), then
+        the others in their own order. A permutation of ``range(len(docs))``; no side effects."""
+        rank: dict[str, int] = {}
+        for position, doc in enumerate(docs):
+            rank.setdefault(doc, position)
+        path, node = [], self.root
+        while steps := [rank[doc] for doc, child in node.children.items() if doc in rank and child.tier is not None]:
+            path.append(min(steps))
+            node = node.children[docs[path[-1]]]
+        on_path = set(path)
+        return path + [position for position in range(len(docs)) if position not in on_path]
+
+    # -- what the engine evicted on its own -----------------------------------------------------
+
+    def forget(self, node: Node) -> None:
+        """Remove ``node`` and its subtree from every tier: their KV is gone without the tree's say
+        (an engine with its own block manager, as vLLM). A node no longer in the tree is left alone."""
+        if node is self.root:
+            raise RetrieverError("the prompt template's node cannot be forgotten")
+        if not self._attached(node):
+            return
+        for child in list(node.children.values()):
+            self.forget(child)
+        self.used[DEVICE] -= self._bytes(node) * node.on_device
+        self.used[HOST] -= self._bytes(node) * node.on_host
+        self._move(node, False, False)
+        del node.parent.children[node.doc]
+
+    def _attached(self, node: Node) -> bool:
+        """Whether ``node`` is still in the tree: evictions unlink a node from its parent and leave it be."""
+        while node.parent is not None:
+            if node.parent.children.get(node.doc) is not node:
+                return False
+            node = node.parent
+        return node is self.root
+
     # -- one request ----------------------------------------------------------------------------
 
     def access(self, docs: Sequence[tuple[str, int]], question_tokens: int = 0) -> Access:
@@ -138,7 +194,7 @@ class KnowledgeTree:
         for node in matched:  # host hits come back to the device, parents first, while they fit
             if node.on_device or self._make_room(DEVICE, node.tokens, pinned, access):
                 if not node.on_device:
-                    node.on_device = True
+                    self._move(node, True, node.on_host)
                     self.used[DEVICE] += self._bytes(node)
                     access.host_hits.append(node)
                 else:
@@ -158,9 +214,9 @@ class KnowledgeTree:
             pinned.add(id(node))
             if not self._make_room(DEVICE, tokens, pinned, access):
                 break  # too big for the device with this request's path pinned: computed, not kept
-            node.on_device = True
+            parent.children[doc] = node  # attached before it moves: the move counts it in its parent
+            self._move(node, True, node.on_host)
             self.used[DEVICE] += self._bytes(node)
-            parent.children[doc] = node
             access.inserted.append(node)
             node.miss_cost_per_token += cost_per_token
             node.misses += 1
@@ -169,6 +225,7 @@ class KnowledgeTree:
             node.frequency += 1
             node.last_access = self._ticks
             node.priority = self._priority(node, DEVICE)
+            self._refresh(node)
         return access
 
     # -- eviction -------------------------------------------------------------------------------
@@ -179,10 +236,9 @@ class KnowledgeTree:
         if need > self.budget[tier]:
             return False
         while self.used[tier] + need > self.budget[tier]:
-            candidates = [n for n in self._leaves(tier) if id(n) not in pinned]
-            if not candidates:
+            victim = self._victim(tier, pinned)
+            if victim is None:
                 return False
-            victim = min(candidates, key=lambda n: n.priority)
             self.clock[tier] = max(self.clock[tier], victim.priority) if self.policy in ("gdsf", "pgdsf") else 0.0
             if tier == DEVICE:
                 self._leave_device(victim, pinned, access)
@@ -190,31 +246,76 @@ class KnowledgeTree:
                 self._drop(victim, HOST, access)
         return True
 
-    def _leaves(self, tier: str) -> list[Node]:
-        """Nodes that may leave ``tier``: on the device with no child there; host-only with no resident child."""
-        if tier == DEVICE:
-            return [n for n in self.nodes() if n.on_device and n is not self.root and not any(c.on_device for c in n.children.values())]
-        return [n for n in self.nodes() if n.tier == HOST and not any(c.tier for c in n.children.values())]
+    def _victim(self, tier: str, pinned: set[int]) -> Node | None:
+        """The leaf of ``tier`` to evict: the lowest (priority, seq) not ``pinned``; None if there is none.
+
+        Its entry leaves the heap but stays live: the caller moves it out of the tier, which drops it.
+        """
+        heap, live = self._heaps[tier], self._live[tier]
+        skipped, victim = [], None
+        while heap and victim is None:
+            entry = heapq.heappop(heap)
+            if live.get(entry[-1]) is not entry:
+                continue  # stale: the node left the leaves or was pushed again with a new priority
+            if id(entry[-1]) in pinned:
+                skipped.append(entry)  # this request's path: a leaf still, for later requests
+            else:
+                victim = entry[-1]
+        for entry in skipped:
+            heapq.heappush(heap, entry)
+        return victim
+
+    def _move(self, node: Node, on_device: bool, on_host: bool) -> None:
+        """Put ``node`` (attached to its parent) in these tiers; update its parent's child counts and both leaf entries."""
+        parent = node.parent
+        parent.device_children += on_device - node.on_device
+        parent.resident_children += (on_device or on_host) - (node.tier is not None)
+        node.on_device, node.on_host = on_device, on_host
+        self._refresh(node)
+        self._refresh(parent)
+
+    def _refresh(self, node: Node) -> None:
+        """Make each tier's leaf entry of ``node`` match what it is now: absent, or a leaf at its current priority."""
+        device_leaf = node.on_device and not node.device_children and node is not self.root  # no child on the device
+        host_leaf = node.on_host and not node.on_device and not node.resident_children  # host-only, no resident child
+        for tier, is_leaf in ((DEVICE, device_leaf), (HOST, host_leaf)):
+            live = self._live[tier]
+            if not is_leaf or node.priority is None:  # None: pinned by its request, which then sets it
+                live.pop(node, None)
+            elif node not in live or live[node][0] != node.priority:
+                self._push(tier, node)
+
+    def _push(self, tier: str, node: Node) -> None:
+        """A new heap entry for ``node`` in ``tier``; its older entries become stale."""
+        # (priority, seq) is unique per node, so comparisons never reach the node itself
+        entry = (node.priority, node.seq, node)
+        live, heap = self._live[tier], self._heaps[tier]
+        live[node] = entry
+        if len(heap) > 2 * len(live) + 64:  # mostly stale: rebuild from the live entries (amortised O(1) a push)
+            heap[:] = live.values()
+            heapq.heapify(heap)
+        else:
+            heapq.heappush(heap, entry)
 
     def _leave_device(self, node: Node, pinned: set[int], access: Access) -> None:
         if not node.on_host:  # swap out once: the host copy is made now and kept
             if self._make_room(HOST, node.tokens, pinned | {id(node)}, access):
-                node.on_host = True
+                self._move(node, True, True)
                 self.used[HOST] += self._bytes(node)
                 access.swapped_out.append(node)
             else:
                 for child in list(node.children.values()):  # the host cannot take it: its subtree goes too
                     self._drop_subtree(child, access)
-        node.on_device = False
         self.used[DEVICE] -= self._bytes(node)
         if node.on_host:
-            node.priority = self._priority(node, HOST)
-        else:
+            node.priority = self._priority(node, HOST)  # before the move, so that its host entry has it
+        self._move(node, False, node.on_host)
+        if not node.on_host:
             access.dropped.append((node, DEVICE))
             del node.parent.children[node.doc]
 
     def _drop(self, node: Node, tier: str, access: Access) -> None:
-        node.on_host = False
+        self._move(node, False, False)
         self.used[HOST] -= self._bytes(node)
         access.dropped.append((node, tier))
         del node.parent.children[node.doc]

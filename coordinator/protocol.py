@@ -15,9 +15,12 @@ The header always has::
 and per op:
 
     SEARCH     arrays: queries float32 (nq, d), list_ids int64 (nq, nprobe) (-1 = skip)
-               fields: k (int, 1 <= k <= 65536)
+               fields: k (int, 1 <= k <= 65536); optional early (int, 1 <= early < nprobe): also
+               answer with an early RESULT once the first ``early`` lists of every query are scanned
     RESULT     arrays: distances float32 (nq, k), ids int64 (nq, k) (-1 = empty slot)
-               fields: partial (bool), missing (list of shard numbers without an answer)
+               fields: partial (bool), missing (list of shard numbers without an answer); early
+               (bool, true on the early answer to a SEARCH with ``early``, which always comes
+               before the final one with the same rid)
     HEARTBEAT  no arrays, no fields (asks for INFO)
     INFO       fields: info (map: role, shard, nshards, fingerprint, load, ...)
     ERROR      fields: code (str, one of ERROR_CODES), message (str)
@@ -29,6 +32,7 @@ never dies of. Sizes are bounded (:data:`MAX_HEADER_BYTES`, :data:`MAX_MESSAGE_B
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +43,7 @@ import zmq
 VERSION = 1
 OPS = ("SEARCH", "RESULT", "HEARTBEAT", "INFO", "ERROR")
 DTYPES = {"float32": np.dtype(np.float32), "int64": np.dtype(np.int64), "bool": np.dtype(np.bool_)}
+_DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 ERROR_CODES = ("bad_request", "unsupported_version", "too_large", "overloaded", "shutting_down", "unavailable", "internal")
 MAX_HEADER_BYTES = 64 << 10
 MAX_MESSAGE_BYTES = 256 << 20
@@ -49,11 +54,13 @@ MAX_RID = (1 << 63) - 1
 
 
 class ProtocolError(ValueError):
-    """A malformed or unacceptable message; ``code`` is the ERROR code to answer with."""
+    """A malformed or unacceptable message; ``code`` is the ERROR code to answer with, ``rid`` the
+    request id to answer (0 when the header did not get as far as a valid one)."""
 
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: str, message: str, rid: int = 0):
         super().__init__(message)
         self.code = code
+        self.rid = rid
 
 
 @dataclass
@@ -71,7 +78,7 @@ def encode(message: Message) -> list:
         "v": VERSION,
         "op": message.op,
         "rid": message.rid,
-        "arrays": [[a.dtype.name, list(a.shape)] for a in arrays],
+        "arrays": [[_DTYPE_NAMES.get(a.dtype) or a.dtype.name, list(a.shape)] for a in arrays],  # dtype.name costs ~3 µs
         **message.fields,
     }
     return [msgpack.packb(header, use_bin_type=True), *(memoryview(a).cast("B") if a.size else b"" for a in arrays)]
@@ -106,10 +113,14 @@ def decode(frames: list) -> Message:
     rid = header.get("rid")
     if not _is_int(rid) or not 0 <= rid <= MAX_RID:
         raise ProtocolError("bad_request", "rid must be an integer in [0, 2**63)")
-    arrays = _decode_arrays(header.get("arrays"), buffers[1:])
-    fields = {k: v for k, v in header.items() if k not in ("v", "op", "rid", "arrays")}
-    message = Message(op, rid, fields, arrays)
-    _CHECKS[op](message)
+    try:
+        arrays = _decode_arrays(header.get("arrays"), buffers[1:])
+        fields = {k: v for k, v in header.items() if k not in ("v", "op", "rid", "arrays")}
+        message = Message(op, rid, fields, arrays)
+        _CHECKS[op](message)
+    except ProtocolError as e:
+        e.rid = rid  # the sender can match the ERROR to its request
+        raise
     return message
 
 
@@ -127,7 +138,7 @@ def _decode_arrays(descriptors, buffers) -> list[np.ndarray]:
         dtype, shape = DTYPES[descriptor[0]], descriptor[1]
         if not (isinstance(shape, list) and 1 <= len(shape) <= MAX_NDIM and all(_is_int(s) and 0 <= s for s in shape)):
             raise ProtocolError("bad_request", f"array {i}: shape must be a list of 1 to {MAX_NDIM} non-negative integers")
-        expected = dtype.itemsize * int(np.prod(shape, dtype=np.float64))  # float: no overflow on absurd shapes
+        expected = dtype.itemsize * math.prod(shape)  # Python ints: no overflow on absurd shapes (np.prod costs ~5 µs)
         if expected != buffer.nbytes:
             raise ProtocolError("bad_request", f"array {i}: {dtype.name}{shape} needs {expected:.0f} bytes, frame has {buffer.nbytes}")
         arrays.append(np.frombuffer(buffer, dtype=dtype).reshape(shape))
@@ -152,7 +163,7 @@ def _expect_fields(message: Message, allowed: set[str]) -> None:
 
 
 def _check_search(message: Message) -> None:
-    _expect_fields(message, {"k"})
+    _expect_fields(message, {"k", "early"})
     _expect_arrays(message, [("queries", "float32"), ("list_ids", "int64")])
     queries, list_ids = message.arrays
     if queries.shape[0] < 1 or queries.shape[1] < 1 or list_ids.shape[1] < 1:
@@ -160,15 +171,18 @@ def _check_search(message: Message) -> None:
     k = message.fields.get("k")
     if not _is_int(k) or not 1 <= k <= MAX_K:
         raise ProtocolError("bad_request", f"SEARCH: k must be an integer in [1, {MAX_K}], got {k!r}")
+    early = message.fields.get("early")
+    if early is not None and not (_is_int(early) and 1 <= early < list_ids.shape[1]):
+        raise ProtocolError("bad_request", f"SEARCH: early must be an integer in [1, nprobe = {list_ids.shape[1]}), got {early!r}")
 
 
 def _check_result(message: Message) -> None:
-    _expect_fields(message, {"partial", "missing"})
+    _expect_fields(message, {"partial", "missing", "early"})
     _expect_arrays(message, [("distances", "float32"), ("ids", "int64")])
     if message.arrays[0].shape != message.arrays[1].shape:
         raise ProtocolError("bad_request", "RESULT: distances and ids must have the same shape")
-    if not isinstance(message.fields.get("partial", False), bool):
-        raise ProtocolError("bad_request", "RESULT: partial must be a boolean")
+    if not all(isinstance(message.fields.get(flag, False), bool) for flag in ("partial", "early")):
+        raise ProtocolError("bad_request", "RESULT: partial and early must be booleans")
     missing = message.fields.get("missing", [])
     if not isinstance(missing, list) or not all(_is_int(s) for s in missing):
         raise ProtocolError("bad_request", "RESULT: missing must be a list of shard numbers")
@@ -195,12 +209,15 @@ def _check_error(message: Message) -> None:
 _CHECKS = {"SEARCH": _check_search, "RESULT": _check_result, "HEARTBEAT": _check_heartbeat, "INFO": _check_info, "ERROR": _check_error}
 
 
-def search_request(rid: int, queries: np.ndarray, list_ids: np.ndarray, k: int) -> Message:
-    return Message("SEARCH", rid, {"k": int(k)}, [np.ascontiguousarray(queries, np.float32), np.ascontiguousarray(list_ids, np.int64)])
+def search_request(rid: int, queries: np.ndarray, list_ids: np.ndarray, k: int, early: int | None = None) -> Message:
+    fields = {"k": int(k)} if early is None else {"k": int(k), "early": int(early)}
+    return Message("SEARCH", rid, fields, [np.ascontiguousarray(queries, np.float32), np.ascontiguousarray(list_ids, np.int64)])
 
 
-def result_reply(rid: int, distances: np.ndarray, ids: np.ndarray, missing: list[int] | None = None) -> Message:
+def result_reply(rid: int, distances: np.ndarray, ids: np.ndarray, missing: list[int] | None = None, early: bool = False) -> Message:
     fields = {"partial": bool(missing), "missing": sorted(missing)} if missing else {}
+    if early:
+        fields["early"] = True
     return Message("RESULT", rid, fields, [np.ascontiguousarray(distances, np.float32), np.ascontiguousarray(ids, np.int64)])
 
 

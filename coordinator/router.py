@@ -10,6 +10,10 @@ misses heartbeats is taken out of rotation until it answers a heartbeat again. W
 no replica left the answer is ``partial`` with the missing shards listed, or an ``unavailable``
 ERROR when ``on_missing="fail"``, but never a hang. Malformed input (a node's ``bad_request``)
 goes back to the client as it is.
+
+The coordinator runs as its own process (``chameleon node coordinator``) or, the same loop
+embedded in a client process, on a thread of it (:class:`EmbeddedCoordinator`): a search then
+crosses the network once (to the nodes and back) instead of twice.
 """
 
 from __future__ import annotations
@@ -84,6 +88,8 @@ class _Job:
     k: int
     message: Message
     results: dict = field(default_factory=dict)  # shard -> (distances, ids)
+    early_results: dict = field(default_factory=dict)  # shard -> (distances, ids) after its first lists
+    early_sent: bool = False
     missing: set = field(default_factory=set)
     error: Message | None = None
 
@@ -122,15 +128,31 @@ class Coordinator:
         self._subs: dict[int, _Sub] = {}
         self._jobs = 0
 
+    @property
+    def silence_limit(self) -> float:
+        """Seconds without a word from a live node after which it is taken out of rotation."""
+        return 4 * self.heartbeat_interval + self.timeout
+
     def drain(self, *_signal_args) -> None:
         self._draining.set()
 
-    def serve(self, bind: str, ready_file: str | os.PathLike | None = None, stop: threading.Event | None = None) -> None:
+    def serve(
+        self,
+        bind: str,
+        ready_file: str | os.PathLike | None = None,
+        stop: threading.Event | None = None,
+        context: zmq.Context | None = None,
+    ) -> None:
+        """Serve until drained (SIGTERM, :meth:`drain`) or ``stop`` is set. With ``context`` (shared
+        with this process's clients, as an ``inproc://`` front needs) it is used and left open."""
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self.drain)
-        context = zmq.Context()
+        own_context = context is None
+        context = context or zmq.Context()
         nodes = [self._connect(context, spec) for spec in self.config.nodes]
-        front, authenticator, self.endpoint = bind_router(context, bind, self.keys, ready_file)
+        # An inproc front never leaves this process, and ZeroMQ applies no security mechanism to inproc.
+        front_keys = None if bind.startswith("inproc://") else self.keys
+        front, authenticator, self.endpoint = bind_router(context, bind, front_keys, ready_file)
         try:
             self._loop(front, nodes, stop or threading.Event())
         finally:
@@ -138,7 +160,8 @@ class Coordinator:
                 socket.close(linger=0)
             if authenticator:
                 authenticator.stop()
-            context.term()
+            if own_context:
+                context.term()
 
     def _connect(self, context: zmq.Context, spec: dict) -> _Node:
         socket = context.socket(zmq.DEALER)
@@ -189,7 +212,7 @@ class Coordinator:
             if self._draining.is_set():
                 raise ProtocolError("shutting_down", "the coordinator is shutting down")
         except ProtocolError as e:
-            protocol.send(front, protocol.error_reply(rid, e.code, str(e)), envelope)
+            protocol.send(front, protocol.error_reply(e.rid or rid, e.code, str(e)), envelope)
             return
         self._jobs += 1
         job = _Job(envelope, rid, message.fields["k"], message)
@@ -236,7 +259,8 @@ class Coordinator:
         sub_id = next(self._sub_ids)
         queries, list_ids = sub.job.message.arrays
         try:
-            protocol.send(node.socket, protocol.search_request(sub_id, queries, list_ids, sub.job.k), flags=zmq.NOBLOCK)
+            request = protocol.search_request(sub_id, queries, list_ids, sub.job.k, sub.job.message.fields.get("early"))
+            protocol.send(node.socket, request, flags=zmq.NOBLOCK)
         except zmq.Again:
             return False
         sub.sent = time.monotonic()
@@ -256,6 +280,12 @@ class Coordinator:
             node.alive, node.info = healthy, info
             node.last_seen = time.monotonic()
             self._pump(front, nodes, node)
+            return
+        if message.op == "RESULT" and message.fields.get("early"):  # the final answer follows
+            sub = self._subs.get(message.rid)
+            if sub is not None:
+                sub.job.early_results[sub.shard] = (message.arrays[0], message.arrays[1])
+                self._settle_early(front, sub.job)
             return
         sub = self._subs.pop(message.rid, None)
         if sub is None:
@@ -283,7 +313,7 @@ class Coordinator:
 
     def _expire(self, front, nodes, now: float) -> None:
         for node in nodes:
-            if node.alive and now - node.last_seen > 4 * self.heartbeat_interval + self.timeout:
+            if node.alive and now - node.last_seen > self.silence_limit:
                 node.alive = False
                 self._pump(front, nodes, node)
         expired = [(sub_id, sub) for sub_id, sub in self._subs.items() if sub.deadline <= now]
@@ -303,8 +333,22 @@ class Coordinator:
 
     # -- answers -------------------------------------------------------------------------------
 
+    def _settle_early(self, front, job: _Job) -> None:
+        """Send the early answer of a SEARCH with ``early`` once every shard has sent its early
+        result (a node sends it before its final one) or is known to be missing."""
+        if "early" not in job.message.fields or job.early_sent or job.envelope is None or job.error is not None:
+            return
+        found = job.early_results
+        if not found or len(found) + len(job.missing - set(found)) < self.config.nshards:
+            return
+        distances, ids = self._merged(found, job.k)
+        protocol.send(front, protocol.result_reply(job.rid, distances, ids, sorted(job.missing - set(found)), early=True), job.envelope)
+        job.early_sent = True
+
     def _settle(self, front, job: _Job) -> None:
-        """Answer the client once every shard has a result or is known to be missing."""
+        """Answer the client once every shard has a result or is known to be missing (the early
+        answer, when asked for, always goes first)."""
+        self._settle_early(front, job)
         if len(job.results) + len(job.missing) < self.config.nshards and job.error is None:
             return
         if job.envelope is None:
@@ -314,8 +358,36 @@ class Coordinator:
         elif job.missing and (self.on_missing == "fail" or not job.results):
             reply = protocol.error_reply(job.rid, "unavailable", f"no live replica for shard(s) {sorted(job.missing)}")
         else:
-            parts = [job.results[s] for s in sorted(job.results)]
-            distances, ids = merge_topk([p[0] for p in parts], [p[1] for p in parts], job.k, self.config.metric)
+            distances, ids = self._merged(job.results, job.k)
             reply = protocol.result_reply(job.rid, distances, ids, sorted(job.missing))
         protocol.send(front, reply, job.envelope)
         job.envelope = None
+
+    def _merged(self, parts: dict, k: int) -> tuple:
+        """The global top-``k`` of the shards' (distances, ids) in ``parts`` (shard -> answer)."""
+        ordered = [parts[shard] for shard in sorted(parts)]
+        if len(ordered) == 1 and ordered[0][1].shape[1] == k:  # a node's top-k is in merge order: merging would copy it
+            return ordered[0]
+        return merge_topk([p[0] for p in ordered], [p[1] for p in ordered], k, self.config.metric)
+
+
+class EmbeddedCoordinator:
+    """A :class:`Coordinator` on a thread of this (the client's) process, its front an ``inproc://``
+    endpoint of :attr:`context`: clients made on that context reach it without a network hop, and
+    it talks to the nodes as a coordinator process does. :meth:`close` stops the thread (close the
+    clients on :attr:`context` first: the context ends with it)."""
+
+    def __init__(self, config: ClusterConfig, **options):
+        self.context = zmq.Context()
+        self.coordinator = Coordinator(config, **options)
+        self.endpoint = f"inproc://coordinator-{id(self)}"
+        self._stop = threading.Event()
+        serve = {"stop": self._stop, "context": self.context}
+        self.thread = threading.Thread(target=self.coordinator.serve, args=(self.endpoint,), kwargs=serve, name="coordinator", daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self.thread.join()
+        self.context.term()
+        self.context.term()

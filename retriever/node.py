@@ -7,7 +7,8 @@ while a batch is scanned). Requests that arrive while a batch is scanned form th
 idle node starts at once, or waits ``window`` seconds (whole milliseconds, never spinning) for
 others to join. A small batch (at most :data:`INLINE_MAX_CODES` codes, about a millisecond) is
 scanned on the I/O thread itself: two thread hand-offs would cost more than the scan, and a
-heartbeat waits a millisecond at most. Any malformed request
+heartbeat waits a millisecond at most. A SEARCH with ``early`` is answered twice: after its
+first ``early`` lists, then whole (speculative prefill starts on the first). Any malformed request
 gets an ERROR reply; the node never dies of one. On SIGTERM it stops taking searches (answering
 ``shutting_down`` so a coordinator fails over), finishes what it holds, replies, and exits.
 """
@@ -33,6 +34,7 @@ from coordinator.transport import bind_router, receive_all
 from retriever.engines import make_engine
 from retriever.errors import RetrieverError
 from retriever.index import index_fingerprint, load_index, read_manifest
+from retriever.search import merge_topk, split_probes
 
 DEFAULT_WINDOW = 0.0
 MAX_BATCH_QUERIES = 4096
@@ -50,6 +52,7 @@ class _Request:
     queries: np.ndarray
     list_ids: np.ndarray
     k: int
+    early: int | None  # answer early after this many lists (the SEARCH's ``early``)
 
 
 class RetrievalNode:
@@ -169,9 +172,9 @@ class RetrievalNode:
             queries, list_ids, k = self.engine.check(*message.arrays, message.fields["k"])
             if pending_queries + queries.shape[0] > MAX_PENDING_QUERIES:
                 raise ProtocolError("overloaded", f"more than {MAX_PENDING_QUERIES} queries are waiting")
-            return _Request(envelope, rid, queries, list_ids, k)
+            return _Request(envelope, rid, queries, list_ids, k, message.fields.get("early"))
         except (ProtocolError, RetrieverError) as e:
-            code = e.code if isinstance(e, ProtocolError) else "bad_request"
+            code, rid = (e.code, e.rid or rid) if isinstance(e, ProtocolError) else ("bad_request", rid)
             protocol.send(router, protocol.error_reply(rid, code, str(e)), envelope)
             return None
 
@@ -193,25 +196,40 @@ class RetrievalNode:
             replies.close()
 
     def _scan(self, replies, batch: list[_Request]) -> None:
+        """Scan a batch and answer each request. Requests that asked for an early answer are
+        scanned in two stages (their first ``early`` lists with everything else, then the rest):
+        the early RESULT leaves between the two, and the final one is the two stages merged."""
         k = max(r.k for r in batch)
         nprobe = max(r.list_ids.shape[1] for r in batch)
         queries = np.concatenate([r.queries for r in batch])
-        list_ids = np.full((queries.shape[0], nprobe), -1, np.int64)  # shorter probe lists end in skips
-        row = 0
+        first = np.full((queries.shape[0], nprobe), -1, np.int64)  # shorter probe lists end in skips
+        rest = np.full_like(first, -1)
+        rows, row = [], 0
         for r in batch:
-            list_ids[row : row + r.list_ids.shape[0], : r.list_ids.shape[1]] = r.list_ids
-            row += r.list_ids.shape[0]
+            rows.append(slice(row, row + r.queries.shape[0]))
+            head, tail = split_probes(r.list_ids, r.early) if r.early else (r.list_ids, r.list_ids[:, :0])
+            first[rows[-1], : head.shape[1]] = head
+            rest[rows[-1], : tail.shape[1]] = tail
+            row += r.queries.shape[0]
+        staged = [n for n, r in enumerate(batch) if r.early]
+        unanswered = batch
         try:
-            distances, ids = self.engine.search(queries, list_ids, k)
+            distances, ids = self.engine.search(queries, first, k)
+            for n, r in enumerate(batch):
+                reply = protocol.result_reply(r.rid, distances[rows[n], : r.k], ids[rows[n], : r.k], early=bool(r.early))
+                protocol.send(replies, reply, r.envelope)
+            unanswered = [batch[n] for n in staged]
+            if staged:
+                later = np.concatenate([np.arange(queries.shape[0])[rows[n]] for n in staged])
+                rest_d, rest_i = self.engine.search(queries[later], rest[later], k)
+                distances[later], ids[later] = merge_topk([distances[later], rest_d], [ids[later], rest_i], k, self.index.params.metric)
         except Exception as e:  # a node answers, whatever went wrong
-            for r in batch:
+            for r in unanswered:
                 protocol.send(replies, protocol.error_reply(r.rid, "internal", f"{type(e).__name__}: {e}"), r.envelope)
             return
-        row = 0
-        for r in batch:
-            rows = slice(row, row + r.queries.shape[0])
-            protocol.send(replies, protocol.result_reply(r.rid, distances[rows, : r.k], ids[rows, : r.k]), r.envelope)
-            row += r.queries.shape[0]
+        for n in staged:
+            r = batch[n]
+            protocol.send(replies, protocol.result_reply(r.rid, distances[rows[n], : r.k], ids[rows[n], : r.k]), r.envelope)
         self._served_batches += 1
         self._served_queries += row
 

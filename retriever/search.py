@@ -34,6 +34,38 @@ def merge_topk(
     return merged_d, merged_i
 
 
+def split_probes(list_ids: np.ndarray, early: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``early`` probed lists of every query and the rest: two scans whose results,
+    merged with :func:`merge_topk`, are the scan of all of them (each list is in exactly one)."""
+    if not 1 <= early < list_ids.shape[1]:
+        raise RetrieverError(f"early must be between 1 and nprobe - 1 = {list_ids.shape[1] - 1}, got {early}")
+    return np.ascontiguousarray(list_ids[:, :early]), np.ascontiguousarray(list_ids[:, early:])
+
+
+class StagedScan:
+    """A scan in two stages, in this process: :meth:`early` scans the first ``early`` probed lists
+    of every query (the nearest centroids come first) and answers with their top-k; :meth:`final`
+    scans the rest and answers the whole scan's top-k. The retrieval tier's SEARCH with ``early``
+    answers the same two results (``chameleon.cluster.ClusterSearcher.scan_staged``)."""
+
+    def __init__(self, engine, queries: np.ndarray, list_ids: np.ndarray, k: int, early: int):
+        self.engine, self.queries, self.k = engine, queries, k
+        self._first, self._rest = split_probes(list_ids, early)
+        self._early: tuple[np.ndarray, np.ndarray] | None = None
+
+    def early(self) -> tuple[np.ndarray, np.ndarray, bool]:
+        """(distances, ids, partial) over the first lists."""
+        if self._early is None:
+            self._early = self.engine.search(self.queries, self._first, self.k)
+        return *self._early, False
+
+    def final(self) -> tuple[np.ndarray, np.ndarray, bool]:
+        """(distances, ids, partial) over every probed list."""
+        first_d, first_i, _ = self.early()
+        rest_d, rest_i = self.engine.search(self.queries, self._rest, self.k)
+        return *merge_topk([first_d, rest_d], [first_i, rest_i], self.k, self.engine.params.metric), False
+
+
 class Searcher:
     """Search a whole index in this process: prepare queries, coarse search, scan.
 
@@ -64,3 +96,7 @@ class Searcher:
         """(distances, ids, partial) of prepared ``queries`` over ``list_ids``; never partial in process."""
         distances, ids = self.engine.search(queries, list_ids, k)
         return distances, ids, False
+
+    def scan_staged(self, queries: np.ndarray, list_ids: np.ndarray, k: int, early: int) -> StagedScan:
+        """``scan`` in two stages: an early top-k after the first ``early`` lists, then the final one."""
+        return StagedScan(self.engine, queries, list_ids, k, early)

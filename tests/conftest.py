@@ -81,6 +81,14 @@ def facts_index(tmp_path_factory, facts_corpus, embedder):
 
 
 @pytest.fixture(scope="session")
+def rag_index(facts_index, embedder):
+    """The facts corpus opened for RAG."""
+    from chameleon.corpus import RagIndex
+
+    return RagIndex(facts_index, embedder.fingerprint)
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """A tiny random-initialised Llama with the built-in tokenizer: fast, and a real model directory."""
     import torch

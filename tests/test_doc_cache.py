@@ -13,13 +13,6 @@ QUESTIONS = [f"What colour are the oceans of Zorblax-{n}?" for n in (42, 7, 42, 
 
 
 @pytest.fixture(scope="module")
-def rag_index(facts_index, embedder):
-    from chameleon.corpus import RagIndex
-
-    return RagIndex(facts_index, embedder.fingerprint)
-
-
-@pytest.fixture(scope="module")
 def uncached(rag_index, embedder, tiny32):
     from chameleon.rag import RagPipeline
 
@@ -88,7 +81,93 @@ def test_documents_admitted_but_never_filled_are_filled_by_the_next_request(rag_
     prefix, second = cache.lookup(segments, ids)  # resident in the tree, no KV: computed again, and kept
     assert prefix is None and [n.path[-1] for n in second.inserted] == ids
     tokens = [t for s in segments for t in s]
-    cache.keep(second, segments, tiny32.generate(tokens, 1).state)
+    cache.keep(second, segments, tiny32.generate(tokens, 1))
     prefix, third = cache.lookup(segments, ids)
     assert prefix.tokens == [t for s in segments[:-1] for t in s] and third.inserted == []
     assert tiny32.generate(tokens, 6, prefix=prefix).tokens == tiny32.generate(tokens, 6).tokens
+
+
+# -- the tree over vLLM's prefix cache: a vLLM reply is a Generation with vLLM's cached_tokens --------
+
+BLOCK = 16
+TEMPLATE = list(range(1000, 1020))  # 20 tokens: one whole block and 4 more
+DOCS = {doc: [n] * 16 for n, doc in enumerate("abcde")}  # 16 tokens each
+
+
+def vllm_segments(docs: str, question: int = 5) -> list[list[int]]:
+    return [TEMPLATE, *(DOCS[doc] for doc in docs), [7] * question]
+
+
+def vllm_reply(segments: list[list[int]], cached: int, answered: int = 0):
+    """What ``VllmEngine`` returns for this prompt (plus ``answered`` tokens of an earlier step) when vLLM reused ``cached`` tokens."""
+    from chameleon.llm import Generation
+
+    prompt = sum(map(len, segments)) + answered
+    return Generation(tokens=[3], text="", prompt_tokens=prompt, cached_tokens=cached, ttft_s=0.01, decode_tokens_per_s=1.0,
+                      finish_reason="length", state=None)  # fmt: skip
+
+
+def vllm_request(cache, docs: str, cached: int) -> None:
+    segments = vllm_segments(docs)
+    prefix, access = cache.lookup(segments, list(docs))
+    assert prefix is None
+    cache.keep(access, segments, vllm_reply(segments, cached))
+
+
+def paths(cache) -> set:
+    return {n.path for n in cache.tree.nodes()}
+
+
+def test_the_vllm_tree_counts_what_vllm_reused_and_orders_documents_by_it():
+    from chameleon.doc_cache import VllmDocumentCache
+
+    cache = VllmDocumentCache(BLOCK, device_bytes=1000 * 8, bytes_per_token=8)
+    assert cache.order(["b", "a"]) == [0, 1]  # no tree yet: retrieval order
+    vllm_request(cache, "ab", cached=0)
+    assert cache.order(["c", "b", "a"]) == [2, 1, 0] and cache.order(["c", "b"]) == [0, 1]
+    vllm_request(cache, "ac", cached=32)  # held: template and a (36 tokens), so two whole blocks
+    vllm_request(cache, "ab", cached=48)
+    assert paths(cache) == {(), ("a",), ("a", "b"), ("a", "c")}
+    assert cache.stats == {"requests": 3, "bypassed": 0, "device_hit_tokens": 80, "host_hit_tokens": 0, "computed_tokens": 3 * 57 - 80}
+    segments = vllm_segments("ab")
+    _, access = cache.lookup(segments, ["a", "b"])
+    cache.keep(access, segments, vllm_reply(segments, 0, answered=8))  # a later step of the answer: another prompt
+    assert cache.stats["device_hit_tokens"] == 80 and paths(cache) == {(), ("a",), ("a", "b"), ("a", "c")}
+    assert cache.lookup([TEMPLATE, [7] * 5], []) == (None, None)  # no passages
+    assert cache.lookup([[1, 2], DOCS["a"], [7]], ["a"]) == (None, None)  # another template
+    assert cache.stats["requests"] == 4 and cache.stats["bypassed"] == 2
+
+
+@pytest.mark.parametrize(
+    "cached, left",
+    [
+        (48, {"ab", "ac", "e"}),  # all the whole blocks the tree held: nothing evicted
+        (64, {"ab", "ac", "e"}),  # more than the tree held (it had evicted what vLLM kept): nothing to forget
+        (32, {"ab", "e"}),  # the block of a's end: a's other subtrees went before it (vLLM evicts children first)
+        (16, {"ab"}),  # the template's second block: everything else went before it
+        (0, {"ab"}),
+    ],
+)
+def test_what_vllm_evicted_on_its_own_leaves_the_tree(cached, left):
+    from chameleon.doc_cache import VllmDocumentCache
+
+    cache = VllmDocumentCache(BLOCK, device_bytes=1000 * 8, bytes_per_token=8)
+    for docs, reused in (("ab", 0), ("ac", 32), ("e", 16)):  # all vLLM could reuse of what the tree held
+        vllm_request(cache, docs, reused)
+    vllm_request(cache, "ab", cached=cached)  # the tree held template, a and b: 52 tokens, 48 in whole blocks
+    expected = {()} | {tuple(path[:n]) for path in left for n in range(1, len(path) + 1)}
+    assert paths(cache) == expected  # the request's own path stays: vLLM computed it again
+    assert cache.tree.used["device"] == 8 * (20 + 16 * (len(expected) - 1))
+    assert cache.order(["e", "b", "a"]) == ([0, 1, 2] if "e" in left else [2, 1, 0])  # e, or the path a → b
+
+
+def test_the_torch_cache_orders_documents_only_when_asked(rag_index, tiny32):
+    from chameleon.doc_cache import DocumentKVCache
+    from chameleon.rag import prompt_segments
+
+    passages = rag_index.passages[:2]
+    ids = [str(p.id) for p in passages]
+    for canonical, expected in ((False, [0, 1]), (True, [1, 0])):
+        cache = DocumentKVCache(tiny32, "lru", 100_000 * _bytes(tiny32), 0, canonical_order=canonical)
+        cache.lookup(prompt_segments(tiny32, "Which planet?", passages[1:]), ids[1:])
+        assert cache.order(ids) == expected

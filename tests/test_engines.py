@@ -281,9 +281,48 @@ def test_vllm_answers_as_torch_on_the_builtin_model(builtin_vllm, facts_index, e
 
 
 @vllm_only
+@pytest.mark.integration
+def test_the_document_cache_follows_vllm_and_changes_no_token(builtin_vllm):
+    """The knowledge tree over vLLM on the built-in model: the tree is as large as vLLM's KV cache; a
+    request that shares a document with an earlier one gets it first (canonical order), vLLM reuses
+    the whole blocks the tree says it holds, and the tokens are those of a prompt computed from scratch."""
+    from chameleon.corpus import Passage
+    from chameleon.doc_cache import VllmDocumentCache
+    from chameleon.llm import TorchEngine
+    from chameleon.rag import prompt_segments
+
+    cache = VllmDocumentCache.of(builtin_vllm, 1 << 20)
+    capacity = builtin_vllm.kv_cache_tokens * cache.bytes_per_token
+    assert cache.block_size == builtin_vllm.kv_block_size and cache.device_bytes == capacity > 0
+    if builtin_vllm.device == "cpu":  # 1 GiB of blocks: what vLLM allocated, by our count of bytes per token
+        assert (1 << 30) - builtin_vllm.kv_block_size * cache.bytes_per_token < capacity <= 1 << 30
+    planets = {name: Passage(n, f"planet-{name}", f"Planet {name}", "test", f"{name} has {colour} oceans and {n + 2} moons. " * 30)
+               for n, (name, colour) in enumerate([("Quor", "green"), ("Velt", "violet"), ("Ysmir", "amber")])}  # fmt: skip
+    torch_engine = TorchEngine(dtype="float32")
+    replies = []
+    for question, retrieved in (("Which planet has green oceans?", ["Quor", "Velt"]), ("How many moons has Ysmir?", ["Ysmir", "Quor"])):
+        order = cache.order(retrieved)
+        names = [retrieved[i] for i in order]
+        segments = prompt_segments(builtin_vllm, question, [planets[name] for name in names])
+        prefix, access = cache.lookup(segments, names)
+        tokens = [token for segment in segments for token in segment]
+        reply = builtin_vllm.generate(tokens, 6)
+        cache.keep(access, segments, reply)
+        assert prefix is None and reply.tokens == torch_engine.generate(tokens, 6).tokens
+        replies.append((order, access, reply))
+    (_, _, first), (order, access, again) = replies
+    assert order == [1, 0] and [n.doc for n in access.device_hits] == ["Quor"]  # the shared document first, and held
+    block = cache.block_size
+    assert again.cached_tokens == access.cached_tokens // block * block > len(cache.template)  # the tree agrees with vLLM
+    assert {n.path for n in cache.tree.nodes()} == {(), ("Quor",), ("Quor", "Velt"), ("Quor", "Ysmir")}
+    assert cache.stats["device_hit_tokens"] == first.cached_tokens + again.cached_tokens and cache.stats["requests"] == 2
+
+
+@vllm_only
 def test_serve_with_the_vllm_engine(tmp_path, facts_index, tiny_path):
     """`chameleon serve --engine vllm`: answers (concurrent requests included), reports vLLM's
-    prefix cache hits and its batch, and takes vLLM's processes with it when it stops."""
+    prefix cache hits (in replies and through the document cache's metrics) and its batch, and
+    takes vLLM's processes with it when it stops."""
     import json
     import urllib.request
 
@@ -311,6 +350,9 @@ def test_serve_with_the_vllm_engine(tmp_path, facts_index, tiny_path):
         assert all(r["usage"]["completion_tokens"] >= 1 for r in replies)
         metrics = fetch("/metrics")
         assert "chameleon_batch_size 0.0" in metrics and "chameleon_queue_depth 0.0" in metrics
+        hits = float(again["cache"]["cached_tokens"])  # the document cache counts what vLLM reused
+        assert 'chameleon_kv_cache_requests_total{outcome="used"} 2.0' in metrics
+        assert f'chameleon_kv_cache_tokens_total{{source="device_hit"}} {hits}' in metrics
     finally:
         assert server.stop() == 0
     _, left = psutil.wait_procs(engine_processes, timeout=30)

@@ -127,19 +127,100 @@ def test_a_parent_the_host_cannot_take_goes_with_its_subtree():
 def test_invariants_hold_under_random_traffic(policy, device, host, requests):
     sizes = {f"d{n}": 10 + 7 * n for n in range(10)}
     tree = KnowledgeTree(policy, device, host, 1, 10, PROFILE)
-    rank = {DEVICE: 2, HOST: 1, None: 0}
     for docs in requests:
         request = [(f"d{n}", sizes[f"d{n}"]) for n in docs]
         access = tree.access(request, question_tokens=5)
         assert access.cached_tokens + access.computed_tokens == 10 + sum(t for _, t in request) + 5
-        nodes = tree.nodes()
-        assert tree.root.on_device and all(n.tier is not None for n in nodes)
-        for tier in (DEVICE, HOST):
-            resident = [n for n in nodes if (n.on_device if tier == DEVICE else n.on_host)]
-            assert tree.used[tier] == sum(n.tokens for n in resident) <= tree.budget[tier]
-        for node in nodes:
-            for child in node.children.values():
-                assert rank[node.tier] >= rank[child.tier] and child.parent is node
+        assert_invariants(tree)
+
+
+def assert_invariants(tree: KnowledgeTree, within_budget: bool = True) -> None:
+    """Root on the device, every node resident, parents in a tier at least as fast as their children,
+    used bytes the sum over the resident nodes (within budget unless a document changed size), and
+    each tier's maintained leaves exactly those a walk of the tree finds, each with a heap entry."""
+    nodes = tree.nodes()
+    assert tree.root.on_device and all(n.tier is not None for n in nodes)
+    for tier in (DEVICE, HOST):
+        resident = [n for n in nodes if (n.on_device if tier == DEVICE else n.on_host)]
+        assert tree.used[tier] == sum(n.tokens for n in resident) * tree.bytes_per_token
+        assert tree.used[tier] <= tree.budget[tier] or not within_budget
+        live = tree._live[tier]
+        assert set(live) == set(walked_leaves(tree, tier))
+        assert {id(entry) for entry in live.values()} <= {id(entry) for entry in tree._heaps[tier]}
+        assert all(entry[0] == node.priority for node, entry in live.items())
+    rank = {DEVICE: 2, HOST: 1, None: 0}
+    for node in nodes:
+        for child in node.children.values():
+            assert rank[node.tier] >= rank[child.tier] and child.parent is node
+
+
+def walked_leaves(tree: KnowledgeTree, tier: str) -> list:
+    """What may leave ``tier``, by definition: on the device with no child there (not the root);
+    host-only with no resident child."""
+    if tier == DEVICE:
+        return [n for n in tree.nodes() if n.on_device and n is not tree.root and not any(c.on_device for c in n.children.values())]
+    return [n for n in tree.nodes() if n.tier == HOST and not any(c.tier for c in n.children.values())]
+
+
+class WalkingTree(KnowledgeTree):
+    """The reference: each victim found by a walk of the whole tree (as before the leaf heaps), same tie-break."""
+
+    def _victim(self, tier, pinned):
+        leaves = [n for n in walked_leaves(self, tier) if id(n) not in pinned]
+        return min(leaves, key=lambda n: (n.priority, n.seq), default=None)
+
+
+def by_path(access) -> tuple:
+    """An ``Access`` with nodes named by their paths, comparable across trees."""
+    nodes = (access.device_hits, access.host_hits, access.inserted, access.swapped_out)
+    paths = ([n.path for n in each] for each in nodes)
+    return (access.cached_tokens, access.computed_tokens, *paths, [(n.path, tier) for n, tier in access.dropped])
+
+
+def residency(tree: KnowledgeTree) -> tuple:
+    """Where every node's KV is and at what priority, by path; the used bytes and the clocks."""
+    return {n.path: (n.on_device, n.on_host, n.priority) for n in tree.nodes()}, tree.used, tree.clock
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    policy=st.sampled_from(POLICIES),
+    device=st.integers(10 + 1, 10 + 200),
+    host=st.one_of(st.just(0), st.integers(1, 200)),
+    stable_sizes=st.booleans(),
+    steps=st.lists(
+        st.tuples(
+            st.lists(st.tuples(st.integers(0, 7), st.integers(1, 40)), min_size=1, max_size=5, unique_by=lambda d: d[0]),
+            st.one_of(st.none(), st.integers(0, 4)),
+        ),
+        min_size=5,
+        max_size=60,
+    ),
+)
+def test_leaf_heaps_evict_what_a_walk_of_the_tree_would(policy, device, host, stable_sizes, steps):
+    """Random request streams through the tree and through the walking reference: the same hits,
+    admissions, swap-outs and drops, and the same residency, after every request. Documents keep
+    their first size, or (``stable_sizes`` false) are re-drawn each request. Some requests are
+    followed by the engine evicting one node of their path (``forget``)."""
+    tree, reference = KnowledgeTree(policy, device, host, 1, 10, PROFILE), WalkingTree(policy, device, host, 1, 10, PROFILE)
+    sizes = {}
+    for drawn, forget in steps:
+        request = [(f"d{n}", sizes.setdefault(n, tokens) if stable_sizes else tokens) for n, tokens in drawn]
+        assert by_path(tree.access(request, 5)) == by_path(reference.access(request, 5))
+        for each in (tree, reference):
+            path = each.match([doc for doc, _ in request])
+            if forget is not None and forget < len(path):
+                each.forget(path[forget])
+        assert residency(tree) == residency(reference)
+        assert_invariants(tree, within_budget=stable_sizes)
+
+
+def test_a_pinned_leaf_passed_over_stays_evictable():
+    # white-box: requests re-prioritise the leaves they pin, which would hide an entry lost here
+    tree = KnowledgeTree("lru", 10_000, 0, 1, 10)
+    x, y = (tree.access([(doc, 10)]).inserted[0] for doc in "xy")
+    assert tree._victim(DEVICE, {id(x)}) is y  # x, the least recent, is pinned
+    assert tree._victim(DEVICE, set()) is x  # and still in the heap
 
 
 def test_reordering_prefers_cached_work_without_starving_anyone():
@@ -175,12 +256,63 @@ def test_bench_kvcache_rows(facts_index, tiny_model, tmp_path):
 
     out = tmp_path / "kv.json"
     command = ["bench", "kvcache", "--json", out, "--index", facts_index, "--model", tiny_model, "--requests", 20,
-               "--zipf", "1.1", "--policies", "none,lru,pgdsf", "--device-docs", 8, "--host-docs", 8]  # fmt: skip
+               "--zipf", "1.1", "--policies", "none,lru,pgdsf", "--device-docs", 8, "--host-docs", 8, "--nprobe", 4]  # fmt: skip
     subprocess.run([sys.executable, "-m", "chameleon", *map(str, command)], check=True, capture_output=True)
     rows = json.loads(out.read_text())
-    assert [(r["policy"], r["reorder"]) for r in rows] == [("none", False), ("lru", False), ("lru", True), ("pgdsf", False), ("pgdsf", True)]
-    assert all(tuple(r) == ROW_KEYS and r["speculative"] is False and r["zipf_s"] == 1.1 for r in rows)
-    assert rows[0]["hit_rate"] == 0 and all(0 < r["hit_rate"] < 1 for r in rows[1:])
+    configurations = [(policy, reorder, speculative) for policy, reorder in [("none", False), ("lru", False), ("lru", True), ("pgdsf", False), ("pgdsf", True)]
+                      for speculative in (False, True)]  # fmt: skip
+    assert [(r["policy"], r["reorder"], r["speculative"]) for r in rows] == configurations
+    assert all(tuple(r)[: len(ROW_KEYS)] == ROW_KEYS and r["zipf_s"] == 1.1 for r in rows)
+    assert all(r["speculation"]["started"] + r["speculation"]["declined"] >= 1 for r in rows if r["speculative"])
+    assert rows[0]["hit_rate"] == 0 and all(0 < r["hit_rate"] < 1 for r in rows[2:])
     assert all(r["ttft_p50_ms"] <= r["ttft_p99_ms"] and r["throughput_rps"] > 0 for r in rows)
-    bad = subprocess.run([sys.executable, "-m", "chameleon", *map(str, command), "--policies", "fifo"], capture_output=True, text=True)
-    assert bad.returncode == 2 and "--policies" in bad.stderr
+    for option, value in (("--policies", "fifo"), ("--speculative", "maybe"), ("--nprobe", "1")):
+        bad = subprocess.run([sys.executable, "-m", "chameleon", *map(str, command), option, value], capture_output=True, text=True)
+        assert bad.returncode == 2 and (option in bad.stderr or "nprobe" in bad.stderr), bad.stderr
+
+
+def canonical_tree() -> KnowledgeTree:
+    """root → a → {b, c → d} and root → e, all on the device, 10 tokens each."""
+    tree = KnowledgeTree("lru", device_bytes=1000, host_bytes=0, bytes_per_token=1, template_tokens=10)
+    for docs in (["a", "b"], ["a", "c", "d"], ["e"]):
+        tree.access([(doc, 10) for doc in docs])
+    return tree
+
+
+def test_canonical_order_puts_the_resident_path_first_then_retrieval_order():
+    tree = canonical_tree()
+    before = [(n.path, n.tier, n.frequency, n.last_access, n.priority) for n in tree.nodes()]
+    assert tree.canonical_order(["x", "d", "c", "a"]) == [3, 2, 1, 0]  # a, c, d, then x
+    assert tree.canonical_order(["c", "b", "a", "y"]) == [2, 0, 1, 3]  # under a, c ranks before b; then b, y as retrieved
+    assert tree.canonical_order(["e", "a", "b"]) == [0, 1, 2]  # greedy: e ranks first, though a → b holds more
+    assert tree.canonical_order(["d", "y", "b"]) == [0, 1, 2]  # nothing resident starts at the root: retrieval order
+    assert tree.canonical_order(["a", "a", "c"]) == [0, 2, 1]  # a repeated: still a permutation
+    assert tree.canonical_order([]) == []
+    assert [(n.path, n.tier, n.frequency, n.last_access, n.priority) for n in tree.nodes()] == before  # no side effects
+
+
+def test_canonical_order_follows_host_copies_and_forgets_nothing_it_dropped():
+    tree = KnowledgeTree("lru", device_bytes=10 + 20, host_bytes=20, bytes_per_token=1, template_tokens=10)
+    a = tree.access([("a", 20)]).inserted[0]
+    tree.access([("b", 20)])  # a to the host
+    assert a.tier == HOST and tree.canonical_order(["x", "a"]) == [1, 0]  # a host copy is reusable too
+    tree.access([("c", 20)])  # b to the host, a dropped: the host is full
+    assert tree.canonical_order(["x", "a", "b"]) == [2, 0, 1]
+
+
+def test_forget_removes_a_subtree_from_every_tier():
+    tree = KnowledgeTree("lru", device_bytes=10 + 30, host_bytes=100, bytes_per_token=1, template_tokens=10)
+    a, b = tree.access([("a", 10), ("b", 10)]).inserted
+    c = tree.access([("a", 10), ("c", 10)]).inserted[0]
+    d = tree.access([("d", 10)]).inserted[0]  # b, the least recent leaf, to the host
+    assert b.tier == HOST and tree.used == {DEVICE: 40, HOST: 10}
+    tree.forget(a)
+    assert tree.root.children == {"d": d} and tree.used == {DEVICE: 20, HOST: 0}
+    assert_invariants(tree)
+    tree.forget(c)  # already gone with a: nothing to do
+    assert tree.used == {DEVICE: 20, HOST: 0}
+    refill = tree.access([("a", 10), ("c", 10), ("e", 10)])  # what the tree forgot is admitted afresh
+    assert refill.cached_tokens == 10 and [n.path for n in refill.inserted] == [("a",), ("a", "c"), ("a", "c", "e")]
+    assert_invariants(tree)
+    with pytest.raises(RetrieverError, match="template"):
+        tree.forget(tree.root)

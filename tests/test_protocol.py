@@ -36,6 +36,8 @@ def test_golden_search_message():
         golden_search(),
         protocol.result_reply(3, np.zeros((2, 4), np.float32), np.arange(8).reshape(2, 4), missing=[1]),
         protocol.result_reply(3, np.zeros((0, 4), np.float32), np.zeros((0, 4), np.int64)),
+        protocol.search_request(4, np.ones((2, 3), np.float32), np.arange(8).reshape(2, 4), 10, early=3),
+        protocol.result_reply(4, np.zeros((2, 10), np.float32), np.zeros((2, 10), np.int64), early=True),
         Message("HEARTBEAT", 2**63 - 1),
         Message("INFO", 1, {"info": {"shard": 0, "nodes": [{"alive": True}]}}),
         protocol.error_reply(9, "overloaded", "busy"),
@@ -70,6 +72,9 @@ def frames_with(header_changes=None, arrays=None):
         (frames_with({"k": 10**9}), "bad_request", "k must be"),
         (frames_with({"k": None}), "bad_request", "k must be"),
         (frames_with({"extra": 1}), "bad_request", "unknown field"),
+        (frames_with({"early": 2}), "bad_request", "early must be"),  # nprobe is 2: nothing left for later
+        (frames_with({"early": 0}), "bad_request", "early must be"),
+        (frames_with({"early": True}), "bad_request", "early must be"),
         (frames_with(arrays=GOLDEN_SEARCH_ARRAYS[:1]), "bad_request", "describes"),
         (frames_with(arrays=[GOLDEN_SEARCH_ARRAYS[0][:-1], GOLDEN_SEARCH_ARRAYS[1]]), "bad_request", "needs 8 bytes"),
         (frames_with({"arrays": [["float32", [10**12, 10**12]], ["int64", [1, 2]]]}), "bad_request", "needs"),
@@ -92,8 +97,18 @@ def test_malformed_messages_are_rejected(frames, code, text):
     assert error.value.code == code
 
 
+@pytest.mark.parametrize("changes", [{"k": 0}, {"early": 2}, {"extra": 1}, {"arrays": [["float32", [2]], ["int64", [1, 2]]]}])
+def test_errors_found_after_the_request_id_carry_it(changes):
+    with pytest.raises(ProtocolError) as error:
+        protocol.decode(frames_with(changes))
+    assert error.value.rid == 7  # so the sender can match the ERROR to its request
+    with pytest.raises(ProtocolError) as error:
+        protocol.decode(frames_with({"rid": -1}))
+    assert error.value.rid == 0
+
+
 headers = st.dictionaries(
-    st.sampled_from(["v", "op", "rid", "arrays", "k", "code", "message", "info", "partial", "missing", "x"]),
+    st.sampled_from(["v", "op", "rid", "arrays", "k", "early", "code", "message", "info", "partial", "missing", "x"]),
     st.one_of(
         st.integers(-(2**63), 2**64 - 1), st.text(max_size=8), st.booleans(), st.none(),
         st.sampled_from(protocol.OPS), st.just(1),

@@ -126,7 +126,7 @@ def test_retrieval_interval_continues_the_same_answer_when_passages_stay(facts_i
     queries = []
     real_retrieve = pipeline.retrieve
 
-    def same_passages(query, timings, k=None):
+    def same_passages(query, timings, k=None, on_early=None):
         queries.append(query)
         real_retrieve(query, timings, k)  # the real retrieval runs; its answer is pinned to the first one
         return first
@@ -148,7 +148,7 @@ def test_new_passages_rebuild_the_prompt(facts_index, embedder, engine, monkeypa
     real_retrieve = pipeline.retrieve
     returned = []
 
-    def shifting(query, timings, k=None):
+    def shifting(query, timings, k=None, on_early=None):
         ranked = real_retrieve(query, timings, k)
         returned.append(ranked if not returned else ranked[::-1])  # later retrievals rank differently
         return returned[-1]
@@ -221,3 +221,15 @@ def test_ask_through_a_cluster_gives_the_in_process_sources(facts_index, tmp_pat
         assert "serves another index" in refused
     finally:
         cluster.down(tmp_path / "state")
+
+
+def test_a_passage_has_the_same_tokens_whatever_follows_it(tiny32):
+    """The document KV cache keeps a passage's KV by its position: its tokens must not depend on
+    how many passages come after it."""
+    from chameleon.corpus import Passage
+    from chameleon.rag import context_block, prompt_segments
+
+    a, b, c = (Passage(n, f"doc-{n}", f"Title {n}", "test", f"Text of passage {n}.") for n in range(3))
+    alone, followed, longer = (prompt_segments(tiny32, "Why?", chosen) for chosen in ([a], [a, b], [a, b, c]))
+    assert alone[1] == followed[1] == longer[1] and followed[2] == longer[2]
+    assert context_block([a, b]) == "[1] Title 0\nText of passage 0.\n\n[2] Title 1\nText of passage 1."

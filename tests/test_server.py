@@ -257,7 +257,7 @@ def test_a_killed_server_takes_its_tier_with_it(tmp_path, facts_index, tiny_mode
 
 @pytest.fixture(scope="module")
 def real_server(tmp_path_factory, facts_index):
-    server = start_server(tmp_path_factory.mktemp("real-server"), "--index", facts_index, "--shards", 2)
+    server = start_server(tmp_path_factory.mktemp("real-server"), "--index", facts_index, "--shards", 2, "--speculative")
     yield server
     server.stop()
 
@@ -312,6 +312,10 @@ def test_metrics_move_after_requests(real_server):
     final = call(url + "/metrics")[1]["text"]
     assert _sample(final, "chameleon_kv_cache_tokens_total", source="device_hit") > 0
     assert 0 < _sample(final, "chameleon_kv_cache_hit_rate", tier="device") < 1
+    # speculative prefill on the tier's early answer (after half of the lists): one per request, confirmed or not
+    speculated = sum(_sample(final, "chameleon_speculative_prefills_total", outcome=o) - _sample(before, "chameleon_speculative_prefills_total", outcome=o)
+                     for o in ("confirmed", "restarted"))  # fmt: skip
+    assert speculated == 2 and _sample(final, "chameleon_speculative_prefills_total", outcome="started") >= 2
 
 
 @pytest.mark.integration

@@ -69,7 +69,7 @@ def probe(index_dir, queries, nprobe=8):
 # -- a single node --------------------------------------------------------------------------------
 
 fields = st.dictionaries(
-    st.sampled_from(["v", "op", "rid", "arrays", "k", "info", "code", "message", "zz"]),
+    st.sampled_from(["v", "op", "rid", "arrays", "k", "early", "info", "code", "message", "zz"]),
     st.one_of(
         st.integers(-(2**63), 2**64 - 1), st.text(max_size=6), st.none(), st.booleans(), st.sampled_from(protocol.OPS),
         st.lists(st.tuples(st.sampled_from(["float32", "int64", "bool"]), st.lists(st.integers(-1, 2**40), max_size=3)), max_size=3),
@@ -90,6 +90,9 @@ def hostile_messages(draw):
     list_ids = np.full((nq, nprobe), draw(st.sampled_from([-2, 0, 63, 64, 10**6])), np.int64)
     k = draw(st.sampled_from([0, 1, 10, 2**16 + 1]))
     header = {"v": 1, "op": "SEARCH", "rid": 1, "arrays": [["float32", [nq, dim]], ["int64", [nq, nprobe]]], "k": k}
+    early = draw(st.sampled_from([None, 0, 1, 2, 3]))  # None: no early answer asked for
+    if early is not None:
+        header["early"] = early
     return [msgpack.packb(header), queries.tobytes(), list_ids.tobytes()]
 
 
@@ -110,6 +113,9 @@ def test_node_survives_thousands_of_malformed_messages(index_dir, tmp_path):
             assert socket.poll(5000), "the node stopped answering"
             reply = protocol.decode(socket.recv_multipart())
             replies[reply.op] += 1
+            if reply.fields.get("early"):  # the final answer follows
+                assert socket.poll(5000), "the node sent an early answer and no final one"
+                assert protocol.decode(socket.recv_multipart()).op in ("RESULT", "ERROR")
 
         throw()
         with RetrievalClient(endpoint, timeout=5) as client:
@@ -143,6 +149,30 @@ def test_heartbeats_are_answered_while_a_batch_is_scanned(index_dir, tmp_path, s
         process.wait()
 
 
+def test_a_batch_answers_early_and_whole_searches_together(index_dir, tmp_path, small_data):
+    process, endpoint = start_node(index_dir, tmp_path)
+    busy_queries, busy_lists = probe(index_dir, np.tile(small_data.queries, (20, 1)), nprobe=64)
+    queries, list_ids = probe(index_dir, small_data.queries)
+    local = Searcher(load_index(index_dir, shard=0))
+    try:
+        with RetrievalClient(endpoint, timeout=60) as client:
+            busy = client.send_search(busy_queries, busy_lists, 10)  # the next two wait for it, then share a batch
+            staged = client.send_search(queries, list_ids, 10, early=2)
+            whole = client.send_search(queries[:7], list_ids[:7, :5], 3)
+            early = client.search_result(staged, early=True)
+            np.testing.assert_array_equal(early.ids, local.scan_staged(queries, list_ids, 10, early=2).early()[1])
+            np.testing.assert_array_equal(client.search_result(staged).ids, local.scan(queries, list_ids, 10)[1])
+            np.testing.assert_array_equal(client.search_result(whole).ids, local.scan(queries[:7], list_ids[:7, :5], 3)[1])
+            assert client.search_result(busy).ids.shape == (4000, 10)
+            with pytest.raises(RemoteError, match="early must be"):
+                client.search_result(client.send_search(queries, list_ids, 10, early=8))
+            info = client.info()
+            assert info["batches"] >= 2 and info["queries"] == 4000 + 200 + 7
+    finally:
+        process.kill()
+        process.wait()
+
+
 def test_sigterm_drains_in_flight_work(index_dir, tmp_path, small_data):
     process, endpoint = start_node(index_dir, tmp_path)
     queries, list_ids = probe(index_dir, np.tile(small_data.queries, (20, 1)), nprobe=64)  # 4,000 queries, all lists
@@ -160,16 +190,31 @@ def test_sigterm_drains_in_flight_work(index_dir, tmp_path, small_data):
 # -- clusters -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("nshards", [1, 2, 4])
-def test_cluster_answers_equal_the_in_process_search(index_dir, tmp_path, small_data, reference, nshards):
+@pytest.mark.parametrize("nshards, embedded", [(1, False), (2, False), (4, False), (1, True), (2, True)])
+def test_cluster_answers_equal_the_in_process_search(index_dir, tmp_path, small_data, reference, nshards, embedded):
     cluster.up(index_dir, nshards, tmp_path / "state")
     try:
-        searcher = cluster.ClusterSearcher.open(tmp_path / "state")
-        result = searcher.search(small_data.queries, 10, 8)
-        searcher.close()
+        searcher = cluster.ClusterSearcher.open(tmp_path / "state", embedded=embedded)
+        try:
+            # embedded: the coordinator is a thread of this process
+            assert (searcher.client.info()["pid"] == os.getpid()) == embedded
+            result = searcher.search(small_data.queries, 10, 8)
+            queries, list_ids = probe(index_dir, small_data.queries)
+            staged = searcher.scan_staged(queries, list_ids, 10, early=1)
+            tier_early, tier_final = staged.early(), staged.final()
+        finally:
+            searcher.close()
+        assert searcher.embedded is None or not searcher.embedded.thread.is_alive()
         np.testing.assert_array_equal(result.ids, reference[1])
         np.testing.assert_array_equal(result.distances, reference[0])
         assert not result.partial
+        # the early answer is the top-k of every query's first list, as the in-process staged scan finds it
+        local = Searcher(load_index(index_dir)).scan_staged(queries, list_ids, 10, early=1)
+        for ours, theirs in zip(tier_early, local.early()):
+            np.testing.assert_array_equal(ours, theirs)
+        np.testing.assert_array_equal(tier_final[1], reference[1])
+        np.testing.assert_array_equal(tier_final[0], reference[0])
+        assert (tier_early[1] != tier_final[1]).any() and not tier_early[2] and not tier_final[2]
     finally:
         cluster.down(tmp_path / "state")
 
@@ -231,6 +276,24 @@ def test_node_killed_with_one_replica_gives_partial_answers_then_whole_again(ind
         cluster.down(tmp_path / "state")
 
 
+def test_embedded_coordinator_gives_partial_answers_when_a_node_dies(index_dir, tmp_path, small_data, reference):
+    state = cluster.up(index_dir, 2, tmp_path / "state", replicas=1, timeout=1.0)
+    try:
+        searcher = cluster.ClusterSearcher.open(tmp_path / "state", embedded=True)
+        assert searcher.embedded.coordinator.timeout == 1.0  # the options the coordinator process got
+        victim = state["nodes"][1]
+        results = run_queries(searcher, np.tile(small_data.queries, (2, 1)), kill_at=5, kill=lambda: os.kill(victim["pid"], signal.SIGKILL))
+        searcher.close()
+        assert all(seconds < 1.0 + 2.0 for _, seconds in results)  # the coordinator's timeout, plus slack
+        assert not any(r.partial for r, _ in results[:5])
+        np.testing.assert_array_equal(np.concatenate([r.ids for r, _ in results[:5]]), reference[1][:100])
+        assert all(r.partial and r.missing == [1] for r, _ in results[5:])
+        shard0 = set(load_index(state["index"], shard=0).shards[0].ids.tolist())
+        assert all(set(r.ids[r.ids >= 0].tolist()) <= shard0 for r, _ in results[5:])
+    finally:
+        cluster.down(tmp_path / "state")
+
+
 def test_on_missing_fail_reports_unavailable(index_dir, tmp_path, small_data):
     state = cluster.up(index_dir, 2, tmp_path / "state", replicas=1, timeout=0.5, on_missing="fail")
     try:
@@ -261,6 +324,10 @@ def test_curve_keys_keep_strangers_out(index_dir, tmp_path, small_data, referenc
         result = searcher.search(small_data.queries, 10, 8)
         searcher.close()
         np.testing.assert_array_equal(result.ids, reference[1])
+        embedded = cluster.ClusterSearcher.open(tmp_path / "state", embedded=True)  # speaks CURVE to the nodes too
+        result = embedded.search(small_data.queries, 10, 8)
+        embedded.close()
+        np.testing.assert_array_equal(result.ids, reference[1])
     finally:
         cluster.down(tmp_path / "state")
 
@@ -286,6 +353,8 @@ def test_cluster_command_line(index_dir, tmp_path, small_data):
         np.testing.assert_array_equal(through_cluster["ids"], in_process["ids"])
         np.testing.assert_array_equal(through_cluster["distances"], in_process["distances"])
         assert through_cluster["partial"].shape == (200,) and not through_cluster["partial"].any()
+        chameleon("search", "--cluster", state, "--embedded", "--queries", tmp_path / "q.npy", "--k", 7, "--nprobe", 4, "--out", tmp_path / "e.npz")
+        np.testing.assert_array_equal(np.load(tmp_path / "e.npz")["ids"], in_process["ids"])
         taken = chameleon("node", "retrieval", "--index", index_dir, "--shard", 0, "--bind", endpoint, expect=2).stderr
         assert f"cannot bind {endpoint}" in taken
         np.save(tmp_path / "bad.npy", small_data.queries[:, :30])

@@ -5,7 +5,8 @@ inference side); the retrieval nodes and the coordinator are child processes on 
 (``chameleon.cluster``), asked to exit if this process dies. SIGTERM or Ctrl-C stops accepting
 requests, finishes the ones in flight, then stops every process this one started. The torch
 engine runs in this process behind the continuous batcher and the document KV cache; the vLLM
-engine batches and caches prefixes itself, in processes of its own.
+engine batches and caches prefixes itself, in processes of its own, and the document cache's tree
+orders each prompt's documents for it and follows what it holds.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ def serve(settings: ServeSettings, ready_file: Path | None = None) -> None:
     from chameleon.server.service import Service
     from coordinator.client import RetrievalClient
     from coordinator.security import CurveKeys
+    from coordinator.speculation import SpeculativePrefill
     from retriever.datasets import cache_dir
 
     signal.signal(signal.SIGTERM, _interrupt)  # until uvicorn takes over: a stop during startup cleans up too
@@ -82,12 +84,14 @@ def serve(settings: ServeSettings, ready_file: Path | None = None) -> None:
         metrics = Metrics(tier_info=lambda: service.tier_info() if service is not None else None)
         metrics.queue_depth.set_function(lambda: engine.waiting)
         metrics.batch_size.set_function(lambda: engine.running)
-        doc_cache = None  # vLLM's own prefix caching keeps the documents' KV
-        if kind == "torch":
-            template = prompt_segments(engine, "?", rag_index.passages[:1])[0]  # the head every standard request shares
-            doc_cache = _document_cache(engine, settings, cache_dir(), template)
+        template = prompt_segments(engine, "?", rag_index.passages[:1])[0]  # the head every standard request shares
+        doc_cache = _document_cache(kind, engine, settings, cache_dir(), template)
         metrics.watch_cache(doc_cache)
-        pipeline = RagPipeline(rag_index, embedder, engine, k=settings.k, nprobe=settings.nprobe, retrieval=searcher, doc_cache=doc_cache)
+        speculation = SpeculativePrefill(busy=lambda: engine.waiting > 0) if settings.speculative else None
+        metrics.watch_speculation(speculation)
+        pipeline = RagPipeline(
+            rag_index, embedder, engine, k=settings.k, nprobe=settings.nprobe, retrieval=searcher, doc_cache=doc_cache, speculation=speculation
+        )  # fmt: skip
         model_id = Path(settings.model).name if settings.model else BUILTIN_LLM
         service = Service(pipeline, model_id, tier, knnlm, metrics)
         app = create_app(service, settings, metrics)
@@ -116,14 +120,17 @@ def serve(settings: ServeSettings, ready_file: Path | None = None) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def _document_cache(engine, settings: ServeSettings, cache: Path, template: list[int]):
+def _document_cache(kind: str, engine, settings: ServeSettings, cache: Path, template: list[int]):
     """The document KV cache, or None; gdsf/pgdsf cost requests with a prefill profile, measured
-    once per model and device (a few seconds) unless one is given."""
-    from chameleon.doc_cache import DocumentKVCache
+    once per model and device (a few seconds) unless one is given. With vLLM, which evicts by
+    itself, the tree follows its KV cache (its size where vLLM reports it, else the device budget)."""
+    from chameleon.doc_cache import DocumentKVCache, VllmDocumentCache
     from coordinator.prefill_profile import PrefillProfile, measure_quick
 
     if settings.cache_policy == "none":
         return None
+    if kind == "vllm":
+        return VllmDocumentCache.of(engine, settings.cache_device_mb << 20, template)
     profile = None
     if settings.cache_policy in ("gdsf", "pgdsf"):
         path = settings.prefill_profile or cache / "profiles" / f"{Path(engine.model.config._name_or_path).name}-{engine.device}.json"

@@ -41,6 +41,28 @@ class Metrics:
             self.registry.register(_CacheCollector(doc_cache))
 
 
+    def watch_speculation(self, speculation) -> None:
+        """Export the speculative prefills' counters (nothing when speculation is off)."""
+        if speculation is not None:
+            self.registry.register(_SpeculationCollector(speculation))
+
+
+class _SpeculationCollector:
+    """Speculative prefills on the tier's early top-k, by outcome."""
+
+    def __init__(self, speculation):
+        self.speculation = speculation
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        outcomes = CounterMetricFamily("chameleon_speculative_prefills", "Speculative prefills by outcome.", labels=["outcome"])
+        for outcome, count in dict(self.speculation.stats).items():
+            outcomes.add_metric([outcome], count)
+        yield outcomes
+
+
 class _CacheCollector:
     """Prompt tokens by where their KV came from: the device tier, the host tier, or computed."""
 

@@ -21,7 +21,7 @@ class ServeSettings(BaseSettings):
     engine: Literal["auto", "torch", "vllm"] = Field(
         "auto",
         description="LLM engine: torch (transformers, CUDA when present) or vllm (vLLM: its own batching and prefix caching, "
-        "no document KV cache, no kNN-LM); auto is vllm on a CUDA host where it is installed (torch with --knnlm), else torch.",
+        "no kNN-LM); auto is vllm on a CUDA host where it is installed (torch with --knnlm), else torch.",
     )
     max_batch: int = Field(8, ge=1, le=256, description="Sequences decoded together (continuous batching); 1 is one at a time.")
     reorder_window: int = Field(8, ge=0, le=1024, description="Cache-aware admission to the batch (torch engine): a request is passed over at most this often; 0: arrival order.")
@@ -41,10 +41,15 @@ class ServeSettings(BaseSettings):
     max_body_bytes: int = Field(1 << 20, ge=1024, le=1 << 30)
     knnlm: Path | None = Field(None, description="kNN-LM datastore (`index build --knnlm`) for mode=knnlm (torch engine).")
     cache_policy: Literal["none", "lru", "lfu", "gdsf", "pgdsf"] = Field(
-        "pgdsf", description="Document KV cache replacement policy (torch engine; vLLM's prefix caching does this job with vllm)."
+        "pgdsf", description="Document KV cache replacement policy (torch engine); with vllm, any but none follows vLLM's own LRU prefix cache."
     )
-    cache_device_mb: int = Field(512, ge=1, le=1 << 20, description="Device tier of the document KV cache (MiB).")
+    cache_device_mb: int = Field(
+        512, ge=1, le=1 << 20, description="Device tier of the document KV cache (MiB); with vllm, only where vLLM does not report its KV cache's size."
+    )
     cache_host_mb: int = Field(2048, ge=0, le=1 << 22, description="Host tier of the document KV cache (MiB).")
+    speculative: bool = Field(
+        False, description="Prefill on the retrieval tier's early top-k while the search finishes (again, if the final passages differ)."
+    )
     prefill_profile: Path | None = Field(None, description="Prefill profile for gdsf/pgdsf (default: measured once, cached).")
 
     @field_validator("api_keys", mode="before")
