@@ -201,11 +201,11 @@ class RagPipeline:
         timings["speculation"] = "confirmed" if confirmed else "restarted"
         if self.doc_cache is not None:
             self.doc_cache.keep(early_admitted, early_segments, generation)
+        tokens = [t for segment in segments for t in segment]
         if confirmed:
-            return _FirstPrompt(ranked, segments, kept, resume_prefix(generation, [t for s in segments for t in s], None), None, generation.cached_tokens)
+            return _FirstPrompt(ranked, segments, kept, resume_prefix(generation, tokens, None), None, generation.cached_tokens)
         cached, admitted = self._cached_prefix(segments, ranked[:kept])
-        prefix = resume_prefix(generation, [t for s in segments for t in s], cached)
-        return _FirstPrompt(ranked, segments, kept, prefix, admitted, len(cached.tokens) if cached is not None else 0)
+        return _FirstPrompt(ranked, segments, kept, resume_prefix(generation, tokens, cached), admitted, len(cached.tokens) if cached is not None else 0)
 
     def _canonical(self, ranked: list[tuple[Passage, float]]) -> list[tuple[Passage, float]]:
         """``ranked`` in the document cache's order (with vLLM: its resident documents first, which
