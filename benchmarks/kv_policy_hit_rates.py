@@ -25,7 +25,6 @@ from chameleon.llm import TorchEngine
 from chameleon.rag import prompt_segments
 from coordinator.kv_cache import POLICIES, KnowledgeTree
 from coordinator.prefill_profile import measure_quick
-from coordinator.speculation import SpeculativePrefill
 
 
 def replay(policy: str, requests: list, device_tokens: int, host_tokens: int, template: int, profile) -> tuple[float, float]:
@@ -65,7 +64,7 @@ def main():
         ratios = []
         for seed in range(args.seeds):
             stream = request_stream(rag_index.passages, args.requests, s, rate=1.0, seed=seed)
-            retrieve(stream, rag_index, embedder, args.nprobe, SpeculativePrefill())
+            retrieve(stream, rag_index, embedder, args.nprobe, early=args.nprobe // 2)
             segments = [prompt_segments(engine, r.question, r.passages) for r in stream]
             requests = [([(str(p.id), len(x)) for p, x in zip(r.passages, seg[1:-1])], len(seg[-1])) for r, seg in zip(stream, segments)]
             template = len(segments[0][0])

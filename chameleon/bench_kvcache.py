@@ -35,6 +35,7 @@ from retriever.errors import RetrieverError
 from retriever.search import Searcher
 from retriever.vectors import prepare_vectors
 
+EARLY_FRACTION = 0.5  # the early answer comes after half the probed lists
 ROW_KEYS = ("policy", "reorder", "speculative", "zipf_s", "ttft_p50_ms", "ttft_p99_ms", "throughput_rps", "hit_rate")
 
 
@@ -64,8 +65,8 @@ def request_stream(passages: list[Passage], n: int, zipf_s: float, rate: float, 
     ]
 
 
-def retrieve(stream: list[Request], rag_index: RagIndex, embedder, nprobe: int, speculation: SpeculativePrefill) -> None:
-    """Fill each request's passages (final and early) and its measured search times."""
+def retrieve(stream: list[Request], rag_index: RagIndex, embedder, nprobe: int, early: int) -> None:
+    """Fill each request's passages (final, and early: after the first ``early`` lists) and its measured search times."""
     searcher = Searcher(rag_index.index)
     searcher.engine.warm_up()
     about = sorted({r.about.id: r.about for r in stream}.values(), key=lambda p: p.id)
@@ -74,7 +75,7 @@ def retrieve(stream: list[Request], rag_index: RagIndex, embedder, nprobe: int, 
         query = queries[request.about.id][None]
         started = time.perf_counter()
         list_ids, _ = searcher.quantizer.search(query, nprobe)
-        staged = searcher.scan_staged(query, list_ids, request.k, speculation.early_lists(nprobe))
+        staged = searcher.scan_staged(query, list_ids, request.k, early)
         _, early_ids, _ = staged.early()
         request.early_s = time.perf_counter() - started
         _, ids, _ = staged.final()
@@ -91,17 +92,16 @@ def serve_stream(
         request, segments = item
         return doc_cache.tree.reuse_ratio([(str(p.id), len(s)) for p, s in zip(request.passages, segments[1:-1])], len(segments[-1]))
 
-    def prefill(request: Request, passages: list[Passage], resume: Generation | None = None):
-        """Lookup + prefill to the first token: (segments, generation, seconds, tokens the document cache gave)."""
+    def prefill(segments: list[list[int]], passages: list[Passage], resume: Generation | None = None):
+        """Lookup + prefill to the first token: (generation, seconds, tokens the document cache gave)."""
         started = time.perf_counter()
-        segments = prompt_segments(engine, request.question, passages)
         tokens = [t for s in segments for t in s]
         cached, admitted = doc_cache.lookup(segments, [str(p.id) for p in passages]) if doc_cache else (None, None)
         prefix = resume_prefix(resume, tokens, cached) if resume is not None else cached
         generation = engine.generate(tokens, 1, prefix)
         if admitted is not None:
             doc_cache.keep(admitted, segments, generation)
-        return segments, generation, time.perf_counter() - started, len(cached.tokens) if cached is not None else 0
+        return generation, time.perf_counter() - started, len(cached.tokens) if cached is not None else 0
 
     waiting = CacheAwareQueue(reuse_ratio if reorder else (lambda item: 0.0), window=8)
     ready = sorted(stream, key=lambda r: r.arrival + r.retrieval_s)
@@ -112,11 +112,13 @@ def serve_stream(
             early_at = max(clock, upcoming.arrival + upcoming.early_s)
             if speculation is not None and early_at < upcoming.arrival + upcoming.retrieval_s and speculation.begin():
                 next_ready += 1  # idle engine, early answer in: prefill on it while the search finishes
-                segments, generation, seconds, shared = prefill(upcoming, upcoming.early)
+                segments = prompt_segments(engine, upcoming.question, upcoming.early)
+                generation, seconds, shared = prefill(segments, upcoming.early)
                 clock = max(early_at + seconds, upcoming.arrival + upcoming.retrieval_s)
                 final = prompt_segments(engine, upcoming.question, upcoming.passages)
                 if not speculation.end([t for s in segments for t in s], [t for s in final for t in s]):
-                    segments, _, seconds, shared = prefill(upcoming, upcoming.passages, resume=generation)
+                    segments = final
+                    _, seconds, shared = prefill(segments, upcoming.passages, resume=generation)
                     clock += seconds
                 ttfts.append(clock - upcoming.arrival)
                 prompt_tokens += sum(map(len, segments))
@@ -127,8 +129,8 @@ def serve_stream(
             request = ready[next_ready]
             waiting.push((request, prompt_segments(engine, request.question, request.passages)))  # tokenized once, when retrieved
             next_ready += 1
-        request, _ = waiting.pop()
-        segments, _, seconds, shared = prefill(request, request.passages)
+        request, segments = waiting.pop()
+        _, seconds, shared = prefill(segments, request.passages)
         clock += seconds
         ttfts.append(clock - request.arrival)
         prompt_tokens += sum(map(len, segments))
@@ -164,22 +166,22 @@ def kvcache_benchmark(
     template = prompt_segments(engine, "q", passages[:1])[0]
     per_doc = kv_bytes_per_token(engine) * float(np.mean(sizes))
     device_bytes = int(kv_bytes_per_token(engine) * len(template) + device_docs * per_doc)
-    early_half = SpeculativePrefill(early_fraction=0.5)
+    early = SpeculativePrefill(early_fraction=EARLY_FRACTION).early_lists(nprobe)
     rows = []
     for s in zipf:
         # capacity without a cache, on this very stream: sets the arrival rate for every policy
         probe = request_stream(passages, max(10, requests // 5), s, rate=1e9, seed=seed)
-        retrieve(probe, rag_index, embedder, nprobe, early_half)
+        retrieve(probe, rag_index, embedder, nprobe, early)
         capacity = serve_stream(engine, probe, None, reorder=False)["throughput_rps"]
         stream = request_stream(passages, requests, s, rate=load * capacity, seed=seed)
-        retrieve(stream, rag_index, embedder, nprobe, early_half)
+        retrieve(stream, rag_index, embedder, nprobe, early)
         for policy in policies:
             for reorder in (False, True) if policy != "none" else (False,):
                 for speculate in speculative:
                     doc_cache = None
                     if policy != "none":
                         doc_cache = DocumentKVCache(engine, policy, device_bytes, int(host_docs * per_doc), profile, template=template)
-                    speculation = SpeculativePrefill(early_fraction=0.5) if speculate else None
+                    speculation = SpeculativePrefill(early_fraction=EARLY_FRACTION) if speculate else None
                     measured = serve_stream(engine, stream, doc_cache, reorder, speculation)
                     extra = {"speculation": speculation.stats} if speculation is not None else {}
                     rows.append({"policy": policy, "reorder": reorder, "speculative": speculate, "zipf_s": s, **measured, **extra})
