@@ -316,3 +316,25 @@ def test_forget_removes_a_subtree_from_every_tier():
     assert_invariants(tree)
     with pytest.raises(RetrieverError, match="template"):
         tree.forget(tree.root)
+
+
+def test_a_document_admitted_again_keeps_the_counts_it_had():
+    tree = KnowledgeTree("lfu", device_bytes=10 + 20, host_bytes=0, bytes_per_token=1, template_tokens=10)
+    for docs in (["a"], ["a"], ["b"], ["c"]):  # c evicts b, the least used
+        tree.access([(doc, 10) for doc in docs])
+    assert set(tree.root.children) == {"a", "c"}
+    tree.access([("b", 10)])  # evicts c; b comes back with its one earlier use
+    assert tree.root.children["b"].frequency == 2
+    dropped = tree.access([("d", 10)]).dropped  # a and b both used twice: the older use goes
+    assert [(n.doc, tier) for n, tier in dropped] == [("a", "device")]
+    assert tree._history[("a",)][0] == 2 and ("b",) not in tree._history
+
+
+def test_the_history_of_departed_documents_is_bounded(monkeypatch):
+    import coordinator.kv_cache as kv_cache
+
+    monkeypatch.setattr(kv_cache, "HISTORY_LIMIT", 3)
+    tree = KnowledgeTree("lru", device_bytes=10 + 10, host_bytes=0, bytes_per_token=1, template_tokens=10)
+    for doc in "abcdef":
+        tree.access([(doc, 10)])
+    assert list(tree._history) == [("c",), ("d",), ("e",)]  # room for one document: a..e left in turn, a and b forgotten
