@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from chameleon.corpus import Passage, RagIndex
 from chameleon.doc_cache import DocumentKVCache, kv_bytes_per_token
 from chameleon.llm import Generation
-from chameleon.rag import prompt_segments, resume_prefix
+from chameleon.rag import joined, prompt_segments, resume_prefix
 from coordinator.kv_cache import CacheAwareQueue
 from coordinator.prefill_profile import PrefillProfile
 from coordinator.speculation import SpeculativePrefill
@@ -95,7 +95,7 @@ def serve_stream(
     def prefill(segments: list[list[int]], passages: list[Passage], resume: Generation | None = None):
         """Lookup + prefill to the first token: (generation, seconds, tokens the document cache gave)."""
         started = time.perf_counter()
-        tokens = [t for s in segments for t in s]
+        tokens = joined(segments)
         cached, admitted = doc_cache.lookup(segments, [str(p.id) for p in passages]) if doc_cache else (None, None)
         prefix = resume_prefix(resume, tokens, cached) if resume is not None else cached
         generation = engine.generate(tokens, 1, prefix)
@@ -103,35 +103,38 @@ def serve_stream(
             doc_cache.keep(admitted, segments, generation)
         return generation, time.perf_counter() - started, len(cached.tokens) if cached is not None else 0
 
+    def speculate(request: Request, early_at: float):
+        """Prefill on the early answer from ``early_at``, again on the final one if it differs:
+        (the prompt served, when its first token stands, tokens the document cache gave)."""
+        segments = prompt_segments(engine, request.question, request.early)
+        generation, seconds, shared = prefill(segments, request.early)
+        first_token_at = max(early_at + seconds, request.arrival + request.retrieval_s)
+        final = prompt_segments(engine, request.question, request.passages)
+        if speculation.end(joined(segments), joined(final)):
+            return segments, first_token_at, shared
+        _, seconds, shared = prefill(final, request.passages, resume=generation)  # the speculative one ran to its end
+        return final, first_token_at + seconds, shared
+
     waiting = CacheAwareQueue(reuse_ratio if reorder else (lambda item: 0.0), window=8)
     ready = sorted(stream, key=lambda r: r.arrival + r.retrieval_s)
     clock, next_ready, ttfts, prompt_tokens, reused = 0.0, 0, [], 0, 0
     for _ in tqdm(range(len(stream)), desc="requests", leave=False):
-        if not len(waiting):
-            upcoming = ready[next_ready]
-            early_at = max(clock, upcoming.arrival + upcoming.early_s)
-            if speculation is not None and early_at < upcoming.arrival + upcoming.retrieval_s and speculation.begin():
-                next_ready += 1  # idle engine, early answer in: prefill on it while the search finishes
-                segments = prompt_segments(engine, upcoming.question, upcoming.early)
-                generation, seconds, shared = prefill(segments, upcoming.early)
-                clock = max(early_at + seconds, upcoming.arrival + upcoming.retrieval_s)
-                final = prompt_segments(engine, upcoming.question, upcoming.passages)
-                if not speculation.end([t for s in segments for t in s], [t for s in final for t in s]):
-                    segments = final
-                    _, seconds, shared = prefill(segments, upcoming.passages, resume=generation)
-                    clock += seconds
-                ttfts.append(clock - upcoming.arrival)
-                prompt_tokens += sum(map(len, segments))
-                reused += shared
-                continue
-            clock = max(clock, upcoming.arrival + upcoming.retrieval_s)
-        while next_ready < len(ready) and ready[next_ready].arrival + ready[next_ready].retrieval_s <= clock:
-            request = ready[next_ready]
-            waiting.push((request, prompt_segments(engine, request.question, request.passages)))  # tokenized once, when retrieved
-            next_ready += 1
-        request, segments = waiting.pop()
-        _, seconds, shared = prefill(segments, request.passages)
-        clock += seconds
+        upcoming = ready[next_ready] if not len(waiting) else None  # the engine is idle until it is retrieved
+        early_at = max(clock, upcoming.arrival + upcoming.early_s) if upcoming is not None else None
+        if upcoming is not None and speculation is not None and early_at < upcoming.arrival + upcoming.retrieval_s and speculation.begin():
+            next_ready += 1  # early answer in: prefill on it while the search finishes
+            request = upcoming
+            segments, clock, shared = speculate(request, early_at)
+        else:
+            if upcoming is not None:
+                clock = max(clock, upcoming.arrival + upcoming.retrieval_s)
+            while next_ready < len(ready) and ready[next_ready].arrival + ready[next_ready].retrieval_s <= clock:
+                retrieved = ready[next_ready]
+                waiting.push((retrieved, prompt_segments(engine, retrieved.question, retrieved.passages)))  # tokenized once, when retrieved
+                next_ready += 1
+            request, segments = waiting.pop()
+            _, seconds, shared = prefill(segments, request.passages)
+            clock += seconds
         ttfts.append(clock - request.arrival)
         prompt_tokens += sum(map(len, segments))
         reused += shared

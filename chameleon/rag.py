@@ -69,6 +69,11 @@ def prompt_segments(engine, question: str, passages: Sequence[Passage], history:
     return [encode(head), *map(encode, passage_pieces(passages)), encode(tail)]
 
 
+def joined(segments: list[list[int]]) -> list[int]:
+    """A prompt's tokens: its segments one after another."""
+    return [token for segment in segments for token in segment]
+
+
 def resume_prefix(speculative: Generation, tokens: list[int], cached: KVPrefix | None) -> KVPrefix | None:
     """Where the prompt ``tokens`` starts after a speculative prefill: the KV of what it shares
     with the speculative prompt (all of it when the speculation stands), or the document cache's
@@ -172,7 +177,7 @@ class RagPipeline:
     def _first_prompt(self, question: str, timings: dict, k: int | None, max_new_tokens: int, render) -> _FirstPrompt:
         """Retrieve for ``question``, build its prompt and find the KV it starts from (speculating
         on the early top-k when asked to)."""
-        speculative: list = []  # (segments, admission, future) of the prefill started on the early top-k
+        speculative: list = []  # (segments, tokens, admission, future) of the prefill started on the early top-k
 
         def speculate(early_ranked) -> None:
             early_ranked = self._canonical(early_ranked)
@@ -180,28 +185,28 @@ class RagPipeline:
             if not self.speculation.begin():
                 return
             prefix, admitted = self._cached_prefix(segments, early_ranked[:kept])
-            tokens = [t for segment in segments for t in segment]
-            speculative.append((segments, admitted, self._speculator.submit(self.engine.generate, tokens, 1, prefix)))
+            tokens = joined(segments)
+            speculative.append((segments, tokens, admitted, self._speculator.submit(self.engine.generate, tokens, 1, prefix)))
 
         try:
             ranked = self._canonical(self.retrieve(question, timings, k, on_early=speculate if self.speculation is not None else None))
             segments, kept = self.fit([p for p, _ in ranked], max_new_tokens, render)
         except Exception:
-            for early_segments, _, future in speculative:  # the engine is the caller's again only once it is done
+            for _, early_tokens, _, future in speculative:  # the engine is the caller's again only once it is done
                 future.exception()
-                self.speculation.end([t for s in early_segments for t in s], ())
+                self.speculation.end(early_tokens, ())
             raise
         if not speculative:
             return _FirstPrompt(ranked, segments, kept, *self._cached_prefix(segments, ranked[:kept]))
-        early_segments, early_admitted, future = speculative[0]
+        early_segments, early_tokens, early_admitted, future = speculative[0]
+        tokens = joined(segments)
         try:
             generation = future.result()
         finally:
-            confirmed = self.speculation.end([t for s in early_segments for t in s], [t for s in segments for t in s])
+            confirmed = self.speculation.end(early_tokens, tokens)
         timings["speculation"] = "confirmed" if confirmed else "restarted"
         if self.doc_cache is not None:
             self.doc_cache.keep(early_admitted, early_segments, generation)
-        tokens = [t for segment in segments for t in segment]
         if confirmed:
             return _FirstPrompt(ranked, segments, kept, resume_prefix(generation, tokens, None), None, generation.cached_tokens)
         cached, admitted = self._cached_prefix(segments, ranked[:kept])
@@ -243,7 +248,7 @@ class RagPipeline:
         ``history`` is the conversation before the question; ``system`` replaces the default system prompt.
         """
         segments, kept = self.fit(passages, max_new_tokens, lambda chosen: prompt_segments(self.engine, question, chosen, history, system))
-        return [token for segment in segments for token in segment], kept
+        return joined(segments), kept
 
     def ask(
         self,
@@ -277,7 +282,7 @@ class RagPipeline:
             question, timings, k, max_new_tokens, lambda chosen: prompt_segments(self.engine, question, chosen, history, system)
         )
         ranked, segments, kept, prefix, admitted = first.ranked, first.segments, first.kept, first.prefix, first.admitted
-        tokens = [token for segment in segments for token in segment]
+        tokens = joined(segments)
         answer: list[int] = []
         state = None
         retrievals, changes, reused = 1, 0, 0

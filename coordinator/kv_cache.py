@@ -288,8 +288,9 @@ class KnowledgeTree:
     def _remember(self, node: Node) -> None:
         """Keep the counts of a node that leaves the tree, for when its path is admitted again
         (the most recent :data:`HISTORY_LIMIT` paths)."""
-        self._history.pop(node.path, None)  # re-inserted last: the oldest entry goes first
-        self._history[node.path] = (node.frequency, node.miss_cost_per_token, node.misses)
+        path = node.path
+        self._history.pop(path, None)  # re-inserted last: the oldest entry goes first
+        self._history[path] = (node.frequency, node.miss_cost_per_token, node.misses)
         if len(self._history) > HISTORY_LIMIT:
             del self._history[next(iter(self._history))]
 

@@ -390,4 +390,3 @@ class EmbeddedCoordinator:
         self._stop.set()
         self.thread.join()
         self.context.term()
-        self.context.term()
