@@ -4,9 +4,10 @@ GloVe-50 (IVF1024,PQ25), batches of 16 queries at nprobe 16, sent one after anot
 the in-process search of the same index (coarse search + Numba scan, one process); the tier runs
 the coarse search in the client, then coordinator -> S retrieval nodes -> merge on loopback TCP
 (``chameleon cluster up``), with the coordinator either its own process (``coordinator process``)
-or a thread of the client (``embedded``, ``ClusterSearcher.open(..., embedded=True)``). The three
-take turns batch by batch (in a rotating order), so that each sees the same load from whatever
-else runs on the machine. Reports p50/p99 per batch, QPS and the added p50 latency.
+or driven inline by the client's own calls (``inline coordinator``,
+``ClusterSearcher.open(..., embedded=True)``). The three take turns batch by batch (in a rotating
+order), so that each sees the same load from whatever else runs on the machine. Reports p50/p99
+per batch, QPS and the added p50 latency.
 
     python benchmarks/tier_overhead.py [--index runs/glove-50] [--batches 500]
 """
@@ -74,16 +75,16 @@ def main():
     for nshards in [int(s) for s in args.shards.split(",")]:
         with tempfile.TemporaryDirectory() as state:
             cluster.up(args.index, nshards, state)
-            process, embedded = cluster.ClusterSearcher.open(state), cluster.ClusterSearcher.open(state, embedded=True)
+            process, inline = cluster.ClusterSearcher.open(state), cluster.ClusterSearcher.open(state, embedded=True)
             try:
                 ms = time_interleaved({
                     "in process": lambda q: local.search(q, 10, NPROBE),
                     "coordinator process": lambda q: process.search(q, 10, NPROBE),
-                    "embedded": lambda q: embedded.search(q, 10, NPROBE),
+                    "inline coordinator": lambda q: inline.search(q, 10, NPROBE),
                 }, queries, args.batches)  # fmt: skip
             finally:
                 process.close()
-                embedded.close()
+                inline.close()
                 cluster.down(state)
         base_p50 = float(np.percentile(ms["in process"], 50))
         print(f"{nshards} shard(s), load average {os.getloadavg()[0]:.1f} after")

@@ -14,6 +14,11 @@ top-k after half its lists (``coordinator.speculation``); when the engine is idl
 starts on it, and the request's first token stands at the final answer if the passages are the
 same, or prefill runs again (the speculative one cannot be cut short) on the final prompt. The
 arrival rate is ``load`` times the no-cache capacity, measured first on the same stream.
+
+Each cache first serves ``warmup`` requests of the same stream, back to back and not counted,
+so that the measured requests see the steady state: from a cold cache, a short stream's hit
+rate is mostly first-time misses, the same for every policy, and the policies only differ
+once the tiers are full and they start to choose what to evict.
 """
 
 from __future__ import annotations
@@ -51,18 +56,22 @@ class Request:
     retrieval_s: float = 0.0  # ... and to the final one
 
 
-def request_stream(passages: list[Passage], n: int, zipf_s: float, rate: float, seed: int) -> list[Request]:
-    """``n`` requests: Poisson arrivals at ``rate`` per second, each about a Zipf-popular passage, k in 2..5."""
+def request_stream(passages: list[Passage], n: int, zipf_s: float, rate: float, seed: int, drift: int = 0) -> list[Request]:
+    """``n`` requests: Poisson arrivals at ``rate`` per second, each about a Zipf-popular passage, k
+    in 2..5. With ``drift``, popularity is drawn again every ``drift`` requests (a new hot set)."""
     rng = np.random.default_rng(seed)
     popularity = rng.permutation(len(passages))  # popularity rank -> passage
     weights = 1.0 / np.arange(1, len(passages) + 1) ** zipf_s
     weights /= weights.sum()
     arrivals = np.cumsum(rng.exponential(1.0 / rate, n))
     ranks = rng.choice(len(passages), size=n, p=weights)
-    return [
-        Request(float(arrivals[i]), passages[popularity[ranks[i]]], int(rng.integers(2, 6)), f"What does passage {i} explain, briefly?")
-        for i in range(n)
-    ]
+    stream = []
+    for i in range(n):
+        if drift and i and i % drift == 0:
+            popularity = rng.permutation(len(passages))
+        about = passages[popularity[ranks[i]]]
+        stream.append(Request(float(arrivals[i]), about, int(rng.integers(2, 6)), f"What does passage {i} explain, briefly?"))
+    return stream
 
 
 def retrieve(stream: list[Request], rag_index: RagIndex, embedder, nprobe: int, early: int) -> None:
@@ -85,9 +94,11 @@ def retrieve(stream: list[Request], rag_index: RagIndex, embedder, nprobe: int, 
 
 
 def serve_stream(
-    engine, stream: list[Request], doc_cache: DocumentKVCache | None, reorder: bool, speculation: SpeculativePrefill | None = None
+    engine, stream: list[Request], doc_cache: DocumentKVCache | None, reorder: bool, speculation: SpeculativePrefill | None = None,
+    warmup: list[Request] = (),
 ) -> dict:
-    """Serve ``stream`` on one engine (virtual clock, measured service times); TTFTs and hit rate."""
+    """Serve ``stream`` on one engine (virtual clock, measured service times); TTFTs and hit rate.
+    ``warmup`` requests go through the cache first, in order, uncounted."""
     def reuse_ratio(item) -> float:
         request, segments = item
         return doc_cache.tree.reuse_ratio([(str(p.id), len(s)) for p, s in zip(request.passages, segments[1:-1])], len(segments[-1]))
@@ -115,6 +126,9 @@ def serve_stream(
         _, seconds, shared = prefill(final, request.passages, resume=generation)  # the speculative one ran to its end
         return final, first_token_at + seconds, shared
 
+    if doc_cache is not None:
+        for request in tqdm(warmup, desc="warm-up", leave=False):
+            prefill(prompt_segments(engine, request.question, request.passages), request.passages)
     waiting = CacheAwareQueue(reuse_ratio if reorder else (lambda item: 0.0), window=8)
     ready = sorted(stream, key=lambda r: r.arrival + r.retrieval_s)
     clock, next_ready, ttfts, prompt_tokens, reused = 0.0, 0, [], 0, 0
@@ -160,8 +174,12 @@ def kvcache_benchmark(
     load: float = 0.9,
     nprobe: int = 8,
     seed: int = 0,
+    warmup: int = 100,
 ) -> list[dict]:
-    """One row per (zipf s, policy, reorder, speculative); budgets in average passages (KV bytes of that many)."""
+    """One row per (zipf s, policy, reorder, speculative); budgets in average passages (KV bytes of
+    that many). Every cache is warmed by the ``warmup`` requests before the measured ``requests``."""
+    if not 0 <= warmup <= 100_000:
+        raise RetrieverError(f"warmup must be 0..100000 requests, got {warmup}")
     if requests < 10 or not 0 < load < 10 or device_docs < 6 or host_docs < 0 or not 2 <= nprobe <= rag_index.index.params.nlist:
         raise RetrieverError(f"need at least 10 requests, 0 < load < 10, device_docs >= 6, host_docs >= 0 and 2 <= nprobe <= {rag_index.index.params.nlist}")
     passages = rag_index.passages
@@ -176,8 +194,9 @@ def kvcache_benchmark(
         probe = request_stream(passages, max(10, requests // 5), s, rate=1e9, seed=seed)
         retrieve(probe, rag_index, embedder, nprobe, early)
         capacity = serve_stream(engine, probe, None, reorder=False)["throughput_rps"]
-        stream = request_stream(passages, requests, s, rate=load * capacity, seed=seed)
+        stream = request_stream(passages, warmup + requests, s, rate=load * capacity, seed=seed)
         retrieve(stream, rag_index, embedder, nprobe, early)
+        warm, stream = stream[:warmup], stream[warmup:]
         for policy in policies:
             for reorder in (False, True) if policy != "none" else (False,):
                 for speculate in speculative:
@@ -185,7 +204,8 @@ def kvcache_benchmark(
                     if policy != "none":
                         doc_cache = DocumentKVCache(engine, policy, device_bytes, int(host_docs * per_doc), profile, template=template)
                     speculation = SpeculativePrefill(early_fraction=EARLY_FRACTION) if speculate else None
-                    measured = serve_stream(engine, stream, doc_cache, reorder, speculation)
+                    measured = serve_stream(engine, stream, doc_cache, reorder, speculation, warm)
                     extra = {"speculation": speculation.stats} if speculation is not None else {}
-                    rows.append({"policy": policy, "reorder": reorder, "speculative": speculate, "zipf_s": s, **measured, **extra})
+                    row = {"policy": policy, "reorder": reorder, "speculative": speculate, "zipf_s": s, **measured}
+                    rows.append({**row, "warmup_requests": warmup, **extra})
     return rows

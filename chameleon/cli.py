@@ -480,6 +480,7 @@ def bench_kvcache(
     index: Optional[Path] = typer.Option(None, "--index", help="Passage index whose passages are the documents (default: python-docs)."),
     model: Optional[str] = typer.Option(None, "--model", help="Local HF model directory (default: built-in)."),
     requests: int = typer.Option(100, "--requests", help="Requests per configuration."),
+    warmup: int = typer.Option(100, "--warmup", help="Requests each cache serves first, uncounted (steady state)."),
     zipf: str = typer.Option("0.8,1.1", "--zipf", help="Zipf exponents of document popularity."),
     policies: str = typer.Option("none,lru,lfu,gdsf,pgdsf", "--policies"),
     speculative: str = typer.Option("both", "--speculative", help="Speculative prefill on the early top-k: off, on or both (a row each)."),
@@ -510,7 +511,7 @@ def bench_kvcache(
     rag_index = RagIndex(index if index is not None else builtin_rag_index(embedder, progress=True), embedder.fingerprint)
     cost_model = PrefillProfile.load(profile) if profile is not None else measure_quick(engine)
     rows = kvcache_benchmark(engine, rag_index, embedder, cost_model, requests, tuple(_number_list(zipf, "--zipf", float)), tuple(chosen),
-                             speculation, device_docs, host_docs, load, nprobe, seed)  # fmt: skip
+                             speculation, device_docs, host_docs, load, nprobe, seed, warmup)  # fmt: skip
     write_json_atomic(json_out, rows)
     typer.echo("  ".join(f"{key:>14}" for key in ROW_KEYS))
     for row in rows:

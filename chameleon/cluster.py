@@ -5,8 +5,8 @@ count) and a coordinator, waits until the coordinator sees every node alive, and
 ``STATE/cluster.json`` (endpoints, pids, logs). ``down`` stops them (SIGTERM, then SIGKILL after a
 grace period); ``status`` reports which processes live and what the coordinator sees. Every
 process is the same ``chameleon node ...`` command a multi-machine deployment runs.
-``ClusterSearcher.open(..., embedded=True)`` runs the coordinator on a thread of the searching
-process instead (the same code, its front on ``inproc://``), one network hop fewer per search.
+``ClusterSearcher.open(..., embedded=True)`` runs the coordinator inside the searching process
+instead (the same code, driven by the searcher's own calls), one network hop fewer per search.
 """
 
 from __future__ import annotations
@@ -18,13 +18,14 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from coordinator.client import RetrievalClient, SearchResult
-from coordinator.router import ClusterConfig, EmbeddedCoordinator
+from coordinator.router import ClusterConfig, Coordinator, InlineCoordinator
 from coordinator.security import CurveKeys
 from retriever.coarse import CoarseQuantizer
 from retriever.errors import RetrieverError
@@ -161,7 +162,7 @@ def up(
         started.append(coordinator)
         front = _wait_ready(coordinator, run / "coordinator.json", logs / "coordinator.log", deadline)
         with RetrievalClient(front["endpoint"], keys=keys) as client:
-            if not _wait_all_alive(client, deadline):
+            if not _wait_all_alive(lambda: client.info(timeout=2.0), deadline):
                 raise RetrieverError("the coordinator did not see every node alive in time")
     except BaseException:
         for process in started:
@@ -191,23 +192,28 @@ def _resharded(index_dir: Path, manifest: dict, nshards: int, out: Path) -> Path
     return out
 
 
-def _wait_all_alive(client: RetrievalClient, deadline: float) -> bool:
-    """Wait until the coordinator behind ``client`` sees every node alive (True), or ``deadline`` (False)."""
+def _wait_all_alive(coordinator_info: Callable[[], dict], deadline: float) -> bool:
+    """Wait until the coordinator sees every node alive (True), or ``deadline`` (False);
+    ``coordinator_info()`` asks it for its INFO map."""
     while time.monotonic() < deadline:
-        if all(n["alive"] for n in client.info(timeout=2.0)["nodes"]):
+        if all(n["alive"] for n in coordinator_info()["nodes"]):
             return True
         time.sleep(0.01)
     return False
 
 
-def _embedded_coordinator(state: dict, keys: CurveKeys | None) -> EmbeddedCoordinator:
-    """A coordinator thread for the nodes of ``state``, with the options of its coordinator process."""
-    config = ClusterConfig(
+def cluster_config(state: dict) -> ClusterConfig:
+    """What a coordinator of the cluster in ``state`` serves."""
+    return ClusterConfig(
         state["metric"], state["nshards"], index_fingerprint(read_manifest(state["index"])),
         [{"shard": n["shard"], "endpoint": n["endpoint"]} for n in state["nodes"]],
     )  # fmt: skip
+
+
+def _embedded_coordinator(state: dict, keys: CurveKeys | None) -> Coordinator:
+    """A coordinator for the nodes of ``state``, with the options of its coordinator process."""
     options = {name: state["coordinator"][name] for name in ("timeout", "on_missing") if name in state["coordinator"]}
-    return EmbeddedCoordinator(config, keys=keys, **options)
+    return Coordinator(cluster_config(state), keys=keys, **options)
 
 
 def down(state_dir: str | os.PathLike) -> list[int]:
@@ -248,27 +254,26 @@ class ClusterSearcher:
 
     state: dict
     quantizer: CoarseQuantizer
-    client: RetrievalClient
-    embedded: EmbeddedCoordinator | None = None
+    client: RetrievalClient | InlineCoordinator
 
     @classmethod
     def open(cls, state_dir: str | os.PathLike, timeout: float = 30.0, embedded: bool = False) -> ClusterSearcher:
-        """Search through the cluster in ``state_dir``. With ``embedded``, through a coordinator on a
-        thread of this process that talks to the nodes itself (one hop fewer than the coordinator
-        process, whose place it takes for this searcher); :meth:`close` stops it."""
+        """Search through the cluster in ``state_dir``. With ``embedded``, through a coordinator in
+        this process that this searcher's calls drive on their own thread (:class:`InlineCoordinator`),
+        talking to the nodes itself: one hop fewer than through the coordinator process, whose place
+        it takes for this searcher. ``timeout``: seconds a search waits for its answer."""
         state = read_state(state_dir)
         index = load_index(state["index"], shard=0)
         keys = CurveKeys.load(state["keys"]) if state.get("keys") else None
         quantizer = CoarseQuantizer(index.centroids, index.params.metric)
         if not embedded:
             return cls(state, quantizer, RetrievalClient(state["coordinator"]["endpoint"], keys=keys, timeout=timeout))
-        coordinator = _embedded_coordinator(state, keys)
-        client = RetrievalClient(coordinator.endpoint, timeout=timeout, context=coordinator.context)
-        searcher = cls(state, quantizer, client, coordinator)
+        client = InlineCoordinator(_embedded_coordinator(state, keys), timeout=timeout)
+        searcher = cls(state, quantizer, client)
         try:
-            # A node is out of rotation until it answers the thread's first heartbeat; one silent for as
-            # long as a coordinator waits for a node stays out (partial answers), as with the process.
-            _wait_all_alive(client, time.monotonic() + coordinator.coordinator.silence_limit)
+            # A node is out of rotation until it answers the first heartbeat; one silent for as long as
+            # a coordinator waits for a node stays out (partial answers), as with the process.
+            _wait_all_alive(client.info, time.monotonic() + client.coordinator.silence_limit)
         except BaseException:
             searcher.close()
             raise
@@ -276,8 +281,6 @@ class ClusterSearcher:
 
     def close(self) -> None:
         self.client.close()
-        if self.embedded is not None:
-            self.embedded.close()
 
     def search(self, queries, k: int, nprobe: int) -> SearchResult:
         return self.client.search(*self._coarse(queries, nprobe), k)
@@ -321,7 +324,7 @@ class TierStagedScan:
     """A SEARCH with ``early`` in flight: :meth:`early` waits for the tier's early answer (every
     shard's top-k over its first lists, merged), :meth:`final` for the whole answer."""
 
-    client: RetrievalClient
+    client: RetrievalClient | InlineCoordinator
     rid: int
     _early: SearchResult | None = None
 

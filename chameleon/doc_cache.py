@@ -69,7 +69,7 @@ class _TreeCache:
         self.template: list[int] | None = None
         if template is not None:
             self._plant(template)
-        self.stats = {"requests": 0, "bypassed": 0, "device_hit_tokens": 0, "host_hit_tokens": 0, "computed_tokens": 0}
+        self.stats = {"lookups": 0, "bypassed": 0, "device_hit_tokens": 0, "host_hit_tokens": 0, "computed_tokens": 0}
         self._lock = threading.Lock()
 
     def order(self, doc_ids: list[str]) -> list[int]:
@@ -90,7 +90,7 @@ class _TreeCache:
         if segments[0] != self.template:
             self.stats["bypassed"] += 1
             return None
-        self.stats["requests"] += 1
+        self.stats["lookups"] += 1
         return self.tree.access([(doc, len(seg)) for doc, seg in zip(doc_ids, segments[1:-1])], len(segments[-1]))
 
     def _plant(self, template: list[int]) -> None:

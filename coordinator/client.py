@@ -30,28 +30,73 @@ class SearchResult:
     partial: bool
     missing: list[int]
 
+    @classmethod
+    def of(cls, reply: Message) -> SearchResult:
+        """The answer a RESULT ``reply`` carries."""
+        if reply.op != "RESULT":
+            raise RemoteError("bad_request", f"expected RESULT, got {reply.op}")
+        distances, ids = reply.arrays
+        return cls(distances, ids, reply.fields.get("partial", False), reply.fields.get("missing", []))
 
-class RetrievalClient:
+
+class RepliesByRid:
+    """A client's requests in flight and the replies that came for them, matched by rid; an early
+    RESULT is kept apart from the final reply that follows it."""
+
+    def __init__(self):
+        self._outstanding: set[int] = set()  # rids sent and not yet received
+        self._replies: dict[int, Message] = {}  # replies that came while waiting for another rid
+        self._early: dict[int, Message] = {}  # early RESULTs not yet asked for
+
+    def _check_outstanding(self, rid: int) -> None:
+        if rid not in self._outstanding:
+            raise RetrieverError(f"no request {rid} is waiting for an answer")
+
+    def _keep(self, reply: Message) -> None:
+        """Keep ``reply`` for its request, unless that was given up on (a late answer)."""
+        if reply.rid in self._outstanding:
+            (self._early if reply.fields.get("early") else self._replies)[reply.rid] = reply
+
+    def _has_reply(self, rid: int, early: bool) -> bool:
+        return rid in self._replies or (early and rid in self._early)
+
+    def _take_reply(self, rid: int, early: bool) -> Message:
+        """The reply :meth:`_has_reply` found (ERROR raised as :class:`RemoteError`). With ``early``,
+        the early RESULT, or the final reply if that came first; the request then stays open for its
+        final reply."""
+        if early and rid in self._early:
+            reply = self._early.pop(rid)
+        else:
+            reply = self._replies[rid]
+            if not early or reply.op == "ERROR":
+                self._close_request(rid)
+        if reply.op == "ERROR":
+            raise RemoteError(reply.fields["code"], reply.fields["message"])
+        return reply
+
+    def _close_request(self, rid: int) -> None:
+        self._outstanding.discard(rid)
+        self._replies.pop(rid, None)
+        self._early.pop(rid, None)
+
+
+class RetrievalClient(RepliesByRid):
     """One DEALER connection (one thread at a time); ``timeout`` seconds per request, never a hang."""
 
-    def __init__(self, endpoint: str, keys: CurveKeys | None = None, timeout: float = 10.0, context: zmq.Context | None = None):
+    def __init__(self, endpoint: str, keys: CurveKeys | None = None, timeout: float = 10.0):
+        super().__init__()
         self.endpoint = endpoint
         self.timeout = timeout
-        self._own_context = context is None
-        self._context = context or zmq.Context()
+        self._context = zmq.Context()
         self._socket = self._context.socket(zmq.DEALER)
         self._socket.setsockopt(zmq.LINGER, 0)
         secure_client(self._socket, keys)
         self._socket.connect(endpoint)
         self._rids = itertools.count(1)
-        self._outstanding: set[int] = set()  # rids sent and not yet received
-        self._replies: dict[int, Message] = {}  # replies that came while waiting for another rid
-        self._early: dict[int, Message] = {}  # early RESULTs not yet asked for
 
     def close(self) -> None:
         self._socket.close(linger=0)
-        if self._own_context:
-            self._context.term()
+        self._context.term()
 
     def __enter__(self) -> RetrievalClient:
         return self
@@ -76,11 +121,10 @@ class RetrievalClient:
 
         With ``early``, the early RESULT to a SEARCH that asked for one, or the final reply if that
         came first; the request then stays open for its final reply."""
-        if rid not in self._outstanding:
-            raise RetrieverError(f"no request {rid} is waiting for an answer")
+        self._check_outstanding(rid)
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         try:
-            while rid not in self._replies and not (early and rid in self._early):
+            while not self._has_reply(rid, early):
                 left_ms = int(max(0.0, deadline - time.monotonic()) * 1000)
                 if not self._socket.poll(left_ms, zmq.POLLIN):
                     raise RetrieverError(f"no answer from {self.endpoint} within {self.timeout if timeout is None else timeout:g} s")
@@ -88,25 +132,11 @@ class RetrievalClient:
                     reply = protocol.decode(self._socket.recv_multipart(copy=False))
                 except ProtocolError as e:
                     raise RemoteError(e.code, f"malformed reply from {self.endpoint}: {e}") from None
-                if reply.rid in self._outstanding:  # else a late answer to a request that timed out
-                    (self._early if reply.fields.get("early") else self._replies)[reply.rid] = reply
+                self._keep(reply)
         except Exception:
             self._close_request(rid)
             raise
-        if early and rid in self._early:
-            reply = self._early.pop(rid)  # the final reply is still to come
-        else:
-            reply = self._replies[rid]
-            if not early or reply.op == "ERROR":
-                self._close_request(rid)
-        if reply.op == "ERROR":
-            raise RemoteError(reply.fields["code"], reply.fields["message"])
-        return reply
-
-    def _close_request(self, rid: int) -> None:
-        self._outstanding.discard(rid)
-        self._replies.pop(rid, None)
-        self._early.pop(rid, None)
+        return self._take_reply(rid, early)
 
     def search(self, queries: np.ndarray, list_ids: np.ndarray, k: int, timeout: float | None = None) -> SearchResult:
         return self.search_result(self.send_search(queries, list_ids, k), timeout)
@@ -117,11 +147,7 @@ class RetrievalClient:
         return self.send(protocol.search_request(0, queries, list_ids, k, early))
 
     def search_result(self, rid: int, timeout: float | None = None, early: bool = False) -> SearchResult:
-        reply = self.receive(rid, timeout, early)
-        if reply.op != "RESULT":
-            raise RemoteError("bad_request", f"expected RESULT, got {reply.op}")
-        distances, ids = reply.arrays
-        return SearchResult(distances, ids, reply.fields.get("partial", False), reply.fields.get("missing", []))
+        return SearchResult.of(self.receive(rid, timeout, early))
 
     def info(self, timeout: float | None = None) -> dict:
         reply = self.request(Message("HEARTBEAT", 0), timeout)

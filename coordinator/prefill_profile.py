@@ -110,7 +110,8 @@ def measure(engine, cached: list[int], new: list[int], repeats: int = 3, progres
 
 
 def measure_quick(engine) -> PrefillProfile:
-    """A 3 x 3 profile up to 512 cached + 512 new tokens (within the context window), one timing
-    per cell: a few seconds, enough to rank cache entries when no measured profile is given."""
+    """A 3 x 3 profile up to 512 cached + 512 new tokens (within the context window), the best of
+    three timings per cell (one is at the mercy of whatever else runs then): some seconds, enough
+    to rank cache entries when no measured profile is given."""
     top = min(512, engine.context_window // 2)
-    return measure(engine, [0, top // 2, top], [16, top // 4, top], repeats=1)
+    return measure(engine, [0, top // 2, top], [16, top // 4, top], repeats=3)

@@ -1,36 +1,43 @@
 """The coordinator: fans each search out to every shard, merges the global top-k, fails over.
 
-One event loop (no threads) polls the front ROUTER socket, where clients send SEARCH with query
-vectors and their list ids (the coarse search stays with the queries), and one DEALER socket per
-retrieval node. For every client request each shard gets one sub-request, sent to its live
-replica with the fewest sub-requests in flight (at most ``max_inflight`` per node; more wait in
-that node's queue). A sub-request that times out, or that a node refuses (shutting down,
-overloaded, internal error), is sent to another replica of its shard; a node that times out or
-misses heartbeats is taken out of rotation until it answers a heartbeat again. When a shard has
-no replica left the answer is ``partial`` with the missing shards listed, or an ``unavailable``
-ERROR when ``on_missing="fail"``, but never a hang. Malformed input (a node's ``bad_request``)
-goes back to the client as it is.
+Clients send SEARCH with query vectors and their list ids (the coarse search stays with the
+queries). For every client request each shard gets one sub-request, sent to its live replica with
+the fewest sub-requests in flight (at most ``max_inflight`` per node; more wait in that node's
+queue). A sub-request that times out, or that a node refuses (shutting down, overloaded, internal
+error), is sent to another replica of its shard; a node that times out or misses heartbeats is
+taken out of rotation until it answers a heartbeat again. When a shard has no replica left the
+answer is ``partial`` with the missing shards listed, or an ``unavailable`` ERROR when
+``on_missing="fail"``, but never a hang. Malformed input (a node's ``bad_request``) goes back to the
+client as it is.
 
-The coordinator runs as its own process (``chameleon node coordinator``) or, the same loop
-embedded in a client process, on a thread of it (:class:`EmbeddedCoordinator`): a search then
-crosses the network once (to the nodes and back) instead of twice.
+:class:`Coordinator` is that logic as a state machine (a client's SEARCH in, a node's message in,
+the heartbeat and expiry tick) that hands its answers to a reply sink. Two fronts drive it:
+:meth:`Coordinator.serve`, its own process (``chameleon node coordinator``): one event loop (no
+threads) over a ROUTER socket for clients and one DEALER socket per retrieval node; and
+:class:`InlineCoordinator`, inside a client process and driven by the client's own calls: a search
+then crosses the network once (to the nodes and back) instead of twice, with no thread hand-off.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
+import math
 import os
 import signal
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import zmq
 
 from coordinator import protocol
+from coordinator.client import RepliesByRid, SearchResult
 from coordinator.protocol import Message, ProtocolError
 from coordinator.security import CurveKeys, secure_client
 from coordinator.transport import bind_router, receive_all
@@ -38,6 +45,7 @@ from retriever.errors import RetrieverError
 from retriever.search import merge_topk
 
 NODE_FAILURE_CODES = ("shutting_down", "overloaded", "internal", "unavailable")
+TURN_MS = 10  # the longest one turn of the loop waits for messages before heartbeats and expiries are due again
 
 
 @dataclass
@@ -83,7 +91,7 @@ class _Node:
 
 @dataclass
 class _Job:
-    envelope: list
+    envelope: list | None  # the client's routing envelope; None for the caller of an InlineCoordinator
     rid: int
     k: int
     message: Message
@@ -92,6 +100,7 @@ class _Job:
     early_sent: bool = False
     missing: set = field(default_factory=set)
     error: Message | None = None
+    answered: bool = False
 
 
 @dataclass
@@ -105,6 +114,9 @@ class _Sub:
 
 
 class Coordinator:
+    """The coordinator's state machine. A front drives it: :meth:`connect` (with the reply sink its
+    answers go to), :meth:`start` for each client SEARCH, and :meth:`tick` and :meth:`poll` in turns."""
+
     def __init__(
         self,
         config: ClusterConfig,
@@ -127,6 +139,11 @@ class Coordinator:
         self._sub_ids = itertools.count(1)
         self._subs: dict[int, _Sub] = {}
         self._jobs = 0
+        self._nodes: list[_Node] = []
+        self._poller = zmq.Poller()
+        self._handlers: dict[zmq.Socket, Callable] = {}  # socket -> handle(frames) for a message on it
+        self._reply: Callable | None = None  # reply(message, envelope): the sink answers to clients go to
+        self._next_heartbeat = 0.0
 
     @property
     def silence_limit(self) -> float:
@@ -136,32 +153,37 @@ class Coordinator:
     def drain(self, *_signal_args) -> None:
         self._draining.set()
 
-    def serve(
-        self,
-        bind: str,
-        ready_file: str | os.PathLike | None = None,
-        stop: threading.Event | None = None,
-        context: zmq.Context | None = None,
-    ) -> None:
-        """Serve until drained (SIGTERM, :meth:`drain`) or ``stop`` is set. With ``context`` (shared
-        with this process's clients, as an ``inproc://`` front needs) it is used and left open."""
+    def serve(self, bind: str, ready_file: str | os.PathLike | None = None) -> None:
+        """Serve clients on a ROUTER socket bound to ``bind`` until drained (SIGTERM, :meth:`drain`)."""
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self.drain)
-        own_context = context is None
-        context = context or zmq.Context()
-        nodes = [self._connect(context, spec) for spec in self.config.nodes]
-        # An inproc front never leaves this process, and ZeroMQ applies no security mechanism to inproc.
-        front_keys = None if bind.startswith("inproc://") else self.keys
-        front, authenticator, self.endpoint = bind_router(context, bind, front_keys, ready_file)
+        context = zmq.Context()
+        front, authenticator, self.endpoint = bind_router(context, bind, self.keys, ready_file)
         try:
-            self._loop(front, nodes, stop or threading.Event())
+            self.connect(context, functools.partial(protocol.send, front))
+            self._listen(front, self._on_client)
+            while not (self._draining.is_set() and not self._subs):
+                self.tick(time.monotonic())
+                self.poll(TURN_MS)
         finally:
-            for socket in [front] + [n.socket for n in nodes]:
-                socket.close(linger=0)
+            front.close(linger=0)
+            self.close()
             if authenticator:
                 authenticator.stop()
-            if own_context:
-                context.term()
+            context.term()
+
+    def connect(self, context: zmq.Context, reply: Callable) -> None:
+        """Open a socket to every node on ``context``; answers to clients go to ``reply(message, envelope)``."""
+        self._reply = reply
+        for spec in self.config.nodes:
+            node = self._connect(context, spec)
+            self._nodes.append(node)
+            self._listen(node.socket, functools.partial(self._on_node, node))
+
+    def close(self) -> None:
+        """Close the sockets to the nodes."""
+        for node in self._nodes:
+            node.socket.close(linger=0)
 
     def _connect(self, context: zmq.Context, spec: dict) -> _Node:
         socket = context.socket(zmq.DEALER)
@@ -174,52 +196,63 @@ class Coordinator:
         socket.connect(spec["endpoint"])
         return _Node(int(spec["shard"]), spec["endpoint"], socket)
 
-    def _loop(self, front, nodes: list[_Node], stop) -> None:
-        poller = zmq.Poller()
-        poller.register(front, zmq.POLLIN)
-        by_socket = {}
-        for node in nodes:
-            poller.register(node.socket, zmq.POLLIN)
-            by_socket[node.socket] = node
-        next_heartbeat = 0.0
-        while not stop.is_set():
-            if self._draining.is_set() and not self._subs:
-                return
-            now = time.monotonic()
-            if now >= next_heartbeat:
-                self._heartbeat(nodes)
-                next_heartbeat = now + self.heartbeat_interval
-            self._expire(front, nodes, now)
-            for socket, _ in poller.poll(timeout=10):
-                for frames in receive_all(socket):
-                    if socket is front:
-                        self._on_client(front, nodes, frames)
-                    else:
-                        self._on_node(front, nodes, by_socket[socket], frames)
+    def _listen(self, socket: zmq.Socket, handle: Callable) -> None:
+        """Have :meth:`poll` pass each message arriving on ``socket`` to ``handle(frames)``."""
+        self._poller.register(socket, zmq.POLLIN)
+        self._handlers[socket] = handle
+
+    def tick(self, now: float) -> None:
+        """Send the heartbeats when their interval has passed, then give up on what is overdue at ``now``."""
+        if now >= self._next_heartbeat:
+            self._heartbeat()
+            self._next_heartbeat = now + self.heartbeat_interval
+        self._expire(now)
+
+    def poll(self, wait_ms: int) -> None:
+        """Handle every message that has arrived, waiting up to ``wait_ms`` for the first."""
+        for socket, _ in self._poller.poll(wait_ms):
+            handle = self._handlers[socket]
+            for frames in receive_all(socket):
+                handle(frames)
+
+    def discount(self, seconds: float) -> None:
+        """Stop the clocks for ``seconds`` in which nobody drove this coordinator (an inline one's
+        caller was away): that time counts neither as a node's silence nor against a sub-request."""
+        for node in self._nodes:
+            node.last_seen += seconds
+        for sub in self._subs.values():
+            sub.sent += seconds
+            sub.deadline += seconds
 
     # -- clients ------------------------------------------------------------------------------
 
-    def _on_client(self, front, nodes, frames) -> None:
+    def _on_client(self, frames) -> None:
         envelope, rid = frames[:1], 0
         try:
             message = protocol.decode(frames[1:])
             rid = message.rid
             if message.op == "HEARTBEAT":
-                protocol.send(front, Message("INFO", rid, {"info": self._info(nodes)}), envelope)
+                self._reply(Message("INFO", rid, {"info": self.info()}), envelope)
                 return
             if message.op != "SEARCH":
                 raise ProtocolError("bad_request", f"the coordinator answers SEARCH and HEARTBEAT, not {message.op}")
             if self._draining.is_set():
                 raise ProtocolError("shutting_down", "the coordinator is shutting down")
         except ProtocolError as e:
-            protocol.send(front, protocol.error_reply(e.rid or rid, e.code, str(e)), envelope)
+            self._reply(protocol.error_reply(e.rid or rid, e.code, str(e)), envelope)
             return
-        self._jobs += 1
-        job = _Job(envelope, rid, message.fields["k"], message)
-        for shard in range(self.config.nshards):
-            self._dispatch(front, nodes, _Sub(job, shard))
+        self.start(message, envelope)
 
-    def _info(self, nodes) -> dict:
+    def start(self, search: Message, envelope: list | None = None) -> None:
+        """Send a client's SEARCH (already checked) to every shard; its answers go to the reply sink
+        with ``envelope``."""
+        self._jobs += 1
+        job = _Job(envelope, search.rid, search.fields["k"], search)
+        for shard in range(self.config.nshards):
+            self._dispatch(_Sub(job, shard))
+
+    def info(self) -> dict:
+        """What this coordinator's INFO tells: its jobs and its view of every node."""
         return {
             "role": "coordinator",
             "nshards": self.config.nshards,
@@ -231,19 +264,19 @@ class Coordinator:
                     "shard": n.shard, "endpoint": n.endpoint, "alive": n.alive, "inflight": n.inflight,
                     "waiting": len(n.waiting), "answered": n.answered, "answer_s": n.answer_s,
                 }  # fmt: skip
-                for n in nodes
+                for n in self._nodes
             ],
         }
 
     # -- sub-requests --------------------------------------------------------------------------
 
-    def _dispatch(self, front, nodes, sub: _Sub) -> None:
+    def _dispatch(self, sub: _Sub) -> None:
         """Send ``sub`` to the best untried live replica of its shard, or mark the shard missing."""
         while True:
-            candidates = [n for n in nodes if n.shard == sub.shard and n.alive and id(n) not in sub.tried]
+            candidates = [n for n in self._nodes if n.shard == sub.shard and n.alive and id(n) not in sub.tried]
             if not candidates:
                 sub.job.missing.add(sub.shard)
-                self._settle(front, sub.job)
+                self._settle(sub.job)
                 return
             node = min(candidates, key=lambda n: n.inflight + len(n.waiting))
             sub.tried.add(id(node))
@@ -269,7 +302,7 @@ class Coordinator:
         self._subs[sub_id] = sub
         return True
 
-    def _on_node(self, front, nodes, node: _Node, frames) -> None:
+    def _on_node(self, node: _Node, frames) -> None:
         try:
             message = protocol.decode(frames)
         except ProtocolError:
@@ -279,13 +312,13 @@ class Coordinator:
             healthy = info.get("fingerprint") == self.config.fingerprint and info.get("shard") == node.shard
             node.alive, node.info = healthy, info
             node.last_seen = time.monotonic()
-            self._pump(front, nodes, node)
+            self._pump(node)
             return
         if message.op == "RESULT" and message.fields.get("early"):  # the final answer follows
             sub = self._subs.get(message.rid)
             if sub is not None:
                 sub.job.early_results[sub.shard] = (message.arrays[0], message.arrays[1])
-                self._settle_early(front, sub.job)
+                self._settle_early(sub.job)
             return
         sub = self._subs.pop(message.rid, None)
         if sub is None:
@@ -296,36 +329,36 @@ class Coordinator:
             node.answered += 1
             node.answer_s += node.last_seen - sub.sent
             sub.job.results[sub.shard] = (message.arrays[0], message.arrays[1])
-            self._settle(front, sub.job)
+            self._settle(sub.job)
         elif message.op == "ERROR" and message.fields["code"] in NODE_FAILURE_CODES:
-            self._dispatch(front, nodes, sub)
+            self._dispatch(sub)
         else:  # the request itself is bad: tell the client
             sub.job.error = message if message.op == "ERROR" else protocol.error_reply(0, "internal", f"node sent {message.op}")
-            self._settle(front, sub.job)
-        self._pump(front, nodes, node)
+            self._settle(sub.job)
+        self._pump(node)
 
-    def _pump(self, front, nodes, node: _Node) -> None:
+    def _pump(self, node: _Node) -> None:
         """Send what waits for ``node`` while it has room, or re-route it if the node is gone."""
         while node.waiting and (node.inflight < self.max_inflight or not node.alive):
             sub = node.waiting.popleft()
             if not node.alive or not self._send(node, sub):
-                self._dispatch(front, nodes, sub)
+                self._dispatch(sub)
 
-    def _expire(self, front, nodes, now: float) -> None:
-        for node in nodes:
+    def _expire(self, now: float) -> None:
+        for node in self._nodes:
             if node.alive and now - node.last_seen > self.silence_limit:
                 node.alive = False
-                self._pump(front, nodes, node)
+                self._pump(node)
         expired = [(sub_id, sub) for sub_id, sub in self._subs.items() if sub.deadline <= now]
         for sub_id, sub in expired:
             del self._subs[sub_id]
             sub.node.inflight -= 1
             sub.node.alive = False
-            self._pump(front, nodes, sub.node)
-            self._dispatch(front, nodes, sub)
+            self._pump(sub.node)
+            self._dispatch(sub)
 
-    def _heartbeat(self, nodes) -> None:
-        for node in nodes:
+    def _heartbeat(self) -> None:
+        for node in self._nodes:
             try:
                 protocol.send(node.socket, Message("HEARTBEAT", 0), flags=zmq.NOBLOCK)
             except zmq.Again:  # not connected
@@ -333,26 +366,26 @@ class Coordinator:
 
     # -- answers -------------------------------------------------------------------------------
 
-    def _settle_early(self, front, job: _Job) -> None:
+    def _settle_early(self, job: _Job) -> None:
         """Send the early answer of a SEARCH with ``early`` once every shard has sent its early
         result (a node sends it before its final one) or is known to be missing."""
-        if "early" not in job.message.fields or job.early_sent or job.envelope is None or job.error is not None:
+        if "early" not in job.message.fields or job.early_sent or job.answered or job.error is not None:
             return
         found = job.early_results
         if not found or len(found) + len(job.missing - set(found)) < self.config.nshards:
             return
         distances, ids = self._merged(found, job.k)
-        protocol.send(front, protocol.result_reply(job.rid, distances, ids, sorted(job.missing - set(found)), early=True), job.envelope)
+        self._reply(protocol.result_reply(job.rid, distances, ids, sorted(job.missing - set(found)), early=True), job.envelope)
         job.early_sent = True
 
-    def _settle(self, front, job: _Job) -> None:
+    def _settle(self, job: _Job) -> None:
         """Answer the client once every shard has a result or is known to be missing (the early
         answer, when asked for, always goes first)."""
-        self._settle_early(front, job)
+        self._settle_early(job)
         if len(job.results) + len(job.missing) < self.config.nshards and job.error is None:
             return
-        if job.envelope is None:
-            return  # already answered (an error arrived before the other shards)
+        if job.answered:
+            return  # an error arrived before the other shards
         if job.error is not None:
             reply = protocol.error_reply(job.rid, job.error.fields["code"], job.error.fields["message"])
         elif job.missing and (self.on_missing == "fail" or not job.results):
@@ -360,8 +393,8 @@ class Coordinator:
         else:
             distances, ids = self._merged(job.results, job.k)
             reply = protocol.result_reply(job.rid, distances, ids, sorted(job.missing))
-        protocol.send(front, reply, job.envelope)
-        job.envelope = None
+        self._reply(reply, job.envelope)
+        job.answered = True
 
     def _merged(self, parts: dict, k: int) -> tuple:
         """The global top-``k`` of the shards' (distances, ids) in ``parts`` (shard -> answer)."""
@@ -371,22 +404,87 @@ class Coordinator:
         return merge_topk([p[0] for p in ordered], [p[1] for p in ordered], k, self.config.metric)
 
 
-class EmbeddedCoordinator:
-    """A :class:`Coordinator` on a thread of this (the client's) process, its front an ``inproc://``
-    endpoint of :attr:`context`: clients made on that context reach it without a network hop, and
-    it talks to the nodes as a coordinator process does. :meth:`close` stops the thread (close the
-    clients on :attr:`context` first: the context ends with it)."""
+class InlineCoordinator(RepliesByRid):
+    """A :class:`Coordinator` driven by its one client on the client's own thread, with the search
+    interface of :class:`~coordinator.client.RetrievalClient` (and, like it, one thread at a time).
 
-    def __init__(self, config: ClusterConfig, **options):
-        self.context = zmq.Context()
-        self.coordinator = Coordinator(config, **options)
-        self.endpoint = f"inproc://coordinator-{id(self)}"
-        self._stop = threading.Event()
-        serve = {"stop": self._stop, "context": self.context}
-        self.thread = threading.Thread(target=self.coordinator.serve, args=(self.endpoint,), kwargs=serve, name="coordinator", daemon=True)
-        self.thread.start()
+    :meth:`send_search` sends the sub-requests to the nodes, and :meth:`search_result` polls the
+    nodes until that answer is settled, handling whatever else arrives (other requests' answers,
+    heartbeats' INFO) and sending the heartbeats that are due: no thread, no socket and no encoding
+    between client and coordinator. Nothing listens between calls, so the time the caller spends
+    away is taken off the coordinator's clocks (:meth:`Coordinator.discount`): a node is judged
+    silent only over time in which somebody listened. ``timeout``: seconds a call waits for an answer.
+    """
+
+    def __init__(self, coordinator: Coordinator, timeout: float = 10.0):
+        super().__init__()
+        self.coordinator = coordinator
+        self.timeout = timeout
+        self._context = zmq.Context()
+        self._rids = itertools.count(1)
+        coordinator.connect(self._context, self._reply_sink)
+        self._driven_at = time.monotonic()
 
     def close(self) -> None:
-        self._stop.set()
-        self.thread.join()
-        self.context.term()
+        self.coordinator.close()
+        self._context.term()
+
+    def search(self, queries: np.ndarray, list_ids: np.ndarray, k: int) -> SearchResult:
+        return self.search_result(self.send_search(queries, list_ids, k))
+
+    def send_search(self, queries: np.ndarray, list_ids: np.ndarray, k: int, early: int | None = None) -> int:
+        """Start a SEARCH (its sub-requests leave now); ``search_result(rid)`` waits for it. With
+        ``early``, an early answer after the first ``early`` probed lists also comes:
+        ``search_result(rid, early=True)``."""
+        search = protocol.search_request(next(self._rids), queries, list_ids, k, early)
+        self._outstanding.add(search.rid)
+        self._catch_up()
+        try:
+            protocol.check(search)
+        except ProtocolError as e:
+            self._keep(protocol.error_reply(search.rid, e.code, str(e)))
+        else:
+            self.coordinator.start(search)
+        return search.rid
+
+    def search_result(self, rid: int, early: bool = False) -> SearchResult:
+        """The answer to the SEARCH ``rid`` (see :meth:`RetrievalClient.receive` for ``early``);
+        an ERROR raised as :class:`RemoteError`, no answer within ``timeout`` as RetrieverError."""
+        self._check_outstanding(rid)
+        deadline = time.monotonic() + self.timeout
+        try:
+            while not self._has_reply(rid, early):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise RetrieverError(f"no answer from the retrieval nodes within {self.timeout:g} s")
+                self._drive(min(TURN_MS, math.ceil(left * 1000)))
+        except Exception:
+            self._close_request(rid)
+            raise
+        return SearchResult.of(self._take_reply(rid, early))
+
+    def info(self) -> dict:
+        """The coordinator's INFO map, after handling what the nodes sent meanwhile."""
+        self._drive(0)
+        return self.coordinator.info()
+
+    def _drive(self, wait_ms: int) -> None:
+        """One turn of the coordinator's loop on this thread, waiting up to ``wait_ms`` for messages."""
+        self._catch_up()
+        self.coordinator.poll(wait_ms)
+        self._driven_at = time.monotonic()
+
+    def _catch_up(self) -> None:
+        """Take the time since the last turn off the coordinator's clocks if the caller was away,
+        then send the heartbeats and give up on what is due now."""
+        now = time.monotonic()
+        away = now - self._driven_at
+        # A shorter pause is a busy caller's rhythm: the silence limit leaves room for it.
+        if away > self.coordinator.heartbeat_interval:
+            self.coordinator.discount(away)
+        self.coordinator.tick(now)
+        self._driven_at = now
+
+    def _reply_sink(self, reply: Message, _envelope: None) -> None:
+        """Where the coordinator's answers go: they stay Python objects, kept for the rid that waits."""
+        self._keep(reply)

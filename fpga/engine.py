@@ -56,7 +56,7 @@ class FpgaEngine(ScanEngine):
         self.config.check_index(index.params)
         self.kernel.load(pack_banks(self.lists, self.config.banks, self.config.lanes), self.centroids, self.codebooks)
 
-    def _search(self, queries, list_ids, k):
+    def search_checked(self, queries, list_ids, k):
         if k > self.config.k:
             raise RetrieverError(f"the FPGA kernel was built for at most K={self.config.k} results, asked for k={k}")
         batch = getattr(self.kernel, "max_batch", None) or max(1, len(queries))

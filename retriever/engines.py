@@ -28,7 +28,7 @@ MAX_K = 1 << 16
 
 
 class ScanEngine:
-    """Common validation; subclasses implement ``_search`` on checked, prepared inputs."""
+    """Common validation; subclasses implement ``search_checked`` on checked, prepared inputs."""
 
     name = "base"
 
@@ -68,9 +68,10 @@ class ScanEngine:
 
     def search(self, queries: np.ndarray, list_ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k of already prepared (float32, normalised for cos) ``queries`` over ``list_ids``."""
-        return self._search(*self.check(queries, list_ids, k))
+        return self.search_checked(*self.check(queries, list_ids, k))
 
-    def _search(self, queries, list_ids, k):
+    def search_checked(self, queries, list_ids, k):
+        """``search`` on what :meth:`check` returned (a node checks each request as it arrives, then scans them in a batch)."""
         raise NotImplementedError
 
 
@@ -111,7 +112,7 @@ class NumbaEngine(ScanEngine):
             self.offsets, self.ids, self.codes, k, self.params.inner_product,
         )  # fmt: skip
 
-    def _search(self, queries, list_ids, k):
+    def search_checked(self, queries, list_ids, k):
         parallel = queries.shape[0] > 1 and numba.get_num_threads() > 1 and self.codes_to_scan(list_ids) >= PARALLEL_MIN_CODES
         keys, ids = self._kernel(scan_ivfpq if parallel else scan_ivfpq_serial, queries, list_ids, k)
         return (-keys if self.params.inner_product else keys), ids
@@ -130,7 +131,7 @@ class FaissEngine(ScanEngine):
         super().__init__(index)
         self.index = to_faiss_ivfpq(index)
 
-    def _search(self, queries, list_ids, k):
+    def search_checked(self, queries, list_ids, k):
         coarse = coarse_keys(queries, self.centroids, list_ids, self.params.inner_product)
         if self.params.inner_product:
             coarse = -coarse  # faiss wants <q, c> itself

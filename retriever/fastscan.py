@@ -826,7 +826,7 @@ class FastScanEngine(ScanEngine):
             self.offsets, self.block_offsets, self.packed, self.ids, k, self.params.inner_product, self.exact,
         )  # fmt: skip
 
-    def _search(self, queries, list_ids, k):
+    def search_checked(self, queries, list_ids, k):
         parallel = queries.shape[0] > 1 and numba.get_num_threads() > 1 and self.codes_to_scan(list_ids) >= PARALLEL_MIN_CODES
         if parallel:
             with dynamic_schedule():

@@ -214,14 +214,14 @@ class RetrievalNode:
         staged = [n for n, r in enumerate(batch) if r.early]
         unanswered = batch
         try:
-            distances, ids = self.engine.search(queries, first, k)
+            distances, ids = self.engine.search_checked(queries, first, k)  # each request was checked on arrival
             for n, r in enumerate(batch):
                 reply = protocol.result_reply(r.rid, distances[rows[n], : r.k], ids[rows[n], : r.k], early=bool(r.early))
                 protocol.send(replies, reply, r.envelope)
             unanswered = [batch[n] for n in staged]
             if staged:
                 later = np.concatenate([np.arange(queries.shape[0])[rows[n]] for n in staged])
-                rest_d, rest_i = self.engine.search(queries[later], rest[later], k)
+                rest_d, rest_i = self.engine.search_checked(queries[later], rest[later], k)
                 distances[later], ids[later] = merge_topk([distances[later], rest_d], [ids[later], rest_i], k, self.index.params.metric)
         except Exception as e:  # a node answers, whatever went wrong
             for r in unanswered:

@@ -128,14 +128,14 @@ def test_the_vllm_tree_counts_what_vllm_reused_and_orders_documents_by_it():
     vllm_request(cache, "ac", cached=32)  # held: template and a (36 tokens), so two whole blocks
     vllm_request(cache, "ab", cached=48)
     assert paths(cache) == {(), ("a",), ("a", "b"), ("a", "c")}
-    assert cache.stats == {"requests": 3, "bypassed": 0, "device_hit_tokens": 80, "host_hit_tokens": 0, "computed_tokens": 3 * 57 - 80}
+    assert cache.stats == {"lookups": 3, "bypassed": 0, "device_hit_tokens": 80, "host_hit_tokens": 0, "computed_tokens": 3 * 57 - 80}
     segments = vllm_segments("ab")
     _, access = cache.lookup(segments, ["a", "b"])
     cache.keep(access, segments, vllm_reply(segments, 0, answered=8))  # a later step of the answer: another prompt
     assert cache.stats["device_hit_tokens"] == 80 and paths(cache) == {(), ("a",), ("a", "b"), ("a", "c")}
     assert cache.lookup([TEMPLATE, [7] * 5], []) == (None, None)  # no passages
     assert cache.lookup([[1, 2], DOCS["a"], [7]], ["a"]) == (None, None)  # another template
-    assert cache.stats["requests"] == 4 and cache.stats["bypassed"] == 2
+    assert cache.stats["lookups"] == 4 and cache.stats["bypassed"] == 2
 
 
 @pytest.mark.parametrize(

@@ -315,7 +315,7 @@ def test_the_document_cache_follows_vllm_and_changes_no_token(builtin_vllm):
     block = cache.block_size
     assert again.cached_tokens == access.cached_tokens // block * block > len(cache.template)  # the tree agrees with vLLM
     assert {n.path for n in cache.tree.nodes()} == {(), ("Quor",), ("Quor", "Velt"), ("Quor", "Ysmir")}
-    assert cache.stats["device_hit_tokens"] == first.cached_tokens + again.cached_tokens and cache.stats["requests"] == 2
+    assert cache.stats["device_hit_tokens"] == first.cached_tokens + again.cached_tokens and cache.stats["lookups"] == 2
 
 
 @vllm_only
@@ -351,7 +351,7 @@ def test_serve_with_the_vllm_engine(tmp_path, facts_index, tiny_path):
         metrics = fetch("/metrics")
         assert "chameleon_batch_size 0.0" in metrics and "chameleon_queue_depth 0.0" in metrics
         hits = float(again["cache"]["cached_tokens"])  # the document cache counts what vLLM reused
-        assert 'chameleon_kv_cache_requests_total{outcome="used"} 2.0' in metrics
+        assert 'chameleon_kv_cache_lookups_total{outcome="used"} 2.0' in metrics
         assert f'chameleon_kv_cache_tokens_total{{source="device_hit"}} {hits}' in metrics
     finally:
         assert server.stop() == 0

@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -256,19 +257,36 @@ def test_bench_kvcache_rows(facts_index, tiny_model, tmp_path):
 
     out = tmp_path / "kv.json"
     command = ["bench", "kvcache", "--json", out, "--index", facts_index, "--model", tiny_model, "--requests", 20,
-               "--zipf", "1.1", "--policies", "none,lru,pgdsf", "--device-docs", 8, "--host-docs", 8, "--nprobe", 4]  # fmt: skip
+               "--zipf", "1.1", "--policies", "none,lru,pgdsf", "--device-docs", 8, "--host-docs", 8, "--nprobe", 4, "--warmup", 10]  # fmt: skip
     subprocess.run([sys.executable, "-m", "chameleon", *map(str, command)], check=True, capture_output=True)
     rows = json.loads(out.read_text())
     configurations = [(policy, reorder, speculative) for policy, reorder in [("none", False), ("lru", False), ("lru", True), ("pgdsf", False), ("pgdsf", True)]
                       for speculative in (False, True)]  # fmt: skip
     assert [(r["policy"], r["reorder"], r["speculative"]) for r in rows] == configurations
-    assert all(tuple(r)[: len(ROW_KEYS)] == ROW_KEYS and r["zipf_s"] == 1.1 for r in rows)
+    assert all(tuple(r)[: len(ROW_KEYS)] == ROW_KEYS and r["zipf_s"] == 1.1 and r["warmup_requests"] == 10 for r in rows)
     assert all(r["speculation"]["started"] + r["speculation"]["declined"] >= 1 for r in rows if r["speculative"])
     assert rows[0]["hit_rate"] == 0 and all(0 < r["hit_rate"] < 1 for r in rows[2:])
     assert all(r["ttft_p50_ms"] <= r["ttft_p99_ms"] and r["throughput_rps"] > 0 for r in rows)
-    for option, value in (("--policies", "fifo"), ("--speculative", "maybe"), ("--nprobe", "1")):
+    for option, value in (("--policies", "fifo"), ("--speculative", "maybe"), ("--nprobe", "1"), ("--warmup", "-1")):
         bad = subprocess.run([sys.executable, "-m", "chameleon", *map(str, command), option, value], capture_output=True, text=True)
-        assert bad.returncode == 2 and (option in bad.stderr or "nprobe" in bad.stderr), bad.stderr
+        assert bad.returncode == 2 and option.lstrip("-") in bad.stderr, bad.stderr
+
+
+def test_request_stream_drift_draws_a_new_hot_set():
+    from chameleon.bench_kvcache import request_stream
+    from chameleon.corpus import Passage
+
+    passages = [Passage(i, f"d{i}", f"t{i}", "s", f"text {i}") for i in range(500)]
+    steady = request_stream(passages, 400, 1.1, rate=2.0, seed=3)
+    drifting = request_stream(passages, 400, 1.1, rate=2.0, seed=3, drift=200)
+    assert [r.about.id for r in drifting[:200]] == [r.about.id for r in steady[:200]]  # the same until the first drift
+
+    def top(requests) -> set[int]:
+        ids, counts = np.unique([r.about.id for r in requests], return_counts=True)
+        return set(ids[np.argsort(-counts)[:5]].tolist())
+
+    assert top(steady[200:]) & top(steady[:200]) and not top(drifting[200:]) & top(drifting[:200])
+    assert [r.arrival for r in drifting] == [r.arrival for r in steady]
 
 
 def canonical_tree() -> KnowledgeTree:

@@ -107,6 +107,19 @@ def test_errors_found_after_the_request_id_carry_it(changes):
     assert error.value.rid == 0
 
 
+def test_check_applies_decodes_rules_to_a_message_in_hand():
+    queries, list_ids = np.zeros((2, 4), np.float32), np.zeros((2, 3), np.int64)
+    protocol.check(protocol.search_request(5, queries, list_ids, 10, early=2))
+    for k, early, code in ((0, None, "bad_request"), (10, 3, "bad_request")):
+        with pytest.raises(ProtocolError) as error:
+            protocol.check(protocol.search_request(5, queries, list_ids, k, early))
+        assert (error.value.code, error.value.rid) == (code, 5)
+    huge = np.zeros((protocol.MAX_MESSAGE_BYTES // 16 + 1, 4), np.float32)
+    with pytest.raises(ProtocolError) as error:
+        protocol.check(protocol.search_request(6, huge, np.zeros((len(huge), 1), np.int64), 10))
+    assert (error.value.code, error.value.rid) == ("too_large", 6)
+
+
 headers = st.dictionaries(
     st.sampled_from(["v", "op", "rid", "arrays", "k", "early", "code", "message", "info", "partial", "missing", "x"]),
     st.one_of(

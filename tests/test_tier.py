@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from hypothesis import strategies as st
 from chameleon import cluster
 from coordinator import protocol
 from coordinator.client import RemoteError, RetrievalClient
+from coordinator.router import Coordinator, InlineCoordinator
 from coordinator.security import CurveKeys, generate_keys
 from retriever.coarse import CoarseQuantizer
 from retriever.errors import RetrieverError
@@ -194,17 +196,18 @@ def test_sigterm_drains_in_flight_work(index_dir, tmp_path, small_data):
 def test_cluster_answers_equal_the_in_process_search(index_dir, tmp_path, small_data, reference, nshards, embedded):
     cluster.up(index_dir, nshards, tmp_path / "state")
     try:
+        threads = threading.active_count()
         searcher = cluster.ClusterSearcher.open(tmp_path / "state", embedded=embedded)
         try:
-            # embedded: the coordinator is a thread of this process
+            # embedded: the coordinator runs in this process, on the caller's thread
             assert (searcher.client.info()["pid"] == os.getpid()) == embedded
+            assert threading.active_count() == threads
             result = searcher.search(small_data.queries, 10, 8)
             queries, list_ids = probe(index_dir, small_data.queries)
             staged = searcher.scan_staged(queries, list_ids, 10, early=1)
             tier_early, tier_final = staged.early(), staged.final()
         finally:
             searcher.close()
-        assert searcher.embedded is None or not searcher.embedded.thread.is_alive()
         np.testing.assert_array_equal(result.ids, reference[1])
         np.testing.assert_array_equal(result.distances, reference[0])
         assert not result.partial
@@ -280,7 +283,7 @@ def test_embedded_coordinator_gives_partial_answers_when_a_node_dies(index_dir, 
     state = cluster.up(index_dir, 2, tmp_path / "state", replicas=1, timeout=1.0)
     try:
         searcher = cluster.ClusterSearcher.open(tmp_path / "state", embedded=True)
-        assert searcher.embedded.coordinator.timeout == 1.0  # the options the coordinator process got
+        assert searcher.client.coordinator.timeout == 1.0  # the options the coordinator process got
         victim = state["nodes"][1]
         results = run_queries(searcher, np.tile(small_data.queries, (2, 1)), kill_at=5, kill=lambda: os.kill(victim["pid"], signal.SIGKILL))
         searcher.close()
@@ -291,6 +294,112 @@ def test_embedded_coordinator_gives_partial_answers_when_a_node_dies(index_dir, 
         shard0 = set(load_index(state["index"], shard=0).shards[0].ids.tolist())
         assert all(set(r.ids[r.ids >= 0].tolist()) <= shard0 for r, _ in results[5:])
     finally:
+        cluster.down(tmp_path / "state")
+
+
+def inline_coordinator(state, timeout):
+    """An InlineCoordinator for the nodes of ``state`` with short heartbeats (a silence limit of
+    0.2 s + ``timeout``), once it sees every node alive."""
+    coordinator = Coordinator(cluster.cluster_config(state), timeout=timeout, heartbeat_interval=0.05)
+    inline = InlineCoordinator(coordinator, timeout=10)
+    assert cluster._wait_all_alive(inline.info, time.monotonic() + 10), "the nodes never answered a heartbeat"
+    return inline
+
+
+def test_inline_coordinator_keeps_nodes_in_rotation_while_the_caller_is_idle(index_dir, tmp_path, small_data, reference):
+    state = cluster.up(index_dir, 2, tmp_path / "state")
+    inline = inline_coordinator(state, timeout=0.3)
+    try:
+        queries, list_ids = probe(index_dir, small_data.queries)
+        assert not inline.search(queries, list_ids, 10).partial
+        time.sleep(2 * inline.coordinator.silence_limit)  # nobody listens: no heartbeat goes out, no INFO comes in
+        result = inline.search(queries, list_ids, 10)
+        assert not result.partial
+        np.testing.assert_array_equal(result.ids, reference[1])
+        np.testing.assert_array_equal(result.distances, reference[0])
+        assert all(n["alive"] for n in inline.info()["nodes"])
+    finally:
+        inline.close()
+        cluster.down(tmp_path / "state")
+
+
+def test_inline_coordinator_answers_outstanding_requests_in_any_order(index_dir, tmp_path, small_data):
+    state = cluster.up(index_dir, 2, tmp_path / "state")
+    inline = inline_coordinator(state, timeout=2.0)
+    local = Searcher(load_index(index_dir))
+    queries, list_ids = probe(index_dir, small_data.queries)
+    try:
+        requests = [(queries[:50], list_ids[:50], 10), (queries[50:120], list_ids[50:120, :4], 5), (queries, list_ids, 10), (queries[:1], list_ids[:1], 1)]
+        rids = [inline.send_search(*request) for request in requests]
+        staged = inline.send_search(queries, list_ids, 10, early=2)
+        for n in [2, 0, 3, 1]:
+            result = inline.search_result(rids[n])
+            expected = local.scan(*requests[n])
+            np.testing.assert_array_equal(result.ids, expected[1])
+            np.testing.assert_array_equal(result.distances, expected[0])
+        local_staged = local.scan_staged(queries, list_ids, 10, early=2)
+        np.testing.assert_array_equal(inline.search_result(staged, early=True).ids, local_staged.early()[1])
+        np.testing.assert_array_equal(inline.search_result(staged).ids, local_staged.final()[1])
+        with pytest.raises(RetrieverError, match="no request"):
+            inline.search_result(rids[0])  # answered already
+        with pytest.raises(RemoteError, match="early must be"):  # checked here, as the coordinator process does
+            inline.search_result(inline.send_search(queries, list_ids, 10, early=8))
+        with pytest.raises(RemoteError, match="bad_request"):  # checked by the nodes
+            inline.search(queries, np.full_like(list_ids, 10**6), 10)
+    finally:
+        inline.close()
+        cluster.down(tmp_path / "state")
+
+
+def search_after_an_idle_death(inline, victim, queries, list_ids):
+    """Search (whole), SIGKILL ``victim`` and stay away for twice the silence limit, then search
+    again: that answer, which must come within the sub-request timeout (0.5 s) plus slack."""
+    assert not inline.search(queries, list_ids, 10).partial
+    os.kill(victim["pid"], signal.SIGKILL)
+    time.sleep(2 * inline.coordinator.silence_limit)
+    started = time.monotonic()
+    result = inline.search(queries, list_ids, 10)
+    assert time.monotonic() - started < 0.5 + 1.0
+    return result
+
+
+def test_inline_coordinator_fails_over_from_a_node_killed_while_the_caller_is_idle(index_dir, tmp_path, small_data, reference):
+    state = cluster.up(index_dir, 2, tmp_path / "state", replicas=2)
+    inline = inline_coordinator(state, timeout=0.5)
+    queries, list_ids = probe(index_dir, small_data.queries)
+    try:
+        result = search_after_an_idle_death(inline, state["nodes"][0], queries, list_ids)  # shard 0's first replica: the one a tie picks
+        assert not result.partial
+        np.testing.assert_array_equal(result.ids, reference[1])
+        assert [n["alive"] for n in inline.info()["nodes"]] == [False, True, True, True]
+    finally:
+        inline.close()
+        cluster.down(tmp_path / "state")
+
+
+def test_inline_coordinator_answers_partial_after_an_idle_death_then_whole_after_a_restart(index_dir, tmp_path, small_data, reference):
+    state = cluster.up(index_dir, 2, tmp_path / "state", replicas=1)
+    inline = inline_coordinator(state, timeout=0.5)
+    queries, list_ids = probe(index_dir, small_data.queries)
+    victim = state["nodes"][1]
+    try:
+        result = search_after_an_idle_death(inline, victim, queries, list_ids)
+        assert result.partial and result.missing == [1]
+        shard0 = set(load_index(state["index"], shard=0).shards[0].ids.tolist())
+        assert set(result.ids[result.ids >= 0].tolist()) <= shard0
+
+        restarted, _ = start_node(state["index"], tmp_path, shard=1, bind=victim["endpoint"])
+        try:
+            deadline = time.monotonic() + 30
+            while (result := inline.search(queries, list_ids, 10)).partial:  # until a heartbeat brings the node back
+                assert time.monotonic() < deadline, "the restarted node was never used again"
+                time.sleep(0.05)
+            np.testing.assert_array_equal(result.ids, reference[1])
+        finally:
+            restarted.kill()
+            restarted.wait()
+    finally:
+        inline.close()
         cluster.down(tmp_path / "state")
 
 

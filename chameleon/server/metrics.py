@@ -82,11 +82,12 @@ class _CacheCollector:
         for tier in ("device", "host"):
             hit_rate.add_metric([tier], stats[f"{tier}_hit_tokens"] / total if total else 0.0)
         yield hit_rate
-        requests = CounterMetricFamily("chameleon_kv_cache_requests", "Requests through the document KV cache.", labels=["outcome"])
-        requests.add_metric(["used"], stats["requests"])
-        requests.add_metric(["bypassed"], stats["bypassed"])
+        # a restarted speculative prefill looks the cache up twice, once per prompt it computes
+        lookups = CounterMetricFamily("chameleon_kv_cache_lookups", "Prompts looked up in the document KV cache.", labels=["outcome"])
+        lookups.add_metric(["used"], stats["lookups"])
+        lookups.add_metric(["bypassed"], stats["bypassed"])
         yield tokens
-        yield requests
+        yield lookups
 
 
 class _TierCollector:
