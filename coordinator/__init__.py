@@ -1,4 +1,4 @@
-"""Control plane: wire protocol, router (shard fan-out, exact top-k merge, failover), the
-retrieval/decoding pipeline and the RAGCache knowledge tree. Filled in by the retrieval-tier issue;
-the exact shard merge it will use is :func:`retriever.search.merge_topk`.
+"""Control plane: the wire protocol, the coordinator (shard fan-out, exact top-k merge with
+:func:`retriever.search.merge_topk`, failover; as its own process or inline in a client), the
+retrieval/decoding pipeline, speculative prefill and the RAGCache knowledge tree.
 """
