@@ -12,18 +12,27 @@ engine's work), the request then waits for the engine, and its TTFT is retrieval
 (``CacheAwareQueue``) instead of in arrival order. With ``speculative`` the search reports an early
 top-k after half its lists (``coordinator.speculation``); when the engine is idle then, prefill
 starts on it, and the request's first token stands at the final answer if the passages are the
-same, or prefill runs again (the speculative one cannot be cut short) on the final prompt. The
-arrival rate is ``load`` times the no-cache capacity, measured first on the same stream.
+same, or prefill runs again (the speculative one cannot be cut short) on the final prompt.
 
-Each cache first serves ``warmup`` requests of the same stream, back to back and not counted,
-so that the measured requests see the steady state: from a cold cache, a short stream's hit
-rate is mostly first-time misses, the same for every policy, and the policies only differ
-once the tiers are full and they start to choose what to evict.
+The arrival rate is ``load`` times the no-cache capacity, measured first on the very requests of
+the stream (each served back to back: the mean service time without a cache is known, so the
+no-cache row's utilization is ``load``, up to how much its timings drift). Each row also reports
+``capacity_rps``: its requests over the seconds the engine was busy with them, the throughput that
+configuration sustains, and ``utilization``: the offered rate over that capacity. The
+configurations of one load take turns request by request (:func:`interleaved`), each with its own
+cache, queue and clock, so that the machine's drifting speed falls on all of them alike.
+
+Each row's stream begins with ``warmup`` requests that arrive, wait and are served like the
+others but are not counted, so that the measured requests see the steady state of the cache and
+of the queue: from a cold cache, a short stream's hit rate is mostly first-time misses, the same
+for every policy (the policies only differ once the tiers are full and they choose what to
+evict), and from an empty queue, waiting near saturation takes hundreds of requests to build up.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Generator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,7 +50,7 @@ from retriever.search import Searcher
 from retriever.vectors import prepare_vectors
 
 EARLY_FRACTION = 0.5  # the early answer comes after half the probed lists
-ROW_KEYS = ("policy", "reorder", "speculative", "zipf_s", "ttft_p50_ms", "ttft_p99_ms", "throughput_rps", "hit_rate")
+ROW_KEYS = ("policy", "reorder", "speculative", "zipf_s", "ttft_p50_ms", "ttft_p99_ms", "throughput_rps", "hit_rate", "capacity_rps", "load")
 
 
 @dataclass
@@ -93,12 +102,14 @@ def retrieve(stream: list[Request], rag_index: RagIndex, embedder, nprobe: int, 
         request.early = [rag_index.passages[i] for i in early_ids[0] if i >= 0]
 
 
-def serve_stream(
+def served(
     engine, stream: list[Request], doc_cache: DocumentKVCache | None, reorder: bool, speculation: SpeculativePrefill | None = None,
     warmup: list[Request] = (),
-) -> dict:
-    """Serve ``stream`` on one engine (virtual clock, measured service times); TTFTs and hit rate.
-    ``warmup`` requests go through the cache first, in order, uncounted."""
+) -> Generator[None, None, dict]:
+    """Serve ``warmup`` then ``stream`` on one engine (virtual clock, measured service times),
+    pausing after each request (see :func:`interleaved`); returns the TTFTs, hit rate and busy
+    time of the ``stream`` requests. The warm-up requests arrive first and are served like the
+    others, uncounted."""
     def reuse_ratio(item) -> float:
         request, segments = item
         return doc_cache.tree.reuse_ratio([(str(p.id), len(s)) for p, s in zip(request.passages, segments[1:-1])], len(segments[-1]))
@@ -116,29 +127,28 @@ def serve_stream(
 
     def speculate(request: Request, early_at: float):
         """Prefill on the early answer from ``early_at``, again on the final one if it differs:
-        (the prompt served, when its first token stands, tokens the document cache gave)."""
+        (the prompt served, when its first token stands, tokens the document cache gave, engine seconds)."""
         segments = prompt_segments(engine, request.question, request.early)
         generation, seconds, shared = prefill(segments, request.early)
         first_token_at = max(early_at + seconds, request.arrival + request.retrieval_s)
         final = prompt_segments(engine, request.question, request.passages)
         if speculation.end(joined(segments), joined(final)):
-            return segments, first_token_at, shared
-        _, seconds, shared = prefill(final, request.passages, resume=generation)  # the speculative one ran to its end
-        return final, first_token_at + seconds, shared
+            return segments, first_token_at, shared, seconds
+        _, again, shared = prefill(final, request.passages, resume=generation)  # the speculative one ran to its end
+        return final, first_token_at + again, shared, seconds + again
 
-    if doc_cache is not None:
-        for request in tqdm(warmup, desc="warm-up", leave=False):
-            prefill(prompt_segments(engine, request.question, request.passages), request.passages)
+    counted = {id(request) for request in stream}
+    requests = [*warmup, *stream]
     waiting = CacheAwareQueue(reuse_ratio if reorder else (lambda item: 0.0), window=8)
-    ready = sorted(stream, key=lambda r: r.arrival + r.retrieval_s)
-    clock, next_ready, ttfts, prompt_tokens, reused = 0.0, 0, [], 0, 0
-    for _ in tqdm(range(len(stream)), desc="requests", leave=False):
+    ready = sorted(requests, key=lambda r: r.arrival + r.retrieval_s)
+    clock, next_ready, ttfts, prompt_tokens, reused, busy = 0.0, 0, [], 0, 0, 0.0
+    for _ in range(len(requests)):
         upcoming = ready[next_ready] if not len(waiting) else None  # the engine is idle until it is retrieved
         early_at = max(clock, upcoming.arrival + upcoming.early_s) if upcoming is not None else None
         if upcoming is not None and speculation is not None and early_at < upcoming.arrival + upcoming.retrieval_s and speculation.begin():
             next_ready += 1  # early answer in: prefill on it while the search finishes
             request = upcoming
-            segments, clock, shared = speculate(request, early_at)
+            segments, clock, shared, seconds = speculate(request, early_at)
         else:
             if upcoming is not None:
                 clock = max(clock, upcoming.arrival + upcoming.retrieval_s)
@@ -149,14 +159,18 @@ def serve_stream(
             request, segments = waiting.pop()
             _, seconds, shared = prefill(segments, request.passages)
             clock += seconds
-        ttfts.append(clock - request.arrival)
-        prompt_tokens += sum(map(len, segments))
-        reused += shared
+        if id(request) in counted:
+            ttfts.append(clock - request.arrival)
+            prompt_tokens += sum(map(len, segments))
+            reused += shared
+            busy += seconds
+        yield
     return {
         "ttft_p50_ms": round(float(np.percentile(ttfts, 50)) * 1e3, 1),
         "ttft_p99_ms": round(float(np.percentile(ttfts, 99)) * 1e3, 1),
         "throughput_rps": round(len(stream) / (clock - stream[0].arrival), 3),
         "hit_rate": round(reused / prompt_tokens, 4),
+        "capacity_rps": round(len(stream) / busy, 3),
     }
 
 
@@ -171,17 +185,19 @@ def kvcache_benchmark(
     speculative: tuple[bool, ...] = (False, True),
     device_docs: int = 32,
     host_docs: int = 64,
-    load: float = 0.9,
+    loads: tuple[float, ...] = (0.9,),
     nprobe: int = 8,
     seed: int = 0,
     warmup: int = 100,
 ) -> list[dict]:
-    """One row per (zipf s, policy, reorder, speculative); budgets in average passages (KV bytes of
-    that many). Every cache is warmed by the ``warmup`` requests before the measured ``requests``."""
+    """One row per (zipf s, load, policy, reorder, speculative); budgets in average passages (KV
+    bytes of that many). Every row's ``warmup`` requests come before its measured ``requests``."""
     if not 0 <= warmup <= 100_000:
         raise RetrieverError(f"warmup must be 0..100000 requests, got {warmup}")
-    if requests < 10 or not 0 < load < 10 or device_docs < 6 or host_docs < 0 or not 2 <= nprobe <= rag_index.index.params.nlist:
-        raise RetrieverError(f"need at least 10 requests, 0 < load < 10, device_docs >= 6, host_docs >= 0 and 2 <= nprobe <= {rag_index.index.params.nlist}")
+    if not loads or not all(0 < load < 10 for load in loads):
+        raise RetrieverError(f"every load must be above 0 and below 10 (a fraction of the no-cache capacity), got {loads}")
+    if requests < 10 or device_docs < 6 or host_docs < 0 or not 2 <= nprobe <= rag_index.index.params.nlist:
+        raise RetrieverError(f"need at least 10 requests, device_docs >= 6, host_docs >= 0 and 2 <= nprobe <= {rag_index.index.params.nlist}")
     passages = rag_index.passages
     sizes = [len(prompt_segments(engine, "q", [p])[1]) for p in passages[:200]]
     template = prompt_segments(engine, "q", passages[:1])[0]
@@ -190,23 +206,69 @@ def kvcache_benchmark(
     early = SpeculativePrefill(early_fraction=EARLY_FRACTION).early_lists(nprobe)
     rows = []
     for s in zipf:
-        # capacity without a cache, on this very stream: sets the arrival rate for every policy
-        probe = request_stream(passages, max(10, requests // 5), s, rate=1e9, seed=seed)
+        # the no-cache capacity on these very requests (the arrival rate does not change which
+        # passages they are about): sets the arrival rate for every policy
+        probe = request_stream(passages, warmup + requests, s, rate=1.0, seed=seed)
         retrieve(probe, rag_index, embedder, nprobe, early)
-        serve_stream(engine, probe, None, reorder=False)  # untimed: a cold engine's first prefills run slower
-        capacity = serve_stream(engine, probe, None, reorder=False)["throughput_rps"]
-        stream = request_stream(passages, warmup + requests, s, rate=load * capacity, seed=seed)
-        retrieve(stream, rag_index, embedder, nprobe, early)
-        warm, stream = stream[:warmup], stream[warmup:]
-        for policy in policies:
-            for reorder in (False, True) if policy != "none" else (False,):
-                for speculate in speculative:
-                    doc_cache = None
-                    if policy != "none":
-                        doc_cache = DocumentKVCache(engine, policy, device_bytes, int(host_docs * per_doc), profile, template=template)
-                    speculation = SpeculativePrefill(early_fraction=EARLY_FRACTION) if speculate else None
-                    measured = serve_stream(engine, stream, doc_cache, reorder, speculation, warm)
-                    extra = {"speculation": speculation.stats} if speculation is not None else {}
-                    row = {"policy": policy, "reorder": reorder, "speculative": speculate, "zipf_s": s, **measured}
-                    rows.append({**row, "warmup_requests": warmup, **extra})
+        interleaved([served(engine, probe[:10], None, reorder=False)])  # untimed: a cold engine's first prefills run slower
+        capacity = interleaved([served(engine, probe, None, reorder=False)])[0]["capacity_rps"]
+        for load in loads:
+            stream = request_stream(passages, warmup + requests, s, rate=load * capacity, seed=seed)
+            retrieve(stream, rag_index, embedder, nprobe, early)
+            warm, stream = stream[:warmup], stream[warmup:]
+            configurations, runs = [], []
+            for policy in policies:
+                for reorder in (False, True) if policy != "none" else (False,):
+                    for speculate in speculative:
+                        doc_cache = None
+                        if policy != "none":
+                            doc_cache = DocumentKVCache(engine, policy, device_bytes, int(host_docs * per_doc), profile, template=template)
+                        speculation = SpeculativePrefill(early_fraction=EARLY_FRACTION) if speculate else None
+                        configurations.append(({"policy": policy, "reorder": reorder, "speculative": speculate, "zipf_s": s}, speculation))
+                        runs.append(served(engine, stream, doc_cache, reorder, speculation, warm))
+            offered = load * capacity
+            for (row, speculation), measured in zip(configurations, interleaved(runs)):
+                extra = {"speculation": speculation.stats} if speculation is not None else {}
+                rows.append({**row, **measured, "load": load, "offered_rps": round(offered, 3), "utilization": round(offered / measured["capacity_rps"], 3),
+                             "warmup_requests": warmup, **extra})  # fmt: skip
     return rows
+
+
+def interleaved(runs: list[Generator[None, None, dict]]) -> list[dict]:
+    """Run :func:`served` configurations together, one request each in turn, so that every one of
+    them meets the same machine: its speed drifts by 10% and more within minutes, which would
+    otherwise land on whichever configuration ran then."""
+    results: list[dict | None] = [None] * len(runs)
+    active = list(range(len(runs)))
+    with tqdm(desc="requests", leave=False) as progress:
+        while active:
+            for n in list(active):
+                try:
+                    next(runs[n])
+                except StopIteration as done:
+                    results[n] = done.value
+                    active.remove(n)
+                progress.update()
+    return results
+
+
+def comparisons(rows: list[dict]) -> list[str]:
+    """Each cached row against the no-cache row of its (zipf s, load, speculative): TTFT p50 and
+    capacity; and its hit rate against LRU's with the same reorder and speculation. The no-cache
+    row's own utilization says how near saturation the comparison was made."""
+    def find(row: dict, **changes) -> dict | None:
+        wanted = {**{key: row[key] for key in ("zipf_s", "load", "reorder", "speculative")}, **changes}
+        return next((r for r in rows if all(r[key] == value for key, value in wanted.items())), None)
+
+    lines = []
+    for row in rows:
+        none = find(row, policy="none", reorder=False)
+        if row["policy"] == "none" or none is None:
+            continue
+        lru = find(row, policy="lru")
+        vs_lru = f", hit rate {row['hit_rate'] / lru['hit_rate']:.2f}x LRU's" if lru and lru is not row and lru["hit_rate"] else ""
+        flags = "".join((" +reorder" if row["reorder"] else "", " +speculative" if row["speculative"] else ""))
+        lines.append(f"s={row['zipf_s']} load={row['load']} (no cache at utilization {none['utilization']}) {row['policy']}{flags}: "
+                     f"TTFT p50 {none['ttft_p50_ms'] / row['ttft_p50_ms']:.2f}x lower "
+                     f"than no cache, capacity {row['capacity_rps'] / none['capacity_rps']:.2f}x{vs_lru}")  # fmt: skip
+    return lines

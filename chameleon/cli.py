@@ -487,12 +487,12 @@ def bench_kvcache(
     nprobe: int = typer.Option(8, "--nprobe", help="Lists each request's search probes (the early answer comes after half)."),
     device_docs: int = typer.Option(32, "--device-docs", help="Device tier budget, in average passages."),
     host_docs: int = typer.Option(64, "--host-docs", help="Host tier budget, in average passages."),
-    load: float = typer.Option(0.9, "--load", help="Arrival rate as a fraction of the no-cache capacity."),
+    load: str = typer.Option("0.9", "--load", help="Arrival rates as fractions of the no-cache capacity (a row set each)."),
     profile: Optional[Path] = typer.Option(None, "--profile", help="Prefill profile (default: measure a small one now)."),
     seed: int = typer.Option(0, "--seed"),
 ):
     """TTFT, throughput and hit rate per cache policy on a Poisson stream of Zipf-popular documents."""
-    from chameleon.bench_kvcache import ROW_KEYS, kvcache_benchmark
+    from chameleon.bench_kvcache import ROW_KEYS, comparisons, kvcache_benchmark
     from chameleon.corpus import RagIndex, builtin_rag_index
     from chameleon.embedder import Embedder
     from chameleon.llm import TorchEngine
@@ -511,11 +511,13 @@ def bench_kvcache(
     rag_index = RagIndex(index if index is not None else builtin_rag_index(embedder, progress=True), embedder.fingerprint)
     cost_model = PrefillProfile.load(profile) if profile is not None else measure_quick(engine)
     rows = kvcache_benchmark(engine, rag_index, embedder, cost_model, requests, tuple(_number_list(zipf, "--zipf", float)), tuple(chosen),
-                             speculation, device_docs, host_docs, load, nprobe, seed, warmup)  # fmt: skip
+                             speculation, device_docs, host_docs, tuple(_number_list(load, "--load", float)), nprobe, seed, warmup)  # fmt: skip
     write_json_atomic(json_out, rows)
     typer.echo("  ".join(f"{key:>14}" for key in ROW_KEYS))
     for row in rows:
         typer.echo("  ".join(f"{str(row[key]):>14}" for key in ROW_KEYS))
+    for line in comparisons(rows):
+        typer.echo(line)
 
 
 @node_app.command("retrieval")
