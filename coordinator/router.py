@@ -135,7 +135,10 @@ class Coordinator:
         self.heartbeat_interval = heartbeat_interval
         self.keys = keys
         self.endpoint: str | None = None
-        self._draining = threading.Event()
+        # A plain flag, not a threading.Event: drain() runs as a SIGTERM handler, and a second
+        # SIGTERM landing inside Event.set() would wait forever on the lock the first one holds
+        # (a killed parent sends one per thread it loses, through PR_SET_PDEATHSIG).
+        self._draining = False
         self._sub_ids = itertools.count(1)
         self._subs: dict[int, _Sub] = {}
         self._jobs = 0
@@ -151,7 +154,7 @@ class Coordinator:
         return 4 * self.heartbeat_interval + self.timeout
 
     def drain(self, *_signal_args) -> None:
-        self._draining.set()
+        self._draining = True
 
     def serve(self, bind: str, ready_file: str | os.PathLike | None = None) -> None:
         """Serve clients on a ROUTER socket bound to ``bind`` until drained (SIGTERM, :meth:`drain`)."""
@@ -162,7 +165,7 @@ class Coordinator:
         try:
             self.connect(context, functools.partial(protocol.send, front))
             self._listen(front, self._on_client)
-            while not (self._draining.is_set() and not self._subs):
+            while not (self._draining and not self._subs):
                 self.tick(time.monotonic())
                 self.poll(TURN_MS)
         finally:
@@ -236,7 +239,7 @@ class Coordinator:
                 return
             if message.op != "SEARCH":
                 raise ProtocolError("bad_request", f"the coordinator answers SEARCH and HEARTBEAT, not {message.op}")
-            if self._draining.is_set():
+            if self._draining:
                 raise ProtocolError("shutting_down", "the coordinator is shutting down")
         except ProtocolError as e:
             self._reply(protocol.error_reply(e.rid or rid, e.code, str(e)), envelope)

@@ -86,13 +86,16 @@ class RetrievalNode:
             "pid": os.getpid(),
         }
         self.endpoint: str | None = None
-        self._draining = threading.Event()
+        # A plain flag, not a threading.Event: drain() runs as a SIGTERM handler, and a second
+        # SIGTERM landing inside Event.set() would wait forever on the lock the first one holds
+        # (a killed parent sends one per thread it loses, through PR_SET_PDEATHSIG).
+        self._draining = False
         self._served_batches = 0
         self._served_queries = 0
 
     def drain(self, *_signal_args) -> None:
         """Stop taking searches; :meth:`serve` returns once the work it holds is answered."""
-        self._draining.set()
+        self._draining = True
 
     def serve(self, bind: str, ready_file: str | os.PathLike | None = None, stop: threading.Event | None = None) -> None:
         """Serve until drained (SIGTERM, :meth:`drain`) or ``stop`` is set."""
@@ -126,7 +129,7 @@ class RetrievalNode:
         pending_since = 0.0
         busy = 0
         while not stop.is_set():
-            if self._draining.is_set() and not pending and not busy:
+            if self._draining and not pending and not busy:
                 return
             timeout = POLL_MS
             if pending and not busy:  # rounded up: spinning here would take a core from the other processes
@@ -167,7 +170,7 @@ class RetrievalNode:
                 return None
             if message.op != "SEARCH":
                 raise ProtocolError("bad_request", f"a retrieval node answers SEARCH and HEARTBEAT, not {message.op}")
-            if self._draining.is_set():
+            if self._draining:
                 raise ProtocolError("shutting_down", "this node is shutting down")
             queries, list_ids, k = self.engine.check(*message.arrays, message.fields["k"])
             if pending_queries + queries.shape[0] > MAX_PENDING_QUERIES:

@@ -189,6 +189,23 @@ def test_sigterm_drains_in_flight_work(index_dir, tmp_path, small_data):
     assert process.wait(timeout=30) == 0
 
 
+def test_a_burst_of_sigterms_drains_and_exits(index_dir, tmp_path):
+    """A killed parent sends its children one SIGTERM per thread it loses (PR_SET_PDEATHSIG): the
+    handler runs again while it is still running, and must not wait on anything the first took."""
+    state = cluster.up(index_dir, 1, tmp_path / "state")
+    processes = [state["coordinator"]["pid"], *(node["pid"] for node in state["nodes"])]
+    try:
+        for _ in range(300):
+            for pid in processes:
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(cluster._is_ours(pid) for pid in processes):
+            time.sleep(0.05)
+        assert not [pid for pid in processes if cluster._is_ours(pid)], "a process is still up after the burst"
+    finally:
+        cluster.down(tmp_path / "state")
+
+
 # -- clusters -------------------------------------------------------------------------------------
 
 
