@@ -20,7 +20,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from chameleon.llm import Generation, KVPrefix, ThreadedEngine, TorchEngine, answer_text, check_request, decode_speed
+from chameleon.llm import Generation, KVPrefix, ThreadedEngine, TorchEngine, answer_text, cancelled_generation, check_request, decode_speed
 from coordinator.kv_cache import CacheAwareQueue
 from retriever.errors import RetrieverError
 
@@ -34,6 +34,7 @@ class _Sequence:
     eos_ids: frozenset[int]
     future: Future
     submitted: float
+    cancelled: Callable[[], bool] | None = None
     generated: list[int] = field(default_factory=list)
     started: float = 0.0
     first_token_at: float = 0.0
@@ -102,10 +103,11 @@ class BatchingEngine(ThreadedEngine):
         """True while the scheduler thread runs (readiness)."""
         return self._thread.is_alive()
 
-    def submit(self, tokens: list[int], max_new_tokens: int = 128, prefix: KVPrefix | None = None, on_token=None) -> Future:
-        """Queue a greedy generation (as ``TorchEngine.generate``); the future gives its ``Generation``."""
+    def submit(self, tokens: list[int], max_new_tokens: int = 128, prefix: KVPrefix | None = None, on_token=None, cancelled=None) -> Future:
+        """Queue a greedy generation (as ``TorchEngine.generate``, ``cancelled`` included: a
+        sequence cancelled while it waits ends as soon as it is admitted); the future gives its ``Generation``."""
         check_request(tokens, max_new_tokens, self.context_window, prefix)
-        sequence = _Sequence(list(tokens), max_new_tokens, prefix, on_token, frozenset(self.eos_ids), Future(), time.perf_counter())
+        sequence = _Sequence(list(tokens), max_new_tokens, prefix, on_token, frozenset(self.eos_ids), Future(), time.perf_counter(), cancelled)
         with self._wake:
             if self._closed:
                 raise RetrieverError("the engine is closed")
@@ -146,7 +148,10 @@ class BatchingEngine(ThreadedEngine):
                 sequence = self._waiting.pop()
             sequence.started = time.perf_counter()
             try:
-                state, logits = self.engine.prefill(sequence.tokens, sequence.prefix)
+                state, logits = self.engine.prefill(sequence.tokens, sequence.prefix, sequence.cancelled)
+                if logits is None:
+                    sequence.future.set_result(cancelled_generation(sequence.tokens, sequence.prefix, state, time.perf_counter() - sequence.started))
+                    continue
                 sequence.first_token_at = time.perf_counter()
                 if sequence.take(int(torch.argmax(logits))):
                     self._finish(sequence, state.cache)

@@ -139,7 +139,8 @@ class DocumentKVCache(_TreeCache):
             return KVPrefix(tokens, DynamicCache(layers)), access
 
     def keep(self, access: Access | None, segments: list[list[int]], generation: Generation) -> None:
-        """Store the KV of what ``access`` admitted, cut from ``generation.state`` (the request's KV)."""
+        """Store the KV of what ``access`` admitted, cut from ``generation.state`` (the request's KV);
+        what a cancelled prefill did not reach stays without KV (the next request that uses it fills it)."""
         if access is None:
             return
         layers = [(layer.keys, layer.values) for layer in generation.state.cache.layers]
@@ -147,16 +148,18 @@ class DocumentKVCache(_TreeCache):
         def cut(start: int, end: int) -> _KV:
             return _KV(device=[(k[:, :, start:end].clone(), v[:, :, start:end].clone()) for k, v in layers])
 
+        computed = len(generation.state.tokens)  # short of the prompt when its prefill was cancelled
         with self._lock:
-            if self.tree.root.handle is None:
+            if self.tree.root.handle is None and len(self.template) <= computed:
                 self.tree.root.handle = cut(0, len(self.template))
             starts = [len(self.template)]
             for segment in segments[1:-1]:
                 starts.append(starts[-1] + len(segment))
             for node in access.inserted:
-                if node.on_device:  # not evicted by another request meanwhile
-                    depth = len(node.path) - 1
-                    node.handle = cut(starts[depth], starts[depth] + node.tokens)
+                depth = len(node.path) - 1
+                end = starts[depth] + node.tokens
+                if node.on_device and end <= computed:  # not evicted by another request meanwhile, and computed
+                    node.handle = cut(starts[depth], end)
 
     def _apply(self, access: Access) -> None:
         for node in access.swapped_out:
@@ -199,8 +202,9 @@ class VllmDocumentCache(_TreeCache):
     def keep(self, access: Access | None, segments: list[list[int]], generation: Generation) -> None:
         """Count what vLLM reused for this prompt and correct the tree where vLLM had evicted what it
         held: ``generation`` is the reply to exactly ``segments`` (a later step of the same answer,
-        a longer prompt, is left alone)."""
-        if access is None or generation.prompt_tokens != sum(map(len, segments)):
+        a longer prompt, is left alone, and so is a cancelled request: vLLM reported nothing for it,
+        and the next request over its documents corrects the tree)."""
+        if access is None or generation.finish_reason == "cancelled" or generation.prompt_tokens != sum(map(len, segments)):
             return
         with self._lock:
             self.stats["device_hit_tokens"] += generation.cached_tokens

@@ -19,6 +19,10 @@ from pathlib import Path
 from chameleon.models import resolve_model
 from retriever.errors import RetrieverError
 
+# A cancellable prefill (a speculative one) runs in chunks this long: a cancel lands within one
+# chunk's time, and chunks this long cost about what one pass costs (benchmarks/prefill_chunks.py).
+PREFILL_CHUNK = 512
+
 
 @dataclass
 class KVPrefix:
@@ -52,7 +56,7 @@ class Generation:
     cached_tokens: int
     ttft_s: float
     decode_tokens_per_s: float
-    finish_reason: str  # "stop" (an end token, or ``on_token`` asked to stop) or "length"
+    finish_reason: str  # "stop" (an end token, or ``on_token`` asked to stop), "length" or "cancelled" (no tokens)
     # the KV of the prompt and every generated token but the last (not yet fed back); None from
     # engines that keep the KV themselves (vLLM)
     state: KVPrefix | None
@@ -83,10 +87,13 @@ class ThreadedEngine(EngineText):
         self._thread = threading.Thread(target=loop, name=name, daemon=True)
         self._thread.start()
 
-    def generate(self, tokens: list[int], max_new_tokens: int = 128, prefix: KVPrefix | None = None, on_token=None) -> Generation:
+    def generate(
+        self, tokens: list[int], max_new_tokens: int = 128, prefix: KVPrefix | None = None, on_token=None, cancelled=None
+    ) -> Generation:
         """Greedy decoding of ``tokens`` up to ``max_new_tokens`` or an end token; ``on_token`` sees
-        every new token as soon as it is chosen, and returning True stops the sequence."""
-        return self.submit(tokens, max_new_tokens, prefix, on_token).result()
+        every new token as soon as it is chosen, and returning True stops the sequence;
+        ``cancelled`` (see ``TorchEngine.generate``) ends it during its prefill."""
+        return self.submit(tokens, max_new_tokens, prefix, on_token, cancelled).result()
 
     def close(self) -> None:
         """Stop the thread; what is still queued or running fails."""
@@ -113,8 +120,11 @@ class TorchEngine(EngineText):
         self.context_window = context_window(self.model.config)
         self.eos_ids = end_token_ids(self.model.generation_config, self.tokenizer)
 
-    def prefill(self, tokens: list[int], prefix: KVPrefix | None = None) -> tuple[KVPrefix, object]:
-        """KV of ``tokens`` (continuing ``prefix``, whose tokens they must start with) and the last logits."""
+    def prefill(self, tokens: list[int], prefix: KVPrefix | None = None, cancelled: Callable[[], bool] | None = None) -> tuple[KVPrefix, object]:
+        """KV of ``tokens`` (continuing ``prefix``, whose tokens they must start with) and the last
+        logits. With ``cancelled``, the prompt runs in chunks of :data:`PREFILL_CHUNK` tokens and
+        stops before the first chunk that finds it True: then the KV covers the tokens done so far
+        and the logits are None."""
         import torch
         from transformers import DynamicCache
 
@@ -124,9 +134,14 @@ class TorchEngine(EngineText):
         if start == len(tokens):  # everything cached: recompute the last token to get its logits
             cache.crop(-1)  # drop the last token
             start -= 1
+        chunk = PREFILL_CHUNK if cancelled is not None else len(tokens)
         with torch.inference_mode():
-            out = self.model(torch.tensor([tokens[start:]], device=self.device), past_key_values=cache, use_cache=True)
-        return KVPrefix(list(tokens), out.past_key_values), out.logits[0, -1]
+            for begin in range(start, len(tokens), chunk):
+                if cancelled is not None and cancelled():
+                    return KVPrefix(list(tokens[:begin]), cache), None
+                out = self.model(torch.tensor([tokens[begin : begin + chunk]], device=self.device), past_key_values=cache, use_cache=True)
+                cache = out.past_key_values
+        return KVPrefix(list(tokens), cache), out.logits[0, -1]
 
     def generate(
         self,
@@ -134,16 +149,21 @@ class TorchEngine(EngineText):
         max_new_tokens: int = 128,
         prefix: KVPrefix | None = None,
         on_token: Callable[[int], bool] | None = None,
+        cancelled: Callable[[], bool] | None = None,
     ) -> Generation:
         """Greedy decoding of ``tokens`` (a full prompt), up to ``max_new_tokens`` or an end token.
 
         ``on_token`` sees every new token as soon as it is chosen (streaming); returning True stops.
+        ``cancelled`` is asked while the prompt is prefilled (see ``prefill``): once True, the
+        generation ends at once, :func:`cancelled_generation`.
         """
         import torch
 
         check_request(tokens, max_new_tokens, self.context_window)
         started = time.perf_counter()
-        state, logits = self.prefill(tokens, prefix)
+        state, logits = self.prefill(tokens, prefix, cancelled)
+        if logits is None:
+            return cancelled_generation(tokens, prefix, state, time.perf_counter() - started)
         generated = [int(torch.argmax(logits))]
         ttft = time.perf_counter() - started
         cache = state.cache
@@ -167,6 +187,15 @@ class TorchEngine(EngineText):
             finish_reason="stop" if stopped or generated[-1] in self.eos_ids else "length",
             state=state,
         )
+
+
+def cancelled_generation(tokens: list[int], prefix: KVPrefix | None, state: KVPrefix | None, seconds: float) -> Generation:
+    """A generation cancelled during its prefill: no tokens, ``finish_reason`` "cancelled", and as
+    ``state`` the KV of the prompt tokens done by then (a later prompt that shares them reuses it)."""
+    return Generation(
+        tokens=[], text="", prompt_tokens=len(tokens), cached_tokens=len(prefix.tokens) if prefix is not None else 0,
+        ttft_s=seconds, decode_tokens_per_s=0.0, finish_reason="cancelled", state=state,
+    )  # fmt: skip
 
 
 def shared_cache(cache):

@@ -178,6 +178,7 @@ class RagPipeline:
         """Retrieve for ``question``, build its prompt and find the KV it starts from (speculating
         on the early top-k when asked to)."""
         speculative: list = []  # (segments, tokens, admission, future) of the prefill started on the early top-k
+        cut_short = threading.Event()  # set when the speculative prefill is not wanted any more
 
         def speculate(early_ranked) -> None:
             early_ranked = self._canonical(early_ranked)
@@ -186,12 +187,13 @@ class RagPipeline:
                 return
             prefix, admitted = self._cached_prefix(segments, early_ranked[:kept])
             tokens = joined(segments)
-            speculative.append((segments, tokens, admitted, self._speculator.submit(self.engine.generate, tokens, 1, prefix)))
+            speculative.append((segments, tokens, admitted, self._speculator.submit(self.engine.generate, tokens, 1, prefix, None, cut_short.is_set)))
 
         try:
             ranked = self._canonical(self.retrieve(question, timings, k, on_early=speculate if self.speculation is not None else None))
             segments, kept = self.fit([p for p, _ in ranked], max_new_tokens, render)
         except Exception:
+            cut_short.set()
             for _, early_tokens, _, future in speculative:  # the engine is the caller's again only once it is done
                 future.exception()
                 self.speculation.end(early_tokens, ())
@@ -200,6 +202,8 @@ class RagPipeline:
             return _FirstPrompt(ranked, segments, kept, *self._cached_prefix(segments, ranked[:kept]))
         early_segments, early_tokens, early_admitted, future = speculative[0]
         tokens = joined(segments)
+        if early_tokens != tokens:
+            cut_short.set()  # its KV up to the chunk it stops at still serves what the final prompt shares
         try:
             generation = future.result()
         finally:

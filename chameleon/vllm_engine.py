@@ -35,6 +35,7 @@ from chameleon.llm import (
     KVPrefix,
     ThreadedEngine,
     answer_text,
+    cancelled_generation,
     check_dtype,
     check_request,
     context_window,
@@ -58,6 +59,7 @@ class _Request:
     on_token: Callable[[int], bool] | None
     future: Future
     submitted: float
+    cancelled: Callable[[], bool] | None = None
     generated: list[int] = field(default_factory=list)
     first_token_at: float = 0.0
     cached_tokens: int = 0
@@ -155,13 +157,14 @@ class VllmEngine(ThreadedEngine):
         """True while the driver thread runs and vLLM answers (readiness)."""
         return self._thread.is_alive() and self._failure is None
 
-    def submit(self, tokens: list[int], max_new_tokens: int = 128, prefix: KVPrefix | None = None, on_token=None) -> Future:
+    def submit(self, tokens: list[int], max_new_tokens: int = 128, prefix: KVPrefix | None = None, on_token=None, cancelled=None) -> Future:
         """Queue a greedy generation (as ``TorchEngine.generate``); the future gives its ``Generation``.
 
         ``prefix`` is accepted for the common interface and only checked: vLLM finds the cached
-        prefix of any prompt itself."""
+        prefix of any prompt itself. ``cancelled`` is asked before every engine step until the
+        first token: once True, the request is aborted (``cancelled_generation``, no KV state)."""
         check_request(tokens, max_new_tokens, self.context_window, prefix)
-        request = _Request(str(next(self._ids)), list(tokens), max_new_tokens, on_token, Future(), time.perf_counter())
+        request = _Request(str(next(self._ids)), list(tokens), max_new_tokens, on_token, Future(), time.perf_counter(), cancelled)
         with self._wake:
             if self._closed or self._failure is not None:
                 raise RetrieverError("the engine is closed" if self._closed else f"the vLLM engine has failed: {self._failure}")
@@ -189,6 +192,7 @@ class VllmEngine(ThreadedEngine):
             try:
                 for request in new:
                     self._add(request)
+                self._cancel()
                 if engine.has_unfinished_requests():  # unless every new request was refused
                     for output in engine.step():
                         self._take(output)
@@ -231,11 +235,8 @@ class VllmEngine(ThreadedEngine):
         for token in output.outputs[0].token_ids:
             request.first_token_at = request.first_token_at or now
             request.generated.append(token)
-            try:
-                stop = request.on_token is not None and bool(request.on_token(token))
-            except Exception as e:  # noqa: BLE001 - handed to this request's caller
-                self._abort(request)
-                request.future.set_exception(e)
+            stop = request.on_token is not None and self._ask(request, request.on_token, token)
+            if stop is None:
                 return
             if stop:
                 self._abort(request)
@@ -248,6 +249,23 @@ class VllmEngine(ThreadedEngine):
                 request.future.set_exception(RetrieverError(f"vLLM ended the request: {reason}"))
                 return
             self._finish(request, reason)
+
+    def _cancel(self) -> None:
+        """Abort the requests still in prefill whose caller cancelled them."""
+        for request in [r for r in self._active.values() if r.cancelled is not None and not r.generated]:
+            if self._ask(request, request.cancelled):
+                self._abort(request)
+                request.future.set_result(cancelled_generation(request.tokens, None, None, time.perf_counter() - request.submitted))
+
+    def _ask(self, request: _Request, callback: Callable[..., bool], *args) -> bool | None:
+        """The answer of one of the caller's callbacks; None when it raised: the request is then
+        aborted and fails with that error (and only it)."""
+        try:
+            return bool(callback(*args))
+        except Exception as e:  # noqa: BLE001 - handed to this request's caller
+            self._abort(request)
+            request.future.set_exception(e)
+            return None
 
     def _abort(self, request: _Request) -> None:
         del self._active[request.id]

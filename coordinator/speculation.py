@@ -2,9 +2,11 @@
 
 RAGCache (Jin et al., 2024) overlaps the vector search with the LLM: the search reports candidate
 documents before it ends (our SEARCH with ``early``: the top-k of every query's nearest lists),
-prefill starts on them, and when the final documents differ the speculative prefill is set aside
-and prefill runs again. A restart is not all loss: the final prompt reuses the KV of what it
-shares with the speculative one (the template and the leading documents that stayed).
+prefill starts on them, and when the final documents differ the speculative prefill is cut short
+(the engines take a ``cancelled`` check: the torch engine stops at its next chunk of the prompt,
+vLLM aborts the request) and prefill runs again. A restart is not all loss: the final prompt
+reuses the KV of what it shares with what the speculative one computed (the template and the
+leading documents that stayed).
 
 "Dynamic": speculation runs only while the engine has room for it: at most ``limit`` speculative
 prefills at once, and none while requests wait for the engine, where a wasted prefill would delay

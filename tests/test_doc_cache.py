@@ -87,6 +87,28 @@ def test_documents_admitted_but_never_filled_are_filled_by_the_next_request(rag_
     assert tiny32.generate(tokens, 6, prefix=prefix).tokens == tiny32.generate(tokens, 6).tokens
 
 
+def test_a_cancelled_prefill_fills_only_the_documents_it_reached(rag_index, tiny32):
+    from itertools import accumulate
+
+    from chameleon.doc_cache import DocumentKVCache
+    from chameleon.llm import cancelled_generation
+    from chameleon.rag import prompt_segments
+
+    passages = rag_index.passages[:3]
+    segments = prompt_segments(tiny32, "Which planet?", passages)
+    ids, tokens, ends = [str(p.id) for p in passages], [t for s in segments for t in s], list(accumulate(map(len, segments)))
+    cache = DocumentKVCache(tiny32, "lru", 100_000 * _bytes(tiny32), 0)
+    _, first = cache.lookup(segments, ids)
+    reached, _ = tiny32.prefill(tokens[: ends[1] + 1])  # cancelled one token into the second document
+    cache.keep(first, segments, cancelled_generation(tokens, None, reached, 0.1))
+    prefix, second = cache.lookup(segments, ids)
+    assert prefix.tokens == tokens[: ends[1]] and [n.path[-1] for n in second.inserted] == ids[1:]
+    cache.keep(second, segments, tiny32.generate(tokens, 1, prefix=prefix))
+    prefix, third = cache.lookup(segments, ids)
+    assert prefix.tokens == tokens[: ends[-2]] and third.inserted == []
+    assert tiny32.generate(tokens, 6, prefix=prefix).tokens == tiny32.generate(tokens, 6).tokens
+
+
 # -- the tree over vLLM's prefix cache: a vLLM reply is a Generation with vLLM's cached_tokens --------
 
 BLOCK = 16

@@ -136,6 +136,42 @@ def test_on_token_streams_every_token_and_can_stop(any_engine, prompts):
     assert any_engine.generate(prompt, 20).tokens == full.tokens  # a stopped or failed request leaves nothing behind
 
 
+def test_a_cancelled_prefill_ends_the_request_and_the_engine_goes_on(any_engine, prompts, monkeypatch):
+    monkeypatch.setattr("chameleon.llm.PREFILL_CHUNK", 64)
+    long = prompts[3]  # more than one chunk of a cancellable torch prefill
+    plain = any_engine.generate(long, 6)
+    assert any_engine.generate(long, 6, cancelled=lambda: False).tokens == plain.tokens  # asked at every chunk or step, never cancelled
+    cut = any_engine.generate(long, 6, cancelled=lambda: True)
+    assert cut.finish_reason == "cancelled" and cut.tokens == [] and cut.text == "" and cut.prompt_tokens == len(long)
+    assert cut.state is None if any_engine.name == "vllm" else cut.state.tokens == []  # nothing was computed
+
+    def failing():
+        raise RuntimeError("the caller went away")
+
+    with pytest.raises(RuntimeError, match="went away"):
+        any_engine.generate(long, 6, cancelled=failing)
+    assert any_engine.generate(long, 6).tokens == plain.tokens  # the engine goes on
+
+
+def test_a_cancelled_torch_prefill_keeps_the_kv_of_the_chunks_it_ran(tiny_torch, prompts, monkeypatch):
+    import torch
+
+    monkeypatch.setattr("chameleon.llm.PREFILL_CHUNK", 64)
+    long = prompts[3]
+    assert len(long) > 3 * 64
+    asked = []
+    cut = tiny_torch.generate(long, 6, cancelled=lambda: asked.append(1) or len(asked) > 2)  # stops before the third chunk
+    assert cut.state.tokens == long[:128]
+    whole, _ = tiny_torch.prefill(long)
+    for ours, reference in zip(cut.state.cache.layers, whole.cache.layers):
+        torch.testing.assert_close(ours.keys, reference.keys[:, :, :128])
+        torch.testing.assert_close(ours.values, reference.values[:, :, :128])
+    assert tiny_torch.generate(long, 8, prefix=cut.state).tokens == tiny_torch.generate(long, 8).tokens  # the rest continues from it
+    prefix, _ = tiny_torch.prefill(long[:50])
+    at_once = tiny_torch.generate(long, 6, prefix=prefix, cancelled=lambda: True)
+    assert at_once.state.tokens == long[:50] and at_once.cached_tokens == 50  # the prefix it was given is all it holds
+
+
 def test_an_end_token_ends_the_answer(any_engine, prompts, monkeypatch):
     prompt = prompts[2]
     full = any_engine.generate(prompt, 16)

@@ -42,6 +42,23 @@ def plain_answers(rag_index, embedder, tiny32):
     return [pipeline.ask(q, 8) for q in QUESTIONS]
 
 
+class _Deferred:
+    """A task that runs when its result is asked for: the speculative prefill starts only once the
+    final top-k is known, so that a restarted one is always cancelled before its first chunk."""
+
+    def __init__(self, task, args):
+        self.task, self.args = task, args
+
+    def result(self):
+        return self.task(*self.args)
+
+    def exception(self):
+        try:
+            self.result()
+        except Exception as e:  # noqa: BLE001
+            return e
+
+
 @pytest.mark.parametrize("cached", [False, True])
 @pytest.mark.parametrize("early_fraction, expected", [(0.25, "restarted"), (0.5, "confirmed")])  # early after 1 or 2 of 4 lists
 def test_speculative_answers_equal_plain_ones_confirmed_or_restarted(cached, early_fraction, expected, rag_index, embedder, tiny32, plain_answers):
@@ -51,22 +68,25 @@ def test_speculative_answers_equal_plain_ones_confirmed_or_restarted(cached, ear
     doc_cache = DocumentKVCache(tiny32, "lru", 100_000 * kv_bytes_per_token(tiny32), 0) if cached else None
     speculation = SpeculativePrefill(early_fraction=early_fraction)
     pipeline = RagPipeline(rag_index, embedder, tiny32, k=3, nprobe=4, doc_cache=doc_cache, speculation=speculation)
-    prefixes = []  # (prompt length, cached prefix length) of every generate call, in order
+    pipeline._speculator = SimpleNamespace(submit=lambda task, *args: _Deferred(task, args))
+    calls = []  # (prompt length, cached prefix length, finish reason) of every generate call, in order
 
-    def generate(tokens, max_new_tokens, prefix=None, on_token=None):
-        prefixes.append((len(tokens), len(prefix.tokens) if prefix is not None else 0))
-        return tiny32.generate(tokens, max_new_tokens, prefix, on_token)
+    def generate(tokens, max_new_tokens, prefix=None, on_token=None, cancelled=None):
+        generation = tiny32.generate(tokens, max_new_tokens, prefix, on_token, cancelled)
+        calls.append((len(tokens), len(prefix.tokens) if prefix is not None else 0, generation.finish_reason))
+        return generation
 
     pipeline.engine = SimpleNamespace(generate=generate, tokenizer=tiny32.tokenizer, context_window=tiny32.context_window, eos_ids=tiny32.eos_ids)
     answers = []
     for question in QUESTIONS:
-        prefixes.clear()
+        calls.clear()
         answers.append(pipeline.ask(question, 8))
-        (speculated, _), (prompt, resumed) = prefixes  # the speculative prefill, then the answer
+        (speculated, speculative_prefix, ended), (prompt, resumed, _) = calls  # the speculative prefill, then the answer
         if answers[-1].timings["speculation"] == "confirmed":
-            assert resumed == prompt == speculated  # the answer starts from the speculative prefill's KV
+            assert resumed == prompt == speculated and ended != "cancelled"  # the answer starts from the speculative prefill's KV
         else:
-            assert 0 < resumed < prompt  # at least the template is shared with the speculative prompt
+            assert ended == "cancelled"  # cut short: its prompt was known to be wrong before it began
+            assert resumed < prompt and resumed <= max(speculative_prefix, answers[-1].timings["reused_kv_tokens"])
     assert [a.answer for a in answers] == [a.answer for a in plain_answers]
     assert [a.sources for a in answers] == [a.sources for a in plain_answers]
     verdicts = [a.timings["speculation"] for a in answers]
@@ -74,6 +94,37 @@ def test_speculative_answers_equal_plain_ones_confirmed_or_restarted(cached, ear
     assert speculation.stats["started"] == len(QUESTIONS) and speculation.stats["restarted"] == verdicts.count("restarted")
     if not cached:
         assert all(a.timings["reused_kv_tokens"] == 0 for a in answers)  # reuse within the request is not cache reuse
+
+
+def test_a_restart_resumes_from_what_the_cut_speculation_computed(rag_index, embedder, tiny32, plain_answers, monkeypatch):
+    """Cut short after its first chunk (16 tokens, inside the template), the speculative prefill's
+    KV is where the answer's prefill starts."""
+    from chameleon.rag import RagPipeline
+
+    monkeypatch.setattr("chameleon.llm.PREFILL_CHUNK", 16)
+
+    pipeline = RagPipeline(rag_index, embedder, tiny32, k=3, nprobe=4, speculation=SpeculativePrefill(early_fraction=0.25))
+    pipeline._speculator = SimpleNamespace(submit=lambda task, *args: _Deferred(task, args))
+    calls = []
+
+    def generate(tokens, max_new_tokens, prefix=None, on_token=None, cancelled=None):
+        asked = []
+        after_a_chunk = (lambda: asked.append(1) or (len(asked) > 1 and cancelled())) if cancelled is not None else None
+        generation = tiny32.generate(tokens, max_new_tokens, prefix, on_token, after_a_chunk)
+        calls.append((len(prefix.tokens) if prefix is not None else 0, generation))
+        return generation
+
+    pipeline.engine = SimpleNamespace(generate=generate, tokenizer=tiny32.tokenizer, context_window=tiny32.context_window, eos_ids=tiny32.eos_ids)
+    restarted = 0
+    for question, plain in zip(QUESTIONS, plain_answers):
+        calls.clear()
+        answer = pipeline.ask(question, 8)
+        assert answer.answer == plain.answer
+        if answer.timings["speculation"] == "restarted":
+            (_, speculative), (resumed, _) = calls
+            assert speculative.finish_reason == "cancelled" and len(speculative.state.tokens) == 16 == resumed
+            restarted += 1
+    assert restarted
 
 
 def test_a_failed_retrieval_gives_the_speculation_place_back(rag_index, embedder, tiny32):
