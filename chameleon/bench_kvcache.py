@@ -135,10 +135,10 @@ def served(
         segments = prompt_segments(engine, request.question, request.early)
         final = prompt_segments(engine, request.question, request.passages)
         final_at = request.arrival + request.retrieval_s
-        wanted = joined(segments) == joined(final)  # the engine learns it at ``final_at``
-        generation, seconds, shared = prefill(segments, request.early, cancel_after=None if wanted else final_at - early_at)
+        speculated, wanted = joined(segments), joined(final)  # the engine learns whether they differ at ``final_at``
+        generation, seconds, shared = prefill(segments, request.early, cancel_after=None if speculated == wanted else final_at - early_at)
         first_token_at = max(early_at + seconds, final_at)
-        if speculation.end(joined(segments), joined(final)):
+        if speculation.end(speculated, wanted):
             return segments, first_token_at, shared, seconds
         _, again, shared = prefill(final, request.passages, resume=generation)
         return final, first_token_at + again, shared, seconds + again
