@@ -139,6 +139,39 @@ def test_cos_rejects_zero_vectors(small_data):
         Searcher(index).search(np.zeros((1, 32), np.float32), 5, 2)
 
 
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+@pytest.mark.parametrize("nq", [1, 16, 200])  # 200: the parallel kernel with two threads
+def test_coarse_search_matches_faiss_flat_index(small_data, metric, nq):
+    centroids, queries = small_data.base[:300], small_data.queries[:nq]
+    flat = faiss.IndexFlatL2(small_data.dim) if metric == "l2" else faiss.IndexFlatIP(small_data.dim)
+    flat.add(centroids)
+    faiss_scores, faiss_ids = flat.search(queries, 16)
+    ids, scores = CoarseQuantizer(centroids, metric, device="cpu").search(queries, 16)
+    assert ids.dtype == np.int64 and scores.dtype == np.float32 and ids.shape == scores.shape == (nq, 16)
+    np.testing.assert_array_equal(ids, faiss_ids)
+    np.testing.assert_allclose(scores, faiss_scores, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="the parallel kernel needs two threads")
+def test_coarse_search_of_a_query_does_not_depend_on_its_batch(small_data):
+    numba.set_num_threads(2)
+    quantizer = CoarseQuantizer(small_data.base[:500], "l2", device="cpu")
+    batch_ids, batch_scores = quantizer.search(small_data.queries, 8)  # 200 queries: parallel
+    for q in range(0, 200, 7):
+        ids, scores = quantizer.search(small_data.queries[q : q + 1], 8)
+        np.testing.assert_array_equal(ids[0], batch_ids[q])
+        np.testing.assert_array_equal(scores[0], batch_scores[q])
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_coarse_search_breaks_ties_by_smaller_list_id(metric):
+    centroids = np.array([[0, 1], [1, 0], [0, 1], [1, 0], [1, 0]], np.float32)
+    ids, scores = CoarseQuantizer(centroids, metric, device="cpu").search(np.array([[1, 0]], np.float32), 5)
+    np.testing.assert_array_equal(ids, [[1, 3, 4, 0, 2]])
+    np.testing.assert_array_equal(scores, [[0, 0, 0, 2, 2]] if metric == "l2" else [[1, 1, 1, 0, 0]])
+    assert not np.signbit(scores).any()  # a distance of zero is +0
+
+
 @pytest.mark.skipif(not cuda_available(), reason="needs torch with CUDA")
 @pytest.mark.parametrize("metric", ["l2", "ip"])
 def test_cuda_coarse_search_matches_cpu(small_data, metric):
