@@ -61,7 +61,7 @@ def index_build(
     corpus: Optional[str] = typer.Option(None, "--corpus", help="Text corpus: python-docs, a folder of .txt/.md, or .jsonl."),
     knnlm: bool = typer.Option(False, "--knnlm", help="With --corpus: a kNN-LM datastore (hidden state -> next token)."),
     model: Optional[str] = typer.Option(None, "--model", help="With --knnlm: local HF model directory (default: built-in)."),
-    nbits: int = typer.Option(8, "--nbits", help="Bits per PQ code."),
+    nbits: int = typer.Option(8, "--nbits", help="Bits per PQ code (4: for the numba-fastscan engine)."),
     metric: Optional[Metric] = typer.Option(None, "--metric", help="Default: the dataset's metric, else l2."),
     shards: int = typer.Option(1, "--shards", help="Split every list into this many balanced shards."),
     train_size: Optional[int] = typer.Option(None, "--train-size", help="Training sample size (default: up to 100 x nlist, at least 100k)."),
@@ -84,11 +84,11 @@ def index_build(
         from chameleon.knnlm import build_datastore
         from chameleon.llm import TorchEngine
 
-        meta = build_datastore(read_corpus(corpus), TorchEngine(model), out, nlist=nlist, m=m, force=force, progress=True)
+        meta = build_datastore(read_corpus(corpus), TorchEngine(model), out, nlist=nlist, m=m, nbits=nbits, force=force, progress=True)
         _say(f"wrote {out}: kNN-LM datastore of {meta['keys']:,} positions for {meta['model']}")
         return
     if corpus is not None:
-        _build_corpus_index(corpus, out, nlist, m, force)
+        _build_corpus_index(corpus, out, nlist, m, nbits, force)
         return
     if nlist is None or m is None:
         raise RetrieverError("--nlist and --m are required for --dataset and --vectors")
@@ -106,13 +106,13 @@ def index_build(
     _say(f"wrote {out} ({index.ntotal:,} vectors, {shards} shard(s)) in {time.perf_counter() - started:.1f} s")
 
 
-def _build_corpus_index(corpus: str, out: Path, nlist: int | None, m: int | None, force: bool) -> dict:
+def _build_corpus_index(corpus: str, out: Path, nlist: int | None, m: int | None, nbits: int, force: bool) -> dict:
     from chameleon.corpus import build_rag_index
     from chameleon.embedder import Embedder
 
     started = time.perf_counter()
     _say(f"building a passage index of {corpus} with the built-in embedder")
-    meta = build_rag_index(corpus, out, Embedder(), nlist=nlist, m=m, force=force, progress=True)
+    meta = build_rag_index(corpus, out, Embedder(), nlist=nlist, m=m, nbits=nbits, force=force, progress=True)
     _say(f"wrote {out}: {meta['documents']:,} documents, {meta['passages']:,} passages in {time.perf_counter() - started:.1f} s")
     return meta
 
@@ -244,7 +244,9 @@ def serve(
     reorder_window: Optional[int] = typer.Option(None, "--reorder-window", help="Cache-aware admission: pass a request over at most N times (8); 0: arrival order."),
     shards: Optional[int] = typer.Option(None, "--shards", help="Retrieval shards (default 2); 0 searches in the server process."),
     replicas: Optional[int] = typer.Option(None, "--replicas", help="Nodes per shard (default 1)."),
-    retrieval_engine: Optional[str] = typer.Option(None, "--retrieval-engine", help="Scan engine of the nodes: numba or faiss."),
+    retrieval_engine: Optional[str] = typer.Option(None, "--retrieval-engine", help="Scan engine: numba, faiss, numba-fastscan (4-bit index) or fpga."),
+    fpga_mode: Optional[str] = typer.Option(None, "--fpga-mode", help="With --retrieval-engine fpga: hw or emu."),
+    xclbin: Optional[Path] = typer.Option(None, "--xclbin", help="With --fpga-mode hw: the bitstream (make -C hls hw)."),
     keys: Optional[Path] = typer.Option(None, "--keys", help="CURVE keys directory: encrypt and authenticate the tier."),
     state_dir: Optional[Path] = typer.Option(None, "--state-dir", help="State and logs of the tier's processes."),
     host: Optional[str] = typer.Option(None, "--host", help="Default 127.0.0.1."),
@@ -272,6 +274,7 @@ def serve(
 
     settings = ServeSettings.load(
         config, index=index, model=model, engine=engine, max_batch=max_batch, reorder_window=reorder_window, shards=shards, replicas=replicas, retrieval_engine=retrieval_engine,
+        fpga_mode=fpga_mode, xclbin=xclbin,
         keys=keys, state_dir=state_dir, host=host, port=port, api_keys=api_key or None, k=k, nprobe=nprobe,
         max_tokens=max_tokens, max_concurrency=max_concurrency, knnlm=knnlm, cache_policy=cache_policy,
         cache_device_mb=cache_device_mb, cache_host_mb=cache_host_mb, prefill_profile=prefill_profile, speculative=speculative,
@@ -525,7 +528,7 @@ def node_retrieval(
     index: Path = typer.Option(..., "--index", help="Index directory."),
     shard: int = typer.Option(..., "--shard", help="The shard this node serves."),
     bind: str = typer.Option(..., "--bind", help="ZeroMQ endpoint, e.g. tcp://0.0.0.0:5555 or tcp://127.0.0.1:*"),
-    engine: str = typer.Option("numba", "--engine", help="numba, faiss or fpga."),
+    engine: str = typer.Option("numba", "--engine", help="numba, faiss, numba-fastscan (4-bit index) or fpga."),
     fpga_mode: Optional[str] = typer.Option(None, "--fpga-mode", help="With --engine fpga: hw (the card, through PYNQ) or emu (the kernel's C++ on this CPU)."),
     xclbin: Optional[Path] = typer.Option(None, "--xclbin", help="With --fpga-mode hw: the bitstream (make -C hls hw)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Scan threads (default: all cores)."),
@@ -537,6 +540,7 @@ def node_retrieval(
     import numba
 
     from coordinator.security import CurveKeys
+    from retriever.engines import engine_options
     from retriever.node import RetrievalNode
 
     if threads is not None and not 1 <= threads <= numba.config.NUMBA_NUM_THREADS:
@@ -545,22 +549,11 @@ def node_retrieval(
         raise RetrieverError(f"the batching window must be between 0 and 1000 ms, got {window_ms}")
     node = RetrievalNode(
         index, shard, engine=engine, window=window_ms / 1000, keys=CurveKeys.load(keys) if keys else None, threads=threads,
-        engine_options=_fpga_options(engine, fpga_mode, xclbin),
+        engine_options=engine_options(engine, fpga_mode, xclbin),
     )  # fmt: skip
     _say(f"retrieval node: shard {shard}/{node.info['nshards']} of {index} ({node.info['ntotal']:,} vectors, {engine})")
     node.serve(bind, ready_file=ready_file)
     _say("retrieval node: drained, exiting")
-
-
-def _fpga_options(engine: str, fpga_mode: Optional[str], xclbin: Optional[Path]) -> dict:
-    """The FPGA engine's options from the command line; other engines take none."""
-    if engine != "fpga":
-        if fpga_mode is not None or xclbin is not None:
-            raise RetrieverError("--fpga-mode and --xclbin go with --engine fpga")
-        return {}
-    if fpga_mode is None:
-        raise RetrieverError("--engine fpga needs --fpga-mode hw (an Alveo card through PYNQ) or emu (the kernel on this CPU)")
-    return {"mode": fpga_mode, **({"xclbin": str(xclbin)} if xclbin is not None else {})}
 
 
 @node_app.command("coordinator")
@@ -603,8 +596,9 @@ def cluster_up(
     shards: int = typer.Option(..., "--shards"),
     state_dir: Path = typer.Option(..., "--state-dir", help="Where cluster.json, logs and re-sharded copies go."),
     replicas: int = typer.Option(1, "--replicas", help="Nodes per shard."),
-    engine: str = typer.Option("numba", "--engine", help="Scan engine of the nodes: numba, faiss or fpga."),
+    engine: str = typer.Option("numba", "--engine", help="Scan engine of the nodes: numba, faiss, numba-fastscan (4-bit index) or fpga."),
     fpga_mode: Optional[str] = typer.Option(None, "--fpga-mode", help="With --engine fpga: hw or emu."),
+    xclbin: Optional[Path] = typer.Option(None, "--xclbin", help="With --fpga-mode hw: the bitstream (make -C hls hw)."),
     keys: Optional[Path] = typer.Option(None, "--keys", help="CURVE key directory."),
     timeout: float = typer.Option(2.0, "--timeout", help="Coordinator's per-shard timeout in seconds."),
     on_missing: str = typer.Option("partial", "--on-missing", help="partial or fail."),
@@ -614,7 +608,7 @@ def cluster_up(
 
     state = up(
         index, shards, state_dir, replicas=replicas, engine=engine, keys_dir=keys, timeout=timeout, on_missing=on_missing,
-        fpga_mode=fpga_mode,
+        fpga_mode=fpga_mode, xclbin=xclbin,
     )  # fmt: skip
     _say(f"cluster up: {shards} shard(s) x {replicas} replica(s); state in {state_dir}/cluster.json")
     typer.echo(state["coordinator"]["endpoint"])

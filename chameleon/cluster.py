@@ -28,6 +28,7 @@ from coordinator.client import RetrievalClient, SearchResult
 from coordinator.router import ClusterConfig, Coordinator, InlineCoordinator
 from coordinator.security import CurveKeys
 from retriever.coarse import CoarseQuantizer
+from retriever.engines import engine_options
 from retriever.errors import RetrieverError
 from retriever.files import write_json_atomic
 from retriever.index import index_fingerprint, load_index, read_manifest, save_index
@@ -104,13 +105,15 @@ def up(
     die_with_parent: bool = False,
     threads: int | None = None,
     fpga_mode: str | None = None,
+    xclbin: str | os.PathLike | None = None,
 ) -> dict:
     """Start the cluster and return its state (also written to ``STATE/cluster.json``).
 
     With ``die_with_parent`` (Linux) the processes get SIGTERM when the calling process dies, for
     a cluster owned by one process (``chameleon serve``) rather than left running in the background.
     ``threads``: scan threads per node (default: this machine's cores shared among the nodes).
-    ``fpga_mode``: with ``engine="fpga"``, ``emu`` or ``hw`` (see ``chameleon node retrieval``).
+    ``fpga_mode``: with ``engine="fpga"``, ``emu`` or ``hw``; ``xclbin``: the bitstream for ``hw``
+    (see ``chameleon node retrieval``).
     """
     state_dir = Path(state_dir).resolve()
     if (state_dir / STATE_FILE).is_file():
@@ -120,6 +123,7 @@ def up(
     if not 1 <= nshards <= 256 or not 1 <= replicas <= 16:
         raise RetrieverError(f"shards must be in 1..256 and replicas in 1..16, got {nshards} and {replicas}")
     keys = CurveKeys.load(keys_dir) if keys_dir is not None else None  # fail now, not in every child
+    options = engine_options(engine, fpga_mode, xclbin)
     index_dir = Path(index_dir).resolve()
     manifest = read_manifest(index_dir)
     if len(manifest["shards"]) != nshards:
@@ -130,7 +134,8 @@ def up(
     for stale in run.glob("*.json"):
         stale.unlink()
     security = ["--keys", Path(keys_dir).resolve()] if keys_dir is not None else []
-    engine_flags = ["--engine", engine, *(["--fpga-mode", fpga_mode] if fpga_mode is not None else [])]
+    engine_flags = ["--engine", engine, *(["--fpga-mode", options["mode"]] if "mode" in options else [])]
+    engine_flags += ["--xclbin", options["xclbin"]] if "xclbin" in options else []
     threads = threads or max(1, (os.cpu_count() or 1) // (nshards * replicas))
     started: list[subprocess.Popen] = []
     try:

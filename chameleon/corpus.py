@@ -170,7 +170,7 @@ def default_nlist(n: int) -> int:
 
 def build_rag_index(
     corpus: str | os.PathLike, out: str | os.PathLike, embedder, nlist: int | None = None, m: int | None = None,
-    force: bool = False, progress: bool = False, seed: int = 1234,
+    nbits: int = 8, force: bool = False, progress: bool = False, seed: int = 1234,
 ) -> dict:  # fmt: skip
     out = Path(out)
     if out.exists() and not force:
@@ -179,9 +179,8 @@ def build_rag_index(
     passages = chunk(documents, embedder.tokenizer, max_tokens=min(PASSAGE_TOKENS, embedder.max_tokens))
     if len(passages) < 256:
         raise RetrieverError(f"the corpus makes {len(passages)} passages; IVF-PQ training needs at least 256")
+    params = IVFPQParams("cos", embedder.dim, nlist or default_nlist(len(passages)), m or embedder.dim // 8, nbits)  # checked before the long part
     vectors = embedder.embed([f"{p.title}\n{p.text}" for p in passages], progress=progress)
-    m = m or embedder.dim // 8
-    params = IVFPQParams("cos", embedder.dim, nlist or default_nlist(len(passages)), m)
     index = build_index(vectors, params, seed=seed, progress=progress)
     index.build_info["source"] = f"corpus:{corpus}"
     meta = {

@@ -83,13 +83,13 @@ def training_documents(documents: list[Document], engine, max_tokens: int) -> li
 
 def build_datastore(
     documents: list[Document], engine, out: str | os.PathLike, nlist: int | None = None, m: int | None = None,
-    force: bool = False, progress: bool = False,
+    nbits: int = 8, force: bool = False, progress: bool = False,
 ) -> dict:  # fmt: skip
     keys, values = keys_and_values(engine, documents, progress=progress)
     if len(keys) < 256:
         raise RetrieverError(f"the corpus gives {len(keys)} positions; IVF-PQ training needs at least 256")
     dim = keys.shape[1]
-    params = IVFPQParams("l2", dim, nlist or default_nlist(len(keys)), m or dim // 8)
+    params = IVFPQParams("l2", dim, nlist or default_nlist(len(keys)), m or dim // 8, nbits)
     index = build_index(keys, params, progress=progress)
     meta = {"format": "chameleon.knnlm", "version": 1, "model": model_fingerprint(engine), "keys": len(keys), "window": WINDOW}
     with atomic_directory(out, replace=force) as tmp:

@@ -9,6 +9,9 @@ retrieval node needs only the query vectors and list ids.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import faiss
 import numba
 import numpy as np
@@ -167,6 +170,23 @@ from retriever.fastscan import FastScanEngine  # noqa: E402  (it builds on ScanE
 ENGINES = {engine.name: engine for engine in (NumbaEngine, FaissEngine, FastScanEngine)}
 
 
+ENGINE_NAMES = (*ENGINES, "fpga")
+
+
+def engine_options(name: str, fpga_mode: str | None = None, xclbin: str | os.PathLike | None = None) -> dict:
+    """The options :func:`make_engine` takes for engine ``name`` from the command line's
+    ``--fpga-mode`` and ``--xclbin``, which go with the ``fpga`` engine only (which needs a mode)."""
+    if name not in ENGINE_NAMES:
+        raise RetrieverError(f"unknown engine {name!r}; choose from {', '.join(ENGINE_NAMES)}")
+    if name != "fpga":
+        if fpga_mode is not None or xclbin is not None:
+            raise RetrieverError("--fpga-mode and --xclbin go with the fpga engine")
+        return {}
+    if fpga_mode is None:
+        raise RetrieverError("the fpga engine needs --fpga-mode hw (an Alveo card through PYNQ) or emu (the kernel on this CPU)")
+    return {"mode": fpga_mode, **({"xclbin": str(Path(xclbin).resolve())} if xclbin is not None else {})}
+
+
 def make_engine(name: str, index: IVFPQIndex, **options) -> ScanEngine:
     """The engine ``name`` over ``index``; ``options`` go to its constructor (``fpga``: mode, xclbin, ...)."""
     if name == "fpga":
@@ -174,7 +194,7 @@ def make_engine(name: str, index: IVFPQIndex, **options) -> ScanEngine:
 
         return FpgaEngine(index, **options)
     if name not in ENGINES:
-        raise RetrieverError(f"unknown engine {name!r}; choose from {', '.join([*ENGINES, 'fpga'])}")
+        raise RetrieverError(f"unknown engine {name!r}; choose from {', '.join(ENGINE_NAMES)}")
     if options:
         raise RetrieverError(f"the {name} engine takes no options, got {', '.join(options)}")
     return ENGINES[name](index)

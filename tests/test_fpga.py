@@ -197,8 +197,12 @@ def test_cli_fpga_options_and_bench(tmp_path, tiny_hdf5):
     chameleon("index", "build", "--dataset", tiny_hdf5, "--out", index, "--nlist", 16, "--m", 8)
     node = ("node", "retrieval", "--index", index, "--shard", 0, "--bind", "tcp://127.0.0.1:*")
     assert "needs --fpga-mode" in chameleon(*node, "--engine", "fpga", expect=2).stderr
-    assert "go with --engine fpga" in chameleon(*node, "--fpga-mode", "emu", expect=2).stderr
+    assert "go with the fpga engine" in chameleon(*node, "--fpga-mode", "emu", expect=2).stderr
     assert "no FPGA bitstream" in chameleon(*node, "--engine", "fpga", "--fpga-mode", "hw", "--xclbin", index / "x.xclbin", expect=2).stderr
+    # The launcher hands the bitstream to its nodes: the one that fails says why.
+    up = ("cluster", "up", "--index", index, "--shards", 1, "--state-dir", tmp_path / "state")
+    assert "go with the fpga engine" in chameleon(*up, "--xclbin", index / "x.xclbin", expect=2).stderr
+    assert "no FPGA bitstream" in chameleon(*up, "--engine", "fpga", "--fpga-mode", "hw", "--xclbin", index / "x.xclbin", expect=2).stderr
 
     rows = tmp_path / "recall.json"
     chameleon("bench", "recall", "--dataset", tiny_hdf5, "--index", index, "--engines", "numba,fpga-emu",

@@ -105,6 +105,13 @@ def test_settings_precedence_flags_env_file_defaults(tmp_path, monkeypatch):
     assert ServeSettings.load(None, max_tokens=8).default_max_tokens == 8
     with pytest.raises(RetrieverError, match="default_max_tokens"):
         ServeSettings.load(None, max_tokens=8, default_max_tokens=9)
+    assert ServeSettings.load(None, retrieval_engine="numba-fastscan").retrieval_engine == "numba-fastscan"
+    with pytest.raises(RetrieverError, match="needs --fpga-mode"):
+        ServeSettings.load(None, retrieval_engine="fpga")
+    with pytest.raises(RetrieverError, match="go with the fpga engine"):
+        ServeSettings.load(None, xclbin=tmp_path / "x.xclbin")
+    with pytest.raises(RetrieverError, match="retrieval_engine"):
+        ServeSettings.load(None, retrieval_engine="warp-drive")
 
 
 def test_text_stream_cuts_at_stop_strings_and_holds_back_their_beginnings(tiny_model):
@@ -241,6 +248,28 @@ def test_no_request_the_schema_allows_makes_a_server_error(case, tiny_server):
 
 
 # -- SIGKILL: the tier goes with the server ----------------------------------------------------
+
+
+def test_the_retrieval_engine_reaches_the_search_in_process_and_on_the_nodes(tmp_path, facts_corpus, facts_index, embedder, tiny_model):
+    from chameleon.corpus import build_rag_index
+    from tests.test_cli import chameleon
+
+    serve = ("serve", "--model", tiny_model, "--port", 0, "--state-dir", tmp_path / "state")
+    # numba-fastscan reads 4-bit codes: on the 8-bit index the server's own search refuses to start ...
+    assert "4-bit PQ codes" in chameleon(*serve, "--index", facts_index, "--shards", 0, "--retrieval-engine", "numba-fastscan", expect=2).stderr
+    # ... and the FPGA options reach the nodes, whose failure the server reports
+    fpga = ("--retrieval-engine", "fpga", "--fpga-mode", "hw", "--xclbin", tmp_path / "x.xclbin")
+    assert "no FPGA bitstream" in chameleon(*serve, "--index", facts_index, "--shards", 1, *fpga, expect=2).stderr
+
+    four_bit = tmp_path / "facts-4bit"
+    build_rag_index(facts_corpus, four_bit, embedder, nlist=4, m=48, nbits=4)
+    (tmp_path / "server").mkdir()
+    server = start_server(tmp_path / "server", "--index", four_bit, "--model", tiny_model, "--shards", 0, "--retrieval-engine", "numba-fastscan")
+    try:
+        status, body, _ = call(server.url + "/v1/search", {"query": "What colour are the oceans of Zorblax-42?", "k": 5}, key=None)
+        assert status == 200 and body["results"][0]["doc_id"] == "fact-42"
+    finally:
+        assert server.stop() == 0
 
 
 def test_a_killed_server_takes_its_tier_with_it(tmp_path, facts_index, tiny_model):

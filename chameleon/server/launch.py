@@ -51,6 +51,8 @@ def serve(settings: ServeSettings, ready_file: Path | None = None) -> None:
     from coordinator.security import CurveKeys
     from coordinator.speculation import SpeculativePrefill
     from retriever.datasets import cache_dir
+    from retriever.engines import engine_options
+    from retriever.search import Searcher
 
     signal.signal(signal.SIGTERM, _interrupt)  # until uvicorn takes over: a stop during startup cleans up too
     listener = _listen(settings.host, settings.port)
@@ -74,12 +76,17 @@ def serve(settings: ServeSettings, ready_file: Path | None = None) -> None:
             _say(f"starting {settings.shards} retrieval shard(s) x {settings.replicas} replica(s) and the coordinator ({state_dir})")
             state = cluster.up(
                 rag_index.path / "index", settings.shards, state_dir, settings.replicas, engine=settings.retrieval_engine,
-                keys_dir=settings.keys, die_with_parent=True,
+                keys_dir=settings.keys, die_with_parent=True, fpga_mode=settings.fpga_mode, xclbin=settings.xclbin,
             )  # fmt: skip
             cluster_up = True
             searcher = cluster.ClusterSearcher.open(state_dir)
             keys = CurveKeys.load(settings.keys) if settings.keys is not None else None
             tier = RetrievalClient(state["coordinator"]["endpoint"], keys=keys, timeout=1.0)
+            retrieval = searcher
+        else:
+            options = engine_options(settings.retrieval_engine, settings.fpga_mode, settings.xclbin)
+            retrieval = Searcher(rag_index.index, settings.retrieval_engine, **options)
+            retrieval.engine.warm_up()
         service: Service | None = None
         metrics = Metrics(tier_info=lambda: service.tier_info() if service is not None else None)
         metrics.queue_depth.set_function(lambda: engine.waiting)
@@ -90,7 +97,7 @@ def serve(settings: ServeSettings, ready_file: Path | None = None) -> None:
         speculation = SpeculativePrefill(busy=lambda: engine.waiting > 0) if settings.speculative else None
         metrics.watch_speculation(speculation)
         pipeline = RagPipeline(
-            rag_index, embedder, engine, k=settings.k, nprobe=settings.nprobe, retrieval=searcher, doc_cache=doc_cache, speculation=speculation
+            rag_index, embedder, engine, k=settings.k, nprobe=settings.nprobe, retrieval=retrieval, doc_cache=doc_cache, speculation=speculation
         )  # fmt: skip
         model_id = Path(settings.model).name if settings.model else BUILTIN_LLM
         service = Service(pipeline, model_id, tier, knnlm, metrics)

@@ -10,6 +10,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from retriever.engines import engine_options
 from retriever.errors import RetrieverError
 
 
@@ -27,7 +28,11 @@ class ServeSettings(BaseSettings):
     reorder_window: int = Field(8, ge=0, le=1024, description="Cache-aware admission to the batch (torch engine): a request is passed over at most this often; 0: arrival order.")
     shards: int = Field(2, ge=0, le=64, description="Retrieval shards, each a node process; 0 searches in the server process.")
     replicas: int = Field(1, ge=1, le=16, description="Nodes per shard.")
-    retrieval_engine: Literal["numba", "faiss"] = Field("numba", description="Scan engine of the retrieval nodes.")
+    retrieval_engine: Literal["numba", "faiss", "numba-fastscan", "fpga"] = Field(
+        "numba", description="Scan engine of the retrieval nodes (or of the server's own search with shards 0); numba-fastscan needs a 4-bit index."
+    )
+    fpga_mode: Literal["hw", "emu"] | None = Field(None, description="With retrieval_engine fpga: hw (an Alveo card through PYNQ) or emu.")
+    xclbin: Path | None = Field(None, description="With fpga_mode hw: the bitstream (make -C hls hw).")
     keys: Path | None = Field(None, description="CURVE keys directory (`chameleon keys gen`) to encrypt the tier.")
     state_dir: Path | None = Field(None, description="Where the tier's processes keep state and logs (default: in the cache).")
     host: str = "127.0.0.1"
@@ -86,6 +91,7 @@ class ServeSettings(BaseSettings):
             settings.default_max_tokens = min(settings.default_max_tokens, settings.max_tokens)
         if settings.engine == "vllm" and settings.knnlm is not None:
             raise RetrieverError("kNN-LM reads the model's hidden states, which vLLM does not expose: use --engine torch (or auto) with --knnlm")
+        engine_options(settings.retrieval_engine, settings.fpga_mode, settings.xclbin)
         if settings.default_max_tokens > settings.max_tokens:
             raise RetrieverError(f"default_max_tokens ({settings.default_max_tokens}) exceeds max_tokens ({settings.max_tokens})")
         return settings
