@@ -19,7 +19,7 @@ import numpy as np
 from retriever.errors import RetrieverError
 from retriever.index import IVFPQIndex, unpack_codes
 from retriever.scan import coarse_keys, scan_ivfpq, scan_ivfpq_serial
-from retriever.vectors import as_query_matrix
+from retriever.vectors import as_query_matrix, id_range
 
 # faiss's own limit for precomputed L2 tables (IndexIVFPQ::precomputed_table_max_bytes).
 PRECOMPUTED_TABLE_MAX_BYTES = 2 << 30
@@ -52,13 +52,15 @@ class ScanEngine:
         list_ids = np.asarray(list_ids)
         if list_ids.ndim != 2 or list_ids.shape[0] != queries.shape[0] or list_ids.shape[1] < 1:
             raise RetrieverError(f"list ids must have shape ({queries.shape[0]}, nprobe), got {list_ids.shape}")
-        if not np.issubdtype(list_ids.dtype, np.integer):
+        if list_ids.dtype.kind not in "iu":
             raise RetrieverError(f"list ids must be integers, got dtype {list_ids.dtype}")
-        if list_ids.size and (list_ids.min() < -1 or list_ids.max() >= self.params.nlist):
-            raise RetrieverError(f"list ids must lie in [-1, {self.params.nlist}), got {list_ids.min()}..{list_ids.max()}")
+        list_ids = np.ascontiguousarray(list_ids, dtype=np.int64)
+        low, high = id_range(list_ids)  # not empty: at least one query and one probe
+        if low < -1 or high >= self.params.nlist:
+            raise RetrieverError(f"list ids must lie in [-1, {self.params.nlist}), got {low}..{high}")
         if not isinstance(k, (int, np.integer)) or not 1 <= k <= MAX_K:
             raise RetrieverError(f"k must be an integer between 1 and {MAX_K}, got {k!r}")
-        return queries, np.ascontiguousarray(list_ids, dtype=np.int64), int(k)
+        return queries, list_ids, int(k)
 
     def codes_to_scan(self, list_ids: np.ndarray) -> int:
         """How many codes a search over ``list_ids`` reads (its cost, near enough)."""

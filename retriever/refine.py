@@ -14,7 +14,7 @@ from numba import njit, prange
 from retriever.errors import RetrieverError
 from retriever.fastscan import dynamic_schedule, prefetch
 from retriever.scan import EMPTY_ID, _drain_sorted, _offer
-from retriever.vectors import as_query_matrix
+from retriever.vectors import as_query_matrix, id_range
 
 # Below this many candidate distances a batch runs on the calling thread (see engines.PARALLEL_MIN_CODES).
 PARALLEL_MIN_CANDIDATES = 1 << 14
@@ -99,8 +99,9 @@ def rerank_exact(queries, vectors: np.ndarray, candidates, k: int, metric: str) 
     candidates = np.ascontiguousarray(candidates, dtype=np.int64)
     if candidates.ndim != 2 or candidates.shape[0] != queries.shape[0]:
         raise RetrieverError(f"candidates must have shape ({queries.shape[0]}, n), got {candidates.shape}")
-    if candidates.size and (candidates.min() < -1 or candidates.max() >= vectors.shape[0]):
-        raise RetrieverError(f"candidate ids must lie in [-1, {vectors.shape[0]}), got {candidates.min()}..{candidates.max()}")
+    low, high = id_range(candidates) if candidates.size else (0, 0)
+    if low < -1 or high >= vectors.shape[0]:
+        raise RetrieverError(f"candidate ids must lie in [-1, {vectors.shape[0]}), got {low}..{high}")
     if not isinstance(k, (int, np.integer)) or k < 1:
         raise RetrieverError(f"k must be a positive integer, got {k!r}")
     inner_product = metric != "l2"

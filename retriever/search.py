@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from retriever.coarse import CoarseQuantizer
-from retriever.engines import make_engine
+from retriever.engines import MAX_K, make_engine
 from retriever.errors import RetrieverError
 from retriever.index import IVFPQIndex
 from retriever.vectors import as_query_matrix, prepare_vectors
@@ -80,11 +80,11 @@ class Searcher:
         self.engine = make_engine(engine, index, **engine_options)
 
     def search(self, queries, k: int, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
-        if not isinstance(k, (int, np.integer)) or not 1 <= k <= self.ntotal:
-            raise RetrieverError(f"k must be between 1 and the number of indexed vectors ({self.ntotal}), got {k!r}")
+        if not isinstance(k, (int, np.integer)) or not 1 <= k <= min(self.ntotal, MAX_K):
+            raise RetrieverError(f"k must be between 1 and the number of indexed vectors ({min(self.ntotal, MAX_K)}), got {k!r}")
         queries = prepare_vectors(as_query_matrix(queries, self.params.dim), self.params.metric)
         list_ids, _ = self.quantizer.search(queries, nprobe)
-        return self.engine.search(queries, list_ids, k)
+        return self.engine.search_checked(queries, list_ids, int(k))  # all three made here: the engine's check would repeat ours
 
     def submit(self, queries, k: int, nprobe: int):
         """``search`` as a function that returns its (distances, ids): the same interface as a

@@ -110,6 +110,8 @@ def test_recall_is_as_good_as_native_faiss(small_data, metric):
         (np.ones((2, 32), np.float32), 10, 65, "nprobe must be between 1 and nlist=64"),
         (np.ones((2, 32), np.float32), 10, 0, "nprobe must be between 1"),
         (np.array([["a"] * 32]), 10, 4, "must be numeric"),
+        (np.ones((2, 32), bool), 10, 4, "must be numeric"),
+        (np.ones((2, 32), np.complex64), 10, 4, "must be numeric"),
     ],
 )
 def test_bad_search_input_gets_a_clear_error(l2_index, queries, k, nprobe, message):
@@ -137,6 +139,21 @@ def test_cos_rejects_zero_vectors(small_data):
     index = build_index(small_data.base, IVFPQParams("cos", 32, nlist=16, m=8), train_size=5000)
     with pytest.raises(RetrieverError, match="zero vector"):
         Searcher(index).search(np.zeros((1, 32), np.float32), 5, 2)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int64])
+def test_prepared_vectors_are_contiguous_float32_and_unit_rows_for_cos(dtype):
+    vectors = (np.random.default_rng(4).standard_normal((50, 7)) * 100).astype(dtype)[:, ::-1]  # not contiguous
+    for metric in ("l2", "ip"):
+        prepared = prepare_vectors(vectors, metric)
+        assert prepared.dtype == np.float32 and prepared.flags.c_contiguous
+        np.testing.assert_array_equal(prepared, vectors.astype(np.float32))
+    unit = prepare_vectors(vectors, "cos")
+    assert unit.dtype == np.float32 and unit.flags.c_contiguous
+    np.testing.assert_allclose(unit, vectors / np.linalg.norm(vectors.astype(np.float64), axis=1, keepdims=True), rtol=1e-6, atol=1e-7)
+    vectors[3] = 0
+    with pytest.raises(RetrieverError, match=r"zero vector \(row 3\)"):
+        prepare_vectors(vectors, "cos")
 
 
 @pytest.mark.parametrize("metric", ["l2", "ip"])
