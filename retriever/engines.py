@@ -15,6 +15,7 @@ from pathlib import Path
 import faiss
 import numba
 import numpy as np
+from numba import njit
 
 from retriever.errors import RetrieverError
 from retriever.index import IVFPQIndex, unpack_codes
@@ -28,6 +29,16 @@ PRECOMPUTED_TABLE_MAX_BYTES = 2 << 30
 PARALLEL_MIN_CODES = 1 << 18
 # Results are (nq, k) arrays; a larger k is a mistake, not a query.
 MAX_K = 1 << 16
+
+
+@njit(cache=True, nogil=True)
+def _codes_in(list_ids, list_sizes):
+    """Codes in the lists ``list_ids`` (-1: none) in one pass (four NumPy calls cost ~5 µs)."""
+    total = 0
+    for list_id in list_ids:
+        if list_id >= 0:
+            total += list_sizes[list_id]
+    return total
 
 
 class ScanEngine:
@@ -63,8 +74,8 @@ class ScanEngine:
         return queries, list_ids, int(k)
 
     def codes_to_scan(self, list_ids: np.ndarray) -> int:
-        """How many codes a search over ``list_ids`` reads (its cost, near enough)."""
-        return int(np.where(list_ids >= 0, self._list_sizes[np.maximum(list_ids, 0)], 0).sum())
+        """How many codes a search over checked ``list_ids`` reads (its cost, near enough)."""
+        return _codes_in(np.ascontiguousarray(list_ids, dtype=np.int64).reshape(-1), self._list_sizes)
 
     def warm_up(self) -> None:
         """Run the search paths once (Numba compiles or loads its kernels on first use), so that a
