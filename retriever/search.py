@@ -80,8 +80,9 @@ class Searcher:
         self.engine = make_engine(engine, index, **engine_options)
 
     def search(self, queries, k: int, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
-        if not isinstance(k, (int, np.integer)) or not 1 <= k <= min(self.ntotal, MAX_K):
-            raise RetrieverError(f"k must be between 1 and the number of indexed vectors ({min(self.ntotal, MAX_K)}), got {k!r}")
+        most = min(self.ntotal, MAX_K)
+        if not isinstance(k, (int, np.integer)) or not 1 <= k <= most:
+            raise RetrieverError(f"k must be between 1 and {most} (the indexed vectors, at most {MAX_K}), got {k!r}")
         queries = prepare_vectors(as_query_matrix(queries, self.params.dim), self.params.metric)
         list_ids, _ = self.quantizer.search(queries, nprobe)
         return self.engine.search_checked(queries, list_ids, int(k))  # all three made here: the engine's check would repeat ours
