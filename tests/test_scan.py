@@ -165,8 +165,15 @@ def test_coarse_search_matches_faiss_flat_index(small_data, metric, nq):
     faiss_scores, faiss_ids = flat.search(queries, 16)
     ids, scores = CoarseQuantizer(centroids, metric, device="cpu").search(queries, 16)
     assert ids.dtype == np.int64 and scores.dtype == np.float32 and ids.shape == scores.shape == (nq, 16)
-    np.testing.assert_array_equal(ids, faiss_ids)
+    assert (ids == faiss_ids).mean() > 0.99  # near-ties may round either way (faiss's BLAS differs by CPU)
     np.testing.assert_allclose(scores, faiss_scores, rtol=1e-4, atol=1e-3)
+    # Exactly the best 16 by float64 scores, best first, up to rounding.
+    exact = queries.astype(np.float64) @ centroids.T.astype(np.float64)
+    if metric == "l2":
+        exact = -((queries.astype(np.float64)[:, None, :] - centroids[None].astype(np.float64)) ** 2).sum(axis=2)
+    ours = np.take_along_axis(exact, ids, axis=1)
+    best = -np.sort(-exact, axis=1)[:, :16]
+    np.testing.assert_allclose(ours, best, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="the parallel kernel needs two threads")
