@@ -650,16 +650,23 @@ def search(
     cluster: Optional[Path] = typer.Option(None, "--cluster", help="Search through the cluster in this state directory."),
     nprobe: int = typer.Option(16, "--nprobe"),
     embedded: bool = typer.Option(False, "--embedded", help="With --cluster: run the coordinator in this process, talking to the nodes directly."),
+    engine: Optional[str] = typer.Option(None, "--engine", help="With --index: numba (default), faiss, numba-fastscan (4-bit index) or fpga."),
+    fpga_mode: Optional[str] = typer.Option(None, "--fpga-mode", help="With --engine fpga: hw or emu."),
+    xclbin: Optional[Path] = typer.Option(None, "--xclbin", help="With --fpga-mode hw: the bitstream (make -C hls hw)."),
 ):
     """Search query vectors in an index, in process or through a running cluster."""
     from chameleon.cluster import ClusterSearcher, search_in_batches
     from coordinator.client import SearchResult
     from retriever.datasets import read_vectors
+    from retriever.engines import engine_options
     from retriever.index import load_index
     from retriever.search import Searcher
 
     if (index is None) == (cluster is None):
         raise RetrieverError("give exactly one of --index and --cluster")
+    if cluster is not None and (engine, fpga_mode, xclbin) != (None, None, None):
+        raise RetrieverError("--engine, --fpga-mode and --xclbin go with --index: a cluster's nodes scan with the engine they were started with")
+    options = engine_options(engine or "numba", fpga_mode, xclbin)
     vectors = read_vectors(queries)
     if cluster is not None:
         searcher = ClusterSearcher.open(cluster, embedded=embedded)
@@ -668,7 +675,7 @@ def search(
         finally:
             searcher.close()
     else:
-        local = Searcher(load_index(index))
+        local = Searcher(load_index(index), engine or "numba", **options)
 
         def in_process(q, k, nprobe):
             return SearchResult(*local.search(q, k, nprobe), partial=False, missing=[])

@@ -26,6 +26,7 @@ from retriever.errors import RetrieverError
 from retriever.index import load_index, save_index
 from retriever.search import Searcher
 from retriever.vectors import prepare_vectors
+from tests.helpers import same_up_to_ties
 
 
 @pytest.fixture(scope="module")
@@ -481,6 +482,10 @@ def test_cluster_command_line(index_dir, tmp_path, small_data):
         assert through_cluster["partial"].shape == (200,) and not through_cluster["partial"].any()
         chameleon("search", "--cluster", state, "--embedded", "--queries", tmp_path / "q.npy", "--k", 7, "--nprobe", 4, "--out", tmp_path / "e.npz")
         np.testing.assert_array_equal(np.load(tmp_path / "e.npz")["ids"], in_process["ids"])
+        chameleon("search", "--index", index_dir, "--engine", "faiss", "--queries", tmp_path / "q.npy", "--k", 7, "--nprobe", 4, "--out", tmp_path / "f.npz")
+        assert same_up_to_ties(np.load(tmp_path / "f.npz")["distances"], np.load(tmp_path / "f.npz")["ids"], in_process["distances"], in_process["ids"]).all()
+        assert "go with --index" in chameleon("search", "--cluster", state, "--engine", "faiss", "--queries", tmp_path / "q.npy", "--out", tmp_path / "x.npz", expect=2).stderr
+        assert "4-bit PQ codes" in chameleon("search", "--index", index_dir, "--engine", "numba-fastscan", "--queries", tmp_path / "q.npy", "--out", tmp_path / "x.npz", expect=2).stderr
         taken = chameleon("node", "retrieval", "--index", index_dir, "--shard", 0, "--bind", endpoint, expect=2).stderr
         assert f"cannot bind {endpoint}" in taken
         np.save(tmp_path / "bad.npy", small_data.queries[:, :30])
