@@ -666,7 +666,8 @@ def search(
         raise RetrieverError("give exactly one of --index and --cluster")
     if cluster is not None and (engine, fpga_mode, xclbin) != (None, None, None):
         raise RetrieverError("--engine, --fpga-mode and --xclbin go with --index: a cluster's nodes scan with the engine they were started with")
-    options = engine_options(engine or "numba", fpga_mode, xclbin)
+    engine = engine or "numba"
+    options = engine_options(engine, fpga_mode, xclbin)
     vectors = read_vectors(queries)
     if cluster is not None:
         searcher = ClusterSearcher.open(cluster, embedded=embedded)
@@ -675,7 +676,7 @@ def search(
         finally:
             searcher.close()
     else:
-        local = Searcher(load_index(index), engine or "numba", **options)
+        local = Searcher(load_index(index), engine, **options)
 
         def in_process(q, k, nprobe):
             return SearchResult(*local.search(q, k, nprobe), partial=False, missing=[])
