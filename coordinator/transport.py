@@ -42,9 +42,10 @@ def bind_router(
 
 
 def receive_all(socket: zmq.Socket) -> Iterator[list]:
-    """Every message already waiting on ``socket``, without blocking."""
-    while True:
-        try:
-            yield socket.recv_multipart(zmq.NOBLOCK, copy=False)
-        except zmq.Again:
-            return
+    """Every message already waiting on ``socket``, without blocking.
+
+    Asks ZMQ_EVENTS before each receive instead of receiving until ``zmq.Again``: on a woken
+    process that exception costs ~15 µs more than the question, once per drain of every socket.
+    """
+    while socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        yield socket.recv_multipart(zmq.NOBLOCK, copy=False)

@@ -203,17 +203,7 @@ class RetrievalNode:
         scanned in two stages (their first ``early`` lists with everything else, then the rest):
         the early RESULT leaves between the two, and the final one is the two stages merged."""
         k = max(r.k for r in batch)
-        nprobe = max(r.list_ids.shape[1] for r in batch)
-        queries = np.concatenate([r.queries for r in batch])
-        first = np.full((queries.shape[0], nprobe), -1, np.int64)  # shorter probe lists end in skips
-        rest = np.full_like(first, -1)
-        rows, row = [], 0
-        for r in batch:
-            rows.append(slice(row, row + r.queries.shape[0]))
-            head, tail = split_probes(r.list_ids, r.early) if r.early else (r.list_ids, r.list_ids[:, :0])
-            first[rows[-1], : head.shape[1]] = head
-            rest[rows[-1], : tail.shape[1]] = tail
-            row += r.queries.shape[0]
+        queries, first, rest, rows = _stack(batch)
         staged = [n for n, r in enumerate(batch) if r.early]
         unanswered = batch
         try:
@@ -234,7 +224,27 @@ class RetrievalNode:
             r = batch[n]
             protocol.send(replies, protocol.result_reply(r.rid, distances[rows[n], : r.k], ids[rows[n], : r.k]), r.envelope)
         self._served_batches += 1
-        self._served_queries += row
+        self._served_queries += queries.shape[0]
+
+
+def _stack(batch: list[_Request]) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[slice]]:
+    """The batch as one search: all queries, the lists each scans first (a request with ``early``:
+    its first ``early``) and then, and each request's rows."""
+    if len(batch) == 1 and not batch[0].early:  # the usual batch, used as it is: no copies
+        request = batch[0]
+        return request.queries, request.list_ids, request.list_ids[:, :0], [slice(0, request.queries.shape[0])]
+    nprobe = max(r.list_ids.shape[1] for r in batch)
+    queries = np.concatenate([r.queries for r in batch])
+    first = np.full((queries.shape[0], nprobe), -1, np.int64)  # shorter probe lists end in skips
+    rest = np.full_like(first, -1)
+    rows, row = [], 0
+    for r in batch:
+        rows.append(slice(row, row + r.queries.shape[0]))
+        head, tail = split_probes(r.list_ids, r.early) if r.early else (r.list_ids, r.list_ids[:, :0])
+        first[rows[-1], : head.shape[1]] = head
+        rest[rows[-1], : tail.shape[1]] = tail
+        row += r.queries.shape[0]
+    return queries, first, rest, rows
 
 
 def _take_batch(pending: list[_Request]) -> tuple[list[_Request], list[_Request]]:
