@@ -8,6 +8,8 @@ attention mask over the padding and each row's own positions; a finished sequenc
 batch at once (its KV is handed back as ``Generation.state``) and a waiting one takes its place.
 
 Outputs: a sequence alone in the batch runs exactly the engine's own decode (identical tokens).
+A sampled sequence draws from its own generator, so batching changes its draws no more than its
+logits.
 In a batch the masked padding adds nothing, so in float32 the tokens are the sequential ones
 (tested); in bf16 the batched matrix products round differently and a near-tie between two
 tokens can go the other way (as in vLLM and every batched server).
@@ -20,7 +22,18 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from chameleon.llm import Generation, KVPrefix, ThreadedEngine, TorchEngine, answer_text, cancelled_generation, check_request, decode_speed
+from chameleon.llm import (
+    GREEDY,
+    Generation,
+    KVPrefix,
+    Sampling,
+    ThreadedEngine,
+    TorchEngine,
+    answer_text,
+    cancelled_generation,
+    check_request,
+    decode_speed,
+)
 from coordinator.kv_cache import CacheAwareQueue
 from retriever.errors import RetrieverError
 
@@ -35,6 +48,7 @@ class _Sequence:
     future: Future
     submitted: float
     cancelled: Callable[[], bool] | None = None
+    sampling: Sampling = field(default_factory=Sampling)
     generated: list[int] = field(default_factory=list)
     started: float = 0.0
     first_token_at: float = 0.0
@@ -103,11 +117,15 @@ class BatchingEngine(ThreadedEngine):
         """True while the scheduler thread runs (readiness)."""
         return self._thread.is_alive()
 
-    def submit(self, tokens: list[int], max_new_tokens: int = 128, prefix: KVPrefix | None = None, on_token=None, cancelled=None) -> Future:
-        """Queue a greedy generation (as ``TorchEngine.generate``, ``cancelled`` included: a
-        sequence cancelled while it waits ends as soon as it is admitted); the future gives its ``Generation``."""
+    def submit(
+        self, tokens: list[int], max_new_tokens: int = 128, prefix: KVPrefix | None = None, on_token=None, cancelled=None, sampling=None
+    ) -> Future:
+        """Queue a generation (as ``TorchEngine.generate``, ``cancelled`` included: a sequence
+        cancelled while it waits ends as soon as it is admitted); the future gives its ``Generation``."""
         check_request(tokens, max_new_tokens, self.context_window, prefix)
-        sequence = _Sequence(list(tokens), max_new_tokens, prefix, on_token, frozenset(self.eos_ids), Future(), time.perf_counter(), cancelled)
+        sequence = _Sequence(
+            list(tokens), max_new_tokens, prefix, on_token, frozenset(self.eos_ids), Future(), time.perf_counter(), cancelled, sampling or GREEDY
+        )
         with self._wake:
             if self._closed:
                 raise RetrieverError("the engine is closed")
@@ -141,8 +159,6 @@ class BatchingEngine(ThreadedEngine):
             sequence.future.set_exception(RetrieverError("the engine was closed"))
 
     def _admit(self) -> None:
-        import torch
-
         while self._waiting and len(self._running) < self.max_batch:
             with self._wake:
                 sequence = self._waiting.pop()
@@ -153,7 +169,7 @@ class BatchingEngine(ThreadedEngine):
                     sequence.future.set_result(cancelled_generation(sequence.tokens, sequence.prefix, state, time.perf_counter() - sequence.started))
                     continue
                 sequence.first_token_at = time.perf_counter()
-                if sequence.take(int(torch.argmax(logits))):
+                if sequence.take(sequence.sampling.pick(logits)):
                     self._finish(sequence, state.cache)
                     continue
             except Exception as e:  # noqa: BLE001 - a prompt the model refuses fails that request only
@@ -166,8 +182,11 @@ class BatchingEngine(ThreadedEngine):
     def _step(self) -> None:
         """One decode step for every running sequence; finished ones leave the batch."""
         out = self._batch.step([s.generated[-1] for s in self._running], [s.kv_length for s in self._running])
+        logits = out.logits[:, -1]
         keep = []
-        for row, (sequence, token) in enumerate(zip(self._running, out.logits[:, -1].argmax(dim=-1).tolist())):
+        for row, (sequence, token) in enumerate(zip(self._running, logits.argmax(dim=-1).tolist())):
+            if not sequence.sampling.greedy:
+                token = sequence.sampling.pick(logits[row])
             if sequence.take(token):
                 self._finish(sequence, self._batch.own_cache(row, sequence.kv_length))
             else:

@@ -130,6 +130,9 @@ def ask(
     nprobe: int = typer.Option(16, "--nprobe"),
     max_tokens: int = typer.Option(128, "--max-tokens", help="New tokens at most."),
     retrieval_interval: Optional[int] = typer.Option(None, "--retrieval-interval", help="Retrieve again every N new tokens."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="Sample at this temperature (0..2; default: greedy)."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="With --temperature: draw from the most likely tokens reaching this probability."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="With --temperature: the same seed gives the same answer."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object: answer, sources, timings."),
 ):
     """Answer a question from the passage index with the LLM, citing the sources.
@@ -138,15 +141,19 @@ def ask(
     """
     import json
 
+    from chameleon.llm import Sampling
+
     if not question.strip():
         raise RetrieverError("the question is empty")
     if server is not None:
         if index is not None or cluster is not None or model is not None or engine != "auto":
             raise RetrieverError("--index, --cluster, --model and --engine are the server's own settings; leave them out with --server")
-        request = {"question": question, "k": k, "max_tokens": max_tokens, "retrieval_interval": retrieval_interval}
+        request = {"question": question, "k": k, "max_tokens": max_tokens, "retrieval_interval": retrieval_interval,
+                   "temperature": temperature, "top_p": top_p, "seed": seed}  # fmt: skip
         answer = _post_json(server.rstrip("/") + "/v1/rag", request, api_key)
     else:
-        answer = _ask_here(question, index, cluster, model, engine, k, nprobe, max_tokens, retrieval_interval)
+        sampling = Sampling.of(temperature, top_p, seed)  # bad settings fail before anything loads
+        answer = _ask_here(question, index, cluster, model, engine, k, nprobe, max_tokens, retrieval_interval, sampling)
     if as_json:
         typer.echo(json.dumps({key: answer[key] for key in ("answer", "sources", "timings")}))
         return
@@ -161,7 +168,7 @@ def ask(
     )
 
 
-def _ask_here(question, index, cluster, model, engine, k, nprobe, max_tokens, retrieval_interval) -> dict:
+def _ask_here(question, index, cluster, model, engine, k, nprobe, max_tokens, retrieval_interval, sampling) -> dict:
     from chameleon.corpus import RagIndex, builtin_rag_index
     from chameleon.embedder import Embedder
     from chameleon.llm import engine_kind, make_engine
@@ -182,7 +189,7 @@ def _ask_here(question, index, cluster, model, engine, k, nprobe, max_tokens, re
     try:
         llm = make_engine(kind, model)
         pipeline = RagPipeline(rag_index, embedder, llm, k=k, nprobe=nprobe, retrieval=retrieval)
-        answer = pipeline.ask(question, max_new_tokens=max_tokens, retrieval_interval=retrieval_interval)
+        answer = pipeline.ask(question, max_new_tokens=max_tokens, retrieval_interval=retrieval_interval, sampling=sampling)
     finally:
         if retrieval is not None:
             retrieval.close()

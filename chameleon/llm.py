@@ -1,8 +1,9 @@
 """LLM engines behind one small interface (``generate``); the torch engine owns its KV caches.
 
-``TorchEngine`` runs a transformers causal LM on CPU or CUDA with its own greedy loop: one
+``TorchEngine`` runs a transformers causal LM on CPU or CUDA with its own decoding loop: one
 prefill over the prompt (optionally continuing from a cached prefix's KV), then one decode step
-per token on the KV cache it holds. It reports time to first token and decode speed.
+per token on the KV cache it holds. It reports time to first token and decode speed. Decoding is
+greedy unless a request's :class:`Sampling` says otherwise.
 ``chameleon.vllm_engine.VllmEngine`` offers the same interface on vLLM, which keeps the KV itself;
 ``make_engine`` picks one (``--engine auto|torch|vllm``).
 """
@@ -10,10 +11,11 @@ per token on the KV cache it holds. It reports time to first token and decode sp
 from __future__ import annotations
 
 import importlib.util
+import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from chameleon.models import resolve_model
@@ -46,6 +48,97 @@ class KVPrefix:
                 break
             common += 1
         return self.truncated(common) if common else None
+
+
+MAX_TEMPERATURE = 2.0  # OpenAI's bound
+MAX_SEED = (1 << 63) - 1
+NUCLEUS_FIRST_TRY = 64
+
+
+@dataclass
+class Sampling:
+    """How a request's next token is chosen.
+
+    Greedy (the most likely token) when ``temperature`` is 0, the default, or ``top_p`` is 0.
+    Otherwise the token is drawn from the softmax of the logits divided by ``temperature``. The
+    draw is kept to the smallest set of most likely tokens whose probabilities reach ``top_p``
+    (nucleus sampling; 1 keeps every token).
+
+    Each request draws from its own generator, seeded with ``seed`` (None: a fresh random seed).
+    Its tokens therefore do not depend on the requests it is batched with, and the same seed
+    repeats an answer. One instance serves one request: its generator's state carries over from
+    one ``generate`` call to the next, as a request with iterative retrieval makes several.
+    """
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    _generator: object = field(default=None, init=False, repr=False, compare=False)
+    _calls: int = field(default=0, init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and 0 <= self.temperature <= MAX_TEMPERATURE):
+            raise RetrieverError(f"temperature must be a number between 0 and {MAX_TEMPERATURE:g}, got {self.temperature!r}")
+        if not (isinstance(self.top_p, (int, float)) and math.isfinite(self.top_p) and 0 <= self.top_p <= 1):
+            raise RetrieverError(f"top_p must be a number between 0 and 1, got {self.top_p!r}")
+        if self.seed is not None and not (isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed <= MAX_SEED):
+            raise RetrieverError(f"seed must be an integer between 0 and 2**63 - 1, got {self.seed!r}")
+
+    @classmethod
+    def of(cls, temperature: float | None, top_p: float | None = None, seed: int | None = None) -> Sampling | None:
+        """A request's settings as the API and the CLI take them: no temperature (or 0) is greedy
+        (None), whatever ``top_p`` and ``seed`` say; ``top_p`` left out keeps every token."""
+        if not temperature:
+            return None
+        return cls(temperature, 1.0 if top_p is None else top_p, seed)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_p == 0
+
+    def pick(self, logits) -> int:
+        """The next token from one row of ``logits`` (a 1-D torch tensor over the vocabulary)."""
+        import torch
+
+        if self.greedy:
+            return int(torch.argmax(logits))
+        logits = logits.float()
+        probabilities = torch.softmax((logits - logits.max()) / self.temperature, dim=-1)  # no overflow at tiny temperatures
+        if self.top_p == 1:
+            return self._draw(probabilities)
+        # The nucleus of a trained model's distribution is mostly small: the most likely 64 tokens
+        # first, not a sort of the vocabulary (~3 ms against a ~30 ms CPU decode step;
+        # benchmarks/sampling_cost.py).
+        for candidates in (min(NUCLEUS_FIRST_TRY, probabilities.shape[0]), probabilities.shape[0]):
+            top, order = torch.topk(probabilities, candidates)
+            if top.sum() >= self.top_p:
+                break
+        # a token stays if the more likely ones before it do not reach top_p yet; the first always does
+        return int(order[self._draw(top * ((top.cumsum(0) - top) < self.top_p))])
+
+    def _draw(self, weights) -> int:
+        """An index drawn with probability proportional to ``weights``: inverse transform of one
+        uniform draw (``torch.multinomial`` takes ~1 ms over a vocabulary on a CPU, this a tenth)."""
+        import torch
+
+        cumulative = weights.cumsum(0)
+        if self._generator is None:
+            self._generator = torch.Generator(device=weights.device)
+            if self.seed is None:
+                self._generator.seed()
+            else:
+                self._generator.manual_seed(self.seed)
+        point = torch.rand((), generator=self._generator, device=weights.device) * cumulative[-1]
+        return min(int(torch.searchsorted(cumulative, point, right=True)), weights.shape[0] - 1)
+
+    def next_seed(self) -> int | None:
+        """A seed for one more ``generate`` call of this request, for engines that take a seed per
+        call (vLLM): ``seed`` for the first call, then ``seed + 1``, … (None without a seed)."""
+        self._calls += 1
+        return None if self.seed is None else (self.seed + self._calls - 1) % (MAX_SEED + 1)
+
+
+GREEDY = Sampling()
 
 
 @dataclass
@@ -88,12 +181,10 @@ class ThreadedEngine(EngineText):
         self._thread.start()
 
     def generate(
-        self, tokens: list[int], max_new_tokens: int = 128, prefix: KVPrefix | None = None, on_token=None, cancelled=None
+        self, tokens: list[int], max_new_tokens: int = 128, prefix: KVPrefix | None = None, on_token=None, cancelled=None, sampling=None
     ) -> Generation:
-        """Greedy decoding of ``tokens`` up to ``max_new_tokens`` or an end token; ``on_token`` sees
-        every new token as soon as it is chosen, and returning True stops the sequence;
-        ``cancelled`` (see ``TorchEngine.generate``) ends it during its prefill."""
-        return self.submit(tokens, max_new_tokens, prefix, on_token, cancelled).result()
+        """Decoding of ``tokens`` up to ``max_new_tokens`` or an end token (see ``TorchEngine.generate``)."""
+        return self.submit(tokens, max_new_tokens, prefix, on_token, cancelled, sampling).result()
 
     def close(self) -> None:
         """Stop the thread; what is still queued or running fails."""
@@ -150,21 +241,24 @@ class TorchEngine(EngineText):
         prefix: KVPrefix | None = None,
         on_token: Callable[[int], bool] | None = None,
         cancelled: Callable[[], bool] | None = None,
+        sampling: Sampling | None = None,
     ) -> Generation:
-        """Greedy decoding of ``tokens`` (a full prompt), up to ``max_new_tokens`` or an end token.
+        """Decoding of ``tokens`` (a full prompt), up to ``max_new_tokens`` or an end token.
 
         ``on_token`` sees every new token as soon as it is chosen (streaming); returning True stops.
         ``cancelled`` is asked while the prompt is prefilled (see ``prefill``): once True, the
-        generation ends at once, :func:`cancelled_generation`.
+        generation ends at once, :func:`cancelled_generation`. ``sampling`` chooses each token
+        (None: greedy).
         """
         import torch
 
         check_request(tokens, max_new_tokens, self.context_window)
+        pick = (sampling or GREEDY).pick
         started = time.perf_counter()
         state, logits = self.prefill(tokens, prefix, cancelled)
         if logits is None:
             return cancelled_generation(tokens, prefix, state, time.perf_counter() - started)
-        generated = [int(torch.argmax(logits))]
+        generated = [pick(logits)]
         ttft = time.perf_counter() - started
         cache = state.cache
         decode_started = time.perf_counter()
@@ -173,7 +267,7 @@ class TorchEngine(EngineText):
             while len(generated) < max_new_tokens and generated[-1] not in self.eos_ids and not stopped:
                 out = self.model(torch.tensor([[generated[-1]]], device=self.device), past_key_values=cache, use_cache=True)
                 cache = out.past_key_values
-                generated.append(int(torch.argmax(out.logits[0, -1])))
+                generated.append(pick(out.logits[0, -1]))
                 stopped = on_token is not None and bool(on_token(generated[-1]))
         decode_s = time.perf_counter() - decode_started
         state = KVPrefix(list(tokens) + generated[:-1], cache)

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from chameleon.corpus import Passage, RagIndex
-from chameleon.llm import Generation, KVPrefix, answer_text, decode_speed
+from chameleon.llm import Generation, KVPrefix, Sampling, answer_text, decode_speed
 from retriever.errors import RetrieverError
 from retriever.search import Searcher
 from retriever.vectors import as_query_matrix, prepare_vectors
@@ -263,13 +263,14 @@ class RagPipeline:
         history: Sequence[dict] = (),
         system: str | None = None,
         on_token: Callable[[int], bool] | None = None,
+        sampling: Sampling | None = None,
     ) -> Answer:
         """Answer ``question``; with ``retrieval_interval`` N, retrieve again every N generated tokens.
 
         The query is then the question plus the answer so far. When the passages change, the prompt
         is rebuilt with them and generation continues after the answer so far; the KV of the part of
-        the prompt that did not change is reused. ``history``, ``system`` and ``on_token`` are as in
-        ``prompt_tokens`` and the engine's ``generate``.
+        the prompt that did not change is reused. ``history``, ``system``, ``on_token`` and
+        ``sampling`` are as in ``prompt_tokens`` and the engine's ``generate``.
         """
         if not isinstance(question, str) or not question.strip():
             raise RetrieverError("the question is empty")
@@ -296,7 +297,7 @@ class RagPipeline:
             prompt = tokens + answer
             prefix = state.shared_with(prompt) if state is not None else prefix
             segment_started = time.perf_counter()
-            generation = self.engine.generate(prompt, min(interval, max_new_tokens - len(answer)), prefix, on_token)
+            generation = self.engine.generate(prompt, min(interval, max_new_tokens - len(answer)), prefix, on_token, sampling=sampling)
             reused += generation.cached_tokens if state is not None or first.reused is None else first.reused
             if state is None and admitted is not None:
                 self.doc_cache.keep(admitted, segments, generation)

@@ -60,6 +60,7 @@ class _Request:
     future: Future
     submitted: float
     cancelled: Callable[[], bool] | None = None
+    sampling: dict = field(default_factory=lambda: {"temperature": 0.0})  # SamplingParams' fields
     generated: list[int] = field(default_factory=list)
     first_token_at: float = 0.0
     cached_tokens: int = 0
@@ -78,7 +79,8 @@ def _import_vllm():
 
 
 class VllmEngine(ThreadedEngine):
-    """A thread-safe engine on vLLM: greedy decoding, up to ``max_batch`` sequences at once.
+    """A thread-safe engine on vLLM, up to ``max_batch`` sequences at once (greedy unless a request's
+    ``Sampling`` says otherwise; vLLM draws with its own generator, seeded per call).
 
     ``dtype`` is the weights' and activations' (bfloat16 or float32); ``kv_cache_gib`` the KV
     cache's size (default: 1 GiB on a CPU host, vLLM's share of GPU memory on a GPU host).
@@ -157,14 +159,18 @@ class VllmEngine(ThreadedEngine):
         """True while the driver thread runs and vLLM answers (readiness)."""
         return self._thread.is_alive() and self._failure is None
 
-    def submit(self, tokens: list[int], max_new_tokens: int = 128, prefix: KVPrefix | None = None, on_token=None, cancelled=None) -> Future:
-        """Queue a greedy generation (as ``TorchEngine.generate``); the future gives its ``Generation``.
+    def submit(
+        self, tokens: list[int], max_new_tokens: int = 128, prefix: KVPrefix | None = None, on_token=None, cancelled=None, sampling=None
+    ) -> Future:
+        """Queue a generation (as ``TorchEngine.generate``); the future gives its ``Generation``.
 
         ``prefix`` is accepted for the common interface and only checked: vLLM finds the cached
         prefix of any prompt itself. ``cancelled`` is asked before every engine step until the
         first token: once True, the request is aborted (``cancelled_generation``, no KV state)."""
         check_request(tokens, max_new_tokens, self.context_window, prefix)
         request = _Request(str(next(self._ids)), list(tokens), max_new_tokens, on_token, Future(), time.perf_counter(), cancelled)
+        if sampling is not None and not sampling.greedy:
+            request.sampling = {"temperature": sampling.temperature, "top_p": sampling.top_p, "seed": sampling.next_seed()}
         with self._wake:
             if self._closed or self._failure is not None:
                 raise RetrieverError("the engine is closed" if self._closed else f"the vLLM engine has failed: {self._failure}")
@@ -209,7 +215,7 @@ class VllmEngine(ThreadedEngine):
 
     def _add(self, request: _Request) -> None:
         params = self._vllm.SamplingParams(
-            temperature=0.0,
+            **request.sampling,
             max_tokens=request.max_new_tokens,
             stop_token_ids=sorted(self.eos_ids),  # ours, so that both engines end on the same tokens
             output_kind=self._delta,  # each step gives only the new tokens

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from chameleon.llm import KVPrefix
+from chameleon.llm import KVPrefix, Sampling
 from retriever.errors import RetrieverError
 from tests.helpers import start_server
 
@@ -213,6 +213,87 @@ def test_concurrent_requests_get_their_sequential_tokens(thread_safe_engine, pro
     assert [g.tokens for g in together] == alone
     assert max(batch_sizes) >= 2, "the requests were never decoded together"
     assert thread_safe_engine.waiting == 0 and thread_safe_engine.running == 0 and thread_safe_engine.alive
+
+
+def test_sampling_draws_from_the_softmax_within_top_p():
+    import torch
+
+    probabilities = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probabilities.log() + 3.0  # softmax does not care about a shift
+
+    def frequencies(sampling, draws=4000):
+        return torch.bincount(torch.tensor([sampling.pick(logits) for _ in range(draws)]), minlength=4).float() / draws
+
+    assert torch.allclose(frequencies(Sampling(1.0, seed=0)), probabilities, atol=0.03)
+    sharpened = probabilities**2 / (probabilities**2).sum()  # temperature 0.5 squares the probabilities
+    assert torch.allclose(frequencies(Sampling(0.5, seed=1)), sharpened, atol=0.03)
+    nucleus = frequencies(Sampling(1.0, top_p=0.7, seed=2))  # 0.5 + 0.3 reach 0.7: the first two only
+    assert nucleus[2:].sum() == 0 and abs(nucleus[0] - 0.5 / 0.8) < 0.03
+    assert frequencies(Sampling(1.0, top_p=0.5, seed=3), 200)[0] == 1  # the first alone reaches 0.5
+    for greedy in (Sampling(), Sampling(0.0, seed=4), Sampling(1.5, top_p=0.0), Sampling(1e-30, seed=5)):  # 1e-30: no overflow
+        assert frequencies(greedy, 50)[0] == 1
+    assert Sampling().pick(torch.tensor([1.0, 3.0, 3.0], dtype=torch.bfloat16)) == 1  # ties: the first, as argmax
+
+
+def test_a_seed_repeats_the_draws_and_each_request_draws_on_its_own():
+    import torch
+
+    logits = torch.zeros(1000)  # every token equally likely
+    first, second, other = Sampling(1.0, seed=7), Sampling(1.0, seed=7), Sampling(1.0, seed=8)
+    interleaved = [(first.pick(logits), other.pick(logits)) for _ in range(20)]  # other's draws do not move first's
+    assert [a for a, _ in interleaved] == [second.pick(logits) for _ in range(20)]
+    assert [a for a, _ in interleaved] != [b for _, b in interleaved]
+    unseeded = [Sampling(1.0).pick(logits) for _ in range(20)]
+    assert len(set(unseeded)) > 1  # a fresh random seed each
+
+
+@pytest.mark.parametrize(
+    "fields, match",
+    [({"temperature": -0.1}, "temperature"), ({"temperature": 2.5}, "temperature"), ({"temperature": float("nan")}, "temperature"),
+     ({"temperature": "1"}, "temperature"), ({"top_p": 1.1}, "top_p"), ({"top_p": float("inf")}, "top_p"), ({"seed": -1}, "seed"),
+     ({"seed": 1 << 63}, "seed"), ({"seed": 1.5}, "seed"), ({"seed": True}, "seed")],
+)  # fmt: skip
+def test_bad_sampling_settings_are_clear_errors(fields, match):
+    with pytest.raises(RetrieverError, match=match):
+        Sampling(**{"temperature": 1.0, **fields})
+
+
+def test_seeded_sampling_repeats_and_is_not_greedy(any_engine, tiny_torch, prompts):
+    import torch
+
+    sampled, greedy = [], []
+    for prompt in prompts:
+        tokens = any_engine.generate(prompt, 12, sampling=Sampling(1.0, top_p=0.95, seed=11)).tokens
+        assert any_engine.generate(prompt, 12, sampling=Sampling(1.0, top_p=0.95, seed=11)).tokens == tokens
+        if any_engine.name != "vllm":  # vLLM draws with its own generator
+            # The first token is drawn from the prompt's logits, which a plain forward pass gives
+            # bit for bit; later ones come from the KV cache, and rounding a draw's boundary the
+            # other way would change them (sampling is not as robust to rounding as argmax).
+            with torch.inference_mode():
+                first = Sampling(1.0, top_p=0.95, seed=11).pick(tiny_torch.model(torch.tensor([prompt])).logits[0, -1])
+            assert tokens[0] == first
+            assert tokens == tiny_torch.generate(prompt, 12, sampling=Sampling(1.0, top_p=0.95, seed=11)).tokens  # alone in a batch: the same steps
+        sampled.append(tokens)
+        greedy.append(any_engine.generate(prompt, 12).tokens)
+    assert sampled != greedy
+    assert [any_engine.generate(p, 12, sampling=Sampling(1.0, top_p=0.95, seed=12)).tokens for p in prompts] != sampled
+
+
+def test_concurrent_sampled_requests_get_their_sequential_tokens(thread_safe_engine, prompts):
+    """A seeded request's draws are its own: greedy and sampled requests batched together get
+    what each gets alone. (At temperature 0.4 the tiny model's distributions are peaked: a batched
+    product's rounding is far from moving a draw's boundary, as it is from flipping an argmax.)"""
+    work = [(prompts[i % len(prompts)], Sampling(0.4, seed=i) if i % 2 else None) for i in range(6)]
+    alone = [thread_safe_engine.generate(prompt, 10, sampling=s and Sampling(s.temperature, seed=s.seed)).tokens for prompt, s in work]
+    start = threading.Barrier(len(work))
+
+    def run(prompt_and_sampling):
+        start.wait()
+        prompt, sampling = prompt_and_sampling
+        return thread_safe_engine.generate(prompt, 10, sampling=sampling).tokens
+
+    with ThreadPoolExecutor(len(work)) as pool:
+        assert list(pool.map(run, work)) == alone
 
 
 @vllm_only

@@ -191,6 +191,9 @@ def test_ask_command(facts_index, tmp_path):
     assert "empty" in ask("  ", "--index", facts_index, expect=2).stderr
     assert "rag.json is missing" in ask("q", "--index", tmp_path, expect=2).stderr
     assert "not a Hugging Face model directory" in ask("q", "--index", facts_index, "--model", tmp_path, expect=2).stderr
+    sampled = [json.loads(ask("Zorblax-42?", "--index", facts_index, "--json", "--max-tokens", 12, "--temperature", 1.2, "--seed", 3).stdout)["answer"] for _ in range(2)]
+    assert sampled[0] == sampled[1] != json.loads(ask("Zorblax-42?", "--index", facts_index, "--json", "--max-tokens", 12).stdout)["answer"]
+    assert "temperature" in ask("q", "--index", facts_index, "--temperature", 3, expect=2).stderr
 
 
 @pytest.mark.integration

@@ -216,6 +216,32 @@ def test_completions_stop_strings_and_streaming_agree(tiny_server):
     assert "fact-42" in [s["doc_id"] for s in augmented.model_extra["chameleon"]["sources"]]
 
 
+def test_sampling_settings_reach_the_engine(tiny_server):
+    from openai import OpenAI
+
+    url = tiny_server.url
+    client = OpenAI(base_url=url + "/v1", api_key=KEY)
+    chat = {"model": "tiny-llama", "messages": [{"role": "user", "content": "Tell me about Zorblax-42."}], "max_tokens": 12, "extra_body": {"rag": False}}
+
+    def text(**options):
+        return client.chat.completions.create(**chat, **options).choices[0].message.content
+
+    greedy = text()
+    assert text(temperature=0) == greedy and text(top_p=0.5, seed=1) == greedy  # no temperature: greedy
+    sampled = text(temperature=1.0, seed=3)
+    assert text(temperature=1.0, seed=3) == sampled != greedy
+    assert text(temperature=1.0, seed=4) != sampled
+    streamed = client.chat.completions.create(**chat, temperature=1.0, seed=3, stream=True)
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in streamed) == sampled
+    rag = {"question": "What colour are the oceans of Zorblax-42?", "max_tokens": 8, "temperature": 1.0, "top_p": 0.9, "seed": 5}
+    first, again = call(url + "/v1/rag", rag), call(url + "/v1/rag", rag)
+    assert first[0] == again[0] == 200 and first[1]["answer"] == again[1]["answer"]
+    status, body, _ = call(url + "/v1/rag", {"question": "x", "mode": "knnlm", "temperature": 0.7})
+    assert status == 400 and "greedily" in body["error"]["message"]
+    assert call(url + "/v1/rag", {"question": "x", "temperature": 2.5})[0] == 422
+    assert call(url + "/v1/completions", {"prompt": "x", "seed": -1, "temperature": 1})[0] == 422
+
+
 def test_requests_over_the_concurrency_limit_get_429(tiny_server):
     url = tiny_server.url
     # A retrieval at every token keeps this stream busy long after its first token.

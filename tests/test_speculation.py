@@ -71,8 +71,8 @@ def test_speculative_answers_equal_plain_ones_confirmed_or_restarted(cached, ear
     pipeline._speculator = SimpleNamespace(submit=lambda task, *args: _Deferred(task, args))
     calls = []  # (prompt length, cached prefix length, finish reason) of every generate call, in order
 
-    def generate(tokens, max_new_tokens, prefix=None, on_token=None, cancelled=None):
-        generation = tiny32.generate(tokens, max_new_tokens, prefix, on_token, cancelled)
+    def generate(tokens, max_new_tokens, prefix=None, on_token=None, cancelled=None, sampling=None):
+        generation = tiny32.generate(tokens, max_new_tokens, prefix, on_token, cancelled, sampling)
         calls.append((len(tokens), len(prefix.tokens) if prefix is not None else 0, generation.finish_reason))
         return generation
 
@@ -107,10 +107,10 @@ def test_a_restart_resumes_from_what_the_cut_speculation_computed(rag_index, emb
     pipeline._speculator = SimpleNamespace(submit=lambda task, *args: _Deferred(task, args))
     calls = []
 
-    def generate(tokens, max_new_tokens, prefix=None, on_token=None, cancelled=None):
+    def generate(tokens, max_new_tokens, prefix=None, on_token=None, cancelled=None, sampling=None):
         asked = []
         after_a_chunk = (lambda: asked.append(1) or (len(asked) > 1 and cancelled())) if cancelled is not None else None
-        generation = tiny32.generate(tokens, max_new_tokens, prefix, on_token, after_a_chunk)
+        generation = tiny32.generate(tokens, max_new_tokens, prefix, on_token, after_a_chunk, sampling)
         calls.append((len(prefix.tokens) if prefix is not None else 0, generation))
         return generation
 

@@ -150,7 +150,7 @@ def create_app(service: Service, settings: ServeSettings, metrics: Metrics) -> F
             raise ApiError(400, f"retrieval_interval ({body.retrieval_interval}) exceeds max_tokens ({max_tokens})")
         def run(on_text, cancelled):
             return service.rag(body.question, max_tokens, body.k, body.retrieval_interval, body.mode,
-                               stop=body.stops, on_text=on_text, cancelled=cancelled)  # fmt: skip
+                               stop=body.stops, on_text=on_text, cancelled=cancelled, sampling=body.sampling())  # fmt: skip
 
         return await generate(run, body.stream, _RagChunks(service.model_id))
 
@@ -185,11 +185,11 @@ def create_app(service: Service, settings: ServeSettings, metrics: Metrics) -> F
 
             def run(on_text, cancelled):
                 return service.rag(messages[-1]["content"], max_tokens, body.k, body.retrieval_interval, "passage",
-                                   history, system, body.stops, on_text, cancelled)  # fmt: skip
+                                   history, system, body.stops, on_text, cancelled, body.sampling())  # fmt: skip
         else:
 
             def run(on_text, cancelled):
-                return service.chat(messages, max_tokens, body.stops, on_text, cancelled)
+                return service.chat(messages, max_tokens, body.stops, on_text, cancelled, body.sampling())
 
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         return await generate(run, body.stream, _OpenAIChunks(service.model_id, "chat", include_usage))
@@ -200,7 +200,7 @@ def create_app(service: Service, settings: ServeSettings, metrics: Metrics) -> F
         max_tokens = max_tokens_of(body.max_tokens)
 
         def run(on_text, cancelled):
-            return service.complete(body.prompt, max_tokens, body.rag, body.k, body.stops, on_text, cancelled)
+            return service.complete(body.prompt, max_tokens, body.rag, body.k, body.stops, on_text, cancelled, body.sampling())
 
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         return await generate(run, body.stream, _OpenAIChunks(service.model_id, "text", include_usage))

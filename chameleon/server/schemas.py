@@ -1,7 +1,8 @@
 """Request and response bodies of the HTTP API (they are the OpenAPI schema at ``/openapi.json``).
 
-The OpenAI-compatible requests ignore fields we do not use (clients send many), but decoding is
-always greedy: ``temperature`` and ``top_p`` are accepted and have no effect, and ``n`` must be 1.
+The OpenAI-compatible requests ignore fields we do not use (clients send many), and ``n`` must
+be 1. Decoding is greedy unless a request sets ``temperature`` (then ``top_p`` and ``seed`` apply
+too): unlike OpenAI's default of 1, a request that says nothing gets the same answer every time.
 Chameleon's own fields (``rag``, ``k``, ``retrieval_interval``) ride along in the same bodies
 (``extra_body`` in the ``openai`` client).
 """
@@ -11,6 +12,8 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from chameleon.llm import MAX_SEED, MAX_TEMPERATURE, Sampling
 
 MAX_TEXT = 32_000
 MAX_MESSAGES = 64
@@ -43,6 +46,18 @@ class _StopStrings(BaseModel):
         return self._as_list(self.stop)
 
 
+class _Sampled(BaseModel):
+    temperature: float | None = Field(
+        None, ge=0, le=MAX_TEMPERATURE, description="0 or left out: greedy. Otherwise each token is drawn from softmax(logits / temperature)."
+    )
+    top_p: float | None = Field(None, ge=0, le=1, description="With a temperature: draw from the most likely tokens whose probabilities reach top_p (default 1: all).")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="With a temperature: the same seed repeats the same answer on this server.")
+
+    def sampling(self) -> Sampling | None:
+        """How this request's tokens are chosen (None: greedy)."""
+        return Sampling.of(self.temperature, self.top_p, self.seed)
+
+
 # -- Chameleon's own API -----------------------------------------------------------------------
 
 
@@ -53,7 +68,7 @@ class Source(BaseModel):
     snippet: str
 
 
-class RagRequest(_StopStrings):
+class RagRequest(_StopStrings, _Sampled):
     model_config = ConfigDict(extra="forbid")
 
     question: str = Field(min_length=1, max_length=MAX_TEXT)
@@ -112,15 +127,13 @@ class StreamOptions(_OpenAICompatible):
     include_usage: bool = False
 
 
-class _Generation(_StopStrings):
+class _Generation(_StopStrings, _Sampled):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = Field(None, max_length=256)
     max_tokens: int | None = Field(None, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    temperature: float | None = Field(None, ge=0, le=2, description="Accepted; decoding is greedy.")
-    top_p: float | None = Field(None, ge=0, le=1, description="Accepted; decoding is greedy.")
     n: int = Field(1, ge=1, le=1)
     rag: bool = Field(True, description="Retrieve passages for the prompt (Chameleon extension).")
     k: int | None = Field(None, ge=1, le=64, description="Passages to retrieve (Chameleon extension).")

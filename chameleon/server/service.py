@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from chameleon.llm import Sampling
 from chameleon.rag import SNIPPET_CHARS, RagPipeline, context_block
 from coordinator.client import RetrievalClient
 from retriever.errors import RetrieverError
@@ -139,30 +140,33 @@ class Service:
         stop: Sequence[str] = (),
         on_text: Callable[[str], None] | None = None,
         cancelled: threading.Event | None = None,
+        sampling: Sampling | None = None,
     ) -> Completion:
         """Answer ``question`` from the passages (``passage``) or the kNN-LM datastore (``knnlm``,
-        queried every ``retrieval_interval`` tokens, default every token)."""
+        queried every ``retrieval_interval`` tokens, default every token; greedy only)."""
         if mode == "knnlm":
+            if sampling is not None and not sampling.greedy:
+                raise RetrieverError("mode knnlm decodes greedily: leave temperature and top_p out (or set temperature 0)")
             return self._knnlm(question, max_tokens, retrieval_interval or 1, stop, on_text, cancelled)
         request = _Request(self.engine, stop, on_text, cancelled)
-        answer = self.pipeline.ask(question, max_tokens, retrieval_interval, k, history, system, request.on_token)
+        answer = self.pipeline.ask(question, max_tokens, retrieval_interval, k, history, system, request.on_token, sampling)
         self._observe_retrieval(answer.timings)
         timings = {**answer.timings, "prefill_s": answer.timings["ttft_s"]}
         return self._finish(request, answer.finish_reason, timings["prompt_tokens"], timings["reused_kv_tokens"], answer.sources, timings)
 
-    def chat(self, messages: list[dict], max_tokens: int, stop: Sequence[str] = (), on_text=None, cancelled=None) -> Completion:
+    def chat(self, messages: list[dict], max_tokens: int, stop: Sequence[str] = (), on_text=None, cancelled=None, sampling=None) -> Completion:
         """The model alone on a conversation (no retrieval)."""
         request = _Request(self.engine, stop, on_text, cancelled)
-        return self._plain(request, self.engine.chat_tokens(messages), max_tokens)
+        return self._plain(request, self.engine.chat_tokens(messages), max_tokens, sampling)
 
     def complete(
-        self, prompt: str, max_tokens: int, rag: bool, k: int | None = None, stop: Sequence[str] = (), on_text=None, cancelled=None
+        self, prompt: str, max_tokens: int, rag: bool, k: int | None = None, stop: Sequence[str] = (), on_text=None, cancelled=None, sampling=None
     ) -> Completion:
         """Continue ``prompt`` as raw text; with ``rag``, the retrieved passages come before it."""
         request = _Request(self.engine, stop, on_text, cancelled, strip_leading=False)
         encode = self.engine.tokenizer
         if not rag:
-            return self._plain(request, encode(prompt)["input_ids"], max_tokens)
+            return self._plain(request, encode(prompt)["input_ids"], max_tokens, sampling)
         timings: dict = {}
         ranked = self.pipeline.retrieve(prompt, timings, k)
         self._observe_retrieval(timings)
@@ -171,10 +175,10 @@ class Service:
             return [encode(f"Passages:\n{context_block(kept)}\n\n{prompt}" if kept else prompt)["input_ids"]]
 
         (tokens,), kept = self.pipeline.fit([p for p, _ in ranked], max_tokens, render)
-        return self._plain(request, tokens, max_tokens, [_source(p, s) for p, s in ranked[:kept]], timings)
+        return self._plain(request, tokens, max_tokens, sampling, [_source(p, s) for p, s in ranked[:kept]], timings)
 
-    def _plain(self, request: _Request, tokens, max_tokens: int, sources=(), timings=None) -> Completion:
-        generation = self.engine.generate(list(tokens), max_tokens, None, request.on_token)
+    def _plain(self, request: _Request, tokens, max_tokens: int, sampling: Sampling | None, sources=(), timings=None) -> Completion:
+        generation = self.engine.generate(list(tokens), max_tokens, None, request.on_token, sampling=sampling)
         timings = {**(timings or {}), "queue_s": generation.queue_s, "prefill_s": generation.ttft_s}
         return self._finish(request, generation.finish_reason, len(tokens), generation.cached_tokens, list(sources), timings)
 
