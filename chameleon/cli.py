@@ -106,6 +106,48 @@ def index_build(
     _say(f"wrote {out} ({index.ntotal:,} vectors, {shards} shard(s)) in {time.perf_counter() - started:.1f} s")
 
 
+@index_app.command("add")
+def index_add(
+    index: Path = typer.Option(..., "--index", help="The index directory to extend: a vector index or a passage index."),
+    vectors: Optional[Path] = typer.Option(None, "--vectors", help="Vectors to add to a vector index: .npy, .fvecs, .bvecs, .ivecs or .hdf5."),
+    corpus: Optional[str] = typer.Option(None, "--corpus", help="Documents to add to a passage index: a folder of .txt/.md, or .jsonl."),
+):
+    """Add vectors or documents to an index, encoded with its trained quantizers (no retraining).
+
+    The directory is replaced atomically once the new index is complete. Added vectors take the
+    ids after the largest in the index; added documents' passages the next passage ids.
+    """
+    from retriever.build import add_vectors
+    from retriever.datasets import read_vectors
+    from retriever.index import load_index, save_index
+
+    if (vectors is None) == (corpus is None):
+        raise RetrieverError("give exactly one of --vectors and --corpus")
+    started = time.perf_counter()
+    if (index / "rag.json").is_file():
+        if corpus is None:
+            raise RetrieverError(f"{index} is a passage index: add documents with --corpus")
+        from chameleon.corpus import add_to_rag_index
+        from chameleon.embedder import Embedder
+
+        meta = add_to_rag_index(index, corpus, Embedder(), progress=True)
+        added = meta["added"][-1]
+        _say(f"added {added['documents']:,} documents ({added['passages']:,} passages) to {index}: "
+             f"{meta['documents']:,} documents, {meta['passages']:,} passages in {time.perf_counter() - started:.1f} s")  # fmt: skip
+        return
+    if not (index / "manifest.json").is_file():
+        raise RetrieverError(f"{index} is neither a vector index (manifest.json) nor a passage index (rag.json)")
+    for outer, kind in (("rag.json", "passage index: add documents to it with --corpus"), ("knnlm.json", "kNN-LM datastore, which is built again, not added to")):
+        if (index.resolve().parent / outer).is_file():
+            raise RetrieverError(f"{index} is the vectors of the {kind}")
+    if vectors is None:
+        raise RetrieverError(f"{index} is a vector index: add vectors with --vectors")
+    new = read_vectors(vectors)
+    extended = add_vectors(load_index(index), new, progress=True)
+    save_index(extended, index, force=True)
+    _say(f"added {new.shape[0]:,} vectors from {vectors} to {index}: {extended.ntotal:,} in all, in {time.perf_counter() - started:.1f} s")
+
+
 def _build_corpus_index(corpus: str, out: Path, nlist: int | None, m: int | None, nbits: int, force: bool) -> dict:
     from chameleon.corpus import build_rag_index
     from chameleon.embedder import Embedder

@@ -20,12 +20,12 @@ import json
 import math
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from retriever.build import build_index
+from retriever.build import add_vectors, build_index
 from retriever.errors import RetrieverError
 from retriever.files import atomic_directory
 from retriever.index import IVFPQParams, load_index, save_index
@@ -187,13 +187,47 @@ def build_rag_index(
         "format": RAG_FORMAT, "version": 1, "embedder": embedder.fingerprint, "corpus": str(corpus),
         "documents": len(documents), "passages": len(passages), "passage_tokens": PASSAGE_TOKENS, "overlap": PASSAGE_OVERLAP,
     }  # fmt: skip
-    with atomic_directory(out, replace=force) as tmp:
+    _write_rag_index(out, index, passages, meta, overwrite=force)
+    return meta
+
+
+def add_to_rag_index(path: str | os.PathLike, corpus: str | os.PathLike, embedder, progress: bool = False) -> dict:
+    """Add the documents of ``corpus`` to the RAG index at ``path``, which is replaced atomically.
+
+    Their passages are cut as the index's were, embedded, encoded with the index's trained
+    quantizers (``retriever.build.add_vectors``: no retraining) and appended to the document store
+    with the next passage ids. A document the index holds already (same doc id) is refused: it is
+    added once. Returns the new ``rag.json``, whose ``added`` lists every addition.
+    """
+    rag = RagIndex(path, embedder.fingerprint)
+    documents = read_corpus(corpus)
+    repeated = sorted({d.id for d in documents} & {p.doc_id for p in rag.passages})
+    if repeated:
+        raise RetrieverError(f"{len(repeated)} of the documents are in {path} already (the first: {repeated[0]!r}); each is added once")
+    first = len(rag.passages)
+    passages = [
+        replace(p, id=first + p.id)
+        for p in chunk(documents, embedder.tokenizer, min(rag.meta["passage_tokens"], embedder.max_tokens), rag.meta["overlap"])
+    ]
+    if not passages:
+        raise RetrieverError(f"{corpus} holds no text to add")
+    vectors = embedder.embed([f"{p.title}\n{p.text}" for p in passages], progress=progress)
+    index = add_vectors(rag.index, vectors, np.arange(first, first + len(passages)), progress)
+    meta = {
+        **rag.meta, "documents": rag.meta["documents"] + len(documents), "passages": first + len(passages),
+        "added": [*rag.meta.get("added", []), {"corpus": str(corpus), "documents": len(documents), "passages": len(passages)}],
+    }  # fmt: skip
+    _write_rag_index(path, index, rag.passages + passages, meta, overwrite=True)
+    return meta
+
+
+def _write_rag_index(out: str | os.PathLike, index, passages: list[Passage], meta: dict, overwrite: bool) -> None:
+    with atomic_directory(out, replace=overwrite) as tmp:
         save_index(index, tmp / "index")
         with open(tmp / "docstore.jsonl", "w") as f:
             for passage in passages:
                 f.write(json.dumps(asdict(passage)) + "\n")
         (tmp / "rag.json").write_text(json.dumps(meta, indent=1))
-    return meta
 
 
 def builtin_rag_index(embedder, progress: bool = False) -> Path:

@@ -58,11 +58,23 @@ def build_index(
     rng = np.random.default_rng(seed)
     sample = prepare_vectors(vectors[np.sort(rng.choice(n, train_size, replace=False))], params.metric)
     centroids = train_coarse(sample, params, seed)
-    quantizer = CoarseQuantizer(centroids, params.metric, device="cpu")
-    sample_assignment = quantizer.search(sample, 1)[0][:, 0]
+    sample_assignment = CoarseQuantizer(centroids, params.metric, device="cpu").search(sample, 1)[0][:, 0]
     codebooks = train_pq(sample - centroids[sample_assignment], params, seed)
 
+    assignment, codes = encode_vectors(vectors, params, centroids, codebooks, progress)
+    lists = InvertedLists.from_assignment(assignment, np.asarray(ids, dtype=np.int64), codes, params.nlist)
+    info = {"seed": seed, "train_size": train_size, "build_seconds": round(time.perf_counter() - started, 3)}
+    return IVFPQIndex(params, centroids, codebooks, split_shards(lists, nshards), info)
+
+
+def encode_vectors(
+    vectors: np.ndarray, params: IVFPQParams, centroids: np.ndarray, codebooks: np.ndarray, progress: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each vector's list (its nearest centroid) and the PQ code of its residual, with trained
+    quantizers. For ``cos`` the vectors are L2-normalised first."""
+    quantizer = CoarseQuantizer(centroids, params.metric, device="cpu")
     pq = _faiss_pq(params, codebooks)
+    n = vectors.shape[0]
     assignment = np.empty(n, dtype=np.int64)
     codes = np.empty((n, params.code_size), dtype=np.uint8)
     for start in tqdm(range(0, n, ENCODE_CHUNK), desc="encode", unit="chunk", disable=not progress):
@@ -70,10 +82,38 @@ def build_index(
         rows = slice(start, start + len(chunk))
         assignment[rows] = quantizer.search(chunk, 1)[0][:, 0]
         codes[rows] = pq.compute_codes(chunk - centroids[assignment[rows]])
+    return assignment, codes
 
-    lists = InvertedLists.from_assignment(assignment, np.asarray(ids, dtype=np.int64), codes, params.nlist)
-    info = {"seed": seed, "train_size": train_size, "build_seconds": round(time.perf_counter() - started, 3)}
-    return IVFPQIndex(params, centroids, codebooks, split_shards(lists, nshards), info)
+
+def add_vectors(index: IVFPQIndex, vectors: np.ndarray, ids: np.ndarray | None = None, progress: bool = False) -> IVFPQIndex:
+    """``index`` with ``vectors`` added, encoded with its trained quantizers (no retraining), and
+    every list split again into the same number of balanced shards.
+
+    ``ids`` defaults to the ids after the largest in the index; ids already in it are refused. An
+    entry added to a list comes after the ones it held. The quantizers were trained on the first
+    vectors: if the added ones come from elsewhere, recall drops, and a rebuild trains again.
+    """
+    vectors = as_query_matrix(vectors, index.params.dim, what="vectors to add")
+    whole = index.whole()
+    n = vectors.shape[0]
+    if ids is None:
+        first = int(whole.ids.max()) + 1 if whole.ntotal else 0
+        ids = np.arange(first, first + n, dtype=np.int64)
+    elif np.shape(ids) != (n,) or np.asarray(ids).dtype.kind not in "iu":
+        raise RetrieverError(f"ids must be {n} integers, got shape {np.shape(ids)} and dtype {np.asarray(ids).dtype}")
+    ids = np.asarray(ids, dtype=np.int64)
+    if np.unique(ids).shape[0] != n:
+        raise RetrieverError("the ids to add repeat themselves")
+    taken = np.intersect1d(ids, whole.ids)
+    if taken.size:
+        raise RetrieverError(f"{taken.size} of the ids to add are in the index already (the first: {int(taken[0])})")
+    assignment, codes = encode_vectors(vectors, index.params, index.centroids, index.codebooks, progress)
+    held = np.repeat(np.arange(index.params.nlist, dtype=np.int64), whole.list_sizes())
+    lists = InvertedLists.from_assignment(
+        np.concatenate([held, assignment]), np.concatenate([whole.ids, ids]), np.concatenate([whole.codes, codes]), index.params.nlist
+    )
+    info = {**index.build_info, "added": int(index.build_info.get("added", 0)) + n}
+    return IVFPQIndex(index.params, index.centroids, index.codebooks, split_shards(lists, index.nshards), info)
 
 
 def train_coarse(sample: np.ndarray, params: IVFPQParams, seed: int) -> np.ndarray:

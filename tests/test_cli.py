@@ -54,6 +54,25 @@ def test_build_from_vector_files(tmp_path, small_data):
     assert load_index(tmp_path / "b").ntotal == 5000
 
 
+def test_index_add_extends_a_vector_index_in_place(tmp_path, small_data):
+    np.save(tmp_path / "first.npy", small_data.base[:5000])
+    np.save(tmp_path / "more.npy", small_data.base[5000:6000])
+    chameleon("index", "build", "--vectors", tmp_path / "first.npy", "--out", tmp_path / "idx", "--nlist", 16, "--m", 4, "--shards", 2)
+    out = chameleon("index", "add", "--index", tmp_path / "idx", "--vectors", tmp_path / "more.npy")
+    assert "added 1,000 vectors" in out.stderr + out.stdout
+    index = load_index(tmp_path / "idx", verify=True)
+    assert index.ntotal == 6000 and index.nshards == 2 and index.build_info["added"] == 1000
+    assert sorted(index.whole().ids.tolist()) == list(range(6000))
+    bad = small_data.base[:10].copy()
+    bad[4, 2] = np.nan
+    np.save(tmp_path / "bad.npy", bad)
+    assert "NaN" in error_of("index", "add", "--index", tmp_path / "idx", "--vectors", tmp_path / "bad.npy")
+    assert "exactly one of --vectors and --corpus" in error_of("index", "add", "--index", tmp_path / "idx")
+    assert "add vectors with --vectors" in error_of("index", "add", "--index", tmp_path / "idx", "--corpus", "python-docs")
+    assert "neither a vector index" in error_of("index", "add", "--index", tmp_path, "--vectors", tmp_path / "more.npy")
+    assert load_index(tmp_path / "idx", verify=True).ntotal == 6000  # the refused additions changed nothing
+
+
 def error_of(*args):
     return chameleon(*args, expect=2).stderr
 

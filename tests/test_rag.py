@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from chameleon.corpus import Document, RagIndex, build_rag_index, chunk, python_docs, read_corpus
+from chameleon.corpus import Document, RagIndex, add_to_rag_index, build_rag_index, chunk, python_docs, read_corpus
 from chameleon.models import builtin_llm_path, resolve_model
 from retriever.errors import RetrieverError
 
@@ -182,6 +182,42 @@ def ask(*args, expect=0):
     assert result.returncode == expect, result.stdout + result.stderr
     assert "Traceback" not in result.stderr
     return result
+
+
+def test_documents_added_to_a_passage_index_are_retrieved(facts_index, embedder, tmp_path):
+    import shutil
+
+    import numpy as np
+
+    from retriever.search import Searcher
+
+    index = tmp_path / "facts"
+    shutil.copytree(facts_index, index)
+    (tmp_path / "new.jsonl").write_text(
+        json.dumps({"id": "quibblex", "title": "Quibblex-7", "text": "The moons of Quibblex-7 are made of solid copper."}) + "\n"
+        + json.dumps({"id": "snorf", "title": "Snorf", "text": "Snorf is a dance performed on glaciers at dawn."}) + "\n"
+    )  # fmt: skip
+    meta = add_to_rag_index(index, tmp_path / "new.jsonl", embedder)
+    assert meta["documents"] == 302 and meta["passages"] == 302
+    assert meta["added"] == [{"corpus": str(tmp_path / "new.jsonl"), "documents": 2, "passages": 2}]
+    rag = RagIndex(index, embedder.fingerprint)
+    assert [(p.id, p.doc_id) for p in rag.passages[-2:]] == [(300, "quibblex"), (301, "snorf")]
+    assert rag.passages[:300] == RagIndex(facts_index).passages  # what was there is kept as it was
+    query = embedder.embed(["What are the moons of Quibblex-7 made of?"])
+    _, ids = Searcher(rag.index, device="cpu").search(query, 3, rag.index.params.nlist)
+    assert rag.passages_for(ids[0])[0].doc_id == "quibblex"
+    with pytest.raises(RetrieverError, match="in .* already .*'quibblex'"):
+        add_to_rag_index(index, tmp_path / "new.jsonl", embedder)
+    assert RagIndex(index).index.ntotal == 302  # the refused addition changed nothing
+    # the command line: documents to a passage index, and no vectors into it
+    (tmp_path / "more.jsonl").write_text(json.dumps({"id": "zz", "title": "Zz", "text": "Zz sleeps."}) + "\n")
+    subprocess.run([sys.executable, "-m", "chameleon", "index", "add", "--index", str(index), "--corpus", str(tmp_path / "more.jsonl")], check=True, capture_output=True)
+    assert RagIndex(index).passages[-1].doc_id == "zz"
+    np.save(tmp_path / "v.npy", np.zeros((2, 384), np.float32))
+    for target, message in ((index, "add documents with --corpus"), (index / "index", "vectors of the passage index")):
+        refused = subprocess.run([sys.executable, "-m", "chameleon", "index", "add", "--index", str(target), "--vectors", str(tmp_path / "v.npy")],
+                                 capture_output=True, text=True)  # fmt: skip
+        assert refused.returncode == 2 and message in refused.stderr
 
 
 def test_ask_command(facts_index, tmp_path):

@@ -63,3 +63,50 @@ def test_searcher_on_sharded_index_equals_single_shard(l2_index, small_data):
     expected = Searcher(l2_index).search(small_data.queries, 10, 4)
     got = Searcher(l2_index.resharded(3)).search(small_data.queries, 10, 4)
     np.testing.assert_array_equal(got[1], expected[1])
+
+
+# -- adding vectors to a built index -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("metric", ["l2", "cos"])
+def test_added_vectors_make_the_index_a_build_with_the_same_quantizers_would(metric, small_data):
+    """Build on the first 12,000 vectors (3 shards), add the other 8,000: every array equals an
+    index whose lists hold all 20,000 encoded with the same centroids and codebooks."""
+    from retriever.build import add_vectors, build_index, encode_vectors
+    from retriever.index import IVFPQParams
+
+    params = IVFPQParams(metric, small_data.dim, nlist=64, m=8)
+    built = build_index(small_data.base[:12_000], params, train_size=10_000, nshards=3, seed=7)
+    added = add_vectors(built, small_data.base[12_000:])
+    assignment, codes = encode_vectors(small_data.base, params, built.centroids, built.codebooks)
+    expected = split_shards(InvertedLists.from_assignment(assignment, np.arange(20_000), codes, params.nlist), 3)
+    assert added.nshards == 3 and added.ntotal == 20_000 and added.build_info["added"] == 8_000
+    for ours, theirs in zip(added.shards, expected):
+        np.testing.assert_array_equal(ours.offsets, theirs.offsets)
+        np.testing.assert_array_equal(ours.ids, theirs.ids)
+        np.testing.assert_array_equal(ours.codes, theirs.codes)
+    # added vectors are found: searched for, nearly each is among its own 20 nearest codes
+    found = Searcher(added, device="cpu").search(small_data.base[15_000:15_020], 20, 8)[1]
+    assert sum(15_000 + row in found[row] for row in range(20)) >= 18
+    assert built.ntotal == 12_000  # the index added to is left as it was
+
+
+def test_adding_bad_vectors_or_ids_is_a_clear_error(small_data):
+    from retriever.build import add_vectors, build_index
+    from retriever.errors import RetrieverError
+    from retriever.index import IVFPQParams
+
+    built = build_index(small_data.base[:5_000], IVFPQParams("l2", small_data.dim, nlist=16, m=4), seed=1)
+    extra = small_data.base[5_000:5_010]
+    cases = [
+        ((extra[:, :5],), "shape"),
+        ((np.where(np.arange(10)[:, None] == 3, np.nan, extra),), "NaN"),
+        ((extra, np.arange(4_995, 5_005)), "in the index already"),
+        ((extra, np.full(10, 9_000)), "repeat"),
+        ((extra, np.arange(5)), "ids must be 10 integers"),
+        ((extra, np.linspace(0, 1, 10)), "ids must be 10 integers"),
+    ]
+    for args, match in cases:
+        with pytest.raises(RetrieverError, match=match):
+            add_vectors(built, *args)
+    assert add_vectors(built, extra, np.arange(100_000, 100_010)).ntotal == 5_010
