@@ -135,17 +135,66 @@ def index_add(
         _say(f"added {added['documents']:,} documents ({added['passages']:,} passages) to {index}: "
              f"{meta['documents']:,} documents, {meta['passages']:,} passages in {time.perf_counter() - started:.1f} s")  # fmt: skip
         return
-    if not (index / "manifest.json").is_file():
-        raise RetrieverError(f"{index} is neither a vector index (manifest.json) nor a passage index (rag.json)")
-    for outer, kind in (("rag.json", "passage index: add documents to it with --corpus"), ("knnlm.json", "kNN-LM datastore, which is built again, not added to")):
-        if (index.resolve().parent / outer).is_file():
-            raise RetrieverError(f"{index} is the vectors of the {kind}")
+    _check_vector_index(index)
     if vectors is None:
         raise RetrieverError(f"{index} is a vector index: add vectors with --vectors")
     new = read_vectors(vectors)
     extended = add_vectors(load_index(index), new, progress=True)
     save_index(extended, index, force=True)
     _say(f"added {new.shape[0]:,} vectors from {vectors} to {index}: {extended.ntotal:,} in all, in {time.perf_counter() - started:.1f} s")
+
+
+@index_app.command("remove")
+def index_remove(
+    index: Path = typer.Option(..., "--index", help="The index directory: a vector index or a passage index."),
+    ids: Optional[str] = typer.Option(None, "--ids", help="Vector ids to remove from a vector index, comma-separated."),
+    ids_file: Optional[Path] = typer.Option(None, "--ids-file", help="Or a .npy file of them."),
+    doc_ids: list[str] = typer.Option([], "--doc-id", help="A document to remove from a passage index (repeatable)."),
+):
+    """Remove vectors, or documents with all their passages, from an index (no retraining).
+
+    The directory is replaced atomically. A passage index's later passages move up, so that
+    passage ids stay positions in its document store; a vector index keeps the other ids.
+    """
+    from retriever.build import remove_ids
+    from retriever.datasets import read_npy
+    from retriever.index import load_index, save_index
+
+    if sum((ids is not None, ids_file is not None, bool(doc_ids))) != 1:
+        raise RetrieverError("give exactly one of --ids, --ids-file and --doc-id")
+    if (index / "rag.json").is_file():
+        if not doc_ids:
+            raise RetrieverError(f"{index} is a passage index: remove documents with --doc-id")
+        from chameleon.corpus import remove_from_rag_index
+
+        meta = remove_from_rag_index(index, doc_ids)
+        removed = meta["removed"][-1]
+        _say(f"removed {removed['documents']:,} documents ({removed['passages']:,} passages) from {index}: "
+             f"{meta['documents']:,} documents, {meta['passages']:,} passages left")  # fmt: skip
+        return
+    _check_vector_index(index)
+    if doc_ids:
+        raise RetrieverError(f"{index} is a vector index: remove vectors with --ids or --ids-file")
+    if ids_file is not None:
+        wanted = read_npy(ids_file, ndim=1)
+    else:
+        try:
+            wanted = np.array([int(x) for x in ids.split(",")], dtype=np.int64)
+        except ValueError:
+            raise RetrieverError(f"--ids takes comma-separated integers, got {ids!r}") from None
+    smaller = remove_ids(load_index(index), wanted)
+    save_index(smaller, index, force=True)
+    _say(f"removed {np.unique(wanted).size:,} vectors from {index}: {smaller.ntotal:,} left")
+
+
+def _check_vector_index(index: Path) -> None:
+    """Refuse what is not a vector index of its own (the vectors inside a passage index or a kNN-LM
+    datastore belong to it: changed alone, they would no longer match it)."""
+    if not (index / "manifest.json").is_file():
+        raise RetrieverError(f"{index} is neither a vector index (manifest.json) nor a passage index (rag.json)")
+    for outer, kind in (("rag.json", "passage index: change its documents with --corpus or --doc-id"), ("knnlm.json", "kNN-LM datastore, which is built again, not changed")):
+        if (index.resolve().parent / outer).is_file():
+            raise RetrieverError(f"{index} is the vectors of the {kind}")
 
 
 def _build_corpus_index(corpus: str, out: Path, nlist: int | None, m: int | None, nbits: int, force: bool) -> dict:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from retriever.build import add_vectors, build_index
+from retriever.build import add_vectors, build_index, remove_ids
 from retriever.errors import RetrieverError
 from retriever.files import atomic_directory
 from retriever.index import IVFPQParams, load_index, save_index
@@ -218,6 +218,27 @@ def add_to_rag_index(path: str | os.PathLike, corpus: str | os.PathLike, embedde
         "added": [*rag.meta.get("added", []), {"corpus": str(corpus), "documents": len(documents), "passages": len(passages)}],
     }  # fmt: skip
     _write_rag_index(path, index, rag.passages + passages, meta, overwrite=True)
+    return meta
+
+
+def remove_from_rag_index(path: str | os.PathLike, doc_ids: list[str]) -> dict:
+    """Remove the documents ``doc_ids`` (every passage of each) from the RAG index at ``path``,
+    which is replaced atomically. The passages after a removed one move up: passage ids stay
+    positions in the document store. Returns the new ``rag.json``, whose ``removed`` lists every
+    removal."""
+    rag = RagIndex(path)
+    wanted = set(doc_ids)
+    missing = sorted(wanted - {p.doc_id for p in rag.passages})
+    if missing:
+        raise RetrieverError(f"{len(missing)} of the documents to remove are not in {path} (the first: {missing[0]!r})")
+    removed = [p.id for p in rag.passages if p.doc_id in wanted]
+    index = remove_ids(rag.index, np.asarray(removed, dtype=np.int64), renumber=True)
+    kept = [replace(p, id=n) for n, p in enumerate(p for p in rag.passages if p.doc_id not in wanted)]
+    meta = {
+        **rag.meta, "documents": rag.meta["documents"] - len(wanted), "passages": len(kept),
+        "removed": [*rag.meta.get("removed", []), {"documents": len(wanted), "passages": len(removed)}],
+    }  # fmt: skip
+    _write_rag_index(path, index, kept, meta, overwrite=True)
     return meta
 
 

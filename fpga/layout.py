@@ -46,7 +46,7 @@ def pack_banks(lists: InvertedLists, banks: int, lanes: int) -> BankedLists:
     codes = np.zeros((banks, total_rows, m), dtype=np.uint8)
     ids = np.full((banks, total_rows), -1, dtype=np.int64)
     # Position of every vector: its list's first row, then i % banks picks the bank, i // banks the row.
-    list_of_row = np.repeat(np.arange(lists.nlist), sizes)
+    list_of_row = lists.assignment()
     within = np.arange(lists.ntotal) - np.repeat(lists.offsets[:-1], sizes)
     bank = within % banks
     row = list_rows[list_of_row] + within // banks

@@ -108,9 +108,8 @@ def add_vectors(index: IVFPQIndex, vectors: np.ndarray, ids: np.ndarray | None =
     if taken.size:
         raise RetrieverError(f"{taken.size} of the ids to add are in the index already (the first: {int(taken[0])})")
     assignment, codes = encode_vectors(vectors, index.params, index.centroids, index.codebooks, progress)
-    held = np.repeat(np.arange(index.params.nlist, dtype=np.int64), whole.list_sizes())
     lists = InvertedLists.from_assignment(
-        np.concatenate([held, assignment]), np.concatenate([whole.ids, ids]), np.concatenate([whole.codes, codes]), index.params.nlist
+        np.concatenate([whole.assignment(), assignment]), np.concatenate([whole.ids, ids]), np.concatenate([whole.codes, codes]), index.params.nlist
     )
     info = {**index.build_info, "added": int(index.build_info.get("added", 0)) + n}
     return IVFPQIndex(index.params, index.centroids, index.codebooks, split_shards(lists, index.nshards), info)
@@ -142,3 +141,27 @@ def _faiss_pq(params: IVFPQParams, codebooks: np.ndarray) -> faiss.ProductQuanti
     faiss.copy_array_to_vector(np.ascontiguousarray(codebooks, dtype=np.float32).ravel(), pq.centroids)
     return pq
 
+
+def remove_ids(index: IVFPQIndex, ids: np.ndarray, renumber: bool = False) -> IVFPQIndex:
+    """``index`` without the entries whose ids are in ``ids``, every list split again into the same
+    number of balanced shards. Ids not in the index are refused, and so is removing every entry.
+
+    With ``renumber`` the remaining ids become their ranks among themselves (0, 1, …, in the order
+    of the old ids): a passage index's ids are positions in its document store, which closes up.
+    """
+    ids = np.asarray(ids)
+    if ids.ndim != 1 or ids.dtype.kind not in "iu":
+        raise RetrieverError(f"the ids to remove must be a list of integers, got shape {ids.shape} and dtype {ids.dtype}")
+    whole = index.whole()
+    missing = np.setdiff1d(ids, whole.ids)
+    if missing.size:
+        raise RetrieverError(f"{missing.size} of the ids to remove are not in the index (the first: {int(missing[0])})")
+    keep = ~np.isin(whole.ids, ids)
+    if not keep.any():
+        raise RetrieverError("that would remove every vector: build a new index instead")
+    kept_ids = whole.ids[keep]
+    if renumber:
+        kept_ids = np.searchsorted(np.sort(kept_ids), kept_ids)
+    lists = InvertedLists.from_assignment(whole.assignment()[keep], kept_ids, whole.codes[keep], index.params.nlist)
+    info = {**index.build_info, "removed": int(index.build_info.get("removed", 0)) + int(np.unique(ids).size)}
+    return IVFPQIndex(index.params, index.centroids, index.codebooks, split_shards(lists, index.nshards), info)

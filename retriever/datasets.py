@@ -74,7 +74,9 @@ def _read_bytes(path: Path) -> bytes:
         raise RetrieverError(f"{path} is a directory, not a vector file") from None
 
 
-def read_npy(path: str | os.PathLike) -> np.ndarray:
+def read_npy(path: str | os.PathLike, ndim: int = 2) -> np.ndarray:
+    """A ``.npy`` file's array (memory-mapped), which must have ``ndim`` dimensions: 2 for
+    vectors, 1 for a list of ids."""
     path = Path(path)
     if not path.is_file():
         raise RetrieverError(f"{path} does not exist")
@@ -82,8 +84,8 @@ def read_npy(path: str | os.PathLike) -> np.ndarray:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
         raise RetrieverError(f"{path} is not a readable .npy file (empty, truncated or corrupt): {e}") from None
-    if array.ndim != 2:
-        raise RetrieverError(f"{path} must hold a 2-D array of vectors, got shape {array.shape}")
+    if array.ndim != ndim:
+        raise RetrieverError(f"{path} must hold a {ndim}-D array{' of vectors' if ndim == 2 else ''}, got shape {array.shape}")
     return array
 
 

@@ -114,6 +114,10 @@ class InvertedLists:
     def list_sizes(self) -> np.ndarray:
         return np.diff(self.offsets)
 
+    def assignment(self) -> np.ndarray:
+        """Each entry's list, in order (what :meth:`from_assignment` grouped by)."""
+        return np.repeat(np.arange(self.nlist, dtype=np.int64), self.list_sizes())
+
     @classmethod
     def from_assignment(cls, assignment: np.ndarray, ids: np.ndarray, codes: np.ndarray, nlist: int):
         """Group rows by list (stable, so ids keep their order within a list)."""

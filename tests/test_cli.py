@@ -71,6 +71,15 @@ def test_index_add_extends_a_vector_index_in_place(tmp_path, small_data):
     assert "add vectors with --vectors" in error_of("index", "add", "--index", tmp_path / "idx", "--corpus", "python-docs")
     assert "neither a vector index" in error_of("index", "add", "--index", tmp_path, "--vectors", tmp_path / "more.npy")
     assert load_index(tmp_path / "idx", verify=True).ntotal == 6000  # the refused additions changed nothing
+    chameleon("index", "remove", "--index", tmp_path / "idx", "--ids", "5998,5999")
+    np.save(tmp_path / "gone.npy", np.arange(10))
+    chameleon("index", "remove", "--index", tmp_path / "idx", "--ids-file", tmp_path / "gone.npy")
+    assert sorted(load_index(tmp_path / "idx", verify=True).whole().ids.tolist()) == list(range(10, 5998))
+    assert "not in the index" in error_of("index", "remove", "--index", tmp_path / "idx", "--ids", "3")
+    assert "comma-separated integers" in error_of("index", "remove", "--index", tmp_path / "idx", "--ids", "a,b")
+    assert "remove vectors with --ids" in error_of("index", "remove", "--index", tmp_path / "idx", "--doc-id", "x")
+    assert "exactly one of" in error_of("index", "remove", "--index", tmp_path / "idx")
+    assert load_index(tmp_path / "idx").ntotal == 5988
 
 
 def error_of(*args):

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from chameleon.corpus import Document, RagIndex, add_to_rag_index, build_rag_index, chunk, python_docs, read_corpus
+from chameleon.corpus import Document, RagIndex, add_to_rag_index, build_rag_index, chunk, python_docs, read_corpus, remove_from_rag_index
 from chameleon.models import builtin_llm_path, resolve_model
 from retriever.errors import RetrieverError
 
@@ -184,7 +184,7 @@ def ask(*args, expect=0):
     return result
 
 
-def test_documents_added_to_a_passage_index_are_retrieved(facts_index, embedder, tmp_path):
+def test_documents_added_to_a_passage_index_are_retrieved_and_removed_ones_are_not(facts_index, embedder, tmp_path):
     import shutil
 
     import numpy as np
@@ -213,6 +213,21 @@ def test_documents_added_to_a_passage_index_are_retrieved(facts_index, embedder,
     (tmp_path / "more.jsonl").write_text(json.dumps({"id": "zz", "title": "Zz", "text": "Zz sleeps."}) + "\n")
     subprocess.run([sys.executable, "-m", "chameleon", "index", "add", "--index", str(index), "--corpus", str(tmp_path / "more.jsonl")], check=True, capture_output=True)
     assert RagIndex(index).passages[-1].doc_id == "zz"
+    # removing documents: their passages go, the later ones move up
+    meta = remove_from_rag_index(index, ["quibblex", "fact-7"])
+    assert meta["documents"] == 301 and meta["passages"] == 301 and meta["removed"] == [{"documents": 2, "passages": 2}]
+    rag = RagIndex(index, embedder.fingerprint)
+    assert [p.id for p in rag.passages] == list(range(301)) and {"quibblex", "fact-7"}.isdisjoint(p.doc_id for p in rag.passages)
+    assert rag.passages[7].doc_id == "fact-8" and rag.passages[-1].doc_id == "zz"
+    _, ids = Searcher(rag.index, device="cpu").search(query, 3, rag.index.params.nlist)
+    assert "quibblex" not in [p.doc_id for p in rag.passages_for(ids[0])]
+    snorf = embedder.embed(["Which dance is performed on glaciers at dawn?"])
+    _, ids = Searcher(rag.index, device="cpu").search(snorf, 1, rag.index.params.nlist)
+    assert rag.passages_for(ids[0])[0].doc_id == "snorf"  # passage ids and vector ids moved up together
+    with pytest.raises(RetrieverError, match="not in .*'quibblex'"):
+        remove_from_rag_index(index, ["quibblex"])
+    subprocess.run([sys.executable, "-m", "chameleon", "index", "remove", "--index", str(index), "--doc-id", "zz"], check=True, capture_output=True)
+    assert RagIndex(index).passages[-1].doc_id == "snorf"
     np.save(tmp_path / "v.npy", np.zeros((2, 384), np.float32))
     for target, message in ((index, "add documents with --corpus"), (index / "index", "vectors of the passage index")):
         refused = subprocess.run([sys.executable, "-m", "chameleon", "index", "add", "--index", str(target), "--vectors", str(tmp_path / "v.npy")],

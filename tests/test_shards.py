@@ -110,3 +110,32 @@ def test_adding_bad_vectors_or_ids_is_a_clear_error(small_data):
         with pytest.raises(RetrieverError, match=match):
             add_vectors(built, *args)
     assert add_vectors(built, extra, np.arange(100_000, 100_010)).ntotal == 5_010
+
+
+def test_removed_ids_are_gone_and_adding_then_removing_gives_the_index_back(small_data):
+    from retriever.build import add_vectors, build_index, remove_ids
+    from retriever.errors import RetrieverError
+    from retriever.index import IVFPQParams
+
+    built = build_index(small_data.base[:6_000], IVFPQParams("l2", small_data.dim, nlist=16, m=4), nshards=2, seed=1)
+    gone = np.arange(0, 6_000, 3)
+    smaller = remove_ids(built, gone)
+    before, after = built.whole(), smaller.whole()
+    keep = ~np.isin(before.ids, gone)
+    assert smaller.ntotal == 4_000 and smaller.nshards == 2 and smaller.build_info["removed"] == 2_000
+    np.testing.assert_array_equal(after.ids, before.ids[keep])  # the rest keeps its lists, order and codes
+    np.testing.assert_array_equal(after.codes, before.codes[keep])
+    found = Searcher(smaller, device="cpu").search(small_data.queries, 10, 16)[1]
+    assert not np.isin(found, gone).any() and (found >= 0).all()
+    renumbered = remove_ids(built, gone, renumber=True).whole().ids
+    np.testing.assert_array_equal(np.sort(renumbered), np.arange(4_000))
+    np.testing.assert_array_equal(np.argsort(renumbered, kind="stable"), np.argsort(after.ids, kind="stable"))  # the same order
+    back = remove_ids(add_vectors(built, small_data.base[6_000:7_000]), np.arange(6_000, 7_000))
+    for ours, theirs in zip(back.shards, built.shards):
+        np.testing.assert_array_equal(ours.offsets, theirs.offsets)
+        np.testing.assert_array_equal(ours.ids, theirs.ids)
+        np.testing.assert_array_equal(ours.codes, theirs.codes)
+    for ids, match in [(np.array([5, 6_000]), "not in the index"), (np.arange(6_000), "every vector"),
+                       (np.array([1.0]), "integers"), (np.zeros((2, 2), np.int64), "integers")]:  # fmt: skip
+        with pytest.raises(RetrieverError, match=match):
+            remove_ids(built, ids)
