@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from chameleon.corpus import Document, default_nlist
+from chameleon.llm import Sampling
 from coordinator import pipeline
 from coordinator.pipeline import SCHEDULES, StepOutput
 from retriever.build import build_index
@@ -168,14 +170,26 @@ class KnnLm:
         """Interpolated log-probabilities for each row of ``states`` (n, hidden) given the LM's (n, vocab)."""
         return self.interpolate(lm_log_probs, self.submit(states)())
 
-    def next_tokens(self, logits, neighbours) -> list[int]:
-        """Greedy tokens from the LM's (n, vocab) ``logits``, interpolated with the neighbours
-        unless they are None.
+    def next_tokens(self, logits, neighbours, sampling: Sequence[Sampling | None] | None = None) -> list[int]:
+        """Tokens from the LM's (n, vocab) ``logits``, interpolated with the neighbours unless they
+        are None: greedy, or drawn by row ``r``'s ``sampling[r]`` from the interpolated distribution.
 
         The interpolated distribution's argmax is the LM's argmax or one of the neighbours' next
-        tokens (elsewhere it is the LM's own times 1 - lambda), so only those k + 1 candidates
-        are scored: two passes over the vocabulary instead of a full interpolation.
+        tokens (elsewhere it is the LM's own times 1 - lambda), so for greedy rows only those k + 1
+        candidates are scored: two passes over the vocabulary instead of a full interpolation.
         """
+        tokens = self._greedy_tokens(logits, neighbours)
+        for row, chooser in enumerate(sampling or ()):
+            if chooser is not None and not chooser.greedy:
+                if neighbours is None:
+                    tokens[row] = chooser.pick(logits[row])
+                else:
+                    distances, ids = neighbours
+                    lm_log_probs = logits[row : row + 1].float().log_softmax(dim=-1)
+                    tokens[row] = chooser.pick(self.interpolate(lm_log_probs, (distances[row : row + 1], ids[row : row + 1]))[0])
+        return tokens
+
+    def _greedy_tokens(self, logits, neighbours) -> list[int]:
         import torch
 
         best = logits.argmax(dim=-1)
@@ -248,14 +262,15 @@ def _step_output(logits, states) -> StepOutput:
 
 def generate_batch(
     engine, knnlm: KnnLm, prompts: list[list[int]], max_new_tokens: int = 64, every: int | None = 1,
-    schedule: str = "pipelined", on_token=None,
+    schedule: str = "pipelined", on_token=None, sampling: Sequence[Sampling | None] | None = None,
 ) -> list[list[int]]:  # fmt: skip
-    """Greedy kNN-LM decoding of several prompts, querying the datastore every ``every`` steps
-    (the first included; the LM alone decides the others; never with None), in the ``schedule``
-    of :mod:`coordinator.pipeline`: ``sequential`` or ``pipelined`` (two micro-batches in turn).
+    """kNN-LM decoding of several prompts, querying the datastore every ``every`` steps (the first
+    included; the LM alone decides the others; never with None), in the ``schedule`` of
+    :mod:`coordinator.pipeline`: ``sequential`` or ``pipelined`` (two micro-batches in turn).
 
     ``on_token(sequence, token)`` sees each token as it is chosen; returning True stops that
-    sequence. Returns each prompt's new tokens.
+    sequence. ``sampling``: each prompt's (None: greedy, as for all without it). Returns each
+    prompt's new tokens.
     """
     if schedule not in SCHEDULES:
         raise RetrieverError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
@@ -264,11 +279,13 @@ def generate_batch(
         raise RetrieverError(f"{longest} + {max_new_tokens} tokens exceed the context window of {engine.context_window}")
     return pipeline.generate(
         prompts, lambda group: HiddenStateBatch(engine, group), knnlm, max_new_tokens, engine.eos_ids, every,
-        SCHEDULES[schedule], on_token,
+        SCHEDULES[schedule], on_token, sampling,
     )  # fmt: skip
 
 
-def generate(engine, knnlm: KnnLm, tokens: list[int], max_new_tokens: int = 64, on_token=None, every: int = 1) -> list[int]:
+def generate(
+    engine, knnlm: KnnLm, tokens: list[int], max_new_tokens: int = 64, on_token=None, every: int = 1, sampling: Sampling | None = None
+) -> list[int]:
     """``generate_batch`` for one prompt; ``on_token(token)`` returning True stops."""
     report = None if on_token is None else (lambda _sequence, token: on_token(token))
-    return generate_batch(engine, knnlm, [tokens], max_new_tokens, every, "sequential", report)[0]
+    return generate_batch(engine, knnlm, [tokens], max_new_tokens, every, "sequential", report, [sampling])[0]

@@ -15,7 +15,8 @@ sequential schedule (forward, search, wait, choose). Rows never influence each o
 tokens are the same under both schedules (up to the rounding of different batch sizes).
 
 The loop is engine-agnostic: a micro-batch (``MicroBatch``) runs the model, a ``Retrieval``
-searches and turns scores and neighbours into greedy tokens.
+searches and turns scores and neighbours into tokens: greedy ones, or drawn by each sequence's own
+sampler (so that its tokens, too, are the same under both schedules).
 """
 
 from __future__ import annotations
@@ -47,8 +48,9 @@ class Retrieval(Protocol):
     def submit(self, queries) -> Callable[[], Any]:
         """Start a search; the function returned waits for its neighbours."""
 
-    def next_tokens(self, scores, neighbours) -> list[int]:
-        """Greedy tokens from the scores, mixed with the neighbours unless they are None."""
+    def next_tokens(self, scores, neighbours, sampling: Sequence[Any] | None = None) -> list[int]:
+        """Tokens from the scores, mixed with the neighbours unless they are None: greedy, or
+        drawn by ``sampling[row]`` where that is given."""
 
 
 @dataclass
@@ -69,12 +71,14 @@ def generate(
     interval: int | None = 1,
     micro_batches: int = 2,
     on_token: Callable[[int, int], bool] | None = None,
+    sampling: Sequence[Any] | None = None,
 ) -> list[list[int]]:
-    """Greedy decoding of ``prompts`` retrieving at steps 0, interval, 2 interval... (never when
+    """Decoding of ``prompts`` retrieving at steps 0, interval, 2 interval... (never when
     ``interval`` is None), in ``micro_batches`` micro-batches that take turns.
 
     ``on_token(sequence, token)`` sees each token as it is chosen; returning True ends that
-    sequence. Returns the generated tokens of each prompt, an end token included.
+    sequence. ``sampling``: each prompt's sampler for ``Retrieval.next_tokens`` (None: greedy).
+    Returns the generated tokens of each prompt, an end token included.
     """
     if not prompts or any(not prompt for prompt in prompts):
         raise RetrieverError("every prompt needs at least one token")
@@ -82,6 +86,8 @@ def generate(
         raise RetrieverError(f"the retrieval interval must be at least 1, got {interval}")
     if max_new_tokens < 1 or micro_batches < 1:
         raise RetrieverError("max_new_tokens and micro_batches must be at least 1")
+    if sampling is not None and len(sampling) != len(prompts):
+        raise RetrieverError(f"{len(prompts)} prompts but {len(sampling)} samplers")
     groups = _split(len(prompts), min(micro_batches, len(prompts)))
     lanes = []
     for group in groups:
@@ -93,7 +99,8 @@ def generate(
         for lane in list(lanes):
             neighbours = lane.pending() if lane.pending is not None else None
             keep = []
-            for row, token in enumerate(retrieval.next_tokens(lane.scores, neighbours)):
+            samplers = None if sampling is None else [sampling[s] for s in lane.sequences]
+            for row, token in enumerate(retrieval.next_tokens(lane.scores, neighbours, samplers)):
                 sequence = lane.sequences[row]
                 generated[sequence].append(token)
                 stop = on_token is not None and bool(on_token(sequence, token))

@@ -56,6 +56,30 @@ def test_pipelined_tokens_equal_sequential_and_single_sequence_ones(tiny32, knnl
     assert lm_alone != pipelined  # the retrieval decides tokens: equality above is not vacuous
 
 
+def test_sampled_sequences_draw_on_their_own_from_the_mixture(tiny32, knnlm, prompts):
+    from dataclasses import replace
+
+    from chameleon.knnlm import generate, generate_batch
+    from chameleon.llm import Sampling
+
+    def samplers():  # every other sequence sampled, each from its own seed
+        return [Sampling(0.7, seed=n) if n % 2 == 0 else None for n in range(len(prompts))]
+
+    sequential = generate_batch(tiny32, knnlm, prompts, 10, 1, "sequential", sampling=samplers())
+    assert generate_batch(tiny32, knnlm, prompts, 10, 1, "pipelined", sampling=samplers()) == sequential
+    assert sequential[0] == generate(tiny32, knnlm, prompts[0], 10, sampling=Sampling(0.7, seed=0))
+    greedy = generate_batch(tiny32, knnlm, prompts, 10, 1, "sequential")
+    assert sequential[1::2] == greedy[1::2] and sequential[::2] != greedy[::2]
+    # lambda 1: the distribution is the neighbours' alone, so every drawn token is a datastore value
+    values = set(knnlm.values.tolist())
+    drawn = generate_batch(tiny32, replace(knnlm, lam=1.0), prompts, 10, 1, "sequential", sampling=samplers())
+    assert all(t in values for tokens in drawn[::2] for t in tokens)
+    lm_alone = generate_batch(tiny32, replace(knnlm, lam=0.0), prompts, 10, 1, "sequential", sampling=samplers())
+    assert not all(t in values for tokens in lm_alone[::2] for t in tokens)  # the test above is not vacuous
+    with pytest.raises(RetrieverError, match="samplers"):
+        generate_batch(tiny32, knnlm, prompts, 4, sampling=[None])
+
+
 def test_through_the_tier_equals_in_process(tiny32, knnlm, datastore, prompts, tier):
     from chameleon.knnlm import KnnLm, generate_batch
 
@@ -119,8 +143,8 @@ class _Recorded:
 
         return wait
 
-    def next_tokens(self, scores, neighbours):
-        return self.knnlm.next_tokens(scores, neighbours)
+    def next_tokens(self, scores, neighbours, sampling=None):
+        return self.knnlm.next_tokens(scores, neighbours, sampling)
 
 
 def test_each_search_is_sent_at_once_and_awaited_after_the_other_micro_batch_ran(tiny32, knnlm, prompts):

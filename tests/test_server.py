@@ -236,8 +236,6 @@ def test_sampling_settings_reach_the_engine(tiny_server):
     rag = {"question": "What colour are the oceans of Zorblax-42?", "max_tokens": 8, "temperature": 1.0, "top_p": 0.9, "seed": 5}
     first, again = call(url + "/v1/rag", rag), call(url + "/v1/rag", rag)
     assert first[0] == again[0] == 200 and first[1]["answer"] == again[1]["answer"]
-    status, body, _ = call(url + "/v1/rag", {"question": "x", "mode": "knnlm", "temperature": 0.7})
-    assert status == 400 and "greedily" in body["error"]["message"]
     assert call(url + "/v1/rag", {"question": "x", "temperature": 2.5})[0] == 422
     assert call(url + "/v1/completions", {"prompt": "x", "seed": -1, "temperature": 1})[0] == 422
 

@@ -143,11 +143,9 @@ class Service:
         sampling: Sampling | None = None,
     ) -> Completion:
         """Answer ``question`` from the passages (``passage``) or the kNN-LM datastore (``knnlm``,
-        queried every ``retrieval_interval`` tokens, default every token; greedy only)."""
+        queried every ``retrieval_interval`` tokens, default every token)."""
         if mode == "knnlm":
-            if sampling is not None and not sampling.greedy:
-                raise RetrieverError("mode knnlm decodes greedily: leave temperature and top_p out (or set temperature 0)")
-            return self._knnlm(question, max_tokens, retrieval_interval or 1, stop, on_text, cancelled)
+            return self._knnlm(question, max_tokens, retrieval_interval or 1, stop, on_text, cancelled, sampling)
         request = _Request(self.engine, stop, on_text, cancelled)
         answer = self.pipeline.ask(question, max_tokens, retrieval_interval, k, history, system, request.on_token, sampling)
         self._observe_retrieval(answer.timings)
@@ -182,7 +180,7 @@ class Service:
         timings = {**(timings or {}), "queue_s": generation.queue_s, "prefill_s": generation.ttft_s}
         return self._finish(request, generation.finish_reason, len(tokens), generation.cached_tokens, list(sources), timings)
 
-    def _knnlm(self, question, max_tokens, every, stop, on_text, cancelled) -> Completion:
+    def _knnlm(self, question, max_tokens, every, stop, on_text, cancelled, sampling) -> Completion:
         from chameleon.knnlm import generate
 
         if self.knnlm is None:
@@ -192,7 +190,7 @@ class Service:
         tokens = self.engine.chat_tokens(messages)
         with self._knnlm_lock:  # beside the batch, on the same model: one kNN-LM request at a time
             queued = time.perf_counter() - request.started
-            generated = generate(self.engine, self.knnlm, tokens, max_tokens, request.on_token, every)
+            generated = generate(self.engine, self.knnlm, tokens, max_tokens, request.on_token, every, sampling)
         ended = generated[-1] in self.engine.eos_ids or request.stopped
         return self._finish(request, "stop" if ended else "length", len(tokens), 0, [], {"queue_s": queued})
 
