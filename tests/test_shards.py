@@ -68,14 +68,14 @@ def test_searcher_on_sharded_index_equals_single_shard(l2_index, small_data):
 # -- adding vectors to a built index -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("metric", ["l2", "cos"])
-def test_added_vectors_make_the_index_a_build_with_the_same_quantizers_would(metric, small_data):
+@pytest.mark.parametrize("metric, nbits", [("l2", 8), ("cos", 8), ("l2", 4)])
+def test_added_vectors_make_the_index_a_build_with_the_same_quantizers_would(metric, nbits, small_data):
     """Build on the first 12,000 vectors (3 shards), add the other 8,000: every array equals an
     index whose lists hold all 20,000 encoded with the same centroids and codebooks."""
     from retriever.build import add_vectors, build_index, encode_vectors
     from retriever.index import IVFPQParams
 
-    params = IVFPQParams(metric, small_data.dim, nlist=64, m=8)
+    params = IVFPQParams(metric, small_data.dim, nlist=64, m=8, nbits=nbits)
     built = build_index(small_data.base[:12_000], params, train_size=10_000, nshards=3, seed=7)
     added = add_vectors(built, small_data.base[12_000:])
     assignment, codes = encode_vectors(small_data.base, params, built.centroids, built.codebooks)
