@@ -136,7 +136,7 @@ def up(
     security = ["--keys", Path(keys_dir).resolve()] if keys_dir is not None else []
     engine_flags = ["--engine", engine, *(["--fpga-mode", options["mode"]] if "mode" in options else [])]
     engine_flags += ["--xclbin", options["xclbin"]] if "xclbin" in options else []
-    threads = threads or max(1, (os.cpu_count() or 1) // (nshards * replicas))
+    threads = threads or max(1, len(os.sched_getaffinity(0)) // (nshards * replicas))  # the cores we may use, not the machine's
     started: list[subprocess.Popen] = []
     try:
         nodes = []
