@@ -291,14 +291,14 @@ def read_manifest(path: str | os.PathLike) -> dict:
 
 
 def index_fingerprint(manifest: dict) -> str:
-    """Identifies one build of an index: its parameters, quantizers and shard layout.
+    """Identifies one version of an index: its parameters, quantizers, shard layout and contents.
 
-    Every shard of a build has the same fingerprint; nodes serving different builds must not be
-    merged.
+    Every shard of a version has the same fingerprint; nodes serving different versions must not
+    be merged. Contents count, not only the quantizers: ``index add`` and ``index remove`` make a
+    new version with the same centroids, possibly with the same number of vectors.
     """
-    arrays = manifest["arrays"]
     identity = [manifest[key] for key in ("metric", "dim", "nlist", "m", "nbits", "ntotal")]
-    identity += [arrays["centroids.npy"]["sha256"], arrays["codebooks.npy"]["sha256"], len(manifest["shards"])]
+    identity += [len(manifest["shards"]), sorted((name, entry["sha256"]) for name, entry in manifest["arrays"].items())]
     return hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
 
 

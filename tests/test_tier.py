@@ -240,6 +240,32 @@ def test_cluster_answers_equal_the_in_process_search(index_dir, tmp_path, small_
         cluster.down(tmp_path / "state")
 
 
+def test_a_changed_index_is_sharded_again_even_with_as_many_vectors(index_dir, tmp_path, small_data):
+    from retriever.build import add_vectors, remove_ids
+
+    changed = tmp_path / "changed"
+    save_index(load_index(index_dir), changed)
+    cluster.up(changed, 2, tmp_path / "state")  # the re-sharded copy is made once per version ...
+    cluster.down(tmp_path / "state")
+    index = load_index(changed)
+    # ... and a version with the same quantizers and vector count is another version
+    queries = small_data.queries[:100]
+    save_index(add_vectors(remove_ids(index, np.arange(len(queries))), queries), changed, force=True)
+    assert load_index(changed).ntotal == index.ntotal
+    cluster.up(changed, 2, tmp_path / "state")
+    try:
+        searcher = cluster.ClusterSearcher.open(tmp_path / "state", embedded=True)
+        try:
+            result = searcher.search(queries, 10, 8)
+        finally:
+            searcher.close()
+        expected = Searcher(load_index(changed)).search(queries, 10, 8)
+        np.testing.assert_array_equal(result.ids, expected[1])
+        assert (result.ids[:, 0] >= index.ntotal).all()  # each query finds itself, one of the new vectors
+    finally:
+        cluster.down(tmp_path / "state")
+
+
 def run_queries(searcher, queries, kill_at, kill, batch=20):
     """2,000 queries in batches; ``kill()`` runs before batch ``kill_at``. Returns (results, seconds) per batch."""
     out = []
