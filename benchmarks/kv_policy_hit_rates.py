@@ -75,7 +75,7 @@ def main():
             stream = request_stream(rag_index.passages, args.warmup + args.requests, s, rate=1.0, seed=seed, drift=args.drift)
             retrieve(stream, rag_index, embedder, args.nprobe, early=args.nprobe // 2)
             segments = [prompt_segments(engine, r.question, r.passages) for r in stream]
-            requests = [([(str(p.id), len(x)) for p, x in zip(r.passages, seg[1:-1])], len(seg[-1])) for r, seg in zip(stream, segments)]
+            requests = [([(p.key, len(x)) for p, x in zip(r.passages, seg[1:-1])], len(seg[-1])) for r, seg in zip(stream, segments)]
             template = len(segments[0][0])
             per_doc = float(np.mean([tokens for docs, _ in requests for _, tokens in docs]))
             device, host = int(template + args.device_docs * per_doc), int(args.host_docs * per_doc)

@@ -17,7 +17,6 @@ import argparse
 import json
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.error
@@ -26,6 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+
+from chameleon.server.launch import spawn
 
 MODULES = [
     "json", "csv", "pathlib", "itertools", "functools", "collections", "re", "datetime", "argparse", "logging",
@@ -61,16 +62,9 @@ def one_request(url: str, question: str, max_tokens: int, k: int) -> dict:
     return {"status": status, "latency_s": ended - started, "ttft_s": (first or ended) - started}
 
 
-def start_server(state: Path, max_batch: int) -> tuple[subprocess.Popen, str]:
-    ready = state / "ready.json"
-    command = [sys.executable, "-m", "chameleon", "serve", "--port", "0", "--ready-file", str(ready), "--state-dir", str(state / "tier"),
-               "--max-batch", str(max_batch), "--max-concurrency", "64"]  # fmt: skip
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=open(state / "serve.log", "wb"))
-    while not ready.is_file():
-        if process.poll() is not None:
-            sys.exit(f"the server did not start:\n{(state / 'serve.log').read_text()[-2000:]}")
-        time.sleep(0.2)
-    return process, json.loads(ready.read_text())["url"]
+def server(work_dir: Path, max_batch: int) -> tuple[subprocess.Popen, str]:
+    process, ready = spawn(work_dir, "--max-batch", max_batch, "--max-concurrency", 64)
+    return process, ready["url"]
 
 
 def in_process(asked: list[str], max_tokens: int, k: int) -> dict:
@@ -124,7 +118,7 @@ def main() -> None:
     servers = {}
     for max_batch in [int(b) for b in args.max_batch.split(",")] if not args.url else ["external"]:
         with tempfile.TemporaryDirectory() as tmp:
-            process, url = (None, args.url) if args.url else start_server(Path(tmp), max_batch)
+            process, url = (None, args.url) if args.url else server(Path(tmp), max_batch)
             try:
                 servers[f"max_batch={max_batch}"] = load(url, asked, args)
             finally:

@@ -113,14 +113,14 @@ def served(
     others, uncounted."""
     def reuse_ratio(item) -> float:
         request, segments = item
-        return doc_cache.tree.reuse_ratio([(str(p.id), len(s)) for p, s in zip(request.passages, segments[1:-1])], len(segments[-1]))
+        return doc_cache.tree.reuse_ratio([(p.key, len(s)) for p, s in zip(request.passages, segments[1:-1])], len(segments[-1]))
 
     def prefill(segments: list[list[int]], passages: list[Passage], resume: Generation | None = None, cancel_after: float | None = None):
         """Lookup + prefill to the first token, cancelled ``cancel_after`` seconds in when given:
         (generation, seconds, tokens the document cache gave)."""
         started = time.perf_counter()
         tokens = joined(segments)
-        cached, admitted = doc_cache.lookup(segments, [str(p.id) for p in passages]) if doc_cache else (None, None)
+        cached, admitted = doc_cache.lookup(segments, [p.key for p in passages]) if doc_cache else (None, None)
         prefix = resume_prefix(resume, tokens, cached) if resume is not None else cached
         cancelled = (lambda: time.perf_counter() - started >= cancel_after) if cancel_after is not None else None
         generation = engine.generate(tokens, 1, prefix, cancelled=cancelled)

@@ -16,6 +16,7 @@ module is imported).
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 import math
 import os
@@ -28,7 +29,7 @@ import numpy as np
 from retriever.build import add_vectors, build_index, remove_ids
 from retriever.errors import RetrieverError
 from retriever.files import atomic_directory
-from retriever.index import IVFPQParams, load_index, save_index
+from retriever.index import IVFPQParams, index_fingerprint, load_index, read_manifest, save_index
 
 RAG_FORMAT = "chameleon.rag"
 PASSAGE_TOKENS = 200
@@ -50,6 +51,13 @@ class Passage:
     title: str
     source: str
     text: str
+
+    @property
+    def key(self) -> str:
+        """What the passage says, as the document KV cache knows it: the prompt shows its title and
+        text, and the key stays when its id changes (``index remove`` renumbers the passages after
+        the removed ones) or another index holds the same passage."""
+        return hashlib.blake2b(f"{self.title}\n{self.text}".encode(), digest_size=12).hexdigest()
 
 
 # -- corpora ----------------------------------------------------------------------------------
@@ -263,12 +271,17 @@ def builtin_rag_index(embedder, progress: bool = False) -> Path:
     return path
 
 
-def read_docstore(path: str | os.PathLike) -> list[Passage]:
-    """The passages of a RAG index directory, by id."""
+def read_docstore(path: str | os.PathLike) -> tuple[list[Passage], str]:
+    """The passages of a RAG index directory, by id, and the SHA-256 of the file they came from."""
     docstore = Path(path) / "docstore.jsonl"
     if not docstore.is_file():
         raise RetrieverError(f"{path} is not a RAG index (docstore.jsonl is missing)")
-    return [Passage(**json.loads(line)) for line in docstore.read_text().splitlines()]
+    raw = docstore.read_bytes()
+    try:
+        passages = [Passage(**json.loads(line)) for line in raw.decode().splitlines()]
+    except (UnicodeDecodeError, json.JSONDecodeError, TypeError) as e:
+        raise RetrieverError(f"{docstore} is damaged ({e}); build the index again") from None
+    return passages, hashlib.sha256(raw).hexdigest()
 
 
 class RagIndex:
@@ -286,9 +299,11 @@ class RagIndex:
             )
         self.path = path
         self.index = load_index(path / "index")
-        self.passages = read_docstore(path)
+        self.passages, docstore = read_docstore(path)
         if len(self.passages) != self.index.ntotal:
             raise RetrieverError(f"{path}: the docstore holds {len(self.passages)} passages, the index {self.index.ntotal}")
+        # this version of the index: its vectors (every array's digest) and its passages
+        self.fingerprint = hashlib.sha256(f"{index_fingerprint(read_manifest(path / 'index'))} {docstore}".encode()).hexdigest()[:16]
 
     def passages_for(self, ids: np.ndarray) -> list[Passage]:
         return [self.passages[i] for i in ids if i >= 0]

@@ -129,10 +129,18 @@ class RagPipeline:
             retrieval.engine.warm_up()
         self.retrieval = retrieval
         self.k = k
-        self.nprobe = min(nprobe, rag_index.index.params.nlist)
+        self.nprobe = nprobe  # at most the lists of the index searched (it may be reloaded)
         self._retrieval_lock = threading.Lock()
         self.speculation = speculation
         self._speculator = ThreadPoolExecutor(speculation.limit, "speculative-prefill") if speculation is not None else None
+
+    def swap_index(self, rag_index: RagIndex, retrieval) -> None:
+        """Search ``rag_index`` through ``retrieval`` from the next search on (another version of
+        the same index: the embedder's dimension). The search in flight ends on the previous pair."""
+        if rag_index.index.params.dim != self.rag_index.index.params.dim:
+            raise RetrieverError(f"the new index has dimension {rag_index.index.params.dim}, not {self.rag_index.index.params.dim}")
+        with self._retrieval_lock:
+            self.rag_index, self.retrieval = rag_index, retrieval
 
     def retrieve(
         self, question: str, timings: dict, k: int | None = None, nprobe: int | None = None, on_early=None
@@ -221,13 +229,13 @@ class RagPipeline:
         changes where passages stand in the prompt); as retrieved without a cache."""
         if self.doc_cache is None:
             return ranked
-        return [ranked[i] for i in self.doc_cache.order([str(p.id) for p, _ in ranked])]
+        return [ranked[i] for i in self.doc_cache.order([p.key for p, _ in ranked])]
 
     def _cached_prefix(self, segments: list[list[int]], ranked: list[tuple[Passage, float]]):
         """The document cache's KV prefix for a prompt and its admission (None, None without a cache)."""
         if self.doc_cache is None:
             return None, None
-        return self.doc_cache.lookup(segments, [str(p.id) for p, _ in ranked])
+        return self.doc_cache.lookup(segments, [p.key for p, _ in ranked])
 
     def fit(
         self, passages: Sequence[Passage], max_new_tokens: int, render: Callable[[Sequence[Passage]], list[list[int]]]

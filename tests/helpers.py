@@ -1,8 +1,5 @@
-import json
 import signal
 import subprocess
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,15 +42,11 @@ class Server:
 
 
 def start_server(tmp_path: Path, *args) -> Server:
-    ready, log = tmp_path / "ready.json", tmp_path / "serve.log"
-    command = [sys.executable, "-m", "chameleon", "serve", "--port", "0", "--ready-file", str(ready), "--state-dir", str(tmp_path / "state"), *map(str, args)]
-    with open(log, "wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + START_TIMEOUT
-    while not ready.is_file():
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"the server did not start:\n{log.read_text()[-3000:]}")
-        time.sleep(0.1)
-    info = json.loads(ready.read_text())
-    return Server(process, info["url"], info["state_dir"], log)
+    from chameleon.server.launch import spawn
+    from retriever.errors import RetrieverError
+
+    try:
+        process, info = spawn(tmp_path, *args, timeout=START_TIMEOUT)
+    except RetrieverError as e:
+        pytest.fail(str(e))
+    return Server(process, info["url"], info["state_dir"], tmp_path / "serve.log")

@@ -193,3 +193,29 @@ def test_the_torch_cache_orders_documents_only_when_asked(rag_index, tiny32):
         cache = DocumentKVCache(tiny32, "lru", 100_000 * _bytes(tiny32), 0, canonical_order=canonical)
         cache.lookup(prompt_segments(tiny32, "Which planet?", passages[1:]), ids[1:])
         assert cache.order(ids) == expected
+
+
+def test_cached_documents_follow_their_text_across_a_reload_that_renumbers_passages(facts_index, embedder, tiny32, tmp_path):
+    import shutil
+
+    from chameleon.corpus import RagIndex, remove_from_rag_index
+    from chameleon.doc_cache import DocumentKVCache
+    from chameleon.rag import RagPipeline
+    from retriever.search import Searcher
+
+    index = tmp_path / "facts"
+    shutil.copytree(facts_index, index)
+    cache = DocumentKVCache(tiny32, "pgdsf", 100_000 * _bytes(tiny32), 0, PROFILE)
+    pipeline = RagPipeline(RagIndex(index, embedder.fingerprint), embedder, tiny32, k=3, nprobe=4, doc_cache=cache)
+    for question in QUESTIONS:
+        pipeline.ask(question, 10)
+    remove_from_rag_index(index, ["fact-0", "fact-1"])  # every later passage id moves down by 2
+    renumbered = RagIndex(index, embedder.fingerprint)
+    pipeline.swap_index(renumbered, Searcher(renumbered.index))
+    uncached = RagPipeline(renumbered, embedder, tiny32, k=3, nprobe=4)
+    # the planets now at the ids the cached ones had: their documents must not get the old KV
+    questions = QUESTIONS + [f"What colour are the oceans of Zorblax-{n}?" for n in (44, 9, 152)]
+    answers = [pipeline.ask(q, 10) for q in questions]
+    assert [a.answer for a in answers] == [uncached.ask(q, 10).answer for q in questions]
+    # what the cache held before the reload still serves: every earlier question's documents are cached
+    assert all(a.timings["reused_kv_tokens"] > len(cache.template) for a in answers[: len(QUESTIONS)])

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -135,6 +136,62 @@ def test_text_stream_cuts_at_stop_strings_and_holds_back_their_beginnings(tiny_m
     held = TextStream(tokenizer, eos, stop=["42!"])  # "42" is the start of a stop string that never completes
     sent = "".join(held.push(t) for t in tokens)
     assert not held.stopped and sent + held.finish() == text
+
+
+def test_reload_serves_a_changed_index_and_keeps_the_old_one_when_it_cannot(facts_index, embedder, tiny32, tmp_path):
+    import shutil
+
+    from chameleon.corpus import RagIndex, add_to_rag_index
+    from chameleon.rag import RagPipeline
+    from chameleon.server.launch import open_index
+    from chameleon.server.service import ReloadInProgress, Service
+    from chameleon.server.settings import ServeSettings
+
+    index = tmp_path / "facts"
+    shutil.copytree(facts_index, index)
+    settings = ServeSettings.load(None, shards=0)
+    served = open_index(settings, RagIndex(index, embedder.fingerprint), tmp_path / "state")
+    pipeline = RagPipeline(served.rag_index, embedder, tiny32, k=3, nprobe=4, retrieval=served.retrieval)
+    entered, gate, opened = threading.Event(), threading.Event(), []
+
+    def reopen(rag_index):
+        entered.set()
+        gate.wait(60)
+        opened.append(open_index(settings, rag_index, tmp_path / "state"))
+        return opened[-1]
+
+    service = Service(pipeline, "tiny", served, reopen)
+    gate.set()
+    unchanged = service.reload()
+    assert not unchanged["reloaded"] and unchanged["index"]["passages"] == 300 and not opened
+    question = "What are the moons of Quibblex-7 made of?"
+    assert service.search(question, None, 1, None)[0][0]["doc_id"] != "quibblex"
+    (tmp_path / "new.jsonl").write_text(json.dumps({"id": "quibblex", "title": "Quibblex-7", "text": "The moons of Quibblex-7 are made of solid copper."}) + "\n")
+    add_to_rag_index(index, tmp_path / "new.jsonl", embedder)
+
+    gate.clear()  # a second reload while the first opens the new version is refused
+    first = threading.Thread(target=lambda: opened.append(service.reload()))
+    first.start()
+    assert entered.wait(60)
+    with pytest.raises(ReloadInProgress):
+        service.reload()
+    gate.set()
+    first.join(60)
+    reloaded = opened[-1]
+    assert reloaded["reloaded"] and reloaded["index"]["passages"] == 301 and reloaded["previous"]["passages"] == 300
+    assert reloaded["index"]["fingerprint"] != unchanged["index"]["fingerprint"]
+    assert service.served.rag_index is pipeline.rag_index and pipeline.retrieval is service.served.retrieval
+    assert service.search(question, None, 1, None)[0][0]["doc_id"] == "quibblex"
+    assert service.readiness()["index"] == reloaded["index"]
+
+    # a damaged version is refused and the served one goes on
+    (index / "docstore.jsonl").write_text("{not json\n")
+    with pytest.raises(RetrieverError, match="damaged"):
+        service.reload()
+    shutil.rmtree(index / "index")
+    with pytest.raises(RetrieverError, match="manifest"):
+        service.reload()
+    assert service.search(question, None, 1, None)[0][0]["doc_id"] == "quibblex" and service.readiness()["ready"]
 
 
 # -- a tiny model, retrieval in process ------------------------------------------------------
@@ -307,6 +364,63 @@ def test_a_killed_server_takes_its_tier_with_it(tmp_path, facts_index, tiny_mode
     assert _wait_gone(pids) == []
 
 
+def test_a_server_reloads_its_changed_index_and_tier_while_it_answers(tmp_path, facts_index, embedder, tiny_model):
+    import shutil
+
+    from tests.test_cli import chameleon
+
+    index = tmp_path / "facts"
+    shutil.copytree(facts_index, index)
+    (tmp_path / "server").mkdir()
+    server = start_server(tmp_path / "server", "--index", index, "--model", tiny_model, "--shards", 2, "--api-key", KEY)
+    try:
+        first_tier = _tier_pids(server.state_dir)
+        question = {"query": "What are the moons of Quibblex-7 made of?", "k": 1}
+        assert call(server.url + "/v1/search", question)[1]["results"][0]["doc_id"] != "quibblex"
+        assert call(server.url + "/admin/reload", {}, key=None)[0] == 401
+        status, body, _ = call(server.url + "/admin/reload", {})
+        assert status == 200 and not body["reloaded"] and body["index"]["passages"] == 300
+
+        (tmp_path / "new.jsonl").write_text(json.dumps({"id": "quibblex", "title": "Quibblex-7", "text": "The moons of Quibblex-7 are made of solid copper."}) + "\n")
+        chameleon("index", "add", "--index", index, "--corpus", tmp_path / "new.jsonl")
+        chameleon("index", "remove", "--index", index, "--doc-id", "fact-7")  # the passages after it move up
+        planet = {"query": "What colour are the oceans of Zorblax-42?", "k": 3}
+        before = call(server.url + "/v1/search", planet)[1]["results"]  # the served version's passage ids: until the switch
+        answered, done = [], threading.Event()
+
+        def keep_searching():
+            while not done.is_set():
+                answered.append(call(server.url + "/v1/search", planet))
+
+        searching = threading.Thread(target=keep_searching)
+        searching.start()
+        try:
+            status, body, _ = call(server.url + "/admin/reload", {})
+        finally:
+            done.set()
+            searching.join(60)
+        assert status == 200 and body["reloaded"] and body["index"]["passages"] == 300 and body["stopped_processes"] == 3
+        assert body["index"]["state_dir"] != str(server.state_dir) and body["index"]["fingerprint"] != body["previous"]["fingerprint"]
+        # searches during the reload were answered by one version or the other, never failed or mixed them
+        after = call(server.url + "/v1/search", planet)[1]["results"]
+        assert after[0]["doc_id"] == "fact-42" and [h["passage_id"] for h in after] != [h["passage_id"] for h in before]
+        assert answered and all(s == 200 and r["results"] in (before, after) for s, r, _ in answered)
+        assert _wait_gone(first_tier) == []
+        assert call(server.url + "/v1/search", question)[1]["results"][0]["doc_id"] == "quibblex"
+        assert call(server.url + "/v1/search", {"query": "What colour are the oceans of Zorblax-7?", "k": 3})[1]["results"][0]["doc_id"] != "fact-7"
+        status, ready, _ = call(server.url + "/readyz", key=None)
+        assert status == 200 and ready["ready"] and ready["index"] == body["index"]
+        second_tier = _tier_pids(body["index"]["state_dir"])
+        assert all(_alive(p) for p in second_tier)
+        (index / "rag.json").unlink()  # not an index any more: refused, and the reloaded version serves on
+        status, refused, _ = call(server.url + "/admin/reload", {})
+        assert status == 400 and "rag.json" in refused["error"]["message"]
+        assert call(server.url + "/v1/search", question)[1]["results"][0]["doc_id"] == "quibblex"
+    finally:
+        assert server.stop() == 0
+    assert _wait_gone(second_tier) == []
+
+
 # -- the built-in model, two retrieval shards --------------------------------------------------
 
 
@@ -348,7 +462,8 @@ def test_ask_talks_to_a_running_server(real_server):
 @pytest.mark.integration
 def test_metrics_move_after_requests(real_server):
     url = real_server.url
-    assert call(url + "/readyz")[1] == {"ready": True, "retrieval": "tier", "shards": 2, "nodes": 2}
+    ready = call(url + "/readyz")[1]
+    assert ready.pop("index")["passages"] == 300 and ready == {"ready": True, "retrieval": "tier", "shards": 2, "nodes": 2}
     before = call(url + "/metrics")[1]["text"]
     status, body, _ = call(url + "/v1/rag", {"question": "How many moons orbit Zorblax-5?", "max_tokens": 8})
     assert status == 200 and body["sources"][0]["doc_id"] == "fact-5"

@@ -5,10 +5,11 @@
 - ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``: OpenAI-compatible,
   streaming included, retrieval-augmented unless the request says ``"rag": false``.
 - ``GET /healthz`` (the process answers), ``GET /readyz`` (every tier answers), ``GET /metrics``.
+- ``POST /admin/reload``: serve the passage index on disk again once it has changed.
 
 Errors have OpenAI's shape (``{"error": {"message", "type", "code", "param"}}``) so its clients
-report them. With API keys configured every ``/v1`` route needs ``Authorization: Bearer KEY``;
-health, readiness and metrics stay open for probes and scrapers. Requests beyond
+report them. With API keys configured every ``/v1`` and ``/admin`` route needs ``Authorization:
+Bearer KEY``; health, readiness and metrics stay open for probes and scrapers. Requests beyond
 ``max_concurrency`` (running or queued) get 429 at once rather than waiting without bound; a
 streamed request keeps its place until its stream ends. An error found before the first token of a
 stream is an ordinary 4xx response; one after it ends the stream with an ``error`` event.
@@ -35,7 +36,7 @@ from starlette.exceptions import HTTPException
 
 from chameleon.server import schemas
 from chameleon.server.metrics import Metrics
-from chameleon.server.service import Completion, Service
+from chameleon.server.service import Completion, ReloadInProgress, Service
 from chameleon.server.settings import ServeSettings
 from coordinator.client import RemoteError
 from retriever.errors import RetrieverError
@@ -163,6 +164,19 @@ def create_app(service: Service, settings: ServeSettings, metrics: Metrics) -> F
             admission.leave()
         partial = bool(timings.pop("retrieval_partial", False))
         return {"results": hits, "partial": partial, "timings": {k: round(v, 6) for k, v in timings.items()}}
+
+    # -- administration ---------------------------------------------------------------------------
+
+    @app.post("/admin/reload", dependencies=[Depends(authorised)], tags=["admin"],
+              responses={409: {"description": "A reload is already under way."}})  # fmt: skip
+    async def reload() -> dict:
+        """Serve the passage index on disk again after ``chameleon index add``/``remove`` or a
+        rebuild. Answers once the new version serves (``reloaded``) or when it is the version
+        served already (``reloaded: false``)."""
+        try:
+            return await blocking(service.reload)
+        except ReloadInProgress as e:
+            raise ApiError(409, str(e), code="reload_in_progress") from None
 
     # -- OpenAI-compatible API --------------------------------------------------------------------
 

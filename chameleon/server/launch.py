@@ -11,11 +11,14 @@ orders each prompt's documents for it and follows what it holds.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
 import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 from chameleon.server.settings import ServeSettings
@@ -37,7 +40,6 @@ def serve(settings: ServeSettings, ready_file: Path | None = None) -> None:
     """Serve until SIGTERM or SIGINT; ``ready_file`` gets the URL once requests are accepted."""
     import uvicorn
 
-    from chameleon import cluster
     from chameleon.batching import BatchingEngine
     from chameleon.corpus import RagIndex, builtin_rag_index
     from chameleon.embedder import Embedder
@@ -47,18 +49,13 @@ def serve(settings: ServeSettings, ready_file: Path | None = None) -> None:
     from chameleon.server.api import create_app
     from chameleon.server.metrics import Metrics
     from chameleon.server.service import Service
-    from coordinator.client import RetrievalClient
-    from coordinator.security import CurveKeys
     from coordinator.speculation import SpeculativePrefill
     from retriever.datasets import cache_dir
-    from retriever.engines import engine_options
-    from retriever.search import Searcher
 
     signal.signal(signal.SIGTERM, _interrupt)  # until uvicorn takes over: a stop during startup cleans up too
     listener = _listen(settings.host, settings.port)
     state_dir = (settings.state_dir or cache_dir() / "serve").resolve()
-    searcher = tier = app = engine = None
-    cluster_up = False
+    served = service = app = engine = None
     try:
         kind = engine_kind("torch" if settings.engine == "auto" and settings.knnlm is not None else settings.engine)
         embedder = Embedder()
@@ -72,22 +69,8 @@ def serve(settings: ServeSettings, ready_file: Path | None = None) -> None:
             from chameleon.knnlm import KnnLm
 
             knnlm = KnnLm.open(settings.knnlm, engine)
-        if settings.shards:
-            _say(f"starting {settings.shards} retrieval shard(s) x {settings.replicas} replica(s) and the coordinator ({state_dir})")
-            state = cluster.up(
-                rag_index.path / "index", settings.shards, state_dir, settings.replicas, engine=settings.retrieval_engine,
-                keys_dir=settings.keys, die_with_parent=True, fpga_mode=settings.fpga_mode, xclbin=settings.xclbin,
-            )  # fmt: skip
-            cluster_up = True
-            searcher = cluster.ClusterSearcher.open(state_dir)
-            keys = CurveKeys.load(settings.keys) if settings.keys is not None else None
-            tier = RetrievalClient(state["coordinator"]["endpoint"], keys=keys, timeout=1.0)
-            retrieval = searcher
-        else:
-            options = engine_options(settings.retrieval_engine, settings.fpga_mode, settings.xclbin)
-            retrieval = Searcher(rag_index.index, settings.retrieval_engine, **options)
-            retrieval.engine.warm_up()
-        service: Service | None = None
+        served = open_index(settings, rag_index, state_dir)
+        reloads = itertools.count(1)
         metrics = Metrics(tier_info=lambda: service.tier_info() if service is not None else None)
         metrics.queue_depth.set_function(lambda: engine.waiting)
         metrics.batch_size.set_function(lambda: engine.running)
@@ -97,16 +80,17 @@ def serve(settings: ServeSettings, ready_file: Path | None = None) -> None:
         speculation = SpeculativePrefill(busy=lambda: engine.waiting > 0) if settings.speculative else None
         metrics.watch_speculation(speculation)
         pipeline = RagPipeline(
-            rag_index, embedder, engine, k=settings.k, nprobe=settings.nprobe, retrieval=retrieval, doc_cache=doc_cache, speculation=speculation
+            rag_index, embedder, engine, k=settings.k, nprobe=settings.nprobe, retrieval=served.retrieval, doc_cache=doc_cache, speculation=speculation
         )  # fmt: skip
         model_id = Path(settings.model).name if settings.model else BUILTIN_LLM
-        service = Service(pipeline, model_id, tier, knnlm, metrics)
+        # a reloaded version's tier starts beside the one it replaces, in a directory of its own
+        service = Service(pipeline, model_id, served, lambda fresh: open_index(settings, fresh, state_dir / f"reload-{next(reloads)}"), knnlm, metrics)
         app = create_app(service, settings, metrics)
         host, port = listener.getsockname()[:2]
         url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
         _banner(url, model_id, rag_index, settings)
         if ready_file is not None:
-            write_json_atomic(ready_file, {"url": url, "pid": os.getpid(), "state_dir": str(state_dir) if cluster_up else None})
+            write_json_atomic(ready_file, {"url": url, "pid": os.getpid(), "state_dir": str(served.state_dir) if served.state_dir else None})
         config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, access_log=False)
         uvicorn.Server(config).run(sockets=[listener])
     except KeyboardInterrupt:
@@ -114,17 +98,60 @@ def serve(settings: ServeSettings, ready_file: Path | None = None) -> None:
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second stop must not cut the cleanup short
         listener.close()
-        for client in (searcher, tier):
-            if client is not None:
-                client.close()
         if app is not None:
             app.state.workers.shutdown(wait=False, cancel_futures=True)
         if engine is not None:
             engine.close()
-        if cluster_up:
-            stopped = cluster.down(state_dir)
-            _say(f"stopped {len(stopped)} tier process(es)")
+        served = service.served if service is not None else served  # the version served last
+        if served is not None and served.tier is not None:
+            _say(f"stopped {len(served.close())} tier process(es)")
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def spawn(work_dir: Path, *args, timeout: float = 300) -> tuple[subprocess.Popen, dict]:
+    """Start ``chameleon serve ARGS`` in the background on a free port, its state in
+    ``WORK_DIR/state`` and its output in ``WORK_DIR/serve.log``, and wait until it accepts
+    requests. Returns the process and what its ready file says (``url``, ``pid``, ``state_dir``)."""
+    ready, log = work_dir / "ready.json", work_dir / "serve.log"
+    ready.unlink(missing_ok=True)
+    command = [sys.executable, "-m", "chameleon", "serve", "--port", "0", "--ready-file", ready, "--state-dir", work_dir / "state", *args]
+    with open(log, "ab") as out:
+        process = subprocess.Popen(list(map(str, command)), stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout
+    while not ready.is_file():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RetrieverError(f"the server did not start:\n{log.read_text()[-3000:]}")
+        time.sleep(0.05)
+    return process, json.loads(ready.read_text())
+
+
+def open_index(settings: ServeSettings, rag_index, state_dir: Path):
+    """Serve ``rag_index`` as ``settings`` say: a retrieval tier of ``settings.shards`` shards
+    (processes with their state in ``state_dir``) or, with no shards, a search in this process.
+    Returns a ``chameleon.server.service.ServedIndex``."""
+    from chameleon import cluster
+    from chameleon.server.service import ServedIndex
+    from coordinator.client import RetrievalClient
+    from coordinator.security import CurveKeys
+    from retriever.engines import engine_options
+    from retriever.search import Searcher
+
+    if not settings.shards:
+        searcher = Searcher(rag_index.index, settings.retrieval_engine, **engine_options(settings.retrieval_engine, settings.fpga_mode, settings.xclbin))
+        searcher.engine.warm_up()
+        return ServedIndex(rag_index, searcher)
+    _say(f"starting {settings.shards} retrieval shard(s) x {settings.replicas} replica(s) and the coordinator ({state_dir})")
+    state = cluster.up(
+        rag_index.path / "index", settings.shards, state_dir, settings.replicas, engine=settings.retrieval_engine,
+        keys_dir=settings.keys, die_with_parent=True, fpga_mode=settings.fpga_mode, xclbin=settings.xclbin,
+    )  # fmt: skip
+    try:
+        keys = CurveKeys.load(settings.keys) if settings.keys is not None else None
+        return ServedIndex(rag_index, cluster.ClusterSearcher.open(state_dir), RetrievalClient(state["coordinator"]["endpoint"], keys=keys, timeout=1.0), state_dir)
+    except BaseException:
+        cluster.down(state_dir)
+        raise
 
 
 def _document_cache(kind: str, engine, settings: ServeSettings, cache: Path, template: list[int]):

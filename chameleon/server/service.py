@@ -5,15 +5,23 @@ those beyond its batch wait for a place (the queue depth). Retrieval has its own
 pipeline, so ``/v1/search`` is not held up by generation. Text is streamed as it is decoded; stop
 strings end generation as soon as they appear and are never sent (the part of the text that could
 still become one is held back).
+
+The passage index can change under a running server (``chameleon index add``/``remove``, or a
+rebuild): ``reload`` opens the new version beside the one being served, its tier processes
+included, switches searches to it between two searches, then stops the old one. Requests in
+flight go on; a later retrieval of the same answer already searches the new version.
 """
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from chameleon.corpus import RagIndex
 from chameleon.llm import Sampling
 from chameleon.rag import SNIPPET_CHARS, RagPipeline, context_block
 from coordinator.client import RetrievalClient
@@ -73,43 +81,116 @@ class TextStream:
         return delta
 
 
+@dataclass
+class ServedIndex:
+    """One version of the passage index as the server serves it: its passages, what searches them
+    (a ``retriever.Searcher`` in this process, or a ``chameleon.cluster.ClusterSearcher``) and, with
+    a tier, a client of its coordinator (readiness, metrics) and the directory of its processes."""
+
+    rag_index: RagIndex
+    retrieval: object
+    tier: RetrievalClient | None = None
+    state_dir: Path | None = None
+
+    def describe(self) -> dict:
+        where = {"retrieval": "tier", "state_dir": str(self.state_dir)} if self.tier is not None else {"retrieval": "in-process"}
+        return {"path": str(self.rag_index.path), "passages": len(self.rag_index.passages), "fingerprint": self.rag_index.fingerprint, **where}
+
+    def close(self, discard_copies: bool = False) -> list[int]:
+        """Close the clients and stop the tier's processes (their pids); with ``discard_copies``,
+        also delete the re-sharded copy of the index the tier made (a retired version's)."""
+        if self.tier is None:
+            return []
+        from chameleon import cluster
+
+        self.retrieval.close()
+        self.tier.close()
+        index_copy = Path(cluster.read_state(self.state_dir)["index"])
+        stopped = cluster.down(self.state_dir)
+        if discard_copies and index_copy.parent == self.state_dir:
+            shutil.rmtree(index_copy, ignore_errors=True)
+        return stopped
+
+
+class ReloadInProgress(RetrieverError):
+    pass
+
+
 class Service:
-    def __init__(self, pipeline: RagPipeline, model_id: str, tier: RetrievalClient | None = None, knnlm=None, metrics=None):
+    """``reopen(rag_index)`` serves another version of the index (``ServedIndex``): how ``reload``
+    starts its tier or its in-process search as the server started the first one."""
+
+    def __init__(
+        self, pipeline: RagPipeline, model_id: str, served: ServedIndex, reopen: Callable[[RagIndex], ServedIndex], knnlm=None, metrics=None,
+    ):  # fmt: skip
         self.pipeline = pipeline
         self.engine = pipeline.engine
         self.model_id = model_id
         self.knnlm = knnlm
         self.metrics = metrics
-        self._tier = tier
-        self._tier_lock = threading.Lock()
+        self.served = served
+        self._reopen = reopen
+        self._tier_lock = threading.Lock()  # the coordinator's client is not thread-safe
         self._knnlm_lock = threading.Lock()
+        self._reloading = threading.Lock()
 
     # -- readiness ----------------------------------------------------------------------------
 
     def tier_info(self) -> dict | None:
         """The coordinator's view of the nodes, None when retrieval is in process or it does not answer."""
-        if self._tier is None:
-            return None
         with self._tier_lock:
+            if self.served.tier is None:
+                return None
             try:
-                return self._tier.info(timeout=1.0)
+                return self.served.tier.info(timeout=1.0)
             except RetrieverError:
                 return None
 
     def readiness(self) -> dict:
-        """``ready`` plus why not: the engine runs, and every shard has a live node when retrieval runs in a tier."""
+        """``ready`` plus why not: the engine runs, and every shard has a live node when retrieval
+        runs in a tier; ``index``: the version served."""
+        index = {"index": self.served.describe()}
         if not getattr(self.engine, "alive", True):
-            return {"ready": False, "reason": "the LLM engine has stopped"}
-        if self._tier is None:
-            return {"ready": True, "retrieval": "in-process"}
+            return {"ready": False, "reason": "the LLM engine has stopped", **index}
+        if self.served.tier is None:
+            return {"ready": True, "retrieval": "in-process", **index}
         info = self.tier_info()
         if info is None:
-            return {"ready": False, "retrieval": "tier", "reason": "the coordinator does not answer"}
+            return {"ready": False, "retrieval": "tier", "reason": "the coordinator does not answer", **index}
         live = {n["shard"] for n in info["nodes"] if n["alive"]}
         missing = sorted(set(range(info["nshards"])) - live)
         if missing:
-            return {"ready": False, "retrieval": "tier", "reason": f"no live node for shard(s) {missing}"}
-        return {"ready": True, "retrieval": "tier", "shards": info["nshards"], "nodes": len(info["nodes"])}
+            return {"ready": False, "retrieval": "tier", "reason": f"no live node for shard(s) {missing}", **index}
+        return {"ready": True, "retrieval": "tier", "shards": info["nshards"], "nodes": len(info["nodes"]), **index}
+
+    # -- the index ------------------------------------------------------------------------------
+
+    def reload(self) -> dict:
+        """Serve the passage index on disk if it is another version than the one served (see the
+        module's docstring). Whatever fails before the switch leaves the served version as it was."""
+        if not self._reloading.acquire(blocking=False):
+            raise ReloadInProgress("a reload is already under way")
+        try:
+            started = time.perf_counter()
+            current = self.served
+            rag_index = RagIndex(current.rag_index.path, self.pipeline.embedder.fingerprint)
+            if rag_index.fingerprint == current.rag_index.fingerprint:
+                return {"reloaded": False, "index": current.describe(), "seconds": round(time.perf_counter() - started, 3)}
+            fresh = self._reopen(rag_index)
+            try:
+                self.pipeline.swap_index(fresh.rag_index, fresh.retrieval)
+            except BaseException:
+                fresh.close(discard_copies=True)
+                raise
+            with self._tier_lock:
+                self.served = fresh
+            stopped = current.close(discard_copies=True)
+            return {
+                "reloaded": True, "index": fresh.describe(), "previous": current.describe(), "stopped_processes": len(stopped),
+                "seconds": round(time.perf_counter() - started, 3),
+            }  # fmt: skip
+        finally:
+            self._reloading.release()
 
     # -- retrieval ----------------------------------------------------------------------------
 
