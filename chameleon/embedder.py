@@ -62,6 +62,11 @@ class Embedder:
         return out
 
 
+    def count_tokens(self, texts: list[str]) -> int:
+        """The tokens ``embed`` reads for ``texts``, special tokens included, after truncation."""
+        return sum(min(len(ids), self.max_tokens) for ids in self.tokenizer(texts, add_special_tokens=True)["input_ids"])
+
+
 def _max_tokens(path: Path, tokenizer) -> int:
     config = path / "sentence_bert_config.json"
     if config.is_file():

@@ -13,6 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from chameleon.corpus import Passage, RagIndex
 from chameleon.llm import Generation, KVPrefix, Sampling, answer_text, decode_speed
 from retriever.errors import RetrieverError
@@ -103,8 +105,8 @@ class RagPipeline:
     """``retrieval`` is where passages are searched: in this process (the default) or a cluster
     (``chameleon.cluster.ClusterSearcher``); either offers ``quantizer`` and ``scan``.
 
-    Retrieval is thread-safe (one search at a time: the embedder's tokenizer and a cluster's
-    socket are not); so is ``ask`` when the engine is (``chameleon.batching.BatchingEngine``,
+    Retrieval is thread-safe (one embedding and one search at a time: the embedder's tokenizer
+    and a cluster's socket are not); so is ``ask`` when the engine is (``chameleon.batching.BatchingEngine``,
     ``chameleon.vllm_engine.VllmEngine``). With a ``doc_cache`` (``chameleon.doc_cache.DocumentKVCache``,
     torch engines only) a prompt starts from the cached KV of its template and of the documents it
     shares, in order, with earlier prompts; vLLM finds such prefixes in its own cache.
@@ -131,6 +133,7 @@ class RagPipeline:
         self.k = k
         self.nprobe = nprobe  # at most the lists of the index searched (it may be reloaded)
         self._retrieval_lock = threading.Lock()
+        self._embedding_lock = threading.Lock()
         self.speculation = speculation
         self._speculator = ThreadPoolExecutor(speculation.limit, "speculative-prefill") if speculation is not None else None
 
@@ -147,11 +150,25 @@ class RagPipeline:
     ) -> list[tuple[Passage, float]]:
         """The top-k passages for ``question`` with their scores; fills ``timings``. ``on_early``:
         as in :meth:`_search`."""
+        started = time.perf_counter()
+        query = prepare_vectors(self.embed([question]), "cos")
+        timings["embed_s"] = time.perf_counter() - started
         with self._retrieval_lock:
-            started = time.perf_counter()
-            query = prepare_vectors(self.embedder.embed([question]), "cos")
-            timings["embed_s"] = time.perf_counter() - started
             return self._search(query, timings, k, nprobe, on_early)
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """The embedder's vectors of ``texts``. A long list is embedded a batch at a time, so that
+        the questions of other requests get their turn in between."""
+        vectors = []
+        for start in range(0, len(texts), self.embedder.batch_size):
+            with self._embedding_lock:
+                vectors.append(self.embedder.embed(texts[start : start + self.embedder.batch_size]))
+        return np.concatenate(vectors) if vectors else np.empty((0, self.embedder.dim), np.float32)
+
+    def embedding_tokens(self, texts: list[str]) -> int:
+        """The tokens the embedder reads for ``texts`` (OpenAI's usage of an embeddings request)."""
+        with self._embedding_lock:
+            return self.embedder.count_tokens(texts)
 
     def retrieve_vector(self, vector, timings: dict, k: int | None = None, nprobe: int | None = None) -> list[tuple[Passage, float]]:
         """The top-k passages nearest to an embedding ``vector`` (the embedder's dimension)."""

@@ -255,6 +255,30 @@ def test_search_by_text_and_by_vector(tiny_server):
     assert status == 200 and len(body["results"]) == 3 and "embed_s" not in body["timings"]
 
 
+def test_embeddings_are_the_indexs_own_and_search_like_the_text(tiny_server, embedder):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=tiny_server.url + "/v1", api_key=KEY)
+    question = "What colour are the oceans of Zorblax-42?"
+    texts = [question, "The planet Zorblax-7 has red oceans.", "moons " * 400]  # the last one is truncated as the index's were
+    reply = client.embeddings.create(model="all-minilm-l6-v2", input=texts)  # the client asks for base64 and decodes it
+    got = np.array([item.embedding for item in reply.data], np.float32)
+    np.testing.assert_allclose(got, embedder.embed(texts), atol=1e-5)
+    assert [item.index for item in reply.data] == [0, 1, 2] and reply.usage.prompt_tokens == embedder.count_tokens(texts) > 256
+    status, body, _ = call(tiny_server.url + "/v1/embeddings", {"input": question, "encoding_format": "float", "dimensions": 384})
+    assert status == 200 and len(body["data"]) == 1 and np.allclose(body["data"][0]["embedding"], got[0], atol=1e-6)
+    by_text = call(tiny_server.url + "/v1/search", {"query": question, "k": 3})[1]["results"]
+    by_vector = call(tiny_server.url + "/v1/search", {"vector": body["data"][0]["embedding"], "k": 3})[1]["results"]
+    assert [hit["passage_id"] for hit in by_vector] == [hit["passage_id"] for hit in by_text]
+    assert [m.id for m in client.models.list()] == ["tiny-llama", "all-minilm-l6-v2"]
+    for request, status, words in [({"input": question, "model": "text-embedding-3-small"}, 404, "all-minilm-l6-v2"),
+                                   ({"input": question, "dimensions": 256}, 400, "384 dimensions"),
+                                   ({"input": []}, 422, "at least 1"), ({"input": [question] * 2049}, 422, "at most 2048"),
+                                   ({"input": [""]}, 422, "at least 1 character"), ({"input": [[1, 2, 3]]}, 422, "input")]:  # fmt: skip
+        answer = call(tiny_server.url + "/v1/embeddings", request)
+        assert answer[0] == status and words in answer[1]["error"]["message"], answer[1]
+
+
 def test_completions_stop_strings_and_streaming_agree(tiny_server):
     from openai import OpenAI
 

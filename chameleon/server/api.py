@@ -4,6 +4,8 @@
   and search alone (text or vector).
 - ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``: OpenAI-compatible,
   streaming included, retrieval-augmented unless the request says ``"rag": false``.
+- ``POST /v1/embeddings``: OpenAI-compatible, with the embedder the passages were indexed with
+  (its vectors search ``/v1/search``).
 - ``GET /healthz`` (the process answers), ``GET /readyz`` (every tier answers), ``GET /metrics``.
 - ``POST /admin/reload``: serve the passage index on disk again once it has changed.
 
@@ -18,6 +20,7 @@ stream is an ordinary 4xx response; one after it ends the stream with an ``error
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import secrets
 import threading
@@ -182,7 +185,23 @@ def create_app(service: Service, settings: ServeSettings, metrics: Metrics) -> F
 
     @app.get("/v1/models", dependencies=[Depends(authorised)], tags=["openai"])
     async def models() -> dict:
-        return {"object": "list", "data": [{"id": service.model_id, "object": "model", "created": 0, "owned_by": "chameleon"}]}
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "chameleon"} for name in (service.model_id, service.embedder_id)]}
+
+    @app.post("/v1/embeddings", dependencies=[Depends(authorised)], tags=["openai"])
+    async def embeddings(body: schemas.EmbeddingRequest):
+        if body.model not in (None, service.embedder_id):
+            raise ApiError(404, f"the embedding model {body.model!r} does not exist; this server embeds with {service.embedder_id!r}", code="model_not_found")
+        dim = service.pipeline.embedder.dim
+        if body.dimensions not in (None, dim):
+            raise ApiError(400, f"this embedder's vectors have {dim} dimensions, not {body.dimensions}", code="dimensions")
+        admission.enter()
+        try:
+            vectors, tokens = await blocking(service.embed, body.texts)
+        finally:
+            admission.leave()
+        encode = (lambda v: base64.b64encode(v.astype("<f4").tobytes()).decode()) if body.encoding_format == "base64" else (lambda v: v.tolist())
+        data = [{"object": "embedding", "index": i, "embedding": encode(vector)} for i, vector in enumerate(vectors)]
+        return {"object": "list", "data": data, "model": service.embedder_id, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorised)], tags=["openai"])
     async def chat_completions(body: schemas.ChatCompletionRequest):

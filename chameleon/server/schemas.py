@@ -9,7 +9,7 @@ Chameleon's own fields (``rag``, ``k``, ``retrieval_interval``) ride along in th
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -17,6 +17,7 @@ from chameleon.llm import MAX_SEED, MAX_TEMPERATURE, Sampling
 
 MAX_TEXT = 32_000
 MAX_MESSAGES = 64
+MAX_EMBEDDING_INPUTS = 2048  # as OpenAI's
 
 
 class _Strict(BaseModel):
@@ -157,3 +158,19 @@ class CompletionRequest(_Generation):
         if not prompts[0] or len(prompts[0]) > MAX_TEXT:
             raise ValueError(f"the prompt must hold 1 to {MAX_TEXT} characters")
         return prompts[0]
+
+
+_EmbeddedText = Annotated[str, Field(min_length=1, max_length=MAX_TEXT)]
+
+
+class EmbeddingRequest(_OpenAICompatible):
+    input: _EmbeddedText | Annotated[list[_EmbeddedText], Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)] = Field(
+        description="A text, or a list of up to 2048 texts, to embed with the server's embedder."
+    )
+    model: str | None = Field(None, max_length=256)
+    encoding_format: Literal["float", "base64"] = Field("float", description="base64: each vector's float32 bytes, little-endian.")
+    dimensions: int | None = Field(None, ge=1, description="Must be the embedder's dimension if given (vectors are not cut).")
+
+    @property
+    def texts(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else self.input

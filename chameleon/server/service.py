@@ -21,6 +21,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from chameleon.corpus import RagIndex
 from chameleon.llm import Sampling
 from chameleon.rag import SNIPPET_CHARS, RagPipeline, context_block
@@ -126,6 +128,7 @@ class Service:
         self.pipeline = pipeline
         self.engine = pipeline.engine
         self.model_id = model_id
+        self.embedder_id = pipeline.embedder.name
         self.knnlm = knnlm
         self.metrics = metrics
         self.served = served
@@ -206,6 +209,10 @@ class Service:
             ranked = self.pipeline.retrieve_vector([vector], timings, k, nprobe)
         self._observe_retrieval(timings)
         return [_source(passage, score, with_passage=True) for passage, score in ranked], timings
+
+    def embed(self, texts: list[str]) -> tuple[np.ndarray, int]:
+        """The embedder's vectors of ``texts`` (the passages' and the queries' space) and the tokens it read."""
+        return self.pipeline.embed(texts), self.pipeline.embedding_tokens(texts)
 
     # -- generation ---------------------------------------------------------------------------
 
