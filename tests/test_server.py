@@ -440,6 +440,9 @@ def test_a_server_reloads_its_changed_index_and_tier_while_it_answers(tmp_path, 
         status, refused, _ = call(server.url + "/admin/reload", {})
         assert status == 400 and "rag.json" in refused["error"]["message"]
         assert call(server.url + "/v1/search", question)[1]["results"][0]["doc_id"] == "quibblex"
+        metrics = call(server.url + "/metrics")[1]["text"]
+        assert [_sample(metrics, "chameleon_index_reloads_total", outcome=o) for o in ("unchanged", "reloaded", "refused")] == [1, 1, 1]
+        assert _sample(metrics, "chameleon_index_passages") == 300
     finally:
         assert server.stop() == 0
     assert _wait_gone(second_tier) == []

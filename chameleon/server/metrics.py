@@ -32,6 +32,8 @@ class Metrics:
         self.batch_size = Gauge("chameleon_batch_size", "Sequences being decoded together.", registry=r)
         self.inflight = Gauge("chameleon_inflight_requests", "Requests admitted and not yet finished.", registry=r)
         self.rejected = Counter("chameleon_rejected_requests", "Requests refused with 429 (over the concurrency limit).", registry=r)
+        self.reloads = Counter("chameleon_index_reloads", "POST /admin/reload by outcome: reloaded, unchanged, refused.", ["outcome"], registry=r)
+        self.passages = Gauge("chameleon_index_passages", "Passages in the version of the index served.", registry=r)
         if tier_info is not None:
             r.register(_TierCollector(tier_info))
 
@@ -39,7 +41,6 @@ class Metrics:
         """Export the document KV cache's counters (nothing when there is no cache)."""
         if doc_cache is not None:
             self.registry.register(_CacheCollector(doc_cache))
-
 
     def watch_speculation(self, speculation) -> None:
         """Export the speculative prefills' counters (nothing when speculation is off)."""

@@ -136,6 +136,8 @@ class Service:
         self._tier_lock = threading.Lock()  # the coordinator's client is not thread-safe
         self._knnlm_lock = threading.Lock()
         self._reloading = threading.Lock()
+        if metrics is not None:
+            metrics.passages.set_function(lambda: len(self.served.rag_index.passages))
 
     # -- readiness ----------------------------------------------------------------------------
 
@@ -173,11 +175,13 @@ class Service:
         module's docstring). Whatever fails before the switch leaves the served version as it was."""
         if not self._reloading.acquire(blocking=False):
             raise ReloadInProgress("a reload is already under way")
+        outcome = "refused"
         try:
             started = time.perf_counter()
             current = self.served
             rag_index = RagIndex(current.rag_index.path, self.pipeline.embedder.fingerprint)
             if rag_index.fingerprint == current.rag_index.fingerprint:
+                outcome = "unchanged"
                 return {"reloaded": False, "index": current.describe(), "seconds": round(time.perf_counter() - started, 3)}
             fresh = self._reopen(rag_index)
             try:
@@ -187,6 +191,7 @@ class Service:
                 raise
             with self._tier_lock:
                 self.served = fresh
+            outcome = "reloaded"
             stopped = current.close(discard_copies=True)
             return {
                 "reloaded": True, "index": fresh.describe(), "previous": current.describe(), "stopped_processes": len(stopped),
@@ -194,6 +199,8 @@ class Service:
             }  # fmt: skip
         finally:
             self._reloading.release()
+            if self.metrics is not None:
+                self.metrics.reloads.labels(outcome).inc()
 
     # -- retrieval ----------------------------------------------------------------------------
 
