@@ -201,7 +201,7 @@ def test_reload_serves_a_changed_index_and_keeps_the_old_one_when_it_cannot(fact
 def tiny_server(tmp_path_factory, facts_index, tiny_model):
     server = start_server(
         tmp_path_factory.mktemp("tiny-server"), "--index", facts_index, "--model", tiny_model, "--shards", 0,
-        "--api-key", KEY, "--max-tokens", 64, "--max-concurrency", 1,
+        "--api-key", KEY, "--max-tokens", 64, "--max-concurrency", 3,
     )  # fmt: skip
     yield server
     assert server.stop() == 0
@@ -321,15 +321,48 @@ def test_sampling_settings_reach_the_engine(tiny_server):
     assert call(url + "/v1/completions", {"prompt": "x", "seed": -1, "temperature": 1})[0] == 422
 
 
+def test_several_choices_draw_apart_stream_apart_and_count_their_places(tiny_server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=tiny_server.url + "/v1", api_key=KEY)
+    chat = {"model": "tiny-llama", "messages": [{"role": "user", "content": "Tell me about Zorblax-42."}], "max_tokens": 12}
+
+    def texts(**options):
+        reply = client.chat.completions.create(**chat, **options)
+        assert [choice.index for choice in reply.choices] == list(range(len(reply.choices)))
+        return [choice.message.content for choice in reply.choices], reply.usage
+
+    sampled, usage = texts(n=3, temperature=1.0, seed=7)
+    assert len(set(sampled)) == 3 and texts(n=3, temperature=1.0, seed=7)[0] == sampled  # each its own draw, repeatable
+    assert texts(temperature=1.0, seed=7)[0] == sampled[:1]  # choice 0 is the request for one choice
+    assert usage.completion_tokens == 3 * 12 and usage.prompt_tokens == texts(temperature=1.0, seed=7)[1].prompt_tokens
+    greedy, _ = texts(n=2)
+    assert greedy == texts()[0] * 2
+    streamed, finished = {}, {}
+    for chunk in client.chat.completions.create(**chat, n=3, temperature=1.0, seed=7, stream=True):
+        for choice in chunk.choices:
+            streamed[choice.index] = streamed.get(choice.index, "") + (choice.delta.content or "")
+            finished[choice.index] = choice.finish_reason or finished.get(choice.index)
+    assert [streamed[i] for i in range(3)] == sampled and finished == {0: "length", 1: "length", 2: "length"}
+    completion = client.completions.create(model="tiny-llama", prompt="Zorblax-42 is", max_tokens=6, n=2, temperature=1.0, seed=1)
+    assert len(completion.choices) == 2 and completion.choices[0].text != completion.choices[1].text
+    status, body, _ = call(tiny_server.url + "/v1/chat/completions", {**chat, "n": 4, "temperature": 1.0})
+    assert status == 400 and "--max-concurrency" in body["error"]["message"]  # more choices than the server has places
+    assert call(tiny_server.url + "/v1/chat/completions", {**chat, "n": 9})[0] == 422
+
+
 def test_requests_over_the_concurrency_limit_get_429(tiny_server):
     url = tiny_server.url
-    # A retrieval at every token keeps this stream busy long after its first token.
-    stream = events(url + "/v1/rag", {"question": "Zorblax-3?", "max_tokens": 64, "retrieval_interval": 1, "stream": True})
-    assert next(stream)[0] == "token"
+    # Three choices take the server's three places; a retrieval at every token keeps them busy
+    # long after their first tokens.
+    busy = {"messages": [{"role": "user", "content": "Zorblax-3?"}], "max_tokens": 64, "retrieval_interval": 1, "n": 3,
+            "temperature": 1.0, "seed": 1, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    stream = events(url + "/v1/chat/completions", busy)
+    assert json.loads(next(stream)[1])["choices"][0]["delta"]["role"] == "assistant"
     status, body, headers = call(url + "/v1/rag", {"question": "Zorblax-4?", "max_tokens": 4})
     assert status == 429 and body["error"]["type"] == "rate_limit_error" and headers["retry-after"] == "1"
-    last = list(stream)[-1]
-    assert last[0] == "done" and json.loads(last[1])["timings"]["retrievals"] == 64
+    rest = [data for _, data in stream]
+    assert rest[-1] == "[DONE]" and json.loads(rest[-2])["usage"]["completion_tokens"] == 3 * 64
     assert call(url + "/v1/rag", {"question": "Zorblax-4?", "max_tokens": 4})[0] == 200  # the place is free again
     metrics = call(url + "/metrics")[1]["text"]
     assert _sample(metrics, "chameleon_rejected_requests_total") >= 1

@@ -28,6 +28,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Protocol
 
 from fastapi import Depends, FastAPI, Request
@@ -85,18 +86,25 @@ def create_app(service: Service, settings: ServeSettings, metrics: Metrics) -> F
         if requested not in (None, service.model_id):
             raise ApiError(404, f"the model {requested!r} does not exist; this server runs {service.model_id!r}", code="model_not_found")
 
-    async def generate(run: Callable[..., Completion], stream: bool, chunks: _Chunks) -> Response:
-        """Run a generation; answer it whole, or as server-sent events rendered by ``chunks``."""
-        admission.enter()
+    async def generate(runs: list[_Run], stream: bool, chunks: _Chunks) -> Response:
+        """Run the generations of a request's choices; answer them whole, or as server-sent events
+        rendered by ``chunks``. Each choice holds a place among ``max_concurrency``."""
+        slots = sum(len(run.choices) for run in runs)
+        if slots > admission.limit:
+            raise ApiError(400, f"n is {slots}; this server runs at most {admission.limit} generations at once (--max-concurrency)", code="n")
+        admission.enter(slots)
         if not stream:
+            cancelled = threading.Event()
             try:
-                return JSONResponse(chunks.whole(await blocking(run, None, None)))
+                done = await asyncio.gather(*(blocking(run.call, None, cancelled) for run in runs))
+                return JSONResponse(chunks.whole([(c, run.choices) for c, run in zip(done, runs)]))
             finally:
-                admission.leave()
+                cancelled.set()  # a choice that failed stops the others
+                admission.leave(slots)
         try:
-            events = await _stream(run, blocking, chunks)
+            events = await _stream(runs, blocking, chunks)
         except BaseException:
-            admission.leave()
+            admission.leave(slots)
             raise
 
         async def body() -> AsyncIterator[str]:
@@ -104,9 +112,17 @@ def create_app(service: Service, settings: ServeSettings, metrics: Metrics) -> F
                 async for event in events:
                     yield event
             finally:
-                admission.leave()
+                admission.leave(slots)
 
         return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    def choice_runs(body: schemas._Generation, run: Callable) -> list[_Run]:
+        """``run(on_text, cancelled, sampling)`` once per choice, each drawing with its own seed;
+        greedy choices are all the same, so one generation answers them all."""
+        first = body.sampling()
+        if first is None or first.greedy:
+            return [_Run(lambda on_text, cancelled: run(on_text, cancelled, first), list(range(body.n)))]
+        return [_Run(lambda on_text, cancelled, i=i: run(on_text, cancelled, body.sampling(i)), [i]) for i in range(body.n)]
 
     # -- exceptions -----------------------------------------------------------------------------
 
@@ -156,7 +172,7 @@ def create_app(service: Service, settings: ServeSettings, metrics: Metrics) -> F
             return service.rag(body.question, max_tokens, body.k, body.retrieval_interval, body.mode,
                                stop=body.stops, on_text=on_text, cancelled=cancelled, sampling=body.sampling())  # fmt: skip
 
-        return await generate(run, body.stream, _RagChunks(service.model_id))
+        return await generate([_Run(run, [0])], body.stream, _RagChunks(service.model_id))
 
     @app.post("/v1/search", response_model=schemas.SearchResponse, dependencies=[Depends(authorised)], tags=["chameleon"])
     async def search(body: schemas.SearchRequest):
@@ -216,27 +232,27 @@ def create_app(service: Service, settings: ServeSettings, metrics: Metrics) -> F
             system = "\n\n".join(m["content"] for m in messages if m["role"] == "system") or None
             history = [m for m in messages[:-1] if m["role"] != "system"]
 
-            def run(on_text, cancelled):
+            def run(on_text, cancelled, sampling):
                 return service.rag(messages[-1]["content"], max_tokens, body.k, body.retrieval_interval, "passage",
-                                   history, system, body.stops, on_text, cancelled, body.sampling())  # fmt: skip
+                                   history, system, body.stops, on_text, cancelled, sampling)  # fmt: skip
         else:
 
-            def run(on_text, cancelled):
-                return service.chat(messages, max_tokens, body.stops, on_text, cancelled, body.sampling())
+            def run(on_text, cancelled, sampling):
+                return service.chat(messages, max_tokens, body.stops, on_text, cancelled, sampling)
 
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        return await generate(run, body.stream, _OpenAIChunks(service.model_id, "chat", include_usage))
+        return await generate(choice_runs(body, run), body.stream, _OpenAIChunks(service.model_id, "chat", include_usage))
 
     @app.post("/v1/completions", dependencies=[Depends(authorised)], tags=["openai"])
     async def completions(body: schemas.CompletionRequest):
         check_model(body.model)
         max_tokens = max_tokens_of(body.max_tokens)
 
-        def run(on_text, cancelled):
-            return service.complete(body.prompt, max_tokens, body.rag, body.k, body.stops, on_text, cancelled, body.sampling())
+        def run(on_text, cancelled, sampling):
+            return service.complete(body.prompt, max_tokens, body.rag, body.k, body.stops, on_text, cancelled, sampling)
 
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        return await generate(run, body.stream, _OpenAIChunks(service.model_id, "text", include_usage))
+        return await generate(choice_runs(body, run), body.stream, _OpenAIChunks(service.model_id, "text", include_usage))
 
     app.add_middleware(_Observed, metrics=metrics, max_body_bytes=settings.max_body_bytes)
     app.state.service, app.state.workers = service, workers
@@ -249,46 +265,68 @@ class _Admission:
     def __init__(self, limit: int, metrics: Metrics):
         self.limit, self.metrics, self.active = limit, metrics, 0
 
-    def enter(self) -> None:
-        if self.active >= self.limit:
+    def enter(self, slots: int = 1) -> None:
+        if self.active + slots > self.limit:
             self.metrics.rejected.inc()
-            raise ApiError(429, f"the server is at its limit of {self.limit} concurrent requests; retry shortly",
+            asked = f"; this request asks for {slots} (its choices)" if slots > 1 else ""
+            raise ApiError(429, f"the server is at its limit of {self.limit} concurrent requests{asked}; retry shortly",
                            "rate_limit_error", "concurrency_limit")  # fmt: skip
-        self.active += 1
+        self.active += slots
         self.metrics.inflight.set(self.active)
 
-    def leave(self) -> None:
-        self.active -= 1
+    def leave(self, slots: int = 1) -> None:
+        self.active -= slots
         self.metrics.inflight.set(self.active)
 
 
-async def _stream(run: Callable[..., Completion], blocking, chunks: _Chunks) -> AsyncIterator[str]:
-    """Start ``run(on_text, cancelled)`` and wait for its first text (or its failure, raised here);
-    returns the events of the whole stream. Closing the stream early cancels the generation."""
+@dataclass
+class _Run:
+    """One generation of a request, ``call(on_text, cancelled)``, and the choices it answers."""
+
+    call: Callable[..., Completion]
+    choices: list[int]
+
+
+async def _stream(runs: list[_Run], blocking, chunks: _Chunks) -> AsyncIterator[str]:
+    """Start every run and wait for the first text of any (or a failure first, raised here);
+    returns the events of the whole stream. Closing the stream early cancels the generations."""
     loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
+    queue: asyncio.Queue = asyncio.Queue()  # (run number, text), then (run number, None) when it ends
     cancelled = threading.Event()
-    task = asyncio.ensure_future(blocking(run, lambda delta: loop.call_soon_threadsafe(queue.put_nowait, delta), cancelled))
-    task.add_done_callback(lambda _: queue.put_nowait(None))
+    tasks = []
+    for number, run in enumerate(runs):
+        task = asyncio.ensure_future(blocking(run.call, lambda delta, n=number: loop.call_soon_threadsafe(queue.put_nowait, (n, delta)), cancelled))
+        task.add_done_callback(lambda _, n=number: queue.put_nowait((n, None)))
+        tasks.append(task)
     first = await queue.get()
-    if first is None:
-        task.result()  # raises what went wrong before any text: an ordinary error response
+    if first[1] is None and tasks[first[0]].exception() is not None:
+        cancelled.set()
+        tasks[first[0]].result()  # what went wrong before any text: an ordinary error response
 
     async def events() -> AsyncIterator[str]:
         try:
-            for event in chunks.opening():
+            for event in chunks.opening([index for run in runs for index in run.choices]):
                 yield event
-            delta = first
-            while delta is not None:
-                yield chunks.delta(delta)
-                delta = await queue.get()
-            try:
-                completion = task.result()
-            except Exception as e:  # after the first token the status line is gone: report in the stream
-                status = 400 if isinstance(e, RetrieverError) else 500
-                yield chunks.error(_error_body(str(e) if status == 400 else "internal error", "server_error"))
-                return
-            for event in chunks.closing(completion):
+            done: dict[int, Completion] = {}
+            number, delta = first
+            while True:
+                if delta is not None:
+                    for index in runs[number].choices:
+                        yield chunks.delta(delta, index)
+                else:
+                    try:
+                        done[number] = tasks[number].result()
+                    except Exception as e:  # after the first token the status line is gone: report in the stream
+                        status = 400 if isinstance(e, RetrieverError) else 500
+                        yield chunks.error(_error_body(str(e) if status == 400 else "internal error", "server_error"))
+                        return
+                    for index in runs[number].choices:
+                        for event in chunks.finished(done[number], index):
+                            yield event
+                    if len(done) == len(runs):
+                        break
+                number, delta = await queue.get()
+            for event in chunks.closing([(done[n], run.choices) for n, run in enumerate(runs)]):
                 yield event
         finally:
             cancelled.set()
@@ -301,48 +339,57 @@ def _sse(data: dict | str, event: str | None = None) -> str:
     return (f"event: {event}\n" if event else "") + f"data: {payload}\n\n"
 
 
-class _Chunks(Protocol):
-    """How one route renders a completion: whole, or as the events of a stream."""
+Choices = list[tuple[Completion, list[int]]]  # each generation and the choices it answers
 
-    def whole(self, completion: Completion) -> dict: ...
-    def opening(self) -> list[str]: ...
-    def delta(self, text: str) -> str: ...
-    def closing(self, completion: Completion) -> list[str]: ...
+
+class _Chunks(Protocol):
+    """How one route renders its choices: whole, or as the events of a stream."""
+
+    def whole(self, choices: Choices) -> dict: ...
+    def opening(self, indices: list[int]) -> list[str]: ...
+    def delta(self, text: str, index: int) -> str: ...
+    def finished(self, completion: Completion, index: int) -> list[str]: ...
+    def closing(self, choices: Choices) -> list[str]: ...
     def error(self, body: dict) -> str: ...
 
 
 class _RagChunks:
-    """``/v1/rag``: a ``token`` event per piece of text, then ``done`` with the whole response."""
+    """``/v1/rag`` (one choice): a ``token`` event per piece of text, then ``done`` with the whole response."""
 
     def __init__(self, model_id: str):
         self.model_id = model_id
 
-    def whole(self, c: Completion) -> dict:
+    def whole(self, choices: Choices) -> dict:
+        c = choices[0][0]
         return {
             "answer": c.text,
             "sources": c.sources,
             "finish_reason": c.finish_reason,
             "model": self.model_id,
-            "usage": _usage(c),
+            "usage": _usage(choices),
             "cache": {"cached_tokens": c.cached_tokens, "prompt_tokens": c.prompt_tokens},
             "timings": c.timings,
         }
 
-    def opening(self) -> list[str]:
+    def opening(self, indices: list[int]) -> list[str]:
         return []
 
-    def delta(self, text: str) -> str:
+    def delta(self, text: str, index: int) -> str:
         return _sse({"text": text}, "token")
 
-    def closing(self, c: Completion) -> list[str]:
-        return [_sse(self.whole(c), "done")]
+    def finished(self, completion: Completion, index: int) -> list[str]:
+        return []
+
+    def closing(self, choices: Choices) -> list[str]:
+        return [_sse(self.whole(choices), "done")]
 
     def error(self, body: dict) -> str:
         return _sse(body, "error")
 
 
 class _OpenAIChunks:
-    """OpenAI's ``chat.completion`` / ``text_completion`` objects and their streamed chunks."""
+    """OpenAI's ``chat.completion`` / ``text_completion`` objects and their streamed chunks. With
+    several choices, the ``chameleon`` field (sources, timings) is the first choice's."""
 
     def __init__(self, model_id: str, kind: str, include_usage: bool):
         self.model_id, self.kind, self.include_usage = model_id, kind, include_usage
@@ -353,40 +400,51 @@ class _OpenAIChunks:
         name = ("chat.completion" if self.kind == "chat" else "text_completion") + (".chunk" if chunk and self.kind == "chat" else "")
         return {"id": self.id, "object": name, "created": self.created, "model": self.model_id}
 
-    def _choice(self, text: str | None, finish_reason: str | None, first: bool = False) -> dict:
+    def _choice(self, index: int, text: str | None, finish_reason: str | None, first: bool = False) -> dict:
         if self.kind == "text":
-            return {"index": 0, "text": text or "", "finish_reason": finish_reason, "logprobs": None}
+            return {"index": index, "text": text or "", "finish_reason": finish_reason, "logprobs": None}
         delta = ({"role": "assistant"} if first else {}) | ({"content": text} if text is not None else {})
-        return {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+        return {"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
 
-    def whole(self, c: Completion) -> dict:
-        if self.kind == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason, "logprobs": None}
-        else:
-            choice = {"index": 0, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None}
-        return {**self._object(False), "choices": [choice], "usage": _usage(c), "chameleon": _extension(c)}
+    def whole(self, choices: Choices) -> dict:
+        rendered = []
+        for c, indices in choices:
+            for index in indices:
+                if self.kind == "chat":
+                    rendered.append({"index": index, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason, "logprobs": None})
+                else:
+                    rendered.append({"index": index, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None})
+        rendered.sort(key=lambda choice: choice["index"])
+        return {**self._object(False), "choices": rendered, "usage": _usage(choices), "chameleon": _extension(choices[0][0])}
 
-    def opening(self) -> list[str]:
-        return [_sse({**self._object(True), "choices": [self._choice("", None, first=True)]})] if self.kind == "chat" else []
+    def opening(self, indices: list[int]) -> list[str]:
+        if self.kind != "chat":
+            return []
+        return [_sse({**self._object(True), "choices": [self._choice(index, "", None, first=True)]}) for index in sorted(indices)]
 
-    def delta(self, text: str) -> str:
-        return _sse({**self._object(True), "choices": [self._choice(text, None)]})
+    def delta(self, text: str, index: int) -> str:
+        return _sse({**self._object(True), "choices": [self._choice(index, text, None)]})
 
-    def closing(self, c: Completion) -> list[str]:
-        last = {**self._object(True), "choices": [self._choice(None, c.finish_reason)], "chameleon": _extension(c)}
-        usage = [_sse({**self._object(True), "choices": [], "usage": _usage(c)})] if self.include_usage else []
-        return [_sse(last), *usage, _sse("[DONE]")]
+    def finished(self, completion: Completion, index: int) -> list[str]:
+        return [_sse({**self._object(True), "choices": [self._choice(index, None, completion.finish_reason)], "chameleon": _extension(completion)})]
+
+    def closing(self, choices: Choices) -> list[str]:
+        usage = [_sse({**self._object(True), "choices": [], "usage": _usage(choices)})] if self.include_usage else []
+        return [*usage, _sse("[DONE]")]
 
     def error(self, body: dict) -> str:
         return _sse(body)
 
 
-def _usage(c: Completion) -> dict:
+def _usage(choices: Choices) -> dict:
+    """The prompt once (every choice has the same), the new tokens of every choice."""
+    first = choices[0][0]
+    completion_tokens = sum(c.completion_tokens * len(indices) for c, indices in choices)
     return {
-        "prompt_tokens": c.prompt_tokens,
-        "completion_tokens": c.completion_tokens,
-        "total_tokens": c.prompt_tokens + c.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": c.cached_tokens},
+        "prompt_tokens": first.prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": first.prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": first.cached_tokens},
     }
 
 

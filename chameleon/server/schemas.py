@@ -1,7 +1,7 @@
 """Request and response bodies of the HTTP API (they are the OpenAPI schema at ``/openapi.json``).
 
-The OpenAI-compatible requests ignore fields we do not use (clients send many), and ``n`` must
-be 1. Decoding is greedy unless a request sets ``temperature`` (then ``top_p`` and ``seed`` apply
+The OpenAI-compatible requests ignore fields we do not use (clients send many), and ``n`` is at
+most 8. Decoding is greedy unless a request sets ``temperature`` (then ``top_p`` and ``seed`` apply
 too): unlike OpenAI's default of 1, a request that says nothing gets the same answer every time.
 Chameleon's own fields (``rag``, ``k``, ``retrieval_interval``) ride along in the same bodies
 (``extra_body`` in the ``openai`` client).
@@ -9,6 +9,7 @@ Chameleon's own fields (``rag``, ``k``, ``retrieval_interval``) ride along in th
 
 from __future__ import annotations
 
+import hashlib
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -18,6 +19,7 @@ from chameleon.llm import MAX_SEED, MAX_TEMPERATURE, Sampling
 MAX_TEXT = 32_000
 MAX_MESSAGES = 64
 MAX_EMBEDDING_INPUTS = 2048  # as OpenAI's
+MAX_CHOICES = 8
 
 
 class _Strict(BaseModel):
@@ -54,9 +56,13 @@ class _Sampled(BaseModel):
     top_p: float | None = Field(None, ge=0, le=1, description="With a temperature: draw from the most likely tokens whose probabilities reach top_p (default 1: all).")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="With a temperature: the same seed repeats the same answer on this server.")
 
-    def sampling(self) -> Sampling | None:
-        """How this request's tokens are chosen (None: greedy)."""
-        return Sampling.of(self.temperature, self.top_p, self.seed)
+    def sampling(self, choice: int = 0) -> Sampling | None:
+        """How the tokens of this request's ``choice`` are chosen (None: greedy). Choice 0 draws
+        with ``seed``, as a request for one choice does; the others with seeds derived from it."""
+        seed = self.seed
+        if choice and seed is not None:
+            seed = int.from_bytes(hashlib.blake2b(f"{seed}/{choice}".encode(), digest_size=8).digest(), "little") & MAX_SEED
+        return Sampling.of(self.temperature, self.top_p, seed)
 
 
 # -- Chameleon's own API -----------------------------------------------------------------------
@@ -135,7 +141,7 @@ class _Generation(_StopStrings, _Sampled):
     max_tokens: int | None = Field(None, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=1)
+    n: int = Field(1, ge=1, le=MAX_CHOICES, description="Choices to generate: several draw with their own seeds; greedy ones are all the same.")
     rag: bool = Field(True, description="Retrieve passages for the prompt (Chameleon extension).")
     k: int | None = Field(None, ge=1, le=64, description="Passages to retrieve (Chameleon extension).")
 
