@@ -7,6 +7,12 @@ a single forward pass. Sequences of different lengths share one KV cache, left-p
 attention mask over the padding and each row's own positions; a finished sequence leaves the
 batch at once (its KV is handed back as ``Generation.state``) and a waiting one takes its place.
 
+A sequence admitted while another with the same prompt head (a quarter of the prompt at least) is
+being decoded starts from that sequence's KV of the head and prefills only the rest
+(``share_running_prompts``): a request's several sampled choices, or the same question asked
+twice at once, cost one prefill. The KV of
+the same tokens at the same positions is the same, whichever sequence computed it.
+
 Outputs: a sequence alone in the batch runs exactly the engine's own decode (identical tokens).
 A sampled sequence draws from its own generator, so batching changes its draws no more than its
 logits.
@@ -17,6 +23,7 @@ tokens can go the other way (as in vLLM and every batched server).
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -87,7 +94,7 @@ class BatchingEngine(ThreadedEngine):
 
     name = "torch-batched"
 
-    def __init__(self, engine: TorchEngine, max_batch: int = 8, reorder_window: int | None = None):
+    def __init__(self, engine: TorchEngine, max_batch: int = 8, reorder_window: int | None = None, share_running_prompts: bool = True):
         if not 1 <= max_batch <= 256:
             raise RetrieverError(f"max_batch must be between 1 and 256, got {max_batch}")
         self.engine = engine
@@ -95,6 +102,7 @@ class BatchingEngine(ThreadedEngine):
         self.tokenizer, self.eos_ids, self.context_window = engine.tokenizer, engine.eos_ids, engine.context_window
         self.model, self.device = engine.model, engine.device
         self.largest_batch = 0
+        self.share_running_prompts = share_running_prompts  # off only to measure what it saves
         if reorder_window is None:
             self._waiting = CacheAwareQueue(lambda sequence: 0.0)
         else:
@@ -163,6 +171,8 @@ class BatchingEngine(ThreadedEngine):
             with self._wake:
                 sequence = self._waiting.pop()
             sequence.started = time.perf_counter()
+            if self.share_running_prompts:
+                self._take_running_prefix(sequence)
             try:
                 state, logits = self.engine.prefill(sequence.tokens, sequence.prefix, sequence.cancelled)
                 if logits is None:
@@ -178,6 +188,21 @@ class BatchingEngine(ThreadedEngine):
             self._batch.join(state.cache)
             self._running.append(sequence)
         self.largest_batch = max(self.largest_batch, len(self._running))
+
+    def _take_running_prefix(self, sequence: _Sequence) -> None:
+        """Give ``sequence`` the KV of the longest head its prompt shares with a running sequence's
+        prompt, when that is longer than the prefix it came with and at least a quarter of the
+        prompt: continuing from a short head costs more than computing it (on CPU a 782-token
+        prompt took 599 ms from scratch and 634-670 ms after a 8-60-token head, 491 ms after 200)."""
+        own = len(sequence.prefix.tokens) if sequence.prefix is not None else 0
+        best, best_row = max(own, len(sequence.tokens) // 4 - 1), None
+        for row, running in enumerate(self._running):
+            shared = len(os.path.commonprefix([sequence.tokens, running.tokens]))
+            if shared > best:
+                best, best_row = shared, row
+        if best_row is not None:
+            cache = self._batch.row_head(best_row, self._running[best_row].kv_length, best)
+            sequence.prefix = KVPrefix(sequence.tokens[:best], cache)
 
     def _step(self) -> None:
         """One decode step for every running sequence; finished ones leave the batch."""
@@ -297,6 +322,14 @@ class DecodeBatch:
         from transformers import DynamicCache
 
         return DynamicCache([(k[row : row + 1, :, -length:].clone(), v[row : row + 1, :, -length:].clone()) for k, v in self.layers])
+
+    def row_head(self, row: int, length: int, head: int):
+        """The KV of the first ``head`` tokens of row ``row`` (whose KV holds ``length`` real
+        tokens), copied so that it does not keep the whole batch's KV alive."""
+        from transformers import DynamicCache
+
+        start = self.mask.shape[1] - length
+        return DynamicCache([(k[row : row + 1, :, start : start + head].clone(), v[row : row + 1, :, start : start + head].clone()) for k, v in self.layers])
 
     def keep(self, rows: list[int]) -> None:
         """Keep only ``rows`` (in that order), dropping columns that are padding in all of them."""
