@@ -40,6 +40,7 @@ from chameleon.llm import (
     cancelled_generation,
     check_request,
     decode_speed,
+    worth_continuing,
 )
 from coordinator.kv_cache import CacheAwareQueue
 from retriever.errors import RetrieverError
@@ -191,16 +192,15 @@ class BatchingEngine(ThreadedEngine):
 
     def _take_running_prefix(self, sequence: _Sequence) -> None:
         """Give ``sequence`` the KV of the longest head its prompt shares with a running sequence's
-        prompt, when that is longer than the prefix it came with and at least a quarter of the
-        prompt: continuing from a short head costs more than computing it (on CPU a 782-token
-        prompt took 599 ms from scratch and 634-670 ms after a 8-60-token head, 491 ms after 200)."""
-        own = len(sequence.prefix.tokens) if sequence.prefix is not None else 0
-        best, best_row = max(own, len(sequence.tokens) // 4 - 1), None
+        prompt, when that is longer than the prefix it came with and long enough to pay
+        (:func:`chameleon.llm.worth_continuing`)."""
+        best = len(sequence.prefix.tokens) if sequence.prefix is not None else 0
+        best_row = None
         for row, running in enumerate(self._running):
             shared = len(os.path.commonprefix([sequence.tokens, running.tokens]))
             if shared > best:
                 best, best_row = shared, row
-        if best_row is not None:
+        if best_row is not None and worth_continuing(best, len(sequence.tokens)):
             cache = self._batch.row_head(best_row, self._running[best_row].kv_length, best)
             sequence.prefix = KVPrefix(sequence.tokens[:best], cache)
 

@@ -8,7 +8,8 @@ segments, generation)`` after it, and ``order(doc_ids)`` before the prompt is bu
 with another template (a custom system prompt, a conversation) bypass the cache.
 
 - ``DocumentKVCache`` (torch engine): ``lookup`` asks the tree for the request's path and joins
-  the KV of the template and of the cached documents into one prefix; ``keep`` cuts the KV of the
+  the KV of the template and of the cached documents into one prefix, when it is long enough to
+  pay (``chameleon.llm.worth_continuing``: a quarter of the prompt); ``keep`` cuts the KV of the
   documents the tree admitted out of the request's own. A node's KV has a device copy and, once
   swapped out, a host copy (on a CPU host both are host memory; the device tier is the bounded
   hot pool).
@@ -28,7 +29,7 @@ import itertools
 import threading
 from dataclasses import dataclass
 
-from chameleon.llm import Generation, KVPrefix
+from chameleon.llm import Generation, KVPrefix, worth_continuing
 from coordinator.kv_cache import HOST, Access, KnowledgeTree, Node
 from coordinator.prefill_profile import PrefillProfile
 
@@ -127,12 +128,13 @@ class DocumentKVCache(_TreeCache):
                 usable.append(node)
             unfilled = hits[len(usable) :]
             access.inserted[:0] = unfilled  # computed by this request after all: its KV fills them
+            root = self.tree.root.handle
+            if root is None or not worth_continuing(len(self.template) + sum(n.tokens for n in usable), sum(map(len, segments))):
+                self.stats["computed_tokens"] += access.computed_tokens + sum(n.tokens for n in hits)
+                return None, access
             self.stats["device_hit_tokens"] += sum(n.tokens for n in usable if n in access.device_hits)
             self.stats["host_hit_tokens"] += sum(n.tokens for n in usable if n in access.host_hits)
             self.stats["computed_tokens"] += access.computed_tokens + sum(n.tokens for n in unfilled)
-            root = self.tree.root.handle
-            if root is None:
-                return None, access
             parts = [root.device, *(node.handle.device for node in usable)]
             layers = [(torch.cat([p[i][0] for p in parts], dim=2), torch.cat([p[i][1] for p in parts], dim=2)) for i in range(len(parts[0]))]
             tokens = [t for segment in segments[: 1 + len(usable)] for t in segment]

@@ -292,6 +292,15 @@ def cancelled_generation(tokens: list[int], prefix: KVPrefix | None, state: KVPr
     )  # fmt: skip
 
 
+def worth_continuing(head: int, prompt: int) -> bool:
+    """Whether prefilling a ``prompt``-token prompt from a cached KV of its first ``head`` tokens
+    beats computing it all. Continuing from a head runs attention with an explicit mask, which costs
+    more than the causal kernel of a prompt from scratch: on CPU (bf16 SmolLM2) a 782-token prompt
+    took 599 ms from scratch, 634-670 ms after a 30-60-token head and 491 ms after 200
+    (``benchmarks/RESULTS.md``). A head pays from about a quarter of the prompt."""
+    return head >= prompt // 4
+
+
 def shared_cache(cache):
     """A new cache over the same KV tensors. transformers' dynamic layers replace their tensors
     (cat, slice) and never write into them, so growing or cropping the new cache leaves the old

@@ -109,6 +109,27 @@ def test_a_cancelled_prefill_fills_only_the_documents_it_reached(rag_index, tiny
     assert tiny32.generate(tokens, 6, prefix=prefix).tokens == tiny32.generate(tokens, 6).tokens
 
 
+def test_a_cached_head_too_short_to_pay_is_not_used(tiny32):
+    from chameleon.doc_cache import DocumentKVCache
+
+    template, question = list(range(100, 140)), list(range(500, 510))
+    docs = {doc: list(range(start, start + 300)) for doc, start in (("a", 1000), ("b", 2000))}
+    cache = DocumentKVCache(tiny32, "lru", 100_000 * _bytes(tiny32), 0)
+
+    def ask(doc):
+        segments = [template, docs[doc], question]
+        prefix, access = cache.lookup(segments, [doc])
+        tokens = [t for segment in segments for t in segment]
+        cache.keep(access, segments, tiny32.generate(tokens, 1, prefix=prefix))
+        return prefix
+
+    assert ask("a") is None  # nothing held yet
+    assert ask("b") is None  # only the template (40 of 350 tokens): computing it costs less than continuing from it
+    assert cache.stats["computed_tokens"] == 2 * 310 and cache.stats["device_hit_tokens"] == 0
+    assert ask("a").tokens == template + docs["a"]  # the template and a document: worth it
+    assert cache.stats["device_hit_tokens"] == 300
+
+
 # -- the tree over vLLM's prefix cache: a vLLM reply is a Generation with vLLM's cached_tokens --------
 
 BLOCK = 16

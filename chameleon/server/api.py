@@ -95,11 +95,15 @@ def create_app(service: Service, settings: ServeSettings, metrics: Metrics) -> F
         admission.enter(slots)
         if not stream:
             cancelled = threading.Event()
+            futures = [asyncio.ensure_future(blocking(run.call, None, cancelled)) for run in runs]
             try:
-                done = await asyncio.gather(*(blocking(run.call, None, cancelled) for run in runs))
+                done = await asyncio.gather(*futures)
                 return JSONResponse(chunks.whole([(c, run.choices) for c, run in zip(done, runs)]))
+            except BaseException:
+                cancelled.set()  # a choice that failed stops the others; their places are free once they have
+                await asyncio.gather(*futures, return_exceptions=True)
+                raise
             finally:
-                cancelled.set()  # a choice that failed stops the others
                 admission.leave(slots)
         try:
             events = await _stream(runs, blocking, chunks)
