@@ -10,8 +10,8 @@ batch at once (its KV is handed back as ``Generation.state``) and a waiting one 
 A sequence admitted while another with the same prompt head (a quarter of the prompt at least) is
 being decoded starts from that sequence's KV of the head and prefills only the rest
 (``share_running_prompts``): a request's several sampled choices, or the same question asked
-twice at once, cost one prefill. The KV of
-the same tokens at the same positions is the same, whichever sequence computed it.
+twice at once, cost one prefill. The KV of the same tokens at the same positions is the same,
+whichever sequence computed it.
 
 Outputs: a sequence alone in the batch runs exactly the engine's own decode (identical tokens).
 A sampled sequence draws from its own generator, so batching changes its draws no more than its
