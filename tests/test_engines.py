@@ -465,6 +465,9 @@ def test_serve_with_the_vllm_engine(tmp_path, facts_index, tiny_path):
         with ThreadPoolExecutor(4) as pool:
             replies = list(pool.map(lambda _: fetch("/v1/chat/completions", chat), range(4)))
         assert all(r["usage"]["completion_tokens"] >= 1 for r in replies)
+        choices = {**chat, "n": 2, "temperature": 1.0, "seed": 3}  # each choice a vLLM request with its own seed
+        drawn = [[c["message"]["content"] for c in fetch("/v1/chat/completions", choices)["choices"]] for _ in range(2)]
+        assert drawn[0] == drawn[1] and len(drawn[0]) == 2 and drawn[0][0] != drawn[0][1]
         metrics = fetch("/metrics")
         assert "chameleon_batch_size 0.0" in metrics and "chameleon_queue_depth 0.0" in metrics
         hits = float(again["cache"]["cached_tokens"])  # the document cache counts what vLLM reused
