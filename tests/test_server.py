@@ -432,6 +432,7 @@ def test_a_server_reloads_its_changed_index_and_tier_while_it_answers(tmp_path, 
     server = start_server(tmp_path / "server", "--index", index, "--model", tiny_model, "--shards", 2, "--api-key", KEY)
     try:
         first_tier = _tier_pids(server.state_dir)
+        assert (Path(server.state_dir) / "index-2-shards").is_dir()  # the index has one shard: the tier serves a re-sharded copy
         question = {"query": "What are the moons of Quibblex-7 made of?", "k": 1}
         assert call(server.url + "/v1/search", question)[1]["results"][0]["doc_id"] != "quibblex"
         assert call(server.url + "/admin/reload", {}, key=None)[0] == 401
@@ -462,7 +463,7 @@ def test_a_server_reloads_its_changed_index_and_tier_while_it_answers(tmp_path, 
         after = call(server.url + "/v1/search", planet)[1]["results"]
         assert after[0]["doc_id"] == "fact-42" and [h["passage_id"] for h in after] != [h["passage_id"] for h in before]
         assert answered and all(s == 200 and r["results"] in (before, after) for s, r, _ in answered)
-        assert _wait_gone(first_tier) == []
+        assert _wait_gone(first_tier) == [] and not (Path(server.state_dir) / "index-2-shards").exists()  # the retired copy is gone
         assert call(server.url + "/v1/search", question)[1]["results"][0]["doc_id"] == "quibblex"
         assert call(server.url + "/v1/search", {"query": "What colour are the oceans of Zorblax-7?", "k": 3})[1]["results"][0]["doc_id"] != "fact-7"
         status, ready, _ = call(server.url + "/readyz", key=None)
