@@ -89,7 +89,7 @@ def retrieve(stream: list[Request], rag_index: RagIndex, embedder, nprobe: int, 
     searcher = Searcher(rag_index.index)
     searcher.engine.warm_up()
     about = sorted({r.about.id: r.about for r in stream}.values(), key=lambda p: p.id)
-    queries = dict(zip((p.id for p in about), prepare_vectors(embedder.embed([f"{p.title}\n{p.text}" for p in about]), "cos")))
+    queries = dict(zip((p.id for p in about), prepare_vectors(embedder.embed([p.content for p in about]), "cos")))
     for request in stream:
         query = queries[request.about.id][None]
         started = time.perf_counter()

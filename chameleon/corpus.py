@@ -53,11 +53,16 @@ class Passage:
     text: str
 
     @property
+    def content(self) -> str:
+        """What the passage says: its title, then its text (what the embedder reads)."""
+        return f"{self.title}\n{self.text}"
+
+    @property
     def key(self) -> str:
-        """What the passage says, as the document KV cache knows it: the prompt shows its title and
+        """The passage's content, as the document KV cache knows it: the prompt shows its title and
         text, and the key stays when its id changes (``index remove`` renumbers the passages after
         the removed ones) or another index holds the same passage."""
-        return hashlib.blake2b(f"{self.title}\n{self.text}".encode(), digest_size=12).hexdigest()
+        return hashlib.blake2b(self.content.encode(), digest_size=12).hexdigest()
 
 
 # -- corpora ----------------------------------------------------------------------------------
@@ -188,7 +193,7 @@ def build_rag_index(
     if len(passages) < 256:
         raise RetrieverError(f"the corpus makes {len(passages)} passages; IVF-PQ training needs at least 256")
     params = IVFPQParams("cos", embedder.dim, nlist or default_nlist(len(passages)), m or embedder.dim // 8, nbits)  # checked before the long part
-    vectors = embedder.embed([f"{p.title}\n{p.text}" for p in passages], progress=progress)
+    vectors = embedder.embed([p.content for p in passages], progress=progress)
     index = build_index(vectors, params, seed=seed, progress=progress)
     index.build_info["source"] = f"corpus:{corpus}"
     meta = {
@@ -219,7 +224,7 @@ def add_to_rag_index(path: str | os.PathLike, corpus: str | os.PathLike, embedde
     ]
     if not passages:
         raise RetrieverError(f"{corpus} holds no text to add")
-    vectors = embedder.embed([f"{p.title}\n{p.text}" for p in passages], progress=progress)
+    vectors = embedder.embed([p.content for p in passages], progress=progress)
     index = add_vectors(rag.index, vectors, np.arange(first, first + len(passages)), progress)
     meta = {
         **rag.meta, "documents": rag.meta["documents"] + len(documents), "passages": first + len(passages),

@@ -43,7 +43,7 @@ def passage_pieces(passages: Sequence[Passage]) -> list[str]:
     """The numbered passages as the prompt shows them, one string each (they concatenate). The
     separator goes in front, so a passage's text depends on its position only, never on how many
     passages follow it: the document KV cache keeps it by position."""
-    return [("\n\n" if n else "") + f"[{n + 1}] {p.title}\n{p.text}" for n, p in enumerate(passages)]
+    return [("\n\n" if n else "") + f"[{n + 1}] {p.content}" for n, p in enumerate(passages)]
 
 
 def context_block(passages: Sequence[Passage]) -> str:
