@@ -297,6 +297,26 @@ def test_completions_stop_strings_and_streaming_agree(tiny_server):
     assert "fact-42" in [s["doc_id"] for s in augmented.model_extra["chameleon"]["sources"]]
 
 
+def test_openai_parameters_we_do_not_implement_are_refused_unless_they_ask_for_nothing(tiny_server):
+    from openai import BadRequestError, OpenAI
+
+    client = OpenAI(base_url=tiny_server.url + "/v1", api_key=KEY)
+    chat = {"model": "tiny-llama", "messages": [{"role": "user", "content": "Zorblax?"}], "max_tokens": 3, "extra_body": {"rag": False}}
+    defaults = {"logprobs": False, "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}, "tool_choice": "none",
+                "response_format": {"type": "text"}, "user": "someone", "metadata": {"run": "1"}}  # fmt: skip
+    plain = client.chat.completions.create(**chat)
+    assert client.chat.completions.create(**chat, **defaults).choices[0].message.content == plain.choices[0].message.content
+    for asked in [{"logprobs": True, "top_logprobs": 2}, {"response_format": {"type": "json_object"}}, {"presence_penalty": 0.5},
+                  {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}]:  # fmt: skip
+        with pytest.raises(BadRequestError) as refused:
+            client.chat.completions.create(**chat, **asked)
+        assert all(name in str(refused.value) for name in asked) and refused.value.code == "unsupported_parameter"
+    for asked in [{"logprobs": 0}, {"echo": True}, {"best_of": 2}]:  # logprobs 0 asks for the chosen tokens' own
+        status, body, _ = call(tiny_server.url + "/v1/completions", {"prompt": "Zorblax", "max_tokens": 2, "rag": False, **asked})
+        assert status == 400 and next(iter(asked)) in body["error"]["message"]
+    assert call(tiny_server.url + "/v1/completions", {"prompt": "Zorblax", "max_tokens": 2, "rag": False, "logprobs": None, "echo": False})[0] == 200
+
+
 def test_sampling_settings_reach_the_engine(tiny_server):
     from openai import OpenAI
 

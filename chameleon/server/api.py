@@ -82,9 +82,11 @@ def create_app(service: Service, settings: ServeSettings, metrics: Metrics) -> F
             raise ApiError(400, f"max_tokens is {tokens}; this server allows at most {settings.max_tokens}", code="max_tokens")
         return tokens
 
-    def check_model(requested: str | None) -> None:
-        if requested not in (None, service.model_id):
-            raise ApiError(404, f"the model {requested!r} does not exist; this server runs {service.model_id!r}", code="model_not_found")
+    def check_openai(body: schemas._Generation) -> None:
+        if body.model not in (None, service.model_id):
+            raise ApiError(404, f"the model {body.model!r} does not exist; this server runs {service.model_id!r}", code="model_not_found")
+        if refused := body.refused_parameters:
+            raise ApiError(400, f"this server does not implement {', '.join(refused)}: leave them out or at their defaults", code="unsupported_parameter")
 
     async def generate(runs: list[_Run], stream: bool, chunks: _Chunks) -> Response:
         """Run the generations of a request's choices; answer them whole, or as server-sent events
@@ -225,7 +227,7 @@ def create_app(service: Service, settings: ServeSettings, metrics: Metrics) -> F
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorised)], tags=["openai"])
     async def chat_completions(body: schemas.ChatCompletionRequest):
-        check_model(body.model)
+        check_openai(body)
         max_tokens = max_tokens_of(body.max_completion_tokens or body.max_tokens)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in body.messages]
         if body.rag:
@@ -249,7 +251,7 @@ def create_app(service: Service, settings: ServeSettings, metrics: Metrics) -> F
 
     @app.post("/v1/completions", dependencies=[Depends(authorised)], tags=["openai"])
     async def completions(body: schemas.CompletionRequest):
-        check_model(body.model)
+        check_openai(body)
         max_tokens = max_tokens_of(body.max_tokens)
 
         def run(on_text, cancelled, sampling):

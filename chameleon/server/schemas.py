@@ -1,7 +1,9 @@
 """Request and response bodies of the HTTP API (they are the OpenAPI schema at ``/openapi.json``).
 
-The OpenAI-compatible requests ignore fields we do not use (clients send many), and ``n`` is at
-most 8. Decoding is greedy unless a request sets ``temperature`` (then ``top_p`` and ``seed`` apply
+The OpenAI-compatible requests ignore fields that change nothing in an answer (clients send
+many). Those that would (``logprobs``, ``tools``, ``response_format``, penalties…) are taken only
+at the values that ask for nothing: any other is refused (:meth:`_Generation.refused_parameters`),
+never silently dropped. ``n`` is at most 8. Decoding is greedy unless a request sets ``temperature`` (then ``top_p`` and ``seed`` apply
 too): unlike OpenAI's default of 1, a request that says nothing gets the same answer every time.
 Chameleon's own fields (``rag``, ``k``, ``retrieval_interval``) ride along in the same bodies
 (``extra_body`` in the ``openai`` client).
@@ -134,8 +136,30 @@ class StreamOptions(_OpenAICompatible):
     include_usage: bool = False
 
 
+# OpenAI parameters that change what an answer holds, which this server does not implement, and
+# the values at which they ask for nothing (the defaults clients send).
+_NEUTRAL_VALUES = {
+    "logprobs": lambda v: v is None or v is False,
+    "top_logprobs": lambda v: v in (None, 0),
+    "echo": lambda v: v is None or v is False,
+    "best_of": lambda v: v in (None, 1),
+    "suffix": lambda v: not v,
+    "presence_penalty": lambda v: v in (None, 0),
+    "frequency_penalty": lambda v: v in (None, 0),
+    "logit_bias": lambda v: not v,
+    "response_format": lambda v: v in (None, {"type": "text"}),
+    "tools": lambda v: not v,
+    "functions": lambda v: not v,
+    "tool_choice": lambda v: v in (None, "none", "auto"),
+    "function_call": lambda v: v in (None, "none", "auto"),
+    "modalities": lambda v: v in (None, ["text"]),
+    "audio": lambda v: v is None,
+    "prediction": lambda v: v is None,
+}
+
+
 class _Generation(_StopStrings, _Sampled):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")  # kept, to refuse what asks for more than we do
 
     model: str | None = Field(None, max_length=256)
     max_tokens: int | None = Field(None, ge=1)
@@ -144,6 +168,13 @@ class _Generation(_StopStrings, _Sampled):
     n: int = Field(1, ge=1, le=MAX_CHOICES, description="Choices to generate: several draw with their own seeds; greedy ones are all the same.")
     rag: bool = Field(True, description="Retrieve passages for the prompt (Chameleon extension).")
     k: int | None = Field(None, ge=1, le=64, description="Passages to retrieve (Chameleon extension).")
+
+    @property
+    def refused_parameters(self) -> list[str]:
+        """The OpenAI parameters of this request that ask for something this server does not do:
+        answering without it would pass off a different answer as the one asked for."""
+        extra = self.model_extra or {}
+        return [name for name, neutral in _NEUTRAL_VALUES.items() if name in extra and not neutral(extra[name])]
 
 
 class ChatCompletionRequest(_Generation):
