@@ -209,10 +209,8 @@ class BatchingEngine(ThreadedEngine):
         out = self._batch.step([s.generated[-1] for s in self._running], [s.kv_length for s in self._running])
         logits = out.logits[:, -1]
         keep = []
-        for row, (sequence, token) in enumerate(zip(self._running, logits.argmax(dim=-1).tolist())):
-            if not sequence.sampling.greedy:
-                token = sequence.sampling.pick(logits[row])
-            if sequence.take(token):
+        for row, (sequence, greedy_token) in enumerate(zip(self._running, logits.argmax(dim=-1).tolist())):
+            if sequence.take(sequence.sampling.pick(logits[row], greedy_token)):
                 self._finish(sequence, self._batch.own_cache(row, sequence.kv_length))
             else:
                 keep.append(row)

@@ -53,6 +53,17 @@ class KVPrefix:
 MAX_TEMPERATURE = 2.0  # OpenAI's bound
 MAX_SEED = (1 << 63) - 1
 NUCLEUS_FIRST_TRY = 64
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A chosen token's log-probability under the model and the ``top`` most likely tokens'
+    (token, log-probability), most likely first."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass
@@ -68,11 +79,18 @@ class Sampling:
     Its tokens therefore do not depend on the requests it is batched with, and the same seed
     repeats an answer. One instance serves one request: its generator's state carries over from
     one ``generate`` call to the next, as a request with iterative retrieval makes several.
+
+    With ``logprobs`` N (0 to :data:`MAX_TOP_LOGPROBS`), every chosen token's log-probability and
+    the N most likely tokens' are appended to ``reported``, in the order the tokens are chosen. They
+    are the model's own distribution (log-softmax of the logits, before ``temperature`` and
+    ``top_p``), as vLLM reports by default, so they do not change with the sampling settings.
     """
 
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    logprobs: int | None = None
+    reported: list[TokenLogprob] = field(default_factory=list, init=False, repr=False, compare=False)
     _generator: object = field(default=None, init=False, repr=False, compare=False)
     _calls: int = field(default=0, init=False, repr=False, compare=False)
 
@@ -83,25 +101,46 @@ class Sampling:
             raise RetrieverError(f"top_p must be a number between 0 and 1, got {self.top_p!r}")
         if self.seed is not None and not (isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed <= MAX_SEED):
             raise RetrieverError(f"seed must be an integer between 0 and 2**63 - 1, got {self.seed!r}")
+        if self.logprobs is not None and not (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_TOP_LOGPROBS):
+            raise RetrieverError(f"logprobs must be an integer between 0 and {MAX_TOP_LOGPROBS}, got {self.logprobs!r}")
 
     @classmethod
-    def of(cls, temperature: float | None, top_p: float | None = None, seed: int | None = None) -> Sampling | None:
-        """A request's settings as the API and the CLI take them: no temperature (or 0) is greedy
-        (None), whatever ``top_p`` and ``seed`` say; ``top_p`` left out keeps every token."""
-        if not temperature:
+    def of(cls, temperature: float | None, top_p: float | None = None, seed: int | None = None, logprobs: int | None = None) -> Sampling | None:
+        """A request's settings as the API and the CLI take them: no temperature (or 0) is greedy,
+        whatever ``top_p`` and ``seed`` say, and None when nothing is to be reported either;
+        ``top_p`` left out keeps every token."""
+        if not temperature and logprobs is None:
             return None
-        return cls(temperature, 1.0 if top_p is None else top_p, seed)
+        return cls(temperature or 0.0, 1.0 if top_p is None else top_p, seed, logprobs)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_p == 0
 
-    def pick(self, logits) -> int:
-        """The next token from one row of ``logits`` (a 1-D torch tensor over the vocabulary)."""
+    def pick(self, logits, greedy_token: int | None = None) -> int:
+        """The next token from one row of ``logits`` (a 1-D torch tensor over the vocabulary);
+        ``greedy_token``: their argmax, when the caller has it already."""
+        token = self._choose(logits, greedy_token)
+        if self.logprobs is not None:
+            self._report(logits, token)
+        return token
+
+    def record(self, token: int, logprob: float, top: tuple[tuple[int, float], ...] = ()) -> None:
+        """Report a token chosen elsewhere (by vLLM) with its log-probabilities."""
+        self.reported.append(TokenLogprob(token, logprob, top))
+
+    def _report(self, logits, token: int) -> None:
+        import torch
+
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        top = torch.topk(logprobs, self.logprobs) if self.logprobs else None
+        self.record(token, float(logprobs[token]), tuple(zip(top.indices.tolist(), top.values.tolist())) if top is not None else ())
+
+    def _choose(self, logits, greedy_token: int | None) -> int:
         import torch
 
         if self.greedy:
-            return int(torch.argmax(logits))
+            return int(torch.argmax(logits)) if greedy_token is None else greedy_token
         logits = logits.float()
         probabilities = torch.softmax((logits - logits.max()) / self.temperature, dim=-1)  # no overflow at tiny temperatures
         if self.top_p == 1:

@@ -33,6 +33,7 @@ from chameleon.llm import (
     VLLM_MISSING,
     Generation,
     KVPrefix,
+    Sampling,
     ThreadedEngine,
     answer_text,
     cancelled_generation,
@@ -61,9 +62,17 @@ class _Request:
     submitted: float
     cancelled: Callable[[], bool] | None = None
     sampling: dict = field(default_factory=lambda: {"temperature": 0.0})  # SamplingParams' fields
+    reports: Sampling | None = None  # where the chosen tokens' log-probabilities go, when asked for
     generated: list[int] = field(default_factory=list)
     first_token_at: float = 0.0
     cached_tokens: int = 0
+
+
+def _report(sampling: Sampling, token: int, logprobs: dict) -> None:
+    """Hand vLLM's log-probabilities of one step (token -> Logprob with its rank; the chosen token
+    is always there, the ``sampling.logprobs`` most likely too) to the request's ``sampling``."""
+    top = sorted((entry.rank, candidate, entry.logprob) for candidate, entry in logprobs.items() if entry.rank <= sampling.logprobs)
+    sampling.record(token, logprobs[token].logprob, tuple((candidate, logprob) for _, candidate, logprob in top))
 
 
 def _import_vllm():
@@ -171,6 +180,8 @@ class VllmEngine(ThreadedEngine):
         request = _Request(str(next(self._ids)), list(tokens), max_new_tokens, on_token, Future(), time.perf_counter(), cancelled)
         if sampling is not None and not sampling.greedy:
             request.sampling = {"temperature": sampling.temperature, "top_p": sampling.top_p, "seed": sampling.next_seed()}
+        if sampling is not None and sampling.logprobs is not None:
+            request.sampling["logprobs"], request.reports = sampling.logprobs, sampling
         with self._wake:
             if self._closed or self._failure is not None:
                 raise RetrieverError("the engine is closed" if self._closed else f"the vLLM engine has failed: {self._failure}")
@@ -238,9 +249,12 @@ class VllmEngine(ThreadedEngine):
         if output.num_cached_tokens is not None:
             request.cached_tokens = output.num_cached_tokens
         now = time.perf_counter()
-        for token in output.outputs[0].token_ids:
+        completion = output.outputs[0]
+        for n, token in enumerate(completion.token_ids):
             request.first_token_at = request.first_token_at or now
             request.generated.append(token)
+            if request.reports is not None:
+                _report(request.reports, token, completion.logprobs[n])
             stop = request.on_token is not None and self._ask(request, request.on_token, token)
             if stop is None:
                 return

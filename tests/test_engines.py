@@ -279,6 +279,29 @@ def test_seeded_sampling_repeats_and_is_not_greedy(any_engine, tiny_torch, promp
     assert [any_engine.generate(p, 12, sampling=Sampling(1.0, top_p=0.95, seed=12)).tokens for p in prompts] != sampled
 
 
+def test_logprobs_report_the_models_own_distribution_for_every_chosen_token(any_engine, tiny_torch, prompts):
+    """Greedy or sampled, each chosen token comes with its log-probability and the most likely
+    tokens' under the model's logits (before temperature), which a plain forward pass gives."""
+    import torch
+
+    prompt = prompts[2]
+    for sampling, top in [(Sampling(logprobs=3), 3), (Sampling(0.7, seed=5, logprobs=2), 2), (Sampling(logprobs=0), 0)]:
+        generation = any_engine.generate(prompt, 9, sampling=sampling)
+        assert [r.token for r in sampling.reported] == generation.tokens
+        with torch.inference_mode():
+            logits = tiny_torch.model(torch.tensor([prompt + generation.tokens])).logits[0, len(prompt) - 1 : -1]
+        expected = torch.log_softmax(logits.float(), dim=-1)
+        for row, reported in zip(expected, sampling.reported):
+            assert reported.logprob == pytest.approx(float(row[reported.token]), abs=2e-3)
+            best = torch.topk(row, top)
+            assert [t for t, _ in reported.top] == best.indices.tolist()
+            assert [lp for _, lp in reported.top] == pytest.approx(best.values.tolist(), abs=2e-3)
+        if sampling.greedy:
+            assert all(r.top[0][0] == r.token for r in sampling.reported if r.top)
+        unreported = Sampling.of(sampling.temperature, seed=sampling.seed)
+        assert any_engine.generate(prompt, 9, sampling=unreported).tokens == generation.tokens  # reporting changes no token
+
+
 def test_concurrent_sampled_requests_get_their_sequential_tokens(thread_safe_engine, prompts):
     """A seeded request's draws are its own: greedy and sampled requests batched together get
     what each gets alone. (At temperature 0.4 the tiny model's distributions are peaked: a batched

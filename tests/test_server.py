@@ -137,6 +137,19 @@ def test_text_stream_cuts_at_stop_strings_and_holds_back_their_beginnings(tiny_m
     sent = "".join(held.push(t) for t in tokens)
     assert not held.stopped and sent + held.finish() == text
 
+    from chameleon.llm import TokenLogprob
+
+    # Tokens come out with the text they start, up to the one the stop string begins in.
+    reported, sent = TextStream(tokenizer, eos, stop=["STOP"]), ""
+    for n, t in enumerate(tokens):
+        sent += reported.push(t, TokenLogprob(t, -n / 10, ((t, -n / 10),)))
+        assert all(r.offset < len(sent) for r in reported.released)  # never ahead of the text
+    reported.finish()
+    through_stop = tokens[: tokens.index(tokenizer(" STOP", add_special_tokens=False)["input_ids"][0]) + 1]
+    assert [r.text for r in reported.released] == [tokenizer.decode([t]) for t in through_stop]
+    assert [r.offset for r in reported.released] == [len(tokenizer.decode(through_stop[:n])) for n in range(len(through_stop))]
+    assert [(r.logprob, r.top) for r in reported.released] == [(-n / 10, ((r.text, -n / 10),)) for n, r in enumerate(reported.released)]
+
 
 def test_reload_serves_a_changed_index_and_keeps_the_old_one_when_it_cannot(facts_index, embedder, tiny32, tmp_path):
     import shutil
@@ -306,15 +319,46 @@ def test_openai_parameters_we_do_not_implement_are_refused_unless_they_ask_for_n
                 "response_format": {"type": "text"}, "user": "someone", "metadata": {"run": "1"}}  # fmt: skip
     plain = client.chat.completions.create(**chat)
     assert client.chat.completions.create(**chat, **defaults).choices[0].message.content == plain.choices[0].message.content
-    for asked in [{"logprobs": True, "top_logprobs": 2}, {"response_format": {"type": "json_object"}}, {"presence_penalty": 0.5},
+    for asked in [{"response_format": {"type": "json_object"}}, {"presence_penalty": 0.5, "logit_bias": {"42": 5}},
                   {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}]:  # fmt: skip
         with pytest.raises(BadRequestError) as refused:
             client.chat.completions.create(**chat, **asked)
         assert all(name in str(refused.value) for name in asked) and refused.value.code == "unsupported_parameter"
-    for asked in [{"logprobs": 0}, {"echo": True}, {"best_of": 2}]:  # logprobs 0 asks for the chosen tokens' own
+    for asked in [{"echo": True}, {"best_of": 2}, {"suffix": "the end"}]:
         status, body, _ = call(tiny_server.url + "/v1/completions", {"prompt": "Zorblax", "max_tokens": 2, "rag": False, **asked})
         assert status == 400 and next(iter(asked)) in body["error"]["message"]
-    assert call(tiny_server.url + "/v1/completions", {"prompt": "Zorblax", "max_tokens": 2, "rag": False, "logprobs": None, "echo": False})[0] == 200
+    assert call(tiny_server.url + "/v1/completions", {"prompt": "Zorblax", "max_tokens": 2, "rag": False, "best_of": 1, "echo": False})[0] == 200
+
+
+def test_logprobs_come_with_the_tokens_of_the_answer_whole_or_streamed(tiny_server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=tiny_server.url + "/v1", api_key=KEY)
+    chat = {"model": "tiny-llama", "messages": [{"role": "user", "content": "Zorblax?"}], "max_tokens": 12, "extra_body": {"rag": False}}
+    whole = client.chat.completions.create(**chat, logprobs=True, top_logprobs=2)
+    content = whole.choices[0].logprobs.content
+    assert len(content) == whole.usage.completion_tokens - (whole.choices[0].finish_reason == "stop")  # the end token is no text
+    assert "".join(t.token for t in content).lstrip() == whole.choices[0].message.content
+    for t in content:
+        assert t.logprob <= 0 and len(t.top_logprobs) == 2 and t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob
+        assert (t.top_logprobs[0].token, t.top_logprobs[0].logprob) == (t.token, t.logprob)  # greedy: the most likely
+        assert bytes(t.bytes).decode() == t.token
+    streamed = [chunk.choices[0].logprobs for chunk in client.chat.completions.create(**chat, logprobs=True, top_logprobs=2, stream=True) if chunk.choices]
+    assert [t.model_dump() for part in streamed if part for t in part.content] == [t.model_dump() for t in content]
+    assert client.chat.completions.create(**chat).choices[0].logprobs is None
+    iterative = client.chat.completions.create(**{**chat, "extra_body": {"retrieval_interval": 4}}, logprobs=True)  # three generate calls
+    assert "".join(t.token for t in iterative.choices[0].logprobs.content).lstrip() == iterative.choices[0].message.content
+    assert iterative.model_extra["chameleon"]["timings"]["retrievals"] >= 2
+    assert call(tiny_server.url + "/v1/chat/completions", {**{k: v for k, v in chat.items() if k != "extra_body"}, "top_logprobs": 2})[0] == 422
+
+    text = client.completions.create(model="tiny-llama", prompt="The planet Zorblax-42 has", max_tokens=16, extra_body={"rag": False}).choices[0].text
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    cut = client.completions.create(model="tiny-llama", prompt="The planet Zorblax-42 has", max_tokens=16, stop=[stop], logprobs=1, extra_body={"rag": False})
+    choice = cut.choices[0]
+    assert choice.text == text[: text.index(stop)] and "".join(choice.logprobs.tokens).startswith(choice.text)
+    assert choice.logprobs.text_offset == sorted(choice.logprobs.text_offset) and all(o < len(choice.text) for o in choice.logprobs.text_offset)
+    assert all(choice.text[o:].startswith(t) or t.startswith(choice.text[o:]) for o, t in zip(choice.logprobs.text_offset, choice.logprobs.tokens))
+    assert [len(top) for top in choice.logprobs.top_logprobs] == [1] * len(choice.logprobs.tokens)
 
 
 def test_sampling_settings_reach_the_engine(tiny_server):

@@ -40,7 +40,7 @@ from starlette.exceptions import HTTPException
 
 from chameleon.server import schemas
 from chameleon.server.metrics import Metrics
-from chameleon.server.service import Completion, ReloadInProgress, Service
+from chameleon.server.service import Completion, ReloadInProgress, ReportedToken, Service
 from chameleon.server.settings import ServeSettings
 from coordinator.client import RemoteError
 from retriever.errors import RetrieverError
@@ -247,7 +247,7 @@ def create_app(service: Service, settings: ServeSettings, metrics: Metrics) -> F
                 return service.chat(messages, max_tokens, body.stops, on_text, cancelled, sampling)
 
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        return await generate(choice_runs(body, run), body.stream, _OpenAIChunks(service.model_id, "chat", include_usage))
+        return await generate(choice_runs(body, run), body.stream, _OpenAIChunks(service.model_id, "chat", include_usage, body.logprobs))
 
     @app.post("/v1/completions", dependencies=[Depends(authorised)], tags=["openai"])
     async def completions(body: schemas.CompletionRequest):
@@ -258,7 +258,7 @@ def create_app(service: Service, settings: ServeSettings, metrics: Metrics) -> F
             return service.complete(body.prompt, max_tokens, body.rag, body.k, body.stops, on_text, cancelled, sampling)
 
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        return await generate(choice_runs(body, run), body.stream, _OpenAIChunks(service.model_id, "text", include_usage))
+        return await generate(choice_runs(body, run), body.stream, _OpenAIChunks(service.model_id, "text", include_usage, body.logprobs is not None))
 
     app.add_middleware(_Observed, metrics=metrics, max_body_bytes=settings.max_body_bytes)
     app.state.service, app.state.workers = service, workers
@@ -297,11 +297,15 @@ async def _stream(runs: list[_Run], blocking, chunks: _Chunks) -> AsyncIterator[
     """Start every run and wait for the first text of any (or a failure first, raised here);
     returns the events of the whole stream. Closing the stream early cancels the generations."""
     loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()  # (run number, text), then (run number, None) when it ends
+    queue: asyncio.Queue = asyncio.Queue()  # (run number, (text, its tokens' logprobs)), then (run number, None) when it ends
     cancelled = threading.Event()
     tasks = []
     for number, run in enumerate(runs):
-        task = asyncio.ensure_future(blocking(run.call, lambda delta, n=number: loop.call_soon_threadsafe(queue.put_nowait, (n, delta)), cancelled))
+
+        def on_text(text, logprobs, n=number):
+            loop.call_soon_threadsafe(queue.put_nowait, (n, (text, logprobs)))
+
+        task = asyncio.ensure_future(blocking(run.call, on_text, cancelled))
         task.add_done_callback(lambda _, n=number: queue.put_nowait((n, None)))
         tasks.append(task)
     first = await queue.get()
@@ -314,11 +318,11 @@ async def _stream(runs: list[_Run], blocking, chunks: _Chunks) -> AsyncIterator[
             for event in chunks.opening([index for run in runs for index in run.choices]):
                 yield event
             done: dict[int, Completion] = {}
-            number, delta = first
+            number, piece = first
             while True:
-                if delta is not None:
+                if piece is not None:
                     for index in runs[number].choices:
-                        yield chunks.delta(delta, index)
+                        yield chunks.delta(*piece, index)
                 else:
                     try:
                         done[number] = tasks[number].result()
@@ -331,7 +335,7 @@ async def _stream(runs: list[_Run], blocking, chunks: _Chunks) -> AsyncIterator[
                             yield event
                     if len(done) == len(runs):
                         break
-                number, delta = await queue.get()
+                number, piece = await queue.get()
             for event in chunks.closing([(done[n], run.choices) for n, run in enumerate(runs)]):
                 yield event
         finally:
@@ -353,7 +357,7 @@ class _Chunks(Protocol):
 
     def whole(self, choices: Choices) -> dict: ...
     def opening(self, indices: list[int]) -> list[str]: ...
-    def delta(self, text: str, index: int) -> str: ...
+    def delta(self, text: str, logprobs: list[ReportedToken], index: int) -> str: ...
     def finished(self, completion: Completion, index: int) -> list[str]: ...
     def closing(self, choices: Choices) -> list[str]: ...
     def error(self, body: dict) -> str: ...
@@ -380,7 +384,7 @@ class _RagChunks:
     def opening(self, indices: list[int]) -> list[str]:
         return []
 
-    def delta(self, text: str, index: int) -> str:
+    def delta(self, text: str, logprobs: list[ReportedToken], index: int) -> str:
         return _sse({"text": text}, "token")
 
     def finished(self, completion: Completion, index: int) -> list[str]:
@@ -395,10 +399,11 @@ class _RagChunks:
 
 class _OpenAIChunks:
     """OpenAI's ``chat.completion`` / ``text_completion`` objects and their streamed chunks. With
-    several choices, the ``chameleon`` field (sources, timings) is the first choice's."""
+    several choices, the ``chameleon`` field (sources, timings) is the first choice's. With
+    ``logprobs``, each choice (each chunk) carries its tokens' log-probabilities in the route's shape."""
 
-    def __init__(self, model_id: str, kind: str, include_usage: bool):
-        self.model_id, self.kind, self.include_usage = model_id, kind, include_usage
+    def __init__(self, model_id: str, kind: str, include_usage: bool, logprobs: bool = False):
+        self.model_id, self.kind, self.include_usage, self.logprobs = model_id, kind, include_usage, logprobs
         self.id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
 
@@ -406,20 +411,37 @@ class _OpenAIChunks:
         name = ("chat.completion" if self.kind == "chat" else "text_completion") + (".chunk" if chunk and self.kind == "chat" else "")
         return {"id": self.id, "object": name, "created": self.created, "model": self.model_id}
 
-    def _choice(self, index: int, text: str | None, finish_reason: str | None, first: bool = False) -> dict:
+    def _logprobs(self, tokens: list[ReportedToken] | None) -> dict | None:
+        if not self.logprobs or tokens is None:
+            return None
         if self.kind == "text":
-            return {"index": index, "text": text or "", "finish_reason": finish_reason, "logprobs": None}
+            return {
+                "tokens": [t.text for t in tokens],
+                "token_logprobs": [t.logprob for t in tokens],
+                "top_logprobs": [dict(t.top) for t in tokens],
+                "text_offset": [t.offset for t in tokens],
+            }
+
+        def entry(text: str, logprob: float) -> dict:
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+        return {"content": [{**entry(t.text, t.logprob), "top_logprobs": [entry(*other) for other in t.top]} for t in tokens], "refusal": None}
+
+    def _choice(self, index: int, text: str | None, finish_reason: str | None, first: bool = False, logprobs=None) -> dict:
+        if self.kind == "text":
+            return {"index": index, "text": text or "", "finish_reason": finish_reason, "logprobs": self._logprobs(logprobs)}
         delta = ({"role": "assistant"} if first else {}) | ({"content": text} if text is not None else {})
-        return {"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+        return {"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": self._logprobs(logprobs)}
 
     def whole(self, choices: Choices) -> dict:
         rendered = []
         for c, indices in choices:
             for index in indices:
                 if self.kind == "chat":
-                    rendered.append({"index": index, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason, "logprobs": None})
+                    message = {"role": "assistant", "content": c.text}
+                    rendered.append({"index": index, "message": message, "finish_reason": c.finish_reason, "logprobs": self._logprobs(c.logprobs)})
                 else:
-                    rendered.append({"index": index, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None})
+                    rendered.append({"index": index, "text": c.text, "finish_reason": c.finish_reason, "logprobs": self._logprobs(c.logprobs)})
         rendered.sort(key=lambda choice: choice["index"])
         return {**self._object(False), "choices": rendered, "usage": _usage(choices), "chameleon": _extension(choices[0][0])}
 
@@ -428,8 +450,8 @@ class _OpenAIChunks:
             return []
         return [_sse({**self._object(True), "choices": [self._choice(index, "", None, first=True)]}) for index in sorted(indices)]
 
-    def delta(self, text: str, index: int) -> str:
-        return _sse({**self._object(True), "choices": [self._choice(index, text, None)]})
+    def delta(self, text: str, logprobs: list[ReportedToken], index: int) -> str:
+        return _sse({**self._object(True), "choices": [self._choice(index, text, None, logprobs=logprobs)]})
 
     def finished(self, completion: Completion, index: int) -> list[str]:
         return [_sse({**self._object(True), "choices": [self._choice(index, None, completion.finish_reason)], "chameleon": _extension(completion)})]

@@ -1,9 +1,9 @@
 """Request and response bodies of the HTTP API (they are the OpenAPI schema at ``/openapi.json``).
 
 The OpenAI-compatible requests ignore fields that change nothing in an answer (clients send
-many). Those that would (``logprobs``, ``tools``, ``response_format``, penalties…) are taken only
-at the values that ask for nothing: any other is refused (:meth:`_Generation.refused_parameters`),
-never silently dropped. ``n`` is at most 8. Decoding is greedy unless a request sets ``temperature`` (then ``top_p`` and ``seed`` apply
+many). Those that would and that we do not implement (``tools``, ``response_format``,
+penalties…) are taken only at the values that ask for nothing: any other is refused
+(:meth:`_Generation.refused_parameters`), never silently dropped. ``n`` is at most 8. Decoding is greedy unless a request sets ``temperature`` (then ``top_p`` and ``seed`` apply
 too): unlike OpenAI's default of 1, a request that says nothing gets the same answer every time.
 Chameleon's own fields (``rag``, ``k``, ``retrieval_interval``) ride along in the same bodies
 (``extra_body`` in the ``openai`` client).
@@ -14,14 +14,15 @@ from __future__ import annotations
 import hashlib
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from chameleon.llm import MAX_SEED, MAX_TEMPERATURE, Sampling
+from chameleon.llm import MAX_SEED, MAX_TEMPERATURE, MAX_TOP_LOGPROBS, Sampling
 
 MAX_TEXT = 32_000
 MAX_MESSAGES = 64
 MAX_EMBEDDING_INPUTS = 2048  # as OpenAI's
 MAX_CHOICES = 8
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's bound on /v1/completions
 
 
 class _Strict(BaseModel):
@@ -58,13 +59,19 @@ class _Sampled(BaseModel):
     top_p: float | None = Field(None, ge=0, le=1, description="With a temperature: draw from the most likely tokens whose probabilities reach top_p (default 1: all).")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="With a temperature: the same seed repeats the same answer on this server.")
 
+    @property
+    def reported_logprobs(self) -> int | None:
+        """How many most likely tokens to report beside each chosen one (None: report nothing)."""
+        return None
+
     def sampling(self, choice: int = 0) -> Sampling | None:
-        """How the tokens of this request's ``choice`` are chosen (None: greedy). Choice 0 draws
-        with ``seed``, as a request for one choice does; the others with seeds derived from it."""
+        """How the tokens of this request's ``choice`` are chosen (None: greedy, nothing reported).
+        Choice 0 draws with ``seed``, as a request for one choice does; the others with seeds
+        derived from it."""
         seed = self.seed
         if choice and seed is not None:
             seed = int.from_bytes(hashlib.blake2b(f"{seed}/{choice}".encode(), digest_size=8).digest(), "little") & MAX_SEED
-        return Sampling.of(self.temperature, self.top_p, seed)
+        return Sampling.of(self.temperature, self.top_p, seed, self.reported_logprobs)
 
 
 # -- Chameleon's own API -----------------------------------------------------------------------
@@ -139,8 +146,6 @@ class StreamOptions(_OpenAICompatible):
 # OpenAI parameters that change what an answer holds, which this server does not implement, and
 # the values at which they ask for nothing (the defaults clients send).
 _NEUTRAL_VALUES = {
-    "logprobs": lambda v: v is None or v is False,
-    "top_logprobs": lambda v: v in (None, 0),
     "echo": lambda v: v is None or v is False,
     "best_of": lambda v: v in (None, 1),
     "suffix": lambda v: not v,
@@ -177,14 +182,42 @@ class _Generation(_StopStrings, _Sampled):
         return [name for name, neutral in _NEUTRAL_VALUES.items() if name in extra and not neutral(extra[name])]
 
 
+_LOGPROBS_MEANING = "the model's own distribution: log-softmax of the logits, before temperature and top_p"
+
+
 class ChatCompletionRequest(_Generation):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(None, ge=1)
     retrieval_interval: int | None = Field(None, ge=1, description="Retrieve again every N new tokens (Chameleon extension).")
+    logprobs: bool = Field(False, description=f"Each token of the answer with its log-probability ({_LOGPROBS_MEANING}).")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="With logprobs: the most likely tokens at each place too.")
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self):
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    @property
+    def reported_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(_Generation):
     prompt: str | list[str] = Field(description="One prompt (a list must hold exactly one).")
+    logprobs: int | None = Field(
+        None, ge=0, le=MAX_COMPLETION_LOGPROBS, strict=True,
+        description=f"Each token of the answer with its log-probability and the N most likely tokens' ({_LOGPROBS_MEANING}).",
+    )  # fmt: skip
+
+    @field_validator("logprobs", mode="before")
+    @classmethod
+    def _false_is_none(cls, value):
+        return None if value is False else value  # some clients send false for "none"
+
+    @property
+    def reported_logprobs(self) -> int | None:
+        return self.logprobs
 
     @field_validator("prompt")
     @classmethod

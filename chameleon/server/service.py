@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from chameleon.corpus import RagIndex
-from chameleon.llm import Sampling
+from chameleon.llm import Sampling, TokenLogprob
 from chameleon.rag import SNIPPET_CHARS, RagPipeline, context_block
 from coordinator.client import RetrievalClient
 from retriever.errors import RetrieverError
@@ -41,10 +41,26 @@ class Completion:
     cached_tokens: int
     sources: list[dict] = field(default_factory=list)
     timings: dict = field(default_factory=dict)
+    logprobs: list[ReportedToken] | None = None  # when the request asked for them
+
+
+@dataclass(frozen=True)
+class ReportedToken:
+    """A token of an answer with its log-probabilities, as OpenAI's ``logprobs`` show it: its text,
+    where that starts in the answer, and the most likely tokens' (text, log-probability)."""
+
+    text: str
+    offset: int
+    logprob: float
+    top: tuple[tuple[str, float], ...]
 
 
 class TextStream:
-    """Incremental detokenization: the new text each token adds, cut at the first stop string."""
+    """Incremental detokenization: the new text each token adds, cut at the first stop string.
+
+    Tokens pushed with their log-probabilities are ``released`` (as :class:`ReportedToken`) with
+    the text they start: the tokens of the answer sent so far, and never one cut off with a stop
+    string."""
 
     def __init__(self, tokenizer, eos_ids: set[int], stop: Sequence[str] = (), strip_leading: bool = True):
         self.tokenizer = tokenizer
@@ -54,15 +70,21 @@ class TextStream:
         self.tokens: list[int] = []
         self.text = ""
         self.stopped = False
+        self.released: list[ReportedToken] = []
         self._sent = 0
+        self._whole_characters = 0  # of the text so far, a character still split across tokens left out
+        self._unreleased: list[tuple[int, TokenLogprob]] = []  # (offset, log-probabilities) of tokens not yet sent
 
-    def push(self, token: int) -> str:
-        """Feed one generated token; returns the text that is now safe to send."""
+    def push(self, token: int, logprob: TokenLogprob | None = None) -> str:
+        """Feed one generated token (and its log-probabilities); returns the text that is now safe to send."""
         if self.stopped or token in self.eos_ids:
             return ""
+        if logprob is not None:
+            self._unreleased.append((self._whole_characters, logprob))
         self.tokens.append(token)
         text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
         text = text.lstrip() if self.strip_leading else text
+        self._whole_characters = len(text.rstrip("\ufffd"))
         if text.endswith("\ufffd"):  # a character split across tokens: wait for the rest
             return ""
         self.text = text
@@ -80,7 +102,16 @@ class TextStream:
     def _release(self, end: int) -> str:
         delta = self.text[self._sent : end] if end > self._sent else ""
         self._sent = max(self._sent, end)
+        while self._unreleased and self._unreleased[0][0] < self._sent:
+            offset, logprob = self._unreleased.pop(0)
+            self.released.append(self._reported(offset, logprob))
         return delta
+
+    def _reported(self, offset: int, logprob: TokenLogprob) -> ReportedToken:
+        def text(token: int) -> str:
+            return self.tokenizer.decode([token])
+
+        return ReportedToken(text(logprob.token), offset, logprob.logprob, tuple((text(t), lp) for t, lp in logprob.top))
 
 
 @dataclass
@@ -233,15 +264,17 @@ class Service:
         history: Sequence[dict] = (),
         system: str | None = None,
         stop: Sequence[str] = (),
-        on_text: Callable[[str], None] | None = None,
+        on_text: Callable[[str, list[ReportedToken]], None] | None = None,
         cancelled: threading.Event | None = None,
         sampling: Sampling | None = None,
     ) -> Completion:
         """Answer ``question`` from the passages (``passage``) or the kNN-LM datastore (``knnlm``,
-        queried every ``retrieval_interval`` tokens, default every token)."""
+        queried every ``retrieval_interval`` tokens, default every token). ``on_text(text,
+        tokens)`` gets each piece of the answer as it may be sent, with its tokens' log-probabilities
+        when ``sampling`` asks for them (else an empty list)."""
         if mode == "knnlm":
             return self._knnlm(question, max_tokens, retrieval_interval or 1, stop, on_text, cancelled, sampling)
-        request = _Request(self.engine, stop, on_text, cancelled)
+        request = _Request(self.engine, stop, on_text, cancelled, sampling)
         answer = self.pipeline.ask(question, max_tokens, retrieval_interval, k, history, system, request.on_token, sampling)
         self._observe_retrieval(answer.timings)
         timings = {**answer.timings, "prefill_s": answer.timings["ttft_s"]}
@@ -249,14 +282,14 @@ class Service:
 
     def chat(self, messages: list[dict], max_tokens: int, stop: Sequence[str] = (), on_text=None, cancelled=None, sampling=None) -> Completion:
         """The model alone on a conversation (no retrieval)."""
-        request = _Request(self.engine, stop, on_text, cancelled)
+        request = _Request(self.engine, stop, on_text, cancelled, sampling)
         return self._plain(request, self.engine.chat_tokens(messages), max_tokens, sampling)
 
     def complete(
         self, prompt: str, max_tokens: int, rag: bool, k: int | None = None, stop: Sequence[str] = (), on_text=None, cancelled=None, sampling=None
     ) -> Completion:
         """Continue ``prompt`` as raw text; with ``rag``, the retrieved passages come before it."""
-        request = _Request(self.engine, stop, on_text, cancelled, strip_leading=False)
+        request = _Request(self.engine, stop, on_text, cancelled, sampling, strip_leading=False)
         encode = self.engine.tokenizer
         if not rag:
             return self._plain(request, encode(prompt)["input_ids"], max_tokens, sampling)
@@ -280,7 +313,7 @@ class Service:
 
         if self.knnlm is None:
             raise RetrieverError("mode knnlm needs a kNN-LM datastore: start the server with --knnlm DIR")
-        request = _Request(self.engine, stop, on_text, cancelled)
+        request = _Request(self.engine, stop, on_text, cancelled, sampling)
         messages = [{"role": "system", "content": PLAIN_SYSTEM_PROMPT}, {"role": "user", "content": question}]
         tokens = self.engine.chat_tokens(messages)
         with self._knnlm_lock:  # beside the batch, on the same model: one kNN-LM request at a time
@@ -302,7 +335,8 @@ class Service:
             self.metrics.prefill_tokens.labels("computed").inc(max(0, prompt_tokens - cached))
         finish_reason = "stop" if request.stream.stopped else finish_reason
         rounded = {k: (round(v, 5) if isinstance(v, float) else v) for k, v in timings.items()}
-        return Completion(request.stream.text, finish_reason, prompt_tokens, new_tokens, cached, sources, rounded)
+        logprobs = request.stream.released if request.reports is not None else None
+        return Completion(request.stream.text, finish_reason, prompt_tokens, new_tokens, cached, sources, rounded, logprobs)
 
     def _observe_retrieval(self, timings: dict) -> None:
         if self.metrics is not None and "retrieval_s" in timings:
@@ -313,9 +347,13 @@ class _Request:
     """One generation in flight: its text stream, its clock (TTFT counts from the request's arrival,
     queueing and retrieval included) and its cancellation."""
 
-    def __init__(self, engine, stop: Sequence[str], on_text, cancelled: threading.Event | None, strip_leading: bool = True):
+    def __init__(
+        self, engine, stop: Sequence[str], on_text, cancelled: threading.Event | None, sampling: Sampling | None, strip_leading: bool = True
+    ):
         self.stream = TextStream(engine.tokenizer, engine.eos_ids, stop, strip_leading)
         self.on_text, self.cancelled = on_text, cancelled
+        # the engines report a token's log-probabilities as they choose it, just before its on_token
+        self.reports = sampling if sampling is not None and sampling.logprobs is not None else None
         self.started = time.perf_counter()
         self.first_token_at: float | None = None
         self.tokens_seen = 0
@@ -329,15 +367,17 @@ class _Request:
         now = time.perf_counter()
         self.first_token_at = self.first_token_at or now
         self.last_token_at, self.tokens_seen = now, self.tokens_seen + 1
-        delta = self.stream.push(token)
+        released = len(self.stream.released)
+        delta = self.stream.push(token, self.reports.reported[self.tokens_seen - 1] if self.reports is not None else None)
         if delta and self.on_text is not None:
-            self.on_text(delta)
+            self.on_text(delta, self.stream.released[released:])
         return self.stopped
 
     def finish(self) -> None:
+        released = len(self.stream.released)
         tail = self.stream.finish()
         if tail and self.on_text is not None:
-            self.on_text(tail)
+            self.on_text(tail, self.stream.released[released:])
 
     @property
     def ttft_s(self) -> float:
