@@ -39,6 +39,7 @@ from chameleon.llm import (
     answer_text,
     cancelled_generation,
     check_request,
+    check_scored,
     decode_speed,
     worth_continuing,
 )
@@ -110,6 +111,7 @@ class BatchingEngine(ThreadedEngine):
             self._waiting = CacheAwareQueue(lambda sequence: sequence.reuse_ratio, reorder_window)
         self._running: list[_Sequence] = []
         self._batch = DecodeBatch(engine.model, engine.device)  # the running sequences' KV, row for row
+        self._scoring: list[tuple[Future, list[int], int]] = []  # prompt_logprobs calls for the thread
         self._start(self._loop, "chameleon-engine")
 
     @property
@@ -142,6 +144,17 @@ class BatchingEngine(ThreadedEngine):
             self._wake.notify()
         return sequence.future
 
+    def prompt_logprobs(self, tokens: list[int], top: int = 0) -> list:
+        """``TorchEngine.prompt_logprobs``, run on the engine's thread between two decode steps."""
+        check_scored(tokens, top, self.context_window)
+        future: Future = Future()
+        with self._wake:
+            if self._closed:
+                raise RetrieverError("the engine is closed")
+            self._scoring.append((future, list(tokens), top))
+            self._wake.notify()
+        return future.result()
+
     # -- the scheduler thread -----------------------------------------------------------------
 
     def _loop(self) -> None:
@@ -150,10 +163,16 @@ class BatchingEngine(ThreadedEngine):
         with torch.inference_mode():
             while True:
                 with self._wake:
-                    while not self._closed and not self._waiting and not self._running:
+                    while not self._closed and not self._waiting and not self._running and not self._scoring:
                         self._wake.wait()
                     if self._closed:
                         break
+                    scoring, self._scoring = self._scoring, []
+                for future, tokens, top in scoring:
+                    try:
+                        future.set_result(self.engine.prompt_logprobs(tokens, top))
+                    except Exception as e:  # noqa: BLE001 - that caller's error only
+                        future.set_exception(e)
                 try:
                     self._admit()
                     if self._running:
@@ -164,8 +183,8 @@ class BatchingEngine(ThreadedEngine):
                             sequence.future.set_exception(e)
                     self._running = []
                     self._batch.keep([])
-        for sequence in [*self._running, *self._waiting.drain()]:
-            sequence.future.set_exception(RetrieverError("the engine was closed"))
+        for future in [*(s.future for s in [*self._running, *self._waiting.drain()]), *(job[0] for job in self._scoring)]:
+            future.set_exception(RetrieverError("the engine was closed"))
 
     def _admit(self) -> None:
         while self._waiting and len(self._running) < self.max_batch:

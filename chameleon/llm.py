@@ -1,4 +1,5 @@
-"""LLM engines behind one small interface (``generate``); the torch engine owns its KV caches.
+"""LLM engines behind one small interface (``generate``, and ``prompt_logprobs`` to score a text);
+the torch engine owns its KV caches.
 
 ``TorchEngine`` runs a transformers causal LM on CPU or CUDA with its own decoding loop: one
 prefill over the prompt (optionally continuing from a cached prefix's KV), then one decode step
@@ -125,16 +126,8 @@ class Sampling:
             self._report(logits, token)
         return token
 
-    def record(self, token: int, logprob: float, top: tuple[tuple[int, float], ...] = ()) -> None:
-        """Report a token chosen elsewhere (by vLLM) with its log-probabilities."""
-        self.reported.append(TokenLogprob(token, logprob, top))
-
     def _report(self, logits, token: int) -> None:
-        import torch
-
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
-        top = torch.topk(logprobs, self.logprobs) if self.logprobs else None
-        self.record(token, float(logprobs[token]), tuple(zip(top.indices.tolist(), top.values.tolist())) if top is not None else ())
+        self.reported += token_logprobs(logits.unsqueeze(0), [token], self.logprobs)
 
     def _choose(self, logits, greedy_token: int | None) -> int:
         import torch
@@ -178,6 +171,30 @@ class Sampling:
 
 
 GREEDY = Sampling()
+
+
+def token_logprobs(logits, tokens: list[int], top: int) -> list[TokenLogprob]:
+    """For each row of ``logits`` (rows x vocabulary), the log-probability of the token of
+    ``tokens`` at that row and the ``top`` most likely tokens' (log-softmax in float32)."""
+    import torch
+
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs[torch.arange(len(tokens)), torch.tensor(tokens, device=logprobs.device)].tolist()
+    if not top:
+        return [TokenLogprob(token, logprob) for token, logprob in zip(tokens, chosen)]
+    best = torch.topk(logprobs, top, dim=-1)
+    return [
+        TokenLogprob(token, logprob, tuple(zip(ids, values)))
+        for token, logprob, ids, values in zip(tokens, chosen, best.indices.tolist(), best.values.tolist())
+    ]
+
+
+def check_scored(tokens: list[int], top: int, window: int) -> None:
+    """A clear error for a prompt to score (``prompt_logprobs``) that no engine can."""
+    if not 1 <= len(tokens) <= window:
+        raise RetrieverError(f"the text to score has {len(tokens)} tokens; the model reads 1 to {window}")
+    if not (isinstance(top, int) and 0 <= top <= MAX_TOP_LOGPROBS):
+        raise RetrieverError(f"top must be an integer between 0 and {MAX_TOP_LOGPROBS}, got {top!r}")
 
 
 @dataclass
@@ -272,6 +289,24 @@ class TorchEngine(EngineText):
                 out = self.model(torch.tensor([tokens[begin : begin + chunk]], device=self.device), past_key_values=cache, use_cache=True)
                 cache = out.past_key_values
         return KVPrefix(list(tokens), cache), out.logits[0, -1]
+
+    def prompt_logprobs(self, tokens: list[int], top: int = 0) -> list[TokenLogprob | None]:
+        """How likely the model finds each of ``tokens`` after the ones before it: None for the
+        first (nothing comes before it), then each one's log-probability and the ``top`` most
+        likely tokens' at its place (scoring a text, OpenAI's ``echo``). Runs in chunks of
+        :data:`PREFILL_CHUNK` tokens, so that the logits held stay small."""
+        import torch
+        from transformers import DynamicCache
+
+        check_scored(tokens, top, self.context_window)
+        cache, scored = DynamicCache(), [None]
+        with torch.inference_mode():
+            for begin in range(0, len(tokens) - 1, PREFILL_CHUNK):  # the last token predicts nothing asked for
+                chunk = tokens[begin : min(begin + PREFILL_CHUNK, len(tokens) - 1)]
+                out = self.model(torch.tensor([chunk], device=self.device), past_key_values=cache, use_cache=True)
+                cache = out.past_key_values
+                scored += token_logprobs(out.logits[0], tokens[begin + 1 : begin + 1 + len(chunk)], top)
+        return scored
 
     def generate(
         self,

@@ -35,10 +35,12 @@ from chameleon.llm import (
     KVPrefix,
     Sampling,
     ThreadedEngine,
+    TokenLogprob,
     answer_text,
     cancelled_generation,
     check_dtype,
     check_request,
+    check_scored,
     context_window,
     decode_speed,
     end_token_ids,
@@ -63,16 +65,17 @@ class _Request:
     cancelled: Callable[[], bool] | None = None
     sampling: dict = field(default_factory=lambda: {"temperature": 0.0})  # SamplingParams' fields
     reports: Sampling | None = None  # where the chosen tokens' log-probabilities go, when asked for
+    prompt_scores: list | None = None  # the prompt's log-probabilities, when asked for (``prompt_logprobs``)
     generated: list[int] = field(default_factory=list)
     first_token_at: float = 0.0
     cached_tokens: int = 0
 
 
-def _report(sampling: Sampling, token: int, logprobs: dict) -> None:
-    """Hand vLLM's log-probabilities of one step (token -> Logprob with its rank; the chosen token
-    is always there, the ``sampling.logprobs`` most likely too) to the request's ``sampling``."""
-    top = sorted((entry.rank, candidate, entry.logprob) for candidate, entry in logprobs.items() if entry.rank <= sampling.logprobs)
-    sampling.record(token, logprobs[token].logprob, tuple((candidate, logprob) for _, candidate, logprob in top))
+def _token_logprob(token: int, logprobs: dict, top: int) -> TokenLogprob:
+    """vLLM's log-probabilities at one place (token -> Logprob with its rank: the token there and
+    the ``top`` most likely) as ours."""
+    best = sorted((entry.rank, candidate, entry.logprob) for candidate, entry in logprobs.items() if entry.rank <= top)
+    return TokenLogprob(token, logprobs[token].logprob, tuple((candidate, logprob) for _, candidate, logprob in best))
 
 
 def _import_vllm():
@@ -182,12 +185,26 @@ class VllmEngine(ThreadedEngine):
             request.sampling = {"temperature": sampling.temperature, "top_p": sampling.top_p, "seed": sampling.next_seed()}
         if sampling is not None and sampling.logprobs is not None:
             request.sampling["logprobs"], request.reports = sampling.logprobs, sampling
+        self._queue(request)
+        return request.future
+
+    def _queue(self, request: _Request) -> None:
         with self._wake:
             if self._closed or self._failure is not None:
                 raise RetrieverError("the engine is closed" if self._closed else f"the vLLM engine has failed: {self._failure}")
             self._pending.append(request)
             self._wake.notify()
-        return request.future
+
+    def prompt_logprobs(self, tokens: list[int], top: int = 0) -> list[TokenLogprob | None]:
+        """``TorchEngine.prompt_logprobs`` from vLLM (its ``prompt_logprobs``, one token generated)."""
+        check_scored(tokens, top, self.context_window)
+        request = _Request(str(next(self._ids)), list(tokens), 1, None, Future(), time.perf_counter())
+        request.sampling["prompt_logprobs"] = top
+        self._queue(request)
+        request.future.result()
+        if request.prompt_scores is None:
+            raise RetrieverError("vLLM returned no log-probabilities for the prompt")
+        return request.prompt_scores
 
     def close(self) -> None:
         """Fail what is still queued or running, then stop vLLM's processes."""
@@ -248,13 +265,16 @@ class VllmEngine(ThreadedEngine):
             return
         if output.num_cached_tokens is not None:
             request.cached_tokens = output.num_cached_tokens
+        if output.prompt_logprobs and "prompt_logprobs" in request.sampling:
+            top = request.sampling["prompt_logprobs"]
+            request.prompt_scores = [None] + [_token_logprob(t, lp, top) for t, lp in zip(request.tokens[1:], output.prompt_logprobs[1:])]
         now = time.perf_counter()
         completion = output.outputs[0]
         for n, token in enumerate(completion.token_ids):
             request.first_token_at = request.first_token_at or now
             request.generated.append(token)
             if request.reports is not None:
-                _report(request.reports, token, completion.logprobs[n])
+                request.reports.reported.append(_token_logprob(token, completion.logprobs[n], request.reports.logprobs))
             stop = request.on_token is not None and self._ask(request, request.on_token, token)
             if stop is None:
                 return

@@ -302,6 +302,30 @@ def test_logprobs_report_the_models_own_distribution_for_every_chosen_token(any_
         assert any_engine.generate(prompt, 9, sampling=unreported).tokens == generation.tokens  # reporting changes no token
 
 
+def test_prompt_logprobs_score_each_token_after_the_ones_before_it(any_engine, tiny_torch, prompts, monkeypatch):
+    import torch
+
+    import chameleon.llm
+
+    monkeypatch.setattr(chameleon.llm, "PREFILL_CHUNK", 100)  # the long prompt takes several chunks
+    prompt = prompts[3]
+    assert len(prompt) > 250
+    scored = any_engine.prompt_logprobs(prompt, 3)
+    with torch.inference_mode():
+        expected = torch.log_softmax(tiny_torch.model(torch.tensor([prompt])).logits[0, :-1].float(), dim=-1)
+    assert scored[0] is None and [s.token for s in scored[1:]] == prompt[1:]
+    for row, s in zip(expected, scored[1:]):
+        assert s.logprob == pytest.approx(float(row[s.token]), abs=2e-3)
+        assert [t for t, _ in s.top] == torch.topk(row, 3).indices.tolist()
+    assert any_engine.prompt_logprobs(prompt[:1]) == [None]
+    assert [s.top for s in any_engine.prompt_logprobs(prompt[:5])[1:]] == [()] * 4
+    with pytest.raises(RetrieverError, match="tokens"):
+        any_engine.prompt_logprobs([])
+    with pytest.raises(RetrieverError, match="top"):
+        any_engine.prompt_logprobs(prompt, 21)
+    assert any_engine.generate(prompt[:20], 3).tokens  # the engine goes on
+
+
 def test_concurrent_sampled_requests_get_their_sequential_tokens(thread_safe_engine, prompts):
     """A seeded request's draws are its own: greedy and sampled requests batched together get
     what each gets alone. (At temperature 0.4 the tiny model's distributions are peaked: a batched

@@ -324,10 +324,12 @@ def test_openai_parameters_we_do_not_implement_are_refused_unless_they_ask_for_n
         with pytest.raises(BadRequestError) as refused:
             client.chat.completions.create(**chat, **asked)
         assert all(name in str(refused.value) for name in asked) and refused.value.code == "unsupported_parameter"
-    for asked in [{"echo": True}, {"best_of": 2}, {"suffix": "the end"}]:
+    for asked in [{"best_of": 2}, {"suffix": "the end"}]:
         status, body, _ = call(tiny_server.url + "/v1/completions", {"prompt": "Zorblax", "max_tokens": 2, "rag": False, **asked})
         assert status == 400 and next(iter(asked)) in body["error"]["message"]
     assert call(tiny_server.url + "/v1/completions", {"prompt": "Zorblax", "max_tokens": 2, "rag": False, "best_of": 1, "echo": False})[0] == 200
+    status, body, _ = call(tiny_server.url + "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "echo": True})
+    assert status == 400 and "echo" in body["error"]["message"]  # a completions parameter
 
 
 def test_logprobs_come_with_the_tokens_of_the_answer_whole_or_streamed(tiny_server):
@@ -359,6 +361,39 @@ def test_logprobs_come_with_the_tokens_of_the_answer_whole_or_streamed(tiny_serv
     assert choice.logprobs.text_offset == sorted(choice.logprobs.text_offset) and all(o < len(choice.text) for o in choice.logprobs.text_offset)
     assert all(choice.text[o:].startswith(t) or t.startswith(choice.text[o:]) for o, t in zip(choice.logprobs.text_offset, choice.logprobs.tokens))
     assert [len(top) for top in choice.logprobs.top_logprobs] == [1] * len(choice.logprobs.tokens)
+
+
+def test_echo_scores_the_prompt_after_the_passages_and_before_the_continuation(tiny_server):
+    """OpenAI's echo + logprobs (what evaluation harnesses send to score a text): the prompt's
+    tokens with their log-probabilities, then the continuation's."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=tiny_server.url + "/v1", api_key=KEY)
+    prompt = "The planet Zorblax-42 has purple oceans"
+    plain = {"model": "tiny-llama", "prompt": prompt, "extra_body": {"rag": False}}
+    scored = client.completions.create(**plain, max_tokens=0, echo=True, logprobs=2).choices[0]
+    assert scored.text == prompt and scored.finish_reason == "length"
+    tokens = scored.logprobs.tokens
+    assert "".join(tokens) == prompt and scored.logprobs.text_offset == [len("".join(tokens[:n])) for n in range(len(tokens))]
+    assert scored.logprobs.token_logprobs[0] is None and scored.logprobs.top_logprobs[0] is None  # nothing before it
+    assert all(lp <= 0 for lp in scored.logprobs.token_logprobs[1:]) and all(len(top) <= 2 for top in scored.logprobs.top_logprobs[1:])
+
+    continued = client.completions.create(**plain, max_tokens=5, echo=True, logprobs=1).choices[0]
+    alone = client.completions.create(**plain, max_tokens=5, logprobs=1).choices[0]
+    assert continued.text == prompt + alone.text
+    assert continued.logprobs.tokens == tokens + alone.logprobs.tokens
+    assert continued.logprobs.token_logprobs == pytest.approx(scored.logprobs.token_logprobs + alone.logprobs.token_logprobs, abs=1e-4)
+    assert continued.logprobs.text_offset[len(tokens) :] == [len(prompt) + o for o in alone.logprobs.text_offset]
+    assert client.completions.create(**plain, max_tokens=3, echo=True).choices[0].logprobs is None
+
+    chunks = list(client.completions.create(**plain, max_tokens=5, echo=True, logprobs=1, stream=True))
+    assert chunks[0].choices[0].text == prompt and "".join(c.choices[0].text for c in chunks if c.choices) == continued.text
+    assert [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.tokens] == continued.logprobs.tokens
+
+    augmented = client.completions.create(model="tiny-llama", prompt=prompt, max_tokens=0, echo=True, logprobs=0)
+    assert augmented.model_extra["chameleon"]["sources"] and augmented.choices[0].text == prompt
+    assert augmented.choices[0].logprobs.tokens == tokens and augmented.choices[0].logprobs.token_logprobs[0] is not None  # after the passages
+    assert call(tiny_server.url + "/v1/completions", {"prompt": prompt, "max_tokens": 0})[0] == 422
 
 
 def test_sampling_settings_reach_the_engine(tiny_server):

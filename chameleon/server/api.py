@@ -247,18 +247,18 @@ def create_app(service: Service, settings: ServeSettings, metrics: Metrics) -> F
                 return service.chat(messages, max_tokens, body.stops, on_text, cancelled, sampling)
 
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        return await generate(choice_runs(body, run), body.stream, _OpenAIChunks(service.model_id, "chat", include_usage, body.logprobs))
+        return await generate(choice_runs(body, run), body.stream, _OpenAIChunks(service.model_id, "chat", include_usage, body.reported_logprobs is not None))
 
     @app.post("/v1/completions", dependencies=[Depends(authorised)], tags=["openai"])
     async def completions(body: schemas.CompletionRequest):
         check_openai(body)
-        max_tokens = max_tokens_of(body.max_tokens)
+        max_tokens = 0 if body.max_tokens == 0 else max_tokens_of(body.max_tokens)  # 0: only the echoed prompt
 
         def run(on_text, cancelled, sampling):
-            return service.complete(body.prompt, max_tokens, body.rag, body.k, body.stops, on_text, cancelled, sampling)
+            return service.complete(body.prompt, max_tokens, body.rag, body.k, body.stops, on_text, cancelled, sampling, body.echo)
 
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        return await generate(choice_runs(body, run), body.stream, _OpenAIChunks(service.model_id, "text", include_usage, body.logprobs is not None))
+        return await generate(choice_runs(body, run), body.stream, _OpenAIChunks(service.model_id, "text", include_usage, body.reported_logprobs is not None))
 
     app.add_middleware(_Observed, metrics=metrics, max_body_bytes=settings.max_body_bytes)
     app.state.service, app.state.workers = service, workers
@@ -417,8 +417,8 @@ class _OpenAIChunks:
         if self.kind == "text":
             return {
                 "tokens": [t.text for t in tokens],
-                "token_logprobs": [t.logprob for t in tokens],
-                "top_logprobs": [dict(t.top) for t in tokens],
+                "token_logprobs": [t.logprob for t in tokens],  # None for a prompt's first token
+                "top_logprobs": [None if t.logprob is None else dict(t.top) for t in tokens],
                 "text_offset": [t.offset for t in tokens],
             }
 

@@ -3,7 +3,9 @@
 The OpenAI-compatible requests ignore fields that change nothing in an answer (clients send
 many). Those that would and that we do not implement (``tools``, ``response_format``,
 penalties…) are taken only at the values that ask for nothing: any other is refused
-(:meth:`_Generation.refused_parameters`), never silently dropped. ``n`` is at most 8. Decoding is greedy unless a request sets ``temperature`` (then ``top_p`` and ``seed`` apply
+(:meth:`_Generation.refused_parameters`), never silently dropped. ``n`` is at most 8.
+``logprobs`` (and on completions ``echo``, which scores the prompt) report the model's own
+log-probabilities. Decoding is greedy unless a request sets ``temperature`` (then ``top_p`` and ``seed`` apply
 too): unlike OpenAI's default of 1, a request that says nothing gets the same answer every time.
 Chameleon's own fields (``rag``, ``k``, ``retrieval_interval``) ride along in the same bodies
 (``extra_body`` in the ``openai`` client).
@@ -205,6 +207,8 @@ class ChatCompletionRequest(_Generation):
 
 class CompletionRequest(_Generation):
     prompt: str | list[str] = Field(description="One prompt (a list must hold exactly one).")
+    max_tokens: int | None = Field(None, ge=0, description="New tokens at most; 0 (with echo) scores the prompt alone.")
+    echo: bool = Field(False, description="Return the prompt before its continuation, and with logprobs its tokens' too.")
     logprobs: int | None = Field(
         None, ge=0, le=MAX_COMPLETION_LOGPROBS, strict=True,
         description=f"Each token of the answer with its log-probability and the N most likely tokens' ({_LOGPROBS_MEANING}).",
@@ -214,6 +218,12 @@ class CompletionRequest(_Generation):
     @classmethod
     def _false_is_none(cls, value):
         return None if value is False else value  # some clients send false for "none"
+
+    @model_validator(mode="after")
+    def _nothing_to_answer(self):
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens 0 asks for nothing unless echo is true")
+        return self
 
     @property
     def reported_logprobs(self) -> int | None:

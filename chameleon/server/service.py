@@ -18,7 +18,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +51,7 @@ class ReportedToken:
 
     text: str
     offset: int
-    logprob: float
+    logprob: float | None  # None for the first token of a prompt: nothing comes before it
     top: tuple[tuple[str, float], ...]
 
 
@@ -104,14 +104,20 @@ class TextStream:
         self._sent = max(self._sent, end)
         while self._unreleased and self._unreleased[0][0] < self._sent:
             offset, logprob = self._unreleased.pop(0)
-            self.released.append(self._reported(offset, logprob))
+            self.released.append(_reported(self.tokenizer, logprob.token, offset, logprob))
         return delta
 
-    def _reported(self, offset: int, logprob: TokenLogprob) -> ReportedToken:
-        def text(token: int) -> str:
-            return self.tokenizer.decode([token])
 
-        return ReportedToken(text(logprob.token), offset, logprob.logprob, tuple((text(t), lp) for t, lp in logprob.top))
+def _reported(tokenizer, token: int, offset: int, logprob: TokenLogprob | None) -> ReportedToken:
+    """``token`` at ``offset`` of a text with its log-probabilities (None: the first token of a
+    prompt, which nothing predicts), the tokens as text."""
+
+    def text(token: int) -> str:
+        return tokenizer.decode([token])
+
+    if logprob is None:
+        return ReportedToken(text(token), offset, None, ())
+    return ReportedToken(text(token), offset, logprob.logprob, tuple((text(t), lp) for t, lp in logprob.top))
 
 
 @dataclass
@@ -286,24 +292,67 @@ class Service:
         return self._plain(request, self.engine.chat_tokens(messages), max_tokens, sampling)
 
     def complete(
-        self, prompt: str, max_tokens: int, rag: bool, k: int | None = None, stop: Sequence[str] = (), on_text=None, cancelled=None, sampling=None
+        self,
+        prompt: str,
+        max_tokens: int,
+        rag: bool,
+        k: int | None = None,
+        stop: Sequence[str] = (),
+        on_text=None,
+        cancelled=None,
+        sampling=None,
+        echo: bool = False,
     ) -> Completion:
-        """Continue ``prompt`` as raw text; with ``rag``, the retrieved passages come before it."""
-        request = _Request(self.engine, stop, on_text, cancelled, sampling, strip_leading=False)
-        encode = self.engine.tokenizer
-        if not rag:
-            return self._plain(request, encode(prompt)["input_ids"], max_tokens, sampling)
+        """Continue ``prompt`` as raw text; with ``rag``, the retrieved passages come before it.
+
+        With ``echo`` the text returned (and sent first) is the prompt, then its continuation, and
+        the log-probabilities asked for cover the prompt's tokens too: how likely the model finds
+        the prompt, after the passages with ``rag``. ``max_tokens`` 0 then scores the prompt alone.
+        """
+        send = on_text
+
+        def after_prompt(text: str, logprobs: list[ReportedToken]) -> None:  # the continuation's offsets follow the echoed prompt
+            send(text, [replace(r, offset=r.offset + len(prompt)) for r in logprobs])
+
+        request = _Request(self.engine, stop, after_prompt if echo and send is not None else send, cancelled, sampling, strip_leading=False)
         timings: dict = {}
-        ranked = self.pipeline.retrieve(prompt, timings, k)
+        ranked = self.pipeline.retrieve(prompt, timings, k) if rag else []
         self._observe_retrieval(timings)
 
-        def render(kept):
-            return [encode(f"Passages:\n{context_block(kept)}\n\n{prompt}" if kept else prompt)["input_ids"]]
+        def head(kept) -> str:
+            return f"Passages:\n{context_block(kept)}\n\n" if kept else ""
 
-        (tokens,), kept = self.pipeline.fit([p for p, _ in ranked], max_tokens, render)
-        return self._plain(request, tokens, max_tokens, sampling, [_source(p, s) for p, s in ranked[:kept]], timings)
+        (tokens,), kept = self.pipeline.fit([p for p, _ in ranked], max_tokens, lambda kept: [self._encode(head(kept) + prompt)])
+        sources = [_source(p, s) for p, s in ranked[:kept]]
+        if not echo:
+            return self._plain(request, tokens, max_tokens, sampling, sources, timings)
+        echoed = self._echoed(prompt, head([p for p, _ in ranked[:kept]]), tokens, request.reports)
+        if send is not None:
+            send(prompt, echoed or [])
+        completion = self._plain(request, tokens, max_tokens, sampling, sources, timings)
+        logprobs = None if echoed is None else echoed + [replace(r, offset=r.offset + len(prompt)) for r in completion.logprobs]
+        return replace(completion, text=prompt + completion.text, logprobs=logprobs)
+
+    def _encode(self, text: str) -> list[int]:
+        return self.engine.tokenizer(text)["input_ids"]
+
+    def _echoed(self, prompt: str, head: str, tokens: list[int], reports: Sampling | None) -> list[ReportedToken] | None:
+        """The prompt's tokens (those that cover a character of it, after ``head``) with their
+        log-probabilities, when ``reports`` asks for them."""
+        if reports is None:
+            return None
+        offsets = self.engine.tokenizer(head + prompt, return_offsets_mapping=True)["offset_mapping"]
+        first = next((n for n, (_, end) in enumerate(offsets) if end > len(head)), len(tokens))
+        scored = self.engine.prompt_logprobs(tokens, reports.logprobs)
+        tokenizer = self.engine.tokenizer
+        return [
+            _reported(tokenizer, token, max(0, start - len(head)), score)
+            for token, (start, _), score in zip(tokens[first:], offsets[first:], scored[first:])
+        ]
 
     def _plain(self, request: _Request, tokens, max_tokens: int, sampling: Sampling | None, sources=(), timings=None) -> Completion:
+        if max_tokens == 0:  # an echo that only scores the prompt
+            return self._finish(request, "length", len(tokens), 0, list(sources), timings or {})
         generation = self.engine.generate(list(tokens), max_tokens, None, request.on_token, sampling=sampling)
         timings = {**(timings or {}), "queue_s": generation.queue_s, "prefill_s": generation.ttft_s}
         return self._finish(request, generation.finish_reason, len(tokens), generation.cached_tokens, list(sources), timings)
