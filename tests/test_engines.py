@@ -515,6 +515,10 @@ def test_serve_with_the_vllm_engine(tmp_path, facts_index, tiny_path):
         choices = {**chat, "n": 2, "temperature": 1.0, "seed": 3}  # each choice a vLLM request with its own seed
         drawn = [[c["message"]["content"] for c in fetch("/v1/chat/completions", choices)["choices"]] for _ in range(2)]
         assert drawn[0] == drawn[1] and len(drawn[0]) == 2 and drawn[0][0] != drawn[0][1]
+        reported = fetch("/v1/chat/completions", {**chat, "logprobs": True, "top_logprobs": 2})["choices"][0]
+        assert "".join(t["token"] for t in reported["logprobs"]["content"]).lstrip() == reported["message"]["content"]
+        echoed = fetch("/v1/completions", {"prompt": "Zorblax oceans", "max_tokens": 0, "echo": True, "logprobs": 1, "rag": False})
+        assert echoed["choices"][0]["text"] == "Zorblax oceans" and echoed["choices"][0]["logprobs"]["token_logprobs"][0] is None
         metrics = fetch("/metrics")
         assert "chameleon_batch_size 0.0" in metrics and "chameleon_queue_depth 0.0" in metrics
         hits = float(again["cache"]["cached_tokens"])  # the document cache counts what vLLM reused
