@@ -360,6 +360,7 @@ def serve(
     cache_host_mb: Optional[int] = typer.Option(None, "--cache-host-mb", help="Its host tier in MiB (2048)."),
     prefill_profile: Optional[Path] = typer.Option(None, "--prefill-profile", help="`chameleon profile prefill` output for gdsf/pgdsf."),
     speculative: Optional[bool] = typer.Option(None, "--speculative/--no-speculative", help="Prefill on the tier's early top-k (off)."),
+    access_log: Optional[bool] = typer.Option(None, "--access-log/--no-access-log", help="A JSON line per request on stderr (on)."),
     ready_file: Optional[Path] = typer.Option(None, "--ready-file", help="Write the URL and pid here once serving (for scripts)."),
 ):
     """Serve RAG over HTTP: the RAG API, OpenAI-compatible endpoints, health and metrics.
@@ -376,6 +377,7 @@ def serve(
         keys=keys, state_dir=state_dir, host=host, port=port, api_keys=api_key or None, k=k, nprobe=nprobe,
         max_tokens=max_tokens, max_concurrency=max_concurrency, knnlm=knnlm, cache_policy=cache_policy,
         cache_device_mb=cache_device_mb, cache_host_mb=cache_host_mb, prefill_profile=prefill_profile, speculative=speculative,
+        access_log=access_log,
     )  # fmt: skip
     run_server(settings, ready_file)
 

@@ -23,10 +23,12 @@ from tests.helpers import start_server
 KEY = "test-key"
 
 
-def call(url: str, body: dict | bytes | None = None, key: str | None = KEY, method: str | None = None) -> tuple[int, dict, dict]:
+def call(
+    url: str, body: dict | bytes | None = None, key: str | None = KEY, method: str | None = None, headers: dict | None = None
+) -> tuple[int, dict, dict]:
     """(status, JSON body, headers) of one request."""
     data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {}) | (headers or {})
     request = urllib.request.Request(url, data, headers, method=method or ("POST" if data is not None else "GET"))
     try:
         with urllib.request.urlopen(request, timeout=120) as response:
@@ -36,9 +38,9 @@ def call(url: str, body: dict | bytes | None = None, key: str | None = KEY, meth
         return e.code, json.loads(e.read()), dict(e.headers)
 
 
-def events(url: str, body: dict, key: str | None = KEY):
+def events(url: str, body: dict, key: str | None = KEY, headers: dict | None = None):
     """The (event, data) pairs of a server-sent event stream, as they arrive."""
-    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {key}"}
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {key}"} | (headers or {})
     request = urllib.request.Request(url, json.dumps(body).encode(), headers, method="POST")
     with urllib.request.urlopen(request, timeout=120) as response:
         event = None
@@ -394,6 +396,36 @@ def test_echo_scores_the_prompt_after_the_passages_and_before_the_continuation(t
     assert augmented.model_extra["chameleon"]["sources"] and augmented.choices[0].text == prompt
     assert augmented.choices[0].logprobs.tokens == tokens and augmented.choices[0].logprobs.token_logprobs[0] is not None  # after the passages
     assert call(tiny_server.url + "/v1/completions", {"prompt": prompt, "max_tokens": 0})[0] == 422
+
+
+def test_every_request_has_an_id_and_ends_with_one_access_log_line(tiny_server):
+    def logged(request_id: str) -> dict:
+        for _ in range(100):  # the line follows the response's last byte
+            lines = [json.loads(line) for line in tiny_server.log.read_text().splitlines() if line.startswith('{"time"')]
+            found = [line for line in lines if line["request_id"] == request_id]
+            if found:
+                assert len(found) == 1
+                return found[0]
+            time.sleep(0.05)
+        raise AssertionError(f"no access log line for {request_id}")
+
+    chat = {"messages": [{"role": "user", "content": "Zorblax?"}], "max_tokens": 3, "rag": False}
+    status, body, headers = call(tiny_server.url + "/v1/chat/completions", chat, headers={"X-Request-ID": "trace-42.a"})
+    assert status == 200 and headers["x-request-id"] == "trace-42.a" and body["id"] == "chatcmpl-trace-42.a"
+    line = logged("trace-42.a")
+    assert (line["method"], line["route"], line["status"]) == ("POST", "/v1/chat/completions", 200) and line["seconds"] > 0
+    assert line["usage"] == body["usage"] and "messages" not in json.dumps(line)  # what was asked stays out of the log
+
+    status, _, headers = call(tiny_server.url + "/v1/chat/completions", chat, headers={"X-Request-ID": "no spaces " * 3})
+    assert status == 200 and len(headers["x-request-id"]) == 32 and logged(headers["x-request-id"])["status"] == 200
+
+    status, body, headers = call(tiny_server.url + "/v1/search", {"vector": [0.1] * 5})
+    line = logged(headers["x-request-id"])
+    assert status == line["status"] == 400 and line["error"] == body["error"]["message"] and line["route"] == "/v1/search"
+
+    chunks = [data for _, data in events(tiny_server.url + "/v1/chat/completions", {**chat, "stream": True}, headers={"X-Request-ID": "streamed"})]
+    assert json.loads(chunks[0])["id"] == "chatcmpl-streamed"
+    assert logged("streamed")["usage"]["completion_tokens"] == 3  # known once the stream has ended
 
 
 def test_sampling_settings_reach_the_engine(tiny_server):

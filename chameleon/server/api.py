@@ -9,6 +9,11 @@
 - ``GET /healthz`` (the process answers), ``GET /readyz`` (every tier answers), ``GET /metrics``.
 - ``POST /admin/reload``: serve the passage index on disk again once it has changed.
 
+Every response carries an ``X-Request-ID`` (the request's own when it sends a sane one), which
+also names the OpenAI objects (``chatcmpl-ID``); with the access log on, each request ends with
+one JSON line on the ``chameleon.access`` logger (route, status, time, tokens, the error if any),
+and an error inside a stream is logged with its traceback on ``chameleon.server``.
+
 Errors have OpenAI's shape (``{"error": {"message", "type", "code", "param"}}``) so its clients
 report them. With API keys configured every ``/v1`` and ``/admin`` route needs ``Authorization:
 Bearer KEY``; health, readiness and metrics stay open for probes and scrapers. Requests beyond
@@ -22,10 +27,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
+import re
 import secrets
 import threading
 import time
 import uuid
+from contextvars import ContextVar
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -52,7 +60,27 @@ class ApiError(Exception):
         self.status, self.message, self.kind, self.code = status, message, kind, code
 
 
+ACCESS_LOG = logging.getLogger("chameleon.access")
+SERVER_LOG = logging.getLogger("chameleon.server")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# What the access log says of the request being served: its id, and what the routes add
+_REQUEST: ContextVar[dict | None] = ContextVar("chameleon_request", default=None)
+
+
+def _note(**fields) -> None:
+    """Add ``fields`` to the access log line of the request being served."""
+    request = _REQUEST.get()
+    if request is not None:
+        request.update(fields)
+
+
+def _request_id() -> str:
+    request = _REQUEST.get()
+    return request["request_id"] if request is not None else uuid.uuid4().hex
+
+
 def _error_body(message: str, kind: str, code: str | None = None) -> dict:
+    _note(error=message)
     return {"error": {"message": message, "type": kind, "code": code, "param": None}}
 
 
@@ -100,7 +128,9 @@ def create_app(service: Service, settings: ServeSettings, metrics: Metrics) -> F
             futures = [asyncio.ensure_future(blocking(run.call, None, cancelled)) for run in runs]
             try:
                 done = await asyncio.gather(*futures)
-                return JSONResponse(chunks.whole([(c, run.choices) for c, run in zip(done, runs)]))
+                choices = [(c, run.choices) for c, run in zip(done, runs)]
+                _note(usage=_usage(choices))
+                return JSONResponse(chunks.whole(choices))
             except BaseException:
                 cancelled.set()  # a choice that failed stops the others; their places are free once they have
                 await asyncio.gather(*futures, return_exceptions=True)
@@ -260,7 +290,7 @@ def create_app(service: Service, settings: ServeSettings, metrics: Metrics) -> F
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         return await generate(choice_runs(body, run), body.stream, _OpenAIChunks(service.model_id, "text", include_usage, body.reported_logprobs is not None))
 
-    app.add_middleware(_Observed, metrics=metrics, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(_Observed, metrics=metrics, max_body_bytes=settings.max_body_bytes, access_log=settings.access_log)
     app.state.service, app.state.workers = service, workers
     return app
 
@@ -327,8 +357,9 @@ async def _stream(runs: list[_Run], blocking, chunks: _Chunks) -> AsyncIterator[
                     try:
                         done[number] = tasks[number].result()
                     except Exception as e:  # after the first token the status line is gone: report in the stream
-                        status = 400 if isinstance(e, RetrieverError) else 500
-                        yield chunks.error(_error_body(str(e) if status == 400 else "internal error", "server_error"))
+                        if not isinstance(e, RetrieverError):
+                            SERVER_LOG.error("request %s failed in its stream", _request_id(), exc_info=e)
+                        yield chunks.error(_error_body(str(e) if isinstance(e, RetrieverError) else "internal error", "server_error"))
                         return
                     for index in runs[number].choices:
                         for event in chunks.finished(done[number], index):
@@ -336,7 +367,9 @@ async def _stream(runs: list[_Run], blocking, chunks: _Chunks) -> AsyncIterator[
                     if len(done) == len(runs):
                         break
                 number, piece = await queue.get()
-            for event in chunks.closing([(done[n], run.choices) for n, run in enumerate(runs)]):
+            choices = [(done[n], run.choices) for n, run in enumerate(runs)]
+            _note(usage=_usage(choices))
+            for event in chunks.closing(choices):
                 yield event
         finally:
             cancelled.set()
@@ -404,7 +437,7 @@ class _OpenAIChunks:
 
     def __init__(self, model_id: str, kind: str, include_usage: bool, logprobs: bool = False):
         self.model_id, self.kind, self.include_usage, self.logprobs = model_id, kind, include_usage, logprobs
-        self.id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        self.id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{_request_id()}"
         self.created = int(time.time())
 
     def _object(self, chunk: bool) -> dict:
@@ -481,20 +514,25 @@ def _extension(c: Completion) -> dict:
 
 
 class _Observed:
-    """ASGI middleware: refuses bodies over the limit (413) and times every request by route."""
+    """ASGI middleware: gives every request an id (``X-Request-ID``), refuses bodies over the limit
+    (413), times every request by route and, with ``access_log``, logs a line when it ends."""
 
-    def __init__(self, app, metrics: Metrics, max_body_bytes: int):
-        self.app, self.metrics, self.max_body_bytes = app, metrics, max_body_bytes
+    def __init__(self, app, metrics: Metrics, max_body_bytes: int, access_log: bool = True):
+        self.app, self.metrics, self.max_body_bytes, self.access_log = app, metrics, max_body_bytes, access_log
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         started = time.perf_counter()
         status = {"code": 500}
+        asked = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        request = {"request_id": asked if _REQUEST_ID.fullmatch(asked) else uuid.uuid4().hex}
+        _REQUEST.set(request)
 
         async def observed_send(message):
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", request["request_id"].encode())]}
             await send(message)
 
         try:
@@ -509,8 +547,14 @@ class _Observed:
         finally:
             route = scope.get("route")
             label = getattr(route, "path", "unmatched")
+            seconds = time.perf_counter() - started
             self.metrics.requests.labels(label, str(status["code"])).inc()
-            self.metrics.latency.labels(label).observe(time.perf_counter() - started)
+            self.metrics.latency.labels(label).observe(seconds)
+            if self.access_log:
+                client = scope.get("client") or ("", 0)
+                line = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "method": scope["method"], "path": scope["path"],
+                        "route": label, "status": status["code"], "seconds": round(seconds, 4), "client": client[0], **request}  # fmt: skip
+                ACCESS_LOG.info(json.dumps(line))
 
     async def _read_body(self, receive) -> bytes | None:
         chunks, size = [], 0

@@ -12,6 +12,7 @@ orders each prompt's documents for it and follows what it holds.
 from __future__ import annotations
 
 import itertools
+import logging
 import json
 import os
 import signal
@@ -30,6 +31,17 @@ GRACEFUL_SHUTDOWN_S = 120
 
 def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def _log_to_stderr() -> None:
+    """The server's own loggers (``chameleon.access``, ``chameleon.server``) write their lines to
+    stderr as they are; uvicorn keeps its own handlers."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("chameleon")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
 
 
 def _interrupt(*_signal_args) -> None:
@@ -53,6 +65,7 @@ def serve(settings: ServeSettings, ready_file: Path | None = None) -> None:
     from retriever.datasets import cache_dir
 
     signal.signal(signal.SIGTERM, _interrupt)  # until uvicorn takes over: a stop during startup cleans up too
+    _log_to_stderr()
     listener = _listen(settings.host, settings.port)
     state_dir = (settings.state_dir or cache_dir() / "serve").resolve()
     served = service = app = engine = None

@@ -43,6 +43,7 @@ class ServeSettings(BaseSettings):
     max_tokens: int = Field(1024, ge=1, le=4096, description="The most new tokens a request may ask for.")
     default_max_tokens: int = Field(256, ge=1, le=4096, description="New tokens when a request does not say.")
     max_concurrency: int = Field(16, ge=1, le=4096, description="Requests admitted at once (running or queued); more get 429.")
+    access_log: bool = Field(True, description="A JSON line per request on stderr: id, route, status, time, tokens, error.")
     max_body_bytes: int = Field(1 << 20, ge=1024, le=1 << 30)
     knnlm: Path | None = Field(None, description="kNN-LM datastore (`index build --knnlm`) for mode=knnlm (torch engine).")
     cache_policy: Literal["none", "lru", "lfu", "gdsf", "pgdsf"] = Field(
