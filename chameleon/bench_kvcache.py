@@ -112,12 +112,16 @@ def served(
     time of the ``stream`` requests. The warm-up requests arrive first and are served like the
     others, uncounted."""
     def reuse_ratio(item) -> float:
-        request, segments = item
-        return doc_cache.tree.reuse_ratio([(p.key, len(s)) for p, s in zip(request.passages, segments[1:-1])], len(segments[-1]))
+        _, passages, segments = item
+        return doc_cache.tree.reuse_ratio([(p.key, len(s)) for p, s in zip(passages, segments[1:-1])], len(segments[-1]))
+
+    def in_cache_order(passages: list[Passage]) -> list[Passage]:
+        """The passages where the document cache puts them in the prompt (``RagPipeline._canonical``)."""
+        return [passages[i] for i in doc_cache.order([p.key for p in passages])] if doc_cache is not None else passages
 
     def prefill(segments: list[list[int]], passages: list[Passage], resume: Generation | None = None, cancel_after: float | None = None):
         """Lookup + prefill to the first token, cancelled ``cancel_after`` seconds in when given:
-        (generation, seconds, tokens the document cache gave)."""
+        (generation, seconds, tokens whose KV was reused)."""
         started = time.perf_counter()
         tokens = joined(segments)
         cached, admitted = doc_cache.lookup(segments, [p.key for p in passages]) if doc_cache else (None, None)
@@ -126,21 +130,26 @@ def served(
         generation = engine.generate(tokens, 1, prefix, cancelled=cancelled)
         if admitted is not None:
             doc_cache.keep(admitted, segments, generation)
-        return generation, time.perf_counter() - started, len(cached.tokens) if cached is not None else 0
+        if cached is not None:
+            reused = len(cached.tokens)
+        else:  # an engine that keeps the KV itself (vLLM) says what it reused; a speculative head is no cache hit
+            reused = generation.cached_tokens if resume is None else 0
+        return generation, time.perf_counter() - started, reused
 
     def speculate(request: Request, early_at: float):
         """Prefill on the early answer from ``early_at``, cut short when the final one comes and
         differs, then on the final one: (the prompt served, when its first token stands, tokens the
         document cache gave, engine seconds)."""
-        segments = prompt_segments(engine, request.question, request.early)
-        final = prompt_segments(engine, request.question, request.passages)
+        early, passages = in_cache_order(request.early), in_cache_order(request.passages)
+        segments = prompt_segments(engine, request.question, early)
+        final = prompt_segments(engine, request.question, passages)
         final_at = request.arrival + request.retrieval_s
         speculated, wanted = joined(segments), joined(final)  # the engine learns whether they differ at ``final_at``
-        generation, seconds, shared = prefill(segments, request.early, cancel_after=None if speculated == wanted else final_at - early_at)
+        generation, seconds, shared = prefill(segments, early, cancel_after=None if speculated == wanted else final_at - early_at)
         first_token_at = max(early_at + seconds, final_at)
         if speculation.end(speculated, wanted):
             return segments, first_token_at, shared, seconds
-        _, again, shared = prefill(final, request.passages, resume=generation)
+        _, again, shared = prefill(final, passages, resume=generation)
         return final, first_token_at + again, shared, seconds + again
 
     counted = {id(request) for request in stream}
@@ -160,10 +169,11 @@ def served(
                 clock = max(clock, upcoming.arrival + upcoming.retrieval_s)
             while next_ready < len(ready) and ready[next_ready].arrival + ready[next_ready].retrieval_s <= clock:
                 retrieved = ready[next_ready]
-                waiting.push((retrieved, prompt_segments(engine, retrieved.question, retrieved.passages)))  # tokenized once, when retrieved
+                passages = in_cache_order(retrieved.passages)
+                waiting.push((retrieved, passages, prompt_segments(engine, retrieved.question, passages)))  # tokenized once, when retrieved
                 next_ready += 1
-            request, segments = waiting.pop()
-            _, seconds, shared = prefill(segments, request.passages)
+            request, passages, segments = waiting.pop()
+            _, seconds, shared = prefill(segments, passages)
             clock += seconds
         if id(request) in counted:
             ttfts.append(clock - request.arrival)
