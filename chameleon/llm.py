@@ -179,7 +179,8 @@ def token_logprobs(logits, tokens: list[int], top: int) -> list[TokenLogprob]:
     import torch
 
     logprobs = torch.log_softmax(logits.float(), dim=-1)
-    chosen = logprobs[torch.arange(len(tokens)), torch.tensor(tokens, device=logprobs.device)].tolist()
+    rows = torch.arange(len(tokens), device=logprobs.device)
+    chosen = logprobs[rows, torch.tensor(tokens, device=logprobs.device)].tolist()
     if not top:
         return [TokenLogprob(token, logprob) for token, logprob in zip(tokens, chosen)]
     best = torch.topk(logprobs, top, dim=-1)

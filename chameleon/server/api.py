@@ -33,9 +33,9 @@ import secrets
 import threading
 import time
 import uuid
-from contextvars import ContextVar
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Protocol
 

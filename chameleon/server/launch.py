@@ -12,8 +12,8 @@ orders each prompt's documents for it and follows what it holds.
 from __future__ import annotations
 
 import itertools
-import logging
 import json
+import logging
 import os
 import signal
 import socket

@@ -5,8 +5,9 @@ many). Those that would and that we do not implement (``tools``, ``response_form
 penalties…) are taken only at the values that ask for nothing: any other is refused
 (:meth:`_Generation.refused_parameters`), never silently dropped. ``n`` is at most 8.
 ``logprobs`` (and on completions ``echo``, which scores the prompt) report the model's own
-log-probabilities. Decoding is greedy unless a request sets ``temperature`` (then ``top_p`` and ``seed`` apply
-too): unlike OpenAI's default of 1, a request that says nothing gets the same answer every time.
+log-probabilities. Decoding is greedy unless a request sets ``temperature`` (then ``top_p`` and
+``seed`` apply too): unlike OpenAI's default of 1, a request that says nothing gets the same
+answer every time.
 Chameleon's own fields (``rag``, ``k``, ``retrieval_interval``) ride along in the same bodies
 (``extra_body`` in the ``openai`` client).
 """
@@ -145,8 +146,8 @@ class StreamOptions(_OpenAICompatible):
     include_usage: bool = False
 
 
-# OpenAI parameters that change what an answer holds, which this server does not implement, and
-# the values at which they ask for nothing (the defaults clients send).
+# OpenAI parameters that change what an answer holds, which this server does not implement (echo:
+# on chat; completions take it), and the values at which they ask for nothing (clients' defaults).
 _NEUTRAL_VALUES = {
     "echo": lambda v: v is None or v is False,
     "best_of": lambda v: v in (None, 1),
