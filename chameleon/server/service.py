@@ -311,10 +311,13 @@ class Service:
         """
         send = on_text
 
-        def after_prompt(text: str, logprobs: list[ReportedToken]) -> None:  # the continuation's offsets follow the echoed prompt
-            send(text, [replace(r, offset=r.offset + len(prompt)) for r in logprobs])
+        def after_prompt(logprobs: list[ReportedToken]) -> list[ReportedToken]:  # the continuation's offsets follow the echoed prompt
+            return [replace(r, offset=r.offset + len(prompt)) for r in logprobs]
 
-        request = _Request(self.engine, stop, after_prompt if echo and send is not None else send, cancelled, sampling, strip_leading=False)
+        def send_after_prompt(text: str, logprobs: list[ReportedToken]) -> None:
+            send(text, after_prompt(logprobs))
+
+        request = _Request(self.engine, stop, send_after_prompt if echo and send is not None else send, cancelled, sampling, strip_leading=False)
         timings: dict = {}
         ranked = self.pipeline.retrieve(prompt, timings, k) if rag else []
         self._observe_retrieval(timings)
@@ -330,7 +333,7 @@ class Service:
         if send is not None:
             send(prompt, echoed or [])
         completion = self._plain(request, tokens, max_tokens, sampling, sources, timings)
-        logprobs = None if echoed is None else echoed + [replace(r, offset=r.offset + len(prompt)) for r in completion.logprobs]
+        logprobs = None if echoed is None else echoed + after_prompt(completion.logprobs)
         return replace(completion, text=prompt + completion.text, logprobs=logprobs)
 
     def _encode(self, text: str) -> list[int]:
