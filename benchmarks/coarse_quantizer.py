@@ -29,7 +29,7 @@ from retriever import Searcher, build_index, load_index, save_index
 from retriever.coarse import CoarseQuantizer
 from retriever.datasets import glove50
 from retriever.index import IVFPQParams
-from retriever.refine import rerank_exact
+from retriever.kernels.refine import rerank_exact
 from retriever.vectors import prepare_vectors
 
 
@@ -91,7 +91,7 @@ def main():
         faiss.omp_set_num_threads(threads)
         for nprobe in (8, 16, 32):
             best = {name: float("inf") for name in quantizers}
-            for name, coarse in quantizers.items():
+            for coarse in quantizers.values():
                 whole(coarse, nprobe)
             for _ in range(args.repeats):
                 for name, coarse in quantizers.items():

@@ -21,7 +21,7 @@ import time
 import numba
 import numpy as np
 
-from chameleon.bench import recall_at_k
+from chameleon.bench.recall import recall_at_k
 from retriever import Searcher, build_index
 from retriever.build import add_vectors
 from retriever.datasets import glove50

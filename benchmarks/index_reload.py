@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from chameleon.corpus import builtin_rag_index
-from chameleon.embedder import Embedder
+from chameleon.rag.corpus import builtin_rag_index
+from chameleon.rag.embedder import Embedder
 from chameleon.server.launch import spawn
 
 NEW_DOCUMENTS = 20

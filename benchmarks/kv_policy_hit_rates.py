@@ -21,13 +21,14 @@ import argparse
 
 import numpy as np
 
-from chameleon.bench_kvcache import request_stream, retrieve
-from chameleon.corpus import RagIndex, builtin_rag_index
-from chameleon.embedder import Embedder
-from chameleon.llm import TorchEngine
-from chameleon.rag import prompt_segments
+from chameleon.bench.kvcache import request_stream, retrieve
+from chameleon.rag.corpus import RagIndex, builtin_rag_index
+from chameleon.rag.embedder import Embedder
+from chameleon.engines.torch_engine import TorchEngine
+from chameleon.rag.pipeline import prompt_segments
 from coordinator.kv_cache import POLICIES, KnowledgeTree
-from coordinator.prefill_profile import PrefillProfile, measure_quick
+from coordinator.prefill_profile import PrefillProfile
+from chameleon.engines.prefill_timing import measure_quick
 
 
 def replay(policy: str, requests: list, device_tokens: int, host_tokens: int, template: int, profile, warmup: int) -> tuple[float, float]:

@@ -68,10 +68,10 @@ def server(work_dir: Path, max_batch: int) -> tuple[subprocess.Popen, str]:
 
 
 def in_process(asked: list[str], max_tokens: int, k: int) -> dict:
-    from chameleon.corpus import RagIndex, builtin_rag_index
-    from chameleon.embedder import Embedder
-    from chameleon.llm import TorchEngine
-    from chameleon.rag import RagPipeline
+    from chameleon.rag.corpus import RagIndex, builtin_rag_index
+    from chameleon.rag.embedder import Embedder
+    from chameleon.engines.torch_engine import TorchEngine
+    from chameleon.rag.pipeline import RagPipeline
 
     embedder = Embedder()
     pipeline = RagPipeline(RagIndex(builtin_rag_index(embedder), embedder.fingerprint), embedder, TorchEngine(), k=k)

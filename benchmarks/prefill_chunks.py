@@ -16,7 +16,7 @@ import time
 
 from pydoc_data.topics import topics
 
-import chameleon.llm as llm
+import chameleon.engines.torch_engine as llm
 
 
 def median_seconds(engine, tokens: list[int], chunk: int | None, repeats: int) -> float:

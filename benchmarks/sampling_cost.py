@@ -1,4 +1,4 @@
-"""What choosing a sampled token costs: ``chameleon.llm.Sampling.pick`` vs transformers' own sampling.
+"""What choosing a sampled token costs: ``chameleon.engines.sampling.Sampling.pick`` vs transformers' own sampling.
 
 The logits are real: the built-in model (or ``--model``) answers questions about the Python
 documentation, drawing each token at the temperature and top-p under test, and every step's
@@ -19,7 +19,8 @@ import time
 
 import torch
 
-from chameleon.llm import NUCLEUS_FIRST_TRY, Sampling, TorchEngine
+from chameleon.engines.sampling import NUCLEUS_FIRST_TRY, Sampling
+from chameleon.engines.torch_engine import TorchEngine
 
 QUESTIONS = [
     "How do I read a file line by line in Python?",

@@ -19,11 +19,12 @@ import statistics
 import threading
 import time
 
-from chameleon.batching import BatchingEngine
-from chameleon.corpus import RagIndex, builtin_rag_index
-from chameleon.embedder import Embedder
-from chameleon.llm import Sampling, TorchEngine
-from chameleon.rag import RagPipeline
+from chameleon.engines.batching import BatchingEngine
+from chameleon.rag.corpus import RagIndex, builtin_rag_index
+from chameleon.rag.embedder import Embedder
+from chameleon.engines.sampling import Sampling
+from chameleon.engines.torch_engine import TorchEngine
+from chameleon.rag.pipeline import RagPipeline
 
 QUESTIONS = [
     "How do I read a file line by line?",

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from chameleon.bench import make_runner, set_threads, with_refinement
+from chameleon.bench.recall import make_runner, set_threads, with_refinement
 from retriever import build_index, load_index, save_index
 from retriever.datasets import glove50
 from retriever.index import IVFPQParams

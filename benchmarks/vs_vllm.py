@@ -3,7 +3,7 @@
 The stream is `chameleon bench kvcache`'s: Poisson arrivals, each request about a Zipf-popular
 python-docs passage, its prompt the template, the top 2-5 passages the index finds for it and a
 short question; the built-in SmolLM2-135M-Instruct in bf16 prefills it to the first token (time is
-virtual, every service time is measured, ``chameleon.bench_kvcache.served``). Rows, all with the
+virtual, every service time is measured, ``chameleon.bench.kvcache.served``). Rows, all with the
 same KV memory (``--kv-gib``, vLLM's KV cache):
 
 - ``torch``: our engine, no cache;
@@ -41,17 +41,17 @@ ROWS = ("torch", "torch + document cache", "vLLM", "vLLM + document order")
 
 def _engine(kind: str, kv_gib: int):
     if kind == "torch":
-        from chameleon.llm import TorchEngine
+        from chameleon.engines.torch_engine import TorchEngine
 
         return TorchEngine()
-    from chameleon.vllm_engine import VllmEngine
+    from chameleon.engines.vllm_engine import VllmEngine
 
     return VllmEngine(kv_cache_gib=kv_gib)
 
 
 def _capacity(stream) -> float:
     """Requests per second of the torch engine without a cache, back to back on ``stream``."""
-    from chameleon.bench_kvcache import interleaved, served
+    from chameleon.bench.kvcache import interleaved, served
 
     engine = _engine("torch", KV_CACHE_GIB)
     interleaved([served(engine, stream[:5], None, reorder=False)])  # a cold engine's first prefills run slower
@@ -60,10 +60,10 @@ def _capacity(stream) -> float:
 
 def _rows(kind: str, stream, warmup, kv_gib: int, template_passage) -> list[dict]:
     """The rows of one engine kind; the vLLM ones each on an engine of its own."""
-    from chameleon.bench_kvcache import interleaved, served
-    from chameleon.doc_cache import DocumentKVCache, VllmDocumentCache
-    from chameleon.rag import prompt_segments
-    from coordinator.prefill_profile import measure_quick
+    from chameleon.bench.kvcache import interleaved, served
+    from chameleon.rag.doc_cache import DocumentKVCache, VllmDocumentCache
+    from chameleon.rag.pipeline import prompt_segments
+    from chameleon.engines.prefill_timing import measure_quick
 
     if kind == "torch":
         engine = _engine("torch", kv_gib)
@@ -102,9 +102,9 @@ def main():
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
-    from chameleon.bench_kvcache import request_stream, retrieve
-    from chameleon.corpus import RagIndex, builtin_rag_index
-    from chameleon.embedder import Embedder
+    from chameleon.bench.kvcache import request_stream, retrieve
+    from chameleon.rag.corpus import RagIndex, builtin_rag_index
+    from chameleon.rag.embedder import Embedder
     from coordinator.speculation import SpeculativePrefill
 
     embedder = Embedder()

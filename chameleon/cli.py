@@ -80,9 +80,9 @@ def index_build(
     if knnlm and corpus is None:
         raise RetrieverError("--knnlm builds from a text corpus: give --corpus")
     if corpus is not None and knnlm:
-        from chameleon.corpus import read_corpus
-        from chameleon.knnlm import build_datastore
-        from chameleon.llm import TorchEngine
+        from chameleon.rag.corpus import read_corpus
+        from chameleon.rag.knnlm import build_datastore
+        from chameleon.engines.torch_engine import TorchEngine
 
         meta = build_datastore(read_corpus(corpus), TorchEngine(model), out, nlist=nlist, m=m, nbits=nbits, force=force, progress=True)
         _say(f"wrote {out}: kNN-LM datastore of {meta['keys']:,} positions for {meta['model']}")
@@ -127,8 +127,8 @@ def index_add(
     if (index / "rag.json").is_file():
         if corpus is None:
             raise RetrieverError(f"{index} is a passage index: add documents with --corpus")
-        from chameleon.corpus import add_to_rag_index
-        from chameleon.embedder import Embedder
+        from chameleon.rag.corpus import add_to_rag_index
+        from chameleon.rag.embedder import Embedder
 
         meta = add_to_rag_index(index, corpus, Embedder(), progress=True)
         added = meta["added"][-1]
@@ -165,7 +165,7 @@ def index_remove(
     if (index / "rag.json").is_file():
         if not doc_ids:
             raise RetrieverError(f"{index} is a passage index: remove documents with --doc-id")
-        from chameleon.corpus import remove_from_rag_index
+        from chameleon.rag.corpus import remove_from_rag_index
 
         meta = remove_from_rag_index(index, doc_ids)
         removed = meta["removed"][-1]
@@ -198,8 +198,8 @@ def _check_vector_index(index: Path) -> None:
 
 
 def _build_corpus_index(corpus: str, out: Path, nlist: int | None, m: int | None, nbits: int, force: bool) -> dict:
-    from chameleon.corpus import build_rag_index
-    from chameleon.embedder import Embedder
+    from chameleon.rag.corpus import build_rag_index
+    from chameleon.rag.embedder import Embedder
 
     started = time.perf_counter()
     _say(f"building a passage index of {corpus} with the built-in embedder")
@@ -232,7 +232,7 @@ def ask(
     """
     import json
 
-    from chameleon.llm import Sampling
+    from chameleon.engines.sampling import Sampling
 
     if not question.strip():
         raise RetrieverError("the question is empty")
@@ -260,10 +260,10 @@ def ask(
 
 
 def _ask_here(question, index, cluster, model, engine, k, nprobe, max_tokens, retrieval_interval, sampling) -> dict:
-    from chameleon.corpus import RagIndex, builtin_rag_index
-    from chameleon.embedder import Embedder
-    from chameleon.llm import engine_kind, make_engine
-    from chameleon.rag import RagPipeline
+    from chameleon.rag.corpus import RagIndex, builtin_rag_index
+    from chameleon.rag.embedder import Embedder
+    from chameleon.engines import engine_kind, make_llm_engine
+    from chameleon.rag.pipeline import RagPipeline
 
     kind = engine_kind(engine)  # a wrong name fails before anything loads
     embedder = Embedder()
@@ -278,7 +278,7 @@ def _ask_here(question, index, cluster, model, engine, k, nprobe, max_tokens, re
             raise RetrieverError(f"the cluster in {cluster} serves another index than {rag_index.path}")
     llm = None
     try:
-        llm = make_engine(kind, model)
+        llm = make_llm_engine(kind, model)
         pipeline = RagPipeline(rag_index, embedder, llm, k=k, nprobe=nprobe, retrieval=retrieval)
         answer = pipeline.ask(question, max_new_tokens=max_tokens, retrieval_interval=retrieval_interval, sampling=sampling)
     finally:
@@ -319,8 +319,8 @@ def profile_prefill(
     repeats: int = typer.Option(3, "--repeats", help="Timings per cell; the best is kept."),
 ):
     """Time prefill of N new tokens after C cached ones: the T(C, N) the KV cache policy costs requests with."""
-    from chameleon.llm import TorchEngine
-    from coordinator.prefill_profile import measure
+    from chameleon.engines.torch_engine import TorchEngine
+    from chameleon.engines.prefill_timing import measure
 
     grid_cached, grid_new = _number_list(cached, "--cached"), _number_list(new, "--new")
     if not 1 <= repeats <= 100:
@@ -342,8 +342,8 @@ def serve(
     reorder_window: Optional[int] = typer.Option(None, "--reorder-window", help="Cache-aware admission: pass a request over at most N times (8); 0: arrival order."),
     shards: Optional[int] = typer.Option(None, "--shards", help="Retrieval shards (default 2); 0 searches in the server process."),
     replicas: Optional[int] = typer.Option(None, "--replicas", help="Nodes per shard (default 1)."),
-    retrieval_engine: Optional[str] = typer.Option(None, "--retrieval-engine", help="Scan engine: numba, faiss, numba-fastscan (4-bit index) or fpga."),
-    fpga_mode: Optional[str] = typer.Option(None, "--fpga-mode", help="With --retrieval-engine fpga: hw or emu."),
+    retrieval_engine: Optional[str] = typer.Option(None, "--scan-engine", "--retrieval-engine", help="Scan engine: numba, faiss, numba-fastscan (4-bit index) or fpga (--retrieval-engine: its old name, deprecated)."),
+    fpga_mode: Optional[str] = typer.Option(None, "--fpga-mode", help="With --scan-engine fpga: hw or emu."),
     xclbin: Optional[Path] = typer.Option(None, "--xclbin", help="With --fpga-mode hw: the bitstream (make -C hls hw)."),
     keys: Optional[Path] = typer.Option(None, "--keys", help="CURVE keys directory: encrypt and authenticate the tier."),
     state_dir: Optional[Path] = typer.Option(None, "--state-dir", help="State and logs of the tier's processes."),
@@ -427,7 +427,7 @@ def bench_recall(
     refine: int = typer.Option(1, "--refine", help="Re-rank each engine's top F*k by the full vectors (faiss: IndexRefineFlat); 1: none."),
 ):
     """Recall@k, QPS and latency p50/p99 for each engine, thread count and nprobe."""
-    from chameleon.bench import plot_rows, run_recall_benchmark, speedups
+    from chameleon.bench.recall import plot_rows, run_recall_benchmark, speedups
     from retriever.files import write_json_atomic
     from retriever.datasets import load_dataset
     from retriever.index import load_index
@@ -474,8 +474,8 @@ def bench_fpga_model(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the rows as JSON."),
 ):
     """Predicted FPGA QPS and latency (cycle model of the HLS kernel) next to Numba and faiss measured here."""
-    from chameleon.bench import check_compatible
-    from chameleon.bench_fpga import MISS_KEYS, MODEL_KEYS, fpga_model_benchmark
+    from chameleon.bench.recall import check_compatible
+    from chameleon.bench.fpga_model import MISS_KEYS, MODEL_KEYS, fpga_model_benchmark
     from retriever.datasets import load_dataset
     from retriever.files import write_json_atomic
     from retriever.index import load_index
@@ -514,9 +514,9 @@ def bench_knnlm(
     import json
     import tempfile
 
-    from chameleon.bench import knnlm_benchmark
-    from chameleon.corpus import read_corpus
-    from chameleon.llm import TorchEngine
+    from chameleon.bench.recall import knnlm_benchmark
+    from chameleon.rag.corpus import read_corpus
+    from chameleon.engines.torch_engine import TorchEngine
     from retriever.files import write_json_atomic
 
     lambdas, temperatures = _number_list(lam, "--lambda", float), _number_list(temperature, "--temperature", float)
@@ -551,9 +551,9 @@ def bench_pipeline(
     import json
     import tempfile
 
-    from chameleon.bench_pipeline import ROW_KEYS, datastore_for, default_cores, run
-    from chameleon.corpus import read_corpus
-    from chameleon.llm import TorchEngine
+    from chameleon.bench.pipeline import ROW_KEYS, datastore_for, default_cores, run
+    from chameleon.rag.corpus import read_corpus
+    from chameleon.engines.torch_engine import TorchEngine
     from retriever.datasets import cache_dir
     from retriever.files import write_json_atomic
 
@@ -595,12 +595,13 @@ def bench_kvcache(
     seed: int = typer.Option(0, "--seed"),
 ):
     """TTFT, throughput and hit rate per cache policy on a Poisson stream of Zipf-popular documents."""
-    from chameleon.bench_kvcache import ROW_KEYS, comparisons, kvcache_benchmark
-    from chameleon.corpus import RagIndex, builtin_rag_index
-    from chameleon.embedder import Embedder
-    from chameleon.llm import TorchEngine
+    from chameleon.bench.kvcache import ROW_KEYS, comparisons, kvcache_benchmark
+    from chameleon.rag.corpus import RagIndex, builtin_rag_index
+    from chameleon.rag.embedder import Embedder
+    from chameleon.engines.torch_engine import TorchEngine
     from coordinator.kv_cache import POLICIES
-    from coordinator.prefill_profile import PrefillProfile, measure_quick
+    from coordinator.prefill_profile import PrefillProfile
+    from chameleon.engines.prefill_timing import measure_quick
     from retriever.files import write_json_atomic
 
     chosen = [p.strip() for p in policies.split(",") if p.strip()]
@@ -628,8 +629,8 @@ def node_retrieval(
     index: Path = typer.Option(..., "--index", help="Index directory."),
     shard: int = typer.Option(..., "--shard", help="The shard this node serves."),
     bind: str = typer.Option(..., "--bind", help="ZeroMQ endpoint, e.g. tcp://0.0.0.0:5555 or tcp://127.0.0.1:*"),
-    engine: str = typer.Option("numba", "--engine", help="numba, faiss, numba-fastscan (4-bit index) or fpga."),
-    fpga_mode: Optional[str] = typer.Option(None, "--fpga-mode", help="With --engine fpga: hw (the card, through PYNQ) or emu (the kernel's C++ on this CPU)."),
+    engine: str = typer.Option("numba", "--scan-engine", "--engine", help="numba, faiss, numba-fastscan (4-bit index) or fpga (--engine: its old name, deprecated)."),
+    fpga_mode: Optional[str] = typer.Option(None, "--fpga-mode", help="With --scan-engine fpga: hw (the card, through PYNQ) or emu (the kernel's C++ on this CPU)."),
     xclbin: Optional[Path] = typer.Option(None, "--xclbin", help="With --fpga-mode hw: the bitstream (make -C hls hw)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Scan threads (default: all cores)."),
     window_ms: float = typer.Option(0.0, "--window-ms", help="How long an idle node waits for a batch to fill (ms)."),
@@ -639,7 +640,7 @@ def node_retrieval(
     """Serve one shard of an index (SEARCH, HEARTBEAT) until SIGTERM."""
     import numba
 
-    from coordinator.security import CurveKeys
+    from retriever.wire.security import CurveKeys
     from retriever.engines import engine_options
     from retriever.node import RetrievalNode
 
@@ -667,7 +668,7 @@ def node_coordinator(
 ):
     """Fan searches out to every shard, merge, fail over between replicas, until SIGTERM."""
     from coordinator.router import ClusterConfig, Coordinator
-    from coordinator.security import CurveKeys
+    from retriever.wire.security import CurveKeys
 
     if not 0 < timeout <= 3600:
         raise RetrieverError(f"timeout must be between 0 and 3600 seconds, got {timeout}")
@@ -684,7 +685,7 @@ def keys_gen(
     force: bool = typer.Option(False, "--force", help="Replace existing keys."),
 ):
     """Create a server and a client CURVE key pair (and authorise the client key)."""
-    from coordinator.security import generate_keys
+    from retriever.wire.security import generate_keys
 
     generate_keys(directory, force=force)
     typer.echo(f"wrote CURVE keys to {directory}: pass --keys {directory} to nodes, coordinator and clients")
@@ -696,8 +697,8 @@ def cluster_up(
     shards: int = typer.Option(..., "--shards"),
     state_dir: Path = typer.Option(..., "--state-dir", help="Where cluster.json, logs and re-sharded copies go."),
     replicas: int = typer.Option(1, "--replicas", help="Nodes per shard."),
-    engine: str = typer.Option("numba", "--engine", help="Scan engine of the nodes: numba, faiss, numba-fastscan (4-bit index) or fpga."),
-    fpga_mode: Optional[str] = typer.Option(None, "--fpga-mode", help="With --engine fpga: hw or emu."),
+    engine: str = typer.Option("numba", "--scan-engine", "--engine", help="Scan engine of the nodes: numba, faiss, numba-fastscan (4-bit index) or fpga (--engine: its old name, deprecated)."),
+    fpga_mode: Optional[str] = typer.Option(None, "--fpga-mode", help="With --scan-engine fpga: hw or emu."),
     xclbin: Optional[Path] = typer.Option(None, "--xclbin", help="With --fpga-mode hw: the bitstream (make -C hls hw)."),
     keys: Optional[Path] = typer.Option(None, "--keys", help="CURVE key directory."),
     timeout: float = typer.Option(2.0, "--timeout", help="Coordinator's per-shard timeout in seconds."),
@@ -750,8 +751,8 @@ def search(
     cluster: Optional[Path] = typer.Option(None, "--cluster", help="Search through the cluster in this state directory."),
     nprobe: int = typer.Option(16, "--nprobe"),
     embedded: bool = typer.Option(False, "--embedded", help="With --cluster: run the coordinator in this process, talking to the nodes directly."),
-    engine: Optional[str] = typer.Option(None, "--engine", help="With --index: numba (default), faiss, numba-fastscan (4-bit index) or fpga."),
-    fpga_mode: Optional[str] = typer.Option(None, "--fpga-mode", help="With --engine fpga: hw or emu."),
+    engine: Optional[str] = typer.Option(None, "--scan-engine", "--engine", help="With --index: numba (default), faiss, numba-fastscan (4-bit index) or fpga (--engine: its old name, deprecated)."),
+    fpga_mode: Optional[str] = typer.Option(None, "--fpga-mode", help="With --scan-engine fpga: hw or emu."),
     xclbin: Optional[Path] = typer.Option(None, "--xclbin", help="With --fpga-mode hw: the bitstream (make -C hls hw)."),
 ):
     """Search query vectors in an index, in process or through a running cluster."""
@@ -765,7 +766,7 @@ def search(
     if (index is None) == (cluster is None):
         raise RetrieverError("give exactly one of --index and --cluster")
     if cluster is not None and (engine, fpga_mode, xclbin) != (None, None, None):
-        raise RetrieverError("--engine, --fpga-mode and --xclbin go with --index: a cluster's nodes scan with the engine they were started with")
+        raise RetrieverError("--scan-engine, --fpga-mode and --xclbin go with --index: a cluster's nodes scan with the engine they were started with")
     engine = engine or "numba"
     options = engine_options(engine, fpga_mode, xclbin)
     vectors = read_vectors(queries)

@@ -26,7 +26,7 @@ import numpy as np
 
 from coordinator.client import RetrievalClient, SearchResult
 from coordinator.router import ClusterConfig, Coordinator, InlineCoordinator
-from coordinator.security import CurveKeys
+from retriever.wire.security import CurveKeys
 from retriever.coarse import CoarseQuantizer
 from retriever.engines import engine_options
 from retriever.errors import RetrieverError
@@ -134,7 +134,7 @@ def up(
     for stale in run.glob("*.json"):
         stale.unlink()
     security = ["--keys", Path(keys_dir).resolve()] if keys_dir is not None else []
-    engine_flags = ["--engine", engine, *(["--fpga-mode", options["mode"]] if "mode" in options else [])]
+    engine_flags = ["--scan-engine", engine, *(["--fpga-mode", options["mode"]] if "mode" in options else [])]
     engine_flags += ["--xclbin", options["xclbin"]] if "xclbin" in options else []
     threads = threads or max(1, len(os.sched_getaffinity(0)) // (nshards * replicas))  # the cores we may use, not the machine's
     started: list[subprocess.Popen] = []

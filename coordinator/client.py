@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import numpy as np
 import zmq
 
-from coordinator import protocol
-from coordinator.protocol import Message, ProtocolError
-from coordinator.security import CurveKeys, secure_client
+from retriever.wire import protocol
+from retriever.wire.protocol import Message, ProtocolError
+from retriever.wire.security import CurveKeys, secure_client
 from retriever.errors import RetrieverError
 
 

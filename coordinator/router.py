@@ -36,11 +36,11 @@ from pathlib import Path
 import numpy as np
 import zmq
 
-from coordinator import protocol
+from retriever.wire import protocol
 from coordinator.client import RepliesByRid, SearchResult
-from coordinator.protocol import Message, ProtocolError
-from coordinator.security import CurveKeys, secure_client
-from coordinator.transport import bind_router, receive_all
+from retriever.wire.protocol import Message, ProtocolError
+from retriever.wire.security import CurveKeys, secure_client
+from retriever.wire.transport import bind_router, receive_all
 from retriever.errors import RetrieverError
 from retriever.search import merge_topk
 

@@ -27,6 +27,8 @@ class FpgaEngine(ScanEngine):
     """
 
     name = "fpga"
+    device_modes = FPGA_MODES
+    device_modes_help = "hw (an Alveo card through PYNQ) or emu (the kernel on this CPU)"
 
     def __init__(
         self,

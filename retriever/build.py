@@ -128,7 +128,7 @@ def train_pq(residuals: np.ndarray, params: IVFPQParams, seed: int) -> np.ndarra
     recommended = PQ_MIN_POINTS_PER_CODE * params.ksub
     if len(residuals) < recommended:
         # faiss would print this once per sub-quantizer; say it once.
-        warnings.warn(f"training PQ on {len(residuals)} vectors, fewer than the {recommended} faiss recommends: recall may suffer")
+        warnings.warn(f"training PQ on {len(residuals)} vectors, fewer than the {recommended} faiss recommends: recall may suffer", stacklevel=2)
     pq.cp.min_points_per_centroid = 1
     pq.cp.seed = seed
     pq.cp.niter = PQ_ITERATIONS

@@ -1,6 +1,6 @@
 """A retrieval node: serves one shard of an IVF-PQ index over ZeroMQ.
 
-One ROUTER socket answers the wire protocol (:mod:`coordinator.protocol`). The I/O thread
+One ROUTER socket answers the wire protocol (:mod:`retriever.wire.protocol`). The I/O thread
 receives, validates and batches SEARCH requests and answers HEARTBEAT at once; a scan thread runs
 the engine on one batch at a time (the Numba kernels release the GIL, so heartbeats are answered
 while a batch is scanned). Requests that arrive while a batch is scanned form the next batch; an
@@ -27,11 +27,11 @@ import numba
 import numpy as np
 import zmq
 
-from coordinator import protocol
-from coordinator.protocol import Message, ProtocolError
-from coordinator.security import CurveKeys
-from coordinator.transport import bind_router, receive_all
-from retriever.engines import make_engine
+from retriever.wire import protocol
+from retriever.wire.protocol import Message, ProtocolError
+from retriever.wire.security import CurveKeys
+from retriever.wire.transport import bind_router, receive_all
+from retriever.engines import make_scan_engine
 from retriever.errors import RetrieverError
 from retriever.index import index_fingerprint, load_index, read_manifest
 from retriever.search import merge_topk, split_probes
@@ -68,7 +68,7 @@ class RetrievalNode:
     ):
         manifest = read_manifest(index_dir)
         self.index = load_index(index_dir, shard=shard)
-        self.engine = make_engine(engine, self.index, **(engine_options or {}))
+        self.engine = make_scan_engine(engine, self.index, **(engine_options or {}))
         self.engine.warm_up()
         self.window = window
         self.keys = keys

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from retriever.coarse import CoarseQuantizer
-from retriever.engines import MAX_K, make_engine
+from retriever.engines import MAX_K, make_scan_engine
 from retriever.errors import RetrieverError
 from retriever.index import IVFPQIndex
 from retriever.vectors import as_query_matrix, prepare_vectors
@@ -77,7 +77,7 @@ class Searcher:
         self.params = index.params
         self.ntotal = index.ntotal
         self.quantizer = CoarseQuantizer(index.centroids, index.params.metric, device=device)
-        self.engine = make_engine(engine, index, **engine_options)
+        self.engine = make_scan_engine(engine, index, **engine_options)
 
     def search(self, queries, k: int, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
         most = min(self.ntotal, MAX_K)

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from chameleon.corpus import build_rag_index
+from chameleon.rag.corpus import build_rag_index
 from retriever.build import build_index
 from retriever.datasets import synthetic
 from retriever.index import IVFPQParams
@@ -31,7 +31,7 @@ def l2_index(small_data):
 def tiny_hdf5(tmp_path_factory, small_data):
     """An ann-benchmarks file: 8,000 of ``small_data``'s vectors, 100 queries, exact top-100."""
     from retriever.datasets import exact_knn
-    from tests.test_datasets import write_ann_hdf5
+    from tests.helpers import write_ann_hdf5
 
     path = tmp_path_factory.mktemp("data") / "tiny-euclidean.hdf5"
     base, queries = small_data.base[:8000], small_data.queries[:100]
@@ -49,14 +49,14 @@ COLOURS = ["red", "green", "blue", "amber", "violet", "teal", "coral", "ivory", 
 
 @pytest.fixture(scope="session")
 def embedder():
-    from chameleon.embedder import Embedder
+    from chameleon.rag.embedder import Embedder
 
     return Embedder()
 
 
 @pytest.fixture(scope="session")
 def engine():
-    from chameleon.llm import TorchEngine
+    from chameleon.engines.torch_engine import TorchEngine
 
     return TorchEngine()
 
@@ -83,7 +83,7 @@ def facts_index(tmp_path_factory, facts_corpus, embedder):
 @pytest.fixture(scope="session")
 def rag_index(facts_index, embedder):
     """The facts corpus opened for RAG."""
-    from chameleon.corpus import RagIndex
+    from chameleon.rag.corpus import RagIndex
 
     return RagIndex(facts_index, embedder.fingerprint)
 
@@ -112,7 +112,7 @@ def tiny32(tmp_path_factory, tiny_model):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from chameleon.llm import TorchEngine
+    from chameleon.engines.torch_engine import TorchEngine
 
     path = tmp_path_factory.mktemp("models") / "tiny-sharp"
     model = AutoModelForCausalLM.from_pretrained(tiny_model)

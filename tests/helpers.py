@@ -1,8 +1,10 @@
 import signal
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 
@@ -50,3 +52,20 @@ def start_server(tmp_path: Path, *args) -> Server:
     except RetrieverError as e:
         pytest.fail(str(e))
     return Server(process, info["url"], info["state_dir"], tmp_path / "serve.log")
+
+
+def chameleon(*args, expect=0):
+    """Run the ``chameleon`` command line in a subprocess; it must exit with ``expect`` and print no traceback."""
+    result = subprocess.run([sys.executable, "-m", "chameleon", *map(str, args)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == expect, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    return result
+
+
+def write_ann_hdf5(path, train, test, neighbors, distance):
+    """A dataset file in ann-benchmarks' HDF5 layout."""
+    with h5py.File(path, "w") as f:
+        f.attrs["distance"] = distance
+        f.create_dataset("train", data=train)
+        f.create_dataset("test", data=test)
+        f.create_dataset("neighbors", data=neighbors)

@@ -13,7 +13,7 @@ def _prompts(engine, n: int) -> list[list[int]]:
 
 
 def test_batched_greedy_tokens_equal_sequential(tiny32):
-    from chameleon.batching import BatchingEngine
+    from chameleon.engines.batching import BatchingEngine
 
     prompts = _prompts(tiny32, 7)
     budgets = [20, 3, 12, 1, 17, 8, 25]  # sequences leave at different steps, waiting ones join mid-run
@@ -40,8 +40,8 @@ def test_batched_greedy_tokens_equal_sequential(tiny32):
 
 @pytest.mark.parametrize("share", [True, False])
 def test_sequences_start_from_the_prompt_kv_of_running_ones(tiny32, share):
-    from chameleon.batching import BatchingEngine
-    from chameleon.llm import Sampling
+    from chameleon.engines.batching import BatchingEngine
+    from chameleon.engines.sampling import Sampling
 
     prompt = _prompts(tiny32, 4)[3]
     longer = prompt + tiny32.tokenizer(" and then some", add_special_tokens=False)["input_ids"]
@@ -62,7 +62,7 @@ def test_sequences_start_from_the_prompt_kv_of_running_ones(tiny32, share):
 
 
 def test_stop_callback_bad_requests_and_close(tiny32):
-    from chameleon.batching import BatchingEngine
+    from chameleon.engines.batching import BatchingEngine
 
     batching = BatchingEngine(tiny32, max_batch=2)
     prompt = _prompts(tiny32, 1)[0]
@@ -94,9 +94,9 @@ def test_stop_callback_bad_requests_and_close(tiny32):
 
 
 def test_concurrent_rag_answers_equal_sequential_ones(tiny32, facts_index, embedder):
-    from chameleon.batching import BatchingEngine
-    from chameleon.corpus import RagIndex
-    from chameleon.rag import RagPipeline
+    from chameleon.engines.batching import BatchingEngine
+    from chameleon.rag.corpus import RagIndex
+    from chameleon.rag.pipeline import RagPipeline
 
     rag_index = RagIndex(facts_index, embedder.fingerprint)
     questions = [f"What colour are the oceans of Zorblax-{n}?" for n in (3, 42, 77, 150, 299)]
@@ -120,7 +120,7 @@ def test_concurrent_rag_answers_equal_sequential_ones(tiny32, facts_index, embed
 
 
 def test_cache_aware_admission_order_without_starvation(tiny32):
-    from chameleon.batching import BatchingEngine
+    from chameleon.engines.batching import BatchingEngine
 
     prompts = _prompts(tiny32, 4)
     long_prefix = tiny32.generate(prompts[3], 1).state  # the KV of a long prompt: its followers reuse most of it

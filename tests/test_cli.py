@@ -1,22 +1,14 @@
 """The ``chameleon`` command end to end, as a user runs it (subprocesses)."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from faiss.contrib import vecs_io
 
-from chameleon.bench import ROW_KEYS
+from chameleon.bench.recall import ROW_KEYS
 from retriever.index import load_index
-
-
-def chameleon(*args, expect=0):
-    result = subprocess.run([sys.executable, "-m", "chameleon", *map(str, args)], capture_output=True, text=True, timeout=600)
-    assert result.returncode == expect, result.stdout + result.stderr
-    assert "Traceback" not in result.stderr, result.stderr
-    return result
+from tests.helpers import chameleon
 
 
 def test_build_info_bench(tmp_path, tiny_hdf5):

@@ -13,6 +13,7 @@ from retriever.datasets import (
     read_vectors,
 )
 from retriever.errors import RetrieverError
+from tests.helpers import write_ann_hdf5
 
 
 def test_fvecs_and_ivecs_written_by_faiss(tmp_path, rng):
@@ -67,14 +68,6 @@ def test_npy_errors(tmp_path):
     (tmp_path / "empty.npy").write_bytes(b"")
     with pytest.raises(RetrieverError, match="not a readable .npy"):
         read_npy(tmp_path / "empty.npy")
-
-
-def write_ann_hdf5(path, train, test, neighbors, distance):
-    with h5py.File(path, "w") as f:
-        f.attrs["distance"] = distance
-        f.create_dataset("train", data=train)
-        f.create_dataset("test", data=test)
-        f.create_dataset("neighbors", data=neighbors)
 
 
 def test_ann_benchmarks_hdf5(tmp_path, rng):

@@ -14,7 +14,7 @@ QUESTIONS = [f"What colour are the oceans of Zorblax-{n}?" for n in (42, 7, 42, 
 
 @pytest.fixture(scope="module")
 def uncached(rag_index, embedder, tiny32):
-    from chameleon.rag import RagPipeline
+    from chameleon.rag.pipeline import RagPipeline
 
     pipeline = RagPipeline(rag_index, embedder, tiny32, k=3, nprobe=4)
     return [pipeline.ask(q, 10).answer for q in QUESTIONS]
@@ -23,8 +23,8 @@ def uncached(rag_index, embedder, tiny32):
 @pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("device_tokens", [100_000, 140])  # room for everything; for the template and ~3 documents
 def test_cached_answers_equal_uncached_ones_token_for_token(policy, device_tokens, rag_index, embedder, tiny32, uncached):
-    from chameleon.doc_cache import DocumentKVCache
-    from chameleon.rag import RagPipeline
+    from chameleon.rag.doc_cache import DocumentKVCache
+    from chameleon.rag.pipeline import RagPipeline
 
     cache = DocumentKVCache(tiny32, policy, device_tokens * _bytes(tiny32), 600 * _bytes(tiny32), PROFILE)
     pipeline = RagPipeline(rag_index, embedder, tiny32, k=3, nprobe=4, doc_cache=cache)
@@ -37,9 +37,9 @@ def test_cached_answers_equal_uncached_ones_token_for_token(policy, device_token
 
 
 def test_other_templates_bypass_and_concurrent_requests_stay_exact(rag_index, embedder, tiny32, uncached):
-    from chameleon.batching import BatchingEngine
-    from chameleon.doc_cache import DocumentKVCache
-    from chameleon.rag import RagPipeline
+    from chameleon.engines.batching import BatchingEngine
+    from chameleon.rag.doc_cache import DocumentKVCache
+    from chameleon.rag.pipeline import RagPipeline
 
     batching = BatchingEngine(tiny32, max_batch=4)
     cache = DocumentKVCache(batching, "pgdsf", 100_000 * _bytes(tiny32), 0, PROFILE)
@@ -63,14 +63,14 @@ def test_other_templates_bypass_and_concurrent_requests_stay_exact(rag_index, em
 
 
 def _bytes(engine) -> int:
-    from chameleon.doc_cache import kv_bytes_per_token
+    from chameleon.rag.doc_cache import kv_bytes_per_token
 
     return kv_bytes_per_token(engine)
 
 
 def test_documents_admitted_but_never_filled_are_filled_by_the_next_request(rag_index, tiny32):
-    from chameleon.doc_cache import DocumentKVCache
-    from chameleon.rag import prompt_segments
+    from chameleon.rag.doc_cache import DocumentKVCache
+    from chameleon.rag.pipeline import prompt_segments
 
     passages = rag_index.passages[:3]
     segments = prompt_segments(tiny32, "Which planet?", passages)
@@ -90,9 +90,9 @@ def test_documents_admitted_but_never_filled_are_filled_by_the_next_request(rag_
 def test_a_cancelled_prefill_fills_only_the_documents_it_reached(rag_index, tiny32):
     from itertools import accumulate
 
-    from chameleon.doc_cache import DocumentKVCache
-    from chameleon.llm import cancelled_generation
-    from chameleon.rag import prompt_segments
+    from chameleon.engines.base import cancelled_generation
+    from chameleon.rag.doc_cache import DocumentKVCache
+    from chameleon.rag.pipeline import prompt_segments
 
     passages = rag_index.passages[:3]
     segments = prompt_segments(tiny32, "Which planet?", passages)
@@ -110,7 +110,7 @@ def test_a_cancelled_prefill_fills_only_the_documents_it_reached(rag_index, tiny
 
 
 def test_a_cached_head_too_short_to_pay_is_not_used(tiny32):
-    from chameleon.doc_cache import DocumentKVCache
+    from chameleon.rag.doc_cache import DocumentKVCache
 
     template, question = list(range(100, 140)), list(range(500, 510))
     docs = {doc: list(range(start, start + 300)) for doc, start in (("a", 1000), ("b", 2000))}
@@ -143,7 +143,7 @@ def vllm_segments(docs: str, question: int = 5) -> list[list[int]]:
 
 def vllm_reply(segments: list[list[int]], cached: int, answered: int = 0):
     """What ``VllmEngine`` returns for this prompt (plus ``answered`` tokens of an earlier step) when vLLM reused ``cached`` tokens."""
-    from chameleon.llm import Generation
+    from chameleon.engines.base import Generation
 
     prompt = sum(map(len, segments)) + answered
     return Generation(tokens=[3], text="", prompt_tokens=prompt, cached_tokens=cached, ttft_s=0.01, decode_tokens_per_s=1.0,
@@ -162,7 +162,7 @@ def paths(cache) -> set:
 
 
 def test_the_vllm_tree_counts_what_vllm_reused_and_orders_documents_by_it():
-    from chameleon.doc_cache import VllmDocumentCache
+    from chameleon.rag.doc_cache import VllmDocumentCache
 
     cache = VllmDocumentCache(BLOCK, device_bytes=1000 * 8, bytes_per_token=8)
     assert cache.order(["b", "a"]) == [0, 1]  # no tree yet: retrieval order
@@ -192,7 +192,7 @@ def test_the_vllm_tree_counts_what_vllm_reused_and_orders_documents_by_it():
     ],
 )
 def test_what_vllm_evicted_on_its_own_leaves_the_tree(cached, left):
-    from chameleon.doc_cache import VllmDocumentCache
+    from chameleon.rag.doc_cache import VllmDocumentCache
 
     cache = VllmDocumentCache(BLOCK, device_bytes=1000 * 8, bytes_per_token=8)
     for docs, reused in (("ab", 0), ("ac", 32), ("e", 16)):  # all vLLM could reuse of what the tree held
@@ -205,8 +205,8 @@ def test_what_vllm_evicted_on_its_own_leaves_the_tree(cached, left):
 
 
 def test_the_torch_cache_orders_documents_only_when_asked(rag_index, tiny32):
-    from chameleon.doc_cache import DocumentKVCache
-    from chameleon.rag import prompt_segments
+    from chameleon.rag.doc_cache import DocumentKVCache
+    from chameleon.rag.pipeline import prompt_segments
 
     passages = rag_index.passages[:2]
     ids = [str(p.id) for p in passages]
@@ -219,9 +219,9 @@ def test_the_torch_cache_orders_documents_only_when_asked(rag_index, tiny32):
 def test_cached_documents_follow_their_text_across_a_reload_that_renumbers_passages(facts_index, embedder, tiny32, tmp_path):
     import shutil
 
-    from chameleon.corpus import RagIndex, remove_from_rag_index
-    from chameleon.doc_cache import DocumentKVCache
-    from chameleon.rag import RagPipeline
+    from chameleon.rag.corpus import RagIndex, remove_from_rag_index
+    from chameleon.rag.doc_cache import DocumentKVCache
+    from chameleon.rag.pipeline import RagPipeline
     from retriever.search import Searcher
 
     index = tmp_path / "facts"

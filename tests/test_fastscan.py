@@ -2,17 +2,16 @@ import faiss
 import numpy as np
 import pytest
 
-from chameleon.bench import ROW_KEYS, recall_at_k, run_recall_benchmark
+from chameleon.bench.recall import ROW_KEYS, recall_at_k, run_recall_benchmark
 from retriever.build import build_index
 from retriever.coarse import CoarseQuantizer
 from retriever.datasets import exact_knn, synthetic
-from retriever.engines import ENGINES, MAX_K, FaissEngine, NumbaEngine, make_engine, to_faiss_ivfpq
+from retriever.engines import BUILT_IN_ENGINES, MAX_K, FaissEngine, NumbaEngine, make_scan_engine, to_faiss_ivfpq
+from retriever.engines.fastscan import FastScanEngine
 from retriever.errors import RetrieverError
-from retriever.fastscan import (
-    SIMD_BYTES, FastScanEngine, block_distances, detect_simd, pack_blocks, pairs_padded, quantize_table,
-)  # fmt: skip
 from retriever.index import IVFPQParams, load_index, save_index, unpack_codes
-from retriever.refine import rerank_exact
+from retriever.kernels.fastscan import SIMD_BYTES, block_distances, detect_simd, pack_blocks, pairs_padded, quantize_table
+from retriever.kernels.refine import rerank_exact
 from retriever.vectors import prepare_vectors
 from tests.helpers import same_up_to_ties
 
@@ -112,7 +111,7 @@ def test_simd_levels_give_the_same_answers(index4, small_data):
 def test_parallel_batches_give_the_serial_answers(index4, small_data, monkeypatch):
     import numba
 
-    import retriever.fastscan as fastscan
+    import retriever.engines.fastscan as fastscan
 
     queries, list_ids = probe(index4, small_data.queries, 8)
     engine = FastScanEngine(index4)
@@ -158,7 +157,7 @@ def test_4bit_index_round_trips_through_disk(small_data, tmp_path):
     assert (loaded.whole().codes == index.whole().codes).all()
     queries, list_ids = probe(index, small_data.queries[:20], 4)
     before = FastScanEngine(index).search(queries, list_ids, 10)
-    after = make_engine("numba-fastscan", loaded).search(queries, list_ids, 10)
+    after = make_scan_engine("numba-fastscan", loaded).search(queries, list_ids, 10)
     assert (before[0] == after[0]).all() and (before[1] == after[1]).all()
 
 
@@ -203,7 +202,7 @@ def test_bad_input_is_refused(index4, small_data, l2_index):
         quantize_table(np.zeros((4, 256), np.float32))
     with pytest.raises(RetrieverError, match="whole blocks"):
         block_distances(np.zeros(100, np.uint8), np.zeros((4, 16), np.float32))
-    assert ENGINES["numba-fastscan"] is FastScanEngine
+    assert BUILT_IN_ENGINES["numba-fastscan"] is FastScanEngine
 
 
 def test_rerank_exact_keeps_the_nearest_candidates(rng):

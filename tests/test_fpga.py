@@ -19,12 +19,12 @@ from fpga.golden import write_golden
 from fpga.layout import pack_banks
 from fpga.model import estimate_cycles, miss_probability
 from retriever.coarse import CoarseQuantizer
-from retriever.engines import NumbaEngine, make_engine
+from retriever.engines import NumbaEngine, make_scan_engine
 from retriever.errors import RetrieverError
 from retriever.index import InvertedLists, save_index
 from retriever.search import Searcher
 from retriever.vectors import prepare_vectors
-from tests.test_cli import chameleon
+from tests.helpers import chameleon
 
 HLS = Path(__file__).resolve().parent.parent / "hls"
 
@@ -157,7 +157,7 @@ def test_fpga_engine_rejects_what_it_cannot_do(shard, small_data, tmp_path):
     with pytest.raises(RetrieverError, match="level-1 queue"):
         KernelConfig(32, 8, k=10, l1=11)
     with pytest.raises(RetrieverError, match="takes no options"):
-        make_engine("numba", shard, mode="emu")
+        make_scan_engine("numba", shard, mode="emu")
 
 
 @pytest.mark.skipif(not os.environ.get("CHAMELEON_XCLBIN"), reason="needs an FPGA card: set CHAMELEON_XCLBIN to a bitstream built for D=32, m=8")
@@ -198,7 +198,7 @@ def test_cli_fpga_options_and_bench(tmp_path, tiny_hdf5):
     node = ("node", "retrieval", "--index", index, "--shard", 0, "--bind", "tcp://127.0.0.1:*")
     assert "needs --fpga-mode" in chameleon(*node, "--engine", "fpga", expect=2).stderr
     assert "go with the fpga engine" in chameleon(*node, "--fpga-mode", "emu", expect=2).stderr
-    assert "no FPGA bitstream" in chameleon(*node, "--engine", "fpga", "--fpga-mode", "hw", "--xclbin", index / "x.xclbin", expect=2).stderr
+    assert "no FPGA bitstream" in chameleon(*node, "--scan-engine", "fpga", "--fpga-mode", "hw", "--xclbin", index / "x.xclbin", expect=2).stderr
     # The launcher hands the bitstream to its nodes: the one that fails says why.
     up = ("cluster", "up", "--index", index, "--shards", 1, "--state-dir", tmp_path / "state")
     assert "go with the fpga engine" in chameleon(*up, "--xclbin", index / "x.xclbin", expect=2).stderr

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from chameleon.corpus import Document
+from chameleon.rag.corpus import Document
 from retriever.errors import RetrieverError
 
 CODES = ["ALPHA", "BRAVO", "CHARLIE", "DELTA", "ECHO", "FOXTROT", "GOLF", "HOTEL"]
@@ -15,7 +15,7 @@ FACTS = [f"The secret code of planet Zorblax-{n} is {CODES[n % 8]}-{n * 7 % 100}
 
 @pytest.fixture(scope="module")
 def datastore(tmp_path_factory, engine):
-    from chameleon.knnlm import build_datastore
+    from chameleon.rag.knnlm import build_datastore
 
     out = tmp_path_factory.mktemp("knnlm") / "store"
     documents = [Document(f"d{n}", "facts", " ".join(FACTS), "test") for n in range(3)]
@@ -26,7 +26,7 @@ def datastore(tmp_path_factory, engine):
 
 
 def test_interpolation_lowers_perplexity_on_text_of_the_corpus(engine, datastore):
-    from chameleon.knnlm import KnnLm, perplexity
+    from chameleon.rag.knnlm import KnnLm, perplexity
 
     text = " ".join(FACTS[10:20])
     base = perplexity(engine, text)
@@ -37,7 +37,7 @@ def test_interpolation_lowers_perplexity_on_text_of_the_corpus(engine, datastore
 
 
 def test_generation_draws_on_the_datastore(engine, datastore):
-    from chameleon.knnlm import KnnLm, generate
+    from chameleon.rag.knnlm import KnnLm, generate
 
     prompt = engine.tokenizer("The secret code of planet Zorblax-13 is", add_special_tokens=False)["input_ids"]
     knn_text = engine.tokenizer.decode(generate(engine, KnnLm.open(datastore, engine, k=8, lam=0.9), prompt, 4))
@@ -53,7 +53,7 @@ def test_generation_draws_on_the_datastore(engine, datastore):
 
 
 def test_datastore_errors(engine, datastore, tmp_path):
-    from chameleon.knnlm import KnnLm, build_datastore
+    from chameleon.rag.knnlm import KnnLm, build_datastore
 
     with pytest.raises(RetrieverError, match="knnlm.json is missing"):
         KnnLm.open(tmp_path, engine)

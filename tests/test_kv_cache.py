@@ -10,8 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from chameleon.engines.prefill_timing import measure
 from coordinator.kv_cache import DEVICE, HOST, POLICIES, CacheAwareQueue, KnowledgeTree
-from coordinator.prefill_profile import PrefillProfile, measure
+from coordinator.prefill_profile import PrefillProfile
 from retriever.errors import RetrieverError
 
 # T(cached, new) in seconds on a small grid; requests below land on grid points or midpoints.
@@ -50,7 +51,7 @@ def test_profile_prefill_command_measures_a_real_engine(tiny_model, tmp_path):
 
 
 def test_measure_refuses_grids_past_the_context_window(tiny_model):
-    from chameleon.llm import TorchEngine
+    from chameleon.engines.torch_engine import TorchEngine
 
     with pytest.raises(RetrieverError, match="context window"):
         measure(TorchEngine(tiny_model), cached=[0, 1000], new=[8, 100])
@@ -253,7 +254,7 @@ def test_bad_configurations_are_refused():
 
 
 def test_bench_kvcache_rows(facts_index, tiny_model, tmp_path):
-    from chameleon.bench_kvcache import ROW_KEYS
+    from chameleon.bench.kvcache import ROW_KEYS
 
     out = tmp_path / "kv.json"
     command = ["bench", "kvcache", "--json", out, "--index", facts_index, "--model", tiny_model, "--requests", 20,
@@ -278,8 +279,8 @@ def test_bench_kvcache_rows(facts_index, tiny_model, tmp_path):
 
 
 def test_request_stream_drift_draws_a_new_hot_set():
-    from chameleon.bench_kvcache import request_stream
-    from chameleon.corpus import Passage
+    from chameleon.bench.kvcache import request_stream
+    from chameleon.rag.corpus import Passage
 
     passages = [Passage(i, f"d{i}", f"t{i}", "s", f"text {i}") for i in range(500)]
     steady = request_stream(passages, 400, 1.1, rate=2.0, seed=3)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from chameleon import cluster
-from chameleon.corpus import Document
+from chameleon.rag.corpus import Document
 from retriever.errors import RetrieverError
 
 TEXT = " ".join(f"Record {n}: the valve on deck {n % 7} opens at pressure {n * 13 % 50} bar." for n in range(80))
@@ -14,7 +14,7 @@ PROMPTS = ["Record 12: the valve", "deck 3", "Record 40: the valve on deck 5 ope
 
 @pytest.fixture(scope="module")
 def datastore(tmp_path_factory, tiny32):
-    from chameleon.knnlm import build_datastore
+    from chameleon.rag.knnlm import build_datastore
 
     out = tmp_path_factory.mktemp("pipeline") / "store"
     with pytest.warns(UserWarning, match="training PQ on"):
@@ -29,7 +29,7 @@ def prompts(tiny32):
 
 @pytest.fixture(scope="module")
 def knnlm(tiny32, datastore):
-    from chameleon.knnlm import KnnLm
+    from chameleon.rag.knnlm import KnnLm
 
     return KnnLm.open(datastore, tiny32, k=8, lam=0.7, temperature=10.0, nprobe=4)
 
@@ -44,7 +44,7 @@ def tier(tmp_path_factory, datastore):
 
 @pytest.mark.parametrize("every", [1, 3])
 def test_pipelined_tokens_equal_sequential_and_single_sequence_ones(tiny32, knnlm, prompts, every):
-    from chameleon.knnlm import generate, generate_batch
+    from chameleon.rag.knnlm import generate, generate_batch
 
     sequential = generate_batch(tiny32, knnlm, prompts, 10, every, "sequential")
     pipelined = generate_batch(tiny32, knnlm, prompts, 10, every, "pipelined")
@@ -59,8 +59,8 @@ def test_pipelined_tokens_equal_sequential_and_single_sequence_ones(tiny32, knnl
 def test_sampled_sequences_draw_on_their_own_from_the_mixture(tiny32, knnlm, prompts):
     from dataclasses import replace
 
-    from chameleon.knnlm import generate, generate_batch
-    from chameleon.llm import Sampling
+    from chameleon.engines.sampling import Sampling
+    from chameleon.rag.knnlm import generate, generate_batch
 
     def samplers():  # every other sequence sampled, each from its own seed
         return [Sampling(0.7, seed=n) if n % 2 == 0 else None for n in range(len(prompts))]
@@ -81,7 +81,7 @@ def test_sampled_sequences_draw_on_their_own_from_the_mixture(tiny32, knnlm, pro
 
 
 def test_through_the_tier_equals_in_process(tiny32, knnlm, datastore, prompts, tier):
-    from chameleon.knnlm import KnnLm, generate_batch
+    from chameleon.rag.knnlm import KnnLm, generate_batch
 
     remote = KnnLm.open(datastore, tiny32, cluster=tier, k=8, lam=0.7, temperature=10.0, nprobe=4)
     try:
@@ -94,7 +94,7 @@ def test_through_the_tier_equals_in_process(tiny32, knnlm, datastore, prompts, t
 
 def _reference(engine, knnlm, prompt, max_new_tokens, every):
     """kNN-LM greedy decoding the plain way: the whole sequence through the model at every step."""
-    from chameleon.knnlm import hidden_states
+    from chameleon.rag.knnlm import hidden_states
 
     tokens = list(prompt)
     for step in range(max_new_tokens):
@@ -114,7 +114,7 @@ class _Recorded:
         self.knnlm, self.log = knnlm, log
 
     def batch(self, engine, lane, prompts):
-        from chameleon.knnlm import HiddenStateBatch
+        from chameleon.rag.knnlm import HiddenStateBatch
 
         inner, log = HiddenStateBatch(engine, prompts), self.log
 
@@ -175,7 +175,7 @@ def test_each_search_is_sent_at_once_and_awaited_after_the_other_micro_batch_ran
 
 
 def test_sequences_end_on_their_own(tiny32, knnlm, prompts):
-    from chameleon.knnlm import generate_batch
+    from chameleon.rag.knnlm import generate_batch
 
     full = generate_batch(tiny32, knnlm, prompts, 8, 1, "pipelined")
     seen = []
@@ -189,8 +189,8 @@ def test_sequences_end_on_their_own(tiny32, knnlm, prompts):
     assert [t for n, t in enumerate(stopped) if n != 2] == [t for n, t in enumerate(full) if n != 2]
     assert sorted(seen) == sorted((n, t) for n, tokens in enumerate(stopped) for t in tokens)
     # an end token ends its sequence only: make the first sequence's third token an end token
+    from chameleon.rag.knnlm import HiddenStateBatch
     from coordinator import pipeline
-    from chameleon.knnlm import HiddenStateBatch
 
     ended = pipeline.generate(prompts, lambda g: HiddenStateBatch(tiny32, g), knnlm, 8, {full[0][2]}, 1, 2)
     assert ended[0] == full[0][: full[0].index(full[0][2]) + 1]
@@ -198,7 +198,7 @@ def test_sequences_end_on_their_own(tiny32, knnlm, prompts):
 
 
 def test_bad_input(tiny32, knnlm, prompts):
-    from chameleon.knnlm import generate_batch
+    from chameleon.rag.knnlm import generate_batch
 
     with pytest.raises(RetrieverError, match="at least one token"):
         generate_batch(tiny32, knnlm, [prompts[0], []], 4)

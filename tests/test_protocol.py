@@ -4,8 +4,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coordinator import protocol
-from coordinator.protocol import Message, ProtocolError
+from retriever.wire import protocol
+from retriever.wire.protocol import Message, ProtocolError
 
 # The wire format is a contract between processes of different versions: these bytes must not change
 # without a protocol version bump.

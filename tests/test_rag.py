@@ -6,9 +6,19 @@ import sys
 
 import pytest
 
-from chameleon.corpus import Document, RagIndex, add_to_rag_index, build_rag_index, chunk, python_docs, read_corpus, remove_from_rag_index
 from chameleon.models import builtin_llm_path, resolve_model
+from chameleon.rag.corpus import (
+    Document,
+    RagIndex,
+    add_to_rag_index,
+    build_rag_index,
+    chunk,
+    python_docs,
+    read_corpus,
+    remove_from_rag_index,
+)
 from retriever.errors import RetrieverError
+
 
 def test_read_corpus_folder_and_jsonl(tmp_path):
     (tmp_path / "docs").mkdir()
@@ -94,7 +104,7 @@ def test_any_local_model_directory(tiny_model):
     """--model takes a local Hugging Face directory: here a tiny random Llama with the built-in tokenizer."""
     import torch
 
-    from chameleon.llm import TorchEngine
+    from chameleon.engines.torch_engine import TorchEngine
 
     tiny = TorchEngine(tiny_model)
     tokens = tiny.chat_tokens([{"role": "user", "content": "hello"}])
@@ -104,7 +114,7 @@ def test_any_local_model_directory(tiny_model):
 
 
 def test_rag_answers_from_the_right_passage(facts_index, embedder, engine):
-    from chameleon.rag import RagPipeline
+    from chameleon.rag.pipeline import RagPipeline
 
     pipeline = RagPipeline(RagIndex(facts_index, embedder.fingerprint), embedder, engine, k=3, nprobe=4)
     answer = pipeline.ask("What colour are the oceans of Zorblax-42?", max_new_tokens=16)
@@ -117,7 +127,7 @@ def test_rag_answers_from_the_right_passage(facts_index, embedder, engine):
 
 
 def test_retrieval_interval_continues_the_same_answer_when_passages_stay(facts_index, embedder, engine, monkeypatch):
-    from chameleon.rag import RagPipeline
+    from chameleon.rag.pipeline import RagPipeline
 
     pipeline = RagPipeline(RagIndex(facts_index, embedder.fingerprint), embedder, engine, k=3, nprobe=4)
     question = "Describe the planet Zorblax-17 in detail."
@@ -142,7 +152,7 @@ def test_retrieval_interval_continues_the_same_answer_when_passages_stay(facts_i
 
 
 def test_new_passages_rebuild_the_prompt(facts_index, embedder, engine, monkeypatch):
-    from chameleon.rag import RagPipeline
+    from chameleon.rag.pipeline import RagPipeline
 
     pipeline = RagPipeline(RagIndex(facts_index, embedder.fingerprint), embedder, engine, k=2, nprobe=4)
     real_retrieve = pipeline.retrieve
@@ -162,8 +172,8 @@ def test_new_passages_rebuild_the_prompt(facts_index, embedder, engine, monkeypa
 
 
 def test_truncation_drops_the_lowest_ranked_passages(facts_index, embedder, engine, monkeypatch):
-    from chameleon.corpus import Passage
-    from chameleon.rag import RagPipeline
+    from chameleon.rag.corpus import Passage
+    from chameleon.rag.pipeline import RagPipeline
 
     pipeline = RagPipeline(RagIndex(facts_index, embedder.fingerprint), embedder, engine)
     passages = [Passage(n, f"d{n}", f"T{n}", "s", "lorem ipsum " * 40) for n in range(4)]
@@ -280,8 +290,8 @@ def test_ask_through_a_cluster_gives_the_in_process_sources(facts_index, tmp_pat
 def test_a_passage_has_the_same_tokens_whatever_follows_it(tiny32):
     """The document KV cache keeps a passage's KV by its position: its tokens must not depend on
     how many passages come after it."""
-    from chameleon.corpus import Passage
-    from chameleon.rag import context_block, prompt_segments
+    from chameleon.rag.corpus import Passage
+    from chameleon.rag.pipeline import context_block, prompt_segments
 
     a, b, c = (Passage(n, f"doc-{n}", f"Title {n}", "test", f"Text of passage {n}.") for n in range(3))
     alone, followed, longer = (prompt_segments(tiny32, "Why?", chosen) for chosen in ([a], [a, b], [a, b, c]))

@@ -3,14 +3,14 @@ import numba
 import numpy as np
 import pytest
 
-import retriever.engines as engines
+import retriever.engines.adc as numba_engine
 from retriever.build import build_index
 from retriever.coarse import CoarseQuantizer, cuda_available
 from retriever.datasets import exact_knn
-from retriever.engines import FaissEngine, NumbaEngine, make_engine
+from retriever.engines import FaissEngine, NumbaEngine, make_scan_engine
 from retriever.errors import RetrieverError
 from retriever.index import IVFPQParams
-from retriever.scan import scan_ivfpq
+from retriever.kernels.adc import scan_ivfpq
 from retriever.search import Searcher
 from retriever.vectors import prepare_vectors
 from tests.helpers import same_up_to_ties
@@ -33,7 +33,7 @@ def test_numba_matches_faiss_on_the_same_codes(small_index, small_data, nprobe, 
 def test_residual_tables_give_the_precomputed_answer(l2_index, small_data, monkeypatch):
     queries, list_ids = probe(l2_index, small_data.queries, 8)
     precomputed = NumbaEngine(l2_index)
-    monkeypatch.setattr(engines, "PRECOMPUTED_TABLE_MAX_BYTES", 0)
+    monkeypatch.setattr(numba_engine, "PRECOMPUTED_TABLE_MAX_BYTES", 0)
     residual = NumbaEngine(l2_index)
     assert precomputed.list_terms.shape[0] == 64 and residual.list_terms.shape[0] == 0
     pd, pi = precomputed.search(queries, list_ids, 10)
@@ -132,7 +132,7 @@ def test_engine_rejects_bad_list_ids(l2_index):
         with pytest.raises(RetrieverError, match="k must be an integer between 1 and 65536"):
             engine.search(queries, np.array([[0], [1]]), k)
     with pytest.raises(RetrieverError, match="unknown engine"):
-        make_engine("gpu-magic", l2_index)
+        make_scan_engine("gpu-magic", l2_index)
 
 
 def test_cos_rejects_zero_vectors(small_data):
@@ -224,12 +224,12 @@ def test_serial_and_parallel_kernels_give_the_same_answers(small_index, small_da
         parallel_calls.append(1)
         return scan_ivfpq(*args)
 
-    monkeypatch.setattr(engines, "scan_ivfpq", counting_parallel_kernel)
+    monkeypatch.setattr(numba_engine, "scan_ivfpq", counting_parallel_kernel)
     numba.set_num_threads(2)
-    monkeypatch.setattr(engines, "PARALLEL_MIN_CODES", 0)
+    monkeypatch.setattr(numba_engine, "PARALLEL_MIN_CODES", 0)
     batch_d, batch_i = engine.search(queries, list_ids, 20)
     assert parallel_calls == [1]
-    monkeypatch.setattr(engines, "PARALLEL_MIN_CODES", 1 << 62)
+    monkeypatch.setattr(numba_engine, "PARALLEL_MIN_CODES", 1 << 62)
     serial_d, serial_i = engine.search(queries, list_ids, 20)
     assert parallel_calls == [1]
     np.testing.assert_array_equal(serial_i, batch_i)

@@ -36,7 +36,7 @@ def test_the_early_answer_comes_after_a_share_of_the_lists():
 
 @pytest.fixture(scope="module")
 def plain_answers(rag_index, embedder, tiny32):
-    from chameleon.rag import RagPipeline
+    from chameleon.rag.pipeline import RagPipeline
 
     pipeline = RagPipeline(rag_index, embedder, tiny32, k=3, nprobe=4)
     return [pipeline.ask(q, 8) for q in QUESTIONS]
@@ -62,8 +62,8 @@ class _Deferred:
 @pytest.mark.parametrize("cached", [False, True])
 @pytest.mark.parametrize("early_fraction, expected", [(0.25, "restarted"), (0.5, "confirmed")])  # early after 1 or 2 of 4 lists
 def test_speculative_answers_equal_plain_ones_confirmed_or_restarted(cached, early_fraction, expected, rag_index, embedder, tiny32, plain_answers):
-    from chameleon.doc_cache import DocumentKVCache, kv_bytes_per_token
-    from chameleon.rag import RagPipeline
+    from chameleon.rag.doc_cache import DocumentKVCache, kv_bytes_per_token
+    from chameleon.rag.pipeline import RagPipeline
 
     doc_cache = DocumentKVCache(tiny32, "lru", 100_000 * kv_bytes_per_token(tiny32), 0) if cached else None
     speculation = SpeculativePrefill(early_fraction=early_fraction)
@@ -99,9 +99,9 @@ def test_speculative_answers_equal_plain_ones_confirmed_or_restarted(cached, ear
 def test_a_restart_resumes_from_what_the_cut_speculation_computed(rag_index, embedder, tiny32, plain_answers, monkeypatch):
     """Cut short after its first chunk (16 tokens, inside the template), the speculative prefill's
     KV is where the answer's prefill starts."""
-    from chameleon.rag import RagPipeline
+    from chameleon.rag.pipeline import RagPipeline
 
-    monkeypatch.setattr("chameleon.llm.PREFILL_CHUNK", 16)
+    monkeypatch.setattr("chameleon.engines.torch_engine.PREFILL_CHUNK", 16)
 
     pipeline = RagPipeline(rag_index, embedder, tiny32, k=3, nprobe=4, speculation=SpeculativePrefill(early_fraction=0.25))
     pipeline._speculator = SimpleNamespace(submit=lambda task, *args: _Deferred(task, args))
@@ -128,7 +128,7 @@ def test_a_restart_resumes_from_what_the_cut_speculation_computed(rag_index, emb
 
 
 def test_a_failed_retrieval_gives_the_speculation_place_back(rag_index, embedder, tiny32):
-    from chameleon.rag import RagPipeline
+    from chameleon.rag.pipeline import RagPipeline
 
     speculation = SpeculativePrefill()
     pipeline = RagPipeline(rag_index, embedder, tiny32, k=3, nprobe=4, speculation=speculation)

@@ -17,15 +17,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from chameleon import cluster
-from coordinator import protocol
 from coordinator.client import RemoteError, RetrievalClient
 from coordinator.router import Coordinator, InlineCoordinator
-from coordinator.security import CurveKeys, generate_keys
 from retriever.coarse import CoarseQuantizer
 from retriever.errors import RetrieverError
 from retriever.index import load_index, save_index
 from retriever.search import Searcher
 from retriever.vectors import prepare_vectors
+from retriever.wire import protocol
+from retriever.wire.security import CurveKeys, generate_keys
 from tests.helpers import same_up_to_ties
 
 
@@ -508,7 +508,7 @@ def test_cluster_command_line(index_dir, tmp_path, small_data):
         assert through_cluster["partial"].shape == (200,) and not through_cluster["partial"].any()
         chameleon("search", "--cluster", state, "--embedded", "--queries", tmp_path / "q.npy", "--k", 7, "--nprobe", 4, "--out", tmp_path / "e.npz")
         np.testing.assert_array_equal(np.load(tmp_path / "e.npz")["ids"], in_process["ids"])
-        chameleon("search", "--index", index_dir, "--engine", "faiss", "--queries", tmp_path / "q.npy", "--k", 7, "--nprobe", 4, "--out", tmp_path / "f.npz")
+        chameleon("search", "--index", index_dir, "--scan-engine", "faiss", "--queries", tmp_path / "q.npy", "--k", 7, "--nprobe", 4, "--out", tmp_path / "f.npz")
         assert same_up_to_ties(np.load(tmp_path / "f.npz")["distances"], np.load(tmp_path / "f.npz")["ids"], in_process["distances"], in_process["ids"]).all()
         assert "go with --index" in chameleon("search", "--cluster", state, "--engine", "faiss", "--queries", tmp_path / "q.npy", "--out", tmp_path / "x.npz", expect=2).stderr
         assert "4-bit PQ codes" in chameleon("search", "--index", index_dir, "--engine", "numba-fastscan", "--queries", tmp_path / "q.npy", "--out", tmp_path / "x.npz", expect=2).stderr

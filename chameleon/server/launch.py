@@ -52,12 +52,12 @@ def serve(settings: ServeSettings, ready_file: Path | None = None) -> None:
     """Serve until SIGTERM or SIGINT; ``ready_file`` gets the URL once requests are accepted."""
     import uvicorn
 
-    from chameleon.batching import BatchingEngine
-    from chameleon.corpus import RagIndex, builtin_rag_index
-    from chameleon.embedder import Embedder
-    from chameleon.llm import engine_kind, make_engine
+    from chameleon.engines.batching import BatchingEngine
+    from chameleon.rag.corpus import RagIndex, builtin_rag_index
+    from chameleon.rag.embedder import Embedder
+    from chameleon.engines import engine_kind, make_llm_engine
     from chameleon.models import BUILTIN_LLM
-    from chameleon.rag import RagPipeline, prompt_segments
+    from chameleon.rag.pipeline import RagPipeline, prompt_segments
     from chameleon.server.api import create_app
     from chameleon.server.metrics import Metrics
     from chameleon.server.service import Service
@@ -74,12 +74,12 @@ def serve(settings: ServeSettings, ready_file: Path | None = None) -> None:
         embedder = Embedder()
         rag_index = RagIndex(settings.index or builtin_rag_index(embedder, progress=True), embedder.fingerprint)
         _say(f"loading the LLM ({settings.model or BUILTIN_LLM}, {kind} engine)")
-        engine = make_engine(kind, settings.model, max_batch=settings.max_batch)
+        engine = make_llm_engine(kind, settings.model, max_batch=settings.max_batch)
         if kind == "torch":  # vLLM batches by itself
             engine = BatchingEngine(engine, settings.max_batch, settings.reorder_window or None)
         knnlm = None
         if settings.knnlm is not None:
-            from chameleon.knnlm import KnnLm
+            from chameleon.rag.knnlm import KnnLm
 
             knnlm = KnnLm.open(settings.knnlm, engine)
         served = open_index(settings, rag_index, state_dir)
@@ -146,7 +146,7 @@ def open_index(settings: ServeSettings, rag_index, state_dir: Path):
     from chameleon import cluster
     from chameleon.server.service import ServedIndex
     from coordinator.client import RetrievalClient
-    from coordinator.security import CurveKeys
+    from retriever.wire.security import CurveKeys
     from retriever.engines import engine_options
     from retriever.search import Searcher
 
@@ -171,8 +171,9 @@ def _document_cache(kind: str, engine, settings: ServeSettings, cache: Path, tem
     """The document KV cache, or None; gdsf/pgdsf cost requests with a prefill profile, measured
     once per model and device (a few seconds) unless one is given. With vLLM, which evicts by
     itself, the tree follows its KV cache (its size where vLLM reports it, else the device budget)."""
-    from chameleon.doc_cache import DocumentKVCache, VllmDocumentCache
-    from coordinator.prefill_profile import PrefillProfile, measure_quick
+    from chameleon.rag.doc_cache import DocumentKVCache, VllmDocumentCache
+    from coordinator.prefill_profile import PrefillProfile
+    from chameleon.engines.prefill_timing import measure_quick
 
     if settings.cache_policy == "none":
         return None

@@ -19,7 +19,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from chameleon.llm import MAX_SEED, MAX_TEMPERATURE, MAX_TOP_LOGPROBS, Sampling
+from chameleon.engines.sampling import MAX_SEED, MAX_TEMPERATURE, MAX_TOP_LOGPROBS, Sampling
 
 MAX_TEXT = 32_000
 MAX_MESSAGES = 64

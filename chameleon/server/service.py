@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from chameleon.corpus import RagIndex
-from chameleon.llm import Sampling, TokenLogprob
-from chameleon.rag import SNIPPET_CHARS, RagPipeline, context_block
+from chameleon.rag.corpus import RagIndex
+from chameleon.engines.sampling import Sampling, TokenLogprob
+from chameleon.rag.pipeline import SNIPPET_CHARS, RagPipeline, context_block
 from coordinator.client import RetrievalClient
 from retriever.errors import RetrieverError
 
@@ -361,7 +361,7 @@ class Service:
         return self._finish(request, generation.finish_reason, len(tokens), generation.cached_tokens, list(sources), timings)
 
     def _knnlm(self, question, max_tokens, every, stop, on_text, cancelled, sampling) -> Completion:
-        from chameleon.knnlm import generate
+        from chameleon.rag.knnlm import generate
 
         if self.knnlm is None:
             raise RetrieverError("mode knnlm needs a kNN-LM datastore: start the server with --knnlm DIR")

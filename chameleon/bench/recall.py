@@ -7,7 +7,7 @@ Peers run on the same machine in the same process: ``faiss-ivfpq`` is faiss's In
 our very codes, ``faiss-fastscan`` is faiss's own ``IVF{nlist},PQ{m}x4fs`` trained on the same data,
 ``numba-fastscan`` our 4-bit SIMD engine (on a ``--nbits 4`` index). With refinement (``refine`` F > 1)
 every engine returns its top F*k and the k nearest of those by the full vectors are kept: faiss through
-``IndexRefineFlat``, ours through :func:`retriever.refine.rerank_exact`.
+``IndexRefineFlat``, ours through :func:`retriever.kernels.refine.rerank_exact`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from retriever.datasets import Dataset
 from retriever.engines import to_faiss_ivfpq
 from retriever.errors import RetrieverError
 from retriever.index import IVFPQIndex
-from retriever.refine import rerank_exact
+from retriever.kernels.refine import rerank_exact
 from retriever.search import Searcher
 from retriever.vectors import prepare_vectors
 
@@ -273,7 +273,7 @@ def knnlm_benchmark(
     """
     from dataclasses import replace
 
-    from chameleon.knnlm import KnnLm, build_datastore, perplexity, training_documents
+    from chameleon.rag.knnlm import KnnLm, build_datastore, perplexity, training_documents
 
     test = "\n\n".join(d.text for n, d in enumerate(documents) if n % 10 == 9)
     validation = "\n\n".join(d.text for n, d in enumerate(documents) if n % 10 == 8)

@@ -63,7 +63,7 @@ def pipeline_benchmark(engine, knnlm, prompts, max_new_tokens: int, intervals=(1
     ``tokens_per_s`` (best of ``repeats``), ``tokens``, ``batch``, and for pipelined rows
     ``same_tokens`` (the pipelined tokens equal the sequential ones).
     """
-    from chameleon.knnlm import generate_batch
+    from chameleon.rag.knnlm import generate_batch
 
     configurations = [(None, "sequential")] + [(n, s) for n in intervals for s in ("sequential", "pipelined")]
     generate_batch(engine, knnlm, prompts, 4, 1, "pipelined")  # warm up both sides
@@ -104,7 +104,7 @@ def speedups(rows: list[dict]) -> dict[int, float]:
 def datastore_for(engine, corpus: str, documents, max_tokens: int, cache: Path, progress: bool = True) -> Path:
     """The kNN-LM datastore of the first ``max_tokens`` tokens of the corpus's training documents
     (not the held-out tenth), built once into ``cache``; ``corpus`` names it."""
-    from chameleon.knnlm import build_datastore, model_fingerprint, training_documents
+    from chameleon.rag.knnlm import build_datastore, model_fingerprint, training_documents
 
     name = corpus if corpus == "python-docs" else hashlib.sha256(str(Path(corpus).resolve()).encode()).hexdigest()[:12]
     path = cache / f"{name}-{model_fingerprint(engine).replace(':', '-')}-{max_tokens}"
@@ -123,7 +123,7 @@ def run(
     import torch
 
     from chameleon import cluster
-    from chameleon.knnlm import KnnLm
+    from chameleon.rag.knnlm import KnnLm
 
     prompts = bench_prompts(documents, engine, batch, prompt_tokens)
     with running_on(retrieval_cores):

@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from chameleon.corpus import Document, default_nlist
-from chameleon.llm import Sampling
+from chameleon.rag.corpus import Document, default_nlist
+from chameleon.engines.sampling import Sampling
 from coordinator import pipeline
 from coordinator.pipeline import SCHEDULES, StepOutput
 from retriever.build import build_index
@@ -229,7 +229,7 @@ class HiddenStateBatch:
     state of each row: the kNN-LM's queries (``coordinator.pipeline.MicroBatch``)."""
 
     def __init__(self, engine, prompts: list[list[int]]):
-        from chameleon.batching import DecodeBatch
+        from chameleon.engines.batching import DecodeBatch
 
         self.engine, self.prompts = engine, prompts
         self.batch = DecodeBatch(engine.model, engine.device)

@@ -9,7 +9,7 @@ with another template (a custom system prompt, a conversation) bypass the cache.
 
 - ``DocumentKVCache`` (torch engine): ``lookup`` asks the tree for the request's path and joins
   the KV of the template and of the cached documents into one prefix, when it is long enough to
-  pay (``chameleon.llm.worth_continuing``: a quarter of the prompt); ``keep`` cuts the KV of the
+  pay (``chameleon.engines.base.worth_continuing``: a quarter of the prompt); ``keep`` cuts the KV of the
   documents the tree admitted out of the request's own. A node's KV has a device copy and, once
   swapped out, a host copy (on a CPU host both are host memory; the device tier is the bounded
   hot pool).
@@ -29,7 +29,7 @@ import itertools
 import threading
 from dataclasses import dataclass
 
-from chameleon.llm import Generation, KVPrefix, worth_continuing
+from chameleon.engines.base import Generation, KVPrefix, worth_continuing
 from coordinator.kv_cache import HOST, Access, KnowledgeTree, Node
 from coordinator.prefill_profile import PrefillProfile
 

@@ -29,20 +29,9 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from chameleon.llm import (
-    GREEDY,
-    Generation,
-    KVPrefix,
-    Sampling,
-    ThreadedEngine,
-    TorchEngine,
-    answer_text,
-    cancelled_generation,
-    check_request,
-    check_scored,
-    decode_speed,
-    worth_continuing,
-)
+from chameleon.engines.sampling import GREEDY, Sampling, check_scored
+from chameleon.engines.base import Generation, KVPrefix, ThreadedEngine, answer_text, cancelled_generation, check_request, decode_speed, worth_continuing
+from chameleon.engines.torch_engine import TorchEngine
 from coordinator.kv_cache import CacheAwareQueue
 from retriever.errors import RetrieverError
 
@@ -212,7 +201,7 @@ class BatchingEngine(ThreadedEngine):
     def _take_running_prefix(self, sequence: _Sequence) -> None:
         """Give ``sequence`` the KV of the longest head its prompt shares with a running sequence's
         prompt, when that is longer than the prefix it came with and long enough to pay
-        (:func:`chameleon.llm.worth_continuing`)."""
+        (:func:`chameleon.engines.base.worth_continuing`)."""
         best = len(sequence.prefix.tokens) if sequence.prefix is not None else 0
         best_row = None
         for row, running in enumerate(self._running):

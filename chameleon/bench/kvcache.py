@@ -4,7 +4,7 @@ Requests arrive as a Poisson process. Each is about a passage drawn by Zipf(s) p
 query is that passage's embedding, the retrieval tier finds the top k (2..5) passages for it (a
 real search of the passage index: the passage itself first, then its neighbours), and the prompt
 is those passages plus a short question. One engine serves the requests one at a time: the policy
-under test decides which documents' KV is reused (``chameleon.doc_cache``) and the prefill of what
+under test decides which documents' KV is reused (``chameleon.rag.doc_cache``) and the prefill of what
 is left runs for real on the engine. Time is virtual, every service time is measured: retrieval
 runs when a request arrives (the tier is a resource of its own, so searches overlap with the
 engine's work), the request then waits for the engine, and its TTFT is retrieval + wait + lookup
@@ -39,10 +39,10 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm.auto import tqdm
 
-from chameleon.corpus import Passage, RagIndex
-from chameleon.doc_cache import DocumentKVCache, kv_bytes_per_token
-from chameleon.llm import Generation
-from chameleon.rag import joined, prompt_segments, resume_prefix
+from chameleon.rag.corpus import Passage, RagIndex
+from chameleon.rag.doc_cache import DocumentKVCache, kv_bytes_per_token
+from chameleon.engines.base import Generation
+from chameleon.rag.pipeline import joined, prompt_segments, resume_prefix
 from coordinator.kv_cache import CacheAwareQueue
 from coordinator.prefill_profile import PrefillProfile
 from coordinator.speculation import SpeculativePrefill

@@ -5,7 +5,7 @@ to bytes it fits in a 128-bit lane, and one ``vpshufb`` looks up 32 (AVX2) or 64
 at once. The scan of a probed list then runs in three steps:
 
 1. **Quantized distances.** The float table ``T[j, c]`` (the same one the Numba 8-bit kernel of
-   :mod:`retriever.scan` builds) becomes ``Tq[j, c] = round((T[j, c] - min_c T[j, c]) * scale)`` in
+   :mod:`retriever.kernels.adc` builds) becomes ``Tq[j, c] = round((T[j, c] - min_c T[j, c]) * scale)`` in
    ``0..255``, one scale per table (per query for inner product, per probed list for L2). Codes are
    repacked at load into blocks of 32 vectors in which each 32-byte row holds two sub-quantizers of
    all 32 vectors (low and high nibble), so a block is one contiguous run of ``npairs * 32`` bytes.
@@ -17,7 +17,7 @@ at once. The scan of a probed list then runs in three steps:
    32 distances are compared with at once: most blocks yield nothing, and a list whose coarse key
    alone exceeds it is not read at all.
 3. **Float re-rank.** The survivors get their exact float ADC keys, summed in the order
-   :mod:`retriever.scan` sums them, and the k best are returned with those keys.
+   :mod:`retriever.kernels.adc` sums them, and the k best are returned with those keys.
 
 By default the bounds are the quantized key itself, as faiss's FastScan ranks: the k best by
 quantized key, re-ranked by float key. With ``exact`` they are widened by the quantization error
@@ -32,7 +32,6 @@ else a scalar path that computes the same quantized distances bit for bit).
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 
 import numba
 import numpy as np
@@ -42,10 +41,8 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import NativeValue, intrinsic, models, overload, register_model, typeof_impl, unbox
 
-from retriever.engines import PARALLEL_MIN_CODES, PRECOMPUTED_TABLE_MAX_BYTES, ScanEngine, l2_list_terms
 from retriever.errors import RetrieverError
-from retriever.index import IVFPQIndex, unpack_codes
-from retriever.scan import EMPTY_ID, _coarse_key, _drain_sorted, _offer, _query_lut
+from retriever.kernels.common import EMPTY_ID, coarse_key, drain_sorted, offer, query_lut
 
 BLOCK = 32  # vectors per block: the 32 bytes of one AVX2 register, one nibble per vector
 KSUB = 16
@@ -248,23 +245,6 @@ def _vstore_words(typingctx, array, sums):
         return context.get_dummy_value()
 
     return types.none(array, sums), codegen
-
-
-@intrinsic
-def prefetch(typingctx, array, index):
-    """Ask for the cache line holding ``array.flat[index]`` ahead of its use (a hint: no fault,
-    no wait)."""
-
-    def codegen(context, builder, signature, args):
-        data = context.make_array(signature.args[0])(context, builder, args[0]).data
-        address = builder.bitcast(builder.gep(data, [args[1]]), ir.IntType(8).as_pointer())
-        i32 = ir.IntType(32)
-        hint = ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer(), i32, i32, i32])
-        # read, keep in every cache level, data cache
-        builder.call(cgutils.get_or_insert_function(builder.module, hint, "llvm.prefetch.p0i8"), [address, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
-        return context.get_dummy_value()
-
-    return types.none(array, index), codegen
 
 
 @intrinsic
@@ -499,7 +479,7 @@ def _threshold(bound, slack, base, scale):
 
 @njit(cache=True)
 def _exact_keys(packed, entries, count, probes, coarse_of, lut, list_terms, inner_product, keys):
-    """Float ADC keys of the first ``count`` candidates, summed as retriever.scan sums them (its
+    """Float ADC keys of the first ``count`` candidates, summed as retriever.kernels.adc sums them (its
     tables hold ``list_terms + lut`` for L2), so they match it bit for bit."""
     m = lut.shape[0]
     for e in range(count):
@@ -538,7 +518,7 @@ def _heap_of(keys, found, count, heap_d, heap_i):
     heap_d[:] = np.inf
     heap_i[:] = EMPTY_ID
     for e in range(count):
-        _offer(heap_d, heap_i, keys[e], found[e])
+        offer(heap_d, heap_i, keys[e], found[e])
 
 
 @njit(cache=True)
@@ -551,7 +531,7 @@ def _write_best(keys, found, count, heap_d, heap_i, out_d, out_i):
     k = out_d.shape[0]
     if count > SORT_IN_PLACE_MAX:
         _heap_of(keys, found, count, heap_d, heap_i)
-        _drain_sorted(heap_d, heap_i, out_d, out_i)
+        drain_sorted(heap_d, heap_i, out_d, out_i)
         return
     for e in range(1, count):
         key, id_ = keys[e], found[e]
@@ -630,8 +610,8 @@ def _settle(lower, upper, entries, count, packed, ids, probes, coarse_of, lut, l
 
 @njit(cache=True)
 def _probe_coarse_keys(q, centroids, probes, inner_product, out):
-    """out[p] = retriever.scan's coarse key of list probes[p], four lists at a time: four
-    independent add chains, each in the order retriever.scan adds, so keys match it bit for bit."""
+    """out[p] = retriever.kernels.adc's coarse key of list probes[p], four lists at a time: four
+    independent add chains, each in the order retriever.kernels.adc adds, so keys match it bit for bit."""
     p = 0
     while p + 4 <= probes.shape[0]:
         c0, c1 = centroids[max(probes[p], 0)], centroids[max(probes[p + 1], 0)]
@@ -653,7 +633,7 @@ def _probe_coarse_keys(q, centroids, probes, inner_product, out):
         out[p], out[p + 1], out[p + 2], out[p + 3] = s0, s1, s2, s3
         p += 4
     for rest in range(p, probes.shape[0]):
-        out[rest] = _coarse_key(q, centroids[max(probes[rest], 0)], inner_product)
+        out[rest] = coarse_key(q, centroids[max(probes[rest], 0)], inner_product)
 
 
 @njit(cache=True)
@@ -664,7 +644,7 @@ def _search_query(
     m = lut.shape[0]
     k = out_d.shape[0]
     block_bytes = table_q.shape[0] * 16
-    _query_lut(q, codebooks_t, np.float32(-1.0) if inner_product else np.float32(-2.0), lut)
+    query_lut(q, codebooks_t, np.float32(-1.0) if inner_product else np.float32(-2.0), lut)
     scale, bias, magnitude = 1.0, 0.0, 0.0
     if inner_product:  # one table for every list: the coarse key is the list's whole offset
         scale, bias, magnitude = _quantize_table(lut, table_q, lut_q, shifted)
@@ -751,7 +731,7 @@ def _search_chunk(level, queries, list_ids, first, last, centroids, codebooks_t,
 def scan_fastscan(level, queries, list_ids, centroids, codebooks_t, list_terms, offsets, block_offsets, packed, ids, k, inner_product, exact):
     """Top-k keys and ids of every query over its probed lists, chunks of queries in parallel.
 
-    The arguments are :func:`retriever.scan.scan_ivfpq`'s with the codes as :func:`pack_blocks`
+    The arguments are :func:`retriever.kernels.adc.scan_ivfpq`'s with the codes as :func:`pack_blocks`
     lays them out (``block_offsets``, ``packed``), ``level`` a :class:`SimdLevel` and ``exact``
     the ranking (see the module's notes); so are the results, bit for bit ``scan_ivfpq``'s when
     ``exact``.
@@ -772,65 +752,3 @@ def scan_fastscan_serial(level, queries, list_ids, centroids, codebooks_t, list_
     out_i = np.empty((queries.shape[0], k), np.int64)
     _search_chunk(level, queries, list_ids, 0, queries.shape[0], centroids, codebooks_t, list_terms, offsets, block_offsets, packed, ids, inner_product, exact, out_d, out_i)
     return out_d, out_i
-
-
-@contextmanager
-def dynamic_schedule():
-    """Parallel loops started inside hand their iterations to threads one at a time, as threads
-    free up: queries differ in cost (their lists' sizes), and an even split of a batch would
-    leave one thread idle while another finishes its harder half."""
-    previous = numba.set_parallel_chunksize(1)
-    try:
-        yield
-    finally:
-        numba.set_parallel_chunksize(previous)
-
-
-class FastScanEngine(ScanEngine):
-    """Our 4-bit engine: SIMD fast scan of quantized distances, then a float re-rank.
-
-    ``simd`` picks the instruction set (``auto``, ``avx512``, ``avx2``, ``scalar``: all give the same
-    answers). ``exact``: the ``numba`` engine's answers on the same codes, bit for bit, instead of
-    FastScan's ranking (the k best by quantized distance, returned with their float distances). The
-    codes are repacked into 32-vector blocks at load; the index on disk keeps faiss's packing.
-    """
-
-    name = "numba-fastscan"
-
-    def __init__(self, index: IVFPQIndex, simd: str = "auto", exact: bool = False):
-        super().__init__(index)
-        p = self.params
-        if p.nbits != 4:
-            raise RetrieverError(f"the {self.name} engine scans 4-bit PQ codes (index build --nbits 4); this index has nbits={p.nbits}")
-        table_bytes = p.nlist * p.m * p.ksub * 4
-        if p.metric == "l2" and table_bytes > PRECOMPUTED_TABLE_MAX_BYTES:
-            raise RetrieverError(f"the {self.name} engine needs L2 tables of {table_bytes:,} bytes, over {PRECOMPUTED_TABLE_MAX_BYTES:,}: use fewer lists or sub-quantizers")
-        self.simd = simd_level(simd)
-        self.exact = bool(exact)
-        self.offsets = np.ascontiguousarray(self.lists.offsets, dtype=np.int64)
-        self.ids = np.ascontiguousarray(self.lists.ids, dtype=np.int64)
-        self.packed, self.block_offsets = pack_blocks(unpack_codes(self.lists.codes, p.m, p.nbits), self.offsets)
-        self.codebooks_t = np.ascontiguousarray(self.codebooks.transpose(0, 2, 1))
-        if p.metric == "l2":
-            self.list_terms = l2_list_terms(p, self.centroids, self.codebooks)
-        else:
-            self.list_terms = np.zeros((0, p.m, p.ksub), dtype=np.float32)
-
-    def warm_up(self) -> None:
-        super().warm_up()
-        self._kernel(scan_fastscan, self.centroids[:2], np.zeros((2, 1), np.int64), 1)
-
-    def _kernel(self, kernel, queries, list_ids, k):
-        return kernel(
-            self.simd, queries, list_ids, self.centroids, self.codebooks_t, self.list_terms,
-            self.offsets, self.block_offsets, self.packed, self.ids, k, self.params.inner_product, self.exact,
-        )  # fmt: skip
-
-    def search_checked(self, queries, list_ids, k):
-        parallel = queries.shape[0] > 1 and numba.get_num_threads() > 1 and self.codes_to_scan(list_ids) >= PARALLEL_MIN_CODES
-        if parallel:
-            with dynamic_schedule():
-                keys, ids = self._kernel(scan_fastscan, queries, list_ids, k)
-        else:
-            keys, ids = self._kernel(scan_fastscan_serial, queries, list_ids, k)
-        return (-keys if self.params.inner_product else keys), ids

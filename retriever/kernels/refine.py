@@ -12,8 +12,7 @@ import numpy as np
 from numba import njit, prange
 
 from retriever.errors import RetrieverError
-from retriever.fastscan import dynamic_schedule, prefetch
-from retriever.scan import EMPTY_ID, _drain_sorted, _offer
+from retriever.kernels.common import EMPTY_ID, drain_sorted, dynamic_schedule, offer, prefetch
 from retriever.vectors import as_query_matrix, id_range
 
 # Below this many candidate distances a batch runs on the calling thread (see engines.PARALLEL_MIN_CODES).
@@ -64,8 +63,8 @@ def _rerank_chunk(queries, vectors, candidates, inner_product, first, last, out_
         heap_i[:] = EMPTY_ID
         for j in range(candidates.shape[1]):
             if candidates[qi, j] >= 0:
-                _offer(heap_d, heap_i, keys[j], candidates[qi, j])
-        _drain_sorted(heap_d, heap_i, out_d[qi], out_i[qi])
+                offer(heap_d, heap_i, keys[j], candidates[qi, j])
+        drain_sorted(heap_d, heap_i, out_d[qi], out_i[qi])
 
 
 @njit(parallel=True, cache=True, nogil=True)

@@ -21,61 +21,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-EMPTY_ID = np.iinfo(np.int64).max
-
-
-@njit(cache=True, inline="always")
-def _worse(d1, i1, d2, i2):
-    return d1 > d2 or (d1 == d2 and i1 > i2)
-
-
-@njit(cache=True)
-def _replace_top(heap_d, heap_i, d, i):
-    """Max-heap (worst on top) of fixed size: put (d, i) in place of the top and sift down."""
-    _sift_down(heap_d, heap_i, heap_d.shape[0], d, i)
-
-
-@njit(cache=True)
-def _sift_down(heap_d, heap_i, k, d, i):
-    """:func:`_replace_top` on the heap's first ``k`` slots (a slice would cost a refcount round trip)."""
-    pos = 0
-    while True:
-        child = 2 * pos + 1
-        if child >= k:
-            break
-        if child + 1 < k and _worse(heap_d[child + 1], heap_i[child + 1], heap_d[child], heap_i[child]):
-            child += 1
-        if not _worse(heap_d[child], heap_i[child], d, i):
-            break
-        heap_d[pos] = heap_d[child]
-        heap_i[pos] = heap_i[child]
-        pos = child
-    heap_d[pos] = d
-    heap_i[pos] = i
-
-
-@njit(cache=True)
-def _drain_sorted(heap_d, heap_i, out_d, out_i):
-    """Empty the heap into ``out`` best first; empty slots become id -1."""
-    for last in range(heap_d.shape[0] - 1, -1, -1):
-        out_d[last] = heap_d[0]
-        out_i[last] = -1 if heap_i[0] == EMPTY_ID else heap_i[0]
-        d, i = heap_d[last], heap_i[last]
-        _sift_down(heap_d, heap_i, last, d, i)
-
-
-@njit(cache=True)
-def _query_lut(q, codebooks_t, alpha, lut):
-    """lut[j, c] = alpha * <q_j, y_jc>; the loop over codes is innermost and contiguous, so it vectorises."""
-    m, dsub, ksub = codebooks_t.shape
-    lut[:] = 0.0
-    for j in range(m):
-        for t in range(dsub):
-            qv = q[j * dsub + t]
-            for c in range(ksub):
-                lut[j, c] += qv * codebooks_t[j, t, c]
-        for c in range(ksub):
-            lut[j, c] *= alpha
+from retriever.kernels.common import EMPTY_ID, coarse_key, drain_sorted, offer, query_lut
 
 
 @njit(cache=True)
@@ -89,12 +35,6 @@ def _residual_table(q, centroid, codebooks_t, table):
             for c in range(ksub):
                 diff = residual - codebooks_t[j, t, c]
                 table[j, c] += diff * diff
-
-
-@njit(cache=True, inline="always")
-def _offer(heap_d, heap_i, d, i):
-    if d < heap_d[0] or (d == heap_d[0] and i < heap_i[0]):
-        _replace_top(heap_d, heap_i, d, i)
 
 
 @njit(cache=True)
@@ -111,29 +51,16 @@ def _scan_list(table, codes, ids, start, end, coarse, heap_d, heap_i):
             a1 += table[j, codes[r + 1, j]]
             a2 += table[j, codes[r + 2, j]]
             a3 += table[j, codes[r + 3, j]]
-        _offer(heap_d, heap_i, coarse + a0, ids[r])
-        _offer(heap_d, heap_i, coarse + a1, ids[r + 1])
-        _offer(heap_d, heap_i, coarse + a2, ids[r + 2])
-        _offer(heap_d, heap_i, coarse + a3, ids[r + 3])
+        offer(heap_d, heap_i, coarse + a0, ids[r])
+        offer(heap_d, heap_i, coarse + a1, ids[r + 1])
+        offer(heap_d, heap_i, coarse + a2, ids[r + 2])
+        offer(heap_d, heap_i, coarse + a3, ids[r + 3])
         r += 4
     for rest in range(r, end):
         acc = np.float32(0.0)
         for j in range(m):
             acc += table[j, codes[rest, j]]
-        _offer(heap_d, heap_i, coarse + acc, ids[rest])
-
-
-@njit(cache=True, inline="always")
-def _coarse_key(q, centroid, inner_product):
-    s = np.float32(0.0)
-    if inner_product:
-        for t in range(q.shape[0]):
-            s -= q[t] * centroid[t]
-    else:
-        for t in range(q.shape[0]):
-            diff = q[t] - centroid[t]
-            s += diff * diff
-    return s
+        offer(heap_d, heap_i, coarse + acc, ids[rest])
 
 
 @njit(cache=True)
@@ -143,7 +70,7 @@ def coarse_keys(queries, centroids, list_ids, inner_product):
     for qi in range(list_ids.shape[0]):
         for p in range(list_ids.shape[1]):
             if list_ids[qi, p] >= 0:
-                keys[qi, p] = _coarse_key(queries[qi], centroids[list_ids[qi, p]], inner_product)
+                keys[qi, p] = coarse_key(queries[qi], centroids[list_ids[qi, p]], inner_product)
     return keys
 
 
@@ -155,26 +82,26 @@ def _search_query(q, probes, centroids, codebooks_t, list_terms, offsets, ids, c
     lut = np.empty((m, ksub), np.float32)
     table = lut if inner_product else np.empty((m, ksub), np.float32)  # per-list tables are for L2 only
     if inner_product or precomputed:
-        _query_lut(q, codebooks_t, np.float32(-1.0) if inner_product else np.float32(-2.0), lut)
+        query_lut(q, codebooks_t, np.float32(-1.0) if inner_product else np.float32(-2.0), lut)
     heap_d = np.full(k, np.inf, np.float32)
     heap_i = np.full(k, EMPTY_ID, np.int64)
     for lst in probes:
         if lst < 0 or offsets[lst] == offsets[lst + 1]:
             continue
         if inner_product:
-            coarse = _coarse_key(q, centroids[lst], True)
+            coarse = coarse_key(q, centroids[lst], True)
             _scan_list(lut, codes, ids, offsets[lst], offsets[lst + 1], coarse, heap_d, heap_i)
             continue
         if precomputed:
             for j in range(m):
                 for c in range(ksub):
                     table[j, c] = list_terms[lst, j, c] + lut[j, c]
-            coarse = _coarse_key(q, centroids[lst], False)
+            coarse = coarse_key(q, centroids[lst], False)
         else:
             _residual_table(q, centroids[lst], codebooks_t, table)
             coarse = np.float32(0.0)
         _scan_list(table, codes, ids, offsets[lst], offsets[lst + 1], coarse, heap_d, heap_i)
-    _drain_sorted(heap_d, heap_i, out_d, out_i)
+    drain_sorted(heap_d, heap_i, out_d, out_i)
 
 
 @njit(parallel=True, cache=True, nogil=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from chameleon.bench import faiss_ivfpq_runner, measure, numba_runner
+from chameleon.bench.recall import faiss_ivfpq_runner, measure, numba_runner
 from fpga.config import DEFAULT_BANKS, KernelConfig
 from fpga.layout import pack_banks
 from fpga.model import estimate_cycles, miss_probability

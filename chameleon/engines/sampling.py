@@ -1,0 +1,159 @@
+"""How a request's tokens are chosen and scored: :class:`Sampling` (greedy, or temperature, top-p
+and seed), and the log-probabilities the OpenAI routes report (:class:`TokenLogprob`).
+
+The settings (temperature, top_p, seed, logprobs) are fixed when a request arrives; the draws
+(the generator, the log-probabilities reported so far) are the request's own state.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from retriever.errors import RetrieverError
+
+MAX_TEMPERATURE = 2.0  # OpenAI's bound
+MAX_SEED = (1 << 63) - 1
+NUCLEUS_FIRST_TRY = 64
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A chosen token's log-probability under the model and the ``top`` most likely tokens'
+    (token, log-probability), most likely first."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass
+class Sampling:
+    """How a request's next token is chosen.
+
+    Greedy (the most likely token) when ``temperature`` is 0, the default, or ``top_p`` is 0.
+    Otherwise the token is drawn from the softmax of the logits divided by ``temperature``. The
+    draw is kept to the smallest set of most likely tokens whose probabilities reach ``top_p``
+    (nucleus sampling; 1 keeps every token).
+
+    Each request draws from its own generator, seeded with ``seed`` (None: a fresh random seed).
+    Its tokens therefore do not depend on the requests it is batched with, and the same seed
+    repeats an answer. One instance serves one request: its generator's state carries over from
+    one ``generate`` call to the next, as a request with iterative retrieval makes several.
+
+    With ``logprobs`` N (0 to :data:`MAX_TOP_LOGPROBS`), every chosen token's log-probability and
+    the N most likely tokens' are appended to ``reported``, in the order the tokens are chosen. They
+    are the model's own distribution (log-softmax of the logits, before ``temperature`` and
+    ``top_p``), as vLLM reports by default, so they do not change with the sampling settings.
+    """
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    logprobs: int | None = None
+    reported: list[TokenLogprob] = field(default_factory=list, init=False, repr=False, compare=False)
+    _generator: object = field(default=None, init=False, repr=False, compare=False)
+    _calls: int = field(default=0, init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and 0 <= self.temperature <= MAX_TEMPERATURE):
+            raise RetrieverError(f"temperature must be a number between 0 and {MAX_TEMPERATURE:g}, got {self.temperature!r}")
+        if not (isinstance(self.top_p, (int, float)) and math.isfinite(self.top_p) and 0 <= self.top_p <= 1):
+            raise RetrieverError(f"top_p must be a number between 0 and 1, got {self.top_p!r}")
+        if self.seed is not None and not (isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed <= MAX_SEED):
+            raise RetrieverError(f"seed must be an integer between 0 and 2**63 - 1, got {self.seed!r}")
+        if self.logprobs is not None and not (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_TOP_LOGPROBS):
+            raise RetrieverError(f"logprobs must be an integer between 0 and {MAX_TOP_LOGPROBS}, got {self.logprobs!r}")
+
+    @classmethod
+    def of(cls, temperature: float | None, top_p: float | None = None, seed: int | None = None, logprobs: int | None = None) -> Sampling | None:
+        """A request's settings as the API and the CLI take them: no temperature (or 0) is greedy,
+        whatever ``top_p`` and ``seed`` say, and None when nothing is to be reported either;
+        ``top_p`` left out keeps every token."""
+        if not temperature and logprobs is None:
+            return None
+        return cls(temperature or 0.0, 1.0 if top_p is None else top_p, seed, logprobs)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_p == 0
+
+    def pick(self, logits, greedy_token: int | None = None) -> int:
+        """The next token from one row of ``logits`` (a 1-D torch tensor over the vocabulary);
+        ``greedy_token``: their argmax, when the caller has it already."""
+        token = self._choose(logits, greedy_token)
+        if self.logprobs is not None:
+            self._report(logits, token)
+        return token
+
+    def _report(self, logits, token: int) -> None:
+        self.reported += token_logprobs(logits.unsqueeze(0), [token], self.logprobs)
+
+    def _choose(self, logits, greedy_token: int | None) -> int:
+        import torch
+
+        if self.greedy:
+            return int(torch.argmax(logits)) if greedy_token is None else greedy_token
+        logits = logits.float()
+        probabilities = torch.softmax((logits - logits.max()) / self.temperature, dim=-1)  # no overflow at tiny temperatures
+        if self.top_p == 1:
+            return self._draw(probabilities)
+        # The nucleus of a trained model's distribution is mostly small: the most likely 64 tokens
+        # first, not a sort of the vocabulary (~3 ms against a ~30 ms CPU decode step;
+        # benchmarks/sampling_cost.py).
+        for candidates in (min(NUCLEUS_FIRST_TRY, probabilities.shape[0]), probabilities.shape[0]):
+            top, order = torch.topk(probabilities, candidates)
+            if top.sum() >= self.top_p:
+                break
+        # a token stays if the more likely ones before it do not reach top_p yet; the first always does
+        return int(order[self._draw(top * ((top.cumsum(0) - top) < self.top_p))])
+
+    def _draw(self, weights) -> int:
+        """An index drawn with probability proportional to ``weights``: inverse transform of one
+        uniform draw (``torch.multinomial`` takes ~1 ms over a vocabulary on a CPU, this a tenth)."""
+        import torch
+
+        cumulative = weights.cumsum(0)
+        if self._generator is None:
+            self._generator = torch.Generator(device=weights.device)
+            if self.seed is None:
+                self._generator.seed()
+            else:
+                self._generator.manual_seed(self.seed)
+        point = torch.rand((), generator=self._generator, device=weights.device) * cumulative[-1]
+        return min(int(torch.searchsorted(cumulative, point, right=True)), weights.shape[0] - 1)
+
+    def next_seed(self) -> int | None:
+        """A seed for one more ``generate`` call of this request, for engines that take a seed per
+        call (vLLM): ``seed`` for the first call, then ``seed + 1``, … (None without a seed)."""
+        self._calls += 1
+        return None if self.seed is None else (self.seed + self._calls - 1) % (MAX_SEED + 1)
+
+
+GREEDY = Sampling()
+
+
+def token_logprobs(logits, tokens: list[int], top: int) -> list[TokenLogprob]:
+    """For each row of ``logits`` (rows x vocabulary), the log-probability of the token of
+    ``tokens`` at that row and the ``top`` most likely tokens' (log-softmax in float32)."""
+    import torch
+
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    rows = torch.arange(len(tokens), device=logprobs.device)
+    chosen = logprobs[rows, torch.tensor(tokens, device=logprobs.device)].tolist()
+    if not top:
+        return [TokenLogprob(token, logprob) for token, logprob in zip(tokens, chosen)]
+    best = torch.topk(logprobs, top, dim=-1)
+    return [
+        TokenLogprob(token, logprob, tuple(zip(ids, values)))
+        for token, logprob, ids, values in zip(tokens, chosen, best.indices.tolist(), best.values.tolist())
+    ]
+
+
+def check_scored(tokens: list[int], top: int, window: int) -> None:
+    """A clear error for a prompt to score (``prompt_logprobs``) that no engine can."""
+    if not 1 <= len(tokens) <= window:
+        raise RetrieverError(f"the text to score has {len(tokens)} tokens; the model reads 1 to {window}")
+    if not (isinstance(top, int) and 0 <= top <= MAX_TOP_LOGPROBS):
+        raise RetrieverError(f"top must be an integer between 0 and {MAX_TOP_LOGPROBS}, got {top!r}")

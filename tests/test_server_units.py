@@ -1,0 +1,73 @@
+"""The server's parts that need no server: settings precedence and checks, and the text stream
+(stop strings, held-back text, reported tokens)."""
+
+import pytest
+
+from retriever.errors import RetrieverError
+
+
+def test_settings_precedence_flags_env_file_defaults(tmp_path, monkeypatch):
+    from chameleon.server.settings import ServeSettings
+
+    config = tmp_path / "serve.yaml"
+    config.write_text("port: 9000\nshards: 3\nmax-concurrency: 4\napi_keys: [a]\n")
+    monkeypatch.setenv("CHAMELEON_SHARDS", "1")
+    monkeypatch.setenv("CHAMELEON_API_KEYS", "x, y")
+    settings = ServeSettings.load(config, port=None, k=8)
+    assert (settings.port, settings.shards, settings.max_concurrency, settings.k) == (9000, 1, 4, 8)
+    assert settings.api_keys == ["x", "y"] and settings.nprobe == 16
+    assert ServeSettings.load(config, shards=0).shards == 0
+    config.write_text("prot: 1\n")
+    with pytest.raises(RetrieverError, match="prot: Extra inputs"):
+        ServeSettings.load(config)
+    config.write_text("[1, 2")
+    with pytest.raises(RetrieverError, match="not valid YAML"):
+        ServeSettings.load(config)
+    with pytest.raises(RetrieverError, match="port"):
+        ServeSettings.load(None, port=70000)
+    assert ServeSettings.load(None, max_tokens=8).default_max_tokens == 8
+    with pytest.raises(RetrieverError, match="default_max_tokens"):
+        ServeSettings.load(None, max_tokens=8, default_max_tokens=9)
+    assert ServeSettings.load(None, retrieval_engine="numba-fastscan").retrieval_engine == "numba-fastscan"
+    with pytest.raises(RetrieverError, match="needs --fpga-mode"):
+        ServeSettings.load(None, retrieval_engine="fpga")
+    with pytest.raises(RetrieverError, match="go with the fpga engine"):
+        ServeSettings.load(None, xclbin=tmp_path / "x.xclbin")
+    with pytest.raises(RetrieverError, match="retrieval_engine"):
+        ServeSettings.load(None, retrieval_engine="warp-drive")
+
+
+def test_text_stream_cuts_at_stop_strings_and_holds_back_their_beginnings(tiny_model):
+    from transformers import AutoTokenizer
+
+    from chameleon.server.service import TextStream
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    text = "Hello wörld. The answer is 42. STOP and more"
+    tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
+    eos = {tokenizer.eos_token_id}
+
+    plain = TextStream(tokenizer, eos)
+    assert "".join(plain.push(t) for t in tokens) + plain.finish() == text
+
+    stream = TextStream(tokenizer, eos, stop=["STOP"])
+    deltas = [stream.push(t) for t in tokens]
+    assert stream.stopped and "".join(deltas) + stream.finish() == "Hello wörld. The answer is 42. "
+    assert "S" not in "".join(deltas[: tokens.index(tokenizer(" STOP", add_special_tokens=False)["input_ids"][0])])
+
+    held = TextStream(tokenizer, eos, stop=["42!"])  # "42" is the start of a stop string that never completes
+    sent = "".join(held.push(t) for t in tokens)
+    assert not held.stopped and sent + held.finish() == text
+
+    from chameleon.engines.sampling import TokenLogprob
+
+    # Tokens come out with the text they start, up to the one the stop string begins in.
+    reported, sent = TextStream(tokenizer, eos, stop=["STOP"]), ""
+    for n, t in enumerate(tokens):
+        sent += reported.push(t, TokenLogprob(t, -n / 10, ((t, -n / 10),)))
+        assert all(r.offset < len(sent) for r in reported.released)  # never ahead of the text
+    reported.finish()
+    through_stop = tokens[: tokens.index(tokenizer(" STOP", add_special_tokens=False)["input_ids"][0]) + 1]
+    assert [r.text for r in reported.released] == [tokenizer.decode([t]) for t in through_stop]
+    assert [r.offset for r in reported.released] == [len(tokenizer.decode(through_stop[:n])) for n in range(len(through_stop))]
+    assert [(r.logprob, r.top) for r in reported.released] == [(-n / 10, ((r.text, -n / 10),)) for n, r in enumerate(reported.released)]
