@@ -74,7 +74,9 @@ def main():
                 same = (np.sort(ours.search(batch, nprobe)[0]) == np.sort(peer(batch, nprobe))).all(axis=1).mean()
                 repeats = args.repeats if nq > 100 else 100 * args.repeats
                 mine, theirs = best_us(lambda: ours.search(batch, nprobe), repeats), best_us(lambda: peer(batch, nprobe), repeats)
-                print(f"  {threads} thread(s) {nq:6} queries nprobe {nprobe:2}: numba {mine:9.1f}  faiss {theirs:9.1f}  faiss/numba {theirs / mine:5.2f}x  same lists {same:.4f}")
+                print(
+                    f"  {threads} thread(s) {nq:6} queries nprobe {nprobe:2}: numba {mine:9.1f}  faiss {theirs:9.1f}  faiss/numba {theirs / mine:5.2f}x  same lists {same:.4f}"
+                )
 
     print("whole numba-fastscan search of 10,000 queries, refine 3 (QPS, best of repeats, quantizers alternating)")
     index_4bit = load_index(args.index_4bit)
@@ -99,8 +101,10 @@ def main():
                     whole(coarse, nprobe)
                     best[name] = min(best[name], time.perf_counter() - started)
             qps = {name: len(queries) / seconds for name, seconds in best.items()}
-            print(f"  {threads} thread(s) nprobe {nprobe:2}: numba coarse {qps['numba']:9,.0f} QPS  faiss coarse {qps['faiss']:9,.0f} QPS  "
-                  f"ratio {qps['numba'] / qps['faiss']:5.2f}x")  # fmt: skip
+            print(
+                f"  {threads} thread(s) nprobe {nprobe:2}: numba coarse {qps['numba']:9,.0f} QPS  faiss coarse {qps['faiss']:9,.0f} QPS  "
+                f"ratio {qps['numba'] / qps['faiss']:5.2f}x"
+            )
 
 
 if __name__ == "__main__":

@@ -58,7 +58,9 @@ def main():
         "rarest": np.arange(n - n // 10, n),
     }
     header = "  ".join(f"{f'recall np{p} (diff)':>18}" for p in nprobes)
-    print(f"{'added tenth':<12} {'add (s)':>8} {'rebuild (s)':>11} {'ratio':>6}  {header}  (rebuild: {'  '.join(f'{r:.4f}' for r in rebuilt_recall)})")
+    print(
+        f"{'added tenth':<12} {'add (s)':>8} {'rebuild (s)':>11} {'ratio':>6}  {header}  (rebuild: {'  '.join(f'{r:.4f}' for r in rebuilt_recall)})"
+    )
     for name, added in splits.items():
         kept = np.setdiff1d(np.arange(n), added)
         first = build_index(dataset.base[kept], PARAMS, ids=kept, seed=SEED)

@@ -78,9 +78,11 @@ def report(name: str, log: np.ndarray, began: float, ended: float) -> float:
     during = log[(log[:, 0] >= began) & (log[:, 0] <= ended)]
     steady = answered[answered[:, 0] < began]
     longest = float(gaps.max()) if len(gaps) else float("nan")
-    print(f"  {name:<8} change took {ended - began:6.2f} s; searches started meanwhile {len(during):5d}, failed "
-          f"{int((during[:, 2] == 0).sum()):5d}; longest wait for an answer {longest:6.2f} s; "
-          f"p50 before {np.median(steady[:, 1]) * 1e3:6.1f} ms, during {np.median(during[during[:, 2] == 1][:, 1]) * 1e3 if (during[:, 2] == 1).any() else float('nan'):6.1f} ms")  # fmt: skip
+    print(
+        f"  {name:<8} change took {ended - began:6.2f} s; searches started meanwhile {len(during):5d}, failed "
+        f"{int((during[:, 2] == 0).sum()):5d}; longest wait for an answer {longest:6.2f} s; "
+        f"p50 before {np.median(steady[:, 1]) * 1e3:6.1f} ms, during {np.median(during[during[:, 2] == 1][:, 1]) * 1e3 if (during[:, 2] == 1).any() else float('nan'):6.1f} ms"
+    )
     return longest
 
 
@@ -96,17 +98,30 @@ def main():
         for name in ("reload", "restart"):
             with open(work / f"{name}.jsonl", "w") as f:
                 for n in range(NEW_DOCUMENTS):
-                    f.write(json.dumps({"id": f"{name}-note-{n}", "title": f"Release note {n}",
-                                        "text": f"Release note {n} ({name}): the frobnicate module gained option {n}."}) + "\n")  # fmt: skip
+                    f.write(
+                        json.dumps(
+                            {
+                                "id": f"{name}-note-{n}",
+                                "title": f"Release note {n}",
+                                "text": f"Release note {n} ({name}): the frobnicate module gained option {n}.",
+                            }
+                        )
+                        + "\n"
+                    )
         process, url = start(index, work)
         passages = post(url + "/admin/reload", {})["index"]["passages"]
-        print(f"python-docs, {passages:,} passages, 2 shards, built-in model; {NEW_DOCUMENTS} documents added per change; "
-              f"{time.strftime('%Y-%m-%d %H:%M')}")  # fmt: skip
+        print(
+            f"python-docs, {passages:,} passages, 2 shards, built-in model; {NEW_DOCUMENTS} documents added per change; "
+            f"{time.strftime('%Y-%m-%d %H:%M')}"
+        )
 
         load = SearchLoad(url)
         time.sleep(args.seconds)
-        subprocess.run([sys.executable, "-m", "chameleon", "index", "add", "--index", str(index), "--corpus", str(work / "reload.jsonl")],
-                       check=True, capture_output=True)  # fmt: skip
+        subprocess.run(
+            [sys.executable, "-m", "chameleon", "index", "add", "--index", str(index), "--corpus", str(work / "reload.jsonl")],
+            check=True,
+            capture_output=True,
+        )
         began = time.monotonic()
         answer = post(url + "/admin/reload", {})
         ended = time.monotonic()
@@ -116,8 +131,11 @@ def main():
 
         load = SearchLoad(url)
         time.sleep(args.seconds)
-        subprocess.run([sys.executable, "-m", "chameleon", "index", "add", "--index", str(index), "--corpus", str(work / "restart.jsonl")],
-                       check=True, capture_output=True)  # fmt: skip
+        subprocess.run(
+            [sys.executable, "-m", "chameleon", "index", "add", "--index", str(index), "--corpus", str(work / "restart.jsonl")],
+            check=True,
+            capture_output=True,
+        )
         began = time.monotonic()
         process.send_signal(signal.SIGTERM)
         process.wait()

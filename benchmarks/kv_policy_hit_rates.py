@@ -22,13 +22,13 @@ import argparse
 import numpy as np
 
 from chameleon.bench.kvcache import request_stream, retrieve
+from chameleon.engines.prefill_timing import measure_quick
+from chameleon.engines.torch_engine import TorchEngine
 from chameleon.rag.corpus import RagIndex, builtin_rag_index
 from chameleon.rag.embedder import Embedder
-from chameleon.engines.torch_engine import TorchEngine
 from chameleon.rag.pipeline import prompt_segments
 from coordinator.kv_cache import POLICIES, KnowledgeTree
 from coordinator.prefill_profile import PrefillProfile
-from chameleon.engines.prefill_timing import measure_quick
 
 
 def replay(policy: str, requests: list, device_tokens: int, host_tokens: int, template: int, profile, warmup: int) -> tuple[float, float]:
@@ -66,7 +66,9 @@ def main():
     embedder = Embedder()
     rag_index = RagIndex(builtin_rag_index(embedder), embedder.fingerprint)
     drift = f", popularity drawn again every {args.drift} requests" if args.drift else ", stationary popularity"
-    print(f"{args.requests} requests a stream after {args.warmup} to warm up{drift}, budgets {args.device_docs} / {args.host_docs} average passages")
+    print(
+        f"{args.requests} requests a stream after {args.warmup} to warm up{drift}, budgets {args.device_docs} / {args.host_docs} average passages"
+    )
     print("hit rate / prefill time saved, per policy")
     names = (*POLICIES, "ceiling")
     print(f"{'zipf s':>6} {'seed':>4}  " + "  ".join(f"{name:>13}" for name in names) + "   pgdsf / lru")
@@ -85,7 +87,9 @@ def main():
             ratios.append(results["pgdsf"][0] / results["lru"][0])
             cells = "  ".join(f"{results[name][0]:6.4f}/{results[name][1]:6.4f}" for name in names)
             print(f"{s:>6} {seed:>4}  {cells}   {ratios[-1]:.3f}", flush=True)
-        print(f"zipf {s}: pgdsf / lru hit rate over {args.seeds} streams: min {min(ratios):.3f}, mean {np.mean(ratios):.3f}, max {max(ratios):.3f}")
+        print(
+            f"zipf {s}: pgdsf / lru hit rate over {args.seeds} streams: min {min(ratios):.3f}, mean {np.mean(ratios):.3f}, max {max(ratios):.3f}"
+        )
 
 
 if __name__ == "__main__":

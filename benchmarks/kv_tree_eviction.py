@@ -103,10 +103,16 @@ def main() -> None:
         raise SystemExit("the two trees decided differently")
     evicted = sum(len(outcome[3]) + len(outcome[4]) for outcome in decided[0])
 
-    print(f"policy {args.policy}: {resident[DEVICE] - 1} documents on the device, {resident[HOST]} on the host after {warm_up} warm-up requests")
-    print(f"{args.requests} requests of {args.k} documents, {evicted / args.requests:.1f} swap-outs and drops a request; best of {args.repeats} passes")
+    print(
+        f"policy {args.policy}: {resident[DEVICE] - 1} documents on the device, {resident[HOST]} on the host after {warm_up} warm-up requests"
+    )
+    print(
+        f"{args.requests} requests of {args.k} documents, {evicted / args.requests:.1f} swap-outs and drops a request; best of {args.repeats} passes"
+    )
     for name, passes in seconds.items():
-        print(f"  {name:5s} {min(passes) / args.requests * 1e6:10.1f} µs an access (passes: {', '.join(f'{s / args.requests * 1e6:.0f}' for s in passes)})")
+        print(
+            f"  {name:5s} {min(passes) / args.requests * 1e6:10.1f} µs an access (passes: {', '.join(f'{s / args.requests * 1e6:.0f}' for s in passes)})"
+        )
     print(f"  walk / heaps: {min(seconds['walk']) / min(seconds['heaps']):.0f}x")
 
 

@@ -29,9 +29,27 @@ import numpy as np
 from chameleon.server.launch import spawn
 
 MODULES = [
-    "json", "csv", "pathlib", "itertools", "functools", "collections", "re", "datetime", "argparse", "logging",
-    "subprocess", "threading", "asyncio", "sqlite3", "hashlib", "random", "statistics", "heapq", "bisect", "shutil",
-]  # fmt: skip
+    "json",
+    "csv",
+    "pathlib",
+    "itertools",
+    "functools",
+    "collections",
+    "re",
+    "datetime",
+    "argparse",
+    "logging",
+    "subprocess",
+    "threading",
+    "asyncio",
+    "sqlite3",
+    "hashlib",
+    "random",
+    "statistics",
+    "heapq",
+    "bisect",
+    "shutil",
+]
 TEMPLATES = ["What does the {} module do?", "How do I use {} in Python?", "Give an example of the {} module."]
 
 
@@ -68,9 +86,9 @@ def server(work_dir: Path, max_batch: int) -> tuple[subprocess.Popen, str]:
 
 
 def in_process(asked: list[str], max_tokens: int, k: int) -> dict:
+    from chameleon.engines.torch_engine import TorchEngine
     from chameleon.rag.corpus import RagIndex, builtin_rag_index
     from chameleon.rag.embedder import Embedder
-    from chameleon.engines.torch_engine import TorchEngine
     from chameleon.rag.pipeline import RagPipeline
 
     embedder = Embedder()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-
 from pydoc_data.topics import topics
 
 import chameleon.engines.torch_engine as llm

@@ -91,8 +91,7 @@ def main():
         for name, (per_code, _) in fits.items():
             print(f"{name:12s} {per_code * hz / m:5.2f} cycles per sub-quantizer lookup at {hz / 1e9:.2f} GHz")
     ratio = fits["faiss-ivfpq"][0] / fits["numba"][0]
-    print(f"per-code cost ratio faiss-ivfpq / numba: {ratio:.2f}x; "
-          f"fixed cost ratio: {fits['faiss-ivfpq'][1] / fits['numba'][1]:.2f}x")  # fmt: skip
+    print(f"per-code cost ratio faiss-ivfpq / numba: {ratio:.2f}x; fixed cost ratio: {fits['faiss-ivfpq'][1] / fits['numba'][1]:.2f}x")
 
 
 if __name__ == "__main__":

@@ -81,8 +81,10 @@ def main():
             held += int(torch.topk(probabilities, NUCLEUS_FIRST_TRY).values.sum() >= top_p)
         ours_us, peer_us = statistics.median(ours) * 1e6, statistics.median(peer) * 1e6
         nucleus = f"{held / len(rows):.0%}" if top_p < 1 else "-"
-        print(f"{temperature:11.2f}  {top_p:5.2f}  {len(rows):4d}  {ours_us:9.0f}  {peer_us:17.0f}  {peer_us / ours_us:4.1f}x"
-              f"  {step_s * 1e3:16.1f}  {nucleus:>17}")  # fmt: skip
+        print(
+            f"{temperature:11.2f}  {top_p:5.2f}  {len(rows):4d}  {ours_us:9.0f}  {peer_us:17.0f}  {peer_us / ours_us:4.1f}x"
+            f"  {step_s * 1e3:16.1f}  {nucleus:>17}"
+        )
 
 
 if __name__ == "__main__":

@@ -20,10 +20,10 @@ import threading
 import time
 
 from chameleon.engines.batching import BatchingEngine
-from chameleon.rag.corpus import RagIndex, builtin_rag_index
-from chameleon.rag.embedder import Embedder
 from chameleon.engines.sampling import Sampling
 from chameleon.engines.torch_engine import TorchEngine
+from chameleon.rag.corpus import RagIndex, builtin_rag_index
+from chameleon.rag.embedder import Embedder
 from chameleon.rag.pipeline import RagPipeline
 
 QUESTIONS = [
@@ -72,14 +72,20 @@ def main():
         "shared": RagPipeline(rag_index, embedder, BatchingEngine(engine, 8), k=4),
         "prefilled each": RagPipeline(rag_index, embedder, BatchingEngine(engine, 8, share_running_prompts=False), k=4),
     }
-    prompt = pipelines["shared"].prompt_tokens(QUESTIONS[0], [p for p, _ in pipelines["shared"].retrieve(QUESTIONS[0], {})], args.max_tokens)[0]
-    print(f"built-in model on {engine.device}, python-docs, k 4 (a prompt of ~{len(prompt)} tokens), n {args.n}, "
-          f"{args.max_tokens} new tokens each, {args.questions} questions, {time.strftime('%Y-%m-%d %H:%M')}")  # fmt: skip
+    prompt = pipelines["shared"].prompt_tokens(
+        QUESTIONS[0], [p for p, _ in pipelines["shared"].retrieve(QUESTIONS[0], {})], args.max_tokens
+    )[0]
+    print(
+        f"built-in model on {engine.device}, python-docs, k 4 (a prompt of ~{len(prompt)} tokens), n {args.n}, "
+        f"{args.max_tokens} new tokens each, {args.questions} questions, {time.strftime('%Y-%m-%d %H:%M')}"
+    )
     rows = {(name, kind): [] for kind in ("one question", "different questions") for name in pipelines}
     burst(pipelines["shared"], QUESTIONS[:2], 4)  # warm up
     for q in range(args.questions):
-        asked = {"one question": [QUESTIONS[q % len(QUESTIONS)]] * args.n,
-                 "different questions": [QUESTIONS[(q + i) % len(QUESTIONS)] for i in range(args.n)]}  # fmt: skip
+        asked = {
+            "one question": [QUESTIONS[q % len(QUESTIONS)]] * args.n,
+            "different questions": [QUESTIONS[(q + i) % len(QUESTIONS)] for i in range(args.n)],
+        }
         for name, kind in rows if q % 2 == 0 else reversed(rows):
             rows[name, kind].append(burst(pipelines[name], asked[kind], args.max_tokens))
     summary = {row: {key: statistics.median(r[key] for r in runs) for key in runs[0]} for row, runs in rows.items()}
@@ -88,8 +94,10 @@ def main():
         print(f"  {kind + ', ' + name:<36} {values['ttft_mean']:10.3f} {values['ttft_last']:10.3f} {values['all_done']:10.3f}")
     for kind in ("one question", "different questions"):
         shared, each = summary["shared", kind], summary["prefilled each", kind]
-        print(f"{kind}, prefilled each / shared: TTFT mean {each['ttft_mean'] / shared['ttft_mean']:.2f}x, "
-              f"TTFT last {each['ttft_last'] / shared['ttft_last']:.2f}x, all done {each['all_done'] / shared['all_done']:.2f}x")  # fmt: skip
+        print(
+            f"{kind}, prefilled each / shared: TTFT mean {each['ttft_mean'] / shared['ttft_mean']:.2f}x, "
+            f"TTFT last {each['ttft_last'] / shared['ttft_last']:.2f}x, all done {each['all_done'] / shared['all_done']:.2f}x"
+        )
     for pipeline in pipelines.values():
         pipeline.engine.close()
 

@@ -61,13 +61,17 @@ def main():
         runners = [with_refinement(make_runner(name, index, dataset), dataset, index.params.metric, refine) for name in (ours, theirs)]
         pairs.append((ours, theirs, *runners))
     queries = dataset.queries[: WARM_UP + args.queries]
-    print(f"{time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cores, 1 thread, load average {os.getloadavg()[0]:.1f}, {args.queries} queries")
+    print(
+        f"{time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cores, 1 thread, load average {os.getloadavg()[0]:.1f}, {args.queries} queries"
+    )
     for ours, theirs, our_runner, their_runner in pairs:
         for nprobe in (int(n) for n in args.nprobe.split(",")):
             mine, peer = alternating_latencies(our_runner, their_runner, queries, nprobe)
             p50, peer_p50 = np.percentile(mine, 50), np.percentile(peer, 50)
-            print(f"  nprobe {nprobe:2}  {ours:<15} p50 {p50:6.1f} µs  p99 {np.percentile(mine, 99):6.1f} µs   "
-                  f"{theirs:<15} p50 {peer_p50:6.1f} µs  p99 {np.percentile(peer, 99):6.1f} µs   p50 ratio (faiss / ours) {peer_p50 / p50:4.2f}x")  # fmt: skip
+            print(
+                f"  nprobe {nprobe:2}  {ours:<15} p50 {p50:6.1f} µs  p99 {np.percentile(mine, 99):6.1f} µs   "
+                f"{theirs:<15} p50 {peer_p50:6.1f} µs  p99 {np.percentile(peer, 99):6.1f} µs   p50 ratio (faiss / ours) {peer_p50 / p50:4.2f}x"
+            )
 
 
 if __name__ == "__main__":

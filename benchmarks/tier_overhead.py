@@ -70,18 +70,24 @@ def main():
     numba.set_num_threads(1)
     faiss.omp_set_num_threads(1)
     local = Searcher(load_index(args.index), device="cpu")
-    print(f"batches of {BATCH} queries, nprobe {NPROBE}, k 10, {args.batches} batches, {time.strftime('%Y-%m-%d')}, "
-          f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")  # fmt: skip
+    print(
+        f"batches of {BATCH} queries, nprobe {NPROBE}, k 10, {args.batches} batches, {time.strftime('%Y-%m-%d')}, "
+        f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}"
+    )
     for nshards in [int(s) for s in args.shards.split(",")]:
         with tempfile.TemporaryDirectory() as state:
             cluster.up(args.index, nshards, state)
             process, inline = cluster.ClusterSearcher.open(state), cluster.ClusterSearcher.open(state, embedded=True)
             try:
-                ms = time_interleaved({
-                    "in process": lambda q: local.search(q, 10, NPROBE),
-                    "coordinator process": lambda q: process.search(q, 10, NPROBE),
-                    "inline coordinator": lambda q: inline.search(q, 10, NPROBE),
-                }, queries, args.batches)  # fmt: skip
+                ms = time_interleaved(
+                    {
+                        "in process": lambda q: local.search(q, 10, NPROBE),
+                        "coordinator process": lambda q: process.search(q, 10, NPROBE),
+                        "inline coordinator": lambda q: inline.search(q, 10, NPROBE),
+                    },
+                    queries,
+                    args.batches,
+                )
             finally:
                 process.close()
                 inline.close()

@@ -61,9 +61,9 @@ def _capacity(stream) -> float:
 def _rows(kind: str, stream, warmup, kv_gib: int, template_passage) -> list[dict]:
     """The rows of one engine kind; the vLLM ones each on an engine of its own."""
     from chameleon.bench.kvcache import interleaved, served
+    from chameleon.engines.prefill_timing import measure_quick
     from chameleon.rag.doc_cache import DocumentKVCache, VllmDocumentCache
     from chameleon.rag.pipeline import prompt_segments
-    from chameleon.engines.prefill_timing import measure_quick
 
     if kind == "torch":
         engine = _engine("torch", kv_gib)
@@ -117,25 +117,35 @@ def main():
     stream = request_stream(passages, args.warmup + args.requests, args.zipf, rate=args.load * capacity, seed=args.seed)
     retrieve(stream, rag_index, embedder, NPROBE, early)
     warmup, stream = stream[: args.warmup], stream[args.warmup :]
-    print(f"{time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cores: zipf {args.zipf}, {args.requests} requests after {args.warmup} "
-          f"of warm-up, arrivals at {args.load} x the torch engine's no-cache capacity ({capacity:.2f} rps), {args.kv_gib} GiB of KV", flush=True)  # fmt: skip
+    print(
+        f"{time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cores: zipf {args.zipf}, {args.requests} requests after {args.warmup} "
+        f"of warm-up, arrivals at {args.load} x the torch engine's no-cache capacity ({capacity:.2f} rps), {args.kv_gib} GiB of KV",
+        flush=True,
+    )
     results = {row: [] for row in ROWS}
     for round_ in range(args.rounds):
         for kind in ("torch", "vllm") if round_ % 2 == 0 else ("vllm", "torch"):
             names = ROWS[:2] if kind == "torch" else ROWS[2:]
             for name, row in zip(names, _in_child(_rows, kind, stream, warmup, args.kv_gib, passages[0])):
                 results[name].append(row)
-                print(f"  round {round_ + 1} {name:<24} TTFT p50 {row['ttft_p50_ms']:8.0f} ms  mean {row['ttft_mean_ms']:8.0f} ms  "
-                      f"capacity {row['capacity_rps']:.3f} rps  reused {row['hit_rate']:.2f} of the prompt tokens", flush=True)  # fmt: skip
+                print(
+                    f"  round {round_ + 1} {name:<24} TTFT p50 {row['ttft_p50_ms']:8.0f} ms  mean {row['ttft_mean_ms']:8.0f} ms  "
+                    f"capacity {row['capacity_rps']:.3f} rps  reused {row['hit_rate']:.2f} of the prompt tokens",
+                    flush=True,
+                )
     vllm = results["vLLM"]
     print("against vLLM (its automatic prefix caching), round by round:")
     for name in ROWS:
         capacity_ratio = [r["capacity_rps"] / v["capacity_rps"] for r, v in zip(results[name], vllm)]
         ttft_ratio = [v["ttft_mean_ms"] / r["ttft_mean_ms"] for r, v in zip(results[name], vllm)]
-        print(f"  {name:<24} capacity {', '.join(f'{x:.2f}x' for x in capacity_ratio)}   "
-              f"TTFT mean {', '.join(f'{x:.2f}x' for x in ttft_ratio)} lower")  # fmt: skip
+        print(
+            f"  {name:<24} capacity {', '.join(f'{x:.2f}x' for x in capacity_ratio)}   "
+            f"TTFT mean {', '.join(f'{x:.2f}x' for x in ttft_ratio)} lower"
+        )
     if args.json is not None:
-        args.json.write_text(json.dumps({"capacity_rps": capacity, "args": vars(args) | {"json": str(args.json)}, "rows": results}, indent=1))
+        args.json.write_text(
+            json.dumps({"capacity_rps": capacity, "args": vars(args) | {"json": str(args.json)}, "rows": results}, indent=1)
+        )
 
 
 if __name__ == "__main__":

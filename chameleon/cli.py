@@ -7,7 +7,6 @@ import sys
 import time
 from enum import Enum
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import typer
@@ -54,17 +53,17 @@ def _number_list(text: str, what: str, kind=int) -> list:
 @index_app.command("build")
 def index_build(
     out: Path = typer.Option(..., "--out", help="Index directory to write."),
-    nlist: Optional[int] = typer.Option(None, "--nlist", help="Inverted lists (required for vectors; corpora default to ~4 sqrt(N))."),
-    m: Optional[int] = typer.Option(None, "--m", help="PQ sub-quantizers, dividing the dimension (required for vectors; corpora: dim/8)."),
-    dataset: Optional[str] = typer.Option(None, "--dataset", help="Built-in dataset (glove-50, synthetic) or ann-benchmarks .hdf5."),
-    vectors: Optional[Path] = typer.Option(None, "--vectors", help="Vector file: .npy, .fvecs, .bvecs, .ivecs or .hdf5."),
-    corpus: Optional[str] = typer.Option(None, "--corpus", help="Text corpus: python-docs, a folder of .txt/.md, or .jsonl."),
+    nlist: int | None = typer.Option(None, "--nlist", help="Inverted lists (required for vectors; corpora default to ~4 sqrt(N))."),
+    m: int | None = typer.Option(None, "--m", help="PQ sub-quantizers, dividing the dimension (required for vectors; corpora: dim/8)."),
+    dataset: str | None = typer.Option(None, "--dataset", help="Built-in dataset (glove-50, synthetic) or ann-benchmarks .hdf5."),
+    vectors: Path | None = typer.Option(None, "--vectors", help="Vector file: .npy, .fvecs, .bvecs, .ivecs or .hdf5."),
+    corpus: str | None = typer.Option(None, "--corpus", help="Text corpus: python-docs, a folder of .txt/.md, or .jsonl."),
     knnlm: bool = typer.Option(False, "--knnlm", help="With --corpus: a kNN-LM datastore (hidden state -> next token)."),
-    model: Optional[str] = typer.Option(None, "--model", help="With --knnlm: local HF model directory (default: built-in)."),
+    model: str | None = typer.Option(None, "--model", help="With --knnlm: local HF model directory (default: built-in)."),
     nbits: int = typer.Option(8, "--nbits", help="Bits per PQ code (4: for the numba-fastscan engine)."),
-    metric: Optional[Metric] = typer.Option(None, "--metric", help="Default: the dataset's metric, else l2."),
+    metric: Metric | None = typer.Option(None, "--metric", help="Default: the dataset's metric, else l2."),
     shards: int = typer.Option(1, "--shards", help="Split every list into this many balanced shards."),
-    train_size: Optional[int] = typer.Option(None, "--train-size", help="Training sample size (default: up to 100 x nlist, at least 100k)."),
+    train_size: int | None = typer.Option(None, "--train-size", help="Training sample size (default: up to 100 x nlist, at least 100k)."),
     seed: int = typer.Option(1234, "--seed"),
     force: bool = typer.Option(False, "--force", help="Replace an existing index directory."),
 ):
@@ -80,9 +79,9 @@ def index_build(
     if knnlm and corpus is None:
         raise RetrieverError("--knnlm builds from a text corpus: give --corpus")
     if corpus is not None and knnlm:
+        from chameleon.engines.torch_engine import TorchEngine
         from chameleon.rag.corpus import read_corpus
         from chameleon.rag.knnlm import build_datastore
-        from chameleon.engines.torch_engine import TorchEngine
 
         meta = build_datastore(read_corpus(corpus), TorchEngine(model), out, nlist=nlist, m=m, nbits=nbits, force=force, progress=True)
         _say(f"wrote {out}: kNN-LM datastore of {meta['keys']:,} positions for {meta['model']}")
@@ -109,8 +108,8 @@ def index_build(
 @index_app.command("add")
 def index_add(
     index: Path = typer.Option(..., "--index", help="The index directory to extend: a vector index or a passage index."),
-    vectors: Optional[Path] = typer.Option(None, "--vectors", help="Vectors to add to a vector index: .npy, .fvecs, .bvecs, .ivecs or .hdf5."),
-    corpus: Optional[str] = typer.Option(None, "--corpus", help="Documents to add to a passage index: a folder of .txt/.md, or .jsonl."),
+    vectors: Path | None = typer.Option(None, "--vectors", help="Vectors to add to a vector index: .npy, .fvecs, .bvecs, .ivecs or .hdf5."),
+    corpus: str | None = typer.Option(None, "--corpus", help="Documents to add to a passage index: a folder of .txt/.md, or .jsonl."),
 ):
     """Add vectors or documents to an index, encoded with its trained quantizers (no retraining).
 
@@ -132,8 +131,10 @@ def index_add(
 
         meta = add_to_rag_index(index, corpus, Embedder(), progress=True)
         added = meta["added"][-1]
-        _say(f"added {added['documents']:,} documents ({added['passages']:,} passages) to {index}: "
-             f"{meta['documents']:,} documents, {meta['passages']:,} passages in {time.perf_counter() - started:.1f} s")  # fmt: skip
+        _say(
+            f"added {added['documents']:,} documents ({added['passages']:,} passages) to {index}: "
+            f"{meta['documents']:,} documents, {meta['passages']:,} passages in {time.perf_counter() - started:.1f} s"
+        )
         return
     _check_vector_index(index)
     if vectors is None:
@@ -147,8 +148,8 @@ def index_add(
 @index_app.command("remove")
 def index_remove(
     index: Path = typer.Option(..., "--index", help="The index directory: a vector index or a passage index."),
-    ids: Optional[str] = typer.Option(None, "--ids", help="Vector ids to remove from a vector index, comma-separated."),
-    ids_file: Optional[Path] = typer.Option(None, "--ids-file", help="Or a .npy file of them."),
+    ids: str | None = typer.Option(None, "--ids", help="Vector ids to remove from a vector index, comma-separated."),
+    ids_file: Path | None = typer.Option(None, "--ids-file", help="Or a .npy file of them."),
     doc_ids: list[str] = typer.Option([], "--doc-id", help="A document to remove from a passage index (repeatable)."),
 ):
     """Remove vectors, or documents with all their passages, from an index (no retraining).
@@ -169,8 +170,10 @@ def index_remove(
 
         meta = remove_from_rag_index(index, doc_ids)
         removed = meta["removed"][-1]
-        _say(f"removed {removed['documents']:,} documents ({removed['passages']:,} passages) from {index}: "
-             f"{meta['documents']:,} documents, {meta['passages']:,} passages left")  # fmt: skip
+        _say(
+            f"removed {removed['documents']:,} documents ({removed['passages']:,} passages) from {index}: "
+            f"{meta['documents']:,} documents, {meta['passages']:,} passages left"
+        )
         return
     _check_vector_index(index)
     if doc_ids:
@@ -192,7 +195,10 @@ def _check_vector_index(index: Path) -> None:
     datastore belong to it: changed alone, they would no longer match it)."""
     if not (index / "manifest.json").is_file():
         raise RetrieverError(f"{index} is neither a vector index (manifest.json) nor a passage index (rag.json)")
-    for outer, kind in (("rag.json", "passage index: change its documents with --corpus or --doc-id"), ("knnlm.json", "kNN-LM datastore, which is built again, not changed")):
+    for outer, kind in (
+        ("rag.json", "passage index: change its documents with --corpus or --doc-id"),
+        ("knnlm.json", "kNN-LM datastore, which is built again, not changed"),
+    ):
         if (index.resolve().parent / outer).is_file():
             raise RetrieverError(f"{index} is the vectors of the {kind}")
 
@@ -211,19 +217,23 @@ def _build_corpus_index(corpus: str, out: Path, nlist: int | None, m: int | None
 @app.command("ask")
 def ask(
     question: str = typer.Argument(..., help="The question."),
-    server: Optional[str] = typer.Option(None, "--server", envvar="CHAMELEON_SERVER", help="Ask a running `chameleon serve` at this URL."),
-    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="CHAMELEON_API_KEY", help="With --server: its API key."),
-    index: Optional[Path] = typer.Option(None, "--index", help="Passage index (default: built-in python-docs, built on first use)."),
-    cluster: Optional[Path] = typer.Option(None, "--cluster", help="Retrieve through the cluster in this state directory."),
-    model: Optional[str] = typer.Option(None, "--model", help="Local Hugging Face model directory (default: built-in SmolLM2-135M)."),
-    engine: str = typer.Option("auto", "--engine", help="LLM engine: auto (vllm on a CUDA host where it is installed, else torch), torch or vllm."),
+    server: str | None = typer.Option(None, "--server", envvar="CHAMELEON_SERVER", help="Ask a running `chameleon serve` at this URL."),
+    api_key: str | None = typer.Option(None, "--api-key", envvar="CHAMELEON_API_KEY", help="With --server: its API key."),
+    index: Path | None = typer.Option(None, "--index", help="Passage index (default: built-in python-docs, built on first use)."),
+    cluster: Path | None = typer.Option(None, "--cluster", help="Retrieve through the cluster in this state directory."),
+    model: str | None = typer.Option(None, "--model", help="Local Hugging Face model directory (default: built-in SmolLM2-135M)."),
+    engine: str = typer.Option(
+        "auto", "--engine", help="LLM engine: auto (vllm on a CUDA host where it is installed, else torch), torch or vllm."
+    ),
     k: int = typer.Option(4, "--k", help="Passages to retrieve."),
     nprobe: int = typer.Option(16, "--nprobe"),
     max_tokens: int = typer.Option(128, "--max-tokens", help="New tokens at most."),
-    retrieval_interval: Optional[int] = typer.Option(None, "--retrieval-interval", help="Retrieve again every N new tokens."),
-    temperature: Optional[float] = typer.Option(None, "--temperature", help="Sample at this temperature (0..2; default: greedy)."),
-    top_p: Optional[float] = typer.Option(None, "--top-p", help="With --temperature: draw from the most likely tokens reaching this probability."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="With --temperature: the same seed gives the same answer."),
+    retrieval_interval: int | None = typer.Option(None, "--retrieval-interval", help="Retrieve again every N new tokens."),
+    temperature: float | None = typer.Option(None, "--temperature", help="Sample at this temperature (0..2; default: greedy)."),
+    top_p: float | None = typer.Option(
+        None, "--top-p", help="With --temperature: draw from the most likely tokens reaching this probability."
+    ),
+    seed: int | None = typer.Option(None, "--seed", help="With --temperature: the same seed gives the same answer."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object: answer, sources, timings."),
 ):
     """Answer a question from the passage index with the LLM, citing the sources.
@@ -239,8 +249,15 @@ def ask(
     if server is not None:
         if index is not None or cluster is not None or model is not None or engine != "auto":
             raise RetrieverError("--index, --cluster, --model and --engine are the server's own settings; leave them out with --server")
-        request = {"question": question, "k": k, "max_tokens": max_tokens, "retrieval_interval": retrieval_interval,
-                   "temperature": temperature, "top_p": top_p, "seed": seed}  # fmt: skip
+        request = {
+            "question": question,
+            "k": k,
+            "max_tokens": max_tokens,
+            "retrieval_interval": retrieval_interval,
+            "temperature": temperature,
+            "top_p": top_p,
+            "seed": seed,
+        }
         answer = _post_json(server.rstrip("/") + "/v1/rag", request, api_key)
     else:
         sampling = Sampling.of(temperature, top_p, seed)  # bad settings fail before anything loads
@@ -260,9 +277,9 @@ def ask(
 
 
 def _ask_here(question, index, cluster, model, engine, k, nprobe, max_tokens, retrieval_interval, sampling) -> dict:
+    from chameleon.engines import engine_kind, make_llm_engine
     from chameleon.rag.corpus import RagIndex, builtin_rag_index
     from chameleon.rag.embedder import Embedder
-    from chameleon.engines import engine_kind, make_llm_engine
     from chameleon.rag.pipeline import RagPipeline
 
     kind = engine_kind(engine)  # a wrong name fails before anything loads
@@ -313,14 +330,14 @@ def _post_json(url: str, body: dict, api_key: str | None, timeout: float = 600.0
 @profile_app.command("prefill")
 def profile_prefill(
     out: Path = typer.Option(..., "--out", help="Where to write the profile (JSON)."),
-    model: Optional[str] = typer.Option(None, "--model", help="Local Hugging Face model directory (default: built-in)."),
+    model: str | None = typer.Option(None, "--model", help="Local Hugging Face model directory (default: built-in)."),
     cached: str = typer.Option("0,128,512,1024", "--cached", help="Cached prefix lengths (tokens), from 0."),
     new: str = typer.Option("16,64,256,512", "--new", help="New-token counts."),
     repeats: int = typer.Option(3, "--repeats", help="Timings per cell; the best is kept."),
 ):
     """Time prefill of N new tokens after C cached ones: the T(C, N) the KV cache policy costs requests with."""
-    from chameleon.engines.torch_engine import TorchEngine
     from chameleon.engines.prefill_timing import measure
+    from chameleon.engines.torch_engine import TorchEngine
 
     grid_cached, grid_new = _number_list(cached, "--cached"), _number_list(new, "--new")
     if not 1 <= repeats <= 100:
@@ -334,34 +351,43 @@ def profile_prefill(
 
 @app.command("serve")
 def serve(
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML file of settings (the flags' long names, with - or _)."),
-    index: Optional[Path] = typer.Option(None, "--index", help="Passage index (default: built-in python-docs, built on first run)."),
-    model: Optional[str] = typer.Option(None, "--model", help="Local Hugging Face model directory (default: built-in SmolLM2-135M)."),
-    engine: Optional[str] = typer.Option(None, "--engine", help="LLM engine: auto (vllm on a CUDA host where it is installed, else torch), torch or vllm."),
-    max_batch: Optional[int] = typer.Option(None, "--max-batch", help="Sequences decoded together (8); 1: one at a time."),
-    reorder_window: Optional[int] = typer.Option(None, "--reorder-window", help="Cache-aware admission: pass a request over at most N times (8); 0: arrival order."),
-    shards: Optional[int] = typer.Option(None, "--shards", help="Retrieval shards (default 2); 0 searches in the server process."),
-    replicas: Optional[int] = typer.Option(None, "--replicas", help="Nodes per shard (default 1)."),
-    retrieval_engine: Optional[str] = typer.Option(None, "--scan-engine", "--retrieval-engine", help="Scan engine: numba, faiss, numba-fastscan (4-bit index) or fpga (--retrieval-engine: its old name, deprecated)."),
-    fpga_mode: Optional[str] = typer.Option(None, "--fpga-mode", help="With --scan-engine fpga: hw or emu."),
-    xclbin: Optional[Path] = typer.Option(None, "--xclbin", help="With --fpga-mode hw: the bitstream (make -C hls hw)."),
-    keys: Optional[Path] = typer.Option(None, "--keys", help="CURVE keys directory: encrypt and authenticate the tier."),
-    state_dir: Optional[Path] = typer.Option(None, "--state-dir", help="State and logs of the tier's processes."),
-    host: Optional[str] = typer.Option(None, "--host", help="Default 127.0.0.1."),
-    port: Optional[int] = typer.Option(None, "--port", help="Default 8000; 0 picks a free port."),
-    api_key: Optional[list[str]] = typer.Option(None, "--api-key", help="Accept this Bearer key (repeatable); none: open."),
-    k: Optional[int] = typer.Option(None, "--k", help="Passages per request by default (4)."),
-    nprobe: Optional[int] = typer.Option(None, "--nprobe", help="Lists probed per search (16)."),
-    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="The most new tokens a request may ask for (1024)."),
-    max_concurrency: Optional[int] = typer.Option(None, "--max-concurrency", help="Requests admitted at once; more get 429 (16)."),
-    knnlm: Optional[Path] = typer.Option(None, "--knnlm", help="kNN-LM datastore for mode=knnlm requests."),
-    cache_policy: Optional[str] = typer.Option(None, "--cache-policy", help="Document KV cache: pgdsf (default), gdsf, lru, lfu or none."),
-    cache_device_mb: Optional[int] = typer.Option(None, "--cache-device-mb", help="Its device tier in MiB (512)."),
-    cache_host_mb: Optional[int] = typer.Option(None, "--cache-host-mb", help="Its host tier in MiB (2048)."),
-    prefill_profile: Optional[Path] = typer.Option(None, "--prefill-profile", help="`chameleon profile prefill` output for gdsf/pgdsf."),
-    speculative: Optional[bool] = typer.Option(None, "--speculative/--no-speculative", help="Prefill on the tier's early top-k (off)."),
-    access_log: Optional[bool] = typer.Option(None, "--access-log/--no-access-log", help="A JSON line per request on stderr (on)."),
-    ready_file: Optional[Path] = typer.Option(None, "--ready-file", help="Write the URL and pid here once serving (for scripts)."),
+    config: Path | None = typer.Option(None, "--config", help="YAML file of settings (the flags' long names, with - or _)."),
+    index: Path | None = typer.Option(None, "--index", help="Passage index (default: built-in python-docs, built on first run)."),
+    model: str | None = typer.Option(None, "--model", help="Local Hugging Face model directory (default: built-in SmolLM2-135M)."),
+    engine: str | None = typer.Option(
+        None, "--engine", help="LLM engine: auto (vllm on a CUDA host where it is installed, else torch), torch or vllm."
+    ),
+    max_batch: int | None = typer.Option(None, "--max-batch", help="Sequences decoded together (8); 1: one at a time."),
+    reorder_window: int | None = typer.Option(
+        None, "--reorder-window", help="Cache-aware admission: pass a request over at most N times (8); 0: arrival order."
+    ),
+    shards: int | None = typer.Option(None, "--shards", help="Retrieval shards (default 2); 0 searches in the server process."),
+    replicas: int | None = typer.Option(None, "--replicas", help="Nodes per shard (default 1)."),
+    retrieval_engine: str | None = typer.Option(
+        None,
+        "--scan-engine",
+        "--retrieval-engine",
+        help="Scan engine: numba, faiss, numba-fastscan (4-bit index) or fpga (--retrieval-engine: its old name, deprecated).",
+    ),
+    fpga_mode: str | None = typer.Option(None, "--fpga-mode", help="With --scan-engine fpga: hw or emu."),
+    xclbin: Path | None = typer.Option(None, "--xclbin", help="With --fpga-mode hw: the bitstream (make -C hls hw)."),
+    keys: Path | None = typer.Option(None, "--keys", help="CURVE keys directory: encrypt and authenticate the tier."),
+    state_dir: Path | None = typer.Option(None, "--state-dir", help="State and logs of the tier's processes."),
+    host: str | None = typer.Option(None, "--host", help="Default 127.0.0.1."),
+    port: int | None = typer.Option(None, "--port", help="Default 8000; 0 picks a free port."),
+    api_key: list[str] | None = typer.Option(None, "--api-key", help="Accept this Bearer key (repeatable); none: open."),
+    k: int | None = typer.Option(None, "--k", help="Passages per request by default (4)."),
+    nprobe: int | None = typer.Option(None, "--nprobe", help="Lists probed per search (16)."),
+    max_tokens: int | None = typer.Option(None, "--max-tokens", help="The most new tokens a request may ask for (1024)."),
+    max_concurrency: int | None = typer.Option(None, "--max-concurrency", help="Requests admitted at once; more get 429 (16)."),
+    knnlm: Path | None = typer.Option(None, "--knnlm", help="kNN-LM datastore for mode=knnlm requests."),
+    cache_policy: str | None = typer.Option(None, "--cache-policy", help="Document KV cache: pgdsf (default), gdsf, lru, lfu or none."),
+    cache_device_mb: int | None = typer.Option(None, "--cache-device-mb", help="Its device tier in MiB (512)."),
+    cache_host_mb: int | None = typer.Option(None, "--cache-host-mb", help="Its host tier in MiB (2048)."),
+    prefill_profile: Path | None = typer.Option(None, "--prefill-profile", help="`chameleon profile prefill` output for gdsf/pgdsf."),
+    speculative: bool | None = typer.Option(None, "--speculative/--no-speculative", help="Prefill on the tier's early top-k (off)."),
+    access_log: bool | None = typer.Option(None, "--access-log/--no-access-log", help="A JSON line per request on stderr (on)."),
+    ready_file: Path | None = typer.Option(None, "--ready-file", help="Write the URL and pid here once serving (for scripts)."),
 ):
     """Serve RAG over HTTP: the RAG API, OpenAI-compatible endpoints, health and metrics.
 
@@ -372,13 +398,34 @@ def serve(
     from chameleon.server.settings import ServeSettings
 
     settings = ServeSettings.load(
-        config, index=index, model=model, engine=engine, max_batch=max_batch, reorder_window=reorder_window, shards=shards, replicas=replicas, retrieval_engine=retrieval_engine,
-        fpga_mode=fpga_mode, xclbin=xclbin,
-        keys=keys, state_dir=state_dir, host=host, port=port, api_keys=api_key or None, k=k, nprobe=nprobe,
-        max_tokens=max_tokens, max_concurrency=max_concurrency, knnlm=knnlm, cache_policy=cache_policy,
-        cache_device_mb=cache_device_mb, cache_host_mb=cache_host_mb, prefill_profile=prefill_profile, speculative=speculative,
+        config,
+        index=index,
+        model=model,
+        engine=engine,
+        max_batch=max_batch,
+        reorder_window=reorder_window,
+        shards=shards,
+        replicas=replicas,
+        retrieval_engine=retrieval_engine,
+        fpga_mode=fpga_mode,
+        xclbin=xclbin,
+        keys=keys,
+        state_dir=state_dir,
+        host=host,
+        port=port,
+        api_keys=api_key or None,
+        k=k,
+        nprobe=nprobe,
+        max_tokens=max_tokens,
+        max_concurrency=max_concurrency,
+        knnlm=knnlm,
+        cache_policy=cache_policy,
+        cache_device_mb=cache_device_mb,
+        cache_host_mb=cache_host_mb,
+        prefill_profile=prefill_profile,
+        speculative=speculative,
         access_log=access_log,
-    )  # fmt: skip
+    )
     run_server(settings, ready_file)
 
 
@@ -417,19 +464,23 @@ def index_info(
 def bench_recall(
     dataset: str = typer.Option(..., "--dataset", help="Built-in dataset or ann-benchmarks .hdf5 (gives queries and ground truth)."),
     index: Path = typer.Option(..., "--index", help="Index directory built from the same dataset."),
-    engines: str = typer.Option("numba,faiss-ivfpq", "--engines", help="Comma-separated: numba, numba-fastscan (4-bit index), faiss-ivfpq, faiss-fastscan, fpga-emu."),
-    nprobe: Optional[str] = typer.Option(None, "--nprobe", help="Comma-separated; default: powers of two up to min(nlist, 256)."),
+    engines: str = typer.Option(
+        "numba,faiss-ivfpq",
+        "--engines",
+        help="Comma-separated: numba, numba-fastscan (4-bit index), faiss-ivfpq, faiss-fastscan, fpga-emu.",
+    ),
+    nprobe: str | None = typer.Option(None, "--nprobe", help="Comma-separated; default: powers of two up to min(nlist, 256)."),
     k: int = typer.Option(10, "--k"),
     threads: str = typer.Option("1", "--threads", help="Comma-separated thread counts."),
-    queries: Optional[int] = typer.Option(None, "--queries", help="Use only the first N queries."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the rows as JSON."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a recall-vs-QPS plot (PNG)."),
+    queries: int | None = typer.Option(None, "--queries", help="Use only the first N queries."),
+    json_out: Path | None = typer.Option(None, "--json", help="Write the rows as JSON."),
+    plot: Path | None = typer.Option(None, "--plot", help="Write a recall-vs-QPS plot (PNG)."),
     refine: int = typer.Option(1, "--refine", help="Re-rank each engine's top F*k by the full vectors (faiss: IndexRefineFlat); 1: none."),
 ):
     """Recall@k, QPS and latency p50/p99 for each engine, thread count and nprobe."""
     from chameleon.bench.recall import plot_rows, run_recall_benchmark, speedups
-    from retriever.files import write_json_atomic
     from retriever.datasets import load_dataset
+    from retriever.files import write_json_atomic
     from retriever.index import load_index
 
     engine_names = [e.strip() for e in engines.split(",") if e.strip()]
@@ -465,17 +516,17 @@ def bench_recall(
 def bench_fpga_model(
     dataset: str = typer.Option(..., "--dataset", help="Built-in dataset or ann-benchmarks .hdf5 (gives queries and ground truth)."),
     index: Path = typer.Option(..., "--index", help="Index directory built from the same dataset (8-bit PQ)."),
-    nprobe: Optional[str] = typer.Option(None, "--nprobe", help="Comma-separated; default: 1,4,16,64 (up to nlist)."),
+    nprobe: str | None = typer.Option(None, "--nprobe", help="Comma-separated; default: 1,4,16,64 (up to nlist)."),
     l1: str = typer.Option("1,2,3,5", "--l1", help="Level-1 queue lengths whose recall loss is measured (emulated kernel)."),
     k: int = typer.Option(10, "--k"),
     clock_mhz: float = typer.Option(140.0, "--clock-mhz", help="Kernel clock (Chameleon's U250 build: 140 MHz)."),
     banks: int = typer.Option(4, "--banks", help="Memory banks the shard is striped over (1, 2 or 4)."),
     queries: int = typer.Option(2000, "--queries", help="Use the first N queries."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the rows as JSON."),
+    json_out: Path | None = typer.Option(None, "--json", help="Write the rows as JSON."),
 ):
     """Predicted FPGA QPS and latency (cycle model of the HLS kernel) next to Numba and faiss measured here."""
-    from chameleon.bench.recall import check_compatible
     from chameleon.bench.fpga_model import MISS_KEYS, MODEL_KEYS, fpga_model_benchmark
+    from chameleon.bench.recall import check_compatible
     from retriever.datasets import load_dataset
     from retriever.files import write_json_atomic
     from retriever.index import load_index
@@ -488,7 +539,9 @@ def bench_fpga_model(
     nprobes = _number_list(nprobe, "--nprobe") if nprobe else [n for n in (1, 4, 16, 64) if n <= loaded.params.nlist]
     result = fpga_model_benchmark(loaded, data, nprobes, _number_list(l1, "--l1"), k, clock_mhz, banks, queries)
     kernel = result["kernel"]
-    typer.echo(f"kernel: D={kernel['dim']} m={kernel['m']} K={kernel['k']} {kernel['pes']} PEs on {kernel['banks']} banks at {clock_mhz:g} MHz")
+    typer.echo(
+        f"kernel: D={kernel['dim']} m={kernel['m']} K={kernel['k']} {kernel['pes']} PEs on {kernel['banks']} banks at {clock_mhz:g} MHz"
+    )
     for title, keys, rows in (("", MODEL_KEYS, result["rows"]), ("level-1 queues", MISS_KEYS, result["level1_misses"])):
         if title:
             typer.echo(title)
@@ -503,20 +556,20 @@ def bench_fpga_model(
 @bench_app.command("knnlm")
 def bench_knnlm(
     corpus: str = typer.Option("python-docs", "--corpus", help="Corpus; every tenth document is held out."),
-    model: Optional[str] = typer.Option(None, "--model", help="Local HF model directory (default: built-in)."),
+    model: str | None = typer.Option(None, "--model", help="Local HF model directory (default: built-in)."),
     k: int = typer.Option(16, "--k"),
     lam: str = typer.Option("0.1,0.25", "--lambda", help="Weights of the kNN distribution to try (chosen on validation text)."),
     temperature: str = typer.Option("1,10,100", "--temperature", help="Softmax temperatures to try."),
     max_train_tokens: int = typer.Option(60_000, "--max-train-tokens", help="Datastore size bound (tokens)."),
-    json_out: Optional[Path] = typer.Option(None, "--json"),
+    json_out: Path | None = typer.Option(None, "--json"),
 ):
     """Perplexity of the base LM and of kNN-LM on held-out text of the datastore's corpus."""
     import json
     import tempfile
 
     from chameleon.bench.recall import knnlm_benchmark
-    from chameleon.rag.corpus import read_corpus
     from chameleon.engines.torch_engine import TorchEngine
+    from chameleon.rag.corpus import read_corpus
     from retriever.files import write_json_atomic
 
     lambdas, temperatures = _number_list(lam, "--lambda", float), _number_list(temperature, "--temperature", float)
@@ -532,9 +585,9 @@ def bench_knnlm(
 @bench_app.command("pipeline")
 def bench_pipeline(
     json_out: Path = typer.Option(..., "--json", help="Write the rows, speedups and setting here."),
-    model: Optional[str] = typer.Option(None, "--model", help="Local HF model directory (default: built-in)."),
+    model: str | None = typer.Option(None, "--model", help="Local HF model directory (default: built-in)."),
     corpus: str = typer.Option("python-docs", "--corpus", help="Prompts from its held-out documents; the default datastore from the rest."),
-    datastore: Optional[Path] = typer.Option(None, "--datastore", help="kNN-LM datastore (default: built once from --corpus)."),
+    datastore: Path | None = typer.Option(None, "--datastore", help="kNN-LM datastore (default: built once from --corpus)."),
     datastore_tokens: int = typer.Option(100_000, "--datastore-tokens", help="Size of the default datastore (tokens)."),
     batch: int = typer.Option(64, "--batch", help="Sequences decoded together."),
     prompt_tokens: int = typer.Option(32, "--prompt-tokens"),
@@ -544,16 +597,16 @@ def bench_pipeline(
     nprobe: int = typer.Option(256, "--nprobe", help="Lists scanned per query: the retrieval work per step."),
     shards: int = typer.Option(1, "--shards"),
     repeats: int = typer.Option(2, "--repeats", help="Runs per configuration; the best is kept."),
-    inference_cores: Optional[str] = typer.Option(None, "--inference-cores", help="Cores of the model (default: the first half)."),
-    retrieval_cores: Optional[str] = typer.Option(None, "--retrieval-cores", help="Cores of the retrieval tier (default: the rest)."),
+    inference_cores: str | None = typer.Option(None, "--inference-cores", help="Cores of the model (default: the first half)."),
+    retrieval_cores: str | None = typer.Option(None, "--retrieval-cores", help="Cores of the retrieval tier (default: the rest)."),
 ):
     """kNN-LM tokens/s with retrieval every 1, 8, 64 tokens: sequential vs pipelined, and none."""
     import json
     import tempfile
 
     from chameleon.bench.pipeline import ROW_KEYS, datastore_for, default_cores, run
-    from chameleon.rag.corpus import read_corpus
     from chameleon.engines.torch_engine import TorchEngine
+    from chameleon.rag.corpus import read_corpus
     from retriever.datasets import cache_dir
     from retriever.files import write_json_atomic
 
@@ -561,8 +614,10 @@ def bench_pipeline(
     if not every or min(every) < 1 or not 1 <= batch <= 256 or not 1 <= tokens <= 4096 or prompt_tokens < 1 or repeats < 1:
         raise RetrieverError("need --intervals >= 1, 1 <= --batch <= 256, 1 <= --tokens <= 4096, --prompt-tokens >= 1, --repeats >= 1")
     cores = default_cores()
-    chosen = [set(_number_list(text, flag)) if text else default for text, flag, default in
-              ((inference_cores, "--inference-cores", cores[0]), (retrieval_cores, "--retrieval-cores", cores[1]))]  # fmt: skip
+    chosen = [
+        set(_number_list(text, flag)) if text else default
+        for text, flag, default in ((inference_cores, "--inference-cores", cores[0]), (retrieval_cores, "--retrieval-cores", cores[1]))
+    ]
     if not all(c <= os.sched_getaffinity(0) for c in chosen):
         raise RetrieverError(f"cores must be among {sorted(os.sched_getaffinity(0))}")
     engine = TorchEngine(model)
@@ -580,8 +635,8 @@ def bench_pipeline(
 @bench_app.command("kvcache")
 def bench_kvcache(
     json_out: Path = typer.Option(..., "--json", help="Write one row per configuration here."),
-    index: Optional[Path] = typer.Option(None, "--index", help="Passage index whose passages are the documents (default: python-docs)."),
-    model: Optional[str] = typer.Option(None, "--model", help="Local HF model directory (default: built-in)."),
+    index: Path | None = typer.Option(None, "--index", help="Passage index whose passages are the documents (default: python-docs)."),
+    model: str | None = typer.Option(None, "--model", help="Local HF model directory (default: built-in)."),
     requests: int = typer.Option(100, "--requests", help="Requests per configuration."),
     warmup: int = typer.Option(100, "--warmup", help="Requests each cache serves first, uncounted (steady state)."),
     zipf: str = typer.Option("0.8,1.1", "--zipf", help="Zipf exponents of document popularity."),
@@ -591,17 +646,17 @@ def bench_kvcache(
     device_docs: int = typer.Option(32, "--device-docs", help="Device tier budget, in average passages."),
     host_docs: int = typer.Option(64, "--host-docs", help="Host tier budget, in average passages."),
     load: str = typer.Option("0.9", "--load", help="Arrival rates as fractions of the no-cache capacity (a row set each)."),
-    profile: Optional[Path] = typer.Option(None, "--profile", help="Prefill profile (default: measure a small one now)."),
+    profile: Path | None = typer.Option(None, "--profile", help="Prefill profile (default: measure a small one now)."),
     seed: int = typer.Option(0, "--seed"),
 ):
     """TTFT, throughput and hit rate per cache policy on a Poisson stream of Zipf-popular documents."""
     from chameleon.bench.kvcache import ROW_KEYS, comparisons, kvcache_benchmark
+    from chameleon.engines.prefill_timing import measure_quick
+    from chameleon.engines.torch_engine import TorchEngine
     from chameleon.rag.corpus import RagIndex, builtin_rag_index
     from chameleon.rag.embedder import Embedder
-    from chameleon.engines.torch_engine import TorchEngine
     from coordinator.kv_cache import POLICIES
     from coordinator.prefill_profile import PrefillProfile
-    from chameleon.engines.prefill_timing import measure_quick
     from retriever.files import write_json_atomic
 
     chosen = [p.strip() for p in policies.split(",") if p.strip()]
@@ -614,8 +669,22 @@ def bench_kvcache(
     embedder = Embedder()
     rag_index = RagIndex(index if index is not None else builtin_rag_index(embedder, progress=True), embedder.fingerprint)
     cost_model = PrefillProfile.load(profile) if profile is not None else measure_quick(engine)
-    rows = kvcache_benchmark(engine, rag_index, embedder, cost_model, requests, tuple(_number_list(zipf, "--zipf", float)), tuple(chosen),
-                             speculation, device_docs, host_docs, tuple(_number_list(load, "--load", float)), nprobe, seed, warmup)  # fmt: skip
+    rows = kvcache_benchmark(
+        engine,
+        rag_index,
+        embedder,
+        cost_model,
+        requests,
+        tuple(_number_list(zipf, "--zipf", float)),
+        tuple(chosen),
+        speculation,
+        device_docs,
+        host_docs,
+        tuple(_number_list(load, "--load", float)),
+        nprobe,
+        seed,
+        warmup,
+    )
     write_json_atomic(json_out, rows)
     typer.echo("  ".join(f"{key:>14}" for key in ROW_KEYS))
     for row in rows:
@@ -629,29 +698,41 @@ def node_retrieval(
     index: Path = typer.Option(..., "--index", help="Index directory."),
     shard: int = typer.Option(..., "--shard", help="The shard this node serves."),
     bind: str = typer.Option(..., "--bind", help="ZeroMQ endpoint, e.g. tcp://0.0.0.0:5555 or tcp://127.0.0.1:*"),
-    engine: str = typer.Option("numba", "--scan-engine", "--engine", help="numba, faiss, numba-fastscan (4-bit index) or fpga (--engine: its old name, deprecated)."),
-    fpga_mode: Optional[str] = typer.Option(None, "--fpga-mode", help="With --scan-engine fpga: hw (the card, through PYNQ) or emu (the kernel's C++ on this CPU)."),
-    xclbin: Optional[Path] = typer.Option(None, "--xclbin", help="With --fpga-mode hw: the bitstream (make -C hls hw)."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="Scan threads (default: all cores)."),
+    engine: str = typer.Option(
+        "numba",
+        "--scan-engine",
+        "--engine",
+        help="numba, faiss, numba-fastscan (4-bit index) or fpga (--engine: its old name, deprecated).",
+    ),
+    fpga_mode: str | None = typer.Option(
+        None, "--fpga-mode", help="With --scan-engine fpga: hw (the card, through PYNQ) or emu (the kernel's C++ on this CPU)."
+    ),
+    xclbin: Path | None = typer.Option(None, "--xclbin", help="With --fpga-mode hw: the bitstream (make -C hls hw)."),
+    threads: int | None = typer.Option(None, "--threads", help="Scan threads (default: all cores)."),
     window_ms: float = typer.Option(0.0, "--window-ms", help="How long an idle node waits for a batch to fill (ms)."),
-    keys: Optional[Path] = typer.Option(None, "--keys", help="CURVE key directory (`chameleon keys gen`)."),
-    ready_file: Optional[Path] = typer.Option(None, "--ready-file", help="Write {endpoint, pid} here once serving."),
+    keys: Path | None = typer.Option(None, "--keys", help="CURVE key directory (`chameleon keys gen`)."),
+    ready_file: Path | None = typer.Option(None, "--ready-file", help="Write {endpoint, pid} here once serving."),
 ):
     """Serve one shard of an index (SEARCH, HEARTBEAT) until SIGTERM."""
     import numba
 
-    from retriever.wire.security import CurveKeys
     from retriever.engines import engine_options
     from retriever.node import RetrievalNode
+    from retriever.wire.security import CurveKeys
 
     if threads is not None and not 1 <= threads <= numba.config.NUMBA_NUM_THREADS:
         raise RetrieverError(f"threads must be between 1 and {numba.config.NUMBA_NUM_THREADS}, got {threads}")
     if not 0 <= window_ms <= 1000:
         raise RetrieverError(f"the batching window must be between 0 and 1000 ms, got {window_ms}")
     node = RetrievalNode(
-        index, shard, engine=engine, window=window_ms / 1000, keys=CurveKeys.load(keys) if keys else None, threads=threads,
+        index,
+        shard,
+        engine=engine,
+        window=window_ms / 1000,
+        keys=CurveKeys.load(keys) if keys else None,
+        threads=threads,
         engine_options=engine_options(engine, fpga_mode, xclbin),
-    )  # fmt: skip
+    )
     _say(f"retrieval node: shard {shard}/{node.info['nshards']} of {index} ({node.info['ntotal']:,} vectors, {engine})")
     node.serve(bind, ready_file=ready_file)
     _say("retrieval node: drained, exiting")
@@ -663,8 +744,8 @@ def node_coordinator(
     bind: str = typer.Option(..., "--bind", help="ZeroMQ endpoint for clients."),
     timeout: float = typer.Option(2.0, "--timeout", help="Seconds before a shard's sub-request fails over."),
     on_missing: str = typer.Option("partial", "--on-missing", help="partial (answer with what is there) or fail."),
-    keys: Optional[Path] = typer.Option(None, "--keys", help="CURVE key directory (`chameleon keys gen`)."),
-    ready_file: Optional[Path] = typer.Option(None, "--ready-file", help="Write {endpoint, pid} here once serving."),
+    keys: Path | None = typer.Option(None, "--keys", help="CURVE key directory (`chameleon keys gen`)."),
+    ready_file: Path | None = typer.Option(None, "--ready-file", help="Write {endpoint, pid} here once serving."),
 ):
     """Fan searches out to every shard, merge, fail over between replicas, until SIGTERM."""
     from coordinator.router import ClusterConfig, Coordinator
@@ -697,10 +778,15 @@ def cluster_up(
     shards: int = typer.Option(..., "--shards"),
     state_dir: Path = typer.Option(..., "--state-dir", help="Where cluster.json, logs and re-sharded copies go."),
     replicas: int = typer.Option(1, "--replicas", help="Nodes per shard."),
-    engine: str = typer.Option("numba", "--scan-engine", "--engine", help="Scan engine of the nodes: numba, faiss, numba-fastscan (4-bit index) or fpga (--engine: its old name, deprecated)."),
-    fpga_mode: Optional[str] = typer.Option(None, "--fpga-mode", help="With --scan-engine fpga: hw or emu."),
-    xclbin: Optional[Path] = typer.Option(None, "--xclbin", help="With --fpga-mode hw: the bitstream (make -C hls hw)."),
-    keys: Optional[Path] = typer.Option(None, "--keys", help="CURVE key directory."),
+    engine: str = typer.Option(
+        "numba",
+        "--scan-engine",
+        "--engine",
+        help="Scan engine of the nodes: numba, faiss, numba-fastscan (4-bit index) or fpga (--engine: its old name, deprecated).",
+    ),
+    fpga_mode: str | None = typer.Option(None, "--fpga-mode", help="With --scan-engine fpga: hw or emu."),
+    xclbin: Path | None = typer.Option(None, "--xclbin", help="With --fpga-mode hw: the bitstream (make -C hls hw)."),
+    keys: Path | None = typer.Option(None, "--keys", help="CURVE key directory."),
     timeout: float = typer.Option(2.0, "--timeout", help="Coordinator's per-shard timeout in seconds."),
     on_missing: str = typer.Option("partial", "--on-missing", help="partial or fail."),
 ):
@@ -708,9 +794,17 @@ def cluster_up(
     from chameleon.cluster import up
 
     state = up(
-        index, shards, state_dir, replicas=replicas, engine=engine, keys_dir=keys, timeout=timeout, on_missing=on_missing,
-        fpga_mode=fpga_mode, xclbin=xclbin,
-    )  # fmt: skip
+        index,
+        shards,
+        state_dir,
+        replicas=replicas,
+        engine=engine,
+        keys_dir=keys,
+        timeout=timeout,
+        on_missing=on_missing,
+        fpga_mode=fpga_mode,
+        xclbin=xclbin,
+    )
     _say(f"cluster up: {shards} shard(s) x {replicas} replica(s); state in {state_dir}/cluster.json")
     typer.echo(state["coordinator"]["endpoint"])
 
@@ -736,8 +830,10 @@ def cluster_status(state_dir: Path = typer.Option(..., "--state-dir")):
     for n in report["nodes"]:
         view = seen.get((n["shard"], n["endpoint"]))
         state = "alive" if view else ("unknown" if view is None else "dead")
-        typer.echo(f"node shard {n['shard']} replica {n['replica']} {n['endpoint']} pid {n['pid']} "
-                   f"{'running' if n['running'] else 'NOT RUNNING'}, coordinator sees it {state}")  # fmt: skip
+        typer.echo(
+            f"node shard {n['shard']} replica {n['replica']} {n['endpoint']} pid {n['pid']} "
+            f"{'running' if n['running'] else 'NOT RUNNING'}, coordinator sees it {state}"
+        )
     if report["view"] is None:
         raise RetrieverError("the coordinator does not answer")
 
@@ -747,13 +843,20 @@ def search(
     queries: Path = typer.Option(..., "--queries", help="Query vectors: .npy, .fvecs or .bvecs."),
     k: int = typer.Option(10, "--k"),
     out: Path = typer.Option(..., "--out", help="Output .npz with ids, distances and partial (per query)."),
-    index: Optional[Path] = typer.Option(None, "--index", help="Search this index in process."),
-    cluster: Optional[Path] = typer.Option(None, "--cluster", help="Search through the cluster in this state directory."),
+    index: Path | None = typer.Option(None, "--index", help="Search this index in process."),
+    cluster: Path | None = typer.Option(None, "--cluster", help="Search through the cluster in this state directory."),
     nprobe: int = typer.Option(16, "--nprobe"),
-    embedded: bool = typer.Option(False, "--embedded", help="With --cluster: run the coordinator in this process, talking to the nodes directly."),
-    engine: Optional[str] = typer.Option(None, "--scan-engine", "--engine", help="With --index: numba (default), faiss, numba-fastscan (4-bit index) or fpga (--engine: its old name, deprecated)."),
-    fpga_mode: Optional[str] = typer.Option(None, "--fpga-mode", help="With --scan-engine fpga: hw or emu."),
-    xclbin: Optional[Path] = typer.Option(None, "--xclbin", help="With --fpga-mode hw: the bitstream (make -C hls hw)."),
+    embedded: bool = typer.Option(
+        False, "--embedded", help="With --cluster: run the coordinator in this process, talking to the nodes directly."
+    ),
+    engine: str | None = typer.Option(
+        None,
+        "--scan-engine",
+        "--engine",
+        help="With --index: numba (default), faiss, numba-fastscan (4-bit index) or fpga (--engine: its old name, deprecated).",
+    ),
+    fpga_mode: str | None = typer.Option(None, "--fpga-mode", help="With --scan-engine fpga: hw or emu."),
+    xclbin: Path | None = typer.Option(None, "--xclbin", help="With --fpga-mode hw: the bitstream (make -C hls hw)."),
 ):
     """Search query vectors in an index, in process or through a running cluster."""
     from chameleon.cluster import ClusterSearcher, search_in_batches
@@ -766,7 +869,9 @@ def search(
     if (index is None) == (cluster is None):
         raise RetrieverError("give exactly one of --index and --cluster")
     if cluster is not None and (engine, fpga_mode, xclbin) != (None, None, None):
-        raise RetrieverError("--scan-engine, --fpga-mode and --xclbin go with --index: a cluster's nodes scan with the engine they were started with")
+        raise RetrieverError(
+            "--scan-engine, --fpga-mode and --xclbin go with --index: a cluster's nodes scan with the engine they were started with"
+        )
     engine = engine or "numba"
     options = engine_options(engine, fpga_mode, xclbin)
     vectors = read_vectors(queries)

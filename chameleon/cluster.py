@@ -26,13 +26,13 @@ import numpy as np
 
 from coordinator.client import RetrievalClient, SearchResult
 from coordinator.router import ClusterConfig, Coordinator, InlineCoordinator
-from retriever.wire.security import CurveKeys
 from retriever.coarse import CoarseQuantizer
 from retriever.engines import engine_options
 from retriever.errors import RetrieverError
 from retriever.files import write_json_atomic
 from retriever.index import index_fingerprint, load_index, read_manifest, save_index
 from retriever.vectors import as_query_matrix, prepare_vectors
+from retriever.wire.security import CurveKeys
 
 STATE_FILE = "cluster.json"
 START_TIMEOUT = 180.0
@@ -50,9 +50,14 @@ def _spawn(command: list[str], log: Path, die_with_parent: bool = False) -> subp
     env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ}
     with open(log, "ab") as out:
         return subprocess.Popen(
-            command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, env=env,
+            command,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env=env,
             preexec_fn=_term_when_parent_dies if die_with_parent and _PRCTL is not None else None,
-        )  # fmt: skip
+        )
 
 
 # Linux: a child can ask for SIGTERM when its parent dies, so a killed server leaves no nodes behind.
@@ -144,9 +149,21 @@ def up(
             for replica in range(replicas):
                 name = f"node-{shard}-{replica}"
                 command = _chameleon(
-                    "node", "retrieval", "--index", index_dir, "--shard", shard, "--bind", "tcp://127.0.0.1:*",
-                    *engine_flags, "--threads", threads, "--ready-file", run / f"{name}.json", *security,
-                )  # fmt: skip
+                    "node",
+                    "retrieval",
+                    "--index",
+                    index_dir,
+                    "--shard",
+                    shard,
+                    "--bind",
+                    "tcp://127.0.0.1:*",
+                    *engine_flags,
+                    "--threads",
+                    threads,
+                    "--ready-file",
+                    run / f"{name}.json",
+                    *security,
+                )
                 started.append(_spawn(command, logs / f"{name}.log", die_with_parent))
                 nodes.append({"shard": shard, "replica": replica, "log": str(logs / f"{name}.log"), "name": name})
         deadline = time.monotonic() + START_TIMEOUT
@@ -160,9 +177,20 @@ def up(
         }
         write_json_atomic(state_dir / "coordinator-config.json", config)
         command = _chameleon(
-            "node", "coordinator", "--config", state_dir / "coordinator-config.json", "--bind", "tcp://127.0.0.1:*",
-            "--timeout", timeout, "--on-missing", on_missing, "--ready-file", run / "coordinator.json", *security,
-        )  # fmt: skip
+            "node",
+            "coordinator",
+            "--config",
+            state_dir / "coordinator-config.json",
+            "--bind",
+            "tcp://127.0.0.1:*",
+            "--timeout",
+            timeout,
+            "--on-missing",
+            on_missing,
+            "--ready-file",
+            run / "coordinator.json",
+            *security,
+        )
         coordinator = _spawn(command, logs / "coordinator.log", die_with_parent)
         started.append(coordinator)
         front = _wait_ready(coordinator, run / "coordinator.json", logs / "coordinator.log", deadline)
@@ -210,9 +238,11 @@ def _wait_all_alive(coordinator_info: Callable[[], dict], deadline: float) -> bo
 def cluster_config(state: dict) -> ClusterConfig:
     """What a coordinator of the cluster in ``state`` serves."""
     return ClusterConfig(
-        state["metric"], state["nshards"], index_fingerprint(read_manifest(state["index"])),
+        state["metric"],
+        state["nshards"],
+        index_fingerprint(read_manifest(state["index"])),
         [{"shard": n["shard"], "endpoint": n["endpoint"]} for n in state["nodes"]],
-    )  # fmt: skip
+    )
 
 
 def _embedded_coordinator(state: dict, keys: CurveKeys | None) -> Coordinator:

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 import numpy as np
 import zmq
 
+from retriever.errors import RetrieverError
 from retriever.wire import protocol
 from retriever.wire.protocol import Message, ProtocolError
 from retriever.wire.security import CurveKeys, secure_client
-from retriever.errors import RetrieverError
 
 
 class RemoteError(RetrieverError):

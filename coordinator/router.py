@@ -36,13 +36,13 @@ from pathlib import Path
 import numpy as np
 import zmq
 
-from retriever.wire import protocol
 from coordinator.client import RepliesByRid, SearchResult
+from retriever.errors import RetrieverError
+from retriever.search import merge_topk
+from retriever.wire import protocol
 from retriever.wire.protocol import Message, ProtocolError
 from retriever.wire.security import CurveKeys, secure_client
 from retriever.wire.transport import bind_router, receive_all
-from retriever.errors import RetrieverError
-from retriever.search import merge_topk
 
 NODE_FAILURE_CODES = ("shutting_down", "overloaded", "internal", "unavailable")
 TURN_MS = 10  # the longest one turn of the loop waits for messages before heartbeats and expiries are due again
@@ -264,9 +264,14 @@ class Coordinator:
             "pid": os.getpid(),
             "nodes": [
                 {
-                    "shard": n.shard, "endpoint": n.endpoint, "alive": n.alive, "inflight": n.inflight,
-                    "waiting": len(n.waiting), "answered": n.answered, "answer_s": n.answer_s,
-                }  # fmt: skip
+                    "shard": n.shard,
+                    "endpoint": n.endpoint,
+                    "alive": n.alive,
+                    "inflight": n.inflight,
+                    "waiting": len(n.waiting),
+                    "answered": n.answered,
+                    "answer_s": n.answer_s,
+                }
                 for n in self._nodes
             ],
         }

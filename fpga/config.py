@@ -69,9 +69,19 @@ class KernelConfig:
         """The kernel's arguments in order (``ivfpq_search`` in hls/ivfpq_kernel.h)."""
         banks = [name for b in range(self.banks) for name in (f"codes{b}", f"ids{b}")]
         return [
-            "queries", "list_ids", "centroids", "codebooks", "list_rows", *banks,
-            "nq", "nprobe", "nlist", "inner_product", "out_keys", "out_ids",
-        ]  # fmt: skip
+            "queries",
+            "list_ids",
+            "centroids",
+            "codebooks",
+            "list_rows",
+            *banks,
+            "nq",
+            "nprobe",
+            "nlist",
+            "inner_product",
+            "out_keys",
+            "out_ids",
+        ]
 
     def save(self, path: str | os.PathLike) -> None:
         from retriever.files import write_json_atomic
@@ -93,6 +103,4 @@ class KernelConfig:
         if params.nbits != 8:
             raise RetrieverError(f"the FPGA kernel scans 8-bit PQ codes; this index has nbits={params.nbits}")
         if (params.dim, params.m) != (self.dim, self.m):
-            raise RetrieverError(
-                f"the kernel was built for dim={self.dim}, m={self.m}; the index has dim={params.dim}, m={params.m}"
-            )
+            raise RetrieverError(f"the kernel was built for dim={self.dim}, m={self.m}; the index has dim={params.dim}, m={params.m}")

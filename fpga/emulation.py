@@ -58,9 +58,14 @@ def build_library(config: KernelConfig) -> Path:
 
 
 _ARGTYPES = {
-    "queries": np.float32, "list_ids": np.int32, "centroids": np.float32, "codebooks": np.float32,
-    "list_rows": np.int64, "out_keys": np.float32, "out_ids": np.int64,
-}  # fmt: skip
+    "queries": np.float32,
+    "list_ids": np.int32,
+    "centroids": np.float32,
+    "codebooks": np.float32,
+    "list_rows": np.int64,
+    "out_keys": np.float32,
+    "out_ids": np.int64,
+}
 _SCALARS = ("nq", "nprobe", "nlist", "inner_product")
 
 

@@ -43,10 +43,14 @@ def write_case(directory: Path, index: IVFPQIndex, queries: np.ndarray, nprobe: 
         keys = -keys
     banked = pack_banks(index.whole(), config.banks, config.lanes)
     arrays = {
-        "queries": queries.astype(np.float32), "list_ids": list_ids.astype(np.int32),
-        "centroids": index.centroids.astype(np.float32), "codebooks": index.codebooks.astype(np.float32),
-        "list_rows": banked.list_rows, "expected_keys": keys.astype(np.float32), "expected_ids": ids.astype(np.int64),
-    }  # fmt: skip
+        "queries": queries.astype(np.float32),
+        "list_ids": list_ids.astype(np.int32),
+        "centroids": index.centroids.astype(np.float32),
+        "codebooks": index.codebooks.astype(np.float32),
+        "list_rows": banked.list_rows,
+        "expected_keys": keys.astype(np.float32),
+        "expected_ids": ids.astype(np.int64),
+    }
     for b in range(config.banks):
         arrays[f"codes{b}"], arrays[f"ids{b}"] = banked.codes[b], banked.ids[b]
     directory.mkdir(parents=True)

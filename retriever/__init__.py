@@ -11,11 +11,22 @@ from retriever.build import build_index
 from retriever.coarse import CoarseQuantizer
 from retriever.engines import FaissEngine, NumbaEngine, make_scan_engine
 from retriever.errors import RetrieverError
-from retriever.index import IVFPQIndex, IVFPQParams, InvertedLists, load_index, save_index, verify_index
+from retriever.index import InvertedLists, IVFPQIndex, IVFPQParams, load_index, save_index, verify_index
 from retriever.search import Searcher, merge_topk
 
 __all__ = [
-    "build_index", "CoarseQuantizer", "FaissEngine", "NumbaEngine", "make_scan_engine", "RetrieverError",
-    "IVFPQIndex", "IVFPQParams", "InvertedLists", "load_index", "save_index", "verify_index",
-    "Searcher", "merge_topk",
-]  # fmt: skip
+    "build_index",
+    "CoarseQuantizer",
+    "FaissEngine",
+    "NumbaEngine",
+    "make_scan_engine",
+    "RetrieverError",
+    "IVFPQIndex",
+    "IVFPQParams",
+    "InvertedLists",
+    "load_index",
+    "save_index",
+    "verify_index",
+    "Searcher",
+    "merge_topk",
+]

@@ -109,16 +109,17 @@ def add_vectors(index: IVFPQIndex, vectors: np.ndarray, ids: np.ndarray | None =
         raise RetrieverError(f"{taken.size} of the ids to add are in the index already (the first: {int(taken[0])})")
     assignment, codes = encode_vectors(vectors, index.params, index.centroids, index.codebooks, progress)
     lists = InvertedLists.from_assignment(
-        np.concatenate([whole.assignment(), assignment]), np.concatenate([whole.ids, ids]), np.concatenate([whole.codes, codes]), index.params.nlist
+        np.concatenate([whole.assignment(), assignment]),
+        np.concatenate([whole.ids, ids]),
+        np.concatenate([whole.codes, codes]),
+        index.params.nlist,
     )
     info = {**index.build_info, "added": int(index.build_info.get("added", 0)) + n}
     return IVFPQIndex(index.params, index.centroids, index.codebooks, split_shards(lists, index.nshards), info)
 
 
 def train_coarse(sample: np.ndarray, params: IVFPQParams, seed: int) -> np.ndarray:
-    kmeans = faiss.Kmeans(
-        params.dim, params.nlist, niter=KMEANS_ITERATIONS, seed=seed, spherical=params.metric == "cos", verbose=False
-    )
+    kmeans = faiss.Kmeans(params.dim, params.nlist, niter=KMEANS_ITERATIONS, seed=seed, spherical=params.metric == "cos", verbose=False)
     kmeans.train(sample)
     return np.ascontiguousarray(kmeans.centroids, dtype=np.float32)
 
@@ -128,7 +129,9 @@ def train_pq(residuals: np.ndarray, params: IVFPQParams, seed: int) -> np.ndarra
     recommended = PQ_MIN_POINTS_PER_CODE * params.ksub
     if len(residuals) < recommended:
         # faiss would print this once per sub-quantizer; say it once.
-        warnings.warn(f"training PQ on {len(residuals)} vectors, fewer than the {recommended} faiss recommends: recall may suffer", stacklevel=2)
+        warnings.warn(
+            f"training PQ on {len(residuals)} vectors, fewer than the {recommended} faiss recommends: recall may suffer", stacklevel=2
+        )
     pq.cp.min_points_per_centroid = 1
     pq.cp.seed = seed
     pq.cp.niter = PQ_ITERATIONS

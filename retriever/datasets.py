@@ -191,9 +191,12 @@ def glove50() -> Dataset:
     order = np.random.default_rng(GLOVE_SEED).permutation(vectors.shape[0])
     queries, base = np.sort(order[:GLOVE_QUERIES]), np.sort(order[GLOVE_QUERIES:])
     return Dataset(
-        "glove-50", "cos", np.ascontiguousarray(vectors[base]), np.ascontiguousarray(vectors[queries]),
+        "glove-50",
+        "cos",
+        np.ascontiguousarray(vectors[base]),
+        np.ascontiguousarray(vectors[queries]),
         ground_truth_cache=cache_dir() / "datasets" / f"glove-50-seed{GLOVE_SEED}-gt{GROUND_TRUTH_K}.npy",
-    )  # fmt: skip
+    )
 
 
 def synthetic(n: int = 20_000, dim: int = 32, nqueries: int = 200, nclusters: int = 64, seed: int = 0, metric: str = "l2") -> Dataset:

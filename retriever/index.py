@@ -156,9 +156,7 @@ class IVFPQIndex:
         return IVFPQIndex(self.params, self.centroids, self.codebooks, [self.shards[i]], self.build_info)
 
     def resharded(self, nshards: int) -> IVFPQIndex:
-        return IVFPQIndex(
-            self.params, self.centroids, self.codebooks, split_shards(self.whole(), nshards), self.build_info
-        )
+        return IVFPQIndex(self.params, self.centroids, self.codebooks, split_shards(self.whole(), nshards), self.build_info)
 
 
 def _slice_bounds(size: int, nshards: int) -> np.ndarray:
@@ -284,9 +282,7 @@ def read_manifest(path: str | os.PathLike) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise RetrieverError(f"{manifest_path} is not a {FORMAT_NAME} manifest")
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise RetrieverError(
-            f"{path} has format version {manifest.get('format_version')!r}; this build reads version {FORMAT_VERSION}"
-        )
+        raise RetrieverError(f"{path} has format version {manifest.get('format_version')!r}; this build reads version {FORMAT_VERSION}")
     return manifest
 
 
@@ -322,9 +318,7 @@ def _load_array(path: Path, name: str, entry: dict) -> np.ndarray:
     except ValueError as e:
         raise RetrieverError(f"{file} is truncated or corrupt: {e}") from None
     if list(array.shape) != entry["shape"] or str(array.dtype) != entry["dtype"]:
-        raise RetrieverError(
-            f"{file} holds {array.dtype}{list(array.shape)}, the manifest says {entry['dtype']}{entry['shape']}"
-        )
+        raise RetrieverError(f"{file} holds {array.dtype}{list(array.shape)}, the manifest says {entry['dtype']}{entry['shape']}")
     return array
 
 

@@ -27,14 +27,14 @@ import numba
 import numpy as np
 import zmq
 
-from retriever.wire import protocol
-from retriever.wire.protocol import Message, ProtocolError
-from retriever.wire.security import CurveKeys
-from retriever.wire.transport import bind_router, receive_all
 from retriever.engines import make_scan_engine
 from retriever.errors import RetrieverError
 from retriever.index import index_fingerprint, load_index, read_manifest
 from retriever.search import merge_topk, split_probes
+from retriever.wire import protocol
+from retriever.wire.protocol import Message, ProtocolError
+from retriever.wire.security import CurveKeys
+from retriever.wire.transport import bind_router, receive_all
 
 DEFAULT_WINDOW = 0.0
 MAX_BATCH_QUERIES = 4096
@@ -255,4 +255,3 @@ def _take_batch(pending: list[_Request]) -> tuple[list[_Request], list[_Request]
         if total > MAX_BATCH_QUERIES and n > 0:
             return pending[:n], pending[n:]
     return pending, []
-

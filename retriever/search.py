@@ -11,9 +11,7 @@ from retriever.index import IVFPQIndex
 from retriever.vectors import as_query_matrix, prepare_vectors
 
 
-def merge_topk(
-    distances: list[np.ndarray], ids: list[np.ndarray], k: int, metric: str
-) -> tuple[np.ndarray, np.ndarray]:
+def merge_topk(distances: list[np.ndarray], ids: list[np.ndarray], k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
     """Global top-k of per-shard results, with the scan engines' tie-break (score, then smaller id).
 
     Each shard's (distances, ids) is (nq, k_s) in faiss conventions; id -1 marks an empty slot.

@@ -75,13 +75,16 @@ def test_stop_callback_bad_requests_and_close(tiny32):
         batching.submit([], 4)
     with pytest.raises(RetrieverError, match="cached prefix"):
         batching.submit(prompt[1:], 4, prefix=generation.state)
+
     def failing(token):
         raise RuntimeError("the client went away")
 
     alongside = batching.submit(prompt, 30)
     for after in (1, 3):  # a callback that fails at the first token (in admission) or later (in a step)
         calls = []
-        doomed = batching.submit(prompt, 20, on_token=lambda token, calls=calls, after=after: calls.append(token) or (len(calls) >= after and failing(token)))
+        doomed = batching.submit(
+            prompt, 20, on_token=lambda token, calls=calls, after=after: calls.append(token) or (len(calls) >= after and failing(token))
+        )
         with pytest.raises(RuntimeError, match="went away"):
             doomed.result(timeout=60)
     assert alongside.result(timeout=60).tokens == tiny32.generate(prompt, 30).tokens  # its neighbours are untouched

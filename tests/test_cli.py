@@ -23,9 +23,27 @@ def test_build_info_bench(tmp_path, tiny_hdf5):
 
     rows_path, plot_path = tmp_path / "rows.json", tmp_path / "plot.png"
     bench = chameleon(
-        "bench", "recall", "--dataset", tiny_hdf5, "--index", out, "--engines", "numba,faiss-ivfpq,faiss-fastscan",
-        "--nprobe", "1,4,32", "--k", 10, "--threads", "1,2", "--queries", 50, "--json", rows_path, "--plot", plot_path,
-    )  # fmt: skip
+        "bench",
+        "recall",
+        "--dataset",
+        tiny_hdf5,
+        "--index",
+        out,
+        "--engines",
+        "numba,faiss-ivfpq,faiss-fastscan",
+        "--nprobe",
+        "1,4,32",
+        "--k",
+        10,
+        "--threads",
+        "1,2",
+        "--queries",
+        50,
+        "--json",
+        rows_path,
+        "--plot",
+        plot_path,
+    )
     rows = json.loads(rows_path.read_text())
     assert len(rows) == 3 * 2 * 3
     assert all(tuple(row) == ROW_KEYS for row in rows)
@@ -85,15 +103,21 @@ def test_bad_input_exits_cleanly(tmp_path, small_data, tiny_hdf5):
 
     assert "already exists" in error_of(*build, "--out", tmp_path)
     assert "must divide the dimension" in error_of(*build[:-1], 5, "--out", tmp_path / "o1")
-    assert "larger than the number of vectors" in error_of("index", "build", "--vectors", x, "--nlist", 5000, "--m", 8, "--out", tmp_path / "o2")
+    assert "larger than the number of vectors" in error_of(
+        "index", "build", "--vectors", x, "--nlist", 5000, "--m", 8, "--out", tmp_path / "o2"
+    )
 
     nan = small_data.base[:3000].copy()
     nan[17, 3] = np.nan
     np.save(tmp_path / "nan.npy", nan)
-    assert "NaN or inf (first at row 17)" in error_of("index", "build", "--vectors", tmp_path / "nan.npy", "--nlist", 16, "--m", 8, "--out", tmp_path / "o3")
+    assert "NaN or inf (first at row 17)" in error_of(
+        "index", "build", "--vectors", tmp_path / "nan.npy", "--nlist", 16, "--m", 8, "--out", tmp_path / "o3"
+    )
 
     (tmp_path / "empty.fvecs").write_bytes(b"")
-    assert "empty or truncated" in error_of("index", "build", "--vectors", tmp_path / "empty.fvecs", "--nlist", 16, "--m", 8, "--out", tmp_path / "o4")
+    assert "empty or truncated" in error_of(
+        "index", "build", "--vectors", tmp_path / "empty.fvecs", "--nlist", 16, "--m", 8, "--out", tmp_path / "o4"
+    )
     vecs_io.fvecs_write(str(tmp_path / "cut.fvecs"), small_data.base[:100])
     (tmp_path / "cut.fvecs").write_bytes((tmp_path / "cut.fvecs").read_bytes()[:-7])
     assert "truncated" in error_of("index", "build", "--vectors", tmp_path / "cut.fvecs", "--nlist", 16, "--m", 8, "--out", tmp_path / "o5")

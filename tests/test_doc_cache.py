@@ -146,8 +146,16 @@ def vllm_reply(segments: list[list[int]], cached: int, answered: int = 0):
     from chameleon.engines.base import Generation
 
     prompt = sum(map(len, segments)) + answered
-    return Generation(tokens=[3], text="", prompt_tokens=prompt, cached_tokens=cached, ttft_s=0.01, decode_tokens_per_s=1.0,
-                      finish_reason="length", state=None)  # fmt: skip
+    return Generation(
+        tokens=[3],
+        text="",
+        prompt_tokens=prompt,
+        cached_tokens=cached,
+        ttft_s=0.01,
+        decode_tokens_per_s=1.0,
+        finish_reason="length",
+        state=None,
+    )
 
 
 def vllm_request(cache, docs: str, cached: int) -> None:

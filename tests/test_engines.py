@@ -41,9 +41,18 @@ def tiny_path(tmp_path_factory):
 
     tokenizer = AutoTokenizer.from_pretrained(builtin_llm_path())
     path = tmp_path_factory.mktemp("models") / "tiny-heads-32"
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=1, head_dim=32, max_position_embeddings=1024,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     torch.manual_seed(1)
     model = LlamaForCausalLM(config)
     with torch.no_grad():
@@ -257,10 +266,19 @@ def test_a_seed_repeats_the_draws_and_each_request_draws_on_its_own():
 
 @pytest.mark.parametrize(
     "fields, match",
-    [({"temperature": -0.1}, "temperature"), ({"temperature": 2.5}, "temperature"), ({"temperature": float("nan")}, "temperature"),
-     ({"temperature": "1"}, "temperature"), ({"top_p": 1.1}, "top_p"), ({"top_p": float("inf")}, "top_p"), ({"seed": -1}, "seed"),
-     ({"seed": 1 << 63}, "seed"), ({"seed": 1.5}, "seed"), ({"seed": True}, "seed")],
-)  # fmt: skip
+    [
+        ({"temperature": -0.1}, "temperature"),
+        ({"temperature": 2.5}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"temperature": "1"}, "temperature"),
+        ({"top_p": 1.1}, "top_p"),
+        ({"top_p": float("inf")}, "top_p"),
+        ({"seed": -1}, "seed"),
+        ({"seed": 1 << 63}, "seed"),
+        ({"seed": 1.5}, "seed"),
+        ({"seed": True}, "seed"),
+    ],
+)
 def test_bad_sampling_settings_are_clear_errors(fields, match):
     with pytest.raises(RetrieverError, match=match):
         Sampling(**{"temperature": 1.0, **fields})
@@ -280,7 +298,9 @@ def test_seeded_sampling_repeats_and_is_not_greedy(any_engine, tiny_torch, promp
             with torch.inference_mode():
                 first = Sampling(1.0, top_p=0.95, seed=11).pick(tiny_torch.model(torch.tensor([prompt])).logits[0, -1])
             assert tokens[0] == first
-            assert tokens == tiny_torch.generate(prompt, 12, sampling=Sampling(1.0, top_p=0.95, seed=11)).tokens  # alone in a batch: the same steps
+            assert (
+                tokens == tiny_torch.generate(prompt, 12, sampling=Sampling(1.0, top_p=0.95, seed=11)).tokens
+            )  # alone in a batch: the same steps
         sampled.append(tokens)
         greedy.append(any_engine.generate(prompt, 12).tokens)
     assert sampled != greedy
@@ -469,8 +489,10 @@ def test_the_document_cache_follows_vllm_and_changes_no_token(builtin_vllm):
     assert cache.block_size == builtin_vllm.kv_block_size and cache.device_bytes == capacity > 0
     if builtin_vllm.device == "cpu":  # 1 GiB of blocks: what vLLM allocated, by our count of bytes per token
         assert (1 << 30) - builtin_vllm.kv_block_size * cache.bytes_per_token < capacity <= 1 << 30
-    planets = {name: Passage(n, f"planet-{name}", f"Planet {name}", "test", f"{name} has {colour} oceans and {n + 2} moons. " * 30)
-               for n, (name, colour) in enumerate([("Quor", "green"), ("Velt", "violet"), ("Ysmir", "amber")])}  # fmt: skip
+    planets = {
+        name: Passage(n, f"planet-{name}", f"Planet {name}", "test", f"{name} has {colour} oceans and {n + 2} moons. " * 30)
+        for n, (name, colour) in enumerate([("Quor", "green"), ("Velt", "violet"), ("Ysmir", "amber")])
+    }
     torch_engine = TorchEngine(dtype="float32")
     replies = []
     for question, retrieved in (("Which planet has green oceans?", ["Quor", "Velt"]), ("How many moons has Ysmir?", ["Ysmir", "Quor"])):

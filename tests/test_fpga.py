@@ -160,7 +160,9 @@ def test_fpga_engine_rejects_what_it_cannot_do(shard, small_data, tmp_path):
         make_scan_engine("numba", shard, mode="emu")
 
 
-@pytest.mark.skipif(not os.environ.get("CHAMELEON_XCLBIN"), reason="needs an FPGA card: set CHAMELEON_XCLBIN to a bitstream built for D=32, m=8")
+@pytest.mark.skipif(
+    not os.environ.get("CHAMELEON_XCLBIN"), reason="needs an FPGA card: set CHAMELEON_XCLBIN to a bitstream built for D=32, m=8"
+)
 def test_card_equals_the_emulation(shard, small_data):
     queries, list_ids = probes(shard, small_data.queries, 8)
     card = FpgaEngine(shard, mode="hw", xclbin=os.environ["CHAMELEON_XCLBIN"])
@@ -198,21 +200,39 @@ def test_cli_fpga_options_and_bench(tmp_path, tiny_hdf5):
     node = ("node", "retrieval", "--index", index, "--shard", 0, "--bind", "tcp://127.0.0.1:*")
     assert "needs --fpga-mode" in chameleon(*node, "--engine", "fpga", expect=2).stderr
     assert "go with the fpga engine" in chameleon(*node, "--fpga-mode", "emu", expect=2).stderr
-    assert "no FPGA bitstream" in chameleon(*node, "--scan-engine", "fpga", "--fpga-mode", "hw", "--xclbin", index / "x.xclbin", expect=2).stderr
+    assert (
+        "no FPGA bitstream"
+        in chameleon(*node, "--scan-engine", "fpga", "--fpga-mode", "hw", "--xclbin", index / "x.xclbin", expect=2).stderr
+    )
     # The launcher hands the bitstream to its nodes: the one that fails says why.
     up = ("cluster", "up", "--index", index, "--shards", 1, "--state-dir", tmp_path / "state")
     assert "go with the fpga engine" in chameleon(*up, "--xclbin", index / "x.xclbin", expect=2).stderr
     assert "no FPGA bitstream" in chameleon(*up, "--engine", "fpga", "--fpga-mode", "hw", "--xclbin", index / "x.xclbin", expect=2).stderr
 
     rows = tmp_path / "recall.json"
-    chameleon("bench", "recall", "--dataset", tiny_hdf5, "--index", index, "--engines", "numba,fpga-emu",
-              "--nprobe", "2,8", "--queries", 30, "--json", rows)  # fmt: skip
+    chameleon(
+        "bench",
+        "recall",
+        "--dataset",
+        tiny_hdf5,
+        "--index",
+        index,
+        "--engines",
+        "numba,fpga-emu",
+        "--nprobe",
+        "2,8",
+        "--queries",
+        30,
+        "--json",
+        rows,
+    )
     by = {(r["engine"], r["nprobe"]): r["recall"] for r in json.loads(rows.read_text())}
     assert all(abs(by[("fpga-emu", n)] - by[("numba", n)]) <= 0.01 for n in (2, 8))
 
     out = tmp_path / "model.json"
-    printed = chameleon("bench", "fpga-model", "--dataset", tiny_hdf5, "--index", index, "--nprobe", "1,4",
-                        "--l1", "1,10", "--queries", 40, "--json", out).stdout  # fmt: skip
+    printed = chameleon(
+        "bench", "fpga-model", "--dataset", tiny_hdf5, "--index", index, "--nprobe", "1,4", "--l1", "1,10", "--queries", 40, "--json", out
+    ).stdout
     result = json.loads(out.read_text())
     assert "PEs on 4 banks" in printed and [r["nprobe"] for r in result["rows"]] == [1, 4]
     slow, fast = result["rows"]

@@ -28,8 +28,12 @@ def test_round_trip_keeps_every_array(tmp_path, small_index):
     assert manifest["ntotal"] == small_index.ntotal == 20_000
     assert manifest["metric"] == small_index.params.metric
     assert set(manifest["arrays"]) == {
-        "centroids.npy", "codebooks.npy", "shard-000/offsets.npy", "shard-000/ids.npy", "shard-000/codes.npy"
-    }  # fmt: skip
+        "centroids.npy",
+        "codebooks.npy",
+        "shard-000/offsets.npy",
+        "shard-000/ids.npy",
+        "shard-000/codes.npy",
+    }
     assert isinstance(loaded.shards[0].codes, np.memmap)
 
 

@@ -84,7 +84,9 @@ def test_knnlm_command_line(tmp_path):
     assert json.loads((tmp_path / "store" / "knnlm.json").read_text())["keys"] > 3000
     assert "give --corpus" in chameleon("index", "build", "--knnlm", "--vectors", corpus, "--out", tmp_path / "x", expect=2).stderr
     result = json.loads(
-        chameleon("bench", "knnlm", "--corpus", corpus, "--k", 8, "--lambda", "0.25,0.5", "--temperature", 10, "--json", tmp_path / "r.json").stdout
+        chameleon(
+            "bench", "knnlm", "--corpus", corpus, "--k", 8, "--lambda", "0.25,0.5", "--temperature", 10, "--json", tmp_path / "r.json"
+        ).stdout
     )
     assert set(result) >= {"ppl_base", "ppl_knnlm", "lambda", "k"}
     assert result["ppl_knnlm"] < result["ppl_base"]

@@ -41,7 +41,23 @@ def test_profile_interpolates_bilinearly_and_round_trips(tmp_path):
 
 def test_profile_prefill_command_measures_a_real_engine(tiny_model, tmp_path):
     out = tmp_path / "profile.json"
-    command = [sys.executable, "-m", "chameleon", "profile", "prefill", "--out", out, "--model", tiny_model, "--cached", "0,64", "--new", "8,32", "--repeats", "1"]
+    command = [
+        sys.executable,
+        "-m",
+        "chameleon",
+        "profile",
+        "prefill",
+        "--out",
+        out,
+        "--model",
+        tiny_model,
+        "--cached",
+        "0,64",
+        "--new",
+        "8,32",
+        "--repeats",
+        "1",
+    ]
     subprocess.run(list(map(str, command)), check=True, capture_output=True)
     profile = PrefillProfile.load(out)
     assert (profile.cached, profile.new) == ([0, 64], [8, 32]) and min(min(row) for row in profile.table) > 0
@@ -257,22 +273,61 @@ def test_bench_kvcache_rows(facts_index, tiny_model, tmp_path):
     from chameleon.bench.kvcache import ROW_KEYS
 
     out = tmp_path / "kv.json"
-    command = ["bench", "kvcache", "--json", out, "--index", facts_index, "--model", tiny_model, "--requests", 20,
-               "--zipf", "1.1", "--policies", "none,lru,pgdsf", "--device-docs", 8, "--host-docs", 8, "--nprobe", 4, "--warmup", 10]  # fmt: skip
-    shown = subprocess.run([sys.executable, "-m", "chameleon", *map(str, command), "--load", "0.5,1.5"], check=True, capture_output=True, text=True)
+    command = [
+        "bench",
+        "kvcache",
+        "--json",
+        out,
+        "--index",
+        facts_index,
+        "--model",
+        tiny_model,
+        "--requests",
+        20,
+        "--zipf",
+        "1.1",
+        "--policies",
+        "none,lru,pgdsf",
+        "--device-docs",
+        8,
+        "--host-docs",
+        8,
+        "--nprobe",
+        4,
+        "--warmup",
+        10,
+    ]
+    shown = subprocess.run(
+        [sys.executable, "-m", "chameleon", *map(str, command), "--load", "0.5,1.5"], check=True, capture_output=True, text=True
+    )
     rows = json.loads(out.read_text())
-    configurations = [(load, policy, reorder, speculative) for load in (0.5, 1.5)
-                      for policy, reorder in [("none", False), ("lru", False), ("lru", True), ("pgdsf", False), ("pgdsf", True)]
-                      for speculative in (False, True)]  # fmt: skip
+    configurations = [
+        (load, policy, reorder, speculative)
+        for load in (0.5, 1.5)
+        for policy, reorder in [("none", False), ("lru", False), ("lru", True), ("pgdsf", False), ("pgdsf", True)]
+        for speculative in (False, True)
+    ]
     assert [(r["load"], r["policy"], r["reorder"], r["speculative"]) for r in rows] == configurations
     assert all(tuple(r)[: len(ROW_KEYS)] == ROW_KEYS and r["zipf_s"] == 1.1 and r["warmup_requests"] == 10 for r in rows)
     assert all(r["speculation"]["started"] + r["speculation"]["declined"] >= 1 for r in rows if r["speculative"])
-    assert all(r["hit_rate"] == 0 for r in rows if r["policy"] == "none") and all(0 < r["hit_rate"] < 1 for r in rows if r["policy"] != "none")
-    assert all(r["ttft_p50_ms"] <= r["ttft_p99_ms"] and 0 < r["ttft_mean_ms"] <= r["ttft_p99_ms"] and r["throughput_rps"] > 0 and r["capacity_rps"] > 0 for r in rows)
+    assert all(r["hit_rate"] == 0 for r in rows if r["policy"] == "none") and all(
+        0 < r["hit_rate"] < 1 for r in rows if r["policy"] != "none"
+    )
+    assert all(
+        r["ttft_p50_ms"] <= r["ttft_p99_ms"]
+        and 0 < r["ttft_mean_ms"] <= r["ttft_p99_ms"]
+        and r["throughput_rps"] > 0
+        and r["capacity_rps"] > 0
+        for r in rows
+    )
     (light,), (heavy,) = {r["offered_rps"] for r in rows[:10]}, {r["offered_rps"] for r in rows[10:]}  # one rate per load, for every policy
     assert heavy == pytest.approx(3 * light, rel=0.01)
     assert all(r["utilization"] == pytest.approx(r["offered_rps"] / r["capacity_rps"], abs=0.01) for r in rows)
-    assert shown.stdout.count("than no cache") == 16 and "s=1.1 load=1.5 (no cache at utilization" in shown.stdout and " pgdsf +reorder +speculative: " in shown.stdout
+    assert (
+        shown.stdout.count("than no cache") == 16
+        and "s=1.1 load=1.5 (no cache at utilization" in shown.stdout
+        and " pgdsf +reorder +speculative: " in shown.stdout
+    )
     for option, value in (("--policies", "fifo"), ("--speculative", "maybe"), ("--nprobe", "1"), ("--warmup", "-1"), ("--load", "0")):
         bad = subprocess.run([sys.executable, "-m", "chameleon", *map(str, command), option, value], capture_output=True, text=True)
         assert bad.returncode == 2 and option.lstrip("-") in bad.stderr, bad.stderr

@@ -246,17 +246,43 @@ def test_bench_pipeline_command_line(tmp_path, tiny32):
     corpus.write_text("".join(json.dumps({"id": n, "text": TEXT[n * 40 :]}) + "\n" for n in range(10)))
     out = tmp_path / "pipeline.json"
     command = [
-        sys.executable, "-m", "chameleon", "bench", "pipeline", "--model", tiny32.model.config._name_or_path, "--corpus", corpus,
-        "--datastore-tokens", 3000, "--batch", 4, "--prompt-tokens", 8, "--tokens", 6, "--intervals", "1,3", "--nprobe", 4,
-        "--repeats", 1, "--json", out,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "chameleon",
+        "bench",
+        "pipeline",
+        "--model",
+        tiny32.model.config._name_or_path,
+        "--corpus",
+        corpus,
+        "--datastore-tokens",
+        3000,
+        "--batch",
+        4,
+        "--prompt-tokens",
+        8,
+        "--tokens",
+        6,
+        "--intervals",
+        "1,3",
+        "--nprobe",
+        4,
+        "--repeats",
+        1,
+        "--json",
+        out,
+    ]
     env = {**os.environ, "CHAMELEON_CACHE": str(tmp_path / "cache")}
     result = subprocess.run([str(c) for c in command], capture_output=True, text=True, timeout=900, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(out.read_text())
     assert [(r["interval"], r["schedule"]) for r in report["rows"]] == [
-        (None, "none"), (1, "sequential"), (1, "pipelined"), (3, "sequential"), (3, "pipelined")
-    ]  # fmt: skip
+        (None, "none"),
+        (1, "sequential"),
+        (1, "pipelined"),
+        (3, "sequential"),
+        (3, "pipelined"),
+    ]
     assert all(r["tokens_per_s"] > 0 and r["tokens"] == 4 * 6 for r in report["rows"])
     assert all(r["same_tokens"] for r in report["rows"] if r["schedule"] == "pipelined")
     assert set(report["speedup"]) == {"1", "3"}

@@ -23,8 +23,12 @@ def test_golden_search_message():
     frames = [bytes(f) for f in protocol.encode(golden_search())]
     assert frames == [GOLDEN_SEARCH_HEADER, *GOLDEN_SEARCH_ARRAYS]
     assert msgpack.unpackb(frames[0]) == {
-        "v": 1, "op": "SEARCH", "rid": 7, "arrays": [["float32", [1, 2]], ["int64", [1, 2]]], "k": 5,
-    }  # fmt: skip
+        "v": 1,
+        "op": "SEARCH",
+        "rid": 7,
+        "arrays": [["float32", [1, 2]], ["int64", [1, 2]]],
+        "k": 5,
+    }
     decoded = protocol.decode([GOLDEN_SEARCH_HEADER, *GOLDEN_SEARCH_ARRAYS])
     assert (decoded.op, decoded.rid, decoded.fields) == ("SEARCH", 7, {"k": 5})
     np.testing.assert_array_equal(decoded.arrays[1], [[3, -1]])
@@ -123,11 +127,15 @@ def test_check_applies_decodes_rules_to_a_message_in_hand():
 headers = st.dictionaries(
     st.sampled_from(["v", "op", "rid", "arrays", "k", "early", "code", "message", "info", "partial", "missing", "x"]),
     st.one_of(
-        st.integers(-(2**63), 2**64 - 1), st.text(max_size=8), st.booleans(), st.none(),
-        st.sampled_from(protocol.OPS), st.just(1),
+        st.integers(-(2**63), 2**64 - 1),
+        st.text(max_size=8),
+        st.booleans(),
+        st.none(),
+        st.sampled_from(protocol.OPS),
+        st.just(1),
         st.lists(st.tuples(st.sampled_from(["float32", "int64", "bool", "x"]), st.lists(st.integers(-2, 5), max_size=5)), max_size=3),
     ),
-)  # fmt: skip
+)
 
 
 @settings(max_examples=500, deadline=None)

@@ -84,7 +84,9 @@ def test_builtin_llm_is_converted_once(engine):
 def test_torch_engine_greedy_equals_transformers_generate(engine):
     import torch
 
-    tokens = engine.chat_tokens([{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "Name three colours."}])
+    tokens = engine.chat_tokens(
+        [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "Name three colours."}]
+    )
     ours = engine.generate(tokens, max_new_tokens=24)
     reference = engine.model.generate(torch.tensor([tokens]), max_new_tokens=24, do_sample=False)[0, len(tokens) :].tolist()
     assert ours.tokens == reference[: len(ours.tokens)]
@@ -204,9 +206,11 @@ def test_documents_added_to_a_passage_index_are_retrieved_and_removed_ones_are_n
     index = tmp_path / "facts"
     shutil.copytree(facts_index, index)
     (tmp_path / "new.jsonl").write_text(
-        json.dumps({"id": "quibblex", "title": "Quibblex-7", "text": "The moons of Quibblex-7 are made of solid copper."}) + "\n"
-        + json.dumps({"id": "snorf", "title": "Snorf", "text": "Snorf is a dance performed on glaciers at dawn."}) + "\n"
-    )  # fmt: skip
+        json.dumps({"id": "quibblex", "title": "Quibblex-7", "text": "The moons of Quibblex-7 are made of solid copper."})
+        + "\n"
+        + json.dumps({"id": "snorf", "title": "Snorf", "text": "Snorf is a dance performed on glaciers at dawn."})
+        + "\n"
+    )
     meta = add_to_rag_index(index, tmp_path / "new.jsonl", embedder)
     assert meta["documents"] == 302 and meta["passages"] == 302
     assert meta["added"] == [{"corpus": str(tmp_path / "new.jsonl"), "documents": 2, "passages": 2}]
@@ -221,7 +225,11 @@ def test_documents_added_to_a_passage_index_are_retrieved_and_removed_ones_are_n
     assert RagIndex(index).index.ntotal == 302  # the refused addition changed nothing
     # the command line: documents to a passage index, and no vectors into it
     (tmp_path / "more.jsonl").write_text(json.dumps({"id": "zz", "title": "Zz", "text": "Zz sleeps."}) + "\n")
-    subprocess.run([sys.executable, "-m", "chameleon", "index", "add", "--index", str(index), "--corpus", str(tmp_path / "more.jsonl")], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "chameleon", "index", "add", "--index", str(index), "--corpus", str(tmp_path / "more.jsonl")],
+        check=True,
+        capture_output=True,
+    )
     assert RagIndex(index).passages[-1].doc_id == "zz"
     # removing documents: their passages go, the later ones move up
     meta = remove_from_rag_index(index, ["quibblex", "fact-7"])
@@ -236,12 +244,17 @@ def test_documents_added_to_a_passage_index_are_retrieved_and_removed_ones_are_n
     assert rag.passages_for(ids[0])[0].doc_id == "snorf"  # passage ids and vector ids moved up together
     with pytest.raises(RetrieverError, match="not in .*'quibblex'"):
         remove_from_rag_index(index, ["quibblex"])
-    subprocess.run([sys.executable, "-m", "chameleon", "index", "remove", "--index", str(index), "--doc-id", "zz"], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "chameleon", "index", "remove", "--index", str(index), "--doc-id", "zz"], check=True, capture_output=True
+    )
     assert RagIndex(index).passages[-1].doc_id == "snorf"
     np.save(tmp_path / "v.npy", np.zeros((2, 384), np.float32))
     for target, message in ((index, "add documents with --corpus"), (index / "index", "vectors of the passage index")):
-        refused = subprocess.run([sys.executable, "-m", "chameleon", "index", "add", "--index", str(target), "--vectors", str(tmp_path / "v.npy")],
-                                 capture_output=True, text=True)  # fmt: skip
+        refused = subprocess.run(
+            [sys.executable, "-m", "chameleon", "index", "add", "--index", str(target), "--vectors", str(tmp_path / "v.npy")],
+            capture_output=True,
+            text=True,
+        )
         assert refused.returncode == 2 and message in refused.stderr
 
 
@@ -252,7 +265,12 @@ def test_ask_command(facts_index, tmp_path):
     assert "empty" in ask("  ", "--index", facts_index, expect=2).stderr
     assert "rag.json is missing" in ask("q", "--index", tmp_path, expect=2).stderr
     assert "not a Hugging Face model directory" in ask("q", "--index", facts_index, "--model", tmp_path, expect=2).stderr
-    sampled = [json.loads(ask("Zorblax-42?", "--index", facts_index, "--json", "--max-tokens", 12, "--temperature", 1.2, "--seed", 3).stdout)["answer"] for _ in range(2)]
+    sampled = [
+        json.loads(ask("Zorblax-42?", "--index", facts_index, "--json", "--max-tokens", 12, "--temperature", 1.2, "--seed", 3).stdout)[
+            "answer"
+        ]
+        for _ in range(2)
+    ]
     assert sampled[0] == sampled[1] != json.loads(ask("Zorblax-42?", "--index", facts_index, "--json", "--max-tokens", 12).stdout)["answer"]
     assert "temperature" in ask("q", "--index", facts_index, "--temperature", 3, expect=2).stderr
 

@@ -111,7 +111,9 @@ def test_reload_serves_a_changed_index_and_keeps_the_old_one_when_it_cannot(fact
     assert not unchanged["reloaded"] and unchanged["index"]["passages"] == 300 and not opened
     question = "What are the moons of Quibblex-7 made of?"
     assert service.search(question, None, 1, None)[0][0]["doc_id"] != "quibblex"
-    (tmp_path / "new.jsonl").write_text(json.dumps({"id": "quibblex", "title": "Quibblex-7", "text": "The moons of Quibblex-7 are made of solid copper."}) + "\n")
+    (tmp_path / "new.jsonl").write_text(
+        json.dumps({"id": "quibblex", "title": "Quibblex-7", "text": "The moons of Quibblex-7 are made of solid copper."}) + "\n"
+    )
     add_to_rag_index(index, tmp_path / "new.jsonl", embedder)
 
     gate.clear()  # a second reload while the first opens the new version is refused
@@ -145,9 +147,20 @@ def test_reload_serves_a_changed_index_and_keeps_the_old_one_when_it_cannot(fact
 @pytest.fixture(scope="module")
 def tiny_server(tmp_path_factory, facts_index, tiny_model):
     server = start_server(
-        tmp_path_factory.mktemp("tiny-server"), "--index", facts_index, "--model", tiny_model, "--shards", 0,
-        "--api-key", KEY, "--max-tokens", 64, "--max-concurrency", 3,
-    )  # fmt: skip
+        tmp_path_factory.mktemp("tiny-server"),
+        "--index",
+        facts_index,
+        "--model",
+        tiny_model,
+        "--shards",
+        0,
+        "--api-key",
+        KEY,
+        "--max-tokens",
+        64,
+        "--max-concurrency",
+        3,
+    )
     yield server
     assert server.stop() == 0
 
@@ -216,10 +229,14 @@ def test_embeddings_are_the_indexs_own_and_search_like_the_text(tiny_server, emb
     by_vector = call(tiny_server.url + "/v1/search", {"vector": body["data"][0]["embedding"], "k": 3})[1]["results"]
     assert [hit["passage_id"] for hit in by_vector] == [hit["passage_id"] for hit in by_text]
     assert [m.id for m in client.models.list()] == ["tiny-llama", "all-minilm-l6-v2"]
-    for request, status, words in [({"input": question, "model": "text-embedding-3-small"}, 404, "all-minilm-l6-v2"),
-                                   ({"input": question, "dimensions": 256}, 400, "384 dimensions"),
-                                   ({"input": []}, 422, "at least 1"), ({"input": [question] * 2049}, 422, "at most 2048"),
-                                   ({"input": [""]}, 422, "at least 1 character"), ({"input": [[1, 2, 3]]}, 422, "input")]:  # fmt: skip
+    for request, status, words in [
+        ({"input": question, "model": "text-embedding-3-small"}, 404, "all-minilm-l6-v2"),
+        ({"input": question, "dimensions": 256}, 400, "384 dimensions"),
+        ({"input": []}, 422, "at least 1"),
+        ({"input": [question] * 2049}, 422, "at most 2048"),
+        ({"input": [""]}, 422, "at least 1 character"),
+        ({"input": [[1, 2, 3]]}, 422, "input"),
+    ]:
         answer = call(tiny_server.url + "/v1/embeddings", request)
         assert answer[0] == status and words in answer[1]["error"]["message"], answer[1]
 
@@ -235,7 +252,9 @@ def test_completions_stop_strings_and_streaming_agree(tiny_server):
     stop = text[len(text) // 2 : len(text) // 2 + 3]
     cut = client.completions.create(model="tiny-llama", prompt=prompt, max_tokens=24, stop=[stop], extra_body={"rag": False})
     assert cut.choices[0].text == text[: text.index(stop)] and cut.choices[0].finish_reason == "stop"
-    streamed = client.completions.create(model="tiny-llama", prompt=prompt, max_tokens=24, stop=stop, stream=True, extra_body={"rag": False})
+    streamed = client.completions.create(
+        model="tiny-llama", prompt=prompt, max_tokens=24, stop=stop, stream=True, extra_body={"rag": False}
+    )
     assert "".join(chunk.choices[0].text for chunk in streamed) == cut.choices[0].text
     augmented = client.completions.create(model="tiny-llama", prompt=prompt, max_tokens=4)
     assert augmented.usage.prompt_tokens > whole.usage.prompt_tokens  # the passages came first
@@ -247,19 +266,33 @@ def test_openai_parameters_we_do_not_implement_are_refused_unless_they_ask_for_n
 
     client = OpenAI(base_url=tiny_server.url + "/v1", api_key=KEY)
     chat = {"model": "tiny-llama", "messages": [{"role": "user", "content": "Zorblax?"}], "max_tokens": 3, "extra_body": {"rag": False}}
-    defaults = {"logprobs": False, "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}, "tool_choice": "none",
-                "response_format": {"type": "text"}, "user": "someone", "metadata": {"run": "1"}}  # fmt: skip
+    defaults = {
+        "logprobs": False,
+        "presence_penalty": 0,
+        "frequency_penalty": 0.0,
+        "logit_bias": {},
+        "tool_choice": "none",
+        "response_format": {"type": "text"},
+        "user": "someone",
+        "metadata": {"run": "1"},
+    }
     plain = client.chat.completions.create(**chat)
     assert client.chat.completions.create(**chat, **defaults).choices[0].message.content == plain.choices[0].message.content
-    for asked in [{"response_format": {"type": "json_object"}}, {"presence_penalty": 0.5, "logit_bias": {"42": 5}},
-                  {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}]:  # fmt: skip
+    for asked in [
+        {"response_format": {"type": "json_object"}},
+        {"presence_penalty": 0.5, "logit_bias": {"42": 5}},
+        {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]},
+    ]:
         with pytest.raises(BadRequestError) as refused:
             client.chat.completions.create(**chat, **asked)
         assert all(name in str(refused.value) for name in asked) and refused.value.code == "unsupported_parameter"
     for asked in [{"best_of": 2}, {"suffix": "the end"}]:
         status, body, _ = call(tiny_server.url + "/v1/completions", {"prompt": "Zorblax", "max_tokens": 2, "rag": False, **asked})
         assert status == 400 and next(iter(asked)) in body["error"]["message"]
-    assert call(tiny_server.url + "/v1/completions", {"prompt": "Zorblax", "max_tokens": 2, "rag": False, "best_of": 1, "echo": False})[0] == 200
+    assert (
+        call(tiny_server.url + "/v1/completions", {"prompt": "Zorblax", "max_tokens": 2, "rag": False, "best_of": 1, "echo": False})[0]
+        == 200
+    )
     status, body, _ = call(tiny_server.url + "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "echo": True})
     assert status == 400 and "echo" in body["error"]["message"]  # a completions parameter
 
@@ -277,21 +310,38 @@ def test_logprobs_come_with_the_tokens_of_the_answer_whole_or_streamed(tiny_serv
         assert t.logprob <= 0 and len(t.top_logprobs) == 2 and t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob
         assert (t.top_logprobs[0].token, t.top_logprobs[0].logprob) == (t.token, t.logprob)  # greedy: the most likely
         assert bytes(t.bytes).decode() == t.token
-    streamed = [chunk.choices[0].logprobs for chunk in client.chat.completions.create(**chat, logprobs=True, top_logprobs=2, stream=True) if chunk.choices]
+    streamed = [
+        chunk.choices[0].logprobs
+        for chunk in client.chat.completions.create(**chat, logprobs=True, top_logprobs=2, stream=True)
+        if chunk.choices
+    ]
     assert [t.model_dump() for part in streamed if part for t in part.content] == [t.model_dump() for t in content]
     assert client.chat.completions.create(**chat).choices[0].logprobs is None
     iterative = client.chat.completions.create(**{**chat, "extra_body": {"retrieval_interval": 4}}, logprobs=True)  # three generate calls
     assert "".join(t.token for t in iterative.choices[0].logprobs.content).lstrip() == iterative.choices[0].message.content
     assert iterative.model_extra["chameleon"]["timings"]["retrievals"] >= 2
-    assert call(tiny_server.url + "/v1/chat/completions", {**{k: v for k, v in chat.items() if k != "extra_body"}, "top_logprobs": 2})[0] == 422
+    assert (
+        call(tiny_server.url + "/v1/chat/completions", {**{k: v for k, v in chat.items() if k != "extra_body"}, "top_logprobs": 2})[0]
+        == 422
+    )
 
-    text = client.completions.create(model="tiny-llama", prompt="The planet Zorblax-42 has", max_tokens=16, extra_body={"rag": False}).choices[0].text
+    text = (
+        client.completions.create(model="tiny-llama", prompt="The planet Zorblax-42 has", max_tokens=16, extra_body={"rag": False})
+        .choices[0]
+        .text
+    )
     stop = text[len(text) // 2 : len(text) // 2 + 3]
-    cut = client.completions.create(model="tiny-llama", prompt="The planet Zorblax-42 has", max_tokens=16, stop=[stop], logprobs=1, extra_body={"rag": False})
+    cut = client.completions.create(
+        model="tiny-llama", prompt="The planet Zorblax-42 has", max_tokens=16, stop=[stop], logprobs=1, extra_body={"rag": False}
+    )
     choice = cut.choices[0]
     assert choice.text == text[: text.index(stop)] and "".join(choice.logprobs.tokens).startswith(choice.text)
-    assert choice.logprobs.text_offset == sorted(choice.logprobs.text_offset) and all(o < len(choice.text) for o in choice.logprobs.text_offset)
-    assert all(choice.text[o:].startswith(t) or t.startswith(choice.text[o:]) for o, t in zip(choice.logprobs.text_offset, choice.logprobs.tokens))
+    assert choice.logprobs.text_offset == sorted(choice.logprobs.text_offset) and all(
+        o < len(choice.text) for o in choice.logprobs.text_offset
+    )
+    assert all(
+        choice.text[o:].startswith(t) or t.startswith(choice.text[o:]) for o, t in zip(choice.logprobs.text_offset, choice.logprobs.tokens)
+    )
     assert [len(top) for top in choice.logprobs.top_logprobs] == [1] * len(choice.logprobs.tokens)
 
 
@@ -324,7 +374,9 @@ def test_echo_scores_the_prompt_after_the_passages_and_before_the_continuation(t
 
     augmented = client.completions.create(model="tiny-llama", prompt=prompt, max_tokens=0, echo=True, logprobs=0)
     assert augmented.model_extra["chameleon"]["sources"] and augmented.choices[0].text == prompt
-    assert augmented.choices[0].logprobs.tokens == tokens and augmented.choices[0].logprobs.token_logprobs[0] is not None  # after the passages
+    assert (
+        augmented.choices[0].logprobs.tokens == tokens and augmented.choices[0].logprobs.token_logprobs[0] is not None
+    )  # after the passages
     assert call(tiny_server.url + "/v1/completions", {"prompt": prompt, "max_tokens": 0})[0] == 422
 
 
@@ -353,7 +405,9 @@ def test_every_request_has_an_id_and_ends_with_one_access_log_line(tiny_server):
     line = logged(headers["x-request-id"])
     assert status == line["status"] == 400 and line["error"] == body["error"]["message"] and line["route"] == "/v1/search"
 
-    chunks = [data for _, data in events(tiny_server.url + "/v1/chat/completions", {**chat, "stream": True}, headers={"X-Request-ID": "streamed"})]
+    chunks = [
+        data for _, data in events(tiny_server.url + "/v1/chat/completions", {**chat, "stream": True}, headers={"X-Request-ID": "streamed"})
+    ]
     assert json.loads(chunks[0])["id"] == "chatcmpl-streamed"
     assert logged("streamed")["usage"]["completion_tokens"] == 3  # known once the stream has ended
 
@@ -363,7 +417,12 @@ def test_sampling_settings_reach_the_engine(tiny_server):
 
     url = tiny_server.url
     client = OpenAI(base_url=url + "/v1", api_key=KEY)
-    chat = {"model": "tiny-llama", "messages": [{"role": "user", "content": "Tell me about Zorblax-42."}], "max_tokens": 12, "extra_body": {"rag": False}}
+    chat = {
+        "model": "tiny-llama",
+        "messages": [{"role": "user", "content": "Tell me about Zorblax-42."}],
+        "max_tokens": 12,
+        "extra_body": {"rag": False},
+    }
 
     def text(**options):
         return client.chat.completions.create(**chat, **options).choices[0].message.content
@@ -416,8 +475,16 @@ def test_requests_over_the_concurrency_limit_get_429(tiny_server):
     url = tiny_server.url
     # Three choices take the server's three places; a retrieval at every token keeps them busy
     # long after their first tokens.
-    busy = {"messages": [{"role": "user", "content": "Zorblax-3?"}], "max_tokens": 64, "retrieval_interval": 1, "n": 3,
-            "temperature": 1.0, "seed": 1, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    busy = {
+        "messages": [{"role": "user", "content": "Zorblax-3?"}],
+        "max_tokens": 64,
+        "retrieval_interval": 1,
+        "n": 3,
+        "temperature": 1.0,
+        "seed": 1,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     stream = events(url + "/v1/chat/completions", busy)
     assert json.loads(next(stream)[1])["choices"][0]["delta"]["role"] == "assistant"
     status, body, headers = call(url + "/v1/rag", {"question": "Zorblax-4?", "max_tokens": 4})
@@ -455,7 +522,10 @@ def test_the_retrieval_engine_reaches_the_search_in_process_and_on_the_nodes(tmp
 
     serve = ("serve", "--model", tiny_model, "--port", 0, "--state-dir", tmp_path / "state")
     # numba-fastscan reads 4-bit codes: on the 8-bit index the server's own search refuses to start ...
-    assert "4-bit PQ codes" in chameleon(*serve, "--index", facts_index, "--shards", 0, "--retrieval-engine", "numba-fastscan", expect=2).stderr
+    assert (
+        "4-bit PQ codes"
+        in chameleon(*serve, "--index", facts_index, "--shards", 0, "--retrieval-engine", "numba-fastscan", expect=2).stderr
+    )
     # ... and the FPGA options reach the nodes, whose failure the server reports
     fpga = ("--retrieval-engine", "fpga", "--fpga-mode", "hw", "--xclbin", tmp_path / "x.xclbin")
     assert "no FPGA bitstream" in chameleon(*serve, "--index", facts_index, "--shards", 1, *fpga, expect=2).stderr
@@ -500,7 +570,9 @@ def test_a_server_reloads_its_changed_index_and_tier_while_it_answers(tmp_path, 
         status, body, _ = call(server.url + "/admin/reload", {})
         assert status == 200 and not body["reloaded"] and body["index"]["passages"] == 300
 
-        (tmp_path / "new.jsonl").write_text(json.dumps({"id": "quibblex", "title": "Quibblex-7", "text": "The moons of Quibblex-7 are made of solid copper."}) + "\n")
+        (tmp_path / "new.jsonl").write_text(
+            json.dumps({"id": "quibblex", "title": "Quibblex-7", "text": "The moons of Quibblex-7 are made of solid copper."}) + "\n"
+        )
         chameleon("index", "add", "--index", index, "--corpus", tmp_path / "new.jsonl")
         chameleon("index", "remove", "--index", index, "--doc-id", "fact-7")  # the passages after it move up
         planet = {"query": "What colour are the oceans of Zorblax-42?", "k": 3}
@@ -526,7 +598,10 @@ def test_a_server_reloads_its_changed_index_and_tier_while_it_answers(tmp_path, 
         assert answered and all(s == 200 and r["results"] in (before, after) for s, r, _ in answered)
         assert _wait_gone(first_tier) == [] and not (Path(server.state_dir) / "index-2-shards").exists()  # the retired copy is gone
         assert call(server.url + "/v1/search", question)[1]["results"][0]["doc_id"] == "quibblex"
-        assert call(server.url + "/v1/search", {"query": "What colour are the oceans of Zorblax-7?", "k": 3})[1]["results"][0]["doc_id"] != "fact-7"
+        assert (
+            call(server.url + "/v1/search", {"query": "What colour are the oceans of Zorblax-7?", "k": 3})[1]["results"][0]["doc_id"]
+            != "fact-7"
+        )
         status, ready, _ = call(server.url + "/readyz", key=None)
         assert status == 200 and ready["ready"] and ready["index"] == body["index"]
         second_tier = _tier_pids(body["index"]["state_dir"])
@@ -590,13 +665,21 @@ def test_metrics_move_after_requests(real_server):
     status, body, _ = call(url + "/v1/rag", {"question": "How many moons orbit Zorblax-5?", "max_tokens": 8})
     assert status == 200 and body["sources"][0]["doc_id"] == "fact-5"
     after = call(url + "/metrics")[1]["text"]
-    assert _sample(after, "chameleon_requests_total", route="/v1/rag", status="200") == _sample(before, "chameleon_requests_total", route="/v1/rag", status="200") + 1
+    assert (
+        _sample(after, "chameleon_requests_total", route="/v1/rag", status="200")
+        == _sample(before, "chameleon_requests_total", route="/v1/rag", status="200") + 1
+    )
     assert _sample(after, "chameleon_ttft_seconds_count") == _sample(before, "chameleon_ttft_seconds_count") + 1
     assert _sample(after, "chameleon_generated_tokens_total") >= _sample(before, "chameleon_generated_tokens_total") + 1
     for shard in ("0", "1"):
-        assert _sample(after, "chameleon_shard_latency_seconds_count", shard=shard) == _sample(before, "chameleon_shard_latency_seconds_count", shard=shard) + 1
+        assert (
+            _sample(after, "chameleon_shard_latency_seconds_count", shard=shard)
+            == _sample(before, "chameleon_shard_latency_seconds_count", shard=shard) + 1
+        )
         assert _sample(after, "chameleon_shard_node_alive", shard=shard) == 1
-    computed = _sample(after, "chameleon_kv_cache_tokens_total", source="computed") - _sample(before, "chameleon_kv_cache_tokens_total", source="computed")
+    computed = _sample(after, "chameleon_kv_cache_tokens_total", source="computed") - _sample(
+        before, "chameleon_kv_cache_tokens_total", source="computed"
+    )
     assert computed > 0
     again = call(url + "/v1/rag", {"question": "How many moons orbit Zorblax-5?", "max_tokens": 8})[1]
     # the same passages again: their KV comes from the document cache (exactness: tests/test_doc_cache.py)
@@ -605,8 +688,11 @@ def test_metrics_move_after_requests(real_server):
     assert _sample(final, "chameleon_kv_cache_tokens_total", source="device_hit") > 0
     assert 0 < _sample(final, "chameleon_kv_cache_hit_rate", tier="device") < 1
     # speculative prefill on the tier's early answer (after half of the lists): one per request, confirmed or not
-    speculated = sum(_sample(final, "chameleon_speculative_prefills_total", outcome=o) - _sample(before, "chameleon_speculative_prefills_total", outcome=o)
-                     for o in ("confirmed", "restarted"))  # fmt: skip
+    speculated = sum(
+        _sample(final, "chameleon_speculative_prefills_total", outcome=o)
+        - _sample(before, "chameleon_speculative_prefills_total", outcome=o)
+        for o in ("confirmed", "restarted")
+    )
     assert speculated == 2 and _sample(final, "chameleon_speculative_prefills_total", outcome="started") >= 2
 
 

@@ -135,7 +135,11 @@ def test_removed_ids_are_gone_and_adding_then_removing_gives_the_index_back(smal
         np.testing.assert_array_equal(ours.offsets, theirs.offsets)
         np.testing.assert_array_equal(ours.ids, theirs.ids)
         np.testing.assert_array_equal(ours.codes, theirs.codes)
-    for ids, match in [(np.array([5, 6_000]), "not in the index"), (np.arange(6_000), "every vector"),
-                       (np.array([1.0]), "integers"), (np.zeros((2, 2), np.int64), "integers")]:  # fmt: skip
+    for ids, match in [
+        (np.array([5, 6_000]), "not in the index"),
+        (np.arange(6_000), "every vector"),
+        (np.array([1.0]), "integers"),
+        (np.zeros((2, 2), np.int64), "integers"),
+    ]:
         with pytest.raises(RetrieverError, match=match):
             remove_ids(built, ids)

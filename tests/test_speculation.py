@@ -61,7 +61,9 @@ class _Deferred:
 
 @pytest.mark.parametrize("cached", [False, True])
 @pytest.mark.parametrize("early_fraction, expected", [(0.25, "restarted"), (0.5, "confirmed")])  # early after 1 or 2 of 4 lists
-def test_speculative_answers_equal_plain_ones_confirmed_or_restarted(cached, early_fraction, expected, rag_index, embedder, tiny32, plain_answers):
+def test_speculative_answers_equal_plain_ones_confirmed_or_restarted(
+    cached, early_fraction, expected, rag_index, embedder, tiny32, plain_answers
+):
     from chameleon.rag.doc_cache import DocumentKVCache, kv_bytes_per_token
     from chameleon.rag.pipeline import RagPipeline
 
@@ -76,7 +78,9 @@ def test_speculative_answers_equal_plain_ones_confirmed_or_restarted(cached, ear
         calls.append((len(tokens), len(prefix.tokens) if prefix is not None else 0, generation.finish_reason))
         return generation
 
-    pipeline.engine = SimpleNamespace(generate=generate, tokenizer=tiny32.tokenizer, context_window=tiny32.context_window, eos_ids=tiny32.eos_ids)
+    pipeline.engine = SimpleNamespace(
+        generate=generate, tokenizer=tiny32.tokenizer, context_window=tiny32.context_window, eos_ids=tiny32.eos_ids
+    )
     answers = []
     for question in QUESTIONS:
         calls.clear()
@@ -114,7 +118,9 @@ def test_a_restart_resumes_from_what_the_cut_speculation_computed(rag_index, emb
         calls.append((len(prefix.tokens) if prefix is not None else 0, generation))
         return generation
 
-    pipeline.engine = SimpleNamespace(generate=generate, tokenizer=tiny32.tokenizer, context_window=tiny32.context_window, eos_ids=tiny32.eos_ids)
+    pipeline.engine = SimpleNamespace(
+        generate=generate, tokenizer=tiny32.tokenizer, context_window=tiny32.context_window, eos_ids=tiny32.eos_ids
+    )
     restarted = 0
     for question, plain in zip(QUESTIONS, plain_answers):
         calls.clear()

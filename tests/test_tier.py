@@ -43,8 +43,23 @@ def reference(index_dir, small_data):
 
 def start_node(index_dir, tmp_path, shard=0, bind="tcp://127.0.0.1:*", keys=None):
     ready = tmp_path / f"node-{shard}-{time.monotonic_ns()}.json"
-    command = [sys.executable, "-m", "chameleon", "node", "retrieval", "--index", str(index_dir), "--shard", str(shard),
-               "--bind", bind, "--threads", "1", "--ready-file", str(ready)]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "chameleon",
+        "node",
+        "retrieval",
+        "--index",
+        str(index_dir),
+        "--shard",
+        str(shard),
+        "--bind",
+        bind,
+        "--threads",
+        "1",
+        "--ready-file",
+        str(ready),
+    ]
     if keys:
         command += ["--keys", str(keys)]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, start_new_session=True)
@@ -74,10 +89,14 @@ def probe(index_dir, queries, nprobe=8):
 fields = st.dictionaries(
     st.sampled_from(["v", "op", "rid", "arrays", "k", "early", "info", "code", "message", "zz"]),
     st.one_of(
-        st.integers(-(2**63), 2**64 - 1), st.text(max_size=6), st.none(), st.booleans(), st.sampled_from(protocol.OPS),
+        st.integers(-(2**63), 2**64 - 1),
+        st.text(max_size=6),
+        st.none(),
+        st.booleans(),
+        st.sampled_from(protocol.OPS),
         st.lists(st.tuples(st.sampled_from(["float32", "int64", "bool"]), st.lists(st.integers(-1, 2**40), max_size=3)), max_size=3),
     ),
-)  # fmt: skip
+)
 valid_shapes = st.tuples(st.integers(1, 4), st.sampled_from([31, 32, 33]), st.integers(1, 3))
 
 
@@ -373,7 +392,12 @@ def test_inline_coordinator_answers_outstanding_requests_in_any_order(index_dir,
     local = Searcher(load_index(index_dir))
     queries, list_ids = probe(index_dir, small_data.queries)
     try:
-        requests = [(queries[:50], list_ids[:50], 10), (queries[50:120], list_ids[50:120, :4], 5), (queries, list_ids, 10), (queries[:1], list_ids[:1], 1)]
+        requests = [
+            (queries[:50], list_ids[:50], 10),
+            (queries[50:120], list_ids[50:120, :4], 5),
+            (queries, list_ids, 10),
+            (queries[:1], list_ids[:1], 1),
+        ]
         rids = [inline.send_search(*request) for request in requests]
         staged = inline.send_search(queries, list_ids, 10, early=2)
         for n in [2, 0, 3, 1]:
@@ -469,7 +493,10 @@ def test_curve_keys_keep_strangers_out(index_dir, tmp_path, small_data, referenc
         with RetrievalClient(endpoint, timeout=1.5) as stranger, pytest.raises(RetrieverError, match="no answer"):
             stranger.info()
         other = generate_keys(tmp_path / "other-keys")  # right protocol, wrong keys
-        with RetrievalClient(endpoint, keys=CurveKeys.load(other), timeout=1.5) as impostor, pytest.raises(RetrieverError, match="no answer"):
+        with (
+            RetrievalClient(endpoint, keys=CurveKeys.load(other), timeout=1.5) as impostor,
+            pytest.raises(RetrieverError, match="no answer"),
+        ):
             impostor.info()
         with RetrievalClient(state["nodes"][0]["endpoint"], timeout=1.5) as stranger, pytest.raises(RetrieverError, match="no answer"):
             stranger.info()  # nodes are closed to strangers too
@@ -506,16 +533,67 @@ def test_cluster_command_line(index_dir, tmp_path, small_data):
         np.testing.assert_array_equal(through_cluster["ids"], in_process["ids"])
         np.testing.assert_array_equal(through_cluster["distances"], in_process["distances"])
         assert through_cluster["partial"].shape == (200,) and not through_cluster["partial"].any()
-        chameleon("search", "--cluster", state, "--embedded", "--queries", tmp_path / "q.npy", "--k", 7, "--nprobe", 4, "--out", tmp_path / "e.npz")
+        chameleon(
+            "search",
+            "--cluster",
+            state,
+            "--embedded",
+            "--queries",
+            tmp_path / "q.npy",
+            "--k",
+            7,
+            "--nprobe",
+            4,
+            "--out",
+            tmp_path / "e.npz",
+        )
         np.testing.assert_array_equal(np.load(tmp_path / "e.npz")["ids"], in_process["ids"])
-        chameleon("search", "--index", index_dir, "--scan-engine", "faiss", "--queries", tmp_path / "q.npy", "--k", 7, "--nprobe", 4, "--out", tmp_path / "f.npz")
-        assert same_up_to_ties(np.load(tmp_path / "f.npz")["distances"], np.load(tmp_path / "f.npz")["ids"], in_process["distances"], in_process["ids"]).all()
-        assert "go with --index" in chameleon("search", "--cluster", state, "--engine", "faiss", "--queries", tmp_path / "q.npy", "--out", tmp_path / "x.npz", expect=2).stderr
-        assert "4-bit PQ codes" in chameleon("search", "--index", index_dir, "--engine", "numba-fastscan", "--queries", tmp_path / "q.npy", "--out", tmp_path / "x.npz", expect=2).stderr
+        chameleon(
+            "search",
+            "--index",
+            index_dir,
+            "--scan-engine",
+            "faiss",
+            "--queries",
+            tmp_path / "q.npy",
+            "--k",
+            7,
+            "--nprobe",
+            4,
+            "--out",
+            tmp_path / "f.npz",
+        )
+        assert same_up_to_ties(
+            np.load(tmp_path / "f.npz")["distances"], np.load(tmp_path / "f.npz")["ids"], in_process["distances"], in_process["ids"]
+        ).all()
+        assert (
+            "go with --index"
+            in chameleon(
+                "search", "--cluster", state, "--engine", "faiss", "--queries", tmp_path / "q.npy", "--out", tmp_path / "x.npz", expect=2
+            ).stderr
+        )
+        assert (
+            "4-bit PQ codes"
+            in chameleon(
+                "search",
+                "--index",
+                index_dir,
+                "--engine",
+                "numba-fastscan",
+                "--queries",
+                tmp_path / "q.npy",
+                "--out",
+                tmp_path / "x.npz",
+                expect=2,
+            ).stderr
+        )
         taken = chameleon("node", "retrieval", "--index", index_dir, "--shard", 0, "--bind", endpoint, expect=2).stderr
         assert f"cannot bind {endpoint}" in taken
         np.save(tmp_path / "bad.npy", small_data.queries[:, :30])
-        assert "shape (n, 32)" in chameleon("search", "--cluster", state, "--queries", tmp_path / "bad.npy", "--out", tmp_path / "x.npz", expect=2).stderr
+        assert (
+            "shape (n, 32)"
+            in chameleon("search", "--cluster", state, "--queries", tmp_path / "bad.npy", "--out", tmp_path / "x.npz", expect=2).stderr
+        )
     finally:
         pids = [p["pid"] for p in [cluster.read_state(state)["coordinator"], *cluster.read_state(state)["nodes"]]]
         chameleon("cluster", "down", "--state-dir", state)

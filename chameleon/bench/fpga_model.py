@@ -23,12 +23,24 @@ from retriever.index import IVFPQIndex
 from retriever.search import Searcher
 from retriever.vectors import prepare_vectors
 
-MODEL_KEYS = ("nprobe", "recall", "numba_qps", "faiss_ivfpq_qps", "fpga_cycles_per_query", "fpga_qps", "fpga_latency_us",
-              "fpga_vs_numba", "prepare_share", "bandwidth_bound")  # fmt: skip
+MODEL_KEYS = (
+    "nprobe",
+    "recall",
+    "numba_qps",
+    "faiss_ivfpq_qps",
+    "fpga_cycles_per_query",
+    "fpga_qps",
+    "fpga_latency_us",
+    "fpga_vs_numba",
+    "prepare_share",
+    "bandwidth_bound",
+)
 MISS_KEYS = ("l1", "nprobe", "measured_miss", "model_miss")
 
 
-def model_rows(index: IVFPQIndex, dataset: Dataset, nprobes: list[int], config: KernelConfig, clock_mhz: float, nqueries: int) -> list[dict]:
+def model_rows(
+    index: IVFPQIndex, dataset: Dataset, nprobes: list[int], config: KernelConfig, clock_mhz: float, nqueries: int
+) -> list[dict]:
     """One row per nprobe: CPU engines measured (1 thread), the kernel ``config`` modelled."""
     k = config.k
     banked = pack_banks(index.whole(), config.banks, config.lanes)
@@ -46,18 +58,20 @@ def model_rows(index: IVFPQIndex, dataset: Dataset, nprobes: list[int], config: 
         batched = estimate_cycles(config, lines, index.params.inner_product, batch=len(queries), clock_mhz=clock_mhz)
         single = estimate_cycles(config, lines, index.params.inner_product, batch=1, clock_mhz=clock_mhz)
         fpga_qps = batched.qps(clock_mhz)
-        rows.append({
-            "nprobe": nprobe,
-            "recall": measured[0]["recall"],
-            "numba_qps": measured[0]["qps"],
-            "faiss_ivfpq_qps": measured[1]["qps"],
-            "fpga_cycles_per_query": round(batched.cycles_per_query, 1),
-            "fpga_qps": round(fpga_qps, 1),
-            "fpga_latency_us": round(single.cycles_per_query / clock_mhz, 2),
-            "fpga_vs_numba": round(fpga_qps / measured[0]["qps"], 3),
-            "prepare_share": round(batched.prepare_cycles / batched.cycles_per_query, 3),
-            "bandwidth_bound": batched.bandwidth_bound,
-        })  # fmt: skip
+        rows.append(
+            {
+                "nprobe": nprobe,
+                "recall": measured[0]["recall"],
+                "numba_qps": measured[0]["qps"],
+                "faiss_ivfpq_qps": measured[1]["qps"],
+                "fpga_cycles_per_query": round(batched.cycles_per_query, 1),
+                "fpga_qps": round(fpga_qps, 1),
+                "fpga_latency_us": round(single.cycles_per_query / clock_mhz, 2),
+                "fpga_vs_numba": round(fpga_qps / measured[0]["qps"], 3),
+                "prepare_share": round(batched.prepare_cycles / batched.cycles_per_query, 3),
+                "bandwidth_bound": batched.bandwidth_bound,
+            }
+        )
     return rows
 
 
@@ -73,10 +87,14 @@ def miss_rows(index: IVFPQIndex, dataset: Dataset, l1s: list[int], nprobe: int, 
         found = searcher.search(queries, k, nprobe)[1]
         kept = sum(len(np.intersect1d(f[f >= 0], e[e >= 0])) for f, e in zip(found, exact))
         pes = searcher.engine.config.pes
-        rows.append({
-            "l1": l1, "nprobe": nprobe, "measured_miss": round(1 - kept / max(1, int((exact >= 0).sum())), 5),
-            "model_miss": round(miss_probability(k, l1, pes), 5),
-        })  # fmt: skip
+        rows.append(
+            {
+                "l1": l1,
+                "nprobe": nprobe,
+                "measured_miss": round(1 - kept / max(1, int((exact >= 0).sum())), 5),
+                "model_miss": round(miss_probability(k, l1, pes), 5),
+            }
+        )
     return rows
 
 

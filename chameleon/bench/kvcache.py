@@ -39,9 +39,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm.auto import tqdm
 
+from chameleon.engines.base import Generation
 from chameleon.rag.corpus import Passage, RagIndex
 from chameleon.rag.doc_cache import DocumentKVCache, kv_bytes_per_token
-from chameleon.engines.base import Generation
 from chameleon.rag.pipeline import joined, prompt_segments, resume_prefix
 from coordinator.kv_cache import CacheAwareQueue
 from coordinator.prefill_profile import PrefillProfile
@@ -51,7 +51,19 @@ from retriever.search import Searcher
 from retriever.vectors import prepare_vectors
 
 EARLY_FRACTION = 0.5  # the early answer comes after half the probed lists
-ROW_KEYS = ("policy", "reorder", "speculative", "zipf_s", "ttft_p50_ms", "ttft_p99_ms", "ttft_mean_ms", "throughput_rps", "hit_rate", "capacity_rps", "load")
+ROW_KEYS = (
+    "policy",
+    "reorder",
+    "speculative",
+    "zipf_s",
+    "ttft_p50_ms",
+    "ttft_p99_ms",
+    "ttft_mean_ms",
+    "throughput_rps",
+    "hit_rate",
+    "capacity_rps",
+    "load",
+)
 
 
 @dataclass
@@ -104,13 +116,18 @@ def retrieve(stream: list[Request], rag_index: RagIndex, embedder, nprobe: int, 
 
 
 def served(
-    engine, stream: list[Request], doc_cache: DocumentKVCache | None, reorder: bool, speculation: SpeculativePrefill | None = None,
+    engine,
+    stream: list[Request],
+    doc_cache: DocumentKVCache | None,
+    reorder: bool,
+    speculation: SpeculativePrefill | None = None,
     warmup: list[Request] = (),
 ) -> Generator[None, None, dict]:
     """Serve ``warmup`` then ``stream`` on one engine (virtual clock, measured service times),
     pausing after each request (see :func:`interleaved`); returns the TTFTs, hit rate and busy
     time of the ``stream`` requests. The warm-up requests arrive first and are served like the
     others, uncounted."""
+
     def reuse_ratio(item) -> float:
         _, passages, segments = item
         return doc_cache.tree.reuse_ratio([(p.key, len(s)) for p, s in zip(passages, segments[1:-1])], len(segments[-1]))
@@ -214,7 +231,9 @@ def kvcache_benchmark(
     if not loads or not all(0 < load < 10 for load in loads):
         raise RetrieverError(f"every load must be above 0 and below 10 (a fraction of the no-cache capacity), got {loads}")
     if requests < 10 or device_docs < 6 or host_docs < 0 or not 2 <= nprobe <= rag_index.index.params.nlist:
-        raise RetrieverError(f"need at least 10 requests, device_docs >= 6, host_docs >= 0 and 2 <= nprobe <= {rag_index.index.params.nlist}")
+        raise RetrieverError(
+            f"need at least 10 requests, device_docs >= 6, host_docs >= 0 and 2 <= nprobe <= {rag_index.index.params.nlist}"
+        )
     passages = rag_index.passages
     sizes = [len(prompt_segments(engine, "q", [p])[1]) for p in passages[:200]]
     template = prompt_segments(engine, "q", passages[:1])[0]
@@ -246,8 +265,17 @@ def kvcache_benchmark(
             offered = load * capacity
             for (row, speculation), measured in zip(configurations, interleaved(runs)):
                 extra = {"speculation": speculation.stats} if speculation is not None else {}
-                rows.append({**row, **measured, "load": load, "offered_rps": round(offered, 3), "utilization": round(offered / measured["capacity_rps"], 3),
-                             "warmup_requests": warmup, **extra})  # fmt: skip
+                rows.append(
+                    {
+                        **row,
+                        **measured,
+                        "load": load,
+                        "offered_rps": round(offered, 3),
+                        "utilization": round(offered / measured["capacity_rps"], 3),
+                        "warmup_requests": warmup,
+                        **extra,
+                    }
+                )
     return rows
 
 
@@ -275,6 +303,7 @@ def comparisons(rows: list[dict]) -> list[str]:
     cached, the p50 is a full hit's and says little of the others), and capacity; and its hit
     rate against LRU's with the same reorder and speculation. The no-cache row's own utilization
     says how near saturation the comparison was made."""
+
     def find(row: dict, **changes) -> dict | None:
         wanted = {**{key: row[key] for key in ("zipf_s", "load", "reorder", "speculative")}, **changes}
         return next((r for r in rows if all(r[key] == value for key, value in wanted.items())), None)
@@ -287,7 +316,9 @@ def comparisons(rows: list[dict]) -> list[str]:
         lru = find(row, policy="lru")
         vs_lru = f", hit rate {row['hit_rate'] / lru['hit_rate']:.2f}x LRU's" if lru and lru is not row and lru["hit_rate"] else ""
         flags = "".join((" +reorder" if row["reorder"] else "", " +speculative" if row["speculative"] else ""))
-        lines.append(f"s={row['zipf_s']} load={row['load']} (no cache at utilization {none['utilization']}) {row['policy']}{flags}: "
-                     f"TTFT p50 {none['ttft_p50_ms'] / row['ttft_p50_ms']:.2f}x lower "
-                     f"(mean {none['ttft_mean_ms'] / row['ttft_mean_ms']:.2f}x) than no cache, capacity {row['capacity_rps'] / none['capacity_rps']:.2f}x{vs_lru}")  # fmt: skip
+        lines.append(
+            f"s={row['zipf_s']} load={row['load']} (no cache at utilization {none['utilization']}) {row['policy']}{flags}: "
+            f"TTFT p50 {none['ttft_p50_ms'] / row['ttft_p50_ms']:.2f}x lower "
+            f"(mean {none['ttft_mean_ms'] / row['ttft_mean_ms']:.2f}x) than no cache, capacity {row['capacity_rps'] / none['capacity_rps']:.2f}x{vs_lru}"
+        )
     return lines

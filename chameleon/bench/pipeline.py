@@ -114,9 +114,21 @@ def datastore_for(engine, corpus: str, documents, max_tokens: int, cache: Path, 
 
 
 def run(
-    engine, documents, datastore: Path, state_dir: Path, batch: int, prompt_tokens: int, max_new_tokens: int,
-    intervals, k: int, nprobe: int, shards: int, repeats: int, inference_cores: set[int], retrieval_cores: set[int],
-) -> dict:  # fmt: skip
+    engine,
+    documents,
+    datastore: Path,
+    state_dir: Path,
+    batch: int,
+    prompt_tokens: int,
+    max_new_tokens: int,
+    intervals,
+    k: int,
+    nprobe: int,
+    shards: int,
+    repeats: int,
+    inference_cores: set[int],
+    retrieval_cores: set[int],
+) -> dict:
     """Start a cluster serving ``datastore`` on the retrieval cores, run the benchmark on the
     inference cores, stop the cluster; the rows and the setting they were measured in."""
     import faiss
@@ -143,8 +155,14 @@ def run(
         "rows": rows,
         "speedup": {str(interval): ratio for interval, ratio in speedups(rows).items()},
         "setting": {
-            "batch": batch, "prompt_tokens": prompt_tokens, "new_tokens": max_new_tokens, "k": k, "nprobe": nprobe,
-            "shards": shards, "datastore_keys": len(knnlm.values), "inference_cores": sorted(inference_cores),
+            "batch": batch,
+            "prompt_tokens": prompt_tokens,
+            "new_tokens": max_new_tokens,
+            "k": k,
+            "nprobe": nprobe,
+            "shards": shards,
+            "datastore_keys": len(knnlm.values),
+            "inference_cores": sorted(inference_cores),
             "retrieval_cores": sorted(retrieval_cores),
         },
-    }  # fmt: skip
+    }

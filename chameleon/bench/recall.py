@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import faiss
 import numba
@@ -262,9 +262,14 @@ def speedups(rows: list[dict], engine: str, peer: str) -> list[dict]:
 
 
 def knnlm_benchmark(
-    documents, engine, workdir, k: int = 16, lambdas=(0.1, 0.25), temperatures=(1.0, 10.0, 100.0),
+    documents,
+    engine,
+    workdir,
+    k: int = 16,
+    lambdas=(0.1, 0.25),
+    temperatures=(1.0, 10.0, 100.0),
     max_train_tokens: int = 60_000,
-) -> dict:  # fmt: skip
+) -> dict:
     """Perplexity of the LM and of its kNN-LM on held-out documents of the datastore's corpus.
 
     Documents n % 10 == 9 are the test text, n % 10 == 8 the validation text on which lambda and

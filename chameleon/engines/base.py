@@ -14,6 +14,7 @@ from retriever.errors import RetrieverError
 if TYPE_CHECKING:
     from chameleon.engines.sampling import Sampling, TokenLogprob
 
+
 @dataclass
 class KVPrefix:
     """The KV cache of a token prefix, reusable by later prompts that start with the same tokens."""
@@ -128,9 +129,15 @@ def cancelled_generation(tokens: list[int], prefix: KVPrefix | None, state: KVPr
     """A generation cancelled during its prefill: no tokens, ``finish_reason`` "cancelled", and as
     ``state`` the KV of the prompt tokens done by then (a later prompt that shares them reuses it)."""
     return Generation(
-        tokens=[], text="", prompt_tokens=len(tokens), cached_tokens=len(prefix.tokens) if prefix is not None else 0,
-        ttft_s=seconds, decode_tokens_per_s=0.0, finish_reason="cancelled", state=state,
-    )  # fmt: skip
+        tokens=[],
+        text="",
+        prompt_tokens=len(tokens),
+        cached_tokens=len(prefix.tokens) if prefix is not None else 0,
+        ttft_s=seconds,
+        decode_tokens_per_s=0.0,
+        finish_reason="cancelled",
+        state=state,
+    )
 
 
 def worth_continuing(head: int, prompt: int) -> bool:

@@ -29,8 +29,17 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+from chameleon.engines.base import (
+    Generation,
+    KVPrefix,
+    ThreadedEngine,
+    answer_text,
+    cancelled_generation,
+    check_request,
+    decode_speed,
+    worth_continuing,
+)
 from chameleon.engines.sampling import GREEDY, Sampling, check_scored
-from chameleon.engines.base import Generation, KVPrefix, ThreadedEngine, answer_text, cancelled_generation, check_request, decode_speed, worth_continuing
 from chameleon.engines.torch_engine import TorchEngine
 from coordinator.kv_cache import CacheAwareQueue
 from retriever.errors import RetrieverError
@@ -124,7 +133,15 @@ class BatchingEngine(ThreadedEngine):
         cancelled while it waits ends as soon as it is admitted); the future gives its ``Generation``."""
         check_request(tokens, max_new_tokens, self.context_window, prefix)
         sequence = _Sequence(
-            list(tokens), max_new_tokens, prefix, on_token, frozenset(self.eos_ids), Future(), time.perf_counter(), cancelled, sampling or GREEDY
+            list(tokens),
+            max_new_tokens,
+            prefix,
+            on_token,
+            frozenset(self.eos_ids),
+            Future(),
+            time.perf_counter(),
+            cancelled,
+            sampling or GREEDY,
         )
         with self._wake:
             if self._closed:
@@ -185,7 +202,9 @@ class BatchingEngine(ThreadedEngine):
             try:
                 state, logits = self.engine.prefill(sequence.tokens, sequence.prefix, sequence.cancelled)
                 if logits is None:
-                    sequence.future.set_result(cancelled_generation(sequence.tokens, sequence.prefix, state, time.perf_counter() - sequence.started))
+                    sequence.future.set_result(
+                        cancelled_generation(sequence.tokens, sequence.prefix, state, time.perf_counter() - sequence.started)
+                    )
                     continue
                 sequence.first_token_at = time.perf_counter()
                 if sequence.take(sequence.sampling.pick(logits)):
@@ -335,7 +354,9 @@ class DecodeBatch:
         from transformers import DynamicCache
 
         start = self.mask.shape[1] - length
-        return DynamicCache([(k[row : row + 1, :, start : start + head].clone(), v[row : row + 1, :, start : start + head].clone()) for k, v in self.layers])
+        return DynamicCache(
+            [(k[row : row + 1, :, start : start + head].clone(), v[row : row + 1, :, start : start + head].clone()) for k, v in self.layers]
+        )
 
     def keep(self, rows: list[int]) -> None:
         """Keep only ``rows`` (in that order), dropping columns that are padding in all of them."""

@@ -57,7 +57,9 @@ class Sampling:
     _calls: int = field(default=0, init=False, repr=False, compare=False)
 
     def __post_init__(self):
-        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and 0 <= self.temperature <= MAX_TEMPERATURE):
+        if not (
+            isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and 0 <= self.temperature <= MAX_TEMPERATURE
+        ):
             raise RetrieverError(f"temperature must be a number between 0 and {MAX_TEMPERATURE:g}, got {self.temperature!r}")
         if not (isinstance(self.top_p, (int, float)) and math.isfinite(self.top_p) and 0 <= self.top_p <= 1):
             raise RetrieverError(f"top_p must be a number between 0 and 1, got {self.top_p!r}")
@@ -67,7 +69,9 @@ class Sampling:
             raise RetrieverError(f"logprobs must be an integer between 0 and {MAX_TOP_LOGPROBS}, got {self.logprobs!r}")
 
     @classmethod
-    def of(cls, temperature: float | None, top_p: float | None = None, seed: int | None = None, logprobs: int | None = None) -> Sampling | None:
+    def of(
+        cls, temperature: float | None, top_p: float | None = None, seed: int | None = None, logprobs: int | None = None
+    ) -> Sampling | None:
         """A request's settings as the API and the CLI take them: no temperature (or 0) is greedy,
         whatever ``top_p`` and ``seed`` say, and None when nothing is to be reported either;
         ``top_p`` left out keeps every token."""

@@ -12,8 +12,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 from chameleon.engines.base import (
-    EngineText, Generation, KVPrefix, answer_text, cancelled_generation, check_dtype, check_prefix, check_request,
-    context_window, decode_speed, end_token_ids, shared_cache,
+    EngineText,
+    Generation,
+    KVPrefix,
+    answer_text,
+    cancelled_generation,
+    check_dtype,
+    check_prefix,
+    check_request,
+    context_window,
+    decode_speed,
+    end_token_ids,
+    shared_cache,
 )
 from chameleon.engines.sampling import GREEDY, Sampling, TokenLogprob, check_scored, token_logprobs
 from chameleon.models import resolve_model
@@ -41,7 +51,9 @@ class TorchEngine(EngineText):
         self.context_window = context_window(self.model.config)
         self.eos_ids = end_token_ids(self.model.generation_config, self.tokenizer)
 
-    def prefill(self, tokens: list[int], prefix: KVPrefix | None = None, cancelled: Callable[[], bool] | None = None) -> tuple[KVPrefix, object]:
+    def prefill(
+        self, tokens: list[int], prefix: KVPrefix | None = None, cancelled: Callable[[], bool] | None = None
+    ) -> tuple[KVPrefix, object]:
         """KV of ``tokens`` (continuing ``prefix``, whose tokens they must start with) and the last
         logits. With ``cancelled``, the prompt runs in chunks of :data:`PREFILL_CHUNK` tokens and
         stops before the first chunk that finds it True: then the KV covers the tokens done so far

@@ -29,7 +29,18 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from chameleon.engines.base import Generation, KVPrefix, ThreadedEngine, answer_text, cancelled_generation, check_dtype, check_request, context_window, decode_speed, end_token_ids
+from chameleon.engines.base import (
+    Generation,
+    KVPrefix,
+    ThreadedEngine,
+    answer_text,
+    cancelled_generation,
+    check_dtype,
+    check_request,
+    context_window,
+    decode_speed,
+    end_token_ids,
+)
 from chameleon.engines.sampling import Sampling, TokenLogprob, check_scored
 from chameleon.models import resolve_model
 from retriever.errors import RetrieverError

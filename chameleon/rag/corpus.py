@@ -147,8 +147,11 @@ def _builtin_functions() -> list[Document]:
     import builtins
     import inspect
 
-    parts = [f"{name}: {inspect.getdoc(obj)}" for name, obj in sorted(vars(builtins).items())
-             if not name.startswith("_") and callable(obj) and inspect.getdoc(obj)]  # fmt: skip
+    parts = [
+        f"{name}: {inspect.getdoc(obj)}"
+        for name, obj in sorted(vars(builtins).items())
+        if not name.startswith("_") and callable(obj) and inspect.getdoc(obj)
+    ]
     return [Document("module:builtins", "Python built-in functions", "\n\n".join(parts), "builtins")]
 
 
@@ -182,9 +185,16 @@ def default_nlist(n: int) -> int:
 
 
 def build_rag_index(
-    corpus: str | os.PathLike, out: str | os.PathLike, embedder, nlist: int | None = None, m: int | None = None,
-    nbits: int = 8, force: bool = False, progress: bool = False, seed: int = 1234,
-) -> dict:  # fmt: skip
+    corpus: str | os.PathLike,
+    out: str | os.PathLike,
+    embedder,
+    nlist: int | None = None,
+    m: int | None = None,
+    nbits: int = 8,
+    force: bool = False,
+    progress: bool = False,
+    seed: int = 1234,
+) -> dict:
     out = Path(out)
     if out.exists() and not force:
         raise RetrieverError(f"{out} already exists (use --force to replace it)")
@@ -192,14 +202,22 @@ def build_rag_index(
     passages = chunk(documents, embedder.tokenizer, max_tokens=min(PASSAGE_TOKENS, embedder.max_tokens))
     if len(passages) < 256:
         raise RetrieverError(f"the corpus makes {len(passages)} passages; IVF-PQ training needs at least 256")
-    params = IVFPQParams("cos", embedder.dim, nlist or default_nlist(len(passages)), m or embedder.dim // 8, nbits)  # checked before the long part
+    params = IVFPQParams(
+        "cos", embedder.dim, nlist or default_nlist(len(passages)), m or embedder.dim // 8, nbits
+    )  # checked before the long part
     vectors = embedder.embed([p.content for p in passages], progress=progress)
     index = build_index(vectors, params, seed=seed, progress=progress)
     index.build_info["source"] = f"corpus:{corpus}"
     meta = {
-        "format": RAG_FORMAT, "version": 1, "embedder": embedder.fingerprint, "corpus": str(corpus),
-        "documents": len(documents), "passages": len(passages), "passage_tokens": PASSAGE_TOKENS, "overlap": PASSAGE_OVERLAP,
-    }  # fmt: skip
+        "format": RAG_FORMAT,
+        "version": 1,
+        "embedder": embedder.fingerprint,
+        "corpus": str(corpus),
+        "documents": len(documents),
+        "passages": len(passages),
+        "passage_tokens": PASSAGE_TOKENS,
+        "overlap": PASSAGE_OVERLAP,
+    }
     _write_rag_index(out, index, passages, meta, overwrite=force)
     return meta
 
@@ -227,9 +245,11 @@ def add_to_rag_index(path: str | os.PathLike, corpus: str | os.PathLike, embedde
     vectors = embedder.embed([p.content for p in passages], progress=progress)
     index = add_vectors(rag.index, vectors, np.arange(first, first + len(passages)), progress)
     meta = {
-        **rag.meta, "documents": rag.meta["documents"] + len(documents), "passages": first + len(passages),
+        **rag.meta,
+        "documents": rag.meta["documents"] + len(documents),
+        "passages": first + len(passages),
         "added": [*rag.meta.get("added", []), {"corpus": str(corpus), "documents": len(documents), "passages": len(passages)}],
-    }  # fmt: skip
+    }
     _write_rag_index(path, index, rag.passages + passages, meta, overwrite=True)
     return meta
 
@@ -248,9 +268,11 @@ def remove_from_rag_index(path: str | os.PathLike, doc_ids: list[str]) -> dict:
     index = remove_ids(rag.index, np.asarray(removed, dtype=np.int64), renumber=True)
     kept = [replace(p, id=n) for n, p in enumerate(p for p in rag.passages if p.doc_id not in wanted)]
     meta = {
-        **rag.meta, "documents": rag.meta["documents"] - len(wanted), "passages": len(kept),
+        **rag.meta,
+        "documents": rag.meta["documents"] - len(wanted),
+        "passages": len(kept),
         "removed": [*rag.meta.get("removed", []), {"documents": len(wanted), "passages": len(removed)}],
-    }  # fmt: skip
+    }
     _write_rag_index(path, index, kept, meta, overwrite=True)
     return meta
 

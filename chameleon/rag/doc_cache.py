@@ -61,9 +61,15 @@ class _TreeCache:
     given), its knowledge tree, the counters the server exports and the canonical order."""
 
     def __init__(
-        self, policy: str, device_bytes: int, host_bytes: int, bytes_per_token: int, profile: PrefillProfile | None,
-        template: list[int] | None, canonical_order: bool,
-    ):  # fmt: skip
+        self,
+        policy: str,
+        device_bytes: int,
+        host_bytes: int,
+        bytes_per_token: int,
+        profile: PrefillProfile | None,
+        template: list[int] | None,
+        canonical_order: bool,
+    ):
         self.policy, self.device_bytes, self.host_bytes, self.profile = policy, device_bytes, host_bytes, profile
         self.bytes_per_token, self.canonical_order = bytes_per_token, canonical_order
         self.tree: KnowledgeTree | None = None
@@ -103,9 +109,15 @@ class DocumentKVCache(_TreeCache):
     """The torch engine's cache: the tree decides, this class keeps, moves and frees the tensors."""
 
     def __init__(
-        self, engine, policy: str = "pgdsf", device_bytes: int = 1 << 30, host_bytes: int = 4 << 30,
-        profile: PrefillProfile | None = None, template: list[int] | None = None, canonical_order: bool = False,
-    ):  # fmt: skip
+        self,
+        engine,
+        policy: str = "pgdsf",
+        device_bytes: int = 1 << 30,
+        host_bytes: int = 4 << 30,
+        profile: PrefillProfile | None = None,
+        template: list[int] | None = None,
+        canonical_order: bool = False,
+    ):
         self.engine = engine
         super().__init__(policy, device_bytes, host_bytes, kv_bytes_per_token(engine), profile, template, canonical_order)
 
@@ -136,7 +148,9 @@ class DocumentKVCache(_TreeCache):
             self.stats["host_hit_tokens"] += sum(n.tokens for n in usable if n in access.host_hits)
             self.stats["computed_tokens"] += access.computed_tokens + sum(n.tokens for n in unfilled)
             parts = [root.device, *(node.handle.device for node in usable)]
-            layers = [(torch.cat([p[i][0] for p in parts], dim=2), torch.cat([p[i][1] for p in parts], dim=2)) for i in range(len(parts[0]))]
+            layers = [
+                (torch.cat([p[i][0] for p in parts], dim=2), torch.cat([p[i][1] for p in parts], dim=2)) for i in range(len(parts[0]))
+            ]
             tokens = [t for segment in segments[: 1 + len(usable)] for t in segment]
             return KVPrefix(tokens, DynamicCache(layers)), access
 

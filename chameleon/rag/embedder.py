@@ -50,9 +50,12 @@ class Embedder:
         starts = range(0, len(texts), self.batch_size)
         for start in tqdm(starts, desc="embed", unit="batch", disable=not progress):
             batch = self.tokenizer(
-                texts[start : start + self.batch_size], padding=True, truncation=True,
-                max_length=self.max_tokens, return_tensors="pt",
-            ).to(self.device)  # fmt: skip
+                texts[start : start + self.batch_size],
+                padding=True,
+                truncation=True,
+                max_length=self.max_tokens,
+                return_tensors="pt",
+            ).to(self.device)
             with torch.inference_mode():
                 hidden = self.model(**batch).last_hidden_state
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
@@ -60,7 +63,6 @@ class Embedder:
             pooled = torch.nn.functional.normalize(pooled, dim=1)
             out[start : start + len(pooled)] = pooled.float().cpu().numpy()
         return out
-
 
     def count_tokens(self, texts: list[str]) -> int:
         """The tokens ``embed`` reads for ``texts``, special tokens included, after truncation."""

@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from chameleon.rag.corpus import Document, default_nlist
 from chameleon.engines.sampling import Sampling
+from chameleon.rag.corpus import Document, default_nlist
 from coordinator import pipeline
 from coordinator.pipeline import SCHEDULES, StepOutput
 from retriever.build import build_index
@@ -84,9 +84,15 @@ def training_documents(documents: list[Document], engine, max_tokens: int) -> li
 
 
 def build_datastore(
-    documents: list[Document], engine, out: str | os.PathLike, nlist: int | None = None, m: int | None = None,
-    nbits: int = 8, force: bool = False, progress: bool = False,
-) -> dict:  # fmt: skip
+    documents: list[Document],
+    engine,
+    out: str | os.PathLike,
+    nlist: int | None = None,
+    m: int | None = None,
+    nbits: int = 8,
+    force: bool = False,
+    progress: bool = False,
+) -> dict:
     keys, values = keys_and_values(engine, documents, progress=progress)
     if len(keys) < 256:
         raise RetrieverError(f"the corpus gives {len(keys)} positions; IVF-PQ training needs at least 256")
@@ -261,9 +267,15 @@ def _step_output(logits, states) -> StepOutput:
 
 
 def generate_batch(
-    engine, knnlm: KnnLm, prompts: list[list[int]], max_new_tokens: int = 64, every: int | None = 1,
-    schedule: str = "pipelined", on_token=None, sampling: Sequence[Sampling | None] | None = None,
-) -> list[list[int]]:  # fmt: skip
+    engine,
+    knnlm: KnnLm,
+    prompts: list[list[int]],
+    max_new_tokens: int = 64,
+    every: int | None = 1,
+    schedule: str = "pipelined",
+    on_token=None,
+    sampling: Sequence[Sampling | None] | None = None,
+) -> list[list[int]]:
     """kNN-LM decoding of several prompts, querying the datastore every ``every`` steps (the first
     included; the LM alone decides the others; never with None), in the ``schedule`` of
     :mod:`coordinator.pipeline`: ``sequential`` or ``pipelined`` (two micro-batches in turn).
@@ -278,9 +290,16 @@ def generate_batch(
     if longest + max_new_tokens > engine.context_window:
         raise RetrieverError(f"{longest} + {max_new_tokens} tokens exceed the context window of {engine.context_window}")
     return pipeline.generate(
-        prompts, lambda group: HiddenStateBatch(engine, group), knnlm, max_new_tokens, engine.eos_ids, every,
-        SCHEDULES[schedule], on_token, sampling,
-    )  # fmt: skip
+        prompts,
+        lambda group: HiddenStateBatch(engine, group),
+        knnlm,
+        max_new_tokens,
+        engine.eos_ids,
+        every,
+        SCHEDULES[schedule],
+        on_token,
+        sampling,
+    )
 
 
 def generate(

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from chameleon.rag.corpus import Passage, RagIndex
 from chameleon.engines.base import Generation, KVPrefix, answer_text, decode_speed
 from chameleon.engines.sampling import Sampling
+from chameleon.rag.corpus import Passage, RagIndex
 from retriever.errors import RetrieverError
 from retriever.search import Searcher
 from retriever.vectors import as_query_matrix, prepare_vectors
@@ -51,7 +51,9 @@ def context_block(passages: Sequence[Passage]) -> str:
     return "".join(passage_pieces(passages))
 
 
-def prompt_segments(engine, question: str, passages: Sequence[Passage], history: Sequence[dict] = (), system: str | None = None) -> list[list[int]]:
+def prompt_segments(
+    engine, question: str, passages: Sequence[Passage], history: Sequence[dict] = (), system: str | None = None
+) -> list[list[int]]:
     """The chat prompt as token segments: the template up to the passages, one segment per
     passage, then the question and the assistant's turn. Each is tokenized on its own, so a
     passage's tokens (and KV) depend only on what comes before it: the unit the document KV
@@ -119,8 +121,16 @@ class RagPipeline:
     """
 
     def __init__(
-        self, rag_index: RagIndex, embedder, engine, k: int = 4, nprobe: int = 16, retrieval=None, doc_cache=None, speculation=None,
-    ):  # fmt: skip
+        self,
+        rag_index: RagIndex,
+        embedder,
+        engine,
+        k: int = 4,
+        nprobe: int = 16,
+        retrieval=None,
+        doc_cache=None,
+        speculation=None,
+    ):
         if not 1 <= k <= 64:
             raise RetrieverError(f"k must be between 1 and 64, got {k}")
         self.rag_index = rag_index
@@ -213,7 +223,9 @@ class RagPipeline:
                 return
             prefix, admitted = self._cached_prefix(segments, early_ranked[:kept])
             tokens = joined(segments)
-            speculative.append((segments, tokens, admitted, self._speculator.submit(self.engine.generate, tokens, 1, prefix, None, cut_short.is_set)))
+            speculative.append(
+                (segments, tokens, admitted, self._speculator.submit(self.engine.generate, tokens, 1, prefix, None, cut_short.is_set))
+            )
 
         try:
             ranked = self._canonical(self.retrieve(question, timings, k, on_early=speculate if self.speculation is not None else None))
@@ -240,7 +252,9 @@ class RagPipeline:
         if confirmed:
             return _FirstPrompt(ranked, segments, kept, resume_prefix(generation, tokens, None), None, generation.cached_tokens)
         cached, admitted = self._cached_prefix(segments, ranked[:kept])
-        return _FirstPrompt(ranked, segments, kept, resume_prefix(generation, tokens, cached), admitted, len(cached.tokens) if cached is not None else 0)
+        return _FirstPrompt(
+            ranked, segments, kept, resume_prefix(generation, tokens, cached), admitted, len(cached.tokens) if cached is not None else 0
+        )
 
     def _canonical(self, ranked: list[tuple[Passage, float]]) -> list[tuple[Passage, float]]:
         """``ranked`` in the document cache's order (with vLLM: its resident documents first, which

@@ -114,14 +114,20 @@ def create_app(service: Service, settings: ServeSettings, metrics: Metrics) -> F
         if body.model not in (None, service.model_id):
             raise ApiError(404, f"the model {body.model!r} does not exist; this server runs {service.model_id!r}", code="model_not_found")
         if refused := body.refused_parameters:
-            raise ApiError(400, f"this server does not implement {', '.join(refused)}: leave them out or at their defaults", code="unsupported_parameter")
+            raise ApiError(
+                400,
+                f"this server does not implement {', '.join(refused)}: leave them out or at their defaults",
+                code="unsupported_parameter",
+            )
 
     async def generate(runs: list[_Run], stream: bool, chunks: _Chunks) -> Response:
         """Run the generations of a request's choices; answer them whole, or as server-sent events
         rendered by ``chunks``. Each choice holds a place among ``max_concurrency``."""
         slots = sum(len(run.choices) for run in runs)
         if slots > admission.limit:
-            raise ApiError(400, f"n is {slots}; this server runs at most {admission.limit} generations at once (--max-concurrency)", code="n")
+            raise ApiError(
+                400, f"n is {slots}; this server runs at most {admission.limit} generations at once (--max-concurrency)", code="n"
+            )
         admission.enter(slots)
         if not stream:
             cancelled = threading.Event()
@@ -204,9 +210,19 @@ def create_app(service: Service, settings: ServeSettings, metrics: Metrics) -> F
         max_tokens = max_tokens_of(body.max_tokens)
         if body.retrieval_interval is not None and body.retrieval_interval > max_tokens:
             raise ApiError(400, f"retrieval_interval ({body.retrieval_interval}) exceeds max_tokens ({max_tokens})")
+
         def run(on_text, cancelled):
-            return service.rag(body.question, max_tokens, body.k, body.retrieval_interval, body.mode,
-                               stop=body.stops, on_text=on_text, cancelled=cancelled, sampling=body.sampling())  # fmt: skip
+            return service.rag(
+                body.question,
+                max_tokens,
+                body.k,
+                body.retrieval_interval,
+                body.mode,
+                stop=body.stops,
+                on_text=on_text,
+                cancelled=cancelled,
+                sampling=body.sampling(),
+            )
 
         return await generate([_Run(run, [0])], body.stream, _RagChunks(service.model_id))
 
@@ -222,8 +238,12 @@ def create_app(service: Service, settings: ServeSettings, metrics: Metrics) -> F
 
     # -- administration ---------------------------------------------------------------------------
 
-    @app.post("/admin/reload", dependencies=[Depends(authorised)], tags=["admin"],
-              responses={409: {"description": "A reload is already under way."}})  # fmt: skip
+    @app.post(
+        "/admin/reload",
+        dependencies=[Depends(authorised)],
+        tags=["admin"],
+        responses={409: {"description": "A reload is already under way."}},
+    )
     async def reload() -> dict:
         """Serve the passage index on disk again after ``chameleon index add``/``remove`` or a
         rebuild. Answers once the new version serves (``reloaded``) or when it is the version
@@ -237,12 +257,21 @@ def create_app(service: Service, settings: ServeSettings, metrics: Metrics) -> F
 
     @app.get("/v1/models", dependencies=[Depends(authorised)], tags=["openai"])
     async def models() -> dict:
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "chameleon"} for name in (service.model_id, service.embedder_id)]}
+        return {
+            "object": "list",
+            "data": [
+                {"id": name, "object": "model", "created": 0, "owned_by": "chameleon"} for name in (service.model_id, service.embedder_id)
+            ],
+        }
 
     @app.post("/v1/embeddings", dependencies=[Depends(authorised)], tags=["openai"])
     async def embeddings(body: schemas.EmbeddingRequest):
         if body.model not in (None, service.embedder_id):
-            raise ApiError(404, f"the embedding model {body.model!r} does not exist; this server embeds with {service.embedder_id!r}", code="model_not_found")
+            raise ApiError(
+                404,
+                f"the embedding model {body.model!r} does not exist; this server embeds with {service.embedder_id!r}",
+                code="model_not_found",
+            )
         dim = service.pipeline.embedder.dim
         if body.dimensions not in (None, dim):
             raise ApiError(400, f"this embedder's vectors have {dim} dimensions, not {body.dimensions}", code="dimensions")
@@ -251,7 +280,9 @@ def create_app(service: Service, settings: ServeSettings, metrics: Metrics) -> F
             vectors, tokens = await blocking(service.embed, body.texts)
         finally:
             admission.leave()
-        encode = (lambda v: base64.b64encode(v.astype("<f4").tobytes()).decode()) if body.encoding_format == "base64" else (lambda v: v.tolist())
+        encode = (
+            (lambda v: base64.b64encode(v.astype("<f4").tobytes()).decode()) if body.encoding_format == "base64" else (lambda v: v.tolist())
+        )
         data = [{"object": "embedding", "index": i, "embedding": encode(vector)} for i, vector in enumerate(vectors)]
         return {"object": "list", "data": data, "model": service.embedder_id, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
@@ -262,22 +293,35 @@ def create_app(service: Service, settings: ServeSettings, metrics: Metrics) -> F
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in body.messages]
         if body.rag:
             if messages[-1]["role"] != "user":
-                raise ApiError(400, "with rag, the last message must be the user's question (or send \"rag\": false)")
+                raise ApiError(400, 'with rag, the last message must be the user\'s question (or send "rag": false)')
             if body.retrieval_interval is not None and body.retrieval_interval > max_tokens:
                 raise ApiError(400, f"retrieval_interval ({body.retrieval_interval}) exceeds max_tokens ({max_tokens})")
             system = "\n\n".join(m["content"] for m in messages if m["role"] == "system") or None
             history = [m for m in messages[:-1] if m["role"] != "system"]
 
             def run(on_text, cancelled, sampling):
-                return service.rag(messages[-1]["content"], max_tokens, body.k, body.retrieval_interval, "passage",
-                                   history, system, body.stops, on_text, cancelled, sampling)  # fmt: skip
+                return service.rag(
+                    messages[-1]["content"],
+                    max_tokens,
+                    body.k,
+                    body.retrieval_interval,
+                    "passage",
+                    history,
+                    system,
+                    body.stops,
+                    on_text,
+                    cancelled,
+                    sampling,
+                )
         else:
 
             def run(on_text, cancelled, sampling):
                 return service.chat(messages, max_tokens, body.stops, on_text, cancelled, sampling)
 
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        return await generate(choice_runs(body, run), body.stream, _OpenAIChunks(service.model_id, "chat", include_usage, body.reported_logprobs is not None))
+        return await generate(
+            choice_runs(body, run), body.stream, _OpenAIChunks(service.model_id, "chat", include_usage, body.reported_logprobs is not None)
+        )
 
     @app.post("/v1/completions", dependencies=[Depends(authorised)], tags=["openai"])
     async def completions(body: schemas.CompletionRequest):
@@ -288,7 +332,9 @@ def create_app(service: Service, settings: ServeSettings, metrics: Metrics) -> F
             return service.complete(body.prompt, max_tokens, body.rag, body.k, body.stops, on_text, cancelled, sampling, body.echo)
 
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        return await generate(choice_runs(body, run), body.stream, _OpenAIChunks(service.model_id, "text", include_usage, body.reported_logprobs is not None))
+        return await generate(
+            choice_runs(body, run), body.stream, _OpenAIChunks(service.model_id, "text", include_usage, body.reported_logprobs is not None)
+        )
 
     app.add_middleware(_Observed, metrics=metrics, max_body_bytes=settings.max_body_bytes, access_log=settings.access_log)
     app.state.service, app.state.workers = service, workers
@@ -305,8 +351,12 @@ class _Admission:
         if self.active + slots > self.limit:
             self.metrics.rejected.inc()
             asked = f"; this request asks for {slots} (its choices)" if slots > 1 else ""
-            raise ApiError(429, f"the server is at its limit of {self.limit} concurrent requests{asked}; retry shortly",
-                           "rate_limit_error", "concurrency_limit")  # fmt: skip
+            raise ApiError(
+                429,
+                f"the server is at its limit of {self.limit} concurrent requests{asked}; retry shortly",
+                "rate_limit_error",
+                "concurrency_limit",
+            )
         self.active += slots
         self.metrics.inflight.set(self.active)
 
@@ -458,7 +508,10 @@ class _OpenAIChunks:
         def entry(text: str, logprob: float) -> dict:
             return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
 
-        return {"content": [{**entry(t.text, t.logprob), "top_logprobs": [entry(*other) for other in t.top]} for t in tokens], "refusal": None}
+        return {
+            "content": [{**entry(t.text, t.logprob), "top_logprobs": [entry(*other) for other in t.top]} for t in tokens],
+            "refusal": None,
+        }
 
     def _choice(self, index: int, text: str | None, finish_reason: str | None, first: bool = False, logprobs=None) -> dict:
         if self.kind == "text":
@@ -472,9 +525,13 @@ class _OpenAIChunks:
             for index in indices:
                 if self.kind == "chat":
                     message = {"role": "assistant", "content": c.text}
-                    rendered.append({"index": index, "message": message, "finish_reason": c.finish_reason, "logprobs": self._logprobs(c.logprobs)})
+                    rendered.append(
+                        {"index": index, "message": message, "finish_reason": c.finish_reason, "logprobs": self._logprobs(c.logprobs)}
+                    )
                 else:
-                    rendered.append({"index": index, "text": c.text, "finish_reason": c.finish_reason, "logprobs": self._logprobs(c.logprobs)})
+                    rendered.append(
+                        {"index": index, "text": c.text, "finish_reason": c.finish_reason, "logprobs": self._logprobs(c.logprobs)}
+                    )
         rendered.sort(key=lambda choice: choice["index"])
         return {**self._object(False), "choices": rendered, "usage": _usage(choices), "chameleon": _extension(choices[0][0])}
 
@@ -487,7 +544,15 @@ class _OpenAIChunks:
         return _sse({**self._object(True), "choices": [self._choice(index, text, None, logprobs=logprobs)]})
 
     def finished(self, completion: Completion, index: int) -> list[str]:
-        return [_sse({**self._object(True), "choices": [self._choice(index, None, completion.finish_reason)], "chameleon": _extension(completion)})]
+        return [
+            _sse(
+                {
+                    **self._object(True),
+                    "choices": [self._choice(index, None, completion.finish_reason)],
+                    "chameleon": _extension(completion),
+                }
+            )
+        ]
 
     def closing(self, choices: Choices) -> list[str]:
         usage = [_sse({**self._object(True), "choices": [], "usage": _usage(choices)})] if self.include_usage else []
@@ -552,8 +617,16 @@ class _Observed:
             self.metrics.latency.labels(label).observe(seconds)
             if self.access_log:
                 client = scope.get("client") or ("", 0)
-                line = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "method": scope["method"], "path": scope["path"],
-                        "route": label, "status": status["code"], "seconds": round(seconds, 4), "client": client[0], **request}  # fmt: skip
+                line = {
+                    "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "method": scope["method"],
+                    "path": scope["path"],
+                    "route": label,
+                    "status": status["code"],
+                    "seconds": round(seconds, 4),
+                    "client": client[0],
+                    **request,
+                }
                 ACCESS_LOG.info(json.dumps(line))
 
     async def _read_body(self, receive) -> bytes | None:

@@ -52,11 +52,11 @@ def serve(settings: ServeSettings, ready_file: Path | None = None) -> None:
     """Serve until SIGTERM or SIGINT; ``ready_file`` gets the URL once requests are accepted."""
     import uvicorn
 
+    from chameleon.engines import engine_kind, make_llm_engine
     from chameleon.engines.batching import BatchingEngine
+    from chameleon.models import BUILTIN_LLM
     from chameleon.rag.corpus import RagIndex, builtin_rag_index
     from chameleon.rag.embedder import Embedder
-    from chameleon.engines import engine_kind, make_llm_engine
-    from chameleon.models import BUILTIN_LLM
     from chameleon.rag.pipeline import RagPipeline, prompt_segments
     from chameleon.server.api import create_app
     from chameleon.server.metrics import Metrics
@@ -93,17 +93,28 @@ def serve(settings: ServeSettings, ready_file: Path | None = None) -> None:
         speculation = SpeculativePrefill(busy=lambda: engine.waiting > 0) if settings.speculative else None
         metrics.watch_speculation(speculation)
         pipeline = RagPipeline(
-            rag_index, embedder, engine, k=settings.k, nprobe=settings.nprobe, retrieval=served.retrieval, doc_cache=doc_cache, speculation=speculation
-        )  # fmt: skip
+            rag_index,
+            embedder,
+            engine,
+            k=settings.k,
+            nprobe=settings.nprobe,
+            retrieval=served.retrieval,
+            doc_cache=doc_cache,
+            speculation=speculation,
+        )
         model_id = Path(settings.model).name if settings.model else BUILTIN_LLM
         # a reloaded version's tier starts beside the one it replaces, in a directory of its own
-        service = Service(pipeline, model_id, served, lambda fresh: open_index(settings, fresh, state_dir / f"reload-{next(reloads)}"), knnlm, metrics)
+        service = Service(
+            pipeline, model_id, served, lambda fresh: open_index(settings, fresh, state_dir / f"reload-{next(reloads)}"), knnlm, metrics
+        )
         app = create_app(service, settings, metrics)
         host, port = listener.getsockname()[:2]
         url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
         _banner(url, model_id, rag_index, settings)
         if ready_file is not None:
-            write_json_atomic(ready_file, {"url": url, "pid": os.getpid(), "state_dir": str(served.state_dir) if served.state_dir else None})
+            write_json_atomic(
+                ready_file, {"url": url, "pid": os.getpid(), "state_dir": str(served.state_dir) if served.state_dir else None}
+            )
         config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, access_log=False)
         uvicorn.Server(config).run(sockets=[listener])
     except KeyboardInterrupt:
@@ -146,22 +157,36 @@ def open_index(settings: ServeSettings, rag_index, state_dir: Path):
     from chameleon import cluster
     from chameleon.server.service import ServedIndex
     from coordinator.client import RetrievalClient
-    from retriever.wire.security import CurveKeys
     from retriever.engines import engine_options
     from retriever.search import Searcher
+    from retriever.wire.security import CurveKeys
 
     if not settings.shards:
-        searcher = Searcher(rag_index.index, settings.retrieval_engine, **engine_options(settings.retrieval_engine, settings.fpga_mode, settings.xclbin))
+        searcher = Searcher(
+            rag_index.index, settings.retrieval_engine, **engine_options(settings.retrieval_engine, settings.fpga_mode, settings.xclbin)
+        )
         searcher.engine.warm_up()
         return ServedIndex(rag_index, searcher)
     _say(f"starting {settings.shards} retrieval shard(s) x {settings.replicas} replica(s) and the coordinator ({state_dir})")
     state = cluster.up(
-        rag_index.path / "index", settings.shards, state_dir, settings.replicas, engine=settings.retrieval_engine,
-        keys_dir=settings.keys, die_with_parent=True, fpga_mode=settings.fpga_mode, xclbin=settings.xclbin,
-    )  # fmt: skip
+        rag_index.path / "index",
+        settings.shards,
+        state_dir,
+        settings.replicas,
+        engine=settings.retrieval_engine,
+        keys_dir=settings.keys,
+        die_with_parent=True,
+        fpga_mode=settings.fpga_mode,
+        xclbin=settings.xclbin,
+    )
     try:
         keys = CurveKeys.load(settings.keys) if settings.keys is not None else None
-        return ServedIndex(rag_index, cluster.ClusterSearcher.open(state_dir), RetrievalClient(state["coordinator"]["endpoint"], keys=keys, timeout=1.0), state_dir)
+        return ServedIndex(
+            rag_index,
+            cluster.ClusterSearcher.open(state_dir),
+            RetrievalClient(state["coordinator"]["endpoint"], keys=keys, timeout=1.0),
+            state_dir,
+        )
     except BaseException:
         cluster.down(state_dir)
         raise
@@ -171,9 +196,9 @@ def _document_cache(kind: str, engine, settings: ServeSettings, cache: Path, tem
     """The document KV cache, or None; gdsf/pgdsf cost requests with a prefill profile, measured
     once per model and device (a few seconds) unless one is given. With vLLM, which evicts by
     itself, the tree follows its KV cache (its size where vLLM reports it, else the device budget)."""
+    from chameleon.engines.prefill_timing import measure_quick
     from chameleon.rag.doc_cache import DocumentKVCache, VllmDocumentCache
     from coordinator.prefill_profile import PrefillProfile
-    from chameleon.engines.prefill_timing import measure_quick
 
     if settings.cache_policy == "none":
         return None

@@ -20,19 +20,28 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("chameleon_requests", "HTTP requests by route and status.", ["route", "status"], registry=r)
-        self.latency = Histogram("chameleon_request_seconds", "HTTP request latency by route.", ["route"], buckets=LATENCY_BUCKETS, registry=r)
+        self.latency = Histogram(
+            "chameleon_request_seconds", "HTTP request latency by route.", ["route"], buckets=LATENCY_BUCKETS, registry=r
+        )
         self.ttft = Histogram("chameleon_ttft_seconds", "Time to first token.", buckets=LATENCY_BUCKETS, registry=r)
         self.decode_speed = Histogram(
-            "chameleon_decode_tokens_per_second", "Decode speed per request.", buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000), registry=r
+            "chameleon_decode_tokens_per_second",
+            "Decode speed per request.",
+            buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000),
+            registry=r,
         )
         self.generated_tokens = Counter("chameleon_generated_tokens", "New tokens generated.", registry=r)
         self.prefill_tokens = Counter("chameleon_prefill_tokens", "Prompt tokens by whether their KV was reused.", ["kind"], registry=r)
-        self.retrieval = Histogram("chameleon_retrieval_seconds", "Retrieval (coarse + tier) per search.", buckets=LATENCY_BUCKETS, registry=r)
+        self.retrieval = Histogram(
+            "chameleon_retrieval_seconds", "Retrieval (coarse + tier) per search.", buckets=LATENCY_BUCKETS, registry=r
+        )
         self.queue_depth = Gauge("chameleon_queue_depth", "Sequences waiting for a place in the decoding batch.", registry=r)
         self.batch_size = Gauge("chameleon_batch_size", "Sequences being decoded together.", registry=r)
         self.inflight = Gauge("chameleon_inflight_requests", "Requests admitted and not yet finished.", registry=r)
         self.rejected = Counter("chameleon_rejected_requests", "Requests refused with 429 (over the concurrency limit).", registry=r)
-        self.reloads = Counter("chameleon_index_reloads", "POST /admin/reload by outcome: reloaded, unchanged, refused.", ["outcome"], registry=r)
+        self.reloads = Counter(
+            "chameleon_index_reloads", "POST /admin/reload by outcome: reloaded, unchanged, refused.", ["outcome"], registry=r
+        )
         self.passages = Gauge("chameleon_index_passages", "Passages in the version of the index served.", registry=r)
         if tier_info is not None:
             r.register(_TierCollector(tier_info))
@@ -79,7 +88,9 @@ class _CacheCollector:
         for source in ("device_hit", "host_hit", "computed"):
             tokens.add_metric([source], stats[f"{source}_tokens"])
         total = sum(stats[f"{source}_tokens"] for source in ("device_hit", "host_hit", "computed"))
-        hit_rate = GaugeMetricFamily("chameleon_kv_cache_hit_rate", "Share of prompt tokens whose KV came from each cache tier.", labels=["tier"])
+        hit_rate = GaugeMetricFamily(
+            "chameleon_kv_cache_hit_rate", "Share of prompt tokens whose KV came from each cache tier.", labels=["tier"]
+        )
         for tier in ("device", "host"):
             hit_rate.add_metric([tier], stats[f"{tier}_hit_tokens"] / total if total else 0.0)
         yield hit_rate

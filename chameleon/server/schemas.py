@@ -57,10 +57,20 @@ class _StopStrings(BaseModel):
 
 class _Sampled(BaseModel):
     temperature: float | None = Field(
-        None, ge=0, le=MAX_TEMPERATURE, description="0 or left out: greedy. Otherwise each token is drawn from softmax(logits / temperature)."
+        None,
+        ge=0,
+        le=MAX_TEMPERATURE,
+        description="0 or left out: greedy. Otherwise each token is drawn from softmax(logits / temperature).",
     )
-    top_p: float | None = Field(None, ge=0, le=1, description="With a temperature: draw from the most likely tokens whose probabilities reach top_p (default 1: all).")
-    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="With a temperature: the same seed repeats the same answer on this server.")
+    top_p: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="With a temperature: draw from the most likely tokens whose probabilities reach top_p (default 1: all).",
+    )
+    seed: int | None = Field(
+        None, ge=0, le=MAX_SEED, description="With a temperature: the same seed repeats the same answer on this server."
+    )
 
     @property
     def reported_logprobs(self) -> int | None:
@@ -173,7 +183,9 @@ class _Generation(_StopStrings, _Sampled):
     max_tokens: int | None = Field(None, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=MAX_CHOICES, description="Choices to generate: several draw with their own seeds; greedy ones are all the same.")
+    n: int = Field(
+        1, ge=1, le=MAX_CHOICES, description="Choices to generate: several draw with their own seeds; greedy ones are all the same."
+    )
     rag: bool = Field(True, description="Retrieve passages for the prompt (Chameleon extension).")
     k: int | None = Field(None, ge=1, le=64, description="Passages to retrieve (Chameleon extension).")
 
@@ -193,7 +205,9 @@ class ChatCompletionRequest(_Generation):
     max_completion_tokens: int | None = Field(None, ge=1)
     retrieval_interval: int | None = Field(None, ge=1, description="Retrieve again every N new tokens (Chameleon extension).")
     logprobs: bool = Field(False, description=f"Each token of the answer with its log-probability ({_LOGPROBS_MEANING}).")
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="With logprobs: the most likely tokens at each place too.")
+    top_logprobs: int | None = Field(
+        None, ge=0, le=MAX_TOP_LOGPROBS, description="With logprobs: the most likely tokens at each place too."
+    )
 
     @model_validator(mode="after")
     def _top_needs_logprobs(self):
@@ -211,9 +225,12 @@ class CompletionRequest(_Generation):
     max_tokens: int | None = Field(None, ge=0, description="New tokens at most; 0 (with echo) scores the prompt alone.")
     echo: bool = Field(False, description="Return the prompt before its continuation, and with logprobs its tokens' too.")
     logprobs: int | None = Field(
-        None, ge=0, le=MAX_COMPLETION_LOGPROBS, strict=True,
+        None,
+        ge=0,
+        le=MAX_COMPLETION_LOGPROBS,
+        strict=True,
         description=f"Each token of the answer with its log-probability and the N most likely tokens' ({_LOGPROBS_MEANING}).",
-    )  # fmt: skip
+    )
 
     @field_validator("logprobs", mode="before")
     @classmethod

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from chameleon.rag.corpus import RagIndex
 from chameleon.engines.sampling import Sampling, TokenLogprob
+from chameleon.rag.corpus import RagIndex
 from chameleon.rag.pipeline import SNIPPET_CHARS, RagPipeline, context_block
 from coordinator.client import RetrievalClient
 from retriever.errors import RetrieverError
@@ -133,7 +133,12 @@ class ServedIndex:
 
     def describe(self) -> dict:
         where = {"retrieval": "tier", "state_dir": str(self.state_dir)} if self.tier is not None else {"retrieval": "in-process"}
-        return {"path": str(self.rag_index.path), "passages": len(self.rag_index.passages), "fingerprint": self.rag_index.fingerprint, **where}
+        return {
+            "path": str(self.rag_index.path),
+            "passages": len(self.rag_index.passages),
+            "fingerprint": self.rag_index.fingerprint,
+            **where,
+        }
 
     def close(self, discard_copies: bool = False) -> list[int]:
         """Close the clients and stop the tier's processes (their pids); with ``discard_copies``,
@@ -160,8 +165,14 @@ class Service:
     starts its tier or its in-process search as the server started the first one."""
 
     def __init__(
-        self, pipeline: RagPipeline, model_id: str, served: ServedIndex, reopen: Callable[[RagIndex], ServedIndex], knnlm=None, metrics=None,
-    ):  # fmt: skip
+        self,
+        pipeline: RagPipeline,
+        model_id: str,
+        served: ServedIndex,
+        reopen: Callable[[RagIndex], ServedIndex],
+        knnlm=None,
+        metrics=None,
+    ):
         self.pipeline = pipeline
         self.engine = pipeline.engine
         self.model_id = model_id
@@ -231,9 +242,12 @@ class Service:
             outcome = "reloaded"
             stopped = current.close(discard_copies=True)
             return {
-                "reloaded": True, "index": fresh.describe(), "previous": current.describe(), "stopped_processes": len(stopped),
+                "reloaded": True,
+                "index": fresh.describe(),
+                "previous": current.describe(),
+                "stopped_processes": len(stopped),
                 "seconds": round(time.perf_counter() - started, 3),
-            }  # fmt: skip
+            }
         finally:
             self._reloading.release()
             if self.metrics is not None:
@@ -286,7 +300,9 @@ class Service:
         timings = {**answer.timings, "prefill_s": answer.timings["ttft_s"]}
         return self._finish(request, answer.finish_reason, timings["prompt_tokens"], timings["reused_kv_tokens"], answer.sources, timings)
 
-    def chat(self, messages: list[dict], max_tokens: int, stop: Sequence[str] = (), on_text=None, cancelled=None, sampling=None) -> Completion:
+    def chat(
+        self, messages: list[dict], max_tokens: int, stop: Sequence[str] = (), on_text=None, cancelled=None, sampling=None
+    ) -> Completion:
         """The model alone on a conversation (no retrieval)."""
         request = _Request(self.engine, stop, on_text, cancelled, sampling)
         return self._plain(request, self.engine.chat_tokens(messages), max_tokens, sampling)
@@ -317,7 +333,9 @@ class Service:
         def send_after_prompt(text: str, logprobs: list[ReportedToken]) -> None:
             send(text, after_prompt(logprobs))
 
-        request = _Request(self.engine, stop, send_after_prompt if echo and send is not None else send, cancelled, sampling, strip_leading=False)
+        request = _Request(
+            self.engine, stop, send_after_prompt if echo and send is not None else send, cancelled, sampling, strip_leading=False
+        )
         timings: dict = {}
         ranked = self.pipeline.retrieve(prompt, timings, k) if rag else []
         self._observe_retrieval(timings)

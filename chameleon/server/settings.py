@@ -25,11 +25,17 @@ class ServeSettings(BaseSettings):
         "no kNN-LM); auto is vllm on a CUDA host where it is installed (torch with --knnlm), else torch.",
     )
     max_batch: int = Field(8, ge=1, le=256, description="Sequences decoded together (continuous batching); 1 is one at a time.")
-    reorder_window: int = Field(8, ge=0, le=1024, description="Cache-aware admission to the batch (torch engine): a request is passed over at most this often; 0: arrival order.")
+    reorder_window: int = Field(
+        8,
+        ge=0,
+        le=1024,
+        description="Cache-aware admission to the batch (torch engine): a request is passed over at most this often; 0: arrival order.",
+    )
     shards: int = Field(2, ge=0, le=64, description="Retrieval shards, each a node process; 0 searches in the server process.")
     replicas: int = Field(1, ge=1, le=16, description="Nodes per shard.")
     retrieval_engine: Literal["numba", "faiss", "numba-fastscan", "fpga"] = Field(
-        "numba", description="Scan engine of the retrieval nodes (or of the server's own search with shards 0); numba-fastscan needs a 4-bit index."
+        "numba",
+        description="Scan engine of the retrieval nodes (or of the server's own search with shards 0); numba-fastscan needs a 4-bit index.",
     )
     fpga_mode: Literal["hw", "emu"] | None = Field(None, description="With retrieval_engine fpga: hw (an Alveo card through PYNQ) or emu.")
     xclbin: Path | None = Field(None, description="With fpga_mode hw: the bitstream (make -C hls hw).")
@@ -47,10 +53,14 @@ class ServeSettings(BaseSettings):
     max_body_bytes: int = Field(1 << 20, ge=1024, le=1 << 30)
     knnlm: Path | None = Field(None, description="kNN-LM datastore (`index build --knnlm`) for mode=knnlm (torch engine).")
     cache_policy: Literal["none", "lru", "lfu", "gdsf", "pgdsf"] = Field(
-        "pgdsf", description="Document KV cache replacement policy (torch engine); with vllm, any but none follows vLLM's own LRU prefix cache."
+        "pgdsf",
+        description="Document KV cache replacement policy (torch engine); with vllm, any but none follows vLLM's own LRU prefix cache.",
     )
     cache_device_mb: int = Field(
-        512, ge=1, le=1 << 20, description="Device tier of the document KV cache (MiB); with vllm, only where vLLM does not report its KV cache's size."
+        512,
+        ge=1,
+        le=1 << 20,
+        description="Device tier of the document KV cache (MiB); with vllm, only where vLLM does not report its KV cache's size.",
     )
     cache_host_mb: int = Field(2048, ge=0, le=1 << 22, description="Host tier of the document KV cache (MiB).")
     speculative: bool = Field(
@@ -91,7 +101,9 @@ class ServeSettings(BaseSettings):
         if "default_max_tokens" not in settings.model_fields_set:
             settings.default_max_tokens = min(settings.default_max_tokens, settings.max_tokens)
         if settings.engine == "vllm" and settings.knnlm is not None:
-            raise RetrieverError("kNN-LM reads the model's hidden states, which vLLM does not expose: use --engine torch (or auto) with --knnlm")
+            raise RetrieverError(
+                "kNN-LM reads the model's hidden states, which vLLM does not expose: use --engine torch (or auto) with --knnlm"
+            )
         engine_options(settings.retrieval_engine, settings.fpga_mode, settings.xclbin)
         if settings.default_max_tokens > settings.max_tokens:
             raise RetrieverError(f"default_max_tokens ({settings.default_max_tokens}) exceeds max_tokens ({settings.max_tokens})")

@@ -24,9 +24,18 @@ BUILT_IN_ENGINES = {engine.name: engine for engine in (NumbaEngine, FaissEngine,
 ENTRY_POINT_GROUP = "chameleon.scan_engines"
 
 __all__ = [
-    "BUILT_IN_ENGINES", "MAX_K", "FaissEngine", "FastScanEngine", "NumbaEngine", "ScanEngine",
-    "engine_options", "make_scan_engine", "scan_engine_class", "scan_engine_names", "to_faiss_ivfpq",
-]  # fmt: skip
+    "BUILT_IN_ENGINES",
+    "MAX_K",
+    "FaissEngine",
+    "FastScanEngine",
+    "NumbaEngine",
+    "ScanEngine",
+    "engine_options",
+    "make_scan_engine",
+    "scan_engine_class",
+    "scan_engine_names",
+    "to_faiss_ivfpq",
+]
 
 
 def _registered() -> dict:

@@ -36,9 +36,17 @@ class NumbaEngine(ScanEngine):
 
     def _kernel(self, kernel, queries, list_ids, k):
         return kernel(
-            queries, list_ids, self.centroids, self.codebooks_t, self.list_terms,
-            self.offsets, self.ids, self.codes, k, self.params.inner_product,
-        )  # fmt: skip
+            queries,
+            list_ids,
+            self.centroids,
+            self.codebooks_t,
+            self.list_terms,
+            self.offsets,
+            self.ids,
+            self.codes,
+            k,
+            self.params.inner_product,
+        )
 
     def search_checked(self, queries, list_ids, k):
         parallel = queries.shape[0] > 1 and numba.get_num_threads() > 1 and self.codes_to_scan(list_ids) >= PARALLEL_MIN_CODES

@@ -30,7 +30,9 @@ class FastScanEngine(ScanEngine):
             raise RetrieverError(f"the {self.name} engine scans 4-bit PQ codes (index build --nbits 4); this index has nbits={p.nbits}")
         table_bytes = p.nlist * p.m * p.ksub * 4
         if p.metric == "l2" and table_bytes > PRECOMPUTED_TABLE_MAX_BYTES:
-            raise RetrieverError(f"the {self.name} engine needs L2 tables of {table_bytes:,} bytes, over {PRECOMPUTED_TABLE_MAX_BYTES:,}: use fewer lists or sub-quantizers")
+            raise RetrieverError(
+                f"the {self.name} engine needs L2 tables of {table_bytes:,} bytes, over {PRECOMPUTED_TABLE_MAX_BYTES:,}: use fewer lists or sub-quantizers"
+            )
         self.simd = simd_level(simd)
         self.exact = bool(exact)
         self.offsets = np.ascontiguousarray(self.lists.offsets, dtype=np.int64)
@@ -48,9 +50,20 @@ class FastScanEngine(ScanEngine):
 
     def _kernel(self, kernel, queries, list_ids, k):
         return kernel(
-            self.simd, queries, list_ids, self.centroids, self.codebooks_t, self.list_terms,
-            self.offsets, self.block_offsets, self.packed, self.ids, k, self.params.inner_product, self.exact,
-        )  # fmt: skip
+            self.simd,
+            queries,
+            list_ids,
+            self.centroids,
+            self.codebooks_t,
+            self.list_terms,
+            self.offsets,
+            self.block_offsets,
+            self.packed,
+            self.ids,
+            k,
+            self.params.inner_product,
+            self.exact,
+        )
 
     def search_checked(self, queries, list_ids, k):
         parallel = queries.shape[0] > 1 and numba.get_num_threads() > 1 and self.codes_to_scan(list_ids) >= PARALLEL_MIN_CODES

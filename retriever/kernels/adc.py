@@ -116,7 +116,9 @@ def scan_ivfpq(queries, list_ids, centroids, codebooks_t, list_terms, offsets, i
     out_d = np.empty((queries.shape[0], k), np.float32)
     out_i = np.empty((queries.shape[0], k), np.int64)
     for qi in prange(queries.shape[0]):
-        _search_query(queries[qi], list_ids[qi], centroids, codebooks_t, list_terms, offsets, ids, codes, inner_product, out_d[qi], out_i[qi])
+        _search_query(
+            queries[qi], list_ids[qi], centroids, codebooks_t, list_terms, offsets, ids, codes, inner_product, out_d[qi], out_i[qi]
+        )
     return out_d, out_i
 
 
@@ -126,5 +128,7 @@ def scan_ivfpq_serial(queries, list_ids, centroids, codebooks_t, list_terms, off
     out_d = np.empty((queries.shape[0], k), np.float32)
     out_i = np.empty((queries.shape[0], k), np.int64)
     for qi in range(queries.shape[0]):
-        _search_query(queries[qi], list_ids[qi], centroids, codebooks_t, list_terms, offsets, ids, codes, inner_product, out_d[qi], out_i[qi])
+        _search_query(
+            queries[qi], list_ids[qi], centroids, codebooks_t, list_terms, offsets, ids, codes, inner_product, out_d[qi], out_i[qi]
+        )
     return out_d, out_i

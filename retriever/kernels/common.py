@@ -103,7 +103,10 @@ def prefetch(typingctx, array, index):
         i32 = ir.IntType(32)
         hint = ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer(), i32, i32, i32])
         # read, keep in every cache level, data cache
-        builder.call(cgutils.get_or_insert_function(builder.module, hint, "llvm.prefetch.p0i8"), [address, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        builder.call(
+            cgutils.get_or_insert_function(builder.module, hint, "llvm.prefetch.p0i8"),
+            [address, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)],
+        )
         return context.get_dummy_value()
 
     return types.none(array, index), codegen

@@ -32,7 +32,6 @@ else a scalar path that computes the same quantized distances bit for bit).
 
 from __future__ import annotations
 
-
 import numba
 import numpy as np
 from llvmlite import binding as llvm_binding
@@ -123,7 +122,9 @@ def _llvm_words(nbytes: int) -> ir.VectorType:
 def _splat(builder, value, vector_type):
     lanes = vector_type.count
     single = builder.insert_element(ir.Constant(vector_type, ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
-    return builder.shuffle_vector(single, ir.Constant(vector_type, ir.Undefined), ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes))
+    return builder.shuffle_vector(
+        single, ir.Constant(vector_type, ir.Undefined), ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
+    )
 
 
 @intrinsic
@@ -241,7 +242,11 @@ def _vstore_words(typingctx, array, sums):
 
     def codegen(context, builder, signature, args):
         data = context.make_array(signature.args[0])(context, builder, args[0]).data
-        builder.store(builder.bitcast(args[1], ir.VectorType(ir.IntType(16), 32)), builder.bitcast(data, ir.VectorType(ir.IntType(16), 32).as_pointer()), align=2)
+        builder.store(
+            builder.bitcast(args[1], ir.VectorType(ir.IntType(16), 32)),
+            builder.bitcast(data, ir.VectorType(ir.IntType(16), 32).as_pointer()),
+            align=2,
+        )
         return context.get_dummy_value()
 
     return types.none(array, sums), codegen
@@ -250,7 +255,9 @@ def _vstore_words(typingctx, array, sums):
 @intrinsic
 def _lowest_set_bit(typingctx, mask):
     def codegen(context, builder, signature, args):
-        cttz = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.IntType(64), [ir.IntType(64), ir.IntType(1)]), "llvm.cttz.i64")
+        cttz = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.IntType(64), [ir.IntType(64), ir.IntType(1)]), "llvm.cttz.i64"
+        )
         return builder.call(cttz, [args[0], ir.Constant(ir.IntType(1), 1)])
 
     return types.int64(mask), codegen
@@ -638,9 +645,35 @@ def _probe_coarse_keys(q, centroids, probes, inner_product, out):
 
 @njit(cache=True)
 def _search_query(
-    level, q, probes, centroids, codebooks_t, list_terms, offsets, block_offsets, packed, ids, inner_product, exact,
-    lut, table, table_q, lut_q, shifted, sums, coarse_of, lower, upper, entries, keys, found, heap_d, heap_i, out_d, out_i,
-):  # fmt: skip
+    level,
+    q,
+    probes,
+    centroids,
+    codebooks_t,
+    list_terms,
+    offsets,
+    block_offsets,
+    packed,
+    ids,
+    inner_product,
+    exact,
+    lut,
+    table,
+    table_q,
+    lut_q,
+    shifted,
+    sums,
+    coarse_of,
+    lower,
+    upper,
+    entries,
+    keys,
+    found,
+    heap_d,
+    heap_i,
+    out_d,
+    out_i,
+):
     m = lut.shape[0]
     k = out_d.shape[0]
     block_bytes = table_q.shape[0] * 16
@@ -692,7 +725,23 @@ def _search_query(
                 if count == shrink_at:
                     count, bound = _shrink(lower, upper, entries, count, k)
                     if count > capacity // 2:
-                        count, bound = _settle(lower, upper, entries, count, packed, ids, probes, coarse_of, lut, list_terms, inner_product, keys, found, heap_d, heap_i)
+                        count, bound = _settle(
+                            lower,
+                            upper,
+                            entries,
+                            count,
+                            packed,
+                            ids,
+                            probes,
+                            coarse_of,
+                            lut,
+                            list_terms,
+                            inner_product,
+                            keys,
+                            found,
+                            heap_d,
+                            heap_i,
+                        )
                     shrink_at = min(capacity, count + shrink_every)
                     threshold = _threshold(bound, slack, base, scale)
     count, bound = _shrink(lower, upper, entries, count, k)
@@ -701,7 +750,24 @@ def _search_query(
 
 
 @njit(cache=True)
-def _search_chunk(level, queries, list_ids, first, last, centroids, codebooks_t, list_terms, offsets, block_offsets, packed, ids, inner_product, exact, out_d, out_i):
+def _search_chunk(
+    level,
+    queries,
+    list_ids,
+    first,
+    last,
+    centroids,
+    codebooks_t,
+    list_terms,
+    offsets,
+    block_offsets,
+    packed,
+    ids,
+    inner_product,
+    exact,
+    out_d,
+    out_i,
+):
     m, _, ksub = codebooks_t.shape
     k = out_d.shape[1]
     npairs = (m + 1) // 2
@@ -721,14 +787,41 @@ def _search_chunk(level, queries, list_ids, first, last, centroids, codebooks_t,
     heap_d, heap_i = np.empty(k, np.float32), np.empty(k, np.int64)
     for qi in range(first, last):
         _search_query(
-            level, queries[qi], list_ids[qi], centroids, codebooks_t, list_terms, offsets, block_offsets, packed, ids,
-            inner_product, exact, lut, table, table_q, lut_q, shifted, sums, coarse_of, lower, upper, entries, keys,
-            found, heap_d, heap_i, out_d[qi], out_i[qi],
-        )  # fmt: skip
+            level,
+            queries[qi],
+            list_ids[qi],
+            centroids,
+            codebooks_t,
+            list_terms,
+            offsets,
+            block_offsets,
+            packed,
+            ids,
+            inner_product,
+            exact,
+            lut,
+            table,
+            table_q,
+            lut_q,
+            shifted,
+            sums,
+            coarse_of,
+            lower,
+            upper,
+            entries,
+            keys,
+            found,
+            heap_d,
+            heap_i,
+            out_d[qi],
+            out_i[qi],
+        )
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def scan_fastscan(level, queries, list_ids, centroids, codebooks_t, list_terms, offsets, block_offsets, packed, ids, k, inner_product, exact):
+def scan_fastscan(
+    level, queries, list_ids, centroids, codebooks_t, list_terms, offsets, block_offsets, packed, ids, k, inner_product, exact
+):
     """Top-k keys and ids of every query over its probed lists, chunks of queries in parallel.
 
     The arguments are :func:`retriever.kernels.adc.scan_ivfpq`'s with the codes as :func:`pack_blocks`
@@ -741,14 +834,50 @@ def scan_fastscan(level, queries, list_ids, centroids, codebooks_t, list_terms, 
     out_i = np.empty((nq, k), np.int64)
     for chunk in prange((nq + CHUNK_QUERIES - 1) // CHUNK_QUERIES):
         first = chunk * CHUNK_QUERIES
-        _search_chunk(level, queries, list_ids, first, min(nq, first + CHUNK_QUERIES), centroids, codebooks_t, list_terms, offsets, block_offsets, packed, ids, inner_product, exact, out_d, out_i)
+        _search_chunk(
+            level,
+            queries,
+            list_ids,
+            first,
+            min(nq, first + CHUNK_QUERIES),
+            centroids,
+            codebooks_t,
+            list_terms,
+            offsets,
+            block_offsets,
+            packed,
+            ids,
+            inner_product,
+            exact,
+            out_d,
+            out_i,
+        )
     return out_d, out_i
 
 
 @njit(cache=True, nogil=True)
-def scan_fastscan_serial(level, queries, list_ids, centroids, codebooks_t, list_terms, offsets, block_offsets, packed, ids, k, inner_product, exact):
+def scan_fastscan_serial(
+    level, queries, list_ids, centroids, codebooks_t, list_terms, offsets, block_offsets, packed, ids, k, inner_product, exact
+):
     """:func:`scan_fastscan` on the calling thread."""
     out_d = np.empty((queries.shape[0], k), np.float32)
     out_i = np.empty((queries.shape[0], k), np.int64)
-    _search_chunk(level, queries, list_ids, 0, queries.shape[0], centroids, codebooks_t, list_terms, offsets, block_offsets, packed, ids, inner_product, exact, out_d, out_i)
+    _search_chunk(
+        level,
+        queries,
+        list_ids,
+        0,
+        queries.shape[0],
+        centroids,
+        codebooks_t,
+        list_terms,
+        offsets,
+        block_offsets,
+        packed,
+        ids,
+        inner_product,
+        exact,
+        out_d,
+        out_i,
+    )
     return out_d, out_i

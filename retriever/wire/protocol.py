@@ -147,7 +147,9 @@ def _decode_arrays(descriptors, buffers) -> list[np.ndarray]:
 
 def _expect_arrays(message: Message, spec: list[tuple[str, str]]) -> None:
     if len(message.arrays) != len(spec):
-        raise ProtocolError("bad_request", f"{message.op} takes {len(spec)} arrays ({', '.join(n for n, _ in spec)}), got {len(message.arrays)}")
+        raise ProtocolError(
+            "bad_request", f"{message.op} takes {len(spec)} arrays ({', '.join(n for n, _ in spec)}), got {len(message.arrays)}"
+        )
     for array, (name, dtype) in zip(message.arrays, spec):
         if array.dtype != DTYPES[dtype] or array.ndim != 2:
             raise ProtocolError("bad_request", f"{message.op}: {name} must be a 2-D {dtype} array, got {array.dtype}{list(array.shape)}")

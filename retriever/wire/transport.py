@@ -9,10 +9,10 @@ from pathlib import Path
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
-from retriever.wire import protocol
-from retriever.wire.security import CurveKeys, secure_server
 from retriever.errors import RetrieverError
 from retriever.files import write_json_atomic
+from retriever.wire import protocol
+from retriever.wire.security import CurveKeys, secure_server
 
 
 def bind_router(
