@@ -12,7 +12,7 @@ import numpy as np
 import typer
 from tqdm.auto import tqdm
 
-from retriever.errors import RetrieverError
+from retriever.errors import ChameleonError, InvalidInput, NotFound, Unavailable, Unsupported
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, help="Chameleon: heterogeneous RAG serving.")
 index_app = typer.Typer(no_args_is_help=True, help="Build and inspect IVF-PQ indexes.")
@@ -44,9 +44,9 @@ def _number_list(text: str, what: str, kind=int) -> list:
         values = [kind(v) for v in text.split(",") if v.strip()]
     except ValueError:
         noun = "integers" if kind is int else "numbers"
-        raise RetrieverError(f"{what} must be a comma-separated list of {noun}, got {text!r}") from None
+        raise InvalidInput(f"{what} must be a comma-separated list of {noun}, got {text!r}") from None
     if not values:
-        raise RetrieverError(f"{what} is empty")
+        raise InvalidInput(f"{what} is empty")
     return values
 
 
@@ -73,11 +73,11 @@ def index_build(
     from retriever.index import IVFPQParams, save_index
 
     if sum(x is not None for x in (dataset, vectors, corpus)) != 1:
-        raise RetrieverError("give exactly one of --dataset, --vectors and --corpus")
+        raise InvalidInput("give exactly one of --dataset, --vectors and --corpus")
     if out.exists() and not force:
-        raise RetrieverError(f"{out} already exists (use --force to replace it)")
+        raise InvalidInput(f"{out} already exists (use --force to replace it)")
     if knnlm and corpus is None:
-        raise RetrieverError("--knnlm builds from a text corpus: give --corpus")
+        raise InvalidInput("--knnlm builds from a text corpus: give --corpus")
     if corpus is not None and knnlm:
         from chameleon.engines.torch_engine import TorchEngine
         from chameleon.rag.corpus import read_corpus
@@ -90,7 +90,7 @@ def index_build(
         _build_corpus_index(corpus, out, nlist, m, nbits, force)
         return
     if nlist is None or m is None:
-        raise RetrieverError("--nlist and --m are required for --dataset and --vectors")
+        raise InvalidInput("--nlist and --m are required for --dataset and --vectors")
     if dataset is not None:
         data = load_dataset(dataset)
         base, default_metric, source = data.base, data.metric, f"dataset:{dataset}"
@@ -121,11 +121,11 @@ def index_add(
     from retriever.index import load_index, save_index
 
     if (vectors is None) == (corpus is None):
-        raise RetrieverError("give exactly one of --vectors and --corpus")
+        raise InvalidInput("give exactly one of --vectors and --corpus")
     started = time.perf_counter()
     if (index / "rag.json").is_file():
         if corpus is None:
-            raise RetrieverError(f"{index} is a passage index: add documents with --corpus")
+            raise InvalidInput(f"{index} is a passage index: add documents with --corpus")
         from chameleon.rag.corpus import add_to_rag_index
         from chameleon.rag.embedder import Embedder
 
@@ -138,7 +138,7 @@ def index_add(
         return
     _check_vector_index(index)
     if vectors is None:
-        raise RetrieverError(f"{index} is a vector index: add vectors with --vectors")
+        raise InvalidInput(f"{index} is a vector index: add vectors with --vectors")
     new = read_vectors(vectors)
     extended = add_vectors(load_index(index), new, progress=True)
     save_index(extended, index, force=True)
@@ -162,10 +162,10 @@ def index_remove(
     from retriever.index import load_index, save_index
 
     if sum((ids is not None, ids_file is not None, bool(doc_ids))) != 1:
-        raise RetrieverError("give exactly one of --ids, --ids-file and --doc-id")
+        raise InvalidInput("give exactly one of --ids, --ids-file and --doc-id")
     if (index / "rag.json").is_file():
         if not doc_ids:
-            raise RetrieverError(f"{index} is a passage index: remove documents with --doc-id")
+            raise InvalidInput(f"{index} is a passage index: remove documents with --doc-id")
         from chameleon.rag.corpus import remove_from_rag_index
 
         meta = remove_from_rag_index(index, doc_ids)
@@ -177,14 +177,14 @@ def index_remove(
         return
     _check_vector_index(index)
     if doc_ids:
-        raise RetrieverError(f"{index} is a vector index: remove vectors with --ids or --ids-file")
+        raise InvalidInput(f"{index} is a vector index: remove vectors with --ids or --ids-file")
     if ids_file is not None:
         wanted = read_npy(ids_file, ndim=1)
     else:
         try:
             wanted = np.array([int(x) for x in ids.split(",")], dtype=np.int64)
         except ValueError:
-            raise RetrieverError(f"--ids takes comma-separated integers, got {ids!r}") from None
+            raise InvalidInput(f"--ids takes comma-separated integers, got {ids!r}") from None
     smaller = remove_ids(load_index(index), wanted)
     save_index(smaller, index, force=True)
     _say(f"removed {np.unique(wanted).size:,} vectors from {index}: {smaller.ntotal:,} left")
@@ -194,13 +194,13 @@ def _check_vector_index(index: Path) -> None:
     """Refuse what is not a vector index of its own (the vectors inside a passage index or a kNN-LM
     datastore belong to it: changed alone, they would no longer match it)."""
     if not (index / "manifest.json").is_file():
-        raise RetrieverError(f"{index} is neither a vector index (manifest.json) nor a passage index (rag.json)")
+        raise InvalidInput(f"{index} is neither a vector index (manifest.json) nor a passage index (rag.json)")
     for outer, kind in (
         ("rag.json", "passage index: change its documents with --corpus or --doc-id"),
         ("knnlm.json", "kNN-LM datastore, which is built again, not changed"),
     ):
         if (index.resolve().parent / outer).is_file():
-            raise RetrieverError(f"{index} is the vectors of the {kind}")
+            raise InvalidInput(f"{index} is the vectors of the {kind}")
 
 
 def _build_corpus_index(corpus: str, out: Path, nlist: int | None, m: int | None, nbits: int, force: bool) -> dict:
@@ -245,10 +245,10 @@ def ask(
     from chameleon.engines.sampling import Sampling
 
     if not question.strip():
-        raise RetrieverError("the question is empty")
+        raise InvalidInput("the question is empty")
     if server is not None:
         if index is not None or cluster is not None or model is not None or engine != "auto":
-            raise RetrieverError("--index, --cluster, --model and --engine are the server's own settings; leave them out with --server")
+            raise InvalidInput("--index, --cluster, --model and --engine are the server's own settings; leave them out with --server")
         request = {
             "question": question,
             "k": k,
@@ -292,7 +292,7 @@ def _ask_here(question, index, cluster, model, engine, k, nprobe, max_tokens, re
         retrieval = ClusterSearcher.open(cluster)
         if not retrieval.serves(rag_index.path / "index"):
             retrieval.close()
-            raise RetrieverError(f"the cluster in {cluster} serves another index than {rag_index.path}")
+            raise InvalidInput(f"the cluster in {cluster} serves another index than {rag_index.path}")
     llm = None
     try:
         llm = make_llm_engine(kind, model)
@@ -322,9 +322,9 @@ def _post_json(url: str, body: dict, api_key: str | None, timeout: float = 600.0
             message = json.loads(e.read())["error"]["message"]
         except (ValueError, KeyError, TypeError):
             message = e.reason
-        raise RetrieverError(f"the server answered {e.code}: {message}") from None
+        raise InvalidInput(f"the server answered {e.code}: {message}") from None
     except urllib.error.URLError as e:
-        raise RetrieverError(f"cannot reach the server at {url}: {e.reason}") from None
+        raise Unavailable(f"cannot reach the server at {url}: {e.reason}") from None
 
 
 @profile_app.command("prefill")
@@ -341,7 +341,7 @@ def profile_prefill(
 
     grid_cached, grid_new = _number_list(cached, "--cached"), _number_list(new, "--new")
     if not 1 <= repeats <= 100:
-        raise RetrieverError(f"--repeats must be between 1 and 100, got {repeats}")
+        raise InvalidInput(f"--repeats must be between 1 and 100, got {repeats}")
     profile = measure(TorchEngine(model), grid_cached, grid_new, repeats, progress=True)
     profile.save(out)
     typer.echo(f"wrote {out}: {len(grid_cached)} x {len(grid_new)} prefill times on {profile.device}")
@@ -535,7 +535,7 @@ def bench_fpga_model(
     data = load_dataset(dataset)
     check_compatible(loaded, data)
     if not 1 <= k <= 100:
-        raise RetrieverError(f"k must be between 1 and 100, got {k}")
+        raise InvalidInput(f"k must be between 1 and 100, got {k}")
     nprobes = _number_list(nprobe, "--nprobe") if nprobe else [n for n in (1, 4, 16, 64) if n <= loaded.params.nlist]
     result = fpga_model_benchmark(loaded, data, nprobes, _number_list(l1, "--l1"), k, clock_mhz, banks, queries)
     kernel = result["kernel"]
@@ -574,7 +574,7 @@ def bench_knnlm(
 
     lambdas, temperatures = _number_list(lam, "--lambda", float), _number_list(temperature, "--temperature", float)
     if not all(0 <= x <= 1 for x in lambdas) or not all(t > 0 for t in temperatures) or not 1 <= k <= 1024 or max_train_tokens < 256:
-        raise RetrieverError("need 0 <= --lambda <= 1, --temperature > 0, 1 <= --k <= 1024, --max-train-tokens >= 256")
+        raise InvalidInput("need 0 <= --lambda <= 1, --temperature > 0, 1 <= --k <= 1024, --max-train-tokens >= 256")
     with tempfile.TemporaryDirectory() as workdir:
         result = knnlm_benchmark(read_corpus(corpus), TorchEngine(model), workdir, k, lambdas, temperatures, max_train_tokens)
     typer.echo(json.dumps(result))
@@ -612,14 +612,14 @@ def bench_pipeline(
 
     every = _number_list(intervals, "--intervals")
     if not every or min(every) < 1 or not 1 <= batch <= 256 or not 1 <= tokens <= 4096 or prompt_tokens < 1 or repeats < 1:
-        raise RetrieverError("need --intervals >= 1, 1 <= --batch <= 256, 1 <= --tokens <= 4096, --prompt-tokens >= 1, --repeats >= 1")
+        raise InvalidInput("need --intervals >= 1, 1 <= --batch <= 256, 1 <= --tokens <= 4096, --prompt-tokens >= 1, --repeats >= 1")
     cores = default_cores()
     chosen = [
         set(_number_list(text, flag)) if text else default
         for text, flag, default in ((inference_cores, "--inference-cores", cores[0]), (retrieval_cores, "--retrieval-cores", cores[1]))
     ]
     if not all(c <= os.sched_getaffinity(0) for c in chosen):
-        raise RetrieverError(f"cores must be among {sorted(os.sched_getaffinity(0))}")
+        raise InvalidInput(f"cores must be among {sorted(os.sched_getaffinity(0))}")
     engine = TorchEngine(model)
     documents = read_corpus(corpus)
     store = datastore if datastore is not None else datastore_for(engine, corpus, documents, datastore_tokens, cache_dir() / "knnlm")
@@ -661,10 +661,10 @@ def bench_kvcache(
 
     chosen = [p.strip() for p in policies.split(",") if p.strip()]
     if not chosen or any(p not in ("none", *POLICIES) for p in chosen):
-        raise RetrieverError(f"--policies takes none and {', '.join(POLICIES)}, got {policies!r}")
+        raise InvalidInput(f"--policies takes none and {', '.join(POLICIES)}, got {policies!r}")
     speculation = {"off": (False,), "on": (True,), "both": (False, True)}.get(speculative)
     if speculation is None:
-        raise RetrieverError(f"--speculative takes off, on or both, got {speculative!r}")
+        raise InvalidInput(f"--speculative takes off, on or both, got {speculative!r}")
     engine = TorchEngine(model)
     embedder = Embedder()
     rag_index = RagIndex(index if index is not None else builtin_rag_index(embedder, progress=True), embedder.fingerprint)
@@ -721,9 +721,9 @@ def node_retrieval(
     from retriever.wire.security import CurveKeys
 
     if threads is not None and not 1 <= threads <= numba.config.NUMBA_NUM_THREADS:
-        raise RetrieverError(f"threads must be between 1 and {numba.config.NUMBA_NUM_THREADS}, got {threads}")
+        raise InvalidInput(f"threads must be between 1 and {numba.config.NUMBA_NUM_THREADS}, got {threads}")
     if not 0 <= window_ms <= 1000:
-        raise RetrieverError(f"the batching window must be between 0 and 1000 ms, got {window_ms}")
+        raise InvalidInput(f"the batching window must be between 0 and 1000 ms, got {window_ms}")
     node = RetrievalNode(
         index,
         shard,
@@ -752,7 +752,7 @@ def node_coordinator(
     from retriever.wire.security import CurveKeys
 
     if not 0 < timeout <= 3600:
-        raise RetrieverError(f"timeout must be between 0 and 3600 seconds, got {timeout}")
+        raise InvalidInput(f"timeout must be between 0 and 3600 seconds, got {timeout}")
     cluster = ClusterConfig.load(config)
     coordinator = Coordinator(cluster, timeout=timeout, on_missing=on_missing, keys=CurveKeys.load(keys) if keys else None)
     _say(f"coordinator: {cluster.nshards} shard(s), {len(cluster.nodes)} node(s)")
@@ -835,7 +835,7 @@ def cluster_status(state_dir: Path = typer.Option(..., "--state-dir")):
             f"{'running' if n['running'] else 'NOT RUNNING'}, coordinator sees it {state}"
         )
     if report["view"] is None:
-        raise RetrieverError("the coordinator does not answer")
+        raise Unavailable("the coordinator does not answer")
 
 
 @app.command("search")
@@ -867,9 +867,9 @@ def search(
     from retriever.search import Searcher
 
     if (index is None) == (cluster is None):
-        raise RetrieverError("give exactly one of --index and --cluster")
+        raise InvalidInput("give exactly one of --index and --cluster")
     if cluster is not None and (engine, fpga_mode, xclbin) != (None, None, None):
-        raise RetrieverError(
+        raise InvalidInput(
             "--scan-engine, --fpga-mode and --xclbin go with --index: a cluster's nodes scan with the engine they were started with"
         )
     engine = engine or "numba"
@@ -895,9 +895,19 @@ def search(
     _say(f"wrote {out}: {len(ids):,} queries, k={k}, {int(partial.sum())} partial")
 
 
+# Exit codes by kind of error (retriever.errors): 2 for what the user can fix in the command, its
+# files or its installation; 3 for a tier or server that does not answer now (the same command may
+# succeed later). Looked up along the error's classes, most specific first.
+EXIT_CODES = {InvalidInput: 2, NotFound: 2, Unsupported: 2, Unavailable: 3, ChameleonError: 2, OSError: 2}
+
+
+def exit_code(error: BaseException) -> int:
+    return next(EXIT_CODES[kind] for kind in type(error).__mro__ if kind in EXIT_CODES)
+
+
 def main() -> None:
     try:
         app()
-    except (RetrieverError, OSError) as e:
+    except (ChameleonError, OSError) as e:
         typer.echo(f"error: {e}", err=True)
-        sys.exit(2)
+        sys.exit(exit_code(e))

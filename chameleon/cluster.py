@@ -28,7 +28,7 @@ from coordinator.client import RetrievalClient, SearchResult
 from coordinator.router import ClusterConfig, Coordinator, InlineCoordinator
 from retriever.coarse import CoarseQuantizer
 from retriever.engines import engine_options
-from retriever.errors import RetrieverError
+from retriever.errors import ChameleonError, InvalidInput, NotFound, Timeout
 from retriever.files import write_json_atomic
 from retriever.index import index_fingerprint, load_index, read_manifest, save_index
 from retriever.vectors import as_query_matrix, prepare_vectors
@@ -75,9 +75,9 @@ def _wait_ready(process: subprocess.Popen, ready_file: Path, log: Path, deadline
             return json.loads(ready_file.read_text())
         if process.poll() is not None:
             tail = log.read_text(errors="replace")[-2000:] if log.is_file() else ""
-            raise RetrieverError(f"{' '.join(process.args[2:5])} exited with status {process.returncode}:\n{tail}")
+            raise InvalidInput(f"{' '.join(process.args[2:5])} exited with status {process.returncode}:\n{tail}")
         time.sleep(0.05)
-    raise RetrieverError(f"{' '.join(process.args[2:5])} was not ready within {START_TIMEOUT:.0f} s (log: {log})")
+    raise Timeout(f"{' '.join(process.args[2:5])} was not ready within {START_TIMEOUT:.0f} s (log: {log})")
 
 
 def _is_ours(pid: int) -> bool:
@@ -93,9 +93,9 @@ def read_state(state_dir: str | os.PathLike) -> dict:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise RetrieverError(f"no cluster is up in {state_dir} ({STATE_FILE} is missing)") from None
+        raise NotFound(f"no cluster is up in {state_dir} ({STATE_FILE} is missing)") from None
     except json.JSONDecodeError as e:
-        raise RetrieverError(f"{path} is corrupt: {e}") from None
+        raise InvalidInput(f"{path} is corrupt: {e}") from None
 
 
 def up(
@@ -124,9 +124,9 @@ def up(
     if (state_dir / STATE_FILE).is_file():
         state = read_state(state_dir)
         if any(_is_ours(p["pid"]) for p in [state["coordinator"], *state["nodes"]]):
-            raise RetrieverError(f"a cluster is already up in {state_dir} (`chameleon cluster down --state-dir {state_dir}`)")
+            raise InvalidInput(f"a cluster is already up in {state_dir} (`chameleon cluster down --state-dir {state_dir}`)")
     if not 1 <= nshards <= 256 or not 1 <= replicas <= 16:
-        raise RetrieverError(f"shards must be in 1..256 and replicas in 1..16, got {nshards} and {replicas}")
+        raise InvalidInput(f"shards must be in 1..256 and replicas in 1..16, got {nshards} and {replicas}")
     keys = CurveKeys.load(keys_dir) if keys_dir is not None else None  # fail now, not in every child
     options = engine_options(engine, fpga_mode, xclbin)
     index_dir = Path(index_dir).resolve()
@@ -196,7 +196,7 @@ def up(
         front = _wait_ready(coordinator, run / "coordinator.json", logs / "coordinator.log", deadline)
         with RetrievalClient(front["endpoint"], keys=keys) as client:
             if not _wait_all_alive(lambda: client.info(timeout=2.0), deadline):
-                raise RetrieverError("the coordinator did not see every node alive in time")
+                raise Timeout("the coordinator did not see every node alive in time")
     except BaseException:
         for process in started:
             process.kill()
@@ -274,7 +274,7 @@ def status(state_dir: str | os.PathLike) -> dict:
     try:
         with RetrievalClient(state["coordinator"]["endpoint"], keys=keys, timeout=2.0) as client:
             view = client.info()
-    except RetrieverError:
+    except ChameleonError:
         view = None
     return {
         "coordinator": {**state["coordinator"], "running": _is_ours(state["coordinator"]["pid"])},

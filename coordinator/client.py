@@ -9,18 +9,38 @@ from dataclasses import dataclass
 import numpy as np
 import zmq
 
-from retriever.errors import RetrieverError
+from retriever.errors import ChameleonError, InvalidInput, Timeout, Unavailable
 from retriever.wire import protocol
 from retriever.wire.protocol import Message, ProtocolError
 from retriever.wire.security import CurveKeys, secure_client
 
+# ERROR codes that say the tier cannot answer now, not that the request is wrong.
+UNAVAILABLE_CODES = frozenset({"unavailable", "shutting_down", "overloaded"})
+# ERROR codes that blame neither the request nor the tier's state (a fault on the other side).
+FAULT_CODES = frozenset({"internal"})
 
-class RemoteError(RetrieverError):
-    """The other side answered ERROR."""
+
+class RemoteError(ChameleonError):
+    """The other side answered ERROR with ``code``; :func:`remote_error` gives it its kind."""
 
     def __init__(self, code: str, message: str):
         super().__init__(f"{code}: {message}")
         self.code = code
+
+
+class RemoteUnavailable(RemoteError, Unavailable):
+    """The other side cannot answer now (no live replica, shutting down, overloaded)."""
+
+
+class RemoteRefusal(RemoteError, InvalidInput):
+    """The other side refused the request as malformed or unacceptable."""
+
+
+def remote_error(code: str, message: str) -> RemoteError:
+    """The error an ERROR reply with ``code`` stands for."""
+    if code in UNAVAILABLE_CODES:
+        return RemoteUnavailable(code, message)
+    return RemoteError(code, message) if code in FAULT_CODES else RemoteRefusal(code, message)
 
 
 @dataclass
@@ -34,7 +54,7 @@ class SearchResult:
     def of(cls, reply: Message) -> SearchResult:
         """The answer a RESULT ``reply`` carries."""
         if reply.op != "RESULT":
-            raise RemoteError("bad_request", f"expected RESULT, got {reply.op}")
+            raise remote_error("bad_request", f"expected RESULT, got {reply.op}")
         distances, ids = reply.arrays
         return cls(distances, ids, reply.fields.get("partial", False), reply.fields.get("missing", []))
 
@@ -50,7 +70,7 @@ class RepliesByRid:
 
     def _check_outstanding(self, rid: int) -> None:
         if rid not in self._outstanding:
-            raise RetrieverError(f"no request {rid} is waiting for an answer")
+            raise InvalidInput(f"no request {rid} is waiting for an answer")
 
     def _keep(self, reply: Message) -> None:
         """Keep ``reply`` for its request, unless that was given up on (a late answer)."""
@@ -71,7 +91,7 @@ class RepliesByRid:
             if not early or reply.op == "ERROR":
                 self._close_request(rid)
         if reply.op == "ERROR":
-            raise RemoteError(reply.fields["code"], reply.fields["message"])
+            raise remote_error(reply.fields["code"], reply.fields["message"])
         return reply
 
     def _close_request(self, rid: int) -> None:
@@ -127,11 +147,11 @@ class RetrievalClient(RepliesByRid):
             while not self._has_reply(rid, early):
                 left_ms = int(max(0.0, deadline - time.monotonic()) * 1000)
                 if not self._socket.poll(left_ms, zmq.POLLIN):
-                    raise RetrieverError(f"no answer from {self.endpoint} within {self.timeout if timeout is None else timeout:g} s")
+                    raise Timeout(f"no answer from {self.endpoint} within {self.timeout if timeout is None else timeout:g} s")
                 try:
                     reply = protocol.decode(self._socket.recv_multipart(copy=False))
                 except ProtocolError as e:
-                    raise RemoteError(e.code, f"malformed reply from {self.endpoint}: {e}") from None
+                    raise remote_error(e.code, f"malformed reply from {self.endpoint}: {e}") from None
                 self._keep(reply)
         except Exception:
             self._close_request(rid)
@@ -152,5 +172,5 @@ class RetrievalClient(RepliesByRid):
     def info(self, timeout: float | None = None) -> dict:
         reply = self.request(Message("HEARTBEAT", 0), timeout)
         if reply.op != "INFO":
-            raise RemoteError("bad_request", f"expected INFO, got {reply.op}")
+            raise remote_error("bad_request", f"expected INFO, got {reply.op}")
         return reply.fields["info"]

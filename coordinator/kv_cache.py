@@ -40,7 +40,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from coordinator.prefill_profile import PrefillProfile
-from retriever.errors import RetrieverError
+from retriever.errors import InvalidInput
 
 DEVICE, HOST = "device", "host"
 POLICIES = ("lru", "lfu", "gdsf", "pgdsf")
@@ -103,11 +103,11 @@ class KnowledgeTree:
         profile: PrefillProfile | None = None,
     ):
         if policy not in POLICIES:
-            raise RetrieverError(f"the cache policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+            raise InvalidInput(f"the cache policy must be one of {', '.join(POLICIES)}, got {policy!r}")
         if policy in ("gdsf", "pgdsf") and profile is None:
-            raise RetrieverError(f"{policy} needs a prefill profile (`chameleon profile prefill`)")
+            raise InvalidInput(f"{policy} needs a prefill profile (`chameleon profile prefill`)")
         if bytes_per_token <= 0 or device_bytes < template_tokens * bytes_per_token or host_bytes < 0:
-            raise RetrieverError("the device budget must at least hold the prompt template, and budgets are non-negative")
+            raise InvalidInput("the device budget must at least hold the prompt template, and budgets are non-negative")
         self.policy, self.profile = policy, profile
         self.budget = {DEVICE: device_bytes, HOST: host_bytes}
         self.used = {DEVICE: template_tokens * bytes_per_token, HOST: 0}
@@ -169,7 +169,7 @@ class KnowledgeTree:
         """Remove ``node`` and its subtree from every tier: their KV is gone without the tree's say
         (an engine with its own block manager, as vLLM). A node no longer in the tree is left alone."""
         if node is self.root:
-            raise RetrieverError("the prompt template's node cannot be forgotten")
+            raise InvalidInput("the prompt template's node cannot be forgotten")
         if not self._attached(node):
             return
         for child in list(node.children.values()):
@@ -192,7 +192,7 @@ class KnowledgeTree:
     def access(self, docs: Sequence[tuple[str, int]], question_tokens: int = 0) -> Access:
         """Serve one request whose prompt is template + ``docs`` ((id, tokens) in prompt order) + question."""
         if len({doc for doc, _ in docs}) != len(docs) or any(tokens <= 0 for _, tokens in docs):
-            raise RetrieverError("a request's documents must be distinct, each with at least one token")
+            raise InvalidInput("a request's documents must be distinct, each with at least one token")
         self._ticks += 1
         matched = self.match([doc for doc, _ in docs])
         pinned = {id(self.root), *(id(n) for n in matched)}
@@ -374,7 +374,7 @@ class CacheAwareQueue:
 
     def __init__(self, ratio: Callable[[object], float], window: int = 8):
         if window < 1:
-            raise RetrieverError(f"the reordering window must be at least 1, got {window}")
+            raise InvalidInput(f"the reordering window must be at least 1, got {window}")
         self.ratio, self.window = ratio, window
         self._waiting: list[list] = []  # [request, times passed over], in arrival order
 

@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from retriever.errors import RetrieverError
+from retriever.errors import InvalidInput
 
 SCHEDULES = {"sequential": 1, "pipelined": 2}  # micro-batches
 
@@ -81,13 +81,13 @@ def generate(
     Returns the generated tokens of each prompt, an end token included.
     """
     if not prompts or any(not prompt for prompt in prompts):
-        raise RetrieverError("every prompt needs at least one token")
+        raise InvalidInput("every prompt needs at least one token")
     if interval is not None and interval < 1:
-        raise RetrieverError(f"the retrieval interval must be at least 1, got {interval}")
+        raise InvalidInput(f"the retrieval interval must be at least 1, got {interval}")
     if max_new_tokens < 1 or micro_batches < 1:
-        raise RetrieverError("max_new_tokens and micro_batches must be at least 1")
+        raise InvalidInput("max_new_tokens and micro_batches must be at least 1")
     if sampling is not None and len(sampling) != len(prompts):
-        raise RetrieverError(f"{len(prompts)} prompts but {len(sampling)} samplers")
+        raise InvalidInput(f"{len(prompts)} prompts but {len(sampling)} samplers")
     groups = _split(len(prompts), min(micro_batches, len(prompts)))
     lanes = []
     for group in groups:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from retriever.errors import RetrieverError
+from retriever.errors import InvalidInput
 from retriever.files import write_json_atomic
 
 FORMAT = "chameleon-prefill-profile"
@@ -33,11 +33,11 @@ class PrefillProfile:
     def __post_init__(self):
         shape = (len(self.cached), len(self.new))
         if np.shape(self.table) != shape or len(self.new) < 2 or not self.cached:
-            raise RetrieverError(f"a prefill profile needs a {shape} table and at least two new-token columns")
+            raise InvalidInput(f"a prefill profile needs a {shape} table and at least two new-token columns")
         if sorted(set(self.cached)) != list(self.cached) or sorted(set(self.new)) != list(self.new):
-            raise RetrieverError("the profile's grids must be strictly increasing")
+            raise InvalidInput("the profile's grids must be strictly increasing")
         if not np.all(np.isfinite(self.table)) or np.min(self.table) < 0:
-            raise RetrieverError("the profile's times must be finite and non-negative")
+            raise InvalidInput("the profile's times must be finite and non-negative")
 
     def seconds(self, cached: int, new: int) -> float:
         """Estimated prefill time of ``new`` tokens after ``cached`` reused ones."""
@@ -62,15 +62,15 @@ class PrefillProfile:
         try:
             data = json.loads(Path(path).read_text())
         except FileNotFoundError:
-            raise RetrieverError(f"no prefill profile at {path} (`chameleon profile prefill --out {path}`)") from None
+            raise InvalidInput(f"no prefill profile at {path} (`chameleon profile prefill --out {path}`)") from None
         except json.JSONDecodeError as e:
-            raise RetrieverError(f"{path} is not a prefill profile: {e}") from None
+            raise InvalidInput(f"{path} is not a prefill profile: {e}") from None
         if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise RetrieverError(f"{path} is not a prefill profile")
+            raise InvalidInput(f"{path} is not a prefill profile")
         try:
             return cls(data["cached"], data["new"], data["table"], data.get("device", ""), data.get("model", ""))
         except (KeyError, TypeError) as e:
-            raise RetrieverError(f"{path} is not a prefill profile: {e}") from None
+            raise InvalidInput(f"{path} is not a prefill profile: {e}") from None
 
 
 def _bracket(grid: list[int], value: float) -> tuple[int, float]:

@@ -37,7 +37,7 @@ import numpy as np
 import zmq
 
 from coordinator.client import RepliesByRid, SearchResult
-from retriever.errors import RetrieverError
+from retriever.errors import InvalidInput, NotFound, Timeout
 from retriever.search import merge_topk
 from retriever.wire import protocol
 from retriever.wire.protocol import Message, ProtocolError
@@ -63,16 +63,16 @@ class ClusterConfig:
             data = json.loads(Path(path).read_text())
             config = cls(data["metric"], int(data["nshards"]), data["fingerprint"], list(data["nodes"]))
         except FileNotFoundError:
-            raise RetrieverError(f"{path} does not exist") from None
+            raise NotFound(f"{path} does not exist") from None
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise RetrieverError(f"{path} is not a cluster configuration: {e}") from None
+            raise InvalidInput(f"{path} is not a cluster configuration: {e}") from None
         config.check()
         return config
 
     def check(self) -> None:
         shards = {n.get("shard") for n in self.nodes}
         if shards != set(range(self.nshards)):
-            raise RetrieverError(f"the nodes cover shards {sorted(shards, key=str)}, not 0..{self.nshards - 1}")
+            raise InvalidInput(f"the nodes cover shards {sorted(shards, key=str)}, not 0..{self.nshards - 1}")
 
 
 @dataclass
@@ -127,7 +127,7 @@ class Coordinator:
         keys: CurveKeys | None = None,
     ):
         if on_missing not in ("partial", "fail"):
-            raise RetrieverError(f"on_missing must be 'partial' or 'fail', got {on_missing!r}")
+            raise InvalidInput(f"on_missing must be 'partial' or 'fail', got {on_missing!r}")
         self.config = config
         self.timeout = timeout
         self.on_missing = on_missing
@@ -457,14 +457,14 @@ class InlineCoordinator(RepliesByRid):
 
     def search_result(self, rid: int, early: bool = False) -> SearchResult:
         """The answer to the SEARCH ``rid`` (see :meth:`RetrievalClient.receive` for ``early``);
-        an ERROR raised as :class:`RemoteError`, no answer within ``timeout`` as RetrieverError."""
+        an ERROR raised as :class:`RemoteError`, no answer within ``timeout`` as InvalidInput."""
         self._check_outstanding(rid)
         deadline = time.monotonic() + self.timeout
         try:
             while not self._has_reply(rid, early):
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise RetrieverError(f"no answer from the retrieval nodes within {self.timeout:g} s")
+                    raise Timeout(f"no answer from the retrieval nodes within {self.timeout:g} s")
                 self._drive(min(TURN_MS, math.ceil(left * 1000)))
         except Exception:
             self._close_request(rid)

@@ -20,7 +20,7 @@ import math
 import threading
 from collections.abc import Callable, Sequence
 
-from retriever.errors import RetrieverError
+from retriever.errors import InvalidInput
 
 
 class SpeculativePrefill:
@@ -29,7 +29,7 @@ class SpeculativePrefill:
 
     def __init__(self, limit: int = 1, early_fraction: float = 0.5, busy: Callable[[], bool] | None = None):
         if limit < 1 or not 0 < early_fraction < 1:
-            raise RetrieverError(f"need limit >= 1 and 0 < early_fraction < 1, got {limit} and {early_fraction}")
+            raise InvalidInput(f"need limit >= 1 and 0 < early_fraction < 1, got {limit} and {early_fraction}")
         self.limit, self.early_fraction, self.busy = limit, early_fraction, busy
         self.stats = {"started": 0, "declined": 0, "confirmed": 0, "restarted": 0}
         self._running = 0

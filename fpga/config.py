@@ -7,7 +7,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from retriever.errors import RetrieverError
+from retriever.errors import InvalidInput, NotFound
 from retriever.index import IVFPQParams
 
 KSUB = 256  # the kernel scans 8-bit PQ codes
@@ -37,21 +37,21 @@ class KernelConfig:
         for name in ("dim", "m", "k", "banks", "pes", "l1"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise RetrieverError(f"FPGA kernel parameter {name} must be a positive integer, got {value!r}")
+                raise InvalidInput(f"FPGA kernel parameter {name} must be a positive integer, got {value!r}")
         if self.dim % self.m:
-            raise RetrieverError(f"FPGA kernel: m={self.m} must divide the dimension {self.dim}")
+            raise InvalidInput(f"FPGA kernel: m={self.m} must divide the dimension {self.dim}")
         if self.banks not in SUPPORTED_BANKS:
-            raise RetrieverError(f"FPGA kernel: banks must be one of {SUPPORTED_BANKS}, got {self.banks}")
+            raise InvalidInput(f"FPGA kernel: banks must be one of {SUPPORTED_BANKS}, got {self.banks}")
         if self.pes % self.banks:
-            raise RetrieverError(f"FPGA kernel: PEs ({self.pes}) must be a multiple of the banks ({self.banks})")
+            raise InvalidInput(f"FPGA kernel: PEs ({self.pes}) must be a multiple of the banks ({self.banks})")
         if self.l1 > self.k:
-            raise RetrieverError(f"FPGA kernel: the level-1 queue ({self.l1}) cannot be longer than K ({self.k})")
+            raise InvalidInput(f"FPGA kernel: the level-1 queue ({self.l1}) cannot be longer than K ({self.k})")
 
     @classmethod
     def for_index(cls, params: IVFPQParams, k: int = DEFAULT_K, banks: int = DEFAULT_BANKS, l1: int | None = None) -> KernelConfig:
         """Chameleon's shape for an index: every bank feeds ``64 // m`` PEs per cycle."""
         if params.nbits != 8:
-            raise RetrieverError(f"the FPGA kernel scans 8-bit PQ codes; this index has nbits={params.nbits}")
+            raise InvalidInput(f"the FPGA kernel scans 8-bit PQ codes; this index has nbits={params.nbits}")
         lanes = max(1, BANK_LINE_BYTES // params.m)
         return cls(params.dim, params.m, k, banks, banks * lanes, k if l1 is None else l1)
 
@@ -94,13 +94,13 @@ class KernelConfig:
             fields = json.loads(Path(path).read_text())
             return cls(**fields)
         except FileNotFoundError:
-            raise RetrieverError(f"{path} is missing: a kernel build writes its parameters there (make -C hls hw)") from None
+            raise NotFound(f"{path} is missing: a kernel build writes its parameters there (make -C hls hw)") from None
         except (json.JSONDecodeError, TypeError) as e:
-            raise RetrieverError(f"{path} does not describe a kernel build: {e}") from None
+            raise InvalidInput(f"{path} does not describe a kernel build: {e}") from None
 
     def check_index(self, params: IVFPQParams) -> None:
         """A kernel build serves only indexes of its own shape."""
         if params.nbits != 8:
-            raise RetrieverError(f"the FPGA kernel scans 8-bit PQ codes; this index has nbits={params.nbits}")
+            raise InvalidInput(f"the FPGA kernel scans 8-bit PQ codes; this index has nbits={params.nbits}")
         if (params.dim, params.m) != (self.dim, self.m):
-            raise RetrieverError(f"the kernel was built for dim={self.dim}, m={self.m}; the index has dim={params.dim}, m={params.m}")
+            raise InvalidInput(f"the kernel was built for dim={self.dim}, m={self.m}; the index has dim={params.dim}, m={params.m}")

@@ -21,7 +21,7 @@ import numpy as np
 from fpga.config import KernelConfig
 from fpga.layout import BankedLists, resident_arrays
 from retriever.datasets import cache_dir
-from retriever.errors import RetrieverError
+from retriever.errors import InvalidInput, NotFound
 
 HLS_DIR = Path(__file__).resolve().parent.parent / "hls"
 KERNEL_FILES = ("ivfpq_kernel.cpp", "ivfpq_kernel.h", "hls_shim.h", "Makefile")
@@ -30,10 +30,10 @@ KERNEL_FILES = ("ivfpq_kernel.cpp", "ivfpq_kernel.h", "hls_shim.h", "Makefile")
 def build_library(config: KernelConfig) -> Path:
     """The kernel compiled as a shared library for ``config`` (``make -C hls emu-lib``), built once."""
     if not HLS_DIR.is_dir():
-        raise RetrieverError(f"the kernel sources are missing ({HLS_DIR}): the FPGA emulation runs from a source checkout")
+        raise NotFound(f"the kernel sources are missing ({HLS_DIR}): the FPGA emulation runs from a source checkout")
     for tool in ("make", os.environ.get("CXX", "g++")):
         if shutil.which(tool) is None:
-            raise RetrieverError(f"the FPGA emulation builds the kernel with make and a C++ compiler; {tool!r} is not on PATH")
+            raise InvalidInput(f"the FPGA emulation builds the kernel with make and a C++ compiler; {tool!r} is not on PATH")
     make_variables = config.make_variables()
     digest = hashlib.sha256(" ".join(make_variables).encode())
     for name in KERNEL_FILES:
@@ -49,7 +49,7 @@ def build_library(config: KernelConfig) -> Path:
             ["make", "-s", "-C", str(HLS_DIR), "emu-lib", f"EMU_LIB={partial}", *make_variables], capture_output=True, text=True
         )
         if result.returncode != 0:
-            raise RetrieverError(f"building the FPGA kernel for emulation failed:\n{result.stdout}{result.stderr}")
+            raise InvalidInput(f"building the FPGA kernel for emulation failed:\n{result.stdout}{result.stderr}")
         os.replace(partial, library)
     finally:
         if os.path.exists(partial):
@@ -95,7 +95,7 @@ class EmulatedKernel:
     def run(self, queries: np.ndarray, list_ids: np.ndarray, inner_product: bool) -> tuple[np.ndarray, np.ndarray]:
         """(keys, ids), each (nq, K): keys ascending (negated inner products), id -1 past the candidates."""
         if not self._resident:
-            raise RetrieverError("no shard is loaded on the kernel")
+            raise InvalidInput("no shard is loaded on the kernel")
         nq, nprobe = list_ids.shape
         buffers = dict(self._resident)
         buffers["queries"] = np.ascontiguousarray(queries, dtype=np.float32)

@@ -9,7 +9,7 @@ import numpy as np
 from fpga.config import DEFAULT_BANKS, DEFAULT_K, KernelConfig
 from fpga.layout import pack_banks
 from retriever.engines import ScanEngine
-from retriever.errors import RetrieverError
+from retriever.errors import InvalidInput
 from retriever.index import IVFPQIndex
 
 FPGA_MODES = ("emu", "hw")
@@ -44,23 +44,23 @@ class FpgaEngine(ScanEngine):
             from fpga.emulation import EmulatedKernel
 
             if xclbin is not None:
-                raise RetrieverError("--xclbin is for --fpga-mode hw; the emulation builds the kernel from hls/")
+                raise InvalidInput("--xclbin is for --fpga-mode hw; the emulation builds the kernel from hls/")
             self.kernel = EmulatedKernel(KernelConfig.for_index(index.params, k=k, banks=banks, l1=l1))
         elif mode == "hw":
             from fpga.pynq_driver import PynqKernel
 
             if xclbin is None:
-                raise RetrieverError("--fpga-mode hw needs --xclbin (the bitstream `make -C hls hw` builds)")
+                raise InvalidInput("--fpga-mode hw needs --xclbin (the bitstream `make -C hls hw` builds)")
             self.kernel = PynqKernel(xclbin, max_nprobe=min(index.params.nlist, HW_MAX_NPROBE))
         else:
-            raise RetrieverError(f"unknown FPGA mode {mode!r}; choose from {', '.join(FPGA_MODES)}")
+            raise InvalidInput(f"unknown FPGA mode {mode!r}; choose from {', '.join(FPGA_MODES)}")
         self.config = self.kernel.config
         self.config.check_index(index.params)
         self.kernel.load(pack_banks(self.lists, self.config.banks, self.config.lanes), self.centroids, self.codebooks)
 
     def search_checked(self, queries, list_ids, k):
         if k > self.config.k:
-            raise RetrieverError(f"the FPGA kernel was built for at most K={self.config.k} results, asked for k={k}")
+            raise InvalidInput(f"the FPGA kernel was built for at most K={self.config.k} results, asked for k={k}")
         batch = getattr(self.kernel, "max_batch", None) or max(1, len(queries))
         keys = np.empty((len(queries), k), np.float32)
         ids = np.empty((len(queries), k), np.int64)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from retriever.errors import RetrieverError
+from retriever.errors import InvalidInput
 from retriever.index import InvertedLists
 
 
@@ -59,7 +59,7 @@ def resident_arrays(banked: BankedLists, centroids: np.ndarray, codebooks: np.nd
     """What a kernel with ``banks`` banks keeps in device memory for a shard: port name -> (array,
     the memory bank it goes to). Codes and ids of bank b go to bank b, the rest to bank 0."""
     if banked.banks != banks:
-        raise RetrieverError(f"the shard is packed for {banked.banks} banks, the kernel has {banks}")
+        raise InvalidInput(f"the shard is packed for {banked.banks} banks, the kernel has {banks}")
     arrays = {
         "centroids": (np.ascontiguousarray(centroids, dtype=np.float32), 0),
         "codebooks": (np.ascontiguousarray(codebooks, dtype=np.float32), 0),

@@ -16,7 +16,7 @@ import numpy as np
 
 from fpga.config import KernelConfig
 from fpga.layout import BankedLists, resident_arrays
-from retriever.errors import RetrieverError
+from retriever.errors import InvalidInput
 
 KERNEL_NAME = "ivfpq_search_1"
 # Results and query buffers are allocated for this many queries; larger batches are split.
@@ -27,7 +27,7 @@ def _import_pynq():
     try:
         import pynq
     except ImportError:
-        raise RetrieverError(
+        raise InvalidInput(
             "--fpga-mode hw needs PYNQ (pip install 'chameleon-rag[fpga]' in an environment of its own: pynq pins "
             "numpy<2); --fpga-mode emu runs the same kernel on the CPU"
         ) from None
@@ -43,16 +43,16 @@ class PynqKernel:
     def __init__(self, xclbin: str | os.PathLike, max_nprobe: int, memories: tuple[str, ...] = ("bank0", "bank1", "bank2", "bank3")):
         xclbin = Path(xclbin)
         if not xclbin.is_file():
-            raise RetrieverError(f"no FPGA bitstream at {xclbin} (build it with `make -C hls hw`)")
+            raise InvalidInput(f"no FPGA bitstream at {xclbin} (build it with `make -C hls hw`)")
         self.config = KernelConfig.load(xclbin.with_suffix(".json"))
         pynq = _import_pynq()
         if not pynq.Device.devices:
-            raise RetrieverError("PYNQ finds no FPGA device on this host; use --fpga-mode emu to run the kernel on the CPU")
+            raise InvalidInput("PYNQ finds no FPGA device on this host; use --fpga-mode emu to run the kernel on the CPU")
         self._pynq = pynq
         self.overlay = pynq.Overlay(str(xclbin))
         self.ip = getattr(self.overlay, KERNEL_NAME)
         if len(memories) < self.config.banks:
-            raise RetrieverError(f"the kernel has {self.config.banks} banks; name that many memories")
+            raise InvalidInput(f"the kernel has {self.config.banks} banks; name that many memories")
         self._banks = [getattr(self.overlay, name) for name in memories[: self.config.banks]]
         self.max_nprobe = max_nprobe
         self._buffers: dict = {}
@@ -80,7 +80,7 @@ class PynqKernel:
         """(keys, ids), each (nq, K), for at most :data:`MAX_BATCH` queries of at most ``max_nprobe`` lists."""
         nq, nprobe = list_ids.shape
         if nq > MAX_BATCH or nprobe > self.max_nprobe:
-            raise RetrieverError(f"the card takes batches of at most {MAX_BATCH} queries x {self.max_nprobe} lists")
+            raise InvalidInput(f"the card takes batches of at most {MAX_BATCH} queries x {self.max_nprobe} lists")
         b = self._buffers
         b["queries"][:nq] = queries
         b["list_ids"][:nq, :nprobe] = list_ids

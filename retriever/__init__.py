@@ -10,7 +10,7 @@ Knows nothing about LLMs. Numpy in, numpy out::
 from retriever.build import build_index
 from retriever.coarse import CoarseQuantizer
 from retriever.engines import FaissEngine, NumbaEngine, make_scan_engine
-from retriever.errors import RetrieverError
+from retriever.errors import InvalidInput
 from retriever.index import InvertedLists, IVFPQIndex, IVFPQParams, load_index, save_index, verify_index
 from retriever.search import Searcher, merge_topk
 
@@ -20,7 +20,7 @@ __all__ = [
     "FaissEngine",
     "NumbaEngine",
     "make_scan_engine",
-    "RetrieverError",
+    "InvalidInput",
     "IVFPQIndex",
     "IVFPQParams",
     "InvertedLists",

@@ -10,7 +10,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from retriever.coarse import CoarseQuantizer
-from retriever.errors import RetrieverError
+from retriever.errors import InvalidInput
 from retriever.index import InvertedLists, IVFPQIndex, IVFPQParams, split_shards
 from retriever.vectors import as_query_matrix, prepare_vectors
 
@@ -44,14 +44,14 @@ def build_index(
     if ids is None:
         ids = np.arange(n, dtype=np.int64)
     elif np.shape(ids) != (n,):
-        raise RetrieverError(f"ids must have shape ({n},), got {np.shape(ids)}")
+        raise InvalidInput(f"ids must have shape ({n},), got {np.shape(ids)}")
     if params.nlist > n:
-        raise RetrieverError(f"nlist={params.nlist} is larger than the number of vectors ({n})")
+        raise InvalidInput(f"nlist={params.nlist} is larger than the number of vectors ({n})")
     if n < params.ksub:
-        raise RetrieverError(f"PQ with nbits={params.nbits} needs at least {params.ksub} training vectors, got {n}")
+        raise InvalidInput(f"PQ with nbits={params.nbits} needs at least {params.ksub} training vectors, got {n}")
     train_size = default_train_size(n, params.nlist) if train_size is None else train_size
     if not params.nlist <= train_size <= n or train_size < params.ksub:
-        raise RetrieverError(
+        raise InvalidInput(
             f"train size must be between max(nlist, 2**nbits)={max(params.nlist, params.ksub)} and the number of vectors {n}, got {train_size}"
         )
 
@@ -100,13 +100,13 @@ def add_vectors(index: IVFPQIndex, vectors: np.ndarray, ids: np.ndarray | None =
         first = int(whole.ids.max()) + 1 if whole.ntotal else 0
         ids = np.arange(first, first + n, dtype=np.int64)
     elif np.shape(ids) != (n,) or np.asarray(ids).dtype.kind not in "iu":
-        raise RetrieverError(f"ids must be {n} integers, got shape {np.shape(ids)} and dtype {np.asarray(ids).dtype}")
+        raise InvalidInput(f"ids must be {n} integers, got shape {np.shape(ids)} and dtype {np.asarray(ids).dtype}")
     ids = np.asarray(ids, dtype=np.int64)
     if np.unique(ids).shape[0] != n:
-        raise RetrieverError("the ids to add repeat themselves")
+        raise InvalidInput("the ids to add repeat themselves")
     taken = np.intersect1d(ids, whole.ids)
     if taken.size:
-        raise RetrieverError(f"{taken.size} of the ids to add are in the index already (the first: {int(taken[0])})")
+        raise InvalidInput(f"{taken.size} of the ids to add are in the index already (the first: {int(taken[0])})")
     assignment, codes = encode_vectors(vectors, index.params, index.centroids, index.codebooks, progress)
     lists = InvertedLists.from_assignment(
         np.concatenate([whole.assignment(), assignment]),
@@ -154,14 +154,14 @@ def remove_ids(index: IVFPQIndex, ids: np.ndarray, renumber: bool = False) -> IV
     """
     ids = np.asarray(ids)
     if ids.ndim != 1 or ids.dtype.kind not in "iu":
-        raise RetrieverError(f"the ids to remove must be a list of integers, got shape {ids.shape} and dtype {ids.dtype}")
+        raise InvalidInput(f"the ids to remove must be a list of integers, got shape {ids.shape} and dtype {ids.dtype}")
     whole = index.whole()
     missing = np.setdiff1d(ids, whole.ids)
     if missing.size:
-        raise RetrieverError(f"{missing.size} of the ids to remove are not in the index (the first: {int(missing[0])})")
+        raise InvalidInput(f"{missing.size} of the ids to remove are not in the index (the first: {int(missing[0])})")
     keep = ~np.isin(whole.ids, ids)
     if not keep.any():
-        raise RetrieverError("that would remove every vector: build a new index instead")
+        raise InvalidInput("that would remove every vector: build a new index instead")
     kept_ids = whole.ids[keep]
     if renumber:
         kept_ids = np.searchsorted(np.sort(kept_ids), kept_ids)

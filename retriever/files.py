@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from retriever.errors import RetrieverError
+from retriever.errors import InvalidInput
 
 
 def _write_atomic(path: Path, write) -> None:
@@ -48,7 +48,7 @@ def atomic_directory(target: str | os.PathLike, replace: bool = False) -> Iterat
     """
     target = Path(target)
     if target.exists() and not replace:
-        raise RetrieverError(f"{target} already exists (use --force to replace it)")
+        raise InvalidInput(f"{target} already exists (use --force to replace it)")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from retriever.errors import RetrieverError
+from retriever.errors import InvalidInput, NotFound
 from retriever.files import atomic_directory
 
 FORMAT_NAME = "chameleon.ivfpq"
@@ -50,15 +50,15 @@ class IVFPQParams:
 
     def __post_init__(self):
         if self.metric not in METRICS:
-            raise RetrieverError(f"metric must be one of {', '.join(METRICS)}, got {self.metric!r}")
+            raise InvalidInput(f"metric must be one of {', '.join(METRICS)}, got {self.metric!r}")
         for name in ("dim", "nlist", "m"):
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or value < 1:
-                raise RetrieverError(f"{name} must be a positive integer, got {value!r}")
+                raise InvalidInput(f"{name} must be a positive integer, got {value!r}")
         if self.nbits not in SUPPORTED_NBITS:
-            raise RetrieverError(f"nbits must be one of {SUPPORTED_NBITS}, got {self.nbits!r}")
+            raise InvalidInput(f"nbits must be one of {SUPPORTED_NBITS}, got {self.nbits!r}")
         if self.dim % self.m:
-            raise RetrieverError(f"m={self.m} must divide the dimension {self.dim}")
+            raise InvalidInput(f"m={self.m} must divide the dimension {self.dim}")
 
     @property
     def ksub(self) -> int:
@@ -88,7 +88,7 @@ def unpack_codes(codes: np.ndarray, m: int, nbits: int) -> np.ndarray:
     if nbits == 8:
         return codes
     if nbits != 4:
-        raise RetrieverError(f"nbits must be one of {SUPPORTED_NBITS}, got {nbits!r}")
+        raise InvalidInput(f"nbits must be one of {SUPPORTED_NBITS}, got {nbits!r}")
     unpacked = np.empty((codes.shape[0], 2 * codes.shape[1]), dtype=np.uint8)
     unpacked[:, 0::2] = codes & 0x0F
     unpacked[:, 1::2] = codes >> 4
@@ -152,7 +152,7 @@ class IVFPQIndex:
     def shard(self, i: int) -> IVFPQIndex:
         """An index holding only shard ``i`` (what one retrieval node serves)."""
         if not 0 <= i < self.nshards:
-            raise RetrieverError(f"shard {i} does not exist: the index has {self.nshards} shard(s)")
+            raise InvalidInput(f"shard {i} does not exist: the index has {self.nshards} shard(s)")
         return IVFPQIndex(self.params, self.centroids, self.codebooks, [self.shards[i]], self.build_info)
 
     def resharded(self, nshards: int) -> IVFPQIndex:
@@ -171,7 +171,7 @@ def _slice_owner(list_id: int, slice_no: int, nshards: int) -> int:
 def split_shards(lists: InvertedLists, nshards: int) -> list[InvertedLists]:
     """Split every inverted list into ``nshards`` contiguous slices of (nearly) equal size."""
     if not isinstance(nshards, (int, np.integer)) or nshards < 1:
-        raise RetrieverError(f"the number of shards must be a positive integer, got {nshards!r}")
+        raise InvalidInput(f"the number of shards must be a positive integer, got {nshards!r}")
     rows: list[list[np.ndarray]] = [[] for _ in range(nshards)]
     sizes = np.zeros((nshards, lists.nlist), dtype=np.int64)
     for list_id in range(lists.nlist):
@@ -195,7 +195,7 @@ def merge_shards(shards: list[InvertedLists]) -> InvertedLists:
     nshards = len(shards)
     nlist = shards[0].nlist
     if any(s.nlist != nlist for s in shards):
-        raise RetrieverError("shards disagree on the number of inverted lists")
+        raise InvalidInput("shards disagree on the number of inverted lists")
     bases = np.cumsum([0] + [s.ntotal for s in shards])
     pieces = []
     for list_id in range(nlist):
@@ -274,15 +274,15 @@ def read_manifest(path: str | os.PathLike) -> dict:
     path = Path(path)
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
-        raise RetrieverError(f"{path} is not an index directory: {MANIFEST} is missing")
+        raise NotFound(f"{path} is not an index directory: {MANIFEST} is missing")
     try:
         manifest = json.loads(manifest_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RetrieverError(f"{manifest_path} is corrupt: {e}") from None
+        raise InvalidInput(f"{manifest_path} is corrupt: {e}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-        raise RetrieverError(f"{manifest_path} is not a {FORMAT_NAME} manifest")
+        raise InvalidInput(f"{manifest_path} is not a {FORMAT_NAME} manifest")
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise RetrieverError(f"{path} has format version {manifest.get('format_version')!r}; this build reads version {FORMAT_VERSION}")
+        raise InvalidInput(f"{path} has format version {manifest.get('format_version')!r}; this build reads version {FORMAT_VERSION}")
     return manifest
 
 
@@ -299,14 +299,14 @@ def index_fingerprint(manifest: dict) -> str:
 
 
 def verify_index(path: str | os.PathLike) -> None:
-    """Check every array's sha256 against the manifest; raise :class:`RetrieverError` on a mismatch."""
+    """Check every array's sha256 against the manifest; raise :class:`InvalidInput` on a mismatch."""
     path = Path(path)
     for name, entry in read_manifest(path)["arrays"].items():
         file = path / name
         if not file.is_file():
-            raise RetrieverError(f"{file} is missing")
+            raise InvalidInput(f"{file} is missing")
         if _sha256(file) != entry["sha256"]:
-            raise RetrieverError(f"{file} is corrupt: its sha256 does not match the manifest")
+            raise InvalidInput(f"{file} is corrupt: its sha256 does not match the manifest")
 
 
 def _load_array(path: Path, name: str, entry: dict) -> np.ndarray:
@@ -314,11 +314,11 @@ def _load_array(path: Path, name: str, entry: dict) -> np.ndarray:
     try:
         array = np.load(file, mmap_mode="r")
     except FileNotFoundError:
-        raise RetrieverError(f"{file} is missing") from None
+        raise InvalidInput(f"{file} is missing") from None
     except ValueError as e:
-        raise RetrieverError(f"{file} is truncated or corrupt: {e}") from None
+        raise InvalidInput(f"{file} is truncated or corrupt: {e}") from None
     if list(array.shape) != entry["shape"] or str(array.dtype) != entry["dtype"]:
-        raise RetrieverError(f"{file} holds {array.dtype}{list(array.shape)}, the manifest says {entry['dtype']}{entry['shape']}")
+        raise InvalidInput(f"{file} holds {array.dtype}{list(array.shape)}, the manifest says {entry['dtype']}{entry['shape']}")
     return array
 
 
@@ -337,7 +337,7 @@ def load_index(path: str | os.PathLike, verify: bool = False, shard: int | None 
         nshards = len(manifest["shards"])
         wanted = range(nshards) if shard is None else [shard]
         if shard is not None and not 0 <= shard < nshards:
-            raise RetrieverError(f"shard {shard} does not exist: {path} has {nshards} shard(s)")
+            raise InvalidInput(f"shard {shard} does not exist: {path} has {nshards} shard(s)")
         centroids = _load_array(path, "centroids.npy", arrays["centroids.npy"])
         codebooks = _load_array(path, "codebooks.npy", arrays["codebooks.npy"])
         shards = []
@@ -345,7 +345,7 @@ def load_index(path: str | os.PathLike, verify: bool = False, shard: int | None 
             names = [f"shard-{i:03d}/{a}.npy" for a in ("offsets", "ids", "codes")]
             shards.append(InvertedLists(*(_load_array(path, n, arrays[n]) for n in names)))
     except KeyError as e:
-        raise RetrieverError(f"{path / MANIFEST} lacks the entry {e}") from None
+        raise InvalidInput(f"{path / MANIFEST} lacks the entry {e}") from None
     index = IVFPQIndex(params, centroids, codebooks, shards, manifest.get("build", {}))
     _check_consistent(index, path)
     return index
@@ -354,9 +354,9 @@ def load_index(path: str | os.PathLike, verify: bool = False, shard: int | None 
 def _check_consistent(index: IVFPQIndex, path: Path) -> None:
     p = index.params
     if index.centroids.shape != (p.nlist, p.dim) or index.codebooks.shape != (p.m, p.ksub, p.dsub):
-        raise RetrieverError(f"{path}: quantizer shapes do not match the parameters")
+        raise InvalidInput(f"{path}: quantizer shapes do not match the parameters")
     for s in index.shards:
         if s.offsets.shape != (p.nlist + 1,) or s.codes.shape != (s.ntotal, p.code_size):
-            raise RetrieverError(f"{path}: inverted list shapes do not match the parameters")
+            raise InvalidInput(f"{path}: inverted list shapes do not match the parameters")
         if s.offsets[0] != 0 or s.offsets[-1] != s.ntotal or np.any(np.diff(s.offsets) < 0):
-            raise RetrieverError(f"{path}: inverted list offsets are corrupt")
+            raise InvalidInput(f"{path}: inverted list offsets are corrupt")

@@ -28,7 +28,7 @@ import numpy as np
 import zmq
 
 from retriever.engines import make_scan_engine
-from retriever.errors import RetrieverError
+from retriever.errors import InvalidInput
 from retriever.index import index_fingerprint, load_index, read_manifest
 from retriever.search import merge_topk, split_probes
 from retriever.wire import protocol
@@ -176,7 +176,7 @@ class RetrievalNode:
             if pending_queries + queries.shape[0] > MAX_PENDING_QUERIES:
                 raise ProtocolError("overloaded", f"more than {MAX_PENDING_QUERIES} queries are waiting")
             return _Request(envelope, rid, queries, list_ids, k, message.fields.get("early"))
-        except (ProtocolError, RetrieverError) as e:
+        except (ProtocolError, InvalidInput) as e:
             code, rid = (e.code, e.rid or rid) if isinstance(e, ProtocolError) else ("bad_request", rid)
             protocol.send(router, protocol.error_reply(rid, code, str(e)), envelope)
             return None

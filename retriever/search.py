@@ -6,7 +6,7 @@ import numpy as np
 
 from retriever.coarse import CoarseQuantizer
 from retriever.engines import MAX_K, make_scan_engine
-from retriever.errors import RetrieverError
+from retriever.errors import InvalidInput
 from retriever.index import IVFPQIndex
 from retriever.vectors import as_query_matrix, prepare_vectors
 
@@ -36,7 +36,7 @@ def split_probes(list_ids: np.ndarray, early: int) -> tuple[np.ndarray, np.ndarr
     """The first ``early`` probed lists of every query and the rest: two scans whose results,
     merged with :func:`merge_topk`, are the scan of all of them (each list is in exactly one)."""
     if not 1 <= early < list_ids.shape[1]:
-        raise RetrieverError(f"early must be between 1 and nprobe - 1 = {list_ids.shape[1] - 1}, got {early}")
+        raise InvalidInput(f"early must be between 1 and nprobe - 1 = {list_ids.shape[1] - 1}, got {early}")
     return np.ascontiguousarray(list_ids[:, :early]), np.ascontiguousarray(list_ids[:, early:])
 
 
@@ -80,7 +80,7 @@ class Searcher:
     def search(self, queries, k: int, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
         most = min(self.ntotal, MAX_K)
         if not isinstance(k, (int, np.integer)) or not 1 <= k <= most:
-            raise RetrieverError(f"k must be between 1 and {most} (the indexed vectors, at most {MAX_K}), got {k!r}")
+            raise InvalidInput(f"k must be between 1 and {most} (the indexed vectors, at most {MAX_K}), got {k!r}")
         queries = prepare_vectors(as_query_matrix(queries, self.params.dim), self.params.metric)
         list_ids, _ = self.quantizer.search(queries, nprobe)
         return self.engine.search_checked(queries, list_ids, int(k))  # all three made here: the engine's check would repeat ours

@@ -45,11 +45,11 @@ class Server:
 
 def start_server(tmp_path: Path, *args) -> Server:
     from chameleon.server.launch import spawn
-    from retriever.errors import RetrieverError
+    from retriever.errors import InvalidInput
 
     try:
         process, info = spawn(tmp_path, *args, timeout=START_TIMEOUT)
-    except RetrieverError as e:
+    except InvalidInput as e:
         pytest.fail(str(e))
     return Server(process, info["url"], info["state_dir"], tmp_path / "serve.log")
 

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from retriever.errors import RetrieverError
+from retriever.errors import InvalidInput
 
 
 def _prompts(engine, n: int) -> list[list[int]]:
@@ -69,11 +69,11 @@ def test_stop_callback_bad_requests_and_close(tiny32):
     seen = []
     generation = batching.generate(prompt, 20, on_token=lambda token: seen.append(token) or len(seen) == 3)
     assert generation.tokens == seen and len(seen) == 3 and generation.finish_reason == "stop"
-    with pytest.raises(RetrieverError, match="context window"):
+    with pytest.raises(InvalidInput, match="context window"):
         batching.submit(prompt, tiny32.context_window)
-    with pytest.raises(RetrieverError, match="empty"):
+    with pytest.raises(InvalidInput, match="empty"):
         batching.submit([], 4)
-    with pytest.raises(RetrieverError, match="cached prefix"):
+    with pytest.raises(InvalidInput, match="cached prefix"):
         batching.submit(prompt[1:], 4, prefix=generation.state)
 
     def failing(token):
@@ -90,9 +90,9 @@ def test_stop_callback_bad_requests_and_close(tiny32):
     assert alongside.result(timeout=60).tokens == tiny32.generate(prompt, 30).tokens  # its neighbours are untouched
     assert batching.generate(prompt, 5).tokens == tiny32.generate(prompt, 5).tokens  # the engine goes on
     batching.close()
-    with pytest.raises(RetrieverError, match="closed"):
+    with pytest.raises(InvalidInput, match="closed"):
         batching.submit(prompt, 4)
-    with pytest.raises(RetrieverError, match="max_batch"):
+    with pytest.raises(InvalidInput, match="max_batch"):
         BatchingEngine(tiny32, max_batch=0)
 
 

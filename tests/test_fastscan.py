@@ -8,7 +8,7 @@ from retriever.coarse import CoarseQuantizer
 from retriever.datasets import exact_knn, synthetic
 from retriever.engines import BUILT_IN_ENGINES, MAX_K, FaissEngine, NumbaEngine, make_scan_engine, to_faiss_ivfpq
 from retriever.engines.fastscan import FastScanEngine
-from retriever.errors import RetrieverError
+from retriever.errors import InvalidInput
 from retriever.index import IVFPQParams, load_index, save_index, unpack_codes
 from retriever.kernels.fastscan import SIMD_BYTES, block_distances, detect_simd, pack_blocks, pairs_padded, quantize_table
 from retriever.kernels.refine import rerank_exact
@@ -185,22 +185,22 @@ def test_fewer_candidates_than_k_are_padded(index4, small_data):
 def test_bad_input_is_refused(index4, small_data, l2_index):
     engine = FastScanEngine(index4)
     queries, list_ids = probe(index4, small_data.queries[:4], 2)
-    with pytest.raises(RetrieverError, match="must have shape"):
+    with pytest.raises(InvalidInput, match="must have shape"):
         engine.search(queries[:, :5], list_ids, 10)
-    with pytest.raises(RetrieverError, match="list ids must have shape"):
+    with pytest.raises(InvalidInput, match="list ids must have shape"):
         engine.search(queries, list_ids[:3], 10)
-    with pytest.raises(RetrieverError, match="list ids must lie in"):
+    with pytest.raises(InvalidInput, match="list ids must lie in"):
         engine.search(queries, list_ids + 1000, 10)
     for k in (0, MAX_K + 1, 2.5):
-        with pytest.raises(RetrieverError, match="k must be"):
+        with pytest.raises(InvalidInput, match="k must be"):
             engine.search(queries, list_ids, k)
-    with pytest.raises(RetrieverError, match="scans 4-bit PQ codes"):
+    with pytest.raises(InvalidInput, match="scans 4-bit PQ codes"):
         FastScanEngine(l2_index)
-    with pytest.raises(RetrieverError, match="simd must be one of"):
+    with pytest.raises(InvalidInput, match="simd must be one of"):
         FastScanEngine(index4, simd="neon")
-    with pytest.raises(RetrieverError, match="a 4-bit lookup table has shape"):
+    with pytest.raises(InvalidInput, match="a 4-bit lookup table has shape"):
         quantize_table(np.zeros((4, 256), np.float32))
-    with pytest.raises(RetrieverError, match="whole blocks"):
+    with pytest.raises(InvalidInput, match="whole blocks"):
         block_distances(np.zeros(100, np.uint8), np.zeros((4, 16), np.float32))
     assert BUILT_IN_ENGINES["numba-fastscan"] is FastScanEngine
 
@@ -219,7 +219,7 @@ def test_rerank_exact_keeps_the_nearest_candidates(rng):
             assert set(row_i[row_i >= 0]) == set(best)
             assert np.allclose(row_d[: len(best)], np.sort(scores)[:10] * (1 if metric == "l2" else -1), rtol=1e-5)
         assert (i[0, 5:] == -1).all()
-    with pytest.raises(RetrieverError, match="candidate ids must lie in"):
+    with pytest.raises(InvalidInput, match="candidate ids must lie in"):
         rerank_exact(queries, vectors, candidates + 500, 10, "l2")
 
 
@@ -231,5 +231,5 @@ def test_bench_refines_every_engine(small_data):
     assert all(row["refine"] == 4 for row in refined)
     for plain, better in zip(rows, refined):
         assert better["recall"] > plain["recall"] + 0.1
-    with pytest.raises(RetrieverError, match="refine must be a positive integer"):
+    with pytest.raises(InvalidInput, match="refine must be a positive integer"):
         run_recall_benchmark(index4, small_data, ["numba-fastscan"], [8], [1], 10, nqueries=50, refine=0)

@@ -20,7 +20,7 @@ from fpga.layout import pack_banks
 from fpga.model import estimate_cycles, miss_probability
 from retriever.coarse import CoarseQuantizer
 from retriever.engines import NumbaEngine, make_scan_engine
-from retriever.errors import RetrieverError
+from retriever.errors import InvalidInput
 from retriever.index import InvertedLists, save_index
 from retriever.search import Searcher
 from retriever.vectors import prepare_vectors
@@ -138,25 +138,25 @@ def test_short_level1_queues_lose_neighbours_as_the_model_says(l2_index, small_d
 def test_fpga_engine_rejects_what_it_cannot_do(shard, small_data, tmp_path):
     queries, list_ids = probes(shard, small_data.queries[:4], 2)
     engine = FpgaEngine(shard, mode="emu", k=10)
-    with pytest.raises(RetrieverError, match="at most K=10"):
+    with pytest.raises(InvalidInput, match="at most K=10"):
         engine.search(queries, list_ids, 11)
-    with pytest.raises(RetrieverError, match="list ids"):
+    with pytest.raises(InvalidInput, match="list ids"):
         engine.search(queries, list_ids + 1000, 5)
-    with pytest.raises(RetrieverError, match="unknown FPGA mode"):
+    with pytest.raises(InvalidInput, match="unknown FPGA mode"):
         FpgaEngine(shard, mode="asic")
-    with pytest.raises(RetrieverError, match="needs --xclbin"):
+    with pytest.raises(InvalidInput, match="needs --xclbin"):
         FpgaEngine(shard, mode="hw")
-    with pytest.raises(RetrieverError, match="no FPGA bitstream"):
+    with pytest.raises(InvalidInput, match="no FPGA bitstream"):
         FpgaEngine(shard, mode="hw", xclbin=tmp_path / "missing.xclbin")
     (tmp_path / "k.xclbin").write_bytes(b"\0")
     KernelConfig.for_index(shard.params, k=10).save(tmp_path / "k.json")
-    with pytest.raises(RetrieverError, match="PYNQ"):  # pynq lives in its own environment
+    with pytest.raises(InvalidInput, match="PYNQ"):  # pynq lives in its own environment
         FpgaEngine(shard, mode="hw", xclbin=tmp_path / "k.xclbin")
-    with pytest.raises(RetrieverError, match="built for dim=64"):
+    with pytest.raises(InvalidInput, match="built for dim=64"):
         KernelConfig(64, 8).check_index(shard.params)
-    with pytest.raises(RetrieverError, match="level-1 queue"):
+    with pytest.raises(InvalidInput, match="level-1 queue"):
         KernelConfig(32, 8, k=10, l1=11)
-    with pytest.raises(RetrieverError, match="takes no options"):
+    with pytest.raises(InvalidInput, match="takes no options"):
         make_scan_engine("numba", shard, mode="emu")
 
 

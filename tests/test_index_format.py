@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import retriever.index as index_module
-from retriever.errors import RetrieverError
+from retriever.errors import InvalidInput
 from retriever.index import FORMAT_VERSION, IVFPQParams, load_index, read_manifest, save_index, verify_index
 
 
@@ -43,7 +43,7 @@ def test_round_trip_of_sharded_index(tmp_path, l2_index):
     assert_same_index(sharded, loaded)
     single = load_index(tmp_path / "idx", shard=1)
     np.testing.assert_array_equal(single.shards[0].ids, sharded.shards[1].ids)
-    with pytest.raises(RetrieverError, match="shard 3 does not exist"):
+    with pytest.raises(InvalidInput, match="shard 3 does not exist"):
         load_index(tmp_path / "idx", shard=3)
 
 
@@ -57,9 +57,9 @@ def test_corrupted_array_fails_checksum(tmp_path, l2_index):
     path = save_index(l2_index, tmp_path / "idx")
     _flip_byte(path / "shard-000" / "codes.npy")
     load_index(path)  # shapes still fine: only --verify reads every byte
-    with pytest.raises(RetrieverError, match="codes.npy is corrupt"):
+    with pytest.raises(InvalidInput, match="codes.npy is corrupt"):
         load_index(path, verify=True)
-    with pytest.raises(RetrieverError, match="sha256"):
+    with pytest.raises(InvalidInput, match="sha256"):
         verify_index(path)
 
 
@@ -67,20 +67,20 @@ def test_truncated_array_is_detected_without_verify(tmp_path, l2_index):
     path = save_index(l2_index, tmp_path / "idx")
     codes = path / "shard-000" / "codes.npy"
     codes.write_bytes(codes.read_bytes()[:-1000])
-    with pytest.raises(RetrieverError, match="truncated or corrupt"):
+    with pytest.raises(InvalidInput, match="truncated or corrupt"):
         load_index(path)
 
 
 def test_missing_or_bad_manifest(tmp_path, l2_index):
-    with pytest.raises(RetrieverError, match="manifest.json is missing"):
+    with pytest.raises(InvalidInput, match="manifest.json is missing"):
         load_index(tmp_path)
     path = save_index(l2_index, tmp_path / "idx")
     manifest = json.loads((path / "manifest.json").read_text())
     (path / "manifest.json").write_text(json.dumps({**manifest, "format_version": 99}))
-    with pytest.raises(RetrieverError, match="format version 99"):
+    with pytest.raises(InvalidInput, match="format version 99"):
         load_index(path)
     (path / "manifest.json").write_text("{not json")
-    with pytest.raises(RetrieverError, match="corrupt"):
+    with pytest.raises(InvalidInput, match="corrupt"):
         load_index(path)
 
 
@@ -89,7 +89,7 @@ def test_manifest_shape_mismatch(tmp_path, l2_index):
     manifest = json.loads((path / "manifest.json").read_text())
     manifest["arrays"]["centroids.npy"]["shape"] = [63, 32]
     (path / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(RetrieverError, match="the manifest says"):
+    with pytest.raises(InvalidInput, match="the manifest says"):
         load_index(path)
 
 
@@ -97,7 +97,7 @@ def test_existing_directory_needs_force(tmp_path, l2_index):
     target = tmp_path / "idx"
     target.mkdir()
     (target / "keep.txt").write_text("mine")
-    with pytest.raises(RetrieverError, match="--force"):
+    with pytest.raises(InvalidInput, match="--force"):
         save_index(l2_index, target)
     assert (target / "keep.txt").read_text() == "mine"
     save_index(l2_index, target, force=True)
@@ -132,5 +132,5 @@ def test_failed_write_leaves_nothing_behind(tmp_path, l2_index, monkeypatch):
 )
 def test_bad_parameters(kwargs, message):
     args = {"metric": "l2", "dim": 32, "nlist": 16, "m": 8, **kwargs}
-    with pytest.raises(RetrieverError, match=message):
+    with pytest.raises(InvalidInput, match=message):
         IVFPQParams(**args)

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from chameleon.rag.corpus import Document
-from retriever.errors import RetrieverError
+from retriever.errors import InvalidInput
 
 CODES = ["ALPHA", "BRAVO", "CHARLIE", "DELTA", "ECHO", "FOXTROT", "GOLF", "HOTEL"]
 FACTS = [f"The secret code of planet Zorblax-{n} is {CODES[n % 8]}-{n * 7 % 100}." for n in range(60)]
@@ -48,25 +48,25 @@ def test_generation_draws_on_the_datastore(engine, datastore):
     first_only = generate(engine, KnnLm.open(datastore, engine, k=8, lam=0.9), prompt, 4, every=100)
     assert first_only[0] == generate(engine, KnnLm.open(datastore, engine, k=8, lam=0.9), prompt, 1)[0]
     assert first_only[1:] == engine.generate(prompt + first_only[:1], 3).tokens
-    with pytest.raises(RetrieverError, match="at least 1"):
+    with pytest.raises(InvalidInput, match="at least 1"):
         generate(engine, KnnLm.open(datastore, engine), prompt, 4, every=0)
 
 
 def test_datastore_errors(engine, datastore, tmp_path):
     from chameleon.rag.knnlm import KnnLm, build_datastore
 
-    with pytest.raises(RetrieverError, match="knnlm.json is missing"):
+    with pytest.raises(InvalidInput, match="knnlm.json is missing"):
         KnnLm.open(tmp_path, engine)
     meta = json.loads((datastore / "knnlm.json").read_text())
     (tmp_path / "other").mkdir()
     for name in ("values.npy",):
         (tmp_path / "other" / name).write_bytes((datastore / name).read_bytes())
     (tmp_path / "other" / "knnlm.json").write_text(json.dumps({**meta, "model": "another-model:4096:32000"}))
-    with pytest.raises(RetrieverError, match="was built with the model"):
+    with pytest.raises(InvalidInput, match="was built with the model"):
         KnnLm.open(tmp_path / "other", engine)
-    with pytest.raises(RetrieverError, match="lambda"):
+    with pytest.raises(InvalidInput, match="lambda"):
         KnnLm.open(datastore, engine, lam=1.5)
-    with pytest.raises(RetrieverError, match="at least 256"):
+    with pytest.raises(InvalidInput, match="at least 256"):
         build_datastore([Document("a", "t", "too short", "s")], engine, tmp_path / "tiny")
 
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from chameleon.engines.prefill_timing import measure
 from coordinator.kv_cache import DEVICE, HOST, POLICIES, CacheAwareQueue, KnowledgeTree
 from coordinator.prefill_profile import PrefillProfile
-from retriever.errors import RetrieverError
+from retriever.errors import InvalidInput
 
 # T(cached, new) in seconds on a small grid; requests below land on grid points or midpoints.
 PROFILE = PrefillProfile(cached=[0, 100, 300], new=[10, 100], table=[[0.010, 0.050], [0.012, 0.060], [0.020, 0.100]])
@@ -30,12 +30,12 @@ def test_profile_interpolates_bilinearly_and_round_trips(tmp_path):
     PROFILE.save(tmp_path / "p.json")
     assert PrefillProfile.load(tmp_path / "p.json") == PROFILE
     (tmp_path / "bad.json").write_text(json.dumps({"format": "chameleon-prefill-profile", "cached": [0], "new": [1, 2], "table": [[1]]}))
-    with pytest.raises(RetrieverError, match="table"):
+    with pytest.raises(InvalidInput, match="table"):
         PrefillProfile.load(tmp_path / "bad.json")
     (tmp_path / "junk.json").write_text("{")
-    with pytest.raises(RetrieverError, match="not a prefill profile"):
+    with pytest.raises(InvalidInput, match="not a prefill profile"):
         PrefillProfile.load(tmp_path / "junk.json")
-    with pytest.raises(RetrieverError, match="increasing"):
+    with pytest.raises(InvalidInput, match="increasing"):
         PrefillProfile([0, 0], [1, 2], [[1, 2], [1, 2]])
 
 
@@ -69,7 +69,7 @@ def test_profile_prefill_command_measures_a_real_engine(tiny_model, tmp_path):
 def test_measure_refuses_grids_past_the_context_window(tiny_model):
     from chameleon.engines.torch_engine import TorchEngine
 
-    with pytest.raises(RetrieverError, match="context window"):
+    with pytest.raises(InvalidInput, match="context window"):
         measure(TorchEngine(tiny_model), cached=[0, 1000], new=[8, 100])
 
 
@@ -259,13 +259,13 @@ def test_reordering_prefers_cached_work_without_starving_anyone():
 
 
 def test_bad_configurations_are_refused():
-    with pytest.raises(RetrieverError, match="one of"):
+    with pytest.raises(InvalidInput, match="one of"):
         KnowledgeTree("fifo", 100, 0, 1, 10)
-    with pytest.raises(RetrieverError, match="profile"):
+    with pytest.raises(InvalidInput, match="profile"):
         KnowledgeTree("pgdsf", 100, 0, 1, 10)
-    with pytest.raises(RetrieverError, match="template"):
+    with pytest.raises(InvalidInput, match="template"):
         KnowledgeTree("lru", 5, 0, 1, 10)
-    with pytest.raises(RetrieverError, match="distinct"):
+    with pytest.raises(InvalidInput, match="distinct"):
         KnowledgeTree("lru", 100, 0, 1, 10).access([("a", 5), ("a", 5)])
 
 
@@ -393,7 +393,7 @@ def test_forget_removes_a_subtree_from_every_tier():
     refill = tree.access([("a", 10), ("c", 10), ("e", 10)])  # what the tree forgot is admitted afresh
     assert refill.cached_tokens == 10 and [n.path for n in refill.inserted] == [("a",), ("a", "c"), ("a", "c", "e")]
     assert_invariants(tree)
-    with pytest.raises(RetrieverError, match="template"):
+    with pytest.raises(InvalidInput, match="template"):
         tree.forget(tree.root)
 
 

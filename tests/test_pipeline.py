@@ -6,7 +6,7 @@ import pytest
 
 from chameleon import cluster
 from chameleon.rag.corpus import Document
-from retriever.errors import RetrieverError
+from retriever.errors import InvalidInput
 
 TEXT = " ".join(f"Record {n}: the valve on deck {n % 7} opens at pressure {n * 13 % 50} bar." for n in range(80))
 PROMPTS = ["Record 12: the valve", "deck 3", "Record 40: the valve on deck 5 opens at", "pressure", "Record", "the valve on deck 2"]
@@ -76,7 +76,7 @@ def test_sampled_sequences_draw_on_their_own_from_the_mixture(tiny32, knnlm, pro
     assert all(t in values for tokens in drawn[::2] for t in tokens)
     lm_alone = generate_batch(tiny32, replace(knnlm, lam=0.0), prompts, 10, 1, "sequential", sampling=samplers())
     assert not all(t in values for tokens in lm_alone[::2] for t in tokens)  # the test above is not vacuous
-    with pytest.raises(RetrieverError, match="samplers"):
+    with pytest.raises(InvalidInput, match="samplers"):
         generate_batch(tiny32, knnlm, prompts, 4, sampling=[None])
 
 
@@ -200,15 +200,15 @@ def test_sequences_end_on_their_own(tiny32, knnlm, prompts):
 def test_bad_input(tiny32, knnlm, prompts):
     from chameleon.rag.knnlm import generate_batch
 
-    with pytest.raises(RetrieverError, match="at least one token"):
+    with pytest.raises(InvalidInput, match="at least one token"):
         generate_batch(tiny32, knnlm, [prompts[0], []], 4)
-    with pytest.raises(RetrieverError, match="at least one token"):
+    with pytest.raises(InvalidInput, match="at least one token"):
         generate_batch(tiny32, knnlm, [], 4)
-    with pytest.raises(RetrieverError, match="interval must be at least 1"):
+    with pytest.raises(InvalidInput, match="interval must be at least 1"):
         generate_batch(tiny32, knnlm, prompts, 4, 0)
-    with pytest.raises(RetrieverError, match="schedule must be one of"):
+    with pytest.raises(InvalidInput, match="schedule must be one of"):
         generate_batch(tiny32, knnlm, prompts, 4, 1, "tik-tok")
-    with pytest.raises(RetrieverError, match="context window"):
+    with pytest.raises(InvalidInput, match="context window"):
         generate_batch(tiny32, knnlm, prompts, tiny32.context_window)
 
 
@@ -228,7 +228,7 @@ def test_client_answers_out_of_order_requests(tier, datastore):
             expected_d, expected_i = local.search(queries[n], 4, 4)
             np.testing.assert_array_equal(ids, expected_i)
             np.testing.assert_allclose(distances, expected_d, rtol=1e-5)
-        with pytest.raises(RetrieverError, match="no request"):
+        with pytest.raises(InvalidInput, match="no request"):
             waits[0]()  # each answer is handed out once
         client = searcher.client
         assert isinstance(client, RetrievalClient) and not client._outstanding and not client._replies

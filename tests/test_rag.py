@@ -17,7 +17,7 @@ from chameleon.rag.corpus import (
     read_corpus,
     remove_from_rag_index,
 )
-from retriever.errors import RetrieverError
+from retriever.errors import InvalidInput
 
 
 def test_read_corpus_folder_and_jsonl(tmp_path):
@@ -30,9 +30,9 @@ def test_read_corpus_folder_and_jsonl(tmp_path):
     (tmp_path / "c.jsonl").write_text('{"id": 1, "title": "T", "text": "x"}\n\n{"id": 2, "text": "y"}\n')
     assert [(d.id, d.title) for d in read_corpus(tmp_path / "c.jsonl")] == [("1", "T"), ("2", "2")]
     (tmp_path / "bad.jsonl").write_text('{"title": "no id"}\n')
-    with pytest.raises(RetrieverError, match="bad.jsonl:1"):
+    with pytest.raises(InvalidInput, match="bad.jsonl:1"):
         read_corpus(tmp_path / "bad.jsonl")
-    with pytest.raises(RetrieverError, match="a corpus is python-docs"):
+    with pytest.raises(InvalidInput, match="a corpus is python-docs"):
         read_corpus(tmp_path / "missing")
 
 
@@ -52,22 +52,22 @@ def test_chunks_are_token_windows_with_overlap(embedder):
     for first, second in zip(passages, passages[1:]):
         assert first.text.split()[-1] in second.text  # neighbours share their edge
     assert [p.id for p in passages] == list(range(len(passages)))
-    with pytest.raises(RetrieverError, match="overlap"):
+    with pytest.raises(InvalidInput, match="overlap"):
         chunk([], embedder.tokenizer, max_tokens=10, overlap=10)
 
 
 def test_rag_index_round_trip_and_embedder_check(facts_index, embedder):
     rag = RagIndex(facts_index, embedder.fingerprint)
     assert rag.meta["passages"] == 300 and rag.index.ntotal == 300 and rag.index.params.metric == "cos"
-    with pytest.raises(RetrieverError, match="was built with the embedder"):
+    with pytest.raises(InvalidInput, match="was built with the embedder"):
         RagIndex(facts_index, "another-model:768")
-    with pytest.raises(RetrieverError, match="rag.json is missing"):
+    with pytest.raises(InvalidInput, match="rag.json is missing"):
         RagIndex(facts_index / "index")
 
 
 def test_too_small_corpus_is_refused(tmp_path, embedder):
     (tmp_path / "tiny.jsonl").write_text('{"id": 1, "text": "hello"}\n')
-    with pytest.raises(RetrieverError, match="at least 256"):
+    with pytest.raises(InvalidInput, match="at least 256"):
         build_rag_index(tmp_path / "tiny.jsonl", tmp_path / "out", embedder)
     assert not (tmp_path / "out").exists()
 
@@ -77,7 +77,7 @@ def test_builtin_llm_is_converted_once(engine):
     assert (path / "model.safetensors").is_file() and (path / "chameleon-source.json").is_file()
     stamp = (path / "model.safetensors").stat().st_mtime_ns
     assert builtin_llm_path() == path and (path / "model.safetensors").stat().st_mtime_ns == stamp
-    with pytest.raises(RetrieverError, match="not a Hugging Face model directory"):
+    with pytest.raises(InvalidInput, match="not a Hugging Face model directory"):
         resolve_model("/nonexistent/model")
 
 
@@ -96,9 +96,9 @@ def test_torch_engine_greedy_equals_transformers_generate(engine):
     assert again.tokens == ours.tokens and again.cached_tokens == 12
     whole, _ = engine.prefill(tokens)
     assert engine.generate(tokens, max_new_tokens=24, prefix=whole).tokens == ours.tokens  # fully cached prompt
-    with pytest.raises(RetrieverError, match="exceed the context window"):
+    with pytest.raises(InvalidInput, match="exceed the context window"):
         engine.generate(tokens, max_new_tokens=engine.context_window)
-    with pytest.raises(RetrieverError, match="does not start with the cached prefix"):
+    with pytest.raises(InvalidInput, match="does not start with the cached prefix"):
         engine.prefill(tokens[1:], prefix)
 
 
@@ -124,7 +124,7 @@ def test_rag_answers_from_the_right_passage(facts_index, embedder, engine):
     assert "Zorblax-42 has blue oceans" in best["snippet"]
     assert answer.answer
     assert {"embed_s", "coarse_s", "retrieval_s", "ttft_s", "decode_tokens_per_s"} <= set(answer.timings)
-    with pytest.raises(RetrieverError, match="question is empty"):
+    with pytest.raises(InvalidInput, match="question is empty"):
         pipeline.ask("   ")
 
 
@@ -149,7 +149,7 @@ def test_retrieval_interval_continues_the_same_answer_when_passages_stay(facts_i
     assert stepped.timings["retrievals"] == len(queries) >= 2 and stepped.timings["passage_changes"] == 0
     assert all(q.startswith(question) for q in queries) and len(queries[-1]) > len(question)  # query = question + answer
     assert stepped.timings["reused_kv_tokens"] > 0
-    with pytest.raises(RetrieverError, match="retrieval interval"):
+    with pytest.raises(InvalidInput, match="retrieval interval"):
         pipeline.ask(question, max_new_tokens=8, retrieval_interval=9)
 
 
@@ -185,7 +185,7 @@ def test_truncation_drops_the_lowest_ranked_passages(facts_index, embedder, engi
     _, kept = pipeline.prompt_tokens("q?", passages, 10)
     assert kept == 3
     monkeypatch.setattr(engine, "context_window", 40)
-    with pytest.raises(RetrieverError, match="leaves no room"):
+    with pytest.raises(InvalidInput, match="leaves no room"):
         pipeline.prompt_tokens("q?", passages, 10)
 
 
@@ -220,7 +220,7 @@ def test_documents_added_to_a_passage_index_are_retrieved_and_removed_ones_are_n
     query = embedder.embed(["What are the moons of Quibblex-7 made of?"])
     _, ids = Searcher(rag.index, device="cpu").search(query, 3, rag.index.params.nlist)
     assert rag.passages_for(ids[0])[0].doc_id == "quibblex"
-    with pytest.raises(RetrieverError, match="in .* already .*'quibblex'"):
+    with pytest.raises(InvalidInput, match="in .* already .*'quibblex'"):
         add_to_rag_index(index, tmp_path / "new.jsonl", embedder)
     assert RagIndex(index).index.ntotal == 302  # the refused addition changed nothing
     # the command line: documents to a passage index, and no vectors into it
@@ -242,7 +242,7 @@ def test_documents_added_to_a_passage_index_are_retrieved_and_removed_ones_are_n
     snorf = embedder.embed(["Which dance is performed on glaciers at dawn?"])
     _, ids = Searcher(rag.index, device="cpu").search(snorf, 1, rag.index.params.nlist)
     assert rag.passages_for(ids[0])[0].doc_id == "snorf"  # passage ids and vector ids moved up together
-    with pytest.raises(RetrieverError, match="not in .*'quibblex'"):
+    with pytest.raises(InvalidInput, match="not in .*'quibblex'"):
         remove_from_rag_index(index, ["quibblex"])
     subprocess.run(
         [sys.executable, "-m", "chameleon", "index", "remove", "--index", str(index), "--doc-id", "zz"], check=True, capture_output=True

@@ -8,7 +8,7 @@ from retriever.build import build_index
 from retriever.coarse import CoarseQuantizer, cuda_available
 from retriever.datasets import exact_knn
 from retriever.engines import FaissEngine, NumbaEngine, make_scan_engine
-from retriever.errors import RetrieverError
+from retriever.errors import InvalidInput
 from retriever.index import IVFPQParams
 from retriever.kernels.adc import scan_ivfpq
 from retriever.search import Searcher
@@ -115,29 +115,29 @@ def test_recall_is_as_good_as_native_faiss(small_data, metric):
     ],
 )
 def test_bad_search_input_gets_a_clear_error(l2_index, queries, k, nprobe, message):
-    with pytest.raises(RetrieverError, match=message):
+    with pytest.raises(InvalidInput, match=message):
         Searcher(l2_index).search(queries, k, nprobe)
 
 
 def test_engine_rejects_bad_list_ids(l2_index):
     engine = NumbaEngine(l2_index)
     queries = np.ones((2, 32), np.float32)
-    with pytest.raises(RetrieverError, match=r"list ids must lie in \[-1, 64\)"):
+    with pytest.raises(InvalidInput, match=r"list ids must lie in \[-1, 64\)"):
         engine.search(queries, np.array([[0, 64], [1, 2]]), 5)
-    with pytest.raises(RetrieverError, match="list ids must have shape"):
+    with pytest.raises(InvalidInput, match="list ids must have shape"):
         engine.search(queries, np.array([[0, 1]]), 5)
-    with pytest.raises(RetrieverError, match="must be integers"):
+    with pytest.raises(InvalidInput, match="must be integers"):
         engine.search(queries, np.array([[0.0], [1.0]]), 5)
     for k in (0, 10**9, 2.5):
-        with pytest.raises(RetrieverError, match="k must be an integer between 1 and 65536"):
+        with pytest.raises(InvalidInput, match="k must be an integer between 1 and 65536"):
             engine.search(queries, np.array([[0], [1]]), k)
-    with pytest.raises(RetrieverError, match="unknown engine"):
+    with pytest.raises(InvalidInput, match="unknown engine"):
         make_scan_engine("gpu-magic", l2_index)
 
 
 def test_cos_rejects_zero_vectors(small_data):
     index = build_index(small_data.base, IVFPQParams("cos", 32, nlist=16, m=8), train_size=5000)
-    with pytest.raises(RetrieverError, match="zero vector"):
+    with pytest.raises(InvalidInput, match="zero vector"):
         Searcher(index).search(np.zeros((1, 32), np.float32), 5, 2)
 
 
@@ -152,7 +152,7 @@ def test_prepared_vectors_are_contiguous_float32_and_unit_rows_for_cos(dtype):
     assert unit.dtype == np.float32 and unit.flags.c_contiguous
     np.testing.assert_allclose(unit, vectors / np.linalg.norm(vectors.astype(np.float64), axis=1, keepdims=True), rtol=1e-6, atol=1e-7)
     vectors[3] = 0
-    with pytest.raises(RetrieverError, match=r"zero vector \(row 3\)"):
+    with pytest.raises(InvalidInput, match=r"zero vector \(row 3\)"):
         prepare_vectors(vectors, "cos")
 
 
@@ -210,7 +210,7 @@ def test_cuda_coarse_search_matches_cpu(small_data, metric):
 def test_cuda_request_without_cuda_is_an_error(small_data):
     if cuda_available():
         pytest.skip("CUDA is available here")
-    with pytest.raises(RetrieverError, match="CUDA is not available"):
+    with pytest.raises(InvalidInput, match="CUDA is not available"):
         CoarseQuantizer(small_data.base[:16], "l2", device="cuda")
 
 

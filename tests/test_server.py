@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 
-from retriever.errors import RetrieverError
+from retriever.errors import InvalidInput
 from tests.helpers import start_server
 
 KEY = "test-key"
@@ -89,7 +89,8 @@ def test_reload_serves_a_changed_index_and_keeps_the_old_one_when_it_cannot(fact
     from chameleon.rag.corpus import RagIndex, add_to_rag_index
     from chameleon.rag.pipeline import RagPipeline
     from chameleon.server.launch import open_index
-    from chameleon.server.service import ReloadInProgress, Service
+    from chameleon.server.served_index import ReloadInProgress
+    from chameleon.server.service import Service
     from chameleon.server.settings import ServeSettings
 
     index = tmp_path / "facts"
@@ -133,10 +134,10 @@ def test_reload_serves_a_changed_index_and_keeps_the_old_one_when_it_cannot(fact
 
     # a damaged version is refused and the served one goes on
     (index / "docstore.jsonl").write_text("{not json\n")
-    with pytest.raises(RetrieverError, match="damaged"):
+    with pytest.raises(InvalidInput, match="damaged"):
         service.reload()
     shutil.rmtree(index / "index")
-    with pytest.raises(RetrieverError, match="manifest"):
+    with pytest.raises(InvalidInput, match="manifest"):
         service.reload()
     assert service.search(question, None, 1, None)[0][0]["doc_id"] == "quibblex" and service.readiness()["ready"]
 

@@ -3,7 +3,7 @@
 
 import pytest
 
-from retriever.errors import RetrieverError
+from retriever.errors import InvalidInput
 
 
 def test_settings_precedence_flags_env_file_defaults(tmp_path, monkeypatch):
@@ -18,29 +18,29 @@ def test_settings_precedence_flags_env_file_defaults(tmp_path, monkeypatch):
     assert settings.api_keys == ["x", "y"] and settings.nprobe == 16
     assert ServeSettings.load(config, shards=0).shards == 0
     config.write_text("prot: 1\n")
-    with pytest.raises(RetrieverError, match="prot: Extra inputs"):
+    with pytest.raises(InvalidInput, match="prot: Extra inputs"):
         ServeSettings.load(config)
     config.write_text("[1, 2")
-    with pytest.raises(RetrieverError, match="not valid YAML"):
+    with pytest.raises(InvalidInput, match="not valid YAML"):
         ServeSettings.load(config)
-    with pytest.raises(RetrieverError, match="port"):
+    with pytest.raises(InvalidInput, match="port"):
         ServeSettings.load(None, port=70000)
     assert ServeSettings.load(None, max_tokens=8).default_max_tokens == 8
-    with pytest.raises(RetrieverError, match="default_max_tokens"):
+    with pytest.raises(InvalidInput, match="default_max_tokens"):
         ServeSettings.load(None, max_tokens=8, default_max_tokens=9)
     assert ServeSettings.load(None, retrieval_engine="numba-fastscan").retrieval_engine == "numba-fastscan"
-    with pytest.raises(RetrieverError, match="needs --fpga-mode"):
+    with pytest.raises(InvalidInput, match="needs --fpga-mode"):
         ServeSettings.load(None, retrieval_engine="fpga")
-    with pytest.raises(RetrieverError, match="go with the fpga engine"):
+    with pytest.raises(InvalidInput, match="go with the fpga engine"):
         ServeSettings.load(None, xclbin=tmp_path / "x.xclbin")
-    with pytest.raises(RetrieverError, match="retrieval_engine"):
+    with pytest.raises(InvalidInput, match="retrieval_engine"):
         ServeSettings.load(None, retrieval_engine="warp-drive")
 
 
 def test_text_stream_cuts_at_stop_strings_and_holds_back_their_beginnings(tiny_model):
     from transformers import AutoTokenizer
 
-    from chameleon.server.service import TextStream
+    from chameleon.server.text_stream import TextStream
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     text = "Hello wörld. The answer is 42. STOP and more"

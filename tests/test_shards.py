@@ -93,7 +93,7 @@ def test_added_vectors_make_the_index_a_build_with_the_same_quantizers_would(met
 
 def test_adding_bad_vectors_or_ids_is_a_clear_error(small_data):
     from retriever.build import add_vectors, build_index
-    from retriever.errors import RetrieverError
+    from retriever.errors import InvalidInput
     from retriever.index import IVFPQParams
 
     built = build_index(small_data.base[:5_000], IVFPQParams("l2", small_data.dim, nlist=16, m=4), seed=1)
@@ -107,14 +107,14 @@ def test_adding_bad_vectors_or_ids_is_a_clear_error(small_data):
         ((extra, np.linspace(0, 1, 10)), "ids must be 10 integers"),
     ]
     for args, match in cases:
-        with pytest.raises(RetrieverError, match=match):
+        with pytest.raises(InvalidInput, match=match):
             add_vectors(built, *args)
     assert add_vectors(built, extra, np.arange(100_000, 100_010)).ntotal == 5_010
 
 
 def test_removed_ids_are_gone_and_adding_then_removing_gives_the_index_back(small_data):
     from retriever.build import add_vectors, build_index, remove_ids
-    from retriever.errors import RetrieverError
+    from retriever.errors import InvalidInput
     from retriever.index import IVFPQParams
 
     built = build_index(small_data.base[:6_000], IVFPQParams("l2", small_data.dim, nlist=16, m=4), nshards=2, seed=1)
@@ -141,5 +141,5 @@ def test_removed_ids_are_gone_and_adding_then_removing_gives_the_index_back(smal
         (np.array([1.0]), "integers"),
         (np.zeros((2, 2), np.int64), "integers"),
     ]:
-        with pytest.raises(RetrieverError, match=match):
+        with pytest.raises(InvalidInput, match=match):
             remove_ids(built, ids)

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 
 from coordinator.speculation import SpeculativePrefill
-from retriever.errors import RetrieverError
+from retriever.errors import InvalidInput
 
 QUESTIONS = [f"What colour are the oceans of Zorblax-{n}?" for n in (42, 7, 42, 150, 7, 299)] + ["Which planet has two moons?"]
 
@@ -30,7 +30,7 @@ def test_the_early_answer_comes_after_a_share_of_the_lists():
     assert [policy.early_lists(n) for n in (1, 2, 4, 5, 16, 100)] == [None, 1, 1, 2, 4, 25]
     assert SpeculativePrefill(early_fraction=0.99).early_lists(4) == 3  # always a list left for the second stage
     for bad in ({"limit": 0}, {"early_fraction": 0}, {"early_fraction": 1.0}):
-        with pytest.raises(RetrieverError):
+        with pytest.raises(InvalidInput):
             SpeculativePrefill(**bad)
 
 
@@ -142,11 +142,11 @@ def test_a_failed_retrieval_gives_the_speculation_place_back(rag_index, embedder
 
     def failing_final(*args):
         staged = final(*args)
-        staged.final = lambda: (_ for _ in ()).throw(RetrieverError("the tier went away"))
+        staged.final = lambda: (_ for _ in ()).throw(InvalidInput("the tier went away"))
         return staged
 
     pipeline.retrieval.scan_staged = failing_final
-    with pytest.raises(RetrieverError, match="went away"):
+    with pytest.raises(InvalidInput, match="went away"):
         pipeline.ask(QUESTIONS[0], 4)
     pipeline.retrieval.scan_staged = final
     assert speculation.stats["restarted"] == 1

@@ -20,7 +20,7 @@ from chameleon import cluster
 from coordinator.client import RemoteError, RetrievalClient
 from coordinator.router import Coordinator, InlineCoordinator
 from retriever.coarse import CoarseQuantizer
-from retriever.errors import RetrieverError
+from retriever.errors import InvalidInput
 from retriever.index import load_index, save_index
 from retriever.search import Searcher
 from retriever.vectors import prepare_vectors
@@ -408,7 +408,7 @@ def test_inline_coordinator_answers_outstanding_requests_in_any_order(index_dir,
         local_staged = local.scan_staged(queries, list_ids, 10, early=2)
         np.testing.assert_array_equal(inline.search_result(staged, early=True).ids, local_staged.early()[1])
         np.testing.assert_array_equal(inline.search_result(staged).ids, local_staged.final()[1])
-        with pytest.raises(RetrieverError, match="no request"):
+        with pytest.raises(InvalidInput, match="no request"):
             inline.search_result(rids[0])  # answered already
         with pytest.raises(RemoteError, match="early must be"):  # checked here, as the coordinator process does
             inline.search_result(inline.send_search(queries, list_ids, 10, early=8))
@@ -485,20 +485,20 @@ def test_on_missing_fail_reports_unavailable(index_dir, tmp_path, small_data):
 
 def test_curve_keys_keep_strangers_out(index_dir, tmp_path, small_data, reference):
     keys = generate_keys(tmp_path / "keys")
-    with pytest.raises(RetrieverError, match="already holds files"):
+    with pytest.raises(InvalidInput, match="already holds files"):
         generate_keys(tmp_path / "keys")
     state = cluster.up(index_dir, 2, tmp_path / "state", keys_dir=keys)
     try:
         endpoint = state["coordinator"]["endpoint"]
-        with RetrievalClient(endpoint, timeout=1.5) as stranger, pytest.raises(RetrieverError, match="no answer"):
+        with RetrievalClient(endpoint, timeout=1.5) as stranger, pytest.raises(InvalidInput, match="no answer"):
             stranger.info()
         other = generate_keys(tmp_path / "other-keys")  # right protocol, wrong keys
         with (
             RetrievalClient(endpoint, keys=CurveKeys.load(other), timeout=1.5) as impostor,
-            pytest.raises(RetrieverError, match="no answer"),
+            pytest.raises(InvalidInput, match="no answer"),
         ):
             impostor.info()
-        with RetrievalClient(state["nodes"][0]["endpoint"], timeout=1.5) as stranger, pytest.raises(RetrieverError, match="no answer"):
+        with RetrievalClient(state["nodes"][0]["endpoint"], timeout=1.5) as stranger, pytest.raises(InvalidInput, match="no answer"):
             stranger.info()  # nodes are closed to strangers too
         searcher = cluster.ClusterSearcher.open(tmp_path / "state")
         result = searcher.search(small_data.queries, 10, 8)

@@ -18,7 +18,7 @@ from fpga.layout import pack_banks
 from fpga.model import estimate_cycles, miss_probability
 from retriever.coarse import CoarseQuantizer
 from retriever.datasets import Dataset
-from retriever.errors import RetrieverError
+from retriever.errors import InvalidInput
 from retriever.index import IVFPQIndex
 from retriever.search import Searcher
 from retriever.vectors import prepare_vectors
@@ -78,7 +78,7 @@ def model_rows(
 def miss_rows(index: IVFPQIndex, dataset: Dataset, l1s: list[int], nprobe: int, k: int, banks: int, nqueries: int) -> list[dict]:
     """Share of the exact kernel's top-k lost by the emulated kernel with level-1 queues of each length."""
     if bad := [l1 for l1 in l1s if not 1 <= l1 <= k]:
-        raise RetrieverError(f"level-1 queue lengths must be between 1 and k={k}, got {bad}")
+        raise InvalidInput(f"level-1 queue lengths must be between 1 and k={k}, got {bad}")
     queries = dataset.queries[:nqueries]
     exact = Searcher(index, engine="fpga", device="cpu", mode="emu", k=k, banks=banks).search(queries, k, nprobe)[1]
     rows = []
@@ -109,11 +109,11 @@ def fpga_model_benchmark(
     nqueries: int = 2000,
 ) -> dict:
     if not 1 <= clock_mhz <= 1000:
-        raise RetrieverError(f"the clock must be between 1 and 1000 MHz, got {clock_mhz}")
+        raise InvalidInput(f"the clock must be between 1 and 1000 MHz, got {clock_mhz}")
     if bad := [n for n in nprobes if not 1 <= n <= index.params.nlist]:
-        raise RetrieverError(f"nprobe must be between 1 and nlist={index.params.nlist}, got {bad}")
+        raise InvalidInput(f"nprobe must be between 1 and nlist={index.params.nlist}, got {bad}")
     if not 1 <= nqueries:
-        raise RetrieverError(f"the number of queries must be positive, got {nqueries}")
+        raise InvalidInput(f"the number of queries must be positive, got {nqueries}")
     config = KernelConfig.for_index(index.params, k=k, banks=banks)
     return {
         "kernel": {"dim": config.dim, "m": config.m, "k": config.k, "banks": config.banks, "pes": config.pes, "clock_mhz": clock_mhz},

@@ -46,7 +46,7 @@ from chameleon.rag.pipeline import joined, prompt_segments, resume_prefix
 from coordinator.kv_cache import CacheAwareQueue
 from coordinator.prefill_profile import PrefillProfile
 from coordinator.speculation import SpeculativePrefill
-from retriever.errors import RetrieverError
+from retriever.errors import InvalidInput
 from retriever.search import Searcher
 from retriever.vectors import prepare_vectors
 
@@ -227,13 +227,11 @@ def kvcache_benchmark(
     """One row per (zipf s, load, policy, reorder, speculative); budgets in average passages (KV
     bytes of that many). Every row's ``warmup`` requests come before its measured ``requests``."""
     if not 0 <= warmup <= 100_000:
-        raise RetrieverError(f"warmup must be 0..100000 requests, got {warmup}")
+        raise InvalidInput(f"warmup must be 0..100000 requests, got {warmup}")
     if not loads or not all(0 < load < 10 for load in loads):
-        raise RetrieverError(f"every load must be above 0 and below 10 (a fraction of the no-cache capacity), got {loads}")
+        raise InvalidInput(f"every load must be above 0 and below 10 (a fraction of the no-cache capacity), got {loads}")
     if requests < 10 or device_docs < 6 or host_docs < 0 or not 2 <= nprobe <= rag_index.index.params.nlist:
-        raise RetrieverError(
-            f"need at least 10 requests, device_docs >= 6, host_docs >= 0 and 2 <= nprobe <= {rag_index.index.params.nlist}"
-        )
+        raise InvalidInput(f"need at least 10 requests, device_docs >= 6, host_docs >= 0 and 2 <= nprobe <= {rag_index.index.params.nlist}")
     passages = rag_index.passages
     sizes = [len(prompt_segments(engine, "q", [p])[1]) for p in passages[:200]]
     template = prompt_segments(engine, "q", passages[:1])[0]

@@ -17,7 +17,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from retriever.errors import RetrieverError
+from retriever.errors import InvalidInput
 
 ROW_KEYS = ("interval", "schedule", "tokens_per_s")
 
@@ -52,7 +52,7 @@ def bench_prompts(documents, engine, count: int, length: int) -> list[list[int]]
             pieces.append([ids[start : start + length] for start in range(0, len(ids) - length + 1, length)])
     prompts = [piece for turn in itertools.zip_longest(*pieces) for piece in turn if piece is not None][:count]
     if len(prompts) < count:
-        raise RetrieverError(f"the corpus's held-out documents give {len(prompts)} prompts of {length} tokens, not {count}")
+        raise InvalidInput(f"the corpus's held-out documents give {len(prompts)} prompts of {length} tokens, not {count}")
     return prompts
 
 

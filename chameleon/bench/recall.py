@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from retriever.datasets import Dataset
 from retriever.engines import to_faiss_ivfpq
-from retriever.errors import RetrieverError
+from retriever.errors import InvalidInput
 from retriever.index import IVFPQIndex
 from retriever.kernels.refine import rerank_exact
 from retriever.search import Searcher
@@ -126,7 +126,7 @@ def make_runner(name: str, index: IVFPQIndex, dataset: Dataset) -> Runner:
         return faiss_fastscan_runner(index, dataset)
     if name == "fpga-emu":
         return fpga_emu_runner(index)
-    raise RetrieverError(f"unknown engine {name!r}; choose from {', '.join(ENGINE_NAMES)}")
+    raise InvalidInput(f"unknown engine {name!r}; choose from {', '.join(ENGINE_NAMES)}")
 
 
 def set_threads(threads: int) -> None:
@@ -170,13 +170,13 @@ def measure(runner: Runner, queries: np.ndarray, truth: np.ndarray, k: int, npro
 
 def check_compatible(index: IVFPQIndex, dataset: Dataset) -> None:
     if index.params.dim != dataset.dim:
-        raise RetrieverError(f"the index has dimension {index.params.dim}, the dataset {dataset.name} has {dataset.dim}")
+        raise InvalidInput(f"the index has dimension {index.params.dim}, the dataset {dataset.name} has {dataset.dim}")
     if index.ntotal != dataset.base.shape[0]:
-        raise RetrieverError(
+        raise InvalidInput(
             f"the index holds {index.ntotal} vectors, the dataset {dataset.name} {dataset.base.shape[0]}: build the index from this dataset"
         )
     if index.params.metric != dataset.metric:
-        raise RetrieverError(f"the index uses metric {index.params.metric}, the dataset {dataset.name} {dataset.metric}")
+        raise InvalidInput(f"the index uses metric {index.params.metric}, the dataset {dataset.name} {dataset.metric}")
 
 
 def run_recall_benchmark(
@@ -197,17 +197,17 @@ def run_recall_benchmark(
     check_compatible(index, dataset)
     unknown = [e for e in engines if e not in ENGINE_NAMES]
     if unknown:
-        raise RetrieverError(f"unknown engine(s) {', '.join(unknown)}; choose from {', '.join(ENGINE_NAMES)}")
+        raise InvalidInput(f"unknown engine(s) {', '.join(unknown)}; choose from {', '.join(ENGINE_NAMES)}")
     if bad := [n for n in nprobes if not 1 <= n <= index.params.nlist]:
-        raise RetrieverError(f"nprobe must be between 1 and nlist={index.params.nlist}, got {bad}")
+        raise InvalidInput(f"nprobe must be between 1 and nlist={index.params.nlist}, got {bad}")
     if bad := [t for t in threads if not 1 <= t <= numba.config.NUMBA_NUM_THREADS]:
-        raise RetrieverError(f"threads must be between 1 and {numba.config.NUMBA_NUM_THREADS} on this machine, got {bad}")
+        raise InvalidInput(f"threads must be between 1 and {numba.config.NUMBA_NUM_THREADS} on this machine, got {bad}")
     if not 1 <= k <= min(100, index.ntotal):
-        raise RetrieverError(f"k must be between 1 and {min(100, index.ntotal)}, got {k}")
+        raise InvalidInput(f"k must be between 1 and {min(100, index.ntotal)}, got {k}")
     if nqueries is not None and nqueries < 1:
-        raise RetrieverError(f"the number of queries must be positive, got {nqueries}")
+        raise InvalidInput(f"the number of queries must be positive, got {nqueries}")
     if not isinstance(refine, (int, np.integer)) or refine < 1:
-        raise RetrieverError(f"refine must be a positive integer (1: no refinement), got {refine!r}")
+        raise InvalidInput(f"refine must be a positive integer (1: no refinement), got {refine!r}")
     queries = dataset.queries[:nqueries]
     truth = dataset.ground_truth(k)[: len(queries)]
     rows = []
@@ -283,7 +283,7 @@ def knnlm_benchmark(
     test = "\n\n".join(d.text for n, d in enumerate(documents) if n % 10 == 9)
     validation = "\n\n".join(d.text for n, d in enumerate(documents) if n % 10 == 8)
     if not test or not validation:
-        raise RetrieverError("the corpus needs at least 10 documents (every tenth is held out, the ninth validates)")
+        raise InvalidInput("the corpus needs at least 10 documents (every tenth is held out, the ninth validates)")
     train = training_documents(documents, engine, max_train_tokens)
     meta = build_datastore(train, engine, Path(workdir) / "datastore", force=True, progress=True)
     datastore = KnnLm.open(Path(workdir) / "datastore", engine, k=k)

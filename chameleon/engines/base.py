@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from retriever.errors import RetrieverError
+from retriever.errors import InvalidInput
 
 if TYPE_CHECKING:
     from chameleon.engines.sampling import Sampling, TokenLogprob
@@ -173,21 +173,21 @@ def check_request(tokens: list[int], max_new_tokens: int, window: int, prefix: K
     """The checks every engine makes before generating (clear errors, not a failure deep in the model)."""
     check_prefix(tokens, prefix)
     if not tokens:
-        raise RetrieverError("the prompt is empty")
+        raise InvalidInput("the prompt is empty")
     if max_new_tokens < 1:
-        raise RetrieverError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        raise InvalidInput(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if len(tokens) + max_new_tokens > window:
-        raise RetrieverError(f"{len(tokens)} prompt tokens + {max_new_tokens} new tokens exceed the context window of {window}")
+        raise InvalidInput(f"{len(tokens)} prompt tokens + {max_new_tokens} new tokens exceed the context window of {window}")
 
 
 def check_prefix(tokens: list[int], prefix: KVPrefix | None) -> None:
     if prefix is not None and tokens[: len(prefix.tokens)] != prefix.tokens:
-        raise RetrieverError("the prompt does not start with the cached prefix")
+        raise InvalidInput("the prompt does not start with the cached prefix")
 
 
 def check_dtype(dtype: str) -> None:
     if dtype not in ("bfloat16", "float32"):
-        raise RetrieverError(f"dtype must be bfloat16 or float32, got {dtype!r}")
+        raise InvalidInput(f"dtype must be bfloat16 or float32, got {dtype!r}")
 
 
 def context_window(config) -> int:

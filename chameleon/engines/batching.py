@@ -42,7 +42,7 @@ from chameleon.engines.base import (
 from chameleon.engines.sampling import GREEDY, Sampling, check_scored
 from chameleon.engines.torch_engine import TorchEngine
 from coordinator.kv_cache import CacheAwareQueue
-from retriever.errors import RetrieverError
+from retriever.errors import InvalidInput, Unavailable
 
 
 @dataclass
@@ -96,7 +96,7 @@ class BatchingEngine(ThreadedEngine):
 
     def __init__(self, engine: TorchEngine, max_batch: int = 8, reorder_window: int | None = None, share_running_prompts: bool = True):
         if not 1 <= max_batch <= 256:
-            raise RetrieverError(f"max_batch must be between 1 and 256, got {max_batch}")
+            raise InvalidInput(f"max_batch must be between 1 and 256, got {max_batch}")
         self.engine = engine
         self.max_batch = max_batch
         self.tokenizer, self.eos_ids, self.context_window = engine.tokenizer, engine.eos_ids, engine.context_window
@@ -145,7 +145,7 @@ class BatchingEngine(ThreadedEngine):
         )
         with self._wake:
             if self._closed:
-                raise RetrieverError("the engine is closed")
+                raise InvalidInput("the engine is closed")
             self._waiting.push(sequence)
             self._wake.notify()
         return sequence.future
@@ -156,7 +156,7 @@ class BatchingEngine(ThreadedEngine):
         future: Future = Future()
         with self._wake:
             if self._closed:
-                raise RetrieverError("the engine is closed")
+                raise InvalidInput("the engine is closed")
             self._scoring.append((future, list(tokens), top))
             self._wake.notify()
         return future.result()
@@ -190,7 +190,7 @@ class BatchingEngine(ThreadedEngine):
                     self._running = []
                     self._batch.keep([])
         for future in [*(s.future for s in [*self._running, *self._waiting.drain()]), *(job[0] for job in self._scoring)]:
-            future.set_exception(RetrieverError("the engine was closed"))
+            future.set_exception(Unavailable("the engine was closed"))
 
     def _admit(self) -> None:
         while self._waiting and len(self._running) < self.max_batch:
@@ -312,7 +312,7 @@ class DecodeBatch:
         import torch
 
         if self.mask is not None:
-            raise RetrieverError("prefill starts an empty batch")
+            raise InvalidInput("prefill starts an empty batch")
         length = max(len(prompt) for prompt in prompts)
         ids = torch.tensor([[0] * (length - len(p)) + list(p) for p in prompts], device=self.device)
         mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in prompts], device=self.device)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from coordinator.prefill_profile import PrefillProfile
-from retriever.errors import RetrieverError
+from retriever.errors import InvalidInput
 
 
 def measure(engine, cached: list[int], new: list[int], repeats: int = 3, progress: bool = False) -> PrefillProfile:
@@ -22,9 +22,9 @@ def measure(engine, cached: list[int], new: list[int], repeats: int = 3, progres
 
     PrefillProfile(list(cached), list(new), [[0.0] * len(new) for _ in cached])  # check the grid first
     if cached[0] != 0 or new[0] < 1:
-        raise RetrieverError("the cached grid must start at 0 and new-token counts at 1 or more")
+        raise InvalidInput("the cached grid must start at 0 and new-token counts at 1 or more")
     if cached[-1] + new[-1] > engine.context_window:
-        raise RetrieverError(f"the grid goes past the context window of {engine.context_window} tokens")
+        raise InvalidInput(f"the grid goes past the context window of {engine.context_window} tokens")
     rng = np.random.default_rng(0)
     vocab = min(len(engine.tokenizer), 30_000)
     table = np.zeros((len(cached), len(new)))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from retriever.errors import RetrieverError
+from retriever.errors import InvalidInput
 
 MAX_TEMPERATURE = 2.0  # OpenAI's bound
 MAX_SEED = (1 << 63) - 1
@@ -60,13 +60,13 @@ class Sampling:
         if not (
             isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and 0 <= self.temperature <= MAX_TEMPERATURE
         ):
-            raise RetrieverError(f"temperature must be a number between 0 and {MAX_TEMPERATURE:g}, got {self.temperature!r}")
+            raise InvalidInput(f"temperature must be a number between 0 and {MAX_TEMPERATURE:g}, got {self.temperature!r}")
         if not (isinstance(self.top_p, (int, float)) and math.isfinite(self.top_p) and 0 <= self.top_p <= 1):
-            raise RetrieverError(f"top_p must be a number between 0 and 1, got {self.top_p!r}")
+            raise InvalidInput(f"top_p must be a number between 0 and 1, got {self.top_p!r}")
         if self.seed is not None and not (isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed <= MAX_SEED):
-            raise RetrieverError(f"seed must be an integer between 0 and 2**63 - 1, got {self.seed!r}")
+            raise InvalidInput(f"seed must be an integer between 0 and 2**63 - 1, got {self.seed!r}")
         if self.logprobs is not None and not (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_TOP_LOGPROBS):
-            raise RetrieverError(f"logprobs must be an integer between 0 and {MAX_TOP_LOGPROBS}, got {self.logprobs!r}")
+            raise InvalidInput(f"logprobs must be an integer between 0 and {MAX_TOP_LOGPROBS}, got {self.logprobs!r}")
 
     @classmethod
     def of(
@@ -158,6 +158,6 @@ def token_logprobs(logits, tokens: list[int], top: int) -> list[TokenLogprob]:
 def check_scored(tokens: list[int], top: int, window: int) -> None:
     """A clear error for a prompt to score (``prompt_logprobs``) that no engine can."""
     if not 1 <= len(tokens) <= window:
-        raise RetrieverError(f"the text to score has {len(tokens)} tokens; the model reads 1 to {window}")
+        raise InvalidInput(f"the text to score has {len(tokens)} tokens; the model reads 1 to {window}")
     if not (isinstance(top, int) and 0 <= top <= MAX_TOP_LOGPROBS):
-        raise RetrieverError(f"top must be an integer between 0 and {MAX_TOP_LOGPROBS}, got {top!r}")
+        raise InvalidInput(f"top must be an integer between 0 and {MAX_TOP_LOGPROBS}, got {top!r}")

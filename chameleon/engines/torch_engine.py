@@ -27,7 +27,7 @@ from chameleon.engines.base import (
 )
 from chameleon.engines.sampling import GREEDY, Sampling, TokenLogprob, check_scored, token_logprobs
 from chameleon.models import resolve_model
-from retriever.errors import RetrieverError
+from retriever.errors import Unsupported
 
 # A cancellable prefill (a speculative one) runs in chunks this long: a cancel lands within one
 # chunk's time, and chunks this long cost about what one pass costs (benchmarks/prefill_chunks.py).
@@ -44,7 +44,7 @@ class TorchEngine(EngineText):
         path = resolve_model(model)
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         if self.device == "cuda" and not torch.cuda.is_available():
-            raise RetrieverError("device 'cuda' was asked for, but torch has no CUDA here")
+            raise Unsupported("device 'cuda' was asked for, but torch has no CUDA here")
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         check_dtype(dtype)
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval().to(self.device)

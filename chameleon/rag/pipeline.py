@@ -18,7 +18,7 @@ import numpy as np
 from chameleon.engines.base import Generation, KVPrefix, answer_text, decode_speed
 from chameleon.engines.sampling import Sampling
 from chameleon.rag.corpus import Passage, RagIndex
-from retriever.errors import RetrieverError
+from retriever.errors import InvalidInput
 from retriever.search import Searcher
 from retriever.vectors import as_query_matrix, prepare_vectors
 
@@ -69,7 +69,7 @@ def prompt_segments(
     if not passages:
         return [encode(text)]
     if text.count(_PASSAGES) != 1:
-        raise RetrieverError("the prompt contains the reserved character U+E000")
+        raise InvalidInput("the prompt contains the reserved character U+E000")
     head, tail = text.split(_PASSAGES)
     return [encode(head), *map(encode, passage_pieces(passages)), encode(tail)]
 
@@ -132,7 +132,7 @@ class RagPipeline:
         speculation=None,
     ):
         if not 1 <= k <= 64:
-            raise RetrieverError(f"k must be between 1 and 64, got {k}")
+            raise InvalidInput(f"k must be between 1 and 64, got {k}")
         self.rag_index = rag_index
         self.embedder = embedder
         self.engine = engine
@@ -152,7 +152,7 @@ class RagPipeline:
         """Search ``rag_index`` through ``retrieval`` from the next search on (another version of
         the same index: the embedder's dimension). The search in flight ends on the previous pair."""
         if rag_index.index.params.dim != self.rag_index.index.params.dim:
-            raise RetrieverError(f"the new index has dimension {rag_index.index.params.dim}, not {self.rag_index.index.params.dim}")
+            raise InvalidInput(f"the new index has dimension {rag_index.index.params.dim}, not {self.rag_index.index.params.dim}")
         with self._retrieval_lock:
             self.rag_index, self.retrieval = rag_index, retrieval
 
@@ -185,7 +185,7 @@ class RagPipeline:
         """The top-k passages nearest to an embedding ``vector`` (the embedder's dimension)."""
         query = prepare_vectors(as_query_matrix(vector, self.rag_index.index.params.dim), "cos")
         if len(query) != 1:
-            raise RetrieverError(f"search takes one vector, got {len(query)}")
+            raise InvalidInput(f"search takes one vector, got {len(query)}")
         with self._retrieval_lock:
             return self._search(query, timings, k, nprobe)
 
@@ -279,7 +279,7 @@ class RagPipeline:
             length = sum(map(len, segments))
             if length + max_new_tokens <= self.engine.context_window:
                 return segments, keep
-        raise RetrieverError(
+        raise InvalidInput(
             f"the prompt alone ({length} tokens) leaves no room for {max_new_tokens} new tokens "
             f"in the context window of {self.engine.context_window}"
         )
@@ -313,13 +313,13 @@ class RagPipeline:
         ``sampling`` are as in ``prompt_tokens`` and the engine's ``generate``.
         """
         if not isinstance(question, str) or not question.strip():
-            raise RetrieverError("the question is empty")
+            raise InvalidInput("the question is empty")
         if not 1 <= max_new_tokens <= 4096:
-            raise RetrieverError(f"max_new_tokens must be between 1 and 4096, got {max_new_tokens}")
+            raise InvalidInput(f"max_new_tokens must be between 1 and 4096, got {max_new_tokens}")
         if retrieval_interval is not None and not 1 <= retrieval_interval <= max_new_tokens:
-            raise RetrieverError(f"the retrieval interval must be between 1 and max_new_tokens, got {retrieval_interval}")
+            raise InvalidInput(f"the retrieval interval must be between 1 and max_new_tokens, got {retrieval_interval}")
         if k is not None and not 1 <= k <= 64:
-            raise RetrieverError(f"k must be between 1 and 64, got {k}")
+            raise InvalidInput(f"k must be between 1 and 64, got {k}")
         question = question.strip()
         interval = retrieval_interval or max_new_tokens
         timings: dict = {}

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from chameleon.server.settings import ServeSettings
-from retriever.errors import RetrieverError
+from retriever.errors import InvalidInput
 from retriever.files import write_json_atomic
 
 GRACEFUL_SHUTDOWN_S = 120
@@ -123,7 +123,7 @@ def serve(settings: ServeSettings, ready_file: Path | None = None) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second stop must not cut the cleanup short
         listener.close()
         if app is not None:
-            app.state.workers.shutdown(wait=False, cancel_futures=True)
+            app.state.context.workers.shutdown(wait=False, cancel_futures=True)
         if engine is not None:
             engine.close()
         served = service.served if service is not None else served  # the version served last
@@ -145,7 +145,7 @@ def spawn(work_dir: Path, *args, timeout: float = 300) -> tuple[subprocess.Popen
     while not ready.is_file():
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
-            raise RetrieverError(f"the server did not start:\n{log.read_text()[-3000:]}")
+            raise InvalidInput(f"the server did not start:\n{log.read_text()[-3000:]}")
         time.sleep(0.05)
     return process, json.loads(ready.read_text())
 
@@ -153,9 +153,9 @@ def spawn(work_dir: Path, *args, timeout: float = 300) -> tuple[subprocess.Popen
 def open_index(settings: ServeSettings, rag_index, state_dir: Path):
     """Serve ``rag_index`` as ``settings`` say: a retrieval tier of ``settings.shards`` shards
     (processes with their state in ``state_dir``) or, with no shards, a search in this process.
-    Returns a ``chameleon.server.service.ServedIndex``."""
+    Returns a ``chameleon.server.served_index.ServedIndex``."""
     from chameleon import cluster
-    from chameleon.server.service import ServedIndex
+    from chameleon.server.served_index import ServedIndex
     from coordinator.client import RetrievalClient
     from retriever.engines import engine_options
     from retriever.search import Searcher
@@ -220,7 +220,7 @@ def _listen(host: str, port: int) -> socket.socket:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         return socket.create_server((host, port), family=family, backlog=2048)
     except OSError as e:
-        raise RetrieverError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+        raise InvalidInput(f"cannot listen on {host}:{port}: {e.strerror}") from None
 
 
 def _banner(url: str, model_id: str, rag_index, settings: ServeSettings) -> None:

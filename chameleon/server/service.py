@@ -4,30 +4,27 @@ The engine is a ``BatchingEngine`` or a ``VllmEngine``: concurrent requests deco
 those beyond its batch wait for a place (the queue depth). Retrieval has its own lock inside the
 pipeline, so ``/v1/search`` is not held up by generation. Text is streamed as it is decoded; stop
 strings end generation as soon as they appear and are never sent (the part of the text that could
-still become one is held back).
+still become one is held back (``text_stream``).
 
 The passage index can change under a running server (``chameleon index add``/``remove``, or a
-rebuild): ``reload`` opens the new version beside the one being served, its tier processes
-included, switches searches to it between two searches, then stops the old one. Requests in
-flight go on; a later retrieval of the same answer already searches the new version.
+rebuild): ``reload`` serves the new version without a restart (``served_index``).
 """
 
 from __future__ import annotations
 
-import shutil
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import numpy as np
 
-from chameleon.engines.sampling import Sampling, TokenLogprob
+from chameleon.engines.sampling import Sampling
 from chameleon.rag.corpus import RagIndex
 from chameleon.rag.pipeline import SNIPPET_CHARS, RagPipeline, context_block
-from coordinator.client import RetrievalClient
-from retriever.errors import RetrieverError
+from chameleon.server.served_index import IndexServing, ServedIndex
+from chameleon.server.text_stream import ReportedToken, TextStream, reported_token
+from retriever.errors import InvalidInput
 
 PLAIN_SYSTEM_PROMPT = "You are a helpful assistant for Python programmers. Be concise."
 
@@ -42,122 +39,6 @@ class Completion:
     sources: list[dict] = field(default_factory=list)
     timings: dict = field(default_factory=dict)
     logprobs: list[ReportedToken] | None = None  # when the request asked for them
-
-
-@dataclass(frozen=True)
-class ReportedToken:
-    """A token of an answer with its log-probabilities, as OpenAI's ``logprobs`` show it: its text,
-    where that starts in the answer, and the most likely tokens' (text, log-probability)."""
-
-    text: str
-    offset: int
-    logprob: float | None  # None for the first token of a prompt: nothing comes before it
-    top: tuple[tuple[str, float], ...]
-
-
-class TextStream:
-    """Incremental detokenization: the new text each token adds, cut at the first stop string.
-
-    Tokens pushed with their log-probabilities are ``released`` (as :class:`ReportedToken`) with
-    the text they start: the tokens of the answer sent so far, and never one cut off with a stop
-    string."""
-
-    def __init__(self, tokenizer, eos_ids: set[int], stop: Sequence[str] = (), strip_leading: bool = True):
-        self.tokenizer = tokenizer
-        self.eos_ids = eos_ids
-        self.stop = [s for s in stop if s]
-        self.strip_leading = strip_leading
-        self.tokens: list[int] = []
-        self.text = ""
-        self.stopped = False
-        self.released: list[ReportedToken] = []
-        self._sent = 0
-        self._whole_characters = 0  # of the text so far, a character still split across tokens left out
-        self._unreleased: list[tuple[int, TokenLogprob]] = []  # (offset, log-probabilities) of tokens not yet sent
-
-    def push(self, token: int, logprob: TokenLogprob | None = None) -> str:
-        """Feed one generated token (and its log-probabilities); returns the text that is now safe to send."""
-        if self.stopped or token in self.eos_ids:
-            return ""
-        if logprob is not None:
-            self._unreleased.append((self._whole_characters, logprob))
-        self.tokens.append(token)
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        text = text.lstrip() if self.strip_leading else text
-        self._whole_characters = len(text.rstrip("\ufffd"))
-        if text.endswith("\ufffd"):  # a character split across tokens: wait for the rest
-            return ""
-        self.text = text
-        cuts = [i for i in (text.find(s, max(0, self._sent - len(s))) for s in self.stop) if i >= 0]
-        if cuts:
-            self.text, self.stopped = text[: min(cuts)], True
-            return self._release(len(self.text))
-        held = max((n for s in self.stop for n in range(len(s) - 1, 0, -1) if text.endswith(s[:n])), default=0)
-        return self._release(len(text) - held)
-
-    def finish(self) -> str:
-        """The text held back for a stop string that never came."""
-        return self._release(len(self.text))
-
-    def _release(self, end: int) -> str:
-        delta = self.text[self._sent : end] if end > self._sent else ""
-        self._sent = max(self._sent, end)
-        while self._unreleased and self._unreleased[0][0] < self._sent:
-            offset, logprob = self._unreleased.pop(0)
-            self.released.append(_reported(self.tokenizer, logprob.token, offset, logprob))
-        return delta
-
-
-def _reported(tokenizer, token: int, offset: int, logprob: TokenLogprob | None) -> ReportedToken:
-    """``token`` at ``offset`` of a text with its log-probabilities (None: the first token of a
-    prompt, which nothing predicts), the tokens as text."""
-
-    def text(token: int) -> str:
-        return tokenizer.decode([token])
-
-    if logprob is None:
-        return ReportedToken(text(token), offset, None, ())
-    return ReportedToken(text(token), offset, logprob.logprob, tuple((text(t), lp) for t, lp in logprob.top))
-
-
-@dataclass
-class ServedIndex:
-    """One version of the passage index as the server serves it: its passages, what searches them
-    (a ``retriever.Searcher`` in this process, or a ``chameleon.cluster.ClusterSearcher``) and, with
-    a tier, a client of its coordinator (readiness, metrics) and the directory of its processes."""
-
-    rag_index: RagIndex
-    retrieval: object
-    tier: RetrievalClient | None = None
-    state_dir: Path | None = None
-
-    def describe(self) -> dict:
-        where = {"retrieval": "tier", "state_dir": str(self.state_dir)} if self.tier is not None else {"retrieval": "in-process"}
-        return {
-            "path": str(self.rag_index.path),
-            "passages": len(self.rag_index.passages),
-            "fingerprint": self.rag_index.fingerprint,
-            **where,
-        }
-
-    def close(self, discard_copies: bool = False) -> list[int]:
-        """Close the clients and stop the tier's processes (their pids); with ``discard_copies``,
-        also delete the re-sharded copy of the index the tier made (a retired version's)."""
-        if self.tier is None:
-            return []
-        from chameleon import cluster
-
-        self.retrieval.close()
-        self.tier.close()
-        index_copy = Path(cluster.read_state(self.state_dir)["index"])
-        stopped = cluster.down(self.state_dir)
-        if discard_copies and index_copy.parent == self.state_dir:
-            shutil.rmtree(index_copy, ignore_errors=True)
-        return stopped
-
-
-class ReloadInProgress(RetrieverError):
-    pass
 
 
 class Service:
@@ -179,89 +60,38 @@ class Service:
         self.embedder_id = pipeline.embedder.name
         self.knnlm = knnlm
         self.metrics = metrics
-        self.served = served
-        self._reopen = reopen
-        self._tier_lock = threading.Lock()  # the coordinator's client is not thread-safe
+        self.index = IndexServing(served, reopen, metrics)
         self._knnlm_lock = threading.Lock()
-        self._reloading = threading.Lock()
         if metrics is not None:
             metrics.passages.set_function(lambda: len(self.served.rag_index.passages))
 
-    # -- readiness ----------------------------------------------------------------------------
+    @property
+    def served(self) -> ServedIndex:
+        return self.index.served
+
+    # -- readiness and the index ----------------------------------------------------------------
 
     def tier_info(self) -> dict | None:
-        """The coordinator's view of the nodes, None when retrieval is in process or it does not answer."""
-        with self._tier_lock:
-            if self.served.tier is None:
-                return None
-            try:
-                return self.served.tier.info(timeout=1.0)
-            except RetrieverError:
-                return None
+        return self.index.tier_info()
 
     def readiness(self) -> dict:
-        """``ready`` plus why not: the engine runs, and every shard has a live node when retrieval
-        runs in a tier; ``index``: the version served."""
-        index = {"index": self.served.describe()}
+        """``ready`` plus why not: the engine runs, and the index's tier answers (see ``IndexServing.readiness``)."""
         if not getattr(self.engine, "alive", True):
-            return {"ready": False, "reason": "the LLM engine has stopped", **index}
-        if self.served.tier is None:
-            return {"ready": True, "retrieval": "in-process", **index}
-        info = self.tier_info()
-        if info is None:
-            return {"ready": False, "retrieval": "tier", "reason": "the coordinator does not answer", **index}
-        live = {n["shard"] for n in info["nodes"] if n["alive"]}
-        missing = sorted(set(range(info["nshards"])) - live)
-        if missing:
-            return {"ready": False, "retrieval": "tier", "reason": f"no live node for shard(s) {missing}", **index}
-        return {"ready": True, "retrieval": "tier", "shards": info["nshards"], "nodes": len(info["nodes"]), **index}
-
-    # -- the index ------------------------------------------------------------------------------
+            return {"ready": False, "reason": "the LLM engine has stopped", "index": self.served.describe()}
+        return self.index.readiness()
 
     def reload(self) -> dict:
-        """Serve the passage index on disk if it is another version than the one served (see the
-        module's docstring). Whatever fails before the switch leaves the served version as it was."""
-        if not self._reloading.acquire(blocking=False):
-            raise ReloadInProgress("a reload is already under way")
-        outcome = "refused"
-        try:
-            started = time.perf_counter()
-            current = self.served
-            rag_index = RagIndex(current.rag_index.path, self.pipeline.embedder.fingerprint)
-            if rag_index.fingerprint == current.rag_index.fingerprint:
-                outcome = "unchanged"
-                return {"reloaded": False, "index": current.describe(), "seconds": round(time.perf_counter() - started, 3)}
-            fresh = self._reopen(rag_index)
-            try:
-                self.pipeline.swap_index(fresh.rag_index, fresh.retrieval)
-            except BaseException:
-                fresh.close(discard_copies=True)
-                raise
-            with self._tier_lock:
-                self.served = fresh
-            outcome = "reloaded"
-            stopped = current.close(discard_copies=True)
-            return {
-                "reloaded": True,
-                "index": fresh.describe(),
-                "previous": current.describe(),
-                "stopped_processes": len(stopped),
-                "seconds": round(time.perf_counter() - started, 3),
-            }
-        finally:
-            self._reloading.release()
-            if self.metrics is not None:
-                self.metrics.reloads.labels(outcome).inc()
+        return self.index.reload(self.pipeline)
 
     # -- retrieval ----------------------------------------------------------------------------
 
     def search(self, query: str | None, vector: list[float] | None, k: int, nprobe: int | None) -> tuple[list[dict], dict]:
         timings: dict = {}
         if (query is None) == (vector is None):
-            raise RetrieverError("give exactly one of query (text) and vector")
+            raise InvalidInput("give exactly one of query (text) and vector")
         if query is not None:
             if not query.strip():
-                raise RetrieverError("the query is empty")
+                raise InvalidInput("the query is empty")
             ranked = self.pipeline.retrieve(query, timings, k, nprobe)
         else:
             ranked = self.pipeline.retrieve_vector([vector], timings, k, nprobe)
@@ -367,7 +197,7 @@ class Service:
         scored = self.engine.prompt_logprobs(tokens, reports.logprobs)
         tokenizer = self.engine.tokenizer
         return [
-            _reported(tokenizer, token, max(0, start - len(head)), score)
+            reported_token(tokenizer, token, max(0, start - len(head)), score)
             for token, (start, _), score in zip(tokens[first:], offsets[first:], scored[first:])
         ]
 
@@ -382,7 +212,7 @@ class Service:
         from chameleon.rag.knnlm import generate
 
         if self.knnlm is None:
-            raise RetrieverError("mode knnlm needs a kNN-LM datastore: start the server with --knnlm DIR")
+            raise InvalidInput("mode knnlm needs a kNN-LM datastore: start the server with --knnlm DIR")
         request = _Request(self.engine, stop, on_text, cancelled, sampling)
         messages = [{"role": "system", "content": PLAIN_SYSTEM_PROMPT}, {"role": "user", "content": question}]
         tokens = self.engine.chat_tokens(messages)

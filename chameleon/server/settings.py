@@ -11,7 +11,7 @@ from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from retriever.engines import engine_options
-from retriever.errors import RetrieverError
+from retriever.errors import InvalidInput
 
 
 class ServeSettings(BaseSettings):
@@ -81,11 +81,11 @@ class ServeSettings(BaseSettings):
             try:
                 from_file = yaml.safe_load(Path(config_file).read_text()) or {}
             except OSError as e:
-                raise RetrieverError(f"cannot read the config file {config_file}: {e.strerror}") from None
+                raise InvalidInput(f"cannot read the config file {config_file}: {e.strerror}") from None
             except yaml.YAMLError as e:
-                raise RetrieverError(f"{config_file} is not valid YAML: {e}") from None
+                raise InvalidInput(f"{config_file} is not valid YAML: {e}") from None
             if not isinstance(from_file, dict):
-                raise RetrieverError(f"{config_file} must hold a mapping of settings, not {type(from_file).__name__}")
+                raise InvalidInput(f"{config_file} must hold a mapping of settings, not {type(from_file).__name__}")
             from_file = {str(key).replace("-", "_"): value for key, value in from_file.items()}
         try:
             from_env = cls()
@@ -97,14 +97,14 @@ class ServeSettings(BaseSettings):
             settings = cls(**values)
         except ValidationError as e:
             problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'settings'}: {err['msg']}" for err in e.errors())
-            raise RetrieverError(f"invalid settings: {problems}") from None
+            raise InvalidInput(f"invalid settings: {problems}") from None
         if "default_max_tokens" not in settings.model_fields_set:
             settings.default_max_tokens = min(settings.default_max_tokens, settings.max_tokens)
         if settings.engine == "vllm" and settings.knnlm is not None:
-            raise RetrieverError(
+            raise InvalidInput(
                 "kNN-LM reads the model's hidden states, which vLLM does not expose: use --engine torch (or auto) with --knnlm"
             )
         engine_options(settings.retrieval_engine, settings.fpga_mode, settings.xclbin)
         if settings.default_max_tokens > settings.max_tokens:
-            raise RetrieverError(f"default_max_tokens ({settings.default_max_tokens}) exceeds max_tokens ({settings.max_tokens})")
+            raise InvalidInput(f"default_max_tokens ({settings.default_max_tokens}) exceeds max_tokens ({settings.max_tokens})")
         return settings

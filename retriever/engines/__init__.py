@@ -17,7 +17,7 @@ from retriever.engines.adc import NumbaEngine
 from retriever.engines.base import MAX_K, ScanEngine
 from retriever.engines.faiss_ivfpq import FaissEngine, to_faiss_ivfpq
 from retriever.engines.fastscan import FastScanEngine
-from retriever.errors import RetrieverError
+from retriever.errors import InvalidInput
 from retriever.index import IVFPQIndex
 
 BUILT_IN_ENGINES = {engine.name: engine for engine in (NumbaEngine, FaissEngine, FastScanEngine)}
@@ -53,7 +53,7 @@ def scan_engine_class(name: str) -> type[ScanEngine]:
         return BUILT_IN_ENGINES[name]
     entry = _registered().get(name)
     if entry is None:
-        raise RetrieverError(f"unknown engine {name!r}; choose from {', '.join(scan_engine_names())}")
+        raise InvalidInput(f"unknown engine {name!r}; choose from {', '.join(scan_engine_names())}")
     return entry.load()
 
 
@@ -64,10 +64,10 @@ def engine_options(name: str, fpga_mode: str | None = None, xclbin: str | os.Pat
     if not engine.device_modes:
         if fpga_mode is not None or xclbin is not None:
             device_engines = [other for other in scan_engine_names() if scan_engine_class(other).device_modes]
-            raise RetrieverError(f"--fpga-mode and --xclbin go with the {' or '.join(device_engines)} engine")
+            raise InvalidInput(f"--fpga-mode and --xclbin go with the {' or '.join(device_engines)} engine")
         return {}
     if fpga_mode is None:
-        raise RetrieverError(f"the {name} engine needs --fpga-mode {engine.device_modes_help}")
+        raise InvalidInput(f"the {name} engine needs --fpga-mode {engine.device_modes_help}")
     return {"mode": fpga_mode, **({"xclbin": str(Path(xclbin).resolve())} if xclbin is not None else {})}
 
 
@@ -75,5 +75,5 @@ def make_scan_engine(name: str, index: IVFPQIndex, **options) -> ScanEngine:
     """The engine ``name`` over ``index``; ``options`` go to its constructor (``fpga``: mode, xclbin, ...)."""
     engine = scan_engine_class(name)
     if options and not engine.device_modes:
-        raise RetrieverError(f"the {name} engine takes no options, got {', '.join(options)}")
+        raise InvalidInput(f"the {name} engine takes no options, got {', '.join(options)}")
     return engine(index, **options)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from retriever.errors import RetrieverError
+from retriever.errors import InvalidInput
 from retriever.index import IVFPQIndex
 from retriever.vectors import as_query_matrix, id_range
 
@@ -55,19 +55,19 @@ class ScanEngine:
         return self.lists.ntotal
 
     def check(self, queries, list_ids, k) -> tuple[np.ndarray, np.ndarray, int]:
-        """Validated (queries float32, list_ids int64, k), or :class:`RetrieverError` saying what is wrong."""
+        """Validated (queries float32, list_ids int64, k), or :class:`InvalidInput` saying what is wrong."""
         queries = np.ascontiguousarray(as_query_matrix(queries, self.params.dim), dtype=np.float32)
         list_ids = np.asarray(list_ids)
         if list_ids.ndim != 2 or list_ids.shape[0] != queries.shape[0] or list_ids.shape[1] < 1:
-            raise RetrieverError(f"list ids must have shape ({queries.shape[0]}, nprobe), got {list_ids.shape}")
+            raise InvalidInput(f"list ids must have shape ({queries.shape[0]}, nprobe), got {list_ids.shape}")
         if list_ids.dtype.kind not in "iu":
-            raise RetrieverError(f"list ids must be integers, got dtype {list_ids.dtype}")
+            raise InvalidInput(f"list ids must be integers, got dtype {list_ids.dtype}")
         list_ids = np.ascontiguousarray(list_ids, dtype=np.int64)
         low, high = id_range(list_ids)  # not empty: at least one query and one probe
         if low < -1 or high >= self.params.nlist:
-            raise RetrieverError(f"list ids must lie in [-1, {self.params.nlist}), got {low}..{high}")
+            raise InvalidInput(f"list ids must lie in [-1, {self.params.nlist}), got {low}..{high}")
         if not isinstance(k, (int, np.integer)) or not 1 <= k <= MAX_K:
-            raise RetrieverError(f"k must be an integer between 1 and {MAX_K}, got {k!r}")
+            raise InvalidInput(f"k must be an integer between 1 and {MAX_K}, got {k!r}")
         return queries, list_ids, int(k)
 
     def codes_to_scan(self, list_ids: np.ndarray) -> int:

@@ -6,7 +6,7 @@ import numba
 import numpy as np
 
 from retriever.engines.base import PARALLEL_MIN_CODES, PRECOMPUTED_TABLE_MAX_BYTES, ScanEngine, l2_list_terms
-from retriever.errors import RetrieverError
+from retriever.errors import InvalidInput
 from retriever.index import IVFPQIndex, unpack_codes
 from retriever.kernels.common import dynamic_schedule
 from retriever.kernels.fastscan import pack_blocks, scan_fastscan, scan_fastscan_serial, simd_level
@@ -27,10 +27,10 @@ class FastScanEngine(ScanEngine):
         super().__init__(index)
         p = self.params
         if p.nbits != 4:
-            raise RetrieverError(f"the {self.name} engine scans 4-bit PQ codes (index build --nbits 4); this index has nbits={p.nbits}")
+            raise InvalidInput(f"the {self.name} engine scans 4-bit PQ codes (index build --nbits 4); this index has nbits={p.nbits}")
         table_bytes = p.nlist * p.m * p.ksub * 4
         if p.metric == "l2" and table_bytes > PRECOMPUTED_TABLE_MAX_BYTES:
-            raise RetrieverError(
+            raise InvalidInput(
                 f"the {self.name} engine needs L2 tables of {table_bytes:,} bytes, over {PRECOMPUTED_TABLE_MAX_BYTES:,}: use fewer lists or sub-quantizers"
             )
         self.simd = simd_level(simd)

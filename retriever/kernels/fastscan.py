@@ -40,7 +40,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import NativeValue, intrinsic, models, overload, register_model, typeof_impl, unbox
 
-from retriever.errors import RetrieverError
+from retriever.errors import InvalidInput, Unsupported
 from retriever.kernels.common import EMPTY_ID, coarse_key, drain_sorted, offer, query_lut
 
 BLOCK = 32  # vectors per block: the 32 bytes of one AVX2 register, one nibble per vector
@@ -287,10 +287,10 @@ def simd_level(name: str = "auto") -> SimdLevel:
     if name == "auto":
         return SimdLevel(detect_simd())
     if name not in SIMD_BYTES:
-        raise RetrieverError(f"simd must be one of auto, {', '.join(SIMD_BYTES)}, got {name!r}")
+        raise InvalidInput(f"simd must be one of auto, {', '.join(SIMD_BYTES)}, got {name!r}")
     order = list(SIMD_BYTES)
     if order.index(name) < order.index(detect_simd()):
-        raise RetrieverError(f"this CPU (as Numba targets it) cannot run {name}; the best it runs is {detect_simd()}")
+        raise Unsupported(f"this CPU (as Numba targets it) cannot run {name}; the best it runs is {detect_simd()}")
     return SimdLevel(name)
 
 
@@ -337,7 +337,7 @@ def pack_blocks(codes: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.
     codes = np.ascontiguousarray(codes, dtype=np.uint8)
     offsets = np.ascontiguousarray(offsets, dtype=np.int64)
     if codes.ndim != 2 or codes.size and codes.max() >= KSUB:
-        raise RetrieverError("pack_blocks takes (n, m) codes below 16, one per byte")
+        raise InvalidInput("pack_blocks takes (n, m) codes below 16, one per byte")
     block_offsets = np.zeros_like(offsets)
     np.cumsum((np.diff(offsets) + BLOCK - 1) // BLOCK, out=block_offsets[1:])
     return _pack_blocks(codes, offsets, block_offsets, pairs_padded(codes.shape[1])), block_offsets
@@ -388,7 +388,7 @@ def quantize_table(table: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, fl
     ``sum_j T[j, c_j]`` is ``bias + sum_j table_q[j, c_j] / scale`` within ``(0.5 + 1e-4) * m / scale``."""
     table = np.ascontiguousarray(table, dtype=np.float32)
     if table.ndim != 2 or table.shape[1] != KSUB or table.shape[0] < 1:
-        raise RetrieverError(f"a 4-bit lookup table has shape (m, {KSUB}), got {table.shape}")
+        raise InvalidInput(f"a 4-bit lookup table has shape (m, {KSUB}), got {table.shape}")
     npairs = pairs_padded(table.shape[0])
     table_q = np.zeros((2 * npairs, KSUB), np.uint8)
     lut_q = np.zeros(npairs // 2 * GROUP_LUT_BYTES, np.uint8)
@@ -461,7 +461,7 @@ def block_distances(packed: np.ndarray, table: np.ndarray, simd: str = "auto") -
     block_bytes = table_q.shape[0] * 16
     packed = np.ascontiguousarray(packed, dtype=np.uint8)
     if packed.ndim != 1 or packed.size % block_bytes:
-        raise RetrieverError(f"packed codes must be whole blocks of {block_bytes} bytes, got shape {packed.shape}")
+        raise InvalidInput(f"packed codes must be whole blocks of {block_bytes} bytes, got shape {packed.shape}")
     return _all_block_distances(simd_level(simd), packed, packed.size // block_bytes, lut_q, table_q)
 
 

@@ -11,7 +11,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from retriever.errors import RetrieverError
+from retriever.errors import InvalidInput
 from retriever.kernels.common import EMPTY_ID, drain_sorted, dynamic_schedule, offer, prefetch
 from retriever.vectors import as_query_matrix, id_range
 
@@ -97,12 +97,12 @@ def rerank_exact(queries, vectors: np.ndarray, candidates, k: int, metric: str) 
     queries = np.ascontiguousarray(as_query_matrix(queries, vectors.shape[1]), dtype=np.float32)
     candidates = np.ascontiguousarray(candidates, dtype=np.int64)
     if candidates.ndim != 2 or candidates.shape[0] != queries.shape[0]:
-        raise RetrieverError(f"candidates must have shape ({queries.shape[0]}, n), got {candidates.shape}")
+        raise InvalidInput(f"candidates must have shape ({queries.shape[0]}, n), got {candidates.shape}")
     low, high = id_range(candidates) if candidates.size else (0, 0)
     if low < -1 or high >= vectors.shape[0]:
-        raise RetrieverError(f"candidate ids must lie in [-1, {vectors.shape[0]}), got {low}..{high}")
+        raise InvalidInput(f"candidate ids must lie in [-1, {vectors.shape[0]}), got {low}..{high}")
     if not isinstance(k, (int, np.integer)) or k < 1:
-        raise RetrieverError(f"k must be a positive integer, got {k!r}")
+        raise InvalidInput(f"k must be a positive integer, got {k!r}")
     inner_product = metric != "l2"
     parallel = numba.get_num_threads() > 1 and candidates.size >= PARALLEL_MIN_CANDIDATES
     if parallel:

@@ -40,6 +40,8 @@ import msgpack
 import numpy as np
 import zmq
 
+from retriever.errors import InvalidInput
+
 VERSION = 1
 OPS = ("SEARCH", "RESULT", "HEARTBEAT", "INFO", "ERROR")
 DTYPES = {"float32": np.dtype(np.float32), "int64": np.dtype(np.int64), "bool": np.dtype(np.bool_)}
@@ -53,7 +55,7 @@ MAX_K = 1 << 16
 MAX_RID = (1 << 63) - 1
 
 
-class ProtocolError(ValueError):
+class ProtocolError(InvalidInput):
     """A malformed or unacceptable message; ``code`` is the ERROR code to answer with, ``rid`` the
     request id to answer (0 when the header did not get as far as a valid one)."""
 

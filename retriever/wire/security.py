@@ -18,7 +18,7 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
-from retriever.errors import RetrieverError
+from retriever.errors import InvalidInput
 
 
 @dataclass(frozen=True)
@@ -36,9 +36,9 @@ class CurveKeys:
             server_public, server_secret = zmq.auth.load_certificate(directory / "server.key_secret")
             client_public, client_secret = zmq.auth.load_certificate(directory / "client.key_secret")
         except (OSError, ValueError) as e:
-            raise RetrieverError(f"{directory} is not a key directory made by `chameleon keys gen`: {e}") from None
+            raise InvalidInput(f"{directory} is not a key directory made by `chameleon keys gen`: {e}") from None
         if not (directory / "authorized").is_dir():
-            raise RetrieverError(f"{directory}/authorized (the accepted client keys) is missing")
+            raise InvalidInput(f"{directory}/authorized (the accepted client keys) is missing")
         return cls(directory, server_public, server_secret, client_public, client_secret)
 
 
@@ -46,7 +46,7 @@ def generate_keys(directory: str | Path, force: bool = False) -> Path:
     """Write a server and a client key pair, and authorise the client key."""
     directory = Path(directory)
     if directory.exists() and any(directory.iterdir()) and not force:
-        raise RetrieverError(f"{directory} already holds files (use --force to replace the keys)")
+        raise InvalidInput(f"{directory} already holds files (use --force to replace the keys)")
     directory.mkdir(parents=True, exist_ok=True)
     zmq.auth.create_certificates(directory, "server")
     zmq.auth.create_certificates(directory, "client")

@@ -9,7 +9,7 @@ from pathlib import Path
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
-from retriever.errors import RetrieverError
+from retriever.errors import InvalidInput
 from retriever.files import write_json_atomic
 from retriever.wire import protocol
 from retriever.wire.security import CurveKeys, secure_server
@@ -34,7 +34,7 @@ def bind_router(
         socket.close(linger=0)
         if authenticator:
             authenticator.stop()
-        raise RetrieverError(f"cannot bind {bind}: {e}") from None
+        raise InvalidInput(f"cannot bind {bind}: {e}") from None
     endpoint = socket.getsockopt(zmq.LAST_ENDPOINT).decode()
     if ready_file:
         write_json_atomic(Path(ready_file), {"endpoint": endpoint, "pid": os.getpid()})

@@ -1,0 +1,133 @@
+"""The passage index as the server serves it, and its retrieval tier: which version is served,
+whether its tier answers, and reloading a changed index without a restart.
+
+``reload`` opens the new version beside the one being served, its tier processes included,
+switches searches to it between two searches, then stops the old one. Requests in flight go on; a
+later retrieval of the same answer already searches the new version.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from chameleon.rag.corpus import RagIndex
+from chameleon.rag.pipeline import RagPipeline
+from coordinator.client import RetrievalClient
+from retriever.errors import ChameleonError
+
+
+@dataclass
+class ServedIndex:
+    """One version of the passage index as the server serves it: its passages, what searches them
+    (a ``retriever.Searcher`` in this process, or a ``chameleon.cluster.ClusterSearcher``) and, with
+    a tier, a client of its coordinator (readiness, metrics) and the directory of its processes."""
+
+    rag_index: RagIndex
+    retrieval: object
+    tier: RetrievalClient | None = None
+    state_dir: Path | None = None
+
+    def describe(self) -> dict:
+        where = {"retrieval": "tier", "state_dir": str(self.state_dir)} if self.tier is not None else {"retrieval": "in-process"}
+        return {
+            "path": str(self.rag_index.path),
+            "passages": len(self.rag_index.passages),
+            "fingerprint": self.rag_index.fingerprint,
+            **where,
+        }
+
+    def close(self, discard_copies: bool = False) -> list[int]:
+        """Close the clients and stop the tier's processes (their pids); with ``discard_copies``,
+        also delete the re-sharded copy of the index the tier made (a retired version's)."""
+        if self.tier is None:
+            return []
+        from chameleon import cluster
+
+        self.retrieval.close()
+        self.tier.close()
+        index_copy = Path(cluster.read_state(self.state_dir)["index"])
+        stopped = cluster.down(self.state_dir)
+        if discard_copies and index_copy.parent == self.state_dir:
+            shutil.rmtree(index_copy, ignore_errors=True)
+        return stopped
+
+
+class ReloadInProgress(ChameleonError):
+    """A reload is already under way (the API answers 409)."""
+
+
+class IndexServing:
+    """The version being served (``served``) and ``reopen(rag_index)``, which serves another
+    version the way the server started the first: its tier, or its in-process search."""
+
+    def __init__(self, served: ServedIndex, reopen: Callable[[RagIndex], ServedIndex], metrics=None):
+        self.served = served
+        self._reopen = reopen
+        self.metrics = metrics
+        self._tier_lock = threading.Lock()  # the coordinator's client is not thread-safe
+        self._reloading = threading.Lock()
+
+    def tier_info(self) -> dict | None:
+        """The coordinator's view of the nodes, None when retrieval is in process or it does not answer."""
+        with self._tier_lock:
+            if self.served.tier is None:
+                return None
+            try:
+                return self.served.tier.info(timeout=1.0)
+            except ChameleonError:
+                return None
+
+    def readiness(self) -> dict:
+        """``ready`` plus why not: every shard has a live node when retrieval runs in a tier;
+        ``index``: the version served."""
+        index = {"index": self.served.describe()}
+        if self.served.tier is None:
+            return {"ready": True, "retrieval": "in-process", **index}
+        info = self.tier_info()
+        if info is None:
+            return {"ready": False, "retrieval": "tier", "reason": "the coordinator does not answer", **index}
+        live = {n["shard"] for n in info["nodes"] if n["alive"]}
+        missing = sorted(set(range(info["nshards"])) - live)
+        if missing:
+            return {"ready": False, "retrieval": "tier", "reason": f"no live node for shard(s) {missing}", **index}
+        return {"ready": True, "retrieval": "tier", "shards": info["nshards"], "nodes": len(info["nodes"]), **index}
+
+    def reload(self, pipeline: RagPipeline) -> dict:
+        """Serve the passage index on disk, searched by ``pipeline``, if it is another version than the
+        one served (see the module's docstring). Whatever fails before the switch leaves the served version as it was."""
+        if not self._reloading.acquire(blocking=False):
+            raise ReloadInProgress("a reload is already under way")
+        outcome = "refused"
+        try:
+            started = time.perf_counter()
+            current = self.served
+            rag_index = RagIndex(current.rag_index.path, pipeline.embedder.fingerprint)
+            if rag_index.fingerprint == current.rag_index.fingerprint:
+                outcome = "unchanged"
+                return {"reloaded": False, "index": current.describe(), "seconds": round(time.perf_counter() - started, 3)}
+            fresh = self._reopen(rag_index)
+            try:
+                pipeline.swap_index(fresh.rag_index, fresh.retrieval)
+            except BaseException:
+                fresh.close(discard_copies=True)
+                raise
+            with self._tier_lock:
+                self.served = fresh
+            outcome = "reloaded"
+            stopped = current.close(discard_copies=True)
+            return {
+                "reloaded": True,
+                "index": fresh.describe(),
+                "previous": current.describe(),
+                "stopped_processes": len(stopped),
+                "seconds": round(time.perf_counter() - started, 3),
+            }
+        finally:
+            self._reloading.release()
+            if self.metrics is not None:
+                self.metrics.reloads.labels(outcome).inc()
