@@ -322,7 +322,8 @@ def _post_json(url: str, body: dict, api_key: str | None, timeout: float = 600.0
             message = json.loads(e.read())["error"]["message"]
         except (ValueError, KeyError, TypeError):
             message = e.reason
-        raise InvalidInput(f"the server answered {e.code}: {message}") from None
+        kind = Unavailable if e.code in (503, 504) else InvalidInput  # the server's tiers do not answer now
+        raise kind(f"the server answered {e.code}: {message}") from None
     except urllib.error.URLError as e:
         raise Unavailable(f"cannot reach the server at {url}: {e.reason}") from None
 

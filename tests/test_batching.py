@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from retriever.errors import InvalidInput
+from retriever.errors import InvalidInput, Unavailable
 
 
 def _prompts(engine, n: int) -> list[list[int]]:
@@ -90,7 +90,7 @@ def test_stop_callback_bad_requests_and_close(tiny32):
     assert alongside.result(timeout=60).tokens == tiny32.generate(prompt, 30).tokens  # its neighbours are untouched
     assert batching.generate(prompt, 5).tokens == tiny32.generate(prompt, 5).tokens  # the engine goes on
     batching.close()
-    with pytest.raises(InvalidInput, match="closed"):
+    with pytest.raises(Unavailable, match="closed"):
         batching.submit(prompt, 4)
     with pytest.raises(InvalidInput, match="max_batch"):
         BatchingEngine(tiny32, max_batch=0)

@@ -166,3 +166,14 @@ def test_glove50_numba_agrees_with_faiss(tmp_path):
     nd, ni = NumbaEngine(index).search(queries, list_ids, 10)
     fd, fi = FaissEngine(index).search(queries, list_ids, 10)
     assert same_up_to_ties(nd, ni, fd, fi).mean() >= 0.999
+
+
+def test_a_server_that_does_not_answer_is_exit_code_3_and_a_bad_command_2():
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    unreachable = chameleon("ask", "What is a list?", "--server", f"http://127.0.0.1:{port}", expect=3)
+    assert "cannot reach the server" in unreachable.stderr
+    assert "give exactly one of --index and --cluster" in chameleon("search", "--queries", "q.npy", "--out", "r.npz", expect=2).stderr

