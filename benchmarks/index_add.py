@@ -33,7 +33,7 @@ SEED = 1234
 
 def recalls(index, queries, truth, nprobes: list[int]) -> list[float]:
     searcher = Searcher(index, device="cpu")
-    return [recall_at_k(searcher.search(queries, 10, nprobe)[1], truth) for nprobe in nprobes]
+    return [recall_at_k(searcher.search(queries, 10, nprobe).ids, truth) for nprobe in nprobes]
 
 
 def main():

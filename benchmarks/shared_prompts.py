@@ -72,9 +72,7 @@ def main():
         "shared": RagPipeline(rag_index, embedder, BatchingEngine(engine, 8), k=4),
         "prefilled each": RagPipeline(rag_index, embedder, BatchingEngine(engine, 8, share_running_prompts=False), k=4),
     }
-    prompt = pipelines["shared"].prompt_tokens(
-        QUESTIONS[0], [p for p, _ in pipelines["shared"].retrieve(QUESTIONS[0], {})], args.max_tokens
-    )[0]
+    prompt = pipelines["shared"].prompt_tokens(QUESTIONS[0], [p for p, _ in pipelines["shared"].retrieve(QUESTIONS[0])], args.max_tokens)[0]
     print(
         f"built-in model on {engine.device}, python-docs, k 4 (a prompt of ~{len(prompt)} tokens), n {args.n}, "
         f"{args.max_tokens} new tokens each, {args.questions} questions, {time.strftime('%Y-%m-%d %H:%M')}"

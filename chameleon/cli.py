@@ -303,7 +303,7 @@ def _ask_here(question, index, cluster, model, engine, k, nprobe, max_tokens, re
             retrieval.close()
         if kind == "vllm" and llm is not None:
             llm.close()  # its engine processes
-    return {"answer": answer.answer, "sources": answer.sources, "timings": answer.timings}
+    return {"answer": answer.answer, "sources": answer.sources, "timings": answer.timings.as_dict()}
 
 
 def _post_json(url: str, body: dict, api_key: str | None, timeout: float = 600.0) -> dict:
@@ -861,7 +861,6 @@ def search(
 ):
     """Search query vectors in an index, in process or through a running cluster."""
     from chameleon.cluster import ClusterSearcher, search_in_batches
-    from coordinator.client import SearchResult
     from retriever.datasets import read_vectors
     from retriever.engines import engine_options
     from retriever.index import load_index
@@ -884,11 +883,7 @@ def search(
             searcher.close()
     else:
         local = Searcher(load_index(index), engine, **options)
-
-        def in_process(q, k, nprobe):
-            return SearchResult(*local.search(q, k, nprobe), partial=False, missing=[])
-
-        distances, ids, partial = search_in_batches(in_process, vectors, k, nprobe)
+        distances, ids, partial = search_in_batches(local.search, vectors, k, nprobe)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.stem}.tmp.npz")
     np.savez(tmp, ids=ids, distances=distances, partial=partial)

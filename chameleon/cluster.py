@@ -24,13 +24,14 @@ from pathlib import Path
 
 import numpy as np
 
-from coordinator.client import RetrievalClient, SearchResult
+from coordinator.client import RetrievalClient
 from coordinator.router import ClusterConfig, Coordinator, InlineCoordinator
 from retriever.coarse import CoarseQuantizer
 from retriever.engines import engine_options
 from retriever.errors import ChameleonError, InvalidInput, NotFound, Timeout
 from retriever.files import write_json_atomic
 from retriever.index import index_fingerprint, load_index, read_manifest, save_index
+from retriever.search import SearchResult
 from retriever.vectors import as_query_matrix, prepare_vectors
 from retriever.wire.security import CurveKeys
 
@@ -320,26 +321,20 @@ class ClusterSearcher:
     def search(self, queries, k: int, nprobe: int) -> SearchResult:
         return self.client.search(*self._coarse(queries, nprobe), k)
 
-    def submit(self, queries, k: int, nprobe: int):
+    def submit(self, queries, k: int, nprobe: int) -> Callable[[], SearchResult]:
         """Start a search (coarse search here, then the request leaves) and return a function that
-        waits for its (distances, ids); a shard missing from a partial answer leaves ids -1."""
+        waits for its result; a shard missing from a partial answer leaves ids -1."""
         rid = self.client.send_search(*self._coarse(queries, nprobe), k)
-
-        def result() -> tuple[np.ndarray, np.ndarray]:
-            answer = self.client.search_result(rid)
-            return answer.distances, answer.ids
-
-        return result
+        return lambda: self.client.search_result(rid)
 
     def _coarse(self, queries, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
         """The prepared queries and the lists each probes: the part of a search done here."""
         queries = prepare_vectors(as_query_matrix(queries, self.quantizer.dim), self.state["metric"])
         return queries, self.quantizer.search(queries, nprobe)[0]
 
-    def scan(self, queries: np.ndarray, list_ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, bool]:
-        """(distances, ids, partial) of prepared ``queries`` through the tier."""
-        result = self.client.search(queries, list_ids, k)
-        return result.distances, result.ids, result.partial
+    def scan(self, queries: np.ndarray, list_ids: np.ndarray, k: int) -> SearchResult:
+        """The top-k of prepared ``queries`` through the tier."""
+        return self.client.search(queries, list_ids, k)
 
     def scan_staged(self, queries: np.ndarray, list_ids: np.ndarray, k: int, early: int) -> TierStagedScan:
         """``scan`` with an early answer from the tier after the first ``early`` lists (the
@@ -363,14 +358,13 @@ class TierStagedScan:
     rid: int
     _early: SearchResult | None = None
 
-    def early(self) -> tuple[np.ndarray, np.ndarray, bool]:
+    def early(self) -> SearchResult:
         if self._early is None:
             self._early = self.client.search_result(self.rid, early=True)
-        return self._early.distances, self._early.ids, self._early.partial
+        return self._early
 
-    def final(self) -> tuple[np.ndarray, np.ndarray, bool]:
-        result = self.client.search_result(self.rid)
-        return result.distances, result.ids, result.partial
+    def final(self) -> SearchResult:
+        return self.client.search_result(self.rid)
 
 
 def search_in_batches(search, queries: np.ndarray, k: int, nprobe: int, batch: int = 1024) -> tuple[np.ndarray, ...]:

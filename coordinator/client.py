@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import zmq
 
 from retriever.errors import ChameleonError, InvalidInput, Timeout, Unavailable
+from retriever.search import SearchResult
 from retriever.wire import protocol
 from retriever.wire.protocol import Message, ProtocolError
 from retriever.wire.security import CurveKeys, secure_client
@@ -43,20 +43,12 @@ def remote_error(code: str, message: str) -> RemoteError:
     return RemoteError(code, message) if code in FAULT_CODES else RemoteRefusal(code, message)
 
 
-@dataclass
-class SearchResult:
-    distances: np.ndarray
-    ids: np.ndarray
-    partial: bool
-    missing: list[int]
-
-    @classmethod
-    def of(cls, reply: Message) -> SearchResult:
-        """The answer a RESULT ``reply`` carries."""
-        if reply.op != "RESULT":
-            raise remote_error("bad_request", f"expected RESULT, got {reply.op}")
-        distances, ids = reply.arrays
-        return cls(distances, ids, reply.fields.get("partial", False), reply.fields.get("missing", []))
+def result_of_reply(reply: Message) -> SearchResult:
+    """The answer a RESULT ``reply`` carries."""
+    if reply.op != "RESULT":
+        raise remote_error("bad_request", f"expected RESULT, got {reply.op}")
+    distances, ids = reply.arrays
+    return SearchResult(distances, ids, reply.fields.get("partial", False), reply.fields.get("missing", []))
 
 
 class RepliesByRid:
@@ -167,7 +159,7 @@ class RetrievalClient(RepliesByRid):
         return self.send(protocol.search_request(0, queries, list_ids, k, early))
 
     def search_result(self, rid: int, timeout: float | None = None, early: bool = False) -> SearchResult:
-        return SearchResult.of(self.receive(rid, timeout, early))
+        return result_of_reply(self.receive(rid, timeout, early))
 
     def info(self, timeout: float | None = None) -> dict:
         reply = self.request(Message("HEARTBEAT", 0), timeout)

@@ -36,9 +36,9 @@ from pathlib import Path
 import numpy as np
 import zmq
 
-from coordinator.client import RepliesByRid, SearchResult
+from coordinator.client import RepliesByRid, result_of_reply
 from retriever.errors import InvalidInput, NotFound, Timeout
-from retriever.search import merge_topk
+from retriever.search import SearchResult, merge_topk
 from retriever.wire import protocol
 from retriever.wire.protocol import Message, ProtocolError
 from retriever.wire.security import CurveKeys, secure_client
@@ -469,7 +469,7 @@ class InlineCoordinator(RepliesByRid):
         except Exception:
             self._close_request(rid)
             raise
-        return SearchResult.of(self._take_reply(rid, early))
+        return result_of_reply(self._take_reply(rid, early))
 
     def info(self) -> dict:
         """The coordinator's INFO map, after handling what the nodes sent meanwhile."""

@@ -1,6 +1,14 @@
-"""In-process search (coarse quantizer + scan engine) and the exact top-k merge of shard results."""
+"""Search: the one interface for retrieval (:class:`Retrieval`, answering :class:`SearchResult`),
+its in-process implementation (:class:`Searcher`: coarse quantizer + scan engine), and the exact
+top-k merge of shard results. ``chameleon.cluster.ClusterSearcher`` answers the same interface
+through the retrieval tier, so the RAG pipeline, kNN-LM and the server take either.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -9,6 +17,44 @@ from retriever.engines import MAX_K, make_scan_engine
 from retriever.errors import InvalidInput
 from retriever.index import IVFPQIndex
 from retriever.vectors import as_query_matrix, prepare_vectors
+
+
+@dataclass
+class SearchResult:
+    """The top-k of a batch of queries: (nq, k) ``distances`` and ``ids`` in faiss's conventions
+    (id -1 for an empty slot); ``partial`` when shards did not answer (their numbers in
+    ``missing``), which only a search through the tier can be."""
+
+    distances: np.ndarray
+    ids: np.ndarray
+    partial: bool = False
+    missing: list[int] = field(default_factory=list)
+
+
+class StagedResult(Protocol):
+    """A scan in two stages: the top-k over the first probed lists, then over all of them."""
+
+    def early(self) -> SearchResult: ...
+
+    def final(self) -> SearchResult: ...
+
+
+class Retrieval(Protocol):
+    """What searches an index: in this process (:class:`Searcher`) or through the retrieval tier
+    (``chameleon.cluster.ClusterSearcher``). ``search`` takes raw query vectors; ``quantizer``
+    (the coarse search) and ``scan`` (prepared queries and their probed lists) are its two steps
+    on their own, so a caller can time them or scan in two stages (``scan_staged``); ``submit``
+    starts a search and returns a function that waits for its result."""
+
+    quantizer: CoarseQuantizer
+
+    def search(self, queries, k: int, nprobe: int) -> SearchResult: ...
+
+    def submit(self, queries, k: int, nprobe: int) -> Callable[[], SearchResult]: ...
+
+    def scan(self, queries: np.ndarray, list_ids: np.ndarray, k: int) -> SearchResult: ...
+
+    def scan_staged(self, queries: np.ndarray, list_ids: np.ndarray, k: int, early: int) -> StagedResult: ...
 
 
 def merge_topk(distances: list[np.ndarray], ids: list[np.ndarray], k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
@@ -49,19 +95,19 @@ class StagedScan:
     def __init__(self, engine, queries: np.ndarray, list_ids: np.ndarray, k: int, early: int):
         self.engine, self.queries, self.k = engine, queries, k
         self._first, self._rest = split_probes(list_ids, early)
-        self._early: tuple[np.ndarray, np.ndarray] | None = None
+        self._early: SearchResult | None = None
 
-    def early(self) -> tuple[np.ndarray, np.ndarray, bool]:
-        """(distances, ids, partial) over the first lists."""
+    def early(self) -> SearchResult:
+        """The top-k over the first lists."""
         if self._early is None:
-            self._early = self.engine.search(self.queries, self._first, self.k)
-        return *self._early, False
+            self._early = SearchResult(*self.engine.search(self.queries, self._first, self.k))
+        return self._early
 
-    def final(self) -> tuple[np.ndarray, np.ndarray, bool]:
-        """(distances, ids, partial) over every probed list."""
-        first_d, first_i, _ = self.early()
+    def final(self) -> SearchResult:
+        """The top-k over every probed list."""
+        first = self.early()
         rest_d, rest_i = self.engine.search(self.queries, self._rest, self.k)
-        return *merge_topk([first_d, rest_d], [first_i, rest_i], self.k, self.engine.params.metric), False
+        return SearchResult(*merge_topk([first.distances, rest_d], [first.ids, rest_i], self.k, self.engine.params.metric))
 
 
 class Searcher:
@@ -77,24 +123,25 @@ class Searcher:
         self.quantizer = CoarseQuantizer(index.centroids, index.params.metric, device=device)
         self.engine = make_scan_engine(engine, index, **engine_options)
 
-    def search(self, queries, k: int, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries, k: int, nprobe: int) -> SearchResult:
         most = min(self.ntotal, MAX_K)
         if not isinstance(k, (int, np.integer)) or not 1 <= k <= most:
             raise InvalidInput(f"k must be between 1 and {most} (the indexed vectors, at most {MAX_K}), got {k!r}")
         queries = prepare_vectors(as_query_matrix(queries, self.params.dim), self.params.metric)
         list_ids, _ = self.quantizer.search(queries, nprobe)
-        return self.engine.search_checked(queries, list_ids, int(k))  # all three made here: the engine's check would repeat ours
+        return SearchResult(
+            *self.engine.search_checked(queries, list_ids, int(k))
+        )  # all three made here: the engine's check would repeat ours
 
-    def submit(self, queries, k: int, nprobe: int):
-        """``search`` as a function that returns its (distances, ids): the same interface as a
-        cluster searcher, whose search runs elsewhere meanwhile; here it runs now."""
+    def submit(self, queries, k: int, nprobe: int) -> Callable[[], SearchResult]:
+        """``search`` as a function that returns its result: the same interface as a cluster
+        searcher, whose search runs elsewhere meanwhile; here it runs now."""
         result = self.search(queries, k, nprobe)
         return lambda: result
 
-    def scan(self, queries: np.ndarray, list_ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, bool]:
-        """(distances, ids, partial) of prepared ``queries`` over ``list_ids``; never partial in process."""
-        distances, ids = self.engine.search(queries, list_ids, k)
-        return distances, ids, False
+    def scan(self, queries: np.ndarray, list_ids: np.ndarray, k: int) -> SearchResult:
+        """The top-k of prepared ``queries`` over ``list_ids``; never partial in process."""
+        return SearchResult(*self.engine.search(queries, list_ids, k))
 
     def scan_staged(self, queries: np.ndarray, list_ids: np.ndarray, k: int, early: int) -> StagedScan:
         """``scan`` in two stages: an early top-k after the first ``early`` lists, then the final one."""

@@ -31,7 +31,7 @@ def test_cached_answers_equal_uncached_ones_token_for_token(policy, device_token
     answers = [pipeline.ask(q, 10) for q in QUESTIONS]
     assert [a.answer for a in answers] == uncached
     assert cache.stats["device_hit_tokens"] + cache.stats["host_hit_tokens"] > 0
-    assert sum(a.timings["reused_kv_tokens"] for a in answers[1:]) >= (len(QUESTIONS) - 1) * len(cache.template)
+    assert sum(a.timings.reused_kv_tokens for a in answers[1:]) >= (len(QUESTIONS) - 1) * len(cache.template)
     if device_tokens == 140:
         assert any(n.tier == "host" for n in cache.tree.nodes())  # evictions went through the host tier
 
@@ -247,4 +247,4 @@ def test_cached_documents_follow_their_text_across_a_reload_that_renumbers_passa
     answers = [pipeline.ask(q, 10) for q in questions]
     assert [a.answer for a in answers] == [uncached.ask(q, 10).answer for q in questions]
     # what the cache held before the reload still serves: every earlier question's documents are cached
-    assert all(a.timings["reused_kv_tokens"] > len(cache.template) for a in answers[: len(QUESTIONS)])
+    assert all(a.timings.reused_kv_tokens > len(cache.template) for a in answers[: len(QUESTIONS)])

@@ -470,7 +470,7 @@ def test_vllm_answers_as_torch_on_the_builtin_model(builtin_vllm, facts_index, e
     pipeline = RagPipeline(rag_index, embedder, builtin_vllm, k=3, nprobe=4)
     first, again = pipeline.ask(question, max_new_tokens=16), pipeline.ask(question, max_new_tokens=16)
     assert first.answer == again.answer == expected.answer and first.sources == expected.sources
-    assert again.timings["reused_kv_tokens"] >= first.timings["prompt_tokens"] // 2  # vLLM's prefix cache
+    assert again.timings.reused_kv_tokens >= first.timings.prompt_tokens // 2  # vLLM's prefix cache
 
 
 @vllm_only

@@ -224,10 +224,9 @@ def test_client_answers_out_of_order_requests(tier, datastore):
     try:
         waits = [searcher.submit(q, 4, 4) for q in queries]
         for n in (2, 0, 1):  # answers are matched to their requests whatever the order of waiting
-            distances, ids = waits[n]()
-            expected_d, expected_i = local.search(queries[n], 4, 4)
-            np.testing.assert_array_equal(ids, expected_i)
-            np.testing.assert_allclose(distances, expected_d, rtol=1e-5)
+            got, expected = waits[n](), local.search(queries[n], 4, 4)
+            np.testing.assert_array_equal(got.ids, expected.ids)
+            np.testing.assert_allclose(got.distances, expected.distances, rtol=1e-5)
         with pytest.raises(InvalidInput, match="no request"):
             waits[0]()  # each answer is handed out once
         client = searcher.client

@@ -123,7 +123,7 @@ def test_rag_answers_from_the_right_passage(facts_index, embedder, engine):
     best = next(s for s in answer.sources if s["doc_id"] == "fact-42")
     assert "Zorblax-42 has blue oceans" in best["snippet"]
     assert answer.answer
-    assert {"embed_s", "coarse_s", "retrieval_s", "ttft_s", "decode_tokens_per_s"} <= set(answer.timings)
+    assert {"embed_s", "coarse_s", "retrieval_s", "ttft_s", "decode_tokens_per_s"} <= set(answer.timings.as_dict())
     with pytest.raises(InvalidInput, match="question is empty"):
         pipeline.ask("   ")
 
@@ -134,11 +134,11 @@ def test_retrieval_interval_continues_the_same_answer_when_passages_stay(facts_i
     pipeline = RagPipeline(RagIndex(facts_index, embedder.fingerprint), embedder, engine, k=3, nprobe=4)
     question = "Describe the planet Zorblax-17 in detail."
     once = pipeline.ask(question, max_new_tokens=24)
-    first = pipeline.retrieve(question, {})
+    first = pipeline.retrieve(question)
     queries = []
     real_retrieve = pipeline.retrieve
 
-    def same_passages(query, timings, k=None, on_early=None):
+    def same_passages(query, timings=None, k=None, on_early=None):
         queries.append(query)
         real_retrieve(query, timings, k)  # the real retrieval runs; its answer is pinned to the first one
         return first
@@ -146,9 +146,9 @@ def test_retrieval_interval_continues_the_same_answer_when_passages_stay(facts_i
     monkeypatch.setattr(pipeline, "retrieve", same_passages)
     stepped = pipeline.ask(question, max_new_tokens=24, retrieval_interval=5)
     assert stepped.answer == once.answer
-    assert stepped.timings["retrievals"] == len(queries) >= 2 and stepped.timings["passage_changes"] == 0
+    assert stepped.timings.retrievals == len(queries) >= 2 and stepped.timings.passage_changes == 0
     assert all(q.startswith(question) for q in queries) and len(queries[-1]) > len(question)  # query = question + answer
-    assert stepped.timings["reused_kv_tokens"] > 0
+    assert stepped.timings.reused_kv_tokens > 0
     with pytest.raises(InvalidInput, match="retrieval interval"):
         pipeline.ask(question, max_new_tokens=8, retrieval_interval=9)
 
@@ -160,16 +160,16 @@ def test_new_passages_rebuild_the_prompt(facts_index, embedder, engine, monkeypa
     real_retrieve = pipeline.retrieve
     returned = []
 
-    def shifting(query, timings, k=None, on_early=None):
+    def shifting(query, timings=None, k=None, on_early=None):
         ranked = real_retrieve(query, timings, k)
         returned.append(ranked if not returned else ranked[::-1])  # later retrievals rank differently
         return returned[-1]
 
     monkeypatch.setattr(pipeline, "retrieve", shifting)
     answer = pipeline.ask("What colour are the oceans of Zorblax-42?", max_new_tokens=12, retrieval_interval=4)
-    assert answer.timings["new_tokens"] > 4, "the answer ended before the second retrieval"
-    assert answer.timings["passage_changes"] >= 1
-    assert answer.timings["reused_kv_tokens"] > 0  # the system prompt and the template stay cached
+    assert answer.timings.new_tokens > 4, "the answer ended before the second retrieval"
+    assert answer.timings.passage_changes >= 1
+    assert answer.timings.reused_kv_tokens > 0  # the system prompt and the template stay cached
     assert [s["doc_id"] for s in answer.sources] == [p.doc_id for p, _ in returned[-1]]  # the prompt's passages
 
 
@@ -218,7 +218,7 @@ def test_documents_added_to_a_passage_index_are_retrieved_and_removed_ones_are_n
     assert [(p.id, p.doc_id) for p in rag.passages[-2:]] == [(300, "quibblex"), (301, "snorf")]
     assert rag.passages[:300] == RagIndex(facts_index).passages  # what was there is kept as it was
     query = embedder.embed(["What are the moons of Quibblex-7 made of?"])
-    _, ids = Searcher(rag.index, device="cpu").search(query, 3, rag.index.params.nlist)
+    ids = Searcher(rag.index, device="cpu").search(query, 3, rag.index.params.nlist).ids
     assert rag.passages_for(ids[0])[0].doc_id == "quibblex"
     with pytest.raises(InvalidInput, match="in .* already .*'quibblex'"):
         add_to_rag_index(index, tmp_path / "new.jsonl", embedder)
@@ -237,10 +237,10 @@ def test_documents_added_to_a_passage_index_are_retrieved_and_removed_ones_are_n
     rag = RagIndex(index, embedder.fingerprint)
     assert [p.id for p in rag.passages] == list(range(301)) and {"quibblex", "fact-7"}.isdisjoint(p.doc_id for p in rag.passages)
     assert rag.passages[7].doc_id == "fact-8" and rag.passages[-1].doc_id == "zz"
-    _, ids = Searcher(rag.index, device="cpu").search(query, 3, rag.index.params.nlist)
+    ids = Searcher(rag.index, device="cpu").search(query, 3, rag.index.params.nlist).ids
     assert "quibblex" not in [p.doc_id for p in rag.passages_for(ids[0])]
     snorf = embedder.embed(["Which dance is performed on glaciers at dawn?"])
-    _, ids = Searcher(rag.index, device="cpu").search(snorf, 1, rag.index.params.nlist)
+    ids = Searcher(rag.index, device="cpu").search(snorf, 1, rag.index.params.nlist).ids
     assert rag.passages_for(ids[0])[0].doc_id == "snorf"  # passage ids and vector ids moved up together
     with pytest.raises(InvalidInput, match="not in .*'quibblex'"):
         remove_from_rag_index(index, ["quibblex"])

@@ -86,7 +86,7 @@ def test_recall_is_as_good_as_native_faiss(small_data, metric):
         return np.mean([len(np.intersect1d(a, b)) / 10 for a, b in zip(ids, truth)])
 
     index = build_index(small_data.base, IVFPQParams(metric, 32, nlist=64, m=16), train_size=10_000, seed=3)
-    ours = recall(Searcher(index).search(small_data.queries, 10, 16)[1])
+    ours = recall(Searcher(index).search(small_data.queries, 10, 16).ids)
     base = prepare_vectors(small_data.base, metric)
     native = faiss.index_factory(32, "IVF64,PQ16", faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT)
     native.do_polysemous_training = False  # polysemous codes only reorder bits; they cost 4x the training time

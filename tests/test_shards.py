@@ -62,7 +62,7 @@ def test_merge_topk_tie_break_and_padding():
 def test_searcher_on_sharded_index_equals_single_shard(l2_index, small_data):
     expected = Searcher(l2_index).search(small_data.queries, 10, 4)
     got = Searcher(l2_index.resharded(3)).search(small_data.queries, 10, 4)
-    np.testing.assert_array_equal(got[1], expected[1])
+    np.testing.assert_array_equal(got.ids, expected.ids)
 
 
 # -- adding vectors to a built index -----------------------------------------------------------
@@ -86,7 +86,7 @@ def test_added_vectors_make_the_index_a_build_with_the_same_quantizers_would(met
         np.testing.assert_array_equal(ours.ids, theirs.ids)
         np.testing.assert_array_equal(ours.codes, theirs.codes)
     # added vectors are found: searched for, nearly each is among its own 20 nearest codes
-    found = Searcher(added, device="cpu").search(small_data.base[15_000:15_020], 20, 8)[1]
+    found = Searcher(added, device="cpu").search(small_data.base[15_000:15_020], 20, 8).ids
     assert sum(15_000 + row in found[row] for row in range(20)) >= 18
     assert built.ntotal == 12_000  # the index added to is left as it was
 
@@ -125,7 +125,7 @@ def test_removed_ids_are_gone_and_adding_then_removing_gives_the_index_back(smal
     assert smaller.ntotal == 4_000 and smaller.nshards == 2 and smaller.build_info["removed"] == 2_000
     np.testing.assert_array_equal(after.ids, before.ids[keep])  # the rest keeps its lists, order and codes
     np.testing.assert_array_equal(after.codes, before.codes[keep])
-    found = Searcher(smaller, device="cpu").search(small_data.queries, 10, 16)[1]
+    found = Searcher(smaller, device="cpu").search(small_data.queries, 10, 16).ids
     assert not np.isin(found, gone).any() and (found >= 0).all()
     renumbered = remove_ids(built, gone, renumber=True).whole().ids
     np.testing.assert_array_equal(np.sort(renumbered), np.arange(4_000))

@@ -86,18 +86,18 @@ def test_speculative_answers_equal_plain_ones_confirmed_or_restarted(
         calls.clear()
         answers.append(pipeline.ask(question, 8))
         (speculated, speculative_prefix, ended), (prompt, resumed, _) = calls  # the speculative prefill, then the answer
-        if answers[-1].timings["speculation"] == "confirmed":
+        if answers[-1].timings.speculation == "confirmed":
             assert resumed == prompt == speculated and ended != "cancelled"  # the answer starts from the speculative prefill's KV
         else:
             assert ended == "cancelled"  # cut short: its prompt was known to be wrong before it began
-            assert resumed < prompt and resumed <= max(speculative_prefix, answers[-1].timings["reused_kv_tokens"])
+            assert resumed < prompt and resumed <= max(speculative_prefix, answers[-1].timings.reused_kv_tokens)
     assert [a.answer for a in answers] == [a.answer for a in plain_answers]
     assert [a.sources for a in answers] == [a.sources for a in plain_answers]
-    verdicts = [a.timings["speculation"] for a in answers]
+    verdicts = [a.timings.speculation for a in answers]
     assert expected in verdicts, verdicts  # with one list the early top-k is mostly wrong; with two, mostly right
     assert speculation.stats["started"] == len(QUESTIONS) and speculation.stats["restarted"] == verdicts.count("restarted")
     if not cached:
-        assert all(a.timings["reused_kv_tokens"] == 0 for a in answers)  # reuse within the request is not cache reuse
+        assert all(a.timings.reused_kv_tokens == 0 for a in answers)  # reuse within the request is not cache reuse
 
 
 def test_a_restart_resumes_from_what_the_cut_speculation_computed(rag_index, embedder, tiny32, plain_answers, monkeypatch):
@@ -126,7 +126,7 @@ def test_a_restart_resumes_from_what_the_cut_speculation_computed(rag_index, emb
         calls.clear()
         answer = pipeline.ask(question, 8)
         assert answer.answer == plain.answer
-        if answer.timings["speculation"] == "restarted":
+        if answer.timings.speculation == "restarted":
             (_, speculative), (resumed, _) = calls
             assert speculative.finish_reason == "cancelled" and len(speculative.state.tokens) == 16 == resumed
             restarted += 1
@@ -150,4 +150,4 @@ def test_a_failed_retrieval_gives_the_speculation_place_back(rag_index, embedder
         pipeline.ask(QUESTIONS[0], 4)
     pipeline.retrieval.scan_staged = final
     assert speculation.stats["restarted"] == 1
-    assert pipeline.ask(QUESTIONS[0], 4).timings["speculation"] in ("confirmed", "restarted")  # the place is free again
+    assert pipeline.ask(QUESTIONS[0], 4).timings.speculation in ("confirmed", "restarted")  # the place is free again

@@ -182,9 +182,9 @@ def test_a_batch_answers_early_and_whole_searches_together(index_dir, tmp_path, 
             staged = client.send_search(queries, list_ids, 10, early=2)
             whole = client.send_search(queries[:7], list_ids[:7, :5], 3)
             early = client.search_result(staged, early=True)
-            np.testing.assert_array_equal(early.ids, local.scan_staged(queries, list_ids, 10, early=2).early()[1])
-            np.testing.assert_array_equal(client.search_result(staged).ids, local.scan(queries, list_ids, 10)[1])
-            np.testing.assert_array_equal(client.search_result(whole).ids, local.scan(queries[:7], list_ids[:7, :5], 3)[1])
+            np.testing.assert_array_equal(early.ids, local.scan_staged(queries, list_ids, 10, early=2).early().ids)
+            np.testing.assert_array_equal(client.search_result(staged).ids, local.scan(queries, list_ids, 10).ids)
+            np.testing.assert_array_equal(client.search_result(whole).ids, local.scan(queries[:7], list_ids[:7, :5], 3).ids)
             assert client.search_result(busy).ids.shape == (4000, 10)
             with pytest.raises(RemoteError, match="early must be"):
                 client.search_result(client.send_search(queries, list_ids, 10, early=8))
@@ -245,16 +245,16 @@ def test_cluster_answers_equal_the_in_process_search(index_dir, tmp_path, small_
             tier_early, tier_final = staged.early(), staged.final()
         finally:
             searcher.close()
-        np.testing.assert_array_equal(result.ids, reference[1])
-        np.testing.assert_array_equal(result.distances, reference[0])
+        np.testing.assert_array_equal(result.ids, reference.ids)
+        np.testing.assert_array_equal(result.distances, reference.distances)
         assert not result.partial
         # the early answer is the top-k of every query's first list, as the in-process staged scan finds it
         local = Searcher(load_index(index_dir)).scan_staged(queries, list_ids, 10, early=1)
-        for ours, theirs in zip(tier_early, local.early()):
-            np.testing.assert_array_equal(ours, theirs)
-        np.testing.assert_array_equal(tier_final[1], reference[1])
-        np.testing.assert_array_equal(tier_final[0], reference[0])
-        assert (tier_early[1] != tier_final[1]).any() and not tier_early[2] and not tier_final[2]
+        np.testing.assert_array_equal(tier_early.ids, local.early().ids)
+        np.testing.assert_array_equal(tier_early.distances, local.early().distances)
+        np.testing.assert_array_equal(tier_final.ids, reference.ids)
+        np.testing.assert_array_equal(tier_final.distances, reference.distances)
+        assert (tier_early.ids != tier_final.ids).any() and not tier_early.partial and not tier_final.partial
     finally:
         cluster.down(tmp_path / "state")
 
@@ -279,7 +279,7 @@ def test_a_changed_index_is_sharded_again_even_with_as_many_vectors(index_dir, t
         finally:
             searcher.close()
         expected = Searcher(load_index(changed)).search(queries, 10, 8)
-        np.testing.assert_array_equal(result.ids, expected[1])
+        np.testing.assert_array_equal(result.ids, expected.ids)
         assert (result.ids[:, 0] >= index.ntotal).all()  # each query finds itself, one of the new vectors
     finally:
         cluster.down(tmp_path / "state")
@@ -308,7 +308,7 @@ def test_node_killed_mid_run_with_two_replicas_fails_no_query(index_dir, tmp_pat
         assert [n["alive"] for n in view] == [False, True, True, True]  # the kill landed; its replica took over
         assert not any(r.partial for r, _ in results)
         ids = np.concatenate([r.ids for r, _ in results])
-        np.testing.assert_array_equal(ids, np.tile(reference[1], (10, 1)))
+        np.testing.assert_array_equal(ids, np.tile(reference.ids, (10, 1)))
     finally:
         cluster.down(tmp_path / "state")
 
@@ -334,7 +334,7 @@ def test_node_killed_with_one_replica_gives_partial_answers_then_whole_again(ind
                 time.sleep(0.1)
             whole = searcher.search(small_data.queries, 10, 8)
             assert not whole.partial
-            np.testing.assert_array_equal(whole.ids, reference[1])
+            np.testing.assert_array_equal(whole.ids, reference.ids)
         finally:
             restarted.kill()
             searcher.close()
@@ -352,7 +352,7 @@ def test_embedded_coordinator_gives_partial_answers_when_a_node_dies(index_dir, 
         searcher.close()
         assert all(seconds < 1.0 + 2.0 for _, seconds in results)  # the coordinator's timeout, plus slack
         assert not any(r.partial for r, _ in results[:5])
-        np.testing.assert_array_equal(np.concatenate([r.ids for r, _ in results[:5]]), reference[1][:100])
+        np.testing.assert_array_equal(np.concatenate([r.ids for r, _ in results[:5]]), reference.ids[:100])
         assert all(r.partial and r.missing == [1] for r, _ in results[5:])
         shard0 = set(load_index(state["index"], shard=0).shards[0].ids.tolist())
         assert all(set(r.ids[r.ids >= 0].tolist()) <= shard0 for r, _ in results[5:])
@@ -378,8 +378,8 @@ def test_inline_coordinator_keeps_nodes_in_rotation_while_the_caller_is_idle(ind
         time.sleep(2 * inline.coordinator.silence_limit)  # nobody listens: no heartbeat goes out, no INFO comes in
         result = inline.search(queries, list_ids, 10)
         assert not result.partial
-        np.testing.assert_array_equal(result.ids, reference[1])
-        np.testing.assert_array_equal(result.distances, reference[0])
+        np.testing.assert_array_equal(result.ids, reference.ids)
+        np.testing.assert_array_equal(result.distances, reference.distances)
         assert all(n["alive"] for n in inline.info()["nodes"])
     finally:
         inline.close()
@@ -403,11 +403,11 @@ def test_inline_coordinator_answers_outstanding_requests_in_any_order(index_dir,
         for n in [2, 0, 3, 1]:
             result = inline.search_result(rids[n])
             expected = local.scan(*requests[n])
-            np.testing.assert_array_equal(result.ids, expected[1])
-            np.testing.assert_array_equal(result.distances, expected[0])
+            np.testing.assert_array_equal(result.ids, expected.ids)
+            np.testing.assert_array_equal(result.distances, expected.distances)
         local_staged = local.scan_staged(queries, list_ids, 10, early=2)
-        np.testing.assert_array_equal(inline.search_result(staged, early=True).ids, local_staged.early()[1])
-        np.testing.assert_array_equal(inline.search_result(staged).ids, local_staged.final()[1])
+        np.testing.assert_array_equal(inline.search_result(staged, early=True).ids, local_staged.early().ids)
+        np.testing.assert_array_equal(inline.search_result(staged).ids, local_staged.final().ids)
         with pytest.raises(InvalidInput, match="no request"):
             inline.search_result(rids[0])  # answered already
         with pytest.raises(RemoteError, match="early must be"):  # checked here, as the coordinator process does
@@ -438,7 +438,7 @@ def test_inline_coordinator_fails_over_from_a_node_killed_while_the_caller_is_id
     try:
         result = search_after_an_idle_death(inline, state["nodes"][0], queries, list_ids)  # shard 0's first replica: the one a tie picks
         assert not result.partial
-        np.testing.assert_array_equal(result.ids, reference[1])
+        np.testing.assert_array_equal(result.ids, reference.ids)
         assert [n["alive"] for n in inline.info()["nodes"]] == [False, True, True, True]
     finally:
         inline.close()
@@ -462,7 +462,7 @@ def test_inline_coordinator_answers_partial_after_an_idle_death_then_whole_after
             while (result := inline.search(queries, list_ids, 10)).partial:  # until a heartbeat brings the node back
                 assert time.monotonic() < deadline, "the restarted node was never used again"
                 time.sleep(0.05)
-            np.testing.assert_array_equal(result.ids, reference[1])
+            np.testing.assert_array_equal(result.ids, reference.ids)
         finally:
             restarted.kill()
             restarted.wait()
@@ -503,11 +503,11 @@ def test_curve_keys_keep_strangers_out(index_dir, tmp_path, small_data, referenc
         searcher = cluster.ClusterSearcher.open(tmp_path / "state")
         result = searcher.search(small_data.queries, 10, 8)
         searcher.close()
-        np.testing.assert_array_equal(result.ids, reference[1])
+        np.testing.assert_array_equal(result.ids, reference.ids)
         embedded = cluster.ClusterSearcher.open(tmp_path / "state", embedded=True)  # speaks CURVE to the nodes too
         result = embedded.search(small_data.queries, 10, 8)
         embedded.close()
-        np.testing.assert_array_equal(result.ids, reference[1])
+        np.testing.assert_array_equal(result.ids, reference.ids)
     finally:
         cluster.down(tmp_path / "state")
 

@@ -80,11 +80,11 @@ def miss_rows(index: IVFPQIndex, dataset: Dataset, l1s: list[int], nprobe: int, 
     if bad := [l1 for l1 in l1s if not 1 <= l1 <= k]:
         raise InvalidInput(f"level-1 queue lengths must be between 1 and k={k}, got {bad}")
     queries = dataset.queries[:nqueries]
-    exact = Searcher(index, engine="fpga", device="cpu", mode="emu", k=k, banks=banks).search(queries, k, nprobe)[1]
+    exact = Searcher(index, engine="fpga", device="cpu", mode="emu", k=k, banks=banks).search(queries, k, nprobe).ids
     rows = []
     for l1 in l1s:
         searcher = Searcher(index, engine="fpga", device="cpu", mode="emu", k=k, banks=banks, l1=l1)
-        found = searcher.search(queries, k, nprobe)[1]
+        found = searcher.search(queries, k, nprobe).ids
         kept = sum(len(np.intersect1d(f[f >= 0], e[e >= 0])) for f, e in zip(found, exact))
         pes = searcher.engine.config.pes
         rows.append(

@@ -107,9 +107,9 @@ def retrieve(stream: list[Request], rag_index: RagIndex, embedder, nprobe: int, 
         started = time.perf_counter()
         list_ids, _ = searcher.quantizer.search(query, nprobe)
         staged = searcher.scan_staged(query, list_ids, request.k, early)
-        _, early_ids, _ = staged.early()
+        early_ids = staged.early().ids
         request.early_s = time.perf_counter() - started
-        _, ids, _ = staged.final()
+        ids = staged.final().ids
         request.retrieval_s = time.perf_counter() - started
         request.passages = [rag_index.passages[i] for i in ids[0] if i >= 0]
         request.early = [rag_index.passages[i] for i in early_ids[0] if i >= 0]

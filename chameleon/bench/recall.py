@@ -48,18 +48,18 @@ class Runner:
 
 def numba_runner(index: IVFPQIndex) -> Runner:
     searcher = Searcher(index, engine="numba", device="cpu")
-    return Runner("numba", lambda q, k, nprobe: searcher.search(q, k, nprobe)[1])
+    return Runner("numba", lambda q, k, nprobe: searcher.search(q, k, nprobe).ids)
 
 
 def numba_fastscan_runner(index: IVFPQIndex) -> Runner:
     searcher = Searcher(index, engine="numba-fastscan", device="cpu")
-    return Runner("numba-fastscan", lambda q, k, nprobe: searcher.search(q, k, nprobe)[1])
+    return Runner("numba-fastscan", lambda q, k, nprobe: searcher.search(q, k, nprobe).ids)
 
 
 def fpga_emu_runner(index: IVFPQIndex) -> Runner:
     """The FPGA kernel's C++ on this CPU (one compute unit, one thread): its answers, not its speed."""
     searcher = Searcher(index, engine="fpga", device="cpu", mode="emu")
-    return Runner("fpga-emu", lambda q, k, nprobe: searcher.search(q, k, nprobe)[1])
+    return Runner("fpga-emu", lambda q, k, nprobe: searcher.search(q, k, nprobe).ids)
 
 
 def faiss_ivfpq_runner(index: IVFPQIndex) -> Runner:

@@ -31,7 +31,7 @@ from retriever.build import build_index
 from retriever.errors import InvalidInput, NotFound
 from retriever.files import atomic_directory
 from retriever.index import IVFPQParams, load_index, save_index
-from retriever.search import Searcher
+from retriever.search import Searcher, SearchResult
 
 WINDOW = 256
 
@@ -154,7 +154,7 @@ class KnnLm:
         return self.searcher.submit(np.asarray(states, dtype=np.float32), min(self.k, len(self.values)), self.nprobe)
 
     def interpolate(self, lm_log_probs, neighbours):
-        """Interpolated log-probabilities from the LM's (n, vocab) and the (distances, ids) found."""
+        """Interpolated log-probabilities from the LM's (n, vocab) and the neighbours found (a ``SearchResult``)."""
         import torch
 
         weights, tokens = self._neighbour_weights(neighbours, lm_log_probs.device)
@@ -167,7 +167,7 @@ class KnnLm:
         """(n, k) softmax(-distance / T) weights (0 for empty slots) and the neighbours' next tokens."""
         import torch
 
-        distances, ids = neighbours
+        distances, ids = neighbours.distances, neighbours.ids
         weights = torch.softmax(torch.from_numpy(-distances / self.temperature), dim=-1)
         weights = torch.where(torch.from_numpy(ids >= 0), weights, torch.zeros_like(weights))
         return weights.to(device), torch.from_numpy(self.values[np.maximum(ids, 0)]).to(device)
@@ -190,9 +190,9 @@ class KnnLm:
                 if neighbours is None:
                     tokens[row] = chooser.pick(logits[row])
                 else:
-                    distances, ids = neighbours
+                    mine = SearchResult(neighbours.distances[row : row + 1], neighbours.ids[row : row + 1])
                     lm_log_probs = logits[row : row + 1].float().log_softmax(dim=-1)
-                    tokens[row] = chooser.pick(self.interpolate(lm_log_probs, (distances[row : row + 1], ids[row : row + 1]))[0])
+                    tokens[row] = chooser.pick(self.interpolate(lm_log_probs, mine)[0])
         return tokens
 
     def _greedy_tokens(self, logits, neighbours) -> list[int]:

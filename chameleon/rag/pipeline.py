@@ -18,8 +18,9 @@ import numpy as np
 from chameleon.engines.base import Generation, KVPrefix, answer_text, decode_speed
 from chameleon.engines.sampling import Sampling
 from chameleon.rag.corpus import Passage, RagIndex
+from chameleon.rag.timings import Timings
 from retriever.errors import InvalidInput
-from retriever.search import Searcher
+from retriever.search import Searcher, SearchResult
 from retriever.vectors import as_query_matrix, prepare_vectors
 
 SYSTEM_PROMPT = (
@@ -33,7 +34,7 @@ SNIPPET_CHARS = 200
 class Answer:
     answer: str
     sources: list[dict]
-    timings: dict = field(default_factory=dict)
+    timings: Timings = field(default_factory=Timings)
     finish_reason: str = "stop"
 
 
@@ -157,13 +158,14 @@ class RagPipeline:
             self.rag_index, self.retrieval = rag_index, retrieval
 
     def retrieve(
-        self, question: str, timings: dict, k: int | None = None, nprobe: int | None = None, on_early=None
+        self, question: str, timings: Timings | None = None, k: int | None = None, nprobe: int | None = None, on_early=None
     ) -> list[tuple[Passage, float]]:
-        """The top-k passages for ``question`` with their scores; fills ``timings``. ``on_early``:
+        """The top-k passages for ``question`` with their scores; fills ``timings`` when given. ``on_early``:
         as in :meth:`_search`."""
+        timings = timings if timings is not None else Timings()
         started = time.perf_counter()
         query = prepare_vectors(self.embed([question]), "cos")
-        timings["embed_s"] = time.perf_counter() - started
+        timings.embed_s = time.perf_counter() - started
         with self._retrieval_lock:
             return self._search(query, timings, k, nprobe, on_early)
 
@@ -181,7 +183,7 @@ class RagPipeline:
         with self._embedding_lock:
             return self.embedder.count_tokens(texts)
 
-    def retrieve_vector(self, vector, timings: dict, k: int | None = None, nprobe: int | None = None) -> list[tuple[Passage, float]]:
+    def retrieve_vector(self, vector, timings: Timings, k: int | None = None, nprobe: int | None = None) -> list[tuple[Passage, float]]:
         """The top-k passages nearest to an embedding ``vector`` (the embedder's dimension)."""
         query = prepare_vectors(as_query_matrix(vector, self.rag_index.index.params.dim), "cos")
         if len(query) != 1:
@@ -189,28 +191,28 @@ class RagPipeline:
         with self._retrieval_lock:
             return self._search(query, timings, k, nprobe)
 
-    def _search(self, query, timings: dict, k: int | None, nprobe: int | None, on_early=None) -> list[tuple[Passage, float]]:
+    def _search(self, query, timings: Timings, k: int | None, nprobe: int | None, on_early=None) -> list[tuple[Passage, float]]:
         """The top-k passages; with ``on_early``, the scan runs in two stages (when there are at
         least two lists) and ``on_early(early top-k passages)`` runs between them."""
         started = time.perf_counter()
         list_ids, _ = self.retrieval.quantizer.search(query, min(nprobe or self.nprobe, self.rag_index.index.params.nlist))
-        timings["coarse_s"] = time.perf_counter() - started
+        timings.coarse_s = time.perf_counter() - started
         started = time.perf_counter()
         early = self.speculation.early_lists(list_ids.shape[1]) if on_early is not None else None
         if early is None:
-            scores, ids, partial = self.retrieval.scan(query, list_ids, k or self.k)
+            result = self.retrieval.scan(query, list_ids, k or self.k)
         else:
             staged = self.retrieval.scan_staged(query, list_ids, k or self.k, early)
-            on_early(self._passages(*staged.early()[:2]))
-            scores, ids, partial = staged.final()
-        timings["retrieval_s"] = time.perf_counter() - started
-        timings["retrieval_partial"] = partial
-        return self._passages(scores, ids)
+            on_early(self._passages(staged.early()))
+            result = staged.final()
+        timings.retrieval_s = time.perf_counter() - started
+        timings.retrieval_partial = result.partial
+        return self._passages(result)
 
-    def _passages(self, scores, ids) -> list[tuple[Passage, float]]:
-        return [(self.rag_index.passages[i], float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
+    def _passages(self, result: SearchResult) -> list[tuple[Passage, float]]:
+        return [(self.rag_index.passages[i], float(s)) for i, s in zip(result.ids[0], result.distances[0]) if i >= 0]
 
-    def _first_prompt(self, question: str, timings: dict, k: int | None, max_new_tokens: int, render) -> _FirstPrompt:
+    def _first_prompt(self, question: str, timings: Timings, k: int | None, max_new_tokens: int, render) -> _FirstPrompt:
         """Retrieve for ``question``, build its prompt and find the KV it starts from (speculating
         on the early top-k when asked to)."""
         speculative: list = []  # (segments, tokens, admission, future) of the prefill started on the early top-k
@@ -246,7 +248,7 @@ class RagPipeline:
             generation = future.result()
         finally:
             confirmed = self.speculation.end(early_tokens, tokens)
-        timings["speculation"] = "confirmed" if confirmed else "restarted"
+        timings.speculation = "confirmed" if confirmed else "restarted"
         if self.doc_cache is not None:
             self.doc_cache.keep(early_admitted, early_segments, generation)
         if confirmed:
@@ -322,7 +324,7 @@ class RagPipeline:
             raise InvalidInput(f"k must be between 1 and 64, got {k}")
         question = question.strip()
         interval = retrieval_interval or max_new_tokens
-        timings: dict = {}
+        timings = Timings()
         first = self._first_prompt(
             question, timings, k, max_new_tokens, lambda chosen: prompt_segments(self.engine, question, chosen, history, system)
         )
@@ -342,32 +344,26 @@ class RagPipeline:
             if state is None and admitted is not None:
                 self.doc_cache.keep(admitted, segments, generation)
             first_token_at = first_token_at or segment_started + generation.ttft_s
-            timings.setdefault("ttft_s", generation.ttft_s)
-            timings["queue_s"] = timings.get("queue_s", 0.0) + generation.queue_s
+            if timings.ttft_s is None:
+                timings.ttft_s = generation.ttft_s
+            timings.queue_s = (timings.queue_s or 0.0) + generation.queue_s
             answer += generation.tokens
             state = generation.state
             if generation.finish_reason == "stop" or len(answer) >= max_new_tokens:
                 break
-            fresh = self._canonical(self.retrieve(f"{question}\n{self.engine.tokenizer.decode(answer, skip_special_tokens=True)}", {}, k))
+            fresh = self._canonical(self.retrieve(f"{question}\n{self.engine.tokenizer.decode(answer, skip_special_tokens=True)}", k=k))
             retrievals += 1
             if [p.id for p, _ in fresh] != [p.id for p, _ in ranked]:
                 changes += 1
                 ranked = fresh
                 tokens, kept = self.prompt_tokens(question, [p for p, _ in ranked], max_new_tokens, history, system)
-        timings.update(
-            decode_tokens_per_s=decode_speed(len(answer), time.perf_counter() - first_token_at),
-            total_s=time.perf_counter() - started,
-            prompt_tokens=len(tokens),
-            new_tokens=len(answer),
-            passages_used=kept,
-            retrievals=retrievals,
-            passage_changes=changes,
-            reused_kv_tokens=reused,
-        )
+        timings.decode_tokens_per_s = decode_speed(len(answer), time.perf_counter() - first_token_at)
+        timings.total_s = time.perf_counter() - started
+        timings.prompt_tokens, timings.new_tokens, timings.passages_used = len(tokens), len(answer), kept
+        timings.retrievals, timings.passage_changes, timings.reused_kv_tokens = retrievals, changes, reused
         sources = [
             {"doc_id": p.doc_id, "title": p.title, "score": round(score, 4), "snippet": p.text[:SNIPPET_CHARS]}
             for p, score in ranked[:kept]
         ]
-        rounded = {k: (round(v, 5) if isinstance(v, float) else v) for k, v in timings.items()}
         text = answer_text(self.engine.tokenizer, self.engine.eos_ids, answer)
-        return Answer(text, sources, rounded, generation.finish_reason)
+        return Answer(text, sources, timings, generation.finish_reason)

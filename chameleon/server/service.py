@@ -22,11 +22,26 @@ import numpy as np
 from chameleon.engines.sampling import Sampling
 from chameleon.rag.corpus import RagIndex
 from chameleon.rag.pipeline import SNIPPET_CHARS, RagPipeline, context_block
+from chameleon.rag.timings import Timings
 from chameleon.server.served_index import IndexServing, ServedIndex
 from chameleon.server.text_stream import ReportedToken, TextStream, reported_token
 from retriever.errors import InvalidInput
 
 PLAIN_SYSTEM_PROMPT = "You are a helpful assistant for Python programmers. Be concise."
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """How one answer is generated, whatever the route: at most ``max_tokens`` new tokens, ending
+    at the first of the ``stop`` strings; ``on_text(text, tokens)`` gets each piece of the answer as
+    it may be sent, with its tokens' log-probabilities when ``sampling`` asks for them (else an
+    empty list); ``cancelled`` (set) stops it early; ``sampling``: None for greedy."""
+
+    max_tokens: int
+    stop: Sequence[str] = ()
+    on_text: Callable[[str, list[ReportedToken]], None] | None = None
+    cancelled: threading.Event | None = None
+    sampling: Sampling | None = None
 
 
 @dataclass
@@ -37,7 +52,7 @@ class Completion:
     completion_tokens: int
     cached_tokens: int
     sources: list[dict] = field(default_factory=list)
-    timings: dict = field(default_factory=dict)
+    timings: Timings = field(default_factory=Timings)
     logprobs: list[ReportedToken] | None = None  # when the request asked for them
 
 
@@ -85,8 +100,8 @@ class Service:
 
     # -- retrieval ----------------------------------------------------------------------------
 
-    def search(self, query: str | None, vector: list[float] | None, k: int, nprobe: int | None) -> tuple[list[dict], dict]:
-        timings: dict = {}
+    def search(self, query: str | None, vector: list[float] | None, k: int, nprobe: int | None) -> tuple[list[dict], Timings]:
+        timings = Timings()
         if (query is None) == (vector is None):
             raise InvalidInput("give exactly one of query (text) and vector")
         if query is not None:
@@ -107,55 +122,35 @@ class Service:
     def rag(
         self,
         question: str,
-        max_tokens: int,
+        request: GenerationRequest,
         k: int | None = None,
         retrieval_interval: int | None = None,
         mode: str = "passage",
         history: Sequence[dict] = (),
         system: str | None = None,
-        stop: Sequence[str] = (),
-        on_text: Callable[[str, list[ReportedToken]], None] | None = None,
-        cancelled: threading.Event | None = None,
-        sampling: Sampling | None = None,
     ) -> Completion:
         """Answer ``question`` from the passages (``passage``) or the kNN-LM datastore (``knnlm``,
-        queried every ``retrieval_interval`` tokens, default every token). ``on_text(text,
-        tokens)`` gets each piece of the answer as it may be sent, with its tokens' log-probabilities
-        when ``sampling`` asks for them (else an empty list)."""
+        queried every ``retrieval_interval`` tokens, default every token)."""
         if mode == "knnlm":
-            return self._knnlm(question, max_tokens, retrieval_interval or 1, stop, on_text, cancelled, sampling)
-        request = _Request(self.engine, stop, on_text, cancelled, sampling)
-        answer = self.pipeline.ask(question, max_tokens, retrieval_interval, k, history, system, request.on_token, sampling)
+            return self._knnlm(question, request, retrieval_interval or 1)
+        running = _Running(self.engine, request)
+        answer = self.pipeline.ask(question, request.max_tokens, retrieval_interval, k, history, system, running.on_token, request.sampling)
         self._observe_retrieval(answer.timings)
-        timings = {**answer.timings, "prefill_s": answer.timings["ttft_s"]}
-        return self._finish(request, answer.finish_reason, timings["prompt_tokens"], timings["reused_kv_tokens"], answer.sources, timings)
+        timings = replace(answer.timings, prefill_s=answer.timings.ttft_s)
+        return self._finish(running, answer.finish_reason, timings.prompt_tokens, timings.reused_kv_tokens, answer.sources, timings)
 
-    def chat(
-        self, messages: list[dict], max_tokens: int, stop: Sequence[str] = (), on_text=None, cancelled=None, sampling=None
-    ) -> Completion:
+    def chat(self, messages: list[dict], request: GenerationRequest) -> Completion:
         """The model alone on a conversation (no retrieval)."""
-        request = _Request(self.engine, stop, on_text, cancelled, sampling)
-        return self._plain(request, self.engine.chat_tokens(messages), max_tokens, sampling)
+        return self._plain(_Running(self.engine, request), self.engine.chat_tokens(messages), request)
 
-    def complete(
-        self,
-        prompt: str,
-        max_tokens: int,
-        rag: bool,
-        k: int | None = None,
-        stop: Sequence[str] = (),
-        on_text=None,
-        cancelled=None,
-        sampling=None,
-        echo: bool = False,
-    ) -> Completion:
+    def complete(self, prompt: str, request: GenerationRequest, rag: bool, k: int | None = None, echo: bool = False) -> Completion:
         """Continue ``prompt`` as raw text; with ``rag``, the retrieved passages come before it.
 
         With ``echo`` the text returned (and sent first) is the prompt, then its continuation, and
         the log-probabilities asked for cover the prompt's tokens too: how likely the model finds
         the prompt, after the passages with ``rag``. ``max_tokens`` 0 then scores the prompt alone.
         """
-        send = on_text
+        send = request.on_text
 
         def after_prompt(logprobs: list[ReportedToken]) -> list[ReportedToken]:  # the continuation's offsets follow the echoed prompt
             return [replace(r, offset=r.offset + len(prompt)) for r in logprobs]
@@ -163,24 +158,22 @@ class Service:
         def send_after_prompt(text: str, logprobs: list[ReportedToken]) -> None:
             send(text, after_prompt(logprobs))
 
-        request = _Request(
-            self.engine, stop, send_after_prompt if echo and send is not None else send, cancelled, sampling, strip_leading=False
-        )
-        timings: dict = {}
+        running = _Running(self.engine, request, strip_leading=False, on_text=send_after_prompt if echo and send is not None else None)
+        timings = Timings()
         ranked = self.pipeline.retrieve(prompt, timings, k) if rag else []
         self._observe_retrieval(timings)
 
         def head(kept) -> str:
             return f"Passages:\n{context_block(kept)}\n\n" if kept else ""
 
-        (tokens,), kept = self.pipeline.fit([p for p, _ in ranked], max_tokens, lambda kept: [self._encode(head(kept) + prompt)])
+        (tokens,), kept = self.pipeline.fit([p for p, _ in ranked], request.max_tokens, lambda kept: [self._encode(head(kept) + prompt)])
         sources = [_source(p, s) for p, s in ranked[:kept]]
         if not echo:
-            return self._plain(request, tokens, max_tokens, sampling, sources, timings)
-        echoed = self._echoed(prompt, head([p for p, _ in ranked[:kept]]), tokens, request.reports)
+            return self._plain(running, tokens, request, sources, timings)
+        echoed = self._echoed(prompt, head([p for p, _ in ranked[:kept]]), tokens, running.reports)
         if send is not None:
             send(prompt, echoed or [])
-        completion = self._plain(request, tokens, max_tokens, sampling, sources, timings)
+        completion = self._plain(running, tokens, request, sources, timings)
         logprobs = None if echoed is None else echoed + after_prompt(completion.logprobs)
         return replace(completion, text=prompt + completion.text, logprobs=logprobs)
 
@@ -201,58 +194,59 @@ class Service:
             for token, (start, _), score in zip(tokens[first:], offsets[first:], scored[first:])
         ]
 
-    def _plain(self, request: _Request, tokens, max_tokens: int, sampling: Sampling | None, sources=(), timings=None) -> Completion:
-        if max_tokens == 0:  # an echo that only scores the prompt
-            return self._finish(request, "length", len(tokens), 0, list(sources), timings or {})
-        generation = self.engine.generate(list(tokens), max_tokens, None, request.on_token, sampling=sampling)
-        timings = {**(timings or {}), "queue_s": generation.queue_s, "prefill_s": generation.ttft_s}
-        return self._finish(request, generation.finish_reason, len(tokens), generation.cached_tokens, list(sources), timings)
+    def _plain(self, running: _Running, tokens, request: GenerationRequest, sources=(), timings: Timings | None = None) -> Completion:
+        timings = timings if timings is not None else Timings()
+        if request.max_tokens == 0:  # an echo that only scores the prompt
+            return self._finish(running, "length", len(tokens), 0, list(sources), timings)
+        generation = self.engine.generate(list(tokens), request.max_tokens, None, running.on_token, sampling=request.sampling)
+        timings = replace(timings, queue_s=generation.queue_s, prefill_s=generation.ttft_s)
+        return self._finish(running, generation.finish_reason, len(tokens), generation.cached_tokens, list(sources), timings)
 
-    def _knnlm(self, question, max_tokens, every, stop, on_text, cancelled, sampling) -> Completion:
+    def _knnlm(self, question: str, request: GenerationRequest, every: int) -> Completion:
         from chameleon.rag.knnlm import generate
 
         if self.knnlm is None:
             raise InvalidInput("mode knnlm needs a kNN-LM datastore: start the server with --knnlm DIR")
-        request = _Request(self.engine, stop, on_text, cancelled, sampling)
+        running = _Running(self.engine, request)
         messages = [{"role": "system", "content": PLAIN_SYSTEM_PROMPT}, {"role": "user", "content": question}]
         tokens = self.engine.chat_tokens(messages)
         with self._knnlm_lock:  # beside the batch, on the same model: one kNN-LM request at a time
-            queued = time.perf_counter() - request.started
-            generated = generate(self.engine, self.knnlm, tokens, max_tokens, request.on_token, every, sampling)
-        ended = generated[-1] in self.engine.eos_ids or request.stopped
-        return self._finish(request, "stop" if ended else "length", len(tokens), 0, [], {"queue_s": queued})
+            queued = time.perf_counter() - running.started
+            generated = generate(self.engine, self.knnlm, tokens, request.max_tokens, running.on_token, every, request.sampling)
+        ended = generated[-1] in self.engine.eos_ids or running.stopped
+        return self._finish(running, "stop" if ended else "length", len(tokens), 0, [], Timings(queue_s=queued))
 
-    def _finish(self, request: _Request, finish_reason: str, prompt_tokens: int, cached: int, sources, timings) -> Completion:
-        request.finish()
-        new_tokens = len(request.stream.tokens)
-        timings = {**timings, "ttft_s": request.ttft_s, "decode_tokens_per_s": request.decode_speed()}
+    def _finish(self, running: _Running, finish_reason: str, prompt_tokens: int, cached: int, sources, timings: Timings) -> Completion:
+        running.finish()
+        new_tokens = len(running.stream.tokens)
+        timings = replace(timings, ttft_s=running.ttft_s, decode_tokens_per_s=running.decode_speed())
         if self.metrics is not None:
-            self.metrics.ttft.observe(timings["ttft_s"])
-            if timings["decode_tokens_per_s"] > 0:
-                self.metrics.decode_speed.observe(timings["decode_tokens_per_s"])
+            self.metrics.ttft.observe(timings.ttft_s)
+            if timings.decode_tokens_per_s > 0:
+                self.metrics.decode_speed.observe(timings.decode_tokens_per_s)
             self.metrics.generated_tokens.inc(new_tokens)
             self.metrics.prefill_tokens.labels("cached").inc(cached)
             self.metrics.prefill_tokens.labels("computed").inc(max(0, prompt_tokens - cached))
-        finish_reason = "stop" if request.stream.stopped else finish_reason
-        rounded = {k: (round(v, 5) if isinstance(v, float) else v) for k, v in timings.items()}
-        logprobs = request.stream.released if request.reports is not None else None
-        return Completion(request.stream.text, finish_reason, prompt_tokens, new_tokens, cached, sources, rounded, logprobs)
+        finish_reason = "stop" if running.stream.stopped else finish_reason
+        logprobs = running.stream.released if running.reports is not None else None
+        return Completion(running.stream.text, finish_reason, prompt_tokens, new_tokens, cached, sources, timings, logprobs)
 
-    def _observe_retrieval(self, timings: dict) -> None:
-        if self.metrics is not None and "retrieval_s" in timings:
-            self.metrics.retrieval.observe(timings["coarse_s"] + timings["retrieval_s"])
+    def _observe_retrieval(self, timings: Timings) -> None:
+        if self.metrics is not None and timings.retrieval_s is not None:
+            self.metrics.retrieval.observe(timings.coarse_s + timings.retrieval_s)
 
 
-class _Request:
+class _Running:
     """One generation in flight: its text stream, its clock (TTFT counts from the request's arrival,
-    queueing and retrieval included) and its cancellation."""
+    queueing and retrieval included) and its cancellation. ``on_text`` replaces the request's own
+    (the echo of a completion shifts what it sends)."""
 
-    def __init__(
-        self, engine, stop: Sequence[str], on_text, cancelled: threading.Event | None, sampling: Sampling | None, strip_leading: bool = True
-    ):
-        self.stream = TextStream(engine.tokenizer, engine.eos_ids, stop, strip_leading)
-        self.on_text, self.cancelled = on_text, cancelled
+    def __init__(self, engine, request: GenerationRequest, strip_leading: bool = True, on_text=None):
+        self.stream = TextStream(engine.tokenizer, engine.eos_ids, request.stop, strip_leading)
+        self.on_text = on_text if on_text is not None else request.on_text
+        self.cancelled = request.cancelled
         # the engines report a token's log-probabilities as they choose it, just before its on_token
+        sampling = request.sampling
         self.reports = sampling if sampling is not None and sampling.logprobs is not None else None
         self.started = time.perf_counter()
         self.first_token_at: float | None = None

@@ -123,7 +123,7 @@ class RagChunks:
             "model": self.model_id,
             "usage": usage_of(choices),
             "cache": {"cached_tokens": c.cached_tokens, "prompt_tokens": c.prompt_tokens},
-            "timings": c.timings,
+            "timings": c.timings.as_dict(),
         }
 
     def opening(self, indices: list[int]) -> list[str]:
@@ -237,4 +237,4 @@ def usage_of(choices: Choices) -> dict:
 
 
 def _extension(c: Completion) -> dict:
-    return {"sources": c.sources, "timings": c.timings}
+    return {"sources": c.sources, "timings": c.timings.as_dict()}

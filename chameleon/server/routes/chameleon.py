@@ -9,6 +9,7 @@ from chameleon.server import schemas
 from chameleon.server.context import ServerContext, authorised, server_context
 from chameleon.server.errors import ApiError
 from chameleon.server.served_index import ReloadInProgress
+from chameleon.server.service import GenerationRequest
 from chameleon.server.streaming import RagChunks, Run
 
 router = APIRouter(dependencies=[Depends(authorised)])
@@ -21,17 +22,8 @@ async def rag(body: schemas.RagRequest, ctx: ServerContext = Depends(server_cont
         raise ApiError(400, f"retrieval_interval ({body.retrieval_interval}) exceeds max_tokens ({max_tokens})")
 
     def run(on_text, cancelled):
-        return ctx.service.rag(
-            body.question,
-            max_tokens,
-            body.k,
-            body.retrieval_interval,
-            body.mode,
-            stop=body.stops,
-            on_text=on_text,
-            cancelled=cancelled,
-            sampling=body.sampling(),
-        )
+        request = GenerationRequest(max_tokens, body.stops, on_text, cancelled, body.sampling())
+        return ctx.service.rag(body.question, request, body.k, body.retrieval_interval, body.mode)
 
     return await ctx.generate([Run(run, [0])], body.stream, RagChunks(ctx.service.model_id))
 
@@ -39,8 +31,8 @@ async def rag(body: schemas.RagRequest, ctx: ServerContext = Depends(server_cont
 @router.post("/v1/search", response_model=schemas.SearchResponse, tags=["chameleon"])
 async def search(body: schemas.SearchRequest, ctx: ServerContext = Depends(server_context)):
     hits, timings = await ctx.admitted(ctx.service.search, body.query, body.vector, body.k, body.nprobe)
-    partial = bool(timings.pop("retrieval_partial", False))
-    return {"results": hits, "partial": partial, "timings": {k: round(v, 6) for k, v in timings.items()}}
+    steps = {name: value for name, value in timings.as_dict().items() if name != "retrieval_partial"}  # said once, as "partial"
+    return {"results": hits, "partial": bool(timings.retrieval_partial), "timings": steps}
 
 
 @router.post("/admin/reload", tags=["admin"], responses={409: {"description": "A reload is already under way."}})

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Depends
 from chameleon.server import schemas
 from chameleon.server.context import ServerContext, authorised, server_context
 from chameleon.server.errors import ApiError
+from chameleon.server.service import GenerationRequest
 from chameleon.server.streaming import OpenAIChunks
 
 router = APIRouter(dependencies=[Depends(authorised)], tags=["openai"])
@@ -60,23 +61,12 @@ async def chat_completions(body: schemas.ChatCompletionRequest, ctx: ServerConte
         history = [m for m in messages[:-1] if m["role"] != "system"]
 
         def run(on_text, cancelled, sampling):
-            return ctx.service.rag(
-                messages[-1]["content"],
-                max_tokens,
-                body.k,
-                body.retrieval_interval,
-                "passage",
-                history,
-                system,
-                body.stops,
-                on_text,
-                cancelled,
-                sampling,
-            )
+            request = GenerationRequest(max_tokens, body.stops, on_text, cancelled, sampling)
+            return ctx.service.rag(messages[-1]["content"], request, body.k, body.retrieval_interval, "passage", history, system)
     else:
 
         def run(on_text, cancelled, sampling):
-            return ctx.service.chat(messages, max_tokens, body.stops, on_text, cancelled, sampling)
+            return ctx.service.chat(messages, GenerationRequest(max_tokens, body.stops, on_text, cancelled, sampling))
 
     include_usage = body.stream_options is not None and body.stream_options.include_usage
     return await ctx.generate(
@@ -92,7 +82,8 @@ async def completions(body: schemas.CompletionRequest, ctx: ServerContext = Depe
     max_tokens = 0 if body.max_tokens == 0 else ctx.max_tokens_of(body.max_tokens)  # 0: only the echoed prompt
 
     def run(on_text, cancelled, sampling):
-        return ctx.service.complete(body.prompt, max_tokens, body.rag, body.k, body.stops, on_text, cancelled, sampling, body.echo)
+        request = GenerationRequest(max_tokens, body.stops, on_text, cancelled, sampling)
+        return ctx.service.complete(body.prompt, request, body.rag, body.k, body.echo)
 
     include_usage = body.stream_options is not None and body.stream_options.include_usage
     return await ctx.generate(
