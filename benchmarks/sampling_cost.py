@@ -1,4 +1,4 @@
-"""What choosing a sampled token costs: ``chameleon.engines.sampling.Sampling.pick`` vs transformers' own sampling.
+"""What choosing a sampled token costs: ``chameleon.engines.sampling.Sampler.pick`` vs transformers' own sampling.
 
 The logits are real: the built-in model (or ``--model``) answers questions about the Python
 documentation, drawing each token at the temperature and top-p under test, and every step's
@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from chameleon.engines.sampling import NUCLEUS_FIRST_TRY, Sampling
+from chameleon.engines.sampling import NUCLEUS_FIRST_TRY, Sampler, Sampling
 from chameleon.engines.torch_engine import TorchEngine
 
 QUESTIONS = [
@@ -30,7 +30,7 @@ QUESTIONS = [
 ]
 
 
-def collect_logits(engine: TorchEngine, sampling: Sampling, tokens_each: int) -> tuple[list[torch.Tensor], float]:
+def collect_logits(engine: TorchEngine, sampling: Sampler, tokens_each: int) -> tuple[list[torch.Tensor], float]:
     """Every step's logits row while the model answers ``QUESTIONS`` with ``sampling``, and the
     median seconds of one decode step."""
     rows, steps = [], []
@@ -69,9 +69,9 @@ def main():
     print("temperature  top_p  rows  ours (us)  transformers (us)  ratio  decode step (ms)  top-64 held top_p")
     for setting in args.settings.split(","):
         temperature, top_p = (float(x) for x in setting.split(":"))
-        rows, step_s = collect_logits(engine, Sampling(temperature, top_p, seed=0), args.tokens)
+        rows, step_s = collect_logits(engine, Sampling(temperature, top_p, seed=0).sampler(), args.tokens)
         ours, peer, held = [], [], 0
-        sampling = Sampling(temperature, top_p, seed=1)
+        sampling = Sampling(temperature, top_p, seed=1).sampler()
         for row in rows:
             for name in ("ours", "peer") if len(ours) % 2 else ("peer", "ours"):  # nobody always goes first
                 started = time.perf_counter()

@@ -48,7 +48,7 @@ def burst(pipeline: RagPipeline, questions: list[str], max_tokens: int) -> dict:
             ttft[n] = ttft[n] or time.perf_counter() - started
             return False
 
-        pipeline.ask(questions[n], max_tokens, on_token=first_token, sampling=Sampling(1.0, 0.95, n))
+        pipeline.ask(questions[n], max_tokens, on_token=first_token, sampling=Sampling(1.0, 0.95, n).sampler())
         ends[n] = time.perf_counter() - started
 
     threads = [threading.Thread(target=ask, args=(n,)) for n in range(len(questions))]

@@ -260,7 +260,8 @@ def ask(
         }
         answer = _post_json(server.rstrip("/") + "/v1/rag", request, api_key)
     else:
-        sampling = Sampling.of(temperature, top_p, seed)  # bad settings fail before anything loads
+        settings = Sampling.of(temperature, top_p, seed)  # bad settings fail before anything loads
+        sampling = settings.sampler() if settings is not None else None
         answer = _ask_here(question, index, cluster, model, engine, k, nprobe, max_tokens, retrieval_interval, sampling)
     if as_json:
         typer.echo(json.dumps({key: answer[key] for key in ("answer", "sources", "timings")}))

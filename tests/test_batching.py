@@ -50,11 +50,13 @@ def test_sequences_start_from_the_prompt_kv_of_running_ones(tiny32, share):
         started = threading.Event()
         first = batching.submit(prompt, 30, on_token=lambda token: started.set())
         assert started.wait(60)  # it runs: what comes next may start from its KV
-        choices = [batching.submit(prompt, 12, sampling=Sampling(1.0, 1.0, seed)) for seed in (1, 2)]
+        choices = [batching.submit(prompt, 12, sampling=Sampling(1.0, 1.0, seed).sampler()) for seed in (1, 2)]
         extended = batching.submit(longer, 12)
         got = [f.result(timeout=60) for f in [first, *choices, extended]]
         assert got[0].tokens == tiny32.generate(prompt, 30).tokens
-        assert [g.tokens for g in got[1:3]] == [tiny32.generate(prompt, 12, sampling=Sampling(1.0, 1.0, seed)).tokens for seed in (1, 2)]
+        assert [g.tokens for g in got[1:3]] == [
+            tiny32.generate(prompt, 12, sampling=Sampling(1.0, 1.0, seed).sampler()).tokens for seed in (1, 2)
+        ]
         assert got[3].tokens == tiny32.generate(longer, 12).tokens
         assert [g.cached_tokens for g in got[1:]] == ([len(prompt)] * 3 if share else [0] * 3)
     finally:

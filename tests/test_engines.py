@@ -239,7 +239,8 @@ def test_sampling_draws_from_the_softmax_within_top_p():
     logits = probabilities.log() + 3.0  # softmax does not care about a shift
 
     def frequencies(sampling, draws=4000):
-        return torch.bincount(torch.tensor([sampling.pick(logits) for _ in range(draws)]), minlength=4).float() / draws
+        sampler = sampling.sampler()
+        return torch.bincount(torch.tensor([sampler.pick(logits) for _ in range(draws)]), minlength=4).float() / draws
 
     assert torch.allclose(frequencies(Sampling(1.0, seed=0)), probabilities, atol=0.03)
     sharpened = probabilities**2 / (probabilities**2).sum()  # temperature 0.5 squares the probabilities
@@ -249,18 +250,18 @@ def test_sampling_draws_from_the_softmax_within_top_p():
     assert frequencies(Sampling(1.0, top_p=0.5, seed=3), 200)[0] == 1  # the first alone reaches 0.5
     for greedy in (Sampling(), Sampling(0.0, seed=4), Sampling(1.5, top_p=0.0), Sampling(1e-30, seed=5)):  # 1e-30: no overflow
         assert frequencies(greedy, 50)[0] == 1
-    assert Sampling().pick(torch.tensor([1.0, 3.0, 3.0], dtype=torch.bfloat16)) == 1  # ties: the first, as argmax
+    assert Sampling().sampler().pick(torch.tensor([1.0, 3.0, 3.0], dtype=torch.bfloat16)) == 1  # ties: the first, as argmax
 
 
 def test_a_seed_repeats_the_draws_and_each_request_draws_on_its_own():
     import torch
 
     logits = torch.zeros(1000)  # every token equally likely
-    first, second, other = Sampling(1.0, seed=7), Sampling(1.0, seed=7), Sampling(1.0, seed=8)
+    first, second, other = Sampling(1.0, seed=7).sampler(), Sampling(1.0, seed=7).sampler(), Sampling(1.0, seed=8).sampler()
     interleaved = [(first.pick(logits), other.pick(logits)) for _ in range(20)]  # other's draws do not move first's
     assert [a for a, _ in interleaved] == [second.pick(logits) for _ in range(20)]
     assert [a for a, _ in interleaved] != [b for _, b in interleaved]
-    unseeded = [Sampling(1.0).pick(logits) for _ in range(20)]
+    unseeded = [Sampling(1.0).sampler().pick(logits) for _ in range(20)]
     assert len(set(unseeded)) > 1  # a fresh random seed each
 
 
@@ -289,22 +290,22 @@ def test_seeded_sampling_repeats_and_is_not_greedy(any_engine, tiny_torch, promp
 
     sampled, greedy = [], []
     for prompt in prompts:
-        tokens = any_engine.generate(prompt, 12, sampling=Sampling(1.0, top_p=0.95, seed=11)).tokens
-        assert any_engine.generate(prompt, 12, sampling=Sampling(1.0, top_p=0.95, seed=11)).tokens == tokens
+        tokens = any_engine.generate(prompt, 12, sampling=Sampling(1.0, top_p=0.95, seed=11).sampler()).tokens
+        assert any_engine.generate(prompt, 12, sampling=Sampling(1.0, top_p=0.95, seed=11).sampler()).tokens == tokens
         if any_engine.name != "vllm":  # vLLM draws with its own generator
             # The first token is drawn from the prompt's logits, which a plain forward pass gives
             # bit for bit; later ones come from the KV cache, and rounding a draw's boundary the
             # other way would change them (sampling is not as robust to rounding as argmax).
             with torch.inference_mode():
-                first = Sampling(1.0, top_p=0.95, seed=11).pick(tiny_torch.model(torch.tensor([prompt])).logits[0, -1])
+                first = Sampling(1.0, top_p=0.95, seed=11).sampler().pick(tiny_torch.model(torch.tensor([prompt])).logits[0, -1])
             assert tokens[0] == first
             assert (
-                tokens == tiny_torch.generate(prompt, 12, sampling=Sampling(1.0, top_p=0.95, seed=11)).tokens
+                tokens == tiny_torch.generate(prompt, 12, sampling=Sampling(1.0, top_p=0.95, seed=11).sampler()).tokens
             )  # alone in a batch: the same steps
         sampled.append(tokens)
         greedy.append(any_engine.generate(prompt, 12).tokens)
     assert sampled != greedy
-    assert [any_engine.generate(p, 12, sampling=Sampling(1.0, top_p=0.95, seed=12)).tokens for p in prompts] != sampled
+    assert [any_engine.generate(p, 12, sampling=Sampling(1.0, top_p=0.95, seed=12).sampler()).tokens for p in prompts] != sampled
 
 
 def test_logprobs_report_the_models_own_distribution_for_every_chosen_token(any_engine, tiny_torch, prompts):
@@ -313,7 +314,8 @@ def test_logprobs_report_the_models_own_distribution_for_every_chosen_token(any_
     import torch
 
     prompt = prompts[2]
-    for sampling, top in [(Sampling(logprobs=3), 3), (Sampling(0.7, seed=5, logprobs=2), 2), (Sampling(logprobs=0), 0)]:
+    for settings, top in [(Sampling(logprobs=3), 3), (Sampling(0.7, seed=5, logprobs=2), 2), (Sampling(logprobs=0), 0)]:
+        sampling = settings.sampler()
         generation = any_engine.generate(prompt, 9, sampling=sampling)
         assert [r.token for r in sampling.reported] == generation.tokens
         with torch.inference_mode():
@@ -326,8 +328,9 @@ def test_logprobs_report_the_models_own_distribution_for_every_chosen_token(any_
             assert [lp for _, lp in reported.top] == pytest.approx(best.values.tolist(), abs=2e-3)
         if sampling.greedy:
             assert all(r.top[0][0] == r.token for r in sampling.reported if r.top)
-        unreported = Sampling.of(sampling.temperature, seed=sampling.seed)
-        assert any_engine.generate(prompt, 9, sampling=unreported).tokens == generation.tokens  # reporting changes no token
+        unreported = Sampling.of(settings.temperature, seed=settings.seed)
+        unreported_sampler = unreported.sampler() if unreported is not None else None
+        assert any_engine.generate(prompt, 9, sampling=unreported_sampler).tokens == generation.tokens  # reporting changes no token
 
 
 def test_prompt_logprobs_score_each_token_after_the_ones_before_it(any_engine, tiny_torch, prompts, monkeypatch):
@@ -359,13 +362,13 @@ def test_concurrent_sampled_requests_get_their_sequential_tokens(thread_safe_eng
     what each gets alone. (At temperature 0.4 the tiny model's distributions are peaked: a batched
     product's rounding is far from moving a draw's boundary, as it is from flipping an argmax.)"""
     work = [(prompts[i % len(prompts)], Sampling(0.4, seed=i) if i % 2 else None) for i in range(6)]
-    alone = [thread_safe_engine.generate(prompt, 10, sampling=s and Sampling(s.temperature, seed=s.seed)).tokens for prompt, s in work]
+    alone = [thread_safe_engine.generate(prompt, 10, sampling=s and s.sampler()).tokens for prompt, s in work]
     start = threading.Barrier(len(work))
 
     def run(prompt_and_sampling):
         start.wait()
         prompt, sampling = prompt_and_sampling
-        return thread_safe_engine.generate(prompt, 10, sampling=sampling).tokens
+        return thread_safe_engine.generate(prompt, 10, sampling=sampling and sampling.sampler()).tokens
 
     with ThreadPoolExecutor(len(work)) as pool:
         assert list(pool.map(run, work)) == alone

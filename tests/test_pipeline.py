@@ -63,11 +63,11 @@ def test_sampled_sequences_draw_on_their_own_from_the_mixture(tiny32, knnlm, pro
     from chameleon.rag.knnlm import generate, generate_batch
 
     def samplers():  # every other sequence sampled, each from its own seed
-        return [Sampling(0.7, seed=n) if n % 2 == 0 else None for n in range(len(prompts))]
+        return [Sampling(0.7, seed=n).sampler() if n % 2 == 0 else None for n in range(len(prompts))]
 
     sequential = generate_batch(tiny32, knnlm, prompts, 10, 1, "sequential", sampling=samplers())
     assert generate_batch(tiny32, knnlm, prompts, 10, 1, "pipelined", sampling=samplers()) == sequential
-    assert sequential[0] == generate(tiny32, knnlm, prompts[0], 10, sampling=Sampling(0.7, seed=0))
+    assert sequential[0] == generate(tiny32, knnlm, prompts[0], 10, sampling=Sampling(0.7, seed=0).sampler())
     greedy = generate_batch(tiny32, knnlm, prompts, 10, 1, "sequential")
     assert sequential[1::2] == greedy[1::2] and sequential[::2] != greedy[::2]
     # lambda 1: the distribution is the neighbours' alone, so every drawn token is a datastore value

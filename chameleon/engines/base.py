@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 from retriever.errors import InvalidInput
 
 if TYPE_CHECKING:
-    from chameleon.engines.sampling import Sampling, TokenLogprob
+    from chameleon.engines.sampling import Sampler, TokenLogprob
 
 
 @dataclass
@@ -62,7 +62,7 @@ class LLMEngine(Protocol):
     ``generate`` decodes ``tokens`` up to ``max_new_tokens`` or an end token, continuing from the KV
     of ``prefix`` when given (engines that keep the KV themselves take none), calling ``on_token``
     with each new token (a true return stops), stopping early when ``cancelled()`` says so, and
-    choosing tokens as ``sampling`` says (None: greedy). ``prompt_logprobs`` scores every token of
+    choosing tokens with the request's ``sampling`` (its sampler; None: greedy). ``prompt_logprobs`` scores every token of
     ``tokens`` after the ones before it (None for the first), with the ``top`` most likely tokens'.
     """
 
@@ -77,7 +77,7 @@ class LLMEngine(Protocol):
         prefix: KVPrefix | None = None,
         on_token: Callable[[int], bool] | None = None,
         cancelled: Callable[[], bool] | None = None,
-        sampling: Sampling | None = None,
+        sampling: Sampler | None = None,
     ) -> Generation: ...
 
     def prompt_logprobs(self, tokens: list[int], top: int = 0) -> list[TokenLogprob | None]: ...

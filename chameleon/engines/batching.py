@@ -39,7 +39,7 @@ from chameleon.engines.base import (
     decode_speed,
     worth_continuing,
 )
-from chameleon.engines.sampling import GREEDY, Sampling, check_scored
+from chameleon.engines.sampling import GREEDY, Sampler, check_scored
 from chameleon.engines.torch_engine import TorchEngine
 from coordinator.kv_cache import CacheAwareQueue
 from retriever.errors import InvalidInput, Unavailable
@@ -55,7 +55,7 @@ class _Sequence:
     future: Future
     submitted: float
     cancelled: Callable[[], bool] | None = None
-    sampling: Sampling = field(default_factory=Sampling)
+    sampling: Sampler = GREEDY
     generated: list[int] = field(default_factory=list)
     started: float = 0.0
     first_token_at: float = 0.0

@@ -1,14 +1,13 @@
-"""How a request's tokens are chosen and scored: :class:`Sampling` (greedy, or temperature, top-p
-and seed), and the log-probabilities the OpenAI routes report (:class:`TokenLogprob`).
-
-The settings (temperature, top_p, seed, logprobs) are fixed when a request arrives; the draws
-(the generator, the log-probabilities reported so far) are the request's own state.
+"""How a request's tokens are chosen and scored: its settings (:class:`Sampling`: greedy, or
+temperature, top-p and seed; frozen when the request arrives), its draws (:class:`Sampler`: the
+generator and the log-probabilities reported so far, the request's own state), and the
+log-probabilities the OpenAI routes report (:class:`TokenLogprob`).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from retriever.errors import InvalidInput
 
@@ -28,33 +27,28 @@ class TokenLogprob:
     top: tuple[tuple[int, float], ...] = ()
 
 
-@dataclass
+@dataclass(frozen=True)
 class Sampling:
-    """How a request's next token is chosen.
+    """How a request's tokens are chosen: its settings, fixed when it arrives.
 
     Greedy (the most likely token) when ``temperature`` is 0, the default, or ``top_p`` is 0.
     Otherwise the token is drawn from the softmax of the logits divided by ``temperature``. The
     draw is kept to the smallest set of most likely tokens whose probabilities reach ``top_p``
-    (nucleus sampling; 1 keeps every token).
-
-    Each request draws from its own generator, seeded with ``seed`` (None: a fresh random seed).
-    Its tokens therefore do not depend on the requests it is batched with, and the same seed
-    repeats an answer. One instance serves one request: its generator's state carries over from
-    one ``generate`` call to the next, as a request with iterative retrieval makes several.
+    (nucleus sampling; 1 keeps every token); ``seed`` seeds the request's own generator (None: a
+    fresh random seed).
 
     With ``logprobs`` N (0 to :data:`MAX_TOP_LOGPROBS`), every chosen token's log-probability and
-    the N most likely tokens' are appended to ``reported``, in the order the tokens are chosen. They
-    are the model's own distribution (log-softmax of the logits, before ``temperature`` and
-    ``top_p``), as vLLM reports by default, so they do not change with the sampling settings.
+    the N most likely tokens' are reported. They are the model's own distribution (log-softmax of
+    the logits, before ``temperature`` and ``top_p``), as vLLM reports by default, so they do not
+    change with the sampling settings.
+
+    The draws themselves are a :class:`Sampler`'s (``sampler()``), one per request.
     """
 
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
     logprobs: int | None = None
-    reported: list[TokenLogprob] = field(default_factory=list, init=False, repr=False, compare=False)
-    _generator: object = field(default=None, init=False, repr=False, compare=False)
-    _calls: int = field(default=0, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if not (
@@ -83,35 +77,56 @@ class Sampling:
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_p == 0
 
+    def sampler(self) -> Sampler:
+        """A request's draws under these settings."""
+        return Sampler(self)
+
+
+class Sampler:
+    """One request's draws: the next token from each row of logits, as its :class:`Sampling` says,
+    from its own generator. Its tokens therefore do not depend on the requests it is batched with,
+    and the same seed repeats an answer. The generator's state carries over from one ``generate``
+    call to the next, as a request with iterative retrieval makes several. With ``logprobs``, the
+    chosen tokens' log-probabilities are appended to ``reported``, in the order they are chosen.
+    """
+
+    def __init__(self, settings: Sampling):
+        self.settings = settings
+        self.reported: list[TokenLogprob] = []
+        self._generator = None
+        self._calls = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.settings.greedy
+
     def pick(self, logits, greedy_token: int | None = None) -> int:
         """The next token from one row of ``logits`` (a 1-D torch tensor over the vocabulary);
         ``greedy_token``: their argmax, when the caller has it already."""
         token = self._choose(logits, greedy_token)
-        if self.logprobs is not None:
-            self._report(logits, token)
+        if self.settings.logprobs is not None:
+            self.reported += token_logprobs(logits.unsqueeze(0), [token], self.settings.logprobs)
         return token
-
-    def _report(self, logits, token: int) -> None:
-        self.reported += token_logprobs(logits.unsqueeze(0), [token], self.logprobs)
 
     def _choose(self, logits, greedy_token: int | None) -> int:
         import torch
 
         if self.greedy:
             return int(torch.argmax(logits)) if greedy_token is None else greedy_token
+        temperature, top_p = self.settings.temperature, self.settings.top_p
         logits = logits.float()
-        probabilities = torch.softmax((logits - logits.max()) / self.temperature, dim=-1)  # no overflow at tiny temperatures
-        if self.top_p == 1:
+        probabilities = torch.softmax((logits - logits.max()) / temperature, dim=-1)  # no overflow at tiny temperatures
+        if top_p == 1:
             return self._draw(probabilities)
         # The nucleus of a trained model's distribution is mostly small: the most likely 64 tokens
         # first, not a sort of the vocabulary (~3 ms against a ~30 ms CPU decode step;
         # benchmarks/sampling_cost.py).
         for candidates in (min(NUCLEUS_FIRST_TRY, probabilities.shape[0]), probabilities.shape[0]):
             top, order = torch.topk(probabilities, candidates)
-            if top.sum() >= self.top_p:
+            if top.sum() >= top_p:
                 break
         # a token stays if the more likely ones before it do not reach top_p yet; the first always does
-        return int(order[self._draw(top * ((top.cumsum(0) - top) < self.top_p))])
+        return int(order[self._draw(top * ((top.cumsum(0) - top) < top_p))])
 
     def _draw(self, weights) -> int:
         """An index drawn with probability proportional to ``weights``: inverse transform of one
@@ -121,10 +136,10 @@ class Sampling:
         cumulative = weights.cumsum(0)
         if self._generator is None:
             self._generator = torch.Generator(device=weights.device)
-            if self.seed is None:
+            if self.settings.seed is None:
                 self._generator.seed()
             else:
-                self._generator.manual_seed(self.seed)
+                self._generator.manual_seed(self.settings.seed)
         point = torch.rand((), generator=self._generator, device=weights.device) * cumulative[-1]
         return min(int(torch.searchsorted(cumulative, point, right=True)), weights.shape[0] - 1)
 
@@ -132,10 +147,12 @@ class Sampling:
         """A seed for one more ``generate`` call of this request, for engines that take a seed per
         call (vLLM): ``seed`` for the first call, then ``seed + 1``, … (None without a seed)."""
         self._calls += 1
-        return None if self.seed is None else (self.seed + self._calls - 1) % (MAX_SEED + 1)
+        seed = self.settings.seed
+        return None if seed is None else (seed + self._calls - 1) % (MAX_SEED + 1)
 
 
-GREEDY = Sampling()
+# Greedy decoding keeps no state (no generator, nothing reported): one sampler serves every greedy request.
+GREEDY = Sampling().sampler()
 
 
 def token_logprobs(logits, tokens: list[int], top: int) -> list[TokenLogprob]:

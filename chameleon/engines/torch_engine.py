@@ -2,7 +2,7 @@
 
 One prefill over the prompt (optionally continuing from a cached prefix's KV), then one decode step
 per token on the KV cache it holds. It reports time to first token and decode speed. Decoding is
-greedy unless a request's :class:`~chameleon.engines.sampling.Sampling` says otherwise.
+greedy unless a request's :class:`~chameleon.engines.sampling.Sampler` says otherwise.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from chameleon.engines.base import (
     end_token_ids,
     shared_cache,
 )
-from chameleon.engines.sampling import GREEDY, Sampling, TokenLogprob, check_scored, token_logprobs
+from chameleon.engines.sampling import GREEDY, Sampler, TokenLogprob, check_scored, token_logprobs
 from chameleon.models import resolve_model
 from retriever.errors import Unsupported
 
@@ -101,7 +101,7 @@ class TorchEngine(EngineText):
         prefix: KVPrefix | None = None,
         on_token: Callable[[int], bool] | None = None,
         cancelled: Callable[[], bool] | None = None,
-        sampling: Sampling | None = None,
+        sampling: Sampler | None = None,
     ) -> Generation:
         """Decoding of ``tokens`` (a full prompt), up to ``max_new_tokens`` or an end token.
 

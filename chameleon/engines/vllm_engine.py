@@ -41,7 +41,7 @@ from chameleon.engines.base import (
     decode_speed,
     end_token_ids,
 )
-from chameleon.engines.sampling import Sampling, TokenLogprob, check_scored
+from chameleon.engines.sampling import Sampler, TokenLogprob, check_scored
 from chameleon.models import resolve_model
 from retriever.errors import InvalidInput, Unsupported
 
@@ -62,7 +62,7 @@ class _Request:
     submitted: float
     cancelled: Callable[[], bool] | None = None
     sampling: dict = field(default_factory=lambda: {"temperature": 0.0})  # SamplingParams' fields
-    reports: Sampling | None = None  # where the chosen tokens' log-probabilities go, when asked for
+    reports: Sampler | None = None  # where the chosen tokens' log-probabilities go, when asked for
     prompt_scores: list | None = None  # the prompt's log-probabilities, when asked for (``prompt_logprobs``)
     generated: list[int] = field(default_factory=list)
     first_token_at: float = 0.0
@@ -180,9 +180,10 @@ class VllmEngine(ThreadedEngine):
         check_request(tokens, max_new_tokens, self.context_window, prefix)
         request = _Request(str(next(self._ids)), list(tokens), max_new_tokens, on_token, Future(), time.perf_counter(), cancelled)
         if sampling is not None and not sampling.greedy:
-            request.sampling = {"temperature": sampling.temperature, "top_p": sampling.top_p, "seed": sampling.next_seed()}
-        if sampling is not None and sampling.logprobs is not None:
-            request.sampling["logprobs"], request.reports = sampling.logprobs, sampling
+            settings = sampling.settings
+            request.sampling = {"temperature": settings.temperature, "top_p": settings.top_p, "seed": sampling.next_seed()}
+        if sampling is not None and sampling.settings.logprobs is not None:
+            request.sampling["logprobs"], request.reports = sampling.settings.logprobs, sampling
         self._queue(request)
         return request.future
 
@@ -272,7 +273,7 @@ class VllmEngine(ThreadedEngine):
             request.first_token_at = request.first_token_at or now
             request.generated.append(token)
             if request.reports is not None:
-                request.reports.reported.append(_token_logprob(token, completion.logprobs[n], request.reports.logprobs))
+                request.reports.reported.append(_token_logprob(token, completion.logprobs[n], request.reports.settings.logprobs))
             stop = request.on_token is not None and self._ask(request, request.on_token, token)
             if stop is None:
                 return

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from chameleon.engines.sampling import Sampling
+from chameleon.engines.sampling import Sampler
 from chameleon.rag.corpus import Document, default_nlist
 from coordinator import pipeline
 from coordinator.pipeline import SCHEDULES, StepOutput
@@ -176,7 +176,7 @@ class KnnLm:
         """Interpolated log-probabilities for each row of ``states`` (n, hidden) given the LM's (n, vocab)."""
         return self.interpolate(lm_log_probs, self.submit(states)())
 
-    def next_tokens(self, logits, neighbours, sampling: Sequence[Sampling | None] | None = None) -> list[int]:
+    def next_tokens(self, logits, neighbours, sampling: Sequence[Sampler | None] | None = None) -> list[int]:
         """Tokens from the LM's (n, vocab) ``logits``, interpolated with the neighbours unless they
         are None: greedy, or drawn by row ``r``'s ``sampling[r]`` from the interpolated distribution.
 
@@ -274,7 +274,7 @@ def generate_batch(
     every: int | None = 1,
     schedule: str = "pipelined",
     on_token=None,
-    sampling: Sequence[Sampling | None] | None = None,
+    sampling: Sequence[Sampler | None] | None = None,
 ) -> list[list[int]]:
     """kNN-LM decoding of several prompts, querying the datastore every ``every`` steps (the first
     included; the LM alone decides the others; never with None), in the ``schedule`` of
@@ -303,7 +303,7 @@ def generate_batch(
 
 
 def generate(
-    engine, knnlm: KnnLm, tokens: list[int], max_new_tokens: int = 64, on_token=None, every: int = 1, sampling: Sampling | None = None
+    engine, knnlm: KnnLm, tokens: list[int], max_new_tokens: int = 64, on_token=None, every: int = 1, sampling: Sampler | None = None
 ) -> list[int]:
     """``generate_batch`` for one prompt; ``on_token(token)`` returning True stops."""
     report = None if on_token is None else (lambda _sequence, token: on_token(token))

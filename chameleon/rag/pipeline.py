@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from chameleon.engines.base import Generation, KVPrefix, answer_text, decode_speed
-from chameleon.engines.sampling import Sampling
+from chameleon.engines.sampling import Sampler
 from chameleon.rag.corpus import Passage, RagIndex
 from chameleon.rag.timings import Timings
 from retriever.errors import InvalidInput
@@ -305,7 +305,7 @@ class RagPipeline:
         history: Sequence[dict] = (),
         system: str | None = None,
         on_token: Callable[[int], bool] | None = None,
-        sampling: Sampling | None = None,
+        sampling: Sampler | None = None,
     ) -> Answer:
         """Answer ``question``; with ``retrieval_interval`` N, retrieve again every N generated tokens.
 

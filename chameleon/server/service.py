@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from chameleon.engines.sampling import Sampling
+from chameleon.engines.sampling import Sampler, Sampling
 from chameleon.rag.corpus import RagIndex
 from chameleon.rag.pipeline import SNIPPET_CHARS, RagPipeline, context_block
 from chameleon.rag.timings import Timings
@@ -134,7 +134,7 @@ class Service:
         if mode == "knnlm":
             return self._knnlm(question, request, retrieval_interval or 1)
         running = _Running(self.engine, request)
-        answer = self.pipeline.ask(question, request.max_tokens, retrieval_interval, k, history, system, running.on_token, request.sampling)
+        answer = self.pipeline.ask(question, request.max_tokens, retrieval_interval, k, history, system, running.on_token, running.sampler)
         self._observe_retrieval(answer.timings)
         timings = replace(answer.timings, prefill_s=answer.timings.ttft_s)
         return self._finish(running, answer.finish_reason, timings.prompt_tokens, timings.reused_kv_tokens, answer.sources, timings)
@@ -180,14 +180,14 @@ class Service:
     def _encode(self, text: str) -> list[int]:
         return self.engine.tokenizer(text)["input_ids"]
 
-    def _echoed(self, prompt: str, head: str, tokens: list[int], reports: Sampling | None) -> list[ReportedToken] | None:
+    def _echoed(self, prompt: str, head: str, tokens: list[int], reports: Sampler | None) -> list[ReportedToken] | None:
         """The prompt's tokens (those that cover a character of it, after ``head``) with their
         log-probabilities, when ``reports`` asks for them."""
         if reports is None:
             return None
         offsets = self.engine.tokenizer(head + prompt, return_offsets_mapping=True)["offset_mapping"]
         first = next((n for n, (_, end) in enumerate(offsets) if end > len(head)), len(tokens))
-        scored = self.engine.prompt_logprobs(tokens, reports.logprobs)
+        scored = self.engine.prompt_logprobs(tokens, reports.settings.logprobs)
         tokenizer = self.engine.tokenizer
         return [
             reported_token(tokenizer, token, max(0, start - len(head)), score)
@@ -198,7 +198,7 @@ class Service:
         timings = timings if timings is not None else Timings()
         if request.max_tokens == 0:  # an echo that only scores the prompt
             return self._finish(running, "length", len(tokens), 0, list(sources), timings)
-        generation = self.engine.generate(list(tokens), request.max_tokens, None, running.on_token, sampling=request.sampling)
+        generation = self.engine.generate(list(tokens), request.max_tokens, None, running.on_token, sampling=running.sampler)
         timings = replace(timings, queue_s=generation.queue_s, prefill_s=generation.ttft_s)
         return self._finish(running, generation.finish_reason, len(tokens), generation.cached_tokens, list(sources), timings)
 
@@ -212,7 +212,7 @@ class Service:
         tokens = self.engine.chat_tokens(messages)
         with self._knnlm_lock:  # beside the batch, on the same model: one kNN-LM request at a time
             queued = time.perf_counter() - running.started
-            generated = generate(self.engine, self.knnlm, tokens, request.max_tokens, running.on_token, every, request.sampling)
+            generated = generate(self.engine, self.knnlm, tokens, request.max_tokens, running.on_token, every, running.sampler)
         ended = generated[-1] in self.engine.eos_ids or running.stopped
         return self._finish(running, "stop" if ended else "length", len(tokens), 0, [], Timings(queue_s=queued))
 
@@ -245,9 +245,9 @@ class _Running:
         self.stream = TextStream(engine.tokenizer, engine.eos_ids, request.stop, strip_leading)
         self.on_text = on_text if on_text is not None else request.on_text
         self.cancelled = request.cancelled
-        # the engines report a token's log-probabilities as they choose it, just before its on_token
-        sampling = request.sampling
-        self.reports = sampling if sampling is not None and sampling.logprobs is not None else None
+        # the request's draws; the engines report a token's log-probabilities as they choose it, just before its on_token
+        self.sampler = request.sampling.sampler() if request.sampling is not None else None
+        self.reports = self.sampler if request.sampling is not None and request.sampling.logprobs is not None else None
         self.started = time.perf_counter()
         self.first_token_at: float | None = None
         self.tokens_seen = 0
