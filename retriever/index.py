@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from retriever.errors import InvalidInput, NotFound
+from retriever.errors import InvalidInput
 from retriever.files import atomic_directory
 
 FORMAT_NAME = "chameleon.ivfpq"
@@ -274,7 +274,7 @@ def read_manifest(path: str | os.PathLike) -> dict:
     path = Path(path)
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
-        raise NotFound(f"{path} is not an index directory: {MANIFEST} is missing")
+        raise InvalidInput(f"{path} is not an index directory: {MANIFEST} is missing")
     try:
         manifest = json.loads(manifest_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

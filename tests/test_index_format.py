@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import retriever.index as index_module
-from retriever.errors import InvalidInput, NotFound
+from retriever.errors import InvalidInput
 from retriever.index import FORMAT_VERSION, IVFPQParams, load_index, read_manifest, save_index, verify_index
 
 
@@ -72,7 +72,7 @@ def test_truncated_array_is_detected_without_verify(tmp_path, l2_index):
 
 
 def test_missing_or_bad_manifest(tmp_path, l2_index):
-    with pytest.raises(NotFound, match="manifest.json is missing"):
+    with pytest.raises(InvalidInput, match="manifest.json is missing"):
         load_index(tmp_path)
     path = save_index(l2_index, tmp_path / "idx")
     manifest = json.loads((path / "manifest.json").read_text())

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from chameleon.rag.corpus import Document
-from retriever.errors import InvalidInput, NotFound
+from retriever.errors import InvalidInput
 
 CODES = ["ALPHA", "BRAVO", "CHARLIE", "DELTA", "ECHO", "FOXTROT", "GOLF", "HOTEL"]
 FACTS = [f"The secret code of planet Zorblax-{n} is {CODES[n % 8]}-{n * 7 % 100}." for n in range(60)]
@@ -55,7 +55,7 @@ def test_generation_draws_on_the_datastore(engine, datastore):
 def test_datastore_errors(engine, datastore, tmp_path):
     from chameleon.rag.knnlm import KnnLm, build_datastore
 
-    with pytest.raises(NotFound, match="knnlm.json is missing"):
+    with pytest.raises(InvalidInput, match="knnlm.json is missing"):
         KnnLm.open(tmp_path, engine)
     meta = json.loads((datastore / "knnlm.json").read_text())
     (tmp_path / "other").mkdir()

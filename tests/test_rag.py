@@ -17,7 +17,7 @@ from chameleon.rag.corpus import (
     read_corpus,
     remove_from_rag_index,
 )
-from retriever.errors import InvalidInput, NotFound
+from retriever.errors import InvalidInput
 
 
 def test_read_corpus_folder_and_jsonl(tmp_path):
@@ -61,7 +61,7 @@ def test_rag_index_round_trip_and_embedder_check(facts_index, embedder):
     assert rag.meta["passages"] == 300 and rag.index.ntotal == 300 and rag.index.params.metric == "cos"
     with pytest.raises(InvalidInput, match="was built with the embedder"):
         RagIndex(facts_index, "another-model:768")
-    with pytest.raises(NotFound, match="rag.json is missing"):
+    with pytest.raises(InvalidInput, match="rag.json is missing"):
         RagIndex(facts_index / "index")
 
 

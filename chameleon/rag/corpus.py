@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from retriever.build import add_vectors, build_index, remove_ids
-from retriever.errors import InvalidInput, NotFound
+from retriever.errors import InvalidInput
 from retriever.files import atomic_directory
 from retriever.index import IVFPQParams, index_fingerprint, load_index, read_manifest, save_index
 
@@ -318,7 +318,7 @@ class RagIndex:
         path = Path(path)
         meta_path = path / "rag.json"
         if not meta_path.is_file():
-            raise NotFound(f"{path} is not a RAG index (rag.json is missing); build one with `chameleon index build --corpus`")
+            raise InvalidInput(f"{path} is not a RAG index (rag.json is missing); build one with `chameleon index build --corpus`")
         self.meta = json.loads(meta_path.read_text())
         if embedder_fingerprint is not None and self.meta["embedder"] != embedder_fingerprint:
             raise InvalidInput(

@@ -28,7 +28,7 @@ from chameleon.rag.corpus import Document, default_nlist
 from coordinator import pipeline
 from coordinator.pipeline import SCHEDULES, StepOutput
 from retriever.build import build_index
-from retriever.errors import InvalidInput, NotFound
+from retriever.errors import InvalidInput
 from retriever.files import atomic_directory
 from retriever.index import IVFPQParams, load_index, save_index
 from retriever.search import Searcher, SearchResult
@@ -133,7 +133,7 @@ class KnnLm:
         path = Path(path)
         meta_path = path / "knnlm.json"
         if not meta_path.is_file():
-            raise NotFound(f"{path} is not a kNN-LM datastore (knnlm.json is missing)")
+            raise InvalidInput(f"{path} is not a kNN-LM datastore (knnlm.json is missing)")
         meta = json.loads(meta_path.read_text())
         if meta["model"] != model_fingerprint(engine):
             raise InvalidInput(f"{path} was built with the model {meta['model']}, not {model_fingerprint(engine)}")
