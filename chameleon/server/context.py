@@ -18,11 +18,12 @@ from fastapi import Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from chameleon.engines.sampling import Sampling
 from chameleon.server import schemas
 from chameleon.server.errors import ApiError
 from chameleon.server.metrics import Metrics
 from chameleon.server.middleware import note
-from chameleon.server.service import Service
+from chameleon.server.service import Completion, GenerationRequest, Service
 from chameleon.server.settings import ServeSettings
 from chameleon.server.streaming import Chunks, Run, stream_runs, usage_of
 
@@ -77,7 +78,7 @@ class ServerContext:
             raise ApiError(400, f"max_tokens is {tokens}; this server allows at most {self.settings.max_tokens}", code="max_tokens")
         return tokens
 
-    def check_openai(self, body: schemas._Generation) -> None:
+    def check_openai(self, body: schemas.OpenAIGeneration) -> None:
         if body.model not in (None, self.service.model_id):
             raise ApiError(
                 404, f"the model {body.model!r} does not exist; this server runs {self.service.model_id!r}", code="model_not_found"
@@ -89,13 +90,17 @@ class ServerContext:
                 code="unsupported_parameter",
             )
 
-    def choice_runs(self, body: schemas._Generation, run: Callable) -> list[Run]:
-        """``run(on_text, cancelled, sampling)`` once per choice, each drawing with its own seed;
-        greedy choices are all the same, so one generation answers them all."""
+    def choice_runs(self, body: schemas.OpenAIGeneration, max_tokens: int, run: Callable[[GenerationRequest], Completion]) -> list[Run]:
+        """``run(request)`` once per choice, each drawing with its own seed; greedy choices are all
+        the same, so one generation answers them all."""
+
+        def answering(sampling: Sampling | None) -> Callable[..., Completion]:
+            return lambda on_text, cancelled: run(GenerationRequest(max_tokens, body.stops, on_text, cancelled, sampling))
+
         first = body.sampling()
         if first is None or first.greedy:
-            return [Run(lambda on_text, cancelled: run(on_text, cancelled, first), list(range(body.n)))]
-        return [Run(lambda on_text, cancelled, i=i: run(on_text, cancelled, body.sampling(i)), [i]) for i in range(body.n)]
+            return [Run(answering(first), list(range(body.n)))]
+        return [Run(answering(body.sampling(i)), [i]) for i in range(body.n)]
 
     async def generate(self, runs: list[Run], stream: bool, chunks: Chunks) -> Response:
         """Run the generations of a request's choices; answer them whole, or as server-sent events

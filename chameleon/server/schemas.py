@@ -3,7 +3,7 @@
 The OpenAI-compatible requests ignore fields that change nothing in an answer (clients send
 many). Those that would and that we do not implement (``tools``, ``response_format``,
 penalties…) are taken only at the values that ask for nothing: any other is refused
-(:meth:`_Generation.refused_parameters`), never silently dropped. ``n`` is at most 8.
+(:meth:`OpenAIGeneration.refused_parameters`), never silently dropped. ``n`` is at most 8.
 ``logprobs`` (and on completions ``echo``, which scores the prompt) report the model's own
 log-probabilities. Decoding is greedy unless a request sets ``temperature`` (then ``top_p`` and
 ``seed`` apply too): unlike OpenAI's default of 1, a request that says nothing gets the same
@@ -176,7 +176,7 @@ _NEUTRAL_VALUES = {
 }
 
 
-class _Generation(_StopStrings, _Sampled):
+class OpenAIGeneration(_StopStrings, _Sampled):
     model_config = ConfigDict(extra="allow")  # kept, to refuse what asks for more than we do
 
     model: str | None = Field(None, max_length=256)
@@ -200,7 +200,7 @@ class _Generation(_StopStrings, _Sampled):
 _LOGPROBS_MEANING = "the model's own distribution: log-softmax of the logits, before temperature and top_p"
 
 
-class ChatCompletionRequest(_Generation):
+class ChatCompletionRequest(OpenAIGeneration):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(None, ge=1)
     retrieval_interval: int | None = Field(None, ge=1, description="Retrieve again every N new tokens (Chameleon extension).")
@@ -220,7 +220,7 @@ class ChatCompletionRequest(_Generation):
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
-class CompletionRequest(_Generation):
+class CompletionRequest(OpenAIGeneration):
     prompt: str | list[str] = Field(description="One prompt (a list must hold exactly one).")
     max_tokens: int | None = Field(None, ge=0, description="New tokens at most; 0 (with echo) scores the prompt alone.")
     echo: bool = Field(False, description="Return the prompt before its continuation, and with logprobs its tokens' too.")

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends
 from chameleon.server import schemas
 from chameleon.server.context import ServerContext, authorised, server_context
 from chameleon.server.errors import ApiError
-from chameleon.server.service import GenerationRequest
+from chameleon.server.service import Completion, GenerationRequest
 from chameleon.server.streaming import OpenAIChunks
 
 router = APIRouter(dependencies=[Depends(authorised)], tags=["openai"])
@@ -60,17 +60,16 @@ async def chat_completions(body: schemas.ChatCompletionRequest, ctx: ServerConte
         system = "\n\n".join(m["content"] for m in messages if m["role"] == "system") or None
         history = [m for m in messages[:-1] if m["role"] != "system"]
 
-        def run(on_text, cancelled, sampling):
-            request = GenerationRequest(max_tokens, body.stops, on_text, cancelled, sampling)
+        def run(request: GenerationRequest) -> Completion:
             return ctx.service.rag(messages[-1]["content"], request, body.k, body.retrieval_interval, "passage", history, system)
     else:
 
-        def run(on_text, cancelled, sampling):
-            return ctx.service.chat(messages, GenerationRequest(max_tokens, body.stops, on_text, cancelled, sampling))
+        def run(request: GenerationRequest) -> Completion:
+            return ctx.service.chat(messages, request)
 
     include_usage = body.stream_options is not None and body.stream_options.include_usage
     return await ctx.generate(
-        ctx.choice_runs(body, run),
+        ctx.choice_runs(body, max_tokens, run),
         body.stream,
         OpenAIChunks(ctx.service.model_id, "chat", include_usage, body.reported_logprobs is not None),
     )
@@ -81,13 +80,12 @@ async def completions(body: schemas.CompletionRequest, ctx: ServerContext = Depe
     ctx.check_openai(body)
     max_tokens = 0 if body.max_tokens == 0 else ctx.max_tokens_of(body.max_tokens)  # 0: only the echoed prompt
 
-    def run(on_text, cancelled, sampling):
-        request = GenerationRequest(max_tokens, body.stops, on_text, cancelled, sampling)
+    def run(request: GenerationRequest) -> Completion:
         return ctx.service.complete(body.prompt, request, body.rag, body.k, body.echo)
 
     include_usage = body.stream_options is not None and body.stream_options.include_usage
     return await ctx.generate(
-        ctx.choice_runs(body, run),
+        ctx.choice_runs(body, max_tokens, run),
         body.stream,
         OpenAIChunks(ctx.service.model_id, "text", include_usage, body.reported_logprobs is not None),
     )
