@@ -4,7 +4,8 @@
 - ``rag/``: corpora, the embedder, the RAG pipeline, the document KV cache's tensors, kNN-LM;
 - ``server/``: the HTTP API (``chameleon serve``);
 - ``bench/``: the harness behind ``chameleon bench``;
-- ``cli.py``, ``cluster.py``, ``models.py``: the command line, the local cluster launcher, the built-in models.
+- ``cli/``: the command line, a module per group of commands;
+- ``cluster.py``, ``models.py``: the local cluster launcher, the built-in models.
 
 Composes :mod:`retriever`, :mod:`coordinator` and :mod:`fpga`; nothing imports this package back.
 """

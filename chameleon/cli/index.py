@@ -1,0 +1,209 @@
+"""``chameleon index``: build, change and inspect indexes."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import typer
+
+from chameleon.cli.common import Metric, say
+from retriever.errors import InvalidInput
+
+app = typer.Typer(no_args_is_help=True, help="Build and inspect IVF-PQ indexes.")
+
+
+@app.command("build")
+def index_build(
+    out: Path = typer.Option(..., "--out", help="Index directory to write."),
+    nlist: int | None = typer.Option(None, "--nlist", help="Inverted lists (required for vectors; corpora default to ~4 sqrt(N))."),
+    m: int | None = typer.Option(None, "--m", help="PQ sub-quantizers, dividing the dimension (required for vectors; corpora: dim/8)."),
+    dataset: str | None = typer.Option(None, "--dataset", help="Built-in dataset (glove-50, synthetic) or ann-benchmarks .hdf5."),
+    vectors: Path | None = typer.Option(None, "--vectors", help="Vector file: .npy, .fvecs, .bvecs, .ivecs or .hdf5."),
+    corpus: str | None = typer.Option(None, "--corpus", help="Text corpus: python-docs, a folder of .txt/.md, or .jsonl."),
+    knnlm: bool = typer.Option(False, "--knnlm", help="With --corpus: a kNN-LM datastore (hidden state -> next token)."),
+    model: str | None = typer.Option(None, "--model", help="With --knnlm: local HF model directory (default: built-in)."),
+    nbits: int = typer.Option(8, "--nbits", help="Bits per PQ code (4: for the numba-fastscan engine)."),
+    metric: Metric | None = typer.Option(None, "--metric", help="Default: the dataset's metric, else l2."),
+    shards: int = typer.Option(1, "--shards", help="Split every list into this many balanced shards."),
+    train_size: int | None = typer.Option(None, "--train-size", help="Training sample size (default: up to 100 x nlist, at least 100k)."),
+    seed: int = typer.Option(1234, "--seed"),
+    force: bool = typer.Option(False, "--force", help="Replace an existing index directory."),
+):
+    """Train an IVF-PQ index on a dataset, a vector file or a text corpus and write it to OUT."""
+    from retriever.build import build_index
+    from retriever.datasets import load_dataset, read_vectors
+    from retriever.index import IVFPQParams, save_index
+
+    if sum(x is not None for x in (dataset, vectors, corpus)) != 1:
+        raise InvalidInput("give exactly one of --dataset, --vectors and --corpus")
+    if out.exists() and not force:
+        raise InvalidInput(f"{out} already exists (use --force to replace it)")
+    if knnlm and corpus is None:
+        raise InvalidInput("--knnlm builds from a text corpus: give --corpus")
+    if corpus is not None and knnlm:
+        from chameleon.engines.torch_engine import TorchEngine
+        from chameleon.rag.corpus import read_corpus
+        from chameleon.rag.knnlm import build_datastore
+
+        meta = build_datastore(read_corpus(corpus), TorchEngine(model), out, nlist=nlist, m=m, nbits=nbits, force=force, progress=True)
+        say(f"wrote {out}: kNN-LM datastore of {meta['keys']:,} positions for {meta['model']}")
+        return
+    if corpus is not None:
+        _build_corpus_index(corpus, out, nlist, m, nbits, force)
+        return
+    if nlist is None or m is None:
+        raise InvalidInput("--nlist and --m are required for --dataset and --vectors")
+    if dataset is not None:
+        data = load_dataset(dataset)
+        base, default_metric, source = data.base, data.metric, f"dataset:{dataset}"
+    else:
+        base, default_metric, source = read_vectors(vectors), "l2", str(vectors)
+    params = IVFPQParams((metric.value if metric else default_metric), int(base.shape[1]), nlist, m, nbits)
+    say(f"building IVF{nlist},PQ{m}x{nbits} ({params.metric}) on {base.shape[0]:,} x {base.shape[1]} vectors from {source}")
+    started = time.perf_counter()
+    index = build_index(base, params, train_size=train_size, nshards=shards, seed=seed, progress=True)
+    index.build_info["source"] = source
+    save_index(index, out, force=force)
+    say(f"wrote {out} ({index.ntotal:,} vectors, {shards} shard(s)) in {time.perf_counter() - started:.1f} s")
+
+
+@app.command("add")
+def index_add(
+    index: Path = typer.Option(..., "--index", help="The index directory to extend: a vector index or a passage index."),
+    vectors: Path | None = typer.Option(None, "--vectors", help="Vectors to add to a vector index: .npy, .fvecs, .bvecs, .ivecs or .hdf5."),
+    corpus: str | None = typer.Option(None, "--corpus", help="Documents to add to a passage index: a folder of .txt/.md, or .jsonl."),
+):
+    """Add vectors or documents to an index, encoded with its trained quantizers (no retraining).
+
+    The directory is replaced atomically once the new index is complete. Added vectors take the
+    ids after the largest in the index; added documents' passages the next passage ids.
+    """
+    from retriever.build import add_vectors
+    from retriever.datasets import read_vectors
+    from retriever.index import load_index, save_index
+
+    if (vectors is None) == (corpus is None):
+        raise InvalidInput("give exactly one of --vectors and --corpus")
+    started = time.perf_counter()
+    if (index / "rag.json").is_file():
+        if corpus is None:
+            raise InvalidInput(f"{index} is a passage index: add documents with --corpus")
+        from chameleon.rag.corpus import add_to_rag_index
+        from chameleon.rag.embedder import Embedder
+
+        meta = add_to_rag_index(index, corpus, Embedder(), progress=True)
+        added = meta["added"][-1]
+        say(
+            f"added {added['documents']:,} documents ({added['passages']:,} passages) to {index}: "
+            f"{meta['documents']:,} documents, {meta['passages']:,} passages in {time.perf_counter() - started:.1f} s"
+        )
+        return
+    _check_vector_index(index)
+    if vectors is None:
+        raise InvalidInput(f"{index} is a vector index: add vectors with --vectors")
+    new = read_vectors(vectors)
+    extended = add_vectors(load_index(index), new, progress=True)
+    save_index(extended, index, force=True)
+    say(f"added {new.shape[0]:,} vectors from {vectors} to {index}: {extended.ntotal:,} in all, in {time.perf_counter() - started:.1f} s")
+
+
+@app.command("remove")
+def index_remove(
+    index: Path = typer.Option(..., "--index", help="The index directory: a vector index or a passage index."),
+    ids: str | None = typer.Option(None, "--ids", help="Vector ids to remove from a vector index, comma-separated."),
+    ids_file: Path | None = typer.Option(None, "--ids-file", help="Or a .npy file of them."),
+    doc_ids: list[str] = typer.Option([], "--doc-id", help="A document to remove from a passage index (repeatable)."),
+):
+    """Remove vectors, or documents with all their passages, from an index (no retraining).
+
+    The directory is replaced atomically. A passage index's later passages move up, so that
+    passage ids stay positions in its document store; a vector index keeps the other ids.
+    """
+    from retriever.build import remove_ids
+    from retriever.datasets import read_npy
+    from retriever.index import load_index, save_index
+
+    if sum((ids is not None, ids_file is not None, bool(doc_ids))) != 1:
+        raise InvalidInput("give exactly one of --ids, --ids-file and --doc-id")
+    if (index / "rag.json").is_file():
+        if not doc_ids:
+            raise InvalidInput(f"{index} is a passage index: remove documents with --doc-id")
+        from chameleon.rag.corpus import remove_from_rag_index
+
+        meta = remove_from_rag_index(index, doc_ids)
+        removed = meta["removed"][-1]
+        say(
+            f"removed {removed['documents']:,} documents ({removed['passages']:,} passages) from {index}: "
+            f"{meta['documents']:,} documents, {meta['passages']:,} passages left"
+        )
+        return
+    _check_vector_index(index)
+    if doc_ids:
+        raise InvalidInput(f"{index} is a vector index: remove vectors with --ids or --ids-file")
+    if ids_file is not None:
+        wanted = read_npy(ids_file, ndim=1)
+    else:
+        try:
+            wanted = np.array([int(x) for x in ids.split(",")], dtype=np.int64)
+        except ValueError:
+            raise InvalidInput(f"--ids takes comma-separated integers, got {ids!r}") from None
+    smaller = remove_ids(load_index(index), wanted)
+    save_index(smaller, index, force=True)
+    say(f"removed {np.unique(wanted).size:,} vectors from {index}: {smaller.ntotal:,} left")
+
+
+def _check_vector_index(index: Path) -> None:
+    """Refuse what is not a vector index of its own (the vectors inside a passage index or a kNN-LM
+    datastore belong to it: changed alone, they would no longer match it)."""
+    if not (index / "manifest.json").is_file():
+        raise InvalidInput(f"{index} is neither a vector index (manifest.json) nor a passage index (rag.json)")
+    for outer, kind in (
+        ("rag.json", "passage index: change its documents with --corpus or --doc-id"),
+        ("knnlm.json", "kNN-LM datastore, which is built again, not changed"),
+    ):
+        if (index.resolve().parent / outer).is_file():
+            raise InvalidInput(f"{index} is the vectors of the {kind}")
+
+
+def _build_corpus_index(corpus: str, out: Path, nlist: int | None, m: int | None, nbits: int, force: bool) -> dict:
+    from chameleon.rag.corpus import build_rag_index
+    from chameleon.rag.embedder import Embedder
+
+    started = time.perf_counter()
+    say(f"building a passage index of {corpus} with the built-in embedder")
+    meta = build_rag_index(corpus, out, Embedder(), nlist=nlist, m=m, nbits=nbits, force=force, progress=True)
+    say(f"wrote {out}: {meta['documents']:,} documents, {meta['passages']:,} passages in {time.perf_counter() - started:.1f} s")
+    return meta
+
+
+@app.command("info")
+def index_info(
+    path: Path = typer.Argument(..., help="Index directory."),
+    verify: bool = typer.Option(False, "--verify", help="Check every array's sha256."),
+):
+    """Parameters, sizes and the list-size histogram of an index."""
+    from retriever.index import load_index, read_manifest
+
+    index = load_index(path, verify=verify)
+    manifest = read_manifest(path)
+    p = index.params
+    disk = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+    typer.echo(f"index      {path}")
+    typer.echo(f"format     {manifest['format']} v{manifest['format_version']}")
+    typer.echo(f"type       IVF{p.nlist},PQ{p.m}x{p.nbits}  metric={p.metric}  dim={p.dim}")
+    typer.echo(f"vectors    {index.ntotal:,}  ({p.code_size} B per code, {disk / 2**20:.1f} MiB on disk)")
+    typer.echo(f"shards     {index.nshards}: " + ", ".join(f"{s.ntotal:,}" for s in index.shards))
+    typer.echo("build      " + "  ".join(f"{k}={v}" for k, v in manifest.get("build", {}).items()))
+    if verify:
+        typer.echo("checksums  ok")
+    sizes = index.whole().list_sizes()
+    typer.echo(
+        f"list sizes min={sizes.min()} p50={int(np.median(sizes))} p99={int(np.percentile(sizes, 99))} "
+        f"max={sizes.max()} empty={int((sizes == 0).sum())}"
+    )
+    counts, edges = np.histogram(sizes, bins=min(10, max(1, int(sizes.max()) + 1)))
+    width = max(counts.max(), 1)
+    for count, lo, hi in zip(counts, edges[:-1], edges[1:]):
+        typer.echo(f"  {int(lo):>7}-{int(hi):<7} {count:>6}  {'#' * int(40 * count / width)}")

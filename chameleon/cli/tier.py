@@ -1,0 +1,159 @@
+"""``chameleon node``, ``cluster`` and ``keys``: the retrieval tier's processes, a local cluster of them, and their CURVE keys."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from chameleon.cli.common import say
+from retriever.errors import InvalidInput, Unavailable
+
+node_app = typer.Typer(no_args_is_help=True, help="Run one process of the retrieval tier.")
+cluster_app = typer.Typer(no_args_is_help=True, help="A local cluster of retrieval nodes and a coordinator.")
+keys_app = typer.Typer(no_args_is_help=True, help="CURVE keys for encrypted, authenticated tiers.")
+
+
+@node_app.command("retrieval")
+def node_retrieval(
+    index: Path = typer.Option(..., "--index", help="Index directory."),
+    shard: int = typer.Option(..., "--shard", help="The shard this node serves."),
+    bind: str = typer.Option(..., "--bind", help="ZeroMQ endpoint, e.g. tcp://0.0.0.0:5555 or tcp://127.0.0.1:*"),
+    engine: str = typer.Option(
+        "numba",
+        "--scan-engine",
+        "--engine",
+        help="numba, faiss, numba-fastscan (4-bit index) or fpga (--engine: its old name, deprecated).",
+    ),
+    fpga_mode: str | None = typer.Option(
+        None, "--fpga-mode", help="With --scan-engine fpga: hw (the card, through PYNQ) or emu (the kernel's C++ on this CPU)."
+    ),
+    xclbin: Path | None = typer.Option(None, "--xclbin", help="With --fpga-mode hw: the bitstream (make -C hls hw)."),
+    threads: int | None = typer.Option(None, "--threads", help="Scan threads (default: all cores)."),
+    window_ms: float = typer.Option(0.0, "--window-ms", help="How long an idle node waits for a batch to fill (ms)."),
+    keys: Path | None = typer.Option(None, "--keys", help="CURVE key directory (`chameleon keys gen`)."),
+    ready_file: Path | None = typer.Option(None, "--ready-file", help="Write {endpoint, pid} here once serving."),
+):
+    """Serve one shard of an index (SEARCH, HEARTBEAT) until SIGTERM."""
+    import numba
+
+    from retriever.engines import engine_options
+    from retriever.node import RetrievalNode
+    from retriever.wire.security import CurveKeys
+
+    if threads is not None and not 1 <= threads <= numba.config.NUMBA_NUM_THREADS:
+        raise InvalidInput(f"threads must be between 1 and {numba.config.NUMBA_NUM_THREADS}, got {threads}")
+    if not 0 <= window_ms <= 1000:
+        raise InvalidInput(f"the batching window must be between 0 and 1000 ms, got {window_ms}")
+    node = RetrievalNode(
+        index,
+        shard,
+        engine=engine,
+        window=window_ms / 1000,
+        keys=CurveKeys.load(keys) if keys else None,
+        threads=threads,
+        engine_options=engine_options(engine, fpga_mode, xclbin),
+    )
+    say(f"retrieval node: shard {shard}/{node.info['nshards']} of {index} ({node.info['ntotal']:,} vectors, {engine})")
+    node.serve(bind, ready_file=ready_file)
+    say("retrieval node: drained, exiting")
+
+
+@node_app.command("coordinator")
+def node_coordinator(
+    config: Path = typer.Option(..., "--config", help="JSON: metric, nshards, fingerprint, nodes [{shard, endpoint}]."),
+    bind: str = typer.Option(..., "--bind", help="ZeroMQ endpoint for clients."),
+    timeout: float = typer.Option(2.0, "--timeout", help="Seconds before a shard's sub-request fails over."),
+    on_missing: str = typer.Option("partial", "--on-missing", help="partial (answer with what is there) or fail."),
+    keys: Path | None = typer.Option(None, "--keys", help="CURVE key directory (`chameleon keys gen`)."),
+    ready_file: Path | None = typer.Option(None, "--ready-file", help="Write {endpoint, pid} here once serving."),
+):
+    """Fan searches out to every shard, merge, fail over between replicas, until SIGTERM."""
+    from coordinator.router import ClusterConfig, Coordinator
+    from retriever.wire.security import CurveKeys
+
+    if not 0 < timeout <= 3600:
+        raise InvalidInput(f"timeout must be between 0 and 3600 seconds, got {timeout}")
+    cluster = ClusterConfig.load(config)
+    coordinator = Coordinator(cluster, timeout=timeout, on_missing=on_missing, keys=CurveKeys.load(keys) if keys else None)
+    say(f"coordinator: {cluster.nshards} shard(s), {len(cluster.nodes)} node(s)")
+    coordinator.serve(bind, ready_file=ready_file)
+    say("coordinator: drained, exiting")
+
+
+@keys_app.command("gen")
+def keys_gen(
+    directory: Path = typer.Argument(..., help="Directory for the key pairs."),
+    force: bool = typer.Option(False, "--force", help="Replace existing keys."),
+):
+    """Create a server and a client CURVE key pair (and authorise the client key)."""
+    from retriever.wire.security import generate_keys
+
+    generate_keys(directory, force=force)
+    typer.echo(f"wrote CURVE keys to {directory}: pass --keys {directory} to nodes, coordinator and clients")
+
+
+@cluster_app.command("up")
+def cluster_up(
+    index: Path = typer.Option(..., "--index", help="Index directory (re-sharded on the fly if needed)."),
+    shards: int = typer.Option(..., "--shards"),
+    state_dir: Path = typer.Option(..., "--state-dir", help="Where cluster.json, logs and re-sharded copies go."),
+    replicas: int = typer.Option(1, "--replicas", help="Nodes per shard."),
+    engine: str = typer.Option(
+        "numba",
+        "--scan-engine",
+        "--engine",
+        help="Scan engine of the nodes: numba, faiss, numba-fastscan (4-bit index) or fpga (--engine: its old name, deprecated).",
+    ),
+    fpga_mode: str | None = typer.Option(None, "--fpga-mode", help="With --scan-engine fpga: hw or emu."),
+    xclbin: Path | None = typer.Option(None, "--xclbin", help="With --fpga-mode hw: the bitstream (make -C hls hw)."),
+    keys: Path | None = typer.Option(None, "--keys", help="CURVE key directory."),
+    timeout: float = typer.Option(2.0, "--timeout", help="Coordinator's per-shard timeout in seconds."),
+    on_missing: str = typer.Option("partial", "--on-missing", help="partial or fail."),
+):
+    """Start retrieval nodes and a coordinator in the background; print the coordinator endpoint."""
+    from chameleon.cluster import up
+
+    state = up(
+        index,
+        shards,
+        state_dir,
+        replicas=replicas,
+        engine=engine,
+        keys_dir=keys,
+        timeout=timeout,
+        on_missing=on_missing,
+        fpga_mode=fpga_mode,
+        xclbin=xclbin,
+    )
+    say(f"cluster up: {shards} shard(s) x {replicas} replica(s); state in {state_dir}/cluster.json")
+    typer.echo(state["coordinator"]["endpoint"])
+
+
+@cluster_app.command("down")
+def cluster_down(state_dir: Path = typer.Option(..., "--state-dir")):
+    """Stop every process of the cluster."""
+    from chameleon.cluster import down
+
+    pids = down(state_dir)
+    typer.echo(f"stopped {len(pids)} process(es)")
+
+
+@cluster_app.command("status")
+def cluster_status(state_dir: Path = typer.Option(..., "--state-dir")):
+    """Processes and the coordinator's view of the nodes."""
+    from chameleon.cluster import status
+
+    report = status(state_dir)
+    c = report["coordinator"]
+    typer.echo(f"coordinator {c['endpoint']} pid {c['pid']} {'running' if c['running'] else 'NOT RUNNING'}")
+    seen = {(n["shard"], n["endpoint"]): n["alive"] for n in (report["view"] or {}).get("nodes", [])}
+    for n in report["nodes"]:
+        view = seen.get((n["shard"], n["endpoint"]))
+        state = "alive" if view else ("unknown" if view is None else "dead")
+        typer.echo(
+            f"node shard {n['shard']} replica {n['replica']} {n['endpoint']} pid {n['pid']} "
+            f"{'running' if n['running'] else 'NOT RUNNING'}, coordinator sees it {state}"
+        )
+    if report["view"] is None:
+        raise Unavailable("the coordinator does not answer")
