@@ -31,8 +31,9 @@ VECS_DTYPES = {".fvecs": np.float32, ".bvecs": np.uint8, ".ivecs": np.int32}
 
 
 def cache_dir() -> Path:
-    """Where derived data (ground truth) is kept: ``$CHAMELEON_CACHE`` or ``~/.cache/chameleon``."""
-    return Path(os.environ.get("CHAMELEON_CACHE", Path.home() / ".cache" / "chameleon"))
+    """Where derived data (ground truth, converted models) is kept: ``$CHAMELEON_CACHE`` or, when it
+    is unset or empty (not the current directory), ``~/.cache/chameleon``."""
+    return Path(os.environ.get("CHAMELEON_CACHE") or Path.home() / ".cache" / "chameleon")
 
 
 # ---------------------------------------------------------------------------------------------

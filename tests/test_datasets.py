@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import h5py
 import numpy as np
 import pytest
@@ -125,3 +127,12 @@ def test_glove50_is_the_real_data():
     again = glove50()
     np.testing.assert_array_equal(dataset.queries, again.queries)  # the held-out set is fixed
     assert not np.isin(dataset.queries[:50].view("V200"), dataset.base[:2000].view("V200")).any()
+
+
+def test_an_empty_cache_variable_means_the_default_not_the_current_directory(monkeypatch, tmp_path):
+    from retriever.datasets import cache_dir
+
+    monkeypatch.setenv("CHAMELEON_CACHE", str(tmp_path))
+    assert cache_dir() == tmp_path
+    monkeypatch.setenv("CHAMELEON_CACHE", "")
+    assert cache_dir() == Path.home() / ".cache" / "chameleon"
