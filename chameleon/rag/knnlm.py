@@ -18,7 +18,6 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -31,7 +30,7 @@ from retriever.build import build_index
 from retriever.errors import InvalidInput
 from retriever.files import atomic_directory
 from retriever.index import IVFPQParams, load_index, save_index
-from retriever.search import Searcher, SearchResult
+from retriever.search import Retrieval, Searcher, SearchResult
 
 WINDOW = 256
 
@@ -115,7 +114,7 @@ class KnnLm:
     the retrieval tier (``chameleon.cluster.ClusterSearcher``, ``open(..., cluster=STATE_DIR)``).
     """
 
-    searcher: Any
+    searcher: Retrieval
     values: np.ndarray
     k: int = 16
     temperature: float = 1.0

@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from chameleon.engines.base import Generation, KVPrefix, answer_text, decode_speed
+from chameleon.engines.base import Generation, KVPrefix, LLMEngine, answer_text, decode_speed
 from chameleon.engines.sampling import Sampler
 from chameleon.rag.corpus import Passage, RagIndex
 from chameleon.rag.timings import Timings
 from retriever.errors import InvalidInput
-from retriever.search import Searcher, SearchResult
+from retriever.search import Retrieval, Searcher, SearchResult
 from retriever.vectors import as_query_matrix, prepare_vectors
 
 SYSTEM_PROMPT = (
@@ -125,10 +125,10 @@ class RagPipeline:
         self,
         rag_index: RagIndex,
         embedder,
-        engine,
+        engine: LLMEngine,
         k: int = 4,
         nprobe: int = 16,
-        retrieval=None,
+        retrieval: Retrieval | None = None,
         doc_cache=None,
         speculation=None,
     ):
@@ -149,7 +149,7 @@ class RagPipeline:
         self.speculation = speculation
         self._speculator = ThreadPoolExecutor(speculation.limit, "speculative-prefill") if speculation is not None else None
 
-    def swap_index(self, rag_index: RagIndex, retrieval) -> None:
+    def swap_index(self, rag_index: RagIndex, retrieval: Retrieval) -> None:
         """Search ``rag_index`` through ``retrieval`` from the next search on (another version of
         the same index: the embedder's dimension). The search in flight ends on the previous pair."""
         if rag_index.index.params.dim != self.rag_index.index.params.dim:

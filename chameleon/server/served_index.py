@@ -19,6 +19,7 @@ from chameleon.rag.corpus import RagIndex
 from chameleon.rag.pipeline import RagPipeline
 from coordinator.client import RetrievalClient
 from retriever.errors import ChameleonError
+from retriever.search import Retrieval
 
 
 @dataclass
@@ -28,7 +29,7 @@ class ServedIndex:
     a tier, a client of its coordinator (readiness, metrics) and the directory of its processes."""
 
     rag_index: RagIndex
-    retrieval: object
+    retrieval: Retrieval
     tier: RetrievalClient | None = None
     state_dir: Path | None = None
 
