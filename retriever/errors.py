@@ -4,18 +4,14 @@ Every message is meant for the user as it stands: front ends print it without a 
 kind is mapped once to an HTTP status (``chameleon.server.errors``) and once to a command-line
 exit code (``chameleon.cli``):
 
-============== ======================================================== ====== =========
-kind           what                                                     HTTP   exit code
-============== ======================================================== ====== =========
-InvalidInput   bad shapes, values or parameters; a corrupt or truncated  400    2
-               file
-NotFound       a file, index, dataset or cluster that is not there       404    2
-Unsupported    asks for what this host or install cannot do (vLLM, CUDA,  400    2
-               an instruction set, a package)
-Unavailable    a tier or peer that does not answer now (no live replica,  503    3
-               shutting down, overloaded, unreachable)
-Timeout        no answer in time (an Unavailable)                         504    3
-============== ======================================================== ====== =========
+- ``InvalidInput`` (400, exit 2): bad shapes, values or parameters; a corrupt or truncated file; a
+  directory that is not the index, RAG index or datastore it should be.
+- ``NotFound`` (404, exit 2): a path, dataset or cluster state that is not there.
+- ``Unsupported`` (400, exit 2): what this host or installation cannot do (vLLM, CUDA, an
+  instruction set, an optional package).
+- ``Unavailable`` (503, exit 3): a tier or peer that does not answer now (no live replica,
+  shutting down, overloaded, unreachable, a closed engine).
+- ``Timeout`` (504, exit 3): no answer in time; an ``Unavailable``.
 """
 
 
@@ -24,11 +20,12 @@ class ChameleonError(Exception):
 
 
 class InvalidInput(ChameleonError, ValueError):
-    """Bad input (shapes, values, parameters), or a corrupt or truncated index or dataset file."""
+    """Bad input (shapes, values, parameters), a corrupt or truncated file, or a directory that is
+    not what it should be."""
 
 
 class NotFound(ChameleonError):
-    """Something named does not exist: a file, an index, a dataset, a cluster's state."""
+    """Something named does not exist: a path, a dataset, a cluster's state."""
 
 
 class Unsupported(ChameleonError):

@@ -129,9 +129,8 @@ class Searcher:
             raise InvalidInput(f"k must be between 1 and {most} (the indexed vectors, at most {MAX_K}), got {k!r}")
         queries = prepare_vectors(as_query_matrix(queries, self.params.dim), self.params.metric)
         list_ids, _ = self.quantizer.search(queries, nprobe)
-        return SearchResult(
-            *self.engine.search_checked(queries, list_ids, int(k))
-        )  # all three made here: the engine's check would repeat ours
+        # queries, list ids and k all made here: the engine's check would repeat ours
+        return SearchResult(*self.engine.search_checked(queries, list_ids, int(k)))
 
     def submit(self, queries, k: int, nprobe: int) -> Callable[[], SearchResult]:
         """``search`` as a function that returns its result: the same interface as a cluster
