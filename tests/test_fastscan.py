@@ -111,12 +111,12 @@ def test_simd_levels_give_the_same_answers(index4, small_data):
 def test_parallel_batches_give_the_serial_answers(index4, small_data, monkeypatch):
     import numba
 
-    import retriever.engines.fastscan as fastscan
+    import retriever.engines.base as engine_base
 
     queries, list_ids = probe(index4, small_data.queries, 8)
     engine = FastScanEngine(index4)
     serial = engine.search(queries, list_ids, 10)
-    monkeypatch.setattr(fastscan, "PARALLEL_MIN_CODES", 0)
+    monkeypatch.setattr(engine_base, "PARALLEL_MIN_CODES", 0)
     previous = numba.get_num_threads()
     numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
     try:

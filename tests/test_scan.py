@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import retriever.engines.adc as numba_engine
+import retriever.engines.base as engine_base
 from retriever.build import build_index
 from retriever.coarse import CoarseQuantizer, cuda_available
 from retriever.datasets import exact_knn
@@ -226,10 +227,10 @@ def test_serial_and_parallel_kernels_give_the_same_answers(small_index, small_da
 
     monkeypatch.setattr(numba_engine, "scan_ivfpq", counting_parallel_kernel)
     numba.set_num_threads(2)
-    monkeypatch.setattr(numba_engine, "PARALLEL_MIN_CODES", 0)
+    monkeypatch.setattr(engine_base, "PARALLEL_MIN_CODES", 0)
     batch_d, batch_i = engine.search(queries, list_ids, 20)
     assert parallel_calls == [1]
-    monkeypatch.setattr(numba_engine, "PARALLEL_MIN_CODES", 1 << 62)
+    monkeypatch.setattr(engine_base, "PARALLEL_MIN_CODES", 1 << 62)
     serial_d, serial_i = engine.search(queries, list_ids, 20)
     assert parallel_calls == [1]
     np.testing.assert_array_equal(serial_i, batch_i)

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 
-from retriever.engines.base import PARALLEL_MIN_CODES, PRECOMPUTED_TABLE_MAX_BYTES, ScanEngine, l2_list_terms
+from retriever.engines.base import PRECOMPUTED_TABLE_MAX_BYTES, ScanEngine, l2_list_terms
 from retriever.index import IVFPQIndex, unpack_codes
 from retriever.kernels.adc import scan_ivfpq, scan_ivfpq_serial
 
@@ -49,6 +48,5 @@ class NumbaEngine(ScanEngine):
         )
 
     def search_checked(self, queries, list_ids, k):
-        parallel = queries.shape[0] > 1 and numba.get_num_threads() > 1 and self.codes_to_scan(list_ids) >= PARALLEL_MIN_CODES
-        keys, ids = self._kernel(scan_ivfpq if parallel else scan_ivfpq_serial, queries, list_ids, k)
+        keys, ids = self._kernel(scan_ivfpq if self.in_parallel(queries, list_ids) else scan_ivfpq_serial, queries, list_ids, k)
         return (-keys if self.params.inner_product else keys), ids

@@ -9,6 +9,7 @@ retrieval node needs only the query vectors and list ids.
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 from numba import njit
 
@@ -73,6 +74,10 @@ class ScanEngine:
     def codes_to_scan(self, list_ids: np.ndarray) -> int:
         """How many codes a search over checked ``list_ids`` reads (its cost, near enough)."""
         return _codes_in(np.ascontiguousarray(list_ids, dtype=np.int64).reshape(-1), self._list_sizes)
+
+    def in_parallel(self, queries: np.ndarray, list_ids: np.ndarray) -> bool:
+        """Whether a checked batch is worth Numba's thread pool (see :data:`PARALLEL_MIN_CODES`)."""
+        return queries.shape[0] > 1 and numba.get_num_threads() > 1 and self.codes_to_scan(list_ids) >= PARALLEL_MIN_CODES
 
     def warm_up(self) -> None:
         """Run the search paths once (Numba compiles or loads its kernels on first use), so that a

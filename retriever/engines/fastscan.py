@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 
-from retriever.engines.base import PARALLEL_MIN_CODES, PRECOMPUTED_TABLE_MAX_BYTES, ScanEngine, l2_list_terms
+from retriever.engines.base import PRECOMPUTED_TABLE_MAX_BYTES, ScanEngine, l2_list_terms
 from retriever.errors import InvalidInput
 from retriever.index import IVFPQIndex, unpack_codes
 from retriever.kernels.common import dynamic_schedule
@@ -66,8 +65,7 @@ class FastScanEngine(ScanEngine):
         )
 
     def search_checked(self, queries, list_ids, k):
-        parallel = queries.shape[0] > 1 and numba.get_num_threads() > 1 and self.codes_to_scan(list_ids) >= PARALLEL_MIN_CODES
-        if parallel:
+        if self.in_parallel(queries, list_ids):
             with dynamic_schedule():
                 keys, ids = self._kernel(scan_fastscan, queries, list_ids, k)
         else:
