@@ -1,10 +1,12 @@
 """Local cluster launcher: retrieval nodes and a coordinator as background processes on loopback.
 
 ``up`` starts S x R retrieval nodes (sharding the index on the fly when it has another shard
-count) and a coordinator, waits until the coordinator sees every node alive, and writes
-``STATE/cluster.json`` (endpoints, pids, logs). ``down`` stops them (SIGTERM, then SIGKILL after a
-grace period); ``status`` reports which processes live and what the coordinator sees. Every
-process is the same ``chameleon node ...`` command a multi-machine deployment runs.
+count) and a coordinator, waits until the coordinator serves every node, and writes
+``STATE/cluster.json`` (endpoints, pids, logs). The nodes announce themselves in ``STATE/nodes/``,
+which the coordinator follows, so ``scale`` changes the replicas per shard or the number of shards
+while the cluster serves. ``down`` stops them (SIGTERM, then SIGKILL after a grace period);
+``status`` reports which processes live and what the coordinator sees. Every process is the same
+``chameleon node ...`` command a multi-machine deployment runs.
 ``ClusterSearcher.open(..., embedded=True)`` runs the coordinator inside the searching process
 instead (the same code, driven by the searcher's own calls), one network hop fewer per search.
 """
@@ -25,19 +27,24 @@ from pathlib import Path
 import numpy as np
 
 from coordinator.client import RetrievalClient
+from coordinator.membership import RESOLVE_INTERVAL
 from coordinator.router import ClusterConfig, Coordinator, InlineCoordinator
 from retriever.coarse import CoarseQuantizer
 from retriever.engines import engine_options
 from retriever.errors import ChameleonError, InvalidInput, NotFound, Timeout
 from retriever.files import write_json_atomic
-from retriever.index import index_fingerprint, load_index, read_manifest, save_index
+from retriever.index import content_fingerprint, load_index, read_manifest, save_index
 from retriever.search import SearchResult
 from retriever.vectors import as_query_matrix, prepare_vectors
 from retriever.wire.security import CurveKeys
 
 STATE_FILE = "cluster.json"
+NODES_DIR = "nodes"  # the nodes' announcements, which the coordinators follow
 START_TIMEOUT = 180.0
 STOP_GRACE = 10.0
+# How long a withdrawn node keeps serving before it is stopped: a coordinator re-reads the
+# announcements every RESOLVE_INTERVAL and needs a heartbeat's answer to take a new node in.
+WITHDRAW_S = 2 * RESOLVE_INTERVAL + 0.5
 
 
 def _chameleon(*args) -> list[str]:
@@ -115,6 +122,8 @@ def up(
 ) -> dict:
     """Start the cluster and return its state (also written to ``STATE/cluster.json``).
 
+    The nodes announce themselves in ``STATE/nodes/`` and the coordinator follows that directory
+    (:mod:`coordinator.membership`), so :func:`scale` adds and removes nodes while it serves.
     With ``die_with_parent`` (Linux) the processes get SIGTERM when the calling process dies, for
     a cluster owned by one process (``chameleon serve``) rather than left running in the background.
     ``threads``: scan threads per node (default: this machine's cores shared among the nodes).
@@ -126,62 +135,43 @@ def up(
         state = read_state(state_dir)
         if any(_is_ours(p["pid"]) for p in [state["coordinator"], *state["nodes"]]):
             raise InvalidInput(f"a cluster is already up in {state_dir} (`chameleon cluster down --state-dir {state_dir}`)")
-    if not 1 <= nshards <= 256 or not 1 <= replicas <= 16:
-        raise InvalidInput(f"shards must be in 1..256 and replicas in 1..16, got {nshards} and {replicas}")
+    _check_size(nshards, replicas)
     keys = CurveKeys.load(keys_dir) if keys_dir is not None else None  # fail now, not in every child
     options = engine_options(engine, fpga_mode, xclbin)
-    index_dir = Path(index_dir).resolve()
-    manifest = read_manifest(index_dir)
-    if len(manifest["shards"]) != nshards:
-        index_dir = _resharded(index_dir, manifest, nshards, state_dir / f"index-{nshards}-shards")
-        manifest = read_manifest(index_dir)
-    run, logs = state_dir / "run", state_dir / "logs"
-    run.mkdir(parents=True, exist_ok=True)
-    for stale in run.glob("*.json"):
+    source = Path(index_dir).resolve()
+    read_manifest(source)
+    for stale in [*(state_dir / "run").glob("*.json"), *(state_dir / NODES_DIR).glob("*.json")]:
         stale.unlink()
-    security = ["--keys", Path(keys_dir).resolve()] if keys_dir is not None else []
-    engine_flags = ["--scan-engine", engine, *(["--fpga-mode", options["mode"]] if "mode" in options else [])]
-    engine_flags += ["--xclbin", options["xclbin"]] if "xclbin" in options else []
-    threads = threads or max(1, len(os.sched_getaffinity(0)) // (nshards * replicas))  # the cores we may use, not the machine's
+    security = ["--keys", str(Path(keys_dir).resolve())] if keys_dir is not None else []
+    node_flags = ["--scan-engine", engine, *(["--fpga-mode", options["mode"]] if "mode" in options else [])]
+    node_flags += ["--xclbin", str(options["xclbin"])] if "xclbin" in options else []
+    node_flags += ["--threads", str(threads or max(1, len(os.sched_getaffinity(0)) // (nshards * replicas)))]  # the cores we may use
+    state = {
+        "source_index": str(source),
+        "index": None,
+        "nshards": nshards,
+        "replicas": replicas,
+        "metric": read_manifest(source)["metric"],
+        "keys": str(Path(keys_dir).resolve()) if keys_dir is not None else None,
+        "state_dir": str(state_dir),
+        "owner": os.getpid() if die_with_parent else None,  # nodes it starts die with it
+        "node_flags": [*node_flags, *security],
+        "coordinator": {},
+        "nodes": [],
+    }
     started: list[subprocess.Popen] = []
     try:
-        nodes = []
-        for shard in range(nshards):
-            for replica in range(replicas):
-                name = f"node-{shard}-{replica}"
-                command = _chameleon(
-                    "node",
-                    "retrieval",
-                    "--index",
-                    index_dir,
-                    "--shard",
-                    shard,
-                    "--bind",
-                    "tcp://127.0.0.1:*",
-                    *engine_flags,
-                    "--threads",
-                    threads,
-                    "--ready-file",
-                    run / f"{name}.json",
-                    *security,
-                )
-                started.append(_spawn(command, logs / f"{name}.log", die_with_parent))
-                nodes.append({"shard": shard, "replica": replica, "log": str(logs / f"{name}.log"), "name": name})
-        deadline = time.monotonic() + START_TIMEOUT
-        for node, process in zip(nodes, started):
-            node.update(_wait_ready(process, run / f"{node['name']}.json", Path(node["log"]), deadline))
-        config = {
-            "metric": manifest["metric"],
-            "nshards": nshards,
-            "fingerprint": index_fingerprint(manifest),
-            "nodes": [{"shard": n["shard"], "endpoint": n["endpoint"]} for n in nodes],
-        }
-        write_json_atomic(state_dir / "coordinator-config.json", config)
+        state["index"] = str(_layout(state, nshards))
+        nodes = [(shard, replica) for shard in range(nshards) for replica in range(replicas)]
+        state["nodes"] = _start_nodes(state, Path(state["index"]), nodes, started)
+        run, logs = state_dir / "run", state_dir / "logs"
         command = _chameleon(
             "node",
             "coordinator",
-            "--config",
-            state_dir / "coordinator-config.json",
+            "--index",
+            state["index"],
+            "--nodes",
+            f"dir://{state_dir / NODES_DIR}",
             "--bind",
             "tcp://127.0.0.1:*",
             "--timeout",
@@ -194,56 +184,150 @@ def up(
         )
         coordinator = _spawn(command, logs / "coordinator.log", die_with_parent)
         started.append(coordinator)
-        front = _wait_ready(coordinator, run / "coordinator.json", logs / "coordinator.log", deadline)
+        front = _wait_ready(coordinator, run / "coordinator.json", logs / "coordinator.log", time.monotonic() + START_TIMEOUT)
+        state["coordinator"] = {**front, "log": str(logs / "coordinator.log"), "timeout": timeout, "on_missing": on_missing}
         with RetrievalClient(front["endpoint"], keys=keys) as client:
-            if not _wait_all_alive(lambda: client.info(timeout=2.0), deadline):
-                raise Timeout("the coordinator did not see every node alive in time")
+            _wait_serving(client, state["nodes"], time.monotonic() + START_TIMEOUT)
     except BaseException:
         for process in started:
             process.kill()
         raise
-    state = {
-        "index": str(index_dir),
-        "nshards": nshards,
-        "replicas": replicas,
-        "metric": manifest["metric"],
-        "keys": str(Path(keys_dir).resolve()) if keys_dir is not None else None,
-        "coordinator": {**front, "log": str(logs / "coordinator.log"), "timeout": timeout, "on_missing": on_missing},
-        "nodes": nodes,
-    }
     write_json_atomic(state_dir / STATE_FILE, state)
     return state
 
 
-def _resharded(index_dir: Path, manifest: dict, nshards: int, out: Path) -> Path:
-    """A copy of the index with ``nshards`` shards, made once per source build."""
-    source = index_fingerprint(manifest)
-    if (out / "manifest.json").is_file() and read_manifest(out)["build"].get("source_fingerprint") == source:
-        return out
-    index = load_index(index_dir).resharded(nshards)
-    index.build_info = {**index.build_info, "source_fingerprint": source}
-    save_index(index, out, force=True)
+def _check_size(nshards: int, replicas: int) -> None:
+    if not 1 <= nshards <= 256 or not 1 <= replicas <= 16:
+        raise InvalidInput(f"shards must be in 1..256 and replicas in 1..16, got {nshards} and {replicas}")
+
+
+def _layout(state: dict, nshards: int) -> Path:
+    """The cluster's index split into ``nshards`` shards: the source itself, or a re-sharded copy in the state directory."""
+    source = Path(state["source_index"])
+    manifest = read_manifest(source)
+    if len(manifest["shards"]) == nshards:
+        return source
+    out = Path(state["state_dir"]) / f"index-{nshards}-shards"
+    content = content_fingerprint(manifest)
+    if not ((out / "manifest.json").is_file() and content_fingerprint(read_manifest(out)) == content):
+        index = load_index(source).resharded(nshards)
+        index.build_info = {**index.build_info, "resharded_from": content}
+        save_index(index, out, force=True)
     return out
 
 
-def _wait_all_alive(coordinator_info: Callable[[], dict], deadline: float) -> bool:
-    """Wait until the coordinator sees every node alive (True), or ``deadline`` (False);
-    ``coordinator_info()`` asks it for its INFO map."""
+def _start_nodes(state: dict, index_dir: Path, nodes: list[tuple[int, int]], started: list[subprocess.Popen]) -> list[dict]:
+    """Start a node for each (shard, replica) of the layout in ``index_dir`` (each process also
+    goes into ``started``) and wait until each has announced itself; their entries for the state."""
+    state_dir = Path(state["state_dir"])
+    nshards = len(read_manifest(index_dir)["shards"])
+    entries, processes = [], []
+    for shard, replica in nodes:
+        name = f"node-{shard}-{replica}-of-{nshards}"
+        log = state_dir / "logs" / f"{name}.log"
+        announcement = state_dir / NODES_DIR / f"{name}.json"
+        command = _chameleon(
+            "node", "retrieval", "--index", index_dir, "--shard", shard, "--bind", "tcp://127.0.0.1:*", "--ready-file", announcement
+        )
+        process = _spawn([*command, *state["node_flags"]], log, die_with_parent=state["owner"] == os.getpid())
+        started.append(process)
+        processes.append(process)
+        entries.append({"shard": shard, "replica": replica, "nshards": nshards, "name": name, "log": str(log)})
+    deadline = time.monotonic() + START_TIMEOUT
+    for entry, process in zip(entries, processes):
+        entry.update(_wait_ready(process, state_dir / NODES_DIR / f"{entry['name']}.json", Path(entry["log"]), deadline))
+    return entries
+
+
+def _serves_every_node(info: dict) -> bool:
+    """Whether a coordinator's INFO shows every listed node alive and a layout with every shard."""
+    return info["ready"] and all(n["alive"] for n in info["nodes"] if n["listed"])
+
+
+def _wait_serving(client: RetrievalClient, nodes: list[dict], deadline: float) -> None:
+    """Wait until the coordinator sees each of ``nodes`` alive and serves their layout with a live
+    node for every shard."""
+    wanted = {n["endpoint"] for n in nodes}
     while time.monotonic() < deadline:
-        if all(n["alive"] for n in coordinator_info()["nodes"]):
-            return True
-        time.sleep(0.01)
-    return False
+        info = client.info(timeout=2.0)
+        alive = {n["endpoint"] for n in info["nodes"] if n["alive"]}
+        layouts = {n["fingerprint"] for n in info["nodes"] if n["endpoint"] in wanted}
+        if wanted <= alive and info["ready"] and layouts == {info["fingerprint"]}:
+            return
+        time.sleep(0.02)
+    raise Timeout("the coordinator did not see every node alive in time")
+
+
+def scale(state_dir: str | os.PathLike, replicas: int | None = None, shards: int | None = None) -> dict:
+    """Change the running cluster's replicas per shard and/or its number of shards while it
+    serves, and return its new state.
+
+    More replicas: new nodes start, announce themselves, and the coordinators take them into
+    rotation. Fewer: the surplus nodes withdraw their announcements, then drain (SIGTERM) once the
+    coordinators had time to send elsewhere. Another shard count: the index is split again (same
+    vectors, another layout), a whole set of nodes for it starts, the coordinators switch to it
+    once every shard has a live node, then the old layout's nodes withdraw and drain. Searches go
+    on throughout; none fails while a replica of each shard remains.
+    """
+    state = read_state(state_dir)
+    replicas = state["replicas"] if replicas is None else replicas
+    shards = state["nshards"] if shards is None else shards
+    _check_size(shards, replicas)
+    keys = CurveKeys.load(state["keys"]) if state.get("keys") else None
+    started: list[subprocess.Popen] = []
+    try:
+        if shards != state["nshards"]:
+            index = _layout(state, shards)
+            fresh = _start_nodes(state, index, [(s, r) for s in range(shards) for r in range(replicas)], started)
+            leaving, kept = state["nodes"], fresh
+            state["index"] = str(index)
+        else:
+            fresh, kept, leaving = [], [], []
+            for shard in range(shards):
+                ours = sorted((n for n in state["nodes"] if n["shard"] == shard), key=lambda n: n["replica"])
+                kept += ours[:replicas]
+                leaving += ours[replicas:]
+                taken = {n["replica"] for n in ours}
+                wanted = [r for r in range(len(ours) + replicas) if r not in taken][: max(0, replicas - len(ours))]
+                fresh += _start_nodes(state, Path(state["index"]), [(shard, r) for r in wanted], started)
+            kept += fresh
+        with RetrievalClient(state["coordinator"]["endpoint"], keys=keys) as client:
+            _wait_serving(client, kept, time.monotonic() + START_TIMEOUT)
+    except BaseException:
+        for process in started:
+            process.kill()
+        raise
+    state.update(nshards=shards, replicas=replicas, nodes=sorted(kept, key=lambda n: (n["shard"], n["replica"])))
+    write_json_atomic(Path(state_dir) / STATE_FILE, state)
+    _retire(state_dir, leaving)
+    return state
+
+
+def _retire(state_dir: str | os.PathLike, nodes: list[dict]) -> None:
+    """Withdraw ``nodes``' announcements, give every coordinator following them time to notice,
+    then stop them (SIGTERM: they answer what they hold and exit)."""
+    for node in nodes:
+        (Path(state_dir) / NODES_DIR / f"{node['name']}.json").unlink(missing_ok=True)
+    if nodes:
+        time.sleep(WITHDRAW_S)
+    _stop([n["pid"] for n in nodes if _is_ours(n["pid"])])
+
+
+def _stop(pids: list[int]) -> None:
+    """SIGTERM ``pids``, SIGKILL what outlives the grace."""
+    for pid in pids:
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_GRACE
+    while time.monotonic() < deadline and any(_is_ours(pid) for pid in pids):
+        time.sleep(0.05)
+    for pid in pids:
+        if _is_ours(pid):
+            os.kill(pid, signal.SIGKILL)
 
 
 def cluster_config(state: dict) -> ClusterConfig:
-    """What a coordinator of the cluster in ``state`` serves."""
-    return ClusterConfig(
-        state["metric"],
-        state["nshards"],
-        index_fingerprint(read_manifest(state["index"])),
-        [{"shard": n["shard"], "endpoint": n["endpoint"]} for n in state["nodes"]],
-    )
+    """What a coordinator of the cluster in ``state`` serves, following its nodes' announcements."""
+    return ClusterConfig.of_index(state["index"], [f"dir://{Path(state['state_dir']) / NODES_DIR}"])
 
 
 def _embedded_coordinator(state: dict, keys: CurveKeys | None) -> Coordinator:
@@ -256,14 +340,7 @@ def down(state_dir: str | os.PathLike) -> list[int]:
     """SIGTERM every process of the cluster (coordinator first), SIGKILL what outlives the grace."""
     state = read_state(state_dir)
     pids = [p["pid"] for p in [state["coordinator"], *state["nodes"]] if _is_ours(p["pid"])]
-    for pid in pids:
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + STOP_GRACE
-    while time.monotonic() < deadline and any(_is_ours(pid) for pid in pids):
-        time.sleep(0.05)
-    for pid in pids:
-        if _is_ours(pid):
-            os.kill(pid, signal.SIGKILL)
+    _stop(pids)
     (Path(state_dir) / STATE_FILE).unlink()
     return pids
 
@@ -309,7 +386,9 @@ class ClusterSearcher:
         try:
             # A node is out of rotation until it answers the first heartbeat; one silent for as long as
             # a coordinator waits for a node stays out (partial answers), as with the process.
-            _wait_all_alive(client.info, time.monotonic() + client.coordinator.silence_limit)
+            deadline = time.monotonic() + client.coordinator.silence_limit
+            while time.monotonic() < deadline and not _serves_every_node(client.info()):
+                time.sleep(0.01)
         except BaseException:
             searcher.close()
             raise

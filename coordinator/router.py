@@ -1,9 +1,14 @@
 """The coordinator: fans each search out to every shard, merges the global top-k, fails over.
 
+It serves one index version and learns its nodes from sources it follows while it serves
+(:mod:`coordinator.membership`: DNS names, announcement directories, fixed addresses); each
+node's INFO says which shard of which shard layout it holds. A search goes to one layout, the
+newest with a live node for every shard, so a re-sharded layout takes over once it is whole.
+
 Clients send SEARCH with query vectors and their list ids (the coarse search stays with the
 queries). For every client request each shard gets one sub-request, sent to its live replica with
 the fewest sub-requests in flight (at most ``max_inflight`` per node; more wait in that node's
-queue). A sub-request that times out, or that a node refuses (shutting down, overloaded, internal
+queue; of equally loaded replicas, the one sent to longest ago). A sub-request that times out, or that a node refuses (shutting down, overloaded, internal
 error), is sent to another replica of its shard; a node that times out or misses heartbeats is
 taken out of rotation until it answers a heartbeat again. When a shard has no replica left the
 answer is ``partial`` with the missing shards listed, or an ``unavailable`` ERROR when
@@ -22,22 +27,22 @@ from __future__ import annotations
 
 import functools
 import itertools
-import json
 import math
 import os
 import signal
 import threading
 import time
-from collections import deque
+from collections import defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import zmq
 
 from coordinator.client import RepliesByRid, result_of_reply
-from retriever.errors import InvalidInput, NotFound, Timeout
+from coordinator.membership import RESOLVE_INTERVAL, Membership
+from retriever.errors import InvalidInput, Timeout
+from retriever.index import content_fingerprint, read_manifest
 from retriever.search import SearchResult, merge_topk
 from retriever.wire import protocol
 from retriever.wire.protocol import Message, ProtocolError
@@ -50,38 +55,32 @@ TURN_MS = 10  # the longest one turn of the loop waits for messages before heart
 
 @dataclass
 class ClusterConfig:
-    """What the coordinator serves: the shards' nodes and the index build they must all hold."""
+    """What a coordinator serves: one index version, named by its metric and content fingerprint
+    (in whatever shard layouts its nodes hold), and the sources that list its nodes
+    (:mod:`coordinator.membership`)."""
 
     metric: str
-    nshards: int
-    fingerprint: str
-    nodes: list[dict]  # {"shard": int, "endpoint": str}
+    content: str
+    sources: list[str]
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> ClusterConfig:
-        try:
-            data = json.loads(Path(path).read_text())
-            config = cls(data["metric"], int(data["nshards"]), data["fingerprint"], list(data["nodes"]))
-        except FileNotFoundError:
-            raise NotFound(f"{path} does not exist") from None
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise InvalidInput(f"{path} is not a cluster configuration: {e}") from None
-        config.check()
-        return config
-
-    def check(self) -> None:
-        shards = {n.get("shard") for n in self.nodes}
-        if shards != set(range(self.nshards)):
-            raise InvalidInput(f"the nodes cover shards {sorted(shards, key=str)}, not 0..{self.nshards - 1}")
+    def of_index(cls, index_dir: str | os.PathLike, sources: list[str]) -> ClusterConfig:
+        """The version in ``index_dir`` (any of its layouts), its nodes listed by ``sources``."""
+        manifest = read_manifest(index_dir)
+        return cls(manifest["metric"], content_fingerprint(manifest), list(sources))
 
 
 @dataclass
 class _Node:
-    shard: int
     endpoint: str
     socket: zmq.Socket
+    shard: int | None = None  # what its INFO says: its shard ...
+    nshards: int = 0  # ... of a layout of this many shards ...
+    layout: str | None = None  # ... with this fingerprint
     alive: bool = False
+    listed: bool = True  # a source lists it; once none does it is a last resort until it stops answering
     last_seen: float = 0.0
+    last_sent: float = 0.0
     inflight: int = 0
     waiting: deque = field(default_factory=deque)
     info: dict = field(default_factory=dict)
@@ -95,6 +94,8 @@ class _Job:
     rid: int
     k: int
     message: Message
+    layout: str  # the shard layout this search goes to ...
+    nshards: int  # ... and its number of shards
     results: dict = field(default_factory=dict)  # shard -> (distances, ids)
     early_results: dict = field(default_factory=dict)  # shard -> (distances, ids) after its first lists
     early_sent: bool = False
@@ -125,6 +126,7 @@ class Coordinator:
         max_inflight: int = 8,
         heartbeat_interval: float = 0.25,
         keys: CurveKeys | None = None,
+        resolve_interval: float = RESOLVE_INTERVAL,
     ):
         if on_missing not in ("partial", "fail"):
             raise InvalidInput(f"on_missing must be 'partial' or 'fail', got {on_missing!r}")
@@ -134,6 +136,7 @@ class Coordinator:
         self.max_inflight = max_inflight
         self.heartbeat_interval = heartbeat_interval
         self.keys = keys
+        self.membership = Membership(config.sources, resolve_interval)
         self.endpoint: str | None = None
         # A plain flag, not a threading.Event: drain() runs as a SIGTERM handler, and a second
         # SIGTERM landing inside Event.set() would wait forever on the lock the first one holds
@@ -142,7 +145,11 @@ class Coordinator:
         self._sub_ids = itertools.count(1)
         self._subs: dict[int, _Sub] = {}
         self._jobs = 0
-        self._nodes: list[_Node] = []
+        self._nodes: dict[str, _Node] = {}  # endpoint -> node
+        self._listed: frozenset[str] = frozenset()  # the membership's endpoints the nodes follow
+        self._context: zmq.Context | None = None
+        self._serving: str | None = None  # the layout new searches go to
+        self._whole_since: dict[str, float] = {}  # layout -> since when every shard has a live node
         self._poller = zmq.Poller()
         self._handlers: dict[zmq.Socket, Callable] = {}  # socket -> handle(frames) for a message on it
         self._reply: Callable | None = None  # reply(message, envelope): the sink answers to clients go to
@@ -176,28 +183,53 @@ class Coordinator:
             context.term()
 
     def connect(self, context: zmq.Context, reply: Callable) -> None:
-        """Open a socket to every node on ``context``; answers to clients go to ``reply(message, envelope)``."""
+        """Open a socket on ``context`` to every node the sources list, now and from now on;
+        answers to clients go to ``reply(message, envelope)``."""
         self._reply = reply
-        for spec in self.config.nodes:
-            node = self._connect(context, spec)
-            self._nodes.append(node)
-            self._listen(node.socket, functools.partial(self._on_node, node))
+        self._context = context
+        self._follow_membership()
+        self.membership.start()
 
     def close(self) -> None:
-        """Close the sockets to the nodes."""
-        for node in self._nodes:
+        """Stop following the sources; close the sockets to the nodes."""
+        self.membership.stop()
+        for node in self._nodes.values():
             node.socket.close(linger=0)
 
-    def _connect(self, context: zmq.Context, spec: dict) -> _Node:
-        socket = context.socket(zmq.DEALER)
+    def _follow_membership(self) -> None:
+        """Connect to the nodes the sources list that are new. One that no source lists any more
+        is leaving: it gets work only when no listed replica of its shard can take it, and goes
+        once it no longer answers (:meth:`_forget_gone`). A node is told to stop after it is taken
+        off the list (the local cluster, Kubernetes), or taken off when it stops (Compose's DNS):
+        either way it answers until every coordinator sent its searches elsewhere."""
+        listed = self.membership.endpoints
+        if listed is self._listed:
+            return
+        self._listed = listed
+        for endpoint in listed - self._nodes.keys():
+            node = _Node(endpoint, self._connect(endpoint))
+            self._nodes[endpoint] = node
+            self._listen(node.socket, functools.partial(self._on_node, node))
+        for node in self._nodes.values():
+            node.listed = node.endpoint in listed
+
+    def _forget_gone(self) -> None:
+        for node in [n for n in self._nodes.values() if not (n.listed or n.alive or n.inflight or n.waiting)]:
+            self._poller.unregister(node.socket)
+            del self._handlers[node.socket]
+            node.socket.close(linger=0)
+            del self._nodes[node.endpoint]
+
+    def _connect(self, endpoint: str) -> zmq.Socket:
+        socket = self._context.socket(zmq.DEALER)
         socket.setsockopt(zmq.IMMEDIATE, 1)  # never queue for a node that is not connected: fail over instead
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.RECONNECT_IVL, 100)
         socket.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
         socket.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_BYTES)
         secure_client(socket, self.keys)
-        socket.connect(spec["endpoint"])
-        return _Node(int(spec["shard"]), spec["endpoint"], socket)
+        socket.connect(endpoint)
+        return socket
 
     def _listen(self, socket: zmq.Socket, handle: Callable) -> None:
         """Have :meth:`poll` pass each message arriving on ``socket`` to ``handle(frames)``."""
@@ -205,7 +237,9 @@ class Coordinator:
         self._handlers[socket] = handle
 
     def tick(self, now: float) -> None:
-        """Send the heartbeats when their interval has passed, then give up on what is overdue at ``now``."""
+        """Follow the sources, send the heartbeats when their interval has passed, then give up on
+        what is overdue at ``now``."""
+        self._follow_membership()
         if now >= self._next_heartbeat:
             self._heartbeat()
             self._next_heartbeat = now + self.heartbeat_interval
@@ -221,7 +255,7 @@ class Coordinator:
     def discount(self, seconds: float) -> None:
         """Stop the clocks for ``seconds`` in which nobody drove this coordinator (an inline one's
         caller was away): that time counts neither as a node's silence nor against a sub-request."""
-        for node in self._nodes:
+        for node in self._nodes.values():
             node.last_seen += seconds
         for sub in self._subs.values():
             sub.sent += seconds
@@ -247,32 +281,67 @@ class Coordinator:
         self.start(message, envelope)
 
     def start(self, search: Message, envelope: list | None = None) -> None:
-        """Send a client's SEARCH (already checked) to every shard; its answers go to the reply sink
-        with ``envelope``."""
+        """Send a client's SEARCH (already checked) to every shard of the serving layout; its
+        answers go to the reply sink with ``envelope``."""
         self._jobs += 1
-        job = _Job(envelope, search.rid, search.fields["k"], search)
-        for shard in range(self.config.nshards):
+        layout = self._serving_layout()
+        if layout is None:
+            text = f"no live retrieval node serves index {self.config.content} ({len(self._nodes)} node(s) listed)"
+            self._reply(protocol.error_reply(search.rid, "unavailable", text), envelope)
+            return
+        job = _Job(envelope, search.rid, search.fields["k"], search, layout, self._nshards(layout))
+        for shard in range(job.nshards):
             self._dispatch(_Sub(job, shard))
 
+    def _nshards(self, layout: str) -> int:
+        return next(n.nshards for n in self._nodes.values() if n.layout == layout)
+
+    def _serving_layout(self) -> str | None:
+        """The layout new searches go to. Of the layouts with a live node for every shard, the one
+        whole since the latest moment: a re-sharded layout takes over once whole, and the old one
+        serves until then. With none whole, the one that served before (partial answers), else the
+        one with the most live shards."""
+        live: dict[str, set[int]] = defaultdict(set)
+        for node in self._nodes.values():
+            if node.alive:
+                live[node.layout].add(node.shard)
+        now = time.monotonic()
+        for layout in set(live) | set(self._whole_since):
+            if layout in live and len(live[layout]) == self._nshards(layout):
+                self._whole_since.setdefault(layout, now)
+            else:
+                self._whole_since.pop(layout, None)
+        if self._whole_since:
+            self._serving = max(self._whole_since, key=self._whole_since.__getitem__)
+        elif self._serving not in live:
+            self._serving = max(live, key=lambda layout: len(live[layout]), default=None)
+        return self._serving
+
     def info(self) -> dict:
-        """What this coordinator's INFO tells: its jobs and its view of every node."""
+        """What this coordinator's INFO tells: the layout it serves (``ready``: with a live node
+        for every shard), its jobs, and its view of every node."""
+        layout = self._serving_layout()
         return {
             "role": "coordinator",
-            "nshards": self.config.nshards,
-            "fingerprint": self.config.fingerprint,
+            "content": self.config.content,
+            "fingerprint": layout,
+            "nshards": self._nshards(layout) if layout is not None else 0,
+            "ready": layout in self._whole_since,
             "jobs": self._jobs,
             "pid": os.getpid(),
             "nodes": [
                 {
-                    "shard": n.shard,
                     "endpoint": n.endpoint,
+                    "shard": n.shard,
+                    "fingerprint": n.layout,
                     "alive": n.alive,
+                    "listed": n.listed,
                     "inflight": n.inflight,
                     "waiting": len(n.waiting),
                     "answered": n.answered,
                     "answer_s": n.answer_s,
                 }
-                for n in self._nodes
+                for n in self._nodes.values()
             ],
         }
 
@@ -281,12 +350,17 @@ class Coordinator:
     def _dispatch(self, sub: _Sub) -> None:
         """Send ``sub`` to the best untried live replica of its shard, or mark the shard missing."""
         while True:
-            candidates = [n for n in self._nodes if n.shard == sub.shard and n.alive and id(n) not in sub.tried]
+            candidates = [
+                n
+                for n in self._nodes.values()
+                if n.alive and n.shard == sub.shard and n.layout == sub.job.layout and id(n) not in sub.tried
+            ]
             if not candidates:
                 sub.job.missing.add(sub.shard)
                 self._settle(sub.job)
                 return
-            node = min(candidates, key=lambda n: n.inflight + len(n.waiting))
+            # the least loaded; of equals, the one sent to longest ago: a light load still reaches every replica
+            node = min(candidates, key=lambda n: (not n.listed, n.inflight + len(n.waiting), n.last_sent))
             sub.tried.add(id(node))
             sub.node = node
             if node.inflight >= self.max_inflight:
@@ -304,7 +378,7 @@ class Coordinator:
             protocol.send(node.socket, request, flags=zmq.NOBLOCK)
         except zmq.Again:
             return False
-        sub.sent = time.monotonic()
+        sub.sent = node.last_sent = time.monotonic()
         sub.deadline = sub.sent + self.timeout
         node.inflight += 1
         self._subs[sub_id] = sub
@@ -316,11 +390,7 @@ class Coordinator:
         except ProtocolError:
             return  # a node speaking garbage: its sub-requests will time out and fail over
         if message.op == "INFO":
-            info = message.fields["info"]
-            healthy = info.get("fingerprint") == self.config.fingerprint and info.get("shard") == node.shard
-            node.alive, node.info = healthy, info
-            node.last_seen = time.monotonic()
-            self._pump(node)
+            self._on_info(node, message.fields["info"])
             return
         if message.op == "RESULT" and message.fields.get("early"):  # the final answer follows
             sub = self._subs.get(message.rid)
@@ -339,10 +409,33 @@ class Coordinator:
             sub.job.results[sub.shard] = (message.arrays[0], message.arrays[1])
             self._settle(sub.job)
         elif message.op == "ERROR" and message.fields["code"] in NODE_FAILURE_CODES:
+            if message.fields["code"] == "shutting_down":
+                node.alive = False
             self._dispatch(sub)
         else:  # the request itself is bad: tell the client
             sub.job.error = message if message.op == "ERROR" else protocol.error_reply(0, "internal", f"node sent {message.op}")
             self._settle(sub.job)
+        self._pump(node)
+
+    def _on_info(self, node: _Node, info: dict) -> None:
+        """A node's INFO: which shard of which layout it serves. Only a node of this coordinator's
+        index version is taken into rotation; one that now serves another shard or layout (a new
+        process at the same address) gives back the work waiting for it."""
+        shard, nshards, layout = info.get("shard"), info.get("nshards"), info.get("fingerprint")
+        ours = (
+            info.get("content") == self.config.content
+            and not info.get("draining")
+            and isinstance(layout, str)
+            and all(isinstance(n, int) and not isinstance(n, bool) for n in (shard, nshards))
+            and 0 <= shard < nshards
+        )
+        if (node.shard, node.nshards, node.layout) != (shard, nshards, layout):
+            rerouted, node.waiting = list(node.waiting), deque()
+            node.shard, node.nshards, node.layout = (shard, nshards, layout) if ours else (None, 0, None)
+            for sub in rerouted:
+                self._dispatch(sub)
+        node.alive, node.info = ours, info
+        node.last_seen = time.monotonic()
         self._pump(node)
 
     def _pump(self, node: _Node) -> None:
@@ -353,7 +446,7 @@ class Coordinator:
                 self._dispatch(sub)
 
     def _expire(self, now: float) -> None:
-        for node in self._nodes:
+        for node in self._nodes.values():
             if node.alive and now - node.last_seen > self.silence_limit:
                 node.alive = False
                 self._pump(node)
@@ -364,9 +457,10 @@ class Coordinator:
             sub.node.alive = False
             self._pump(sub.node)
             self._dispatch(sub)
+        self._forget_gone()
 
     def _heartbeat(self) -> None:
-        for node in self._nodes:
+        for node in self._nodes.values():
             try:
                 protocol.send(node.socket, Message("HEARTBEAT", 0), flags=zmq.NOBLOCK)
             except zmq.Again:  # not connected
@@ -380,7 +474,7 @@ class Coordinator:
         if "early" not in job.message.fields or job.early_sent or job.answered or job.error is not None:
             return
         found = job.early_results
-        if not found or len(found) + len(job.missing - set(found)) < self.config.nshards:
+        if not found or len(found) + len(job.missing - set(found)) < job.nshards:
             return
         distances, ids = self._merged(found, job.k)
         self._reply(protocol.result_reply(job.rid, distances, ids, sorted(job.missing - set(found)), early=True), job.envelope)
@@ -390,7 +484,7 @@ class Coordinator:
         """Answer the client once every shard has a result or is known to be missing (the early
         answer, when asked for, always goes first)."""
         self._settle_early(job)
-        if len(job.results) + len(job.missing) < self.config.nshards and job.error is None:
+        if len(job.results) + len(job.missing) < job.nshards and job.error is None:
             return
         if job.answered:
             return  # an error arrived before the other shards

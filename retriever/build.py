@@ -114,7 +114,7 @@ def add_vectors(index: IVFPQIndex, vectors: np.ndarray, ids: np.ndarray | None =
         np.concatenate([whole.codes, codes]),
         index.params.nlist,
     )
-    info = {**index.build_info, "added": int(index.build_info.get("added", 0)) + n}
+    info = {**_new_version(index.build_info), "added": int(index.build_info.get("added", 0)) + n}
     return IVFPQIndex(index.params, index.centroids, index.codebooks, split_shards(lists, index.nshards), info)
 
 
@@ -166,5 +166,11 @@ def remove_ids(index: IVFPQIndex, ids: np.ndarray, renumber: bool = False) -> IV
     if renumber:
         kept_ids = np.searchsorted(np.sort(kept_ids), kept_ids)
     lists = InvertedLists.from_assignment(whole.assignment()[keep], kept_ids, whole.codes[keep], index.params.nlist)
-    info = {**index.build_info, "removed": int(index.build_info.get("removed", 0)) + int(np.unique(ids).size)}
+    info = {**_new_version(index.build_info), "removed": int(index.build_info.get("removed", 0)) + int(np.unique(ids).size)}
     return IVFPQIndex(index.params, index.centroids, index.codebooks, split_shards(lists, index.nshards), info)
+
+
+def _new_version(build_info: dict) -> dict:
+    """The build information of a version made from another by adding or removing vectors: no
+    longer a re-sharded copy of the version it came from."""
+    return {key: value for key, value in build_info.items() if key != "resharded_from"}

@@ -298,6 +298,16 @@ def index_fingerprint(manifest: dict) -> str:
     return hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
 
 
+def content_fingerprint(manifest: dict) -> str:
+    """Identifies the vectors of one version, whatever its shard layout: a re-sharded copy names
+    the version it was split from (``build.resharded_from``), any other index is its own.
+
+    Every layout of one version answers every search alike (the same centroids, codebooks and
+    codes, split another way), so a coordinator may switch between them while it serves.
+    """
+    return manifest["build"].get("resharded_from") or index_fingerprint(manifest)
+
+
 def verify_index(path: str | os.PathLike) -> None:
     """Check every array's sha256 against the manifest; raise :class:`InvalidInput` on a mismatch."""
     path = Path(path)

@@ -22,6 +22,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numba
 import numpy as np
@@ -29,7 +30,7 @@ import zmq
 
 from retriever.engines import make_scan_engine
 from retriever.errors import InvalidInput
-from retriever.index import index_fingerprint, load_index, read_manifest
+from retriever.index import content_fingerprint, index_fingerprint, load_index, read_manifest
 from retriever.search import merge_topk, split_probes
 from retriever.wire import protocol
 from retriever.wire.protocol import Message, ProtocolError
@@ -78,6 +79,7 @@ class RetrievalNode:
             "shard": shard,
             "nshards": len(manifest["shards"]),
             "fingerprint": index_fingerprint(manifest),
+            "content": content_fingerprint(manifest),
             "engine": engine,
             "metric": self.index.params.metric,
             "dim": self.index.params.dim,
@@ -90,15 +92,25 @@ class RetrievalNode:
         # SIGTERM landing inside Event.set() would wait forever on the lock the first one holds
         # (a killed parent sends one per thread it loses, through PR_SET_PDEATHSIG).
         self._draining = False
+        self._ready_file: str | os.PathLike | None = None
         self._served_batches = 0
         self._served_queries = 0
 
     def drain(self, *_signal_args) -> None:
-        """Stop taking searches; :meth:`serve` returns once the work it holds is answered."""
+        """Stop taking searches; :meth:`serve` returns once the work it holds is answered. The
+        ready file goes at once: a coordinator that follows its directory stops sending here."""
         self._draining = True
+        self._withdraw()
+
+    def _withdraw(self) -> None:
+        if self._ready_file is not None:
+            Path(self._ready_file).unlink(missing_ok=True)
 
     def serve(self, bind: str, ready_file: str | os.PathLike | None = None, stop: threading.Event | None = None) -> None:
-        """Serve until drained (SIGTERM, :meth:`drain`) or ``stop`` is set."""
+        """Serve until drained (SIGTERM, :meth:`drain`) or ``stop`` is set. ``ready_file`` gets
+        ``{endpoint, pid}`` once the node answers and is removed when it stops taking searches:
+        an announcement that a coordinator's ``dir://`` source reads (:mod:`coordinator.membership`)."""
+        self._ready_file = ready_file
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self.drain)
         self._use_threads()  # small batches are scanned on this thread
@@ -113,6 +125,7 @@ class RetrievalNode:
         try:
             self._loop(router, replies, batches, stop or threading.Event())
         finally:
+            self._withdraw()
             batches.put(None)
             scanner.join(timeout=5)
             router.close()
@@ -165,7 +178,13 @@ class RetrievalNode:
             message = protocol.decode(body)
             rid = message.rid
             if message.op == "HEARTBEAT":
-                info = {**self.info, "load": pending_queries, "batches": self._served_batches, "queries": self._served_queries}
+                info = {
+                    **self.info,
+                    "load": pending_queries,
+                    "batches": self._served_batches,
+                    "queries": self._served_queries,
+                    "draining": self._draining,
+                }
                 protocol.send(router, Message("INFO", rid, {"info": info}), envelope)
                 return None
             if message.op != "SEARCH":

@@ -233,12 +233,13 @@ def test_a_burst_of_sigterms_drains_and_exits(index_dir, tmp_path):
 def test_cluster_answers_equal_the_in_process_search(index_dir, tmp_path, small_data, reference, nshards, embedded):
     cluster.up(index_dir, nshards, tmp_path / "state")
     try:
-        threads = threading.active_count()
+        threads = set(threading.enumerate())
         searcher = cluster.ClusterSearcher.open(tmp_path / "state", embedded=embedded)
         try:
-            # embedded: the coordinator runs in this process, on the caller's thread
+            # embedded: the coordinator runs in this process, on the caller's thread (a thread of its
+            # own only re-reads the nodes' announcements)
             assert (searcher.client.info()["pid"] == os.getpid()) == embedded
-            assert threading.active_count() == threads
+            assert [t.name for t in set(threading.enumerate()) - threads] == (["membership"] if embedded else [])
             result = searcher.search(small_data.queries, 10, 8)
             queries, list_ids = probe(index_dir, small_data.queries)
             staged = searcher.scan_staged(queries, list_ids, 10, early=1)
@@ -301,11 +302,12 @@ def test_node_killed_mid_run_with_two_replicas_fails_no_query(index_dir, tmp_pat
     try:
         searcher = cluster.ClusterSearcher.open(tmp_path / "state")
         queries = np.tile(small_data.queries, (10, 1))
-        victim = state["nodes"][0]["pid"]
-        results = run_queries(searcher, queries, kill_at=30, kill=lambda: os.kill(victim, signal.SIGKILL))
+        victim = state["nodes"][0]
+        results = run_queries(searcher, queries, kill_at=30, kill=lambda: os.kill(victim["pid"], signal.SIGKILL))
         searcher.close()
         view = cluster.status(tmp_path / "state")["view"]["nodes"]
-        assert [n["alive"] for n in view] == [False, True, True, True]  # the kill landed; its replica took over
+        # the kill landed; its replica took over
+        assert alive_in_state_order(view, state) == [n is not victim for n in state["nodes"]]
         assert not any(r.partial for r, _ in results)
         ids = np.concatenate([r.ids for r, _ in results])
         np.testing.assert_array_equal(ids, np.tile(reference.ids, (10, 1)))
@@ -329,7 +331,7 @@ def test_node_killed_with_one_replica_gives_partial_answers_then_whole_again(ind
         restarted, _ = start_node(state["index"], tmp_path, shard=1, bind=victim["endpoint"])
         try:
             deadline = time.monotonic() + 30
-            while cluster.status(tmp_path / "state")["view"]["nodes"][1]["alive"] is False:
+            while alive_in_state_order(cluster.status(tmp_path / "state")["view"]["nodes"], state)[1] is False:
                 assert time.monotonic() < deadline, "the coordinator never saw the node come back"
                 time.sleep(0.1)
             whole = searcher.search(small_data.queries, 10, 8)
@@ -365,7 +367,10 @@ def inline_coordinator(state, timeout):
     0.2 s + ``timeout``), once it sees every node alive."""
     coordinator = Coordinator(cluster.cluster_config(state), timeout=timeout, heartbeat_interval=0.05)
     inline = InlineCoordinator(coordinator, timeout=10)
-    assert cluster._wait_all_alive(inline.info, time.monotonic() + 10), "the nodes never answered a heartbeat"
+    deadline = time.monotonic() + 10
+    while not all(n["alive"] for n in inline.info()["nodes"]):
+        assert time.monotonic() < deadline, "the nodes never answered a heartbeat"
+        time.sleep(0.01)
     return inline
 
 
@@ -419,16 +424,25 @@ def test_inline_coordinator_answers_outstanding_requests_in_any_order(index_dir,
         cluster.down(tmp_path / "state")
 
 
-def search_after_an_idle_death(inline, victim, queries, list_ids):
-    """Search (whole), SIGKILL ``victim`` and stay away for twice the silence limit, then search
-    again: that answer, which must come within the sub-request timeout (0.5 s) plus slack."""
+def alive_in_state_order(view: list[dict], state: dict) -> list[bool | None]:
+    """Whether the coordinator whose INFO lists ``view`` sees each node of the cluster ``state`` alive."""
+    alive = {n["endpoint"]: n["alive"] for n in view}
+    return [alive.get(n["endpoint"]) for n in state["nodes"]]
+
+
+def search_after_an_idle_death(inline, replicas, queries, list_ids):
+    """Search (whole), SIGKILL the one of a shard's ``replicas`` the next search goes to (the one
+    that answered least) and stay away for twice the silence limit, then search again: that answer,
+    which must come within the sub-request timeout (0.5 s) plus slack, and the victim."""
     assert not inline.search(queries, list_ids, 10).partial
+    answered = {n["endpoint"]: n["answered"] for n in inline.info()["nodes"]}
+    victim = min(replicas, key=lambda n: answered[n["endpoint"]])
     os.kill(victim["pid"], signal.SIGKILL)
     time.sleep(2 * inline.coordinator.silence_limit)
     started = time.monotonic()
     result = inline.search(queries, list_ids, 10)
     assert time.monotonic() - started < 0.5 + 1.0
-    return result
+    return result, victim
 
 
 def test_inline_coordinator_fails_over_from_a_node_killed_while_the_caller_is_idle(index_dir, tmp_path, small_data, reference):
@@ -436,10 +450,11 @@ def test_inline_coordinator_fails_over_from_a_node_killed_while_the_caller_is_id
     inline = inline_coordinator(state, timeout=0.5)
     queries, list_ids = probe(index_dir, small_data.queries)
     try:
-        result = search_after_an_idle_death(inline, state["nodes"][0], queries, list_ids)  # shard 0's first replica: the one a tie picks
+        result, victim = search_after_an_idle_death(inline, state["nodes"][:2], queries, list_ids)
         assert not result.partial
         np.testing.assert_array_equal(result.ids, reference.ids)
-        assert [n["alive"] for n in inline.info()["nodes"]] == [False, True, True, True]
+        alive = alive_in_state_order(inline.info()["nodes"], state)
+        assert alive == [n is not victim for n in state["nodes"]]
     finally:
         inline.close()
         cluster.down(tmp_path / "state")
@@ -449,9 +464,8 @@ def test_inline_coordinator_answers_partial_after_an_idle_death_then_whole_after
     state = cluster.up(index_dir, 2, tmp_path / "state", replicas=1)
     inline = inline_coordinator(state, timeout=0.5)
     queries, list_ids = probe(index_dir, small_data.queries)
-    victim = state["nodes"][1]
     try:
-        result = search_after_an_idle_death(inline, victim, queries, list_ids)
+        result, victim = search_after_an_idle_death(inline, state["nodes"][1:], queries, list_ids)
         assert result.partial and result.missing == [1]
         shard0 = set(load_index(state["index"], shard=0).shards[0].ids.tolist())
         assert set(result.ids[result.ids >= 0].tolist()) <= shard0

@@ -32,7 +32,11 @@ def node_retrieval(
     threads: int | None = typer.Option(None, "--threads", help="Scan threads (default: all cores)."),
     window_ms: float = typer.Option(0.0, "--window-ms", help="How long an idle node waits for a batch to fill (ms)."),
     keys: Path | None = typer.Option(None, "--keys", help="CURVE key directory (`chameleon keys gen`)."),
-    ready_file: Path | None = typer.Option(None, "--ready-file", help="Write {endpoint, pid} here once serving."),
+    ready_file: Path | None = typer.Option(
+        None,
+        "--ready-file",
+        help="Write {endpoint, pid} here once serving, removed on SIGTERM: an announcement for coordinators following its directory (dir://).",
+    ),
 ):
     """Serve one shard of an index (SEARCH, HEARTBEAT) until SIGTERM."""
     import numba
@@ -61,22 +65,28 @@ def node_retrieval(
 
 @node_app.command("coordinator")
 def node_coordinator(
-    config: Path = typer.Option(..., "--config", help="JSON: metric, nshards, fingerprint, nodes [{shard, endpoint}]."),
+    index: Path = typer.Option(..., "--index", help="The index the nodes serve (any of its shard layouts; only its manifest is read)."),
+    nodes: list[str] = typer.Option(
+        ...,
+        "--nodes",
+        help="Where the nodes are, followed while serving (repeat for several): dns://NAME:PORT (every address of a "
+        "Compose service or Kubernetes headless Service), dir://PATH (announcement files), tcp://HOST:PORT (one node).",
+    ),
     bind: str = typer.Option(..., "--bind", help="ZeroMQ endpoint for clients."),
     timeout: float = typer.Option(2.0, "--timeout", help="Seconds before a shard's sub-request fails over."),
     on_missing: str = typer.Option("partial", "--on-missing", help="partial (answer with what is there) or fail."),
     keys: Path | None = typer.Option(None, "--keys", help="CURVE key directory (`chameleon keys gen`)."),
     ready_file: Path | None = typer.Option(None, "--ready-file", help="Write {endpoint, pid} here once serving."),
 ):
-    """Fan searches out to every shard, merge, fail over between replicas, until SIGTERM."""
+    """Fan searches out to every shard, merge, fail over between replicas, until SIGTERM; nodes join and leave as the sources list them."""
     from coordinator.router import ClusterConfig, Coordinator
     from retriever.wire.security import CurveKeys
 
     if not 0 < timeout <= 3600:
         raise InvalidInput(f"timeout must be between 0 and 3600 seconds, got {timeout}")
-    cluster = ClusterConfig.load(config)
+    cluster = ClusterConfig.of_index(index, nodes)
     coordinator = Coordinator(cluster, timeout=timeout, on_missing=on_missing, keys=CurveKeys.load(keys) if keys else None)
-    say(f"coordinator: {cluster.nshards} shard(s), {len(cluster.nodes)} node(s)")
+    say(f"coordinator: index {cluster.content}, nodes from {', '.join(nodes)}")
     coordinator.serve(bind, ready_file=ready_file)
     say("coordinator: drained, exiting")
 
@@ -139,6 +149,23 @@ def cluster_down(state_dir: Path = typer.Option(..., "--state-dir")):
     typer.echo(f"stopped {len(pids)} process(es)")
 
 
+@cluster_app.command("scale")
+def cluster_scale(
+    state_dir: Path = typer.Option(..., "--state-dir"),
+    replicas: int | None = typer.Option(None, "--replicas", help="Nodes per shard from now on."),
+    shards: int | None = typer.Option(None, "--shards", help="Shards from now on (the index is split again; searches go on)."),
+):
+    """Change the nodes per shard or the number of shards while the cluster serves; print what runs after."""
+    from chameleon.cluster import scale
+
+    if replicas is None and shards is None:
+        raise InvalidInput("say --replicas N, --shards N or both")
+    state = scale(state_dir, replicas=replicas, shards=shards)
+    typer.echo(f"cluster: {state['nshards']} shard(s) x {state['replicas']} replica(s)")
+    for n in state["nodes"]:
+        typer.echo(f"node shard {n['shard']} replica {n['replica']} {n['endpoint']} pid {n['pid']}")
+
+
 @cluster_app.command("status")
 def cluster_status(state_dir: Path = typer.Option(..., "--state-dir")):
     """Processes and the coordinator's view of the nodes."""
@@ -147,9 +174,9 @@ def cluster_status(state_dir: Path = typer.Option(..., "--state-dir")):
     report = status(state_dir)
     c = report["coordinator"]
     typer.echo(f"coordinator {c['endpoint']} pid {c['pid']} {'running' if c['running'] else 'NOT RUNNING'}")
-    seen = {(n["shard"], n["endpoint"]): n["alive"] for n in (report["view"] or {}).get("nodes", [])}
+    seen = {n["endpoint"]: n["alive"] for n in (report["view"] or {}).get("nodes", [])}
     for n in report["nodes"]:
-        view = seen.get((n["shard"], n["endpoint"]))
+        view = seen.get(n["endpoint"])
         state = "alive" if view else ("unknown" if view is None else "dead")
         typer.echo(
             f"node shard {n['shard']} replica {n['replica']} {n['endpoint']} pid {n['pid']} "

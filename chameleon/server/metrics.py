@@ -118,7 +118,7 @@ class _TierCollector:
         )
         alive = GaugeMetricFamily("chameleon_shard_node_alive", "1 when the coordinator sees the node alive.", labels=["shard", "endpoint"])
         for node in (info or {}).get("nodes", []):
-            labels = [str(node["shard"]), node["endpoint"]]
+            labels = ["" if node["shard"] is None else str(node["shard"]), node["endpoint"]]
             latency.add_metric(labels, count_value=node.get("answered", 0), sum_value=node.get("answer_s", 0.0))
             alive.add_metric(labels, 1.0 if node["alive"] else 0.0)
         yield latency

@@ -44,17 +44,17 @@ class ServedIndex:
 
     def close(self, discard_copies: bool = False) -> list[int]:
         """Close the clients and stop the tier's processes (their pids); with ``discard_copies``,
-        also delete the re-sharded copy of the index the tier made (a retired version's)."""
+        also delete the re-sharded copies of the index the tier made (a retired version's)."""
         if self.tier is None:
             return []
         from chameleon import cluster
 
         self.retrieval.close()
         self.tier.close()
-        index_copy = Path(cluster.read_state(self.state_dir)["index"])
         stopped = cluster.down(self.state_dir)
-        if discard_copies and index_copy.parent == self.state_dir:
-            shutil.rmtree(index_copy, ignore_errors=True)
+        if discard_copies:
+            for index_copy in self.state_dir.glob("index-*-shards"):
+                shutil.rmtree(index_copy, ignore_errors=True)
         return stopped
 
 
@@ -92,11 +92,12 @@ class IndexServing:
         info = self.tier_info()
         if info is None:
             return {"ready": False, "retrieval": "tier", "reason": "the coordinator does not answer", **index}
-        live = {n["shard"] for n in info["nodes"] if n["alive"]}
-        missing = sorted(set(range(info["nshards"])) - live)
-        if missing:
+        if not info["ready"]:
+            live = {n["shard"] for n in info["nodes"] if n["alive"] and n["fingerprint"] == info["fingerprint"]}
+            missing = sorted(set(range(info["nshards"])) - live) if info["nshards"] else "all"
             return {"ready": False, "retrieval": "tier", "reason": f"no live node for shard(s) {missing}", **index}
-        return {"ready": True, "retrieval": "tier", "shards": info["nshards"], "nodes": len(info["nodes"]), **index}
+        alive = sum(n["alive"] for n in info["nodes"])
+        return {"ready": True, "retrieval": "tier", "shards": info["nshards"], "nodes": alive, **index}
 
     def reload(self, pipeline: RagPipeline) -> dict:
         """Serve the passage index on disk, searched by ``pipeline``, if it is another version than the

@@ -22,7 +22,8 @@ and per op:
                (bool, true on the early answer to a SEARCH with ``early``, which always comes
                before the final one with the same rid)
     HEARTBEAT  no arrays, no fields (asks for INFO)
-    INFO       fields: info (map: role, shard, nshards, fingerprint, load, ...)
+    INFO       fields: info (map: role, shard, nshards, fingerprint (of the shard layout), content
+               (of the index version, whatever its layout), load, ...)
     ERROR      fields: code (str, one of ERROR_CODES), message (str)
 
 Distances follow faiss: squared L2 ascending, or inner product descending. A receiver checks every

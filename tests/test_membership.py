@@ -1,0 +1,168 @@
+"""Nodes that join and leave a serving tier: the coordinator's sources, scaling the local cluster
+under a bounded load, and versions that must not be merged."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from chameleon import cluster
+from coordinator.client import RetrievalClient
+from coordinator.membership import Membership, NodeSource
+from retriever.build import add_vectors
+from retriever.errors import InvalidInput
+from retriever.index import content_fingerprint, index_fingerprint, load_index, read_manifest, save_index
+from tests.test_tier import start_node
+
+
+@pytest.fixture(scope="module")
+def index_dir(tmp_path_factory, l2_index):
+    return save_index(l2_index, tmp_path_factory.mktemp("membership") / "index")
+
+
+# -- sources ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "spec", ["http://x:1", "retrieval:5555", "dns://retrieval", "tcp://:5555", "dir://", "dns://a:1/path", "tcp://a:x"]
+)
+def test_a_malformed_source_is_refused(spec):
+    with pytest.raises(InvalidInput):
+        NodeSource(spec)
+
+
+def test_sources_list_endpoints():
+    assert NodeSource("tcp://10.0.0.7:5555").endpoints() == {"tcp://10.0.0.7:5555"}
+    # a name stands for every address it resolves to (here the machine's own, from /etc/hosts)
+    assert "tcp://127.0.0.1:5555" in NodeSource("dns://localhost:5555").endpoints()
+
+
+def test_a_directory_lists_its_announcements_and_skips_anything_else(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps({"endpoint": "tcp://127.0.0.1:7001", "pid": 1}))
+    (tmp_path / "b.json").write_text('{"endpoint": "tcp://127.0.0.1:70')  # being written
+    (tmp_path / "c.json").write_text(json.dumps(["tcp://127.0.0.1:7003"]))
+    (tmp_path / "d.json").write_text(json.dumps({"endpoint": "ipc:///tmp/x"}))
+    (tmp_path / "e.txt").write_text(json.dumps({"endpoint": "tcp://127.0.0.1:7005"}))
+    assert NodeSource(f"dir://{tmp_path}").endpoints() == {"tcp://127.0.0.1:7001"}
+    assert NodeSource(f"dir://{tmp_path / 'missing'}").endpoints() == frozenset()
+
+
+def test_membership_follows_a_directory_while_it_runs(tmp_path):
+    membership = Membership([f"dir://{tmp_path}", "tcp://127.0.0.1:7000"], interval=0.02)
+    assert membership.endpoints == {"tcp://127.0.0.1:7000"}
+    membership.start()
+    try:
+        (tmp_path / "n.json").write_text(json.dumps({"endpoint": "tcp://127.0.0.1:7001"}))
+        assert wait_for(lambda: membership.endpoints == {"tcp://127.0.0.1:7000", "tcp://127.0.0.1:7001"})
+        (tmp_path / "n.json").unlink()
+        assert wait_for(lambda: membership.endpoints == {"tcp://127.0.0.1:7000"})
+    finally:
+        membership.stop()
+    with pytest.raises(InvalidInput, match="at least one"):
+        Membership([])
+
+
+def wait_for(condition, seconds=10.0):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+# -- a serving tier -------------------------------------------------------------------------------
+
+
+def start_load(index_dir, coordinator, queries, work):
+    """``tests.load`` in a process of its own, until ``stop_load``."""
+    np.save(work / "queries.npy", queries)
+    command = [sys.executable, "-m", "tests.load", coordinator, index_dir, work / "queries.npy", work / "load.json"]
+    return subprocess.Popen([*map(str, command), "--stop-file", str(work / "stop"), "--seconds", "300"])
+
+
+def stop_load(process, work) -> dict:
+    (work / "stop").touch()
+    assert process.wait(timeout=60) == 0
+    return json.loads((work / "load.json").read_text())
+
+
+def answered_by(client) -> dict:
+    """endpoint -> sub-requests the coordinator got answers to."""
+    return {n["endpoint"]: n["answered"] for n in client.info()["nodes"]}
+
+
+def test_scaling_replicas_and_shards_while_searches_run_fails_none(index_dir, tmp_path, small_data):
+    state_dir = tmp_path / "state"
+    state = cluster.up(index_dir, 2, state_dir, replicas=1, threads=1)
+    try:
+        load = start_load(index_dir, state["coordinator"]["endpoint"], small_data.queries, tmp_path)
+        with RetrievalClient(state["coordinator"]["endpoint"]) as client:
+            assert wait_for(lambda: sum(answered_by(client).values()) > 20)
+            grown = cluster.scale(state_dir, replicas=2)
+            fresh = {n["endpoint"] for n in grown["nodes"]} - {n["endpoint"] for n in state["nodes"]}
+            assert len(fresh) == 2 and len(grown["nodes"]) == 4
+            # the new replicas take searches within seconds
+            assert wait_for(lambda: all(answered_by(client).get(e, 0) > 0 for e in fresh))
+            shrunk = cluster.scale(state_dir, replicas=1)
+            assert sorted(n["replica"] for n in shrunk["nodes"]) == [0, 0]
+            assert wait_for(lambda: len(client.info()["nodes"]) == 2)
+            resharded = cluster.scale(state_dir, shards=3)
+            info = client.info()
+            assert info["nshards"] == 3 and info["ready"]
+            assert info["fingerprint"] == index_fingerprint(read_manifest(resharded["index"]))
+            assert info["content"] == content_fingerprint(read_manifest(index_dir))
+            assert wait_for(lambda: sum(answered_by(client).values()) > 20 and len(client.info()["nodes"]) == 3)
+        summary = stop_load(load, tmp_path)
+        assert cluster.status(state_dir)["view"]["nshards"] == 3
+        assert [n["running"] for n in cluster.status(state_dir)["nodes"]] == [True] * 3
+    finally:
+        cluster.down(state_dir)
+    assert summary["searches"] > 50
+    assert summary["failed"] == [] and summary["partial"] == [] and summary["wrong"] == []
+    assert summary["whole"] == summary["searches"]
+
+
+def test_a_node_of_another_index_version_is_never_merged(index_dir, tmp_path, small_data):
+    other = add_vectors(load_index(index_dir), small_data.queries[:5], np.arange(10**6, 10**6 + 5))
+    other_dir = save_index(other, tmp_path / "other")
+    assert content_fingerprint(read_manifest(other_dir)) != content_fingerprint(read_manifest(index_dir))
+    state = cluster.up(index_dir, 1, tmp_path / "state", threads=1)
+    stranger = None
+    try:
+        # it announces itself where the cluster's nodes do, as shard 0 of a one-shard index
+        stranger, endpoint = start_node(other_dir, tmp_path / "state" / cluster.NODES_DIR)
+        with RetrievalClient(state["coordinator"]["endpoint"]) as client:
+            assert wait_for(lambda: endpoint in answered_by(client))
+            time.sleep(0.5)  # heartbeats come and go
+            view = {n["endpoint"]: n for n in client.info()["nodes"]}
+            assert view[endpoint]["alive"] is False and view[endpoint]["shard"] is None
+            assert all(n["alive"] for e, n in view.items() if e != endpoint)
+    finally:
+        if stranger is not None:
+            stranger.send_signal(signal.SIGTERM)
+            stranger.wait(timeout=30)
+        cluster.down(tmp_path / "state")
+
+
+def test_a_coordinator_finds_its_nodes_by_name(index_dir, tmp_path, small_data):
+    """The DNS way (a Compose service, a Kubernetes headless Service): the coordinator is given a
+    name and a port, and takes every node behind the name; here the name is localhost."""
+    node, endpoint = start_node(index_dir, tmp_path, bind="tcp://127.0.0.1:0")
+    port = endpoint.rsplit(":", 1)[1]
+    ready = tmp_path / "coordinator.json"
+    command = ["node", "coordinator", "--index", index_dir, "--nodes", f"dns://localhost:{port}", "--bind", "tcp://127.0.0.1:*"]
+    coordinator = subprocess.Popen([sys.executable, "-m", "chameleon", *map(str, command), "--ready-file", str(ready)])
+    try:
+        assert wait_for(ready.is_file, 60)
+        with RetrievalClient(json.loads(ready.read_text())["endpoint"]) as client:
+            assert wait_for(lambda: client.info()["ready"])
+            assert {n["endpoint"] for n in client.info()["nodes"] if n["alive"]} == {f"tcp://127.0.0.1:{port}"}
+    finally:
+        for process in (coordinator, node):
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=30)
