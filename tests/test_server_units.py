@@ -1,5 +1,10 @@
-"""The server's parts that need no server: settings precedence and checks, and the text stream
-(stop strings, held-back text, reported tokens)."""
+"""The server's parts that need no server: settings precedence and checks, the text stream
+(stop strings, held-back text, reported tokens), and what the port answers while the server starts."""
+
+import json
+import socket
+import urllib.error
+import urllib.request
 
 import pytest
 
@@ -103,3 +108,26 @@ def test_each_kind_of_error_has_one_status_and_one_exit_code():
     assert isinstance(refused, RemoteRefusal) and isinstance(refused, InvalidInput) and status_of(refused)[0] == 400
     assert type(fault) is RemoteError and status_of(fault)[0] == 500
     assert all(e.code in str(e) for e in (unavailable, refused, fault))
+
+
+def test_the_port_answers_while_the_server_starts_and_is_handed_over_intact():
+    from chameleon.server.starting import StartingResponder
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    starting = StartingResponder(listener).start()
+    try:
+        with urllib.request.urlopen(f"{url}/healthz", timeout=5) as response:  # alive: a liveness probe leaves it be
+            assert response.status == 200
+        starting.step("loading the LLM")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(urllib.request.Request(f"{url}/v1/rag", data=b"{}", method="POST"), timeout=5)
+        assert refused.value.code == 503 and refused.value.headers["Retry-After"] == "1"
+        assert json.loads(refused.value.read()) == {"ready": False, "starting": "loading the LLM"}
+    finally:
+        starting.stop()
+    # the socket stays open and listening for whoever serves next
+    with socket.create_connection(listener.getsockname(), timeout=5):
+        accepted, _ = listener.accept()
+        accepted.close()
+    listener.close()

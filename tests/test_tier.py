@@ -603,6 +603,18 @@ def test_cluster_command_line(index_dir, tmp_path, small_data):
         )
         taken = chameleon("node", "retrieval", "--index", index_dir, "--shard", 0, "--bind", endpoint, expect=2).stderr
         assert f"cannot bind {endpoint}" in taken
+        # probes for health checks: the coordinator is ready with every shard live; a node answers
+        assert json.loads(chameleon("node", "probe", endpoint).stdout)["ready"] is True
+        node = cluster.read_state(state)["nodes"][0]["endpoint"]
+        assert json.loads(chameleon("node", "probe", node).stdout)["role"] == "retrieval"
+        assert "no answer" in chameleon("node", "probe", "tcp://127.0.0.1:1", "--timeout", 0.2, expect=3).stderr
+        # scaling from the command line: one more replica per shard, then one shard fewer
+        scaled = chameleon("cluster", "scale", "--state-dir", state, "--replicas", 2).stdout
+        assert "3 shard(s) x 2 replica(s)" in scaled and scaled.count("node shard") == 6
+        scaled = chameleon("cluster", "scale", "--state-dir", state, "--shards", 2, "--replicas", 1).stdout
+        assert "2 shard(s) x 1 replica(s)" in scaled and scaled.count("node shard") == 2
+        assert json.loads(chameleon("node", "probe", endpoint).stdout)["nshards"] == 2
+        assert "say --replicas" in chameleon("cluster", "scale", "--state-dir", state, expect=2).stderr
         np.save(tmp_path / "bad.npy", small_data.queries[:, :30])
         assert (
             "shape (n, 32)"

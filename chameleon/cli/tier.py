@@ -91,6 +91,27 @@ def node_coordinator(
     say("coordinator: drained, exiting")
 
 
+@node_app.command("probe")
+def node_probe(
+    endpoint: str = typer.Argument(..., help="A retrieval node's or a coordinator's ZeroMQ endpoint, e.g. tcp://127.0.0.1:6000."),
+    keys: Path | None = typer.Option(None, "--keys", help="CURVE key directory, if the tier is encrypted."),
+    timeout: float = typer.Option(2.0, "--timeout", help="Seconds to wait for the answer."),
+):
+    """Print the INFO of the process at ENDPOINT; exit 0 when it is ready (a coordinator: a live node
+    for every shard; a node: answering and not draining), 3 otherwise. For container health checks
+    and Kubernetes probes."""
+    import json
+
+    from coordinator.client import RetrievalClient
+    from retriever.wire.security import CurveKeys
+
+    with RetrievalClient(endpoint, keys=CurveKeys.load(keys) if keys else None, timeout=timeout) as client:
+        info = client.info()
+    typer.echo(json.dumps(info))
+    if not (info.get("ready") if info.get("role") == "coordinator" else not info.get("draining")):
+        raise Unavailable(f"the {info.get('role', 'process')} at {endpoint} is not ready")
+
+
 @keys_app.command("gen")
 def keys_gen(
     directory: Path = typer.Argument(..., help="Directory for the key pairs."),

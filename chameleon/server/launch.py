@@ -23,10 +23,12 @@ import time
 from pathlib import Path
 
 from chameleon.server.settings import ServeSettings
-from retriever.errors import InvalidInput
+from chameleon.server.starting import StartingResponder
+from retriever.errors import InvalidInput, Unavailable
 from retriever.files import write_json_atomic
 
 GRACEFUL_SHUTDOWN_S = 120
+READY_TIMEOUT_S = 180
 
 
 def _say(message: str) -> None:
@@ -67,12 +69,15 @@ def serve(settings: ServeSettings, ready_file: Path | None = None) -> None:
     signal.signal(signal.SIGTERM, _interrupt)  # until uvicorn takes over: a stop during startup cleans up too
     _log_to_stderr()
     listener = _listen(settings.host, settings.port)
+    starting = StartingResponder(listener).start()
     state_dir = (settings.state_dir or cache_dir() / "serve").resolve()
     served = service = app = engine = kind = None
     try:
         kind = engine_kind("torch" if settings.engine == "auto" and settings.knnlm is not None else settings.engine)
+        starting.step("loading the embedder and the passage index")
         embedder = Embedder()
         rag_index = RagIndex(settings.index or builtin_rag_index(embedder, progress=True), embedder.fingerprint)
+        starting.step("loading the LLM")
         _say(f"loading the LLM ({settings.model or BUILTIN_LLM}, {kind} engine)")
         engine = make_llm_engine(kind, settings.model, max_batch=settings.max_batch)
         if kind == "torch":  # vLLM batches by itself
@@ -82,12 +87,14 @@ def serve(settings: ServeSettings, ready_file: Path | None = None) -> None:
             from chameleon.rag.knnlm import KnnLm
 
             knnlm = KnnLm.open(settings.knnlm, engine)
+        starting.step("starting the retrieval tier")
         served = open_index(settings, rag_index, state_dir)
         reloads = itertools.count(1)
         metrics = Metrics(tier_info=lambda: service.tier_info() if service is not None else None)
         metrics.queue_depth.set_function(lambda: engine.waiting)
         metrics.batch_size.set_function(lambda: engine.running)
         template = prompt_segments(engine, "?", rag_index.passages[:1])[0]  # the head every standard request shares
+        starting.step("preparing the document KV cache")
         doc_cache = _document_cache(kind, engine, settings, cache_dir(), template)
         metrics.watch_cache(doc_cache)
         speculation = SpeculativePrefill(busy=lambda: engine.waiting > 0) if settings.speculative else None
@@ -108,6 +115,8 @@ def serve(settings: ServeSettings, ready_file: Path | None = None) -> None:
             pipeline, model_id, served, lambda fresh: open_index(settings, fresh, state_dir / f"reload-{next(reloads)}"), knnlm, metrics
         )
         app = create_app(service, settings, metrics)
+        starting.step("waiting for every tier to answer")
+        _wait_until_answering(service)
         host, port = listener.getsockname()[:2]
         url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
         _banner(url, model_id, rag_index, settings)
@@ -116,11 +125,13 @@ def serve(settings: ServeSettings, ready_file: Path | None = None) -> None:
                 ready_file, {"url": url, "pid": os.getpid(), "state_dir": str(served.state_dir) if served.state_dir else None}
             )
         config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, access_log=False)
+        starting.stop()
         uvicorn.Server(config).run(sockets=[listener])
     except KeyboardInterrupt:
         pass
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second stop must not cut the cleanup short
+        starting.stop()
         listener.close()
         if app is not None:
             app.state.context.workers.shutdown(wait=False, cancel_futures=True)
@@ -139,6 +150,24 @@ def serve(settings: ServeSettings, ready_file: Path | None = None) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
+
+
+def _wait_until_answering(service, timeout: float = READY_TIMEOUT_S) -> None:
+    """Return once a request would succeed: every tier ready, then one passage search answered
+    through the retrieval tier (connections made, kernels compiled). Startup under load can keep a
+    tier's heartbeats from being seen for a while: this waits it out, up to ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        readiness = service.readiness()
+        if readiness["ready"]:
+            try:
+                service.search("Is the retrieval tier answering?", None, 1, None)
+                return
+            except Unavailable as e:
+                readiness = {"reason": str(e)}
+        if time.monotonic() > deadline:
+            raise Unavailable(f"not ready after {timeout:.0f} s: {readiness['reason']}")
+        time.sleep(0.1)
 
 
 def spawn(work_dir: Path, *args, timeout: float = 300) -> tuple[subprocess.Popen, dict]:
