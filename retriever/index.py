@@ -308,6 +308,21 @@ def content_fingerprint(manifest: dict) -> str:
     return manifest["build"].get("resharded_from") or index_fingerprint(manifest)
 
 
+def save_layout(source: str | os.PathLike, nshards: int, out: str | os.PathLike) -> Path:
+    """The index in ``source`` split into ``nshards`` shards, written to ``out`` (atomically) unless
+    ``out`` already holds that layout of the same version. The copy keeps the version's
+    :func:`content_fingerprint`, so a coordinator may switch between it and other layouts."""
+    out = Path(out)
+    content = content_fingerprint(read_manifest(source))
+    if (out / "manifest.json").is_file():
+        existing = read_manifest(out)
+        if content_fingerprint(existing) == content and len(existing["shards"]) == nshards:
+            return out
+    index = load_index(source).resharded(nshards)
+    index.build_info = {**index.build_info, "resharded_from": content}
+    return save_index(index, out, force=True)
+
+
 def verify_index(path: str | os.PathLike) -> None:
     """Check every array's sha256 against the manifest; raise :class:`InvalidInput` on a mismatch."""
     path = Path(path)

@@ -2,6 +2,7 @@
 under a bounded load, and versions that must not be merged."""
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,8 +12,9 @@ import numpy as np
 import pytest
 
 from chameleon import cluster
-from coordinator.client import RetrievalClient
+from coordinator.client import RemoteUnavailable, RetrievalClient
 from coordinator.membership import Membership, NodeSource
+from coordinator.router import ClusterConfig, Coordinator, InlineCoordinator
 from retriever.build import add_vectors
 from retriever.errors import InvalidInput
 from retriever.index import content_fingerprint, index_fingerprint, load_index, read_manifest, save_index
@@ -76,6 +78,17 @@ def wait_for(condition, seconds=10.0):
 
 
 # -- a serving tier -------------------------------------------------------------------------------
+
+
+def test_a_coordinator_without_nodes_says_so(index_dir, tmp_path):
+    inline = InlineCoordinator(Coordinator(ClusterConfig.of_index(index_dir, [f"dir://{tmp_path}"])), timeout=5)
+    try:
+        with pytest.raises(RemoteUnavailable, match="no live retrieval node serves index"):
+            inline.search(np.zeros((1, 32), np.float32), np.zeros((1, 1), np.int64), 1)
+        info = inline.info()
+        assert (info["ready"], info["nshards"], info["nodes"]) == (False, 0, [])
+    finally:
+        inline.close()
 
 
 def start_load(index_dir, coordinator, queries, work):
@@ -147,6 +160,36 @@ def test_a_node_of_another_index_version_is_never_merged(index_dir, tmp_path, sm
             stranger.send_signal(signal.SIGTERM)
             stranger.wait(timeout=30)
         cluster.down(tmp_path / "state")
+
+
+def test_processes_started_before_their_index_wait_for_it(index_dir, tmp_path):
+    """As in a deployment whose index job still runs: the coordinator and a node wait for the
+    index to appear, then serve; one that waits in vain says what is missing."""
+    later = tmp_path / "later"
+    ready = tmp_path / "coordinator.json"
+    command = ["node", "coordinator", "--index", later, "--nodes", f"dir://{tmp_path / 'nodes'}", "--bind", "tcp://127.0.0.1:*"]
+    coordinator = subprocess.Popen(
+        [sys.executable, "-m", "chameleon", *map(str, command), "--ready-file", str(ready), "--wait-for-index", "120"]
+    )
+    node = subprocess.Popen([sys.executable, "-m", "chameleon", "node", "retrieval", "--index", str(later), "--shard", "0",
+                             "--bind", "tcp://127.0.0.1:*", "--ready-file", str(tmp_path / "nodes" / "n.json"), "--wait-for-index", "120"])  # fmt: skip
+    try:
+        time.sleep(1.0)
+        assert coordinator.poll() is None and node.poll() is None and not ready.exists()
+        shutil.copytree(index_dir, tmp_path / "copy")
+        (tmp_path / "copy").rename(later)  # appears whole, as the index job's atomic write
+        assert wait_for(ready.is_file, 60)
+        with RetrievalClient(json.loads(ready.read_text())["endpoint"]) as client:
+            assert wait_for(lambda: client.info()["ready"], 60)
+    finally:
+        for process in (coordinator, node):
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=30)
+    command[command.index(later)] = tmp_path / "never"
+    missing = subprocess.run(
+        [sys.executable, "-m", "chameleon", *map(str, command), "--wait-for-index", "0.3"], capture_output=True, text=True
+    )
+    assert missing.returncode == 2 and "does not exist (waited 0.3 s)" in missing.stderr
 
 
 def test_a_coordinator_finds_its_nodes_by_name(index_dir, tmp_path, small_data):

@@ -23,7 +23,8 @@ import pytest
 
 from retriever.index import save_index
 
-PORT, COORDINATOR_PORT, TIMEOUT = 5555, 6000, 1.0
+PORT, COORDINATOR_PORT = 5555, 6000
+TIMEOUT = 2.0  # the coordinator's default: a node starved of CPU on a busy 2-core machine still answers within it
 SUBNET = "10.211.0"
 
 
@@ -209,10 +210,12 @@ def test_nodes_on_other_hosts_join_leave_fail_and_return_while_searches_run(lab,
     summary = json.loads((tmp_path / "load.json").read_text())
     print(f"{summary['searches']} searches, {summary['whole']} whole; new hosts searched within {join_seconds:.1f} s")
     assert summary["failed"] == [] and summary["wrong"] == []
-    assert all(at > whole_until for at, _, _ in summary["partial"]), "a partial answer while a replica remained"
+    # a search is in an outage when the time it was in flight (from ``at``, for ``seconds``) overlaps it
+    early = [(round(at - whole_until, 2), missing) for at, missing, seconds in summary["partial"] if at + seconds < whole_until]
+    assert early == [], f"partial answers while a replica remained (seconds before the one-replica phase, missing shards): {early}"
     for shard, started, ended in outages:
-        during = [(missing, seconds) for at, missing, seconds in summary["partial"] if started <= at <= ended]
+        during = [(missing, seconds) for at, missing, seconds in summary["partial"] if at <= ended and at + seconds >= started]
         assert during, f"no partial answer while shard {shard} was down"
-        assert all(missing == [shard] and seconds < TIMEOUT + 1.0 for missing, seconds in during)
+        assert all(missing == [shard] and seconds < TIMEOUT + 1.0 for missing, seconds in during), during
     # every partial answer came during an outage: the tier was whole again once the host returned
-    assert all(any(started <= at <= ended for _, started, ended in outages) for at, _, _ in summary["partial"])
+    assert all(any(at <= ended and at + seconds >= started for _, started, ended in outages) for at, _, seconds in summary["partial"])

@@ -544,6 +544,35 @@ def test_the_retrieval_engine_reaches_the_search_in_process_and_on_the_nodes(tmp
         assert server.stop() == 0
 
 
+def test_a_server_searches_a_tier_it_did_not_start_and_refuses_one_of_another_index(tmp_path, facts_index, tiny_model, l2_index):
+    from chameleon import cluster
+    from retriever.index import save_index
+    from tests.helpers import chameleon
+
+    # the tier: a layout of the passage index's vectors, made on its own (as a deployment's index job does)
+    chameleon("index", "reshard", "--index", facts_index, "--shards", 2, "--out", tmp_path / "layout")
+    tier = cluster.up(tmp_path / "layout", 2, tmp_path / "tier")
+    other = cluster.up(save_index(l2_index, tmp_path / "other"), 1, tmp_path / "other-tier")
+    try:
+        (tmp_path / "server").mkdir()
+        coordinator = tier["coordinator"]["endpoint"]
+        server = start_server(tmp_path / "server", "--index", facts_index, "--model", tiny_model, "--coordinator", coordinator)
+        try:
+            status, body, _ = call(server.url + "/v1/search", {"query": "What colour are the oceans of Zorblax-42?", "k": 3}, key=None)
+            assert status == 200 and body["results"][0]["doc_id"] == "fact-42"
+            status, ready, _ = call(server.url + "/readyz", None, key=None)
+            assert status == 200 and ready["shards"] == 2 and ready["index"]["coordinator"] == coordinator
+        finally:
+            assert server.stop() == 0
+        assert cluster.status(tmp_path / "tier")["view"]["ready"]  # the server left the tier running
+        wrong = chameleon("serve", "--index", facts_index, "--model", tiny_model, "--port", 0, "--coordinator",
+                          other["coordinator"]["endpoint"], expect=2).stderr  # fmt: skip
+        assert "serves index" in wrong and "not this passage index's" in wrong
+    finally:
+        cluster.down(tmp_path / "tier")
+        cluster.down(tmp_path / "other-tier")
+
+
 def test_a_killed_server_takes_its_tier_with_it(tmp_path, facts_index, tiny_model):
     server = start_server(tmp_path, "--index", facts_index, "--model", tiny_model, "--shards", 1)
     pids = _tier_pids(server.state_dir)

@@ -109,6 +109,25 @@ def index_add(
     say(f"added {new.shape[0]:,} vectors from {vectors} to {index}: {extended.ntotal:,} in all, in {time.perf_counter() - started:.1f} s")
 
 
+@app.command("reshard")
+def index_reshard(
+    index: Path = typer.Option(..., "--index", help="A vector index, or a passage index (its vectors are split)."),
+    shards: int = typer.Option(..., "--shards", help="Shards of the new layout."),
+    out: Path = typer.Option(..., "--out", help="Where the new layout goes (left as it is if it holds that layout already)."),
+):
+    """Write the index split into another number of shards: the same vectors and the same answers,
+    another layout. Retrieval nodes of the new layout join a serving tier, and its coordinators
+    switch to it once every shard has a live node (docs/deployment.md)."""
+    from retriever.index import read_manifest, save_layout
+
+    if not 1 <= shards <= 256:
+        raise InvalidInput(f"shards must be in 1..256, got {shards}")
+    source = index / "index" if (index / "rag.json").is_file() else index
+    read_manifest(source)
+    save_layout(source, shards, out)
+    say(f"wrote {out}: {shards} shard(s) of {source}")
+
+
 @app.command("remove")
 def index_remove(
     index: Path = typer.Option(..., "--index", help="The index directory: a vector index or a passage index."),

@@ -30,6 +30,10 @@ def serve(
     xclbin: Path | None = typer.Option(None, "--xclbin", help="With --fpga-mode hw: the bitstream (make -C hls hw)."),
     keys: Path | None = typer.Option(None, "--keys", help="CURVE keys directory: encrypt and authenticate the tier."),
     state_dir: Path | None = typer.Option(None, "--state-dir", help="State and logs of the tier's processes."),
+    wait_for_index: float | None = typer.Option(None, "--wait-for-index", help="Wait up to this many seconds for --index to appear (0)."),
+    coordinator: str | None = typer.Option(
+        None, "--coordinator", help="Search a running retrieval tier through its coordinator (tcp://HOST:PORT) instead of starting one."
+    ),
     host: str | None = typer.Option(None, "--host", help="Default 127.0.0.1."),
     port: int | None = typer.Option(None, "--port", help="Default 8000; 0 picks a free port."),
     api_key: list[str] | None = typer.Option(None, "--api-key", help="Accept this Bearer key (repeatable); none: open."),
@@ -68,6 +72,8 @@ def serve(
         xclbin=xclbin,
         keys=keys,
         state_dir=state_dir,
+        coordinator=coordinator,
+        wait_for_index=wait_for_index,
         host=host,
         port=port,
         api_keys=api_key or None,

@@ -18,6 +18,9 @@ keys_app = typer.Typer(no_args_is_help=True, help="CURVE keys for encrypted, aut
 def node_retrieval(
     index: Path = typer.Option(..., "--index", help="Index directory."),
     shard: int = typer.Option(..., "--shard", help="The shard this node serves."),
+    wait_for_index: float = typer.Option(
+        0, "--wait-for-index", help="Wait up to this many seconds for the index to appear (a deployment's index job may still write it)."
+    ),
     bind: str = typer.Option(..., "--bind", help="ZeroMQ endpoint, e.g. tcp://0.0.0.0:5555 or tcp://127.0.0.1:*"),
     engine: str = typer.Option(
         "numba",
@@ -49,6 +52,7 @@ def node_retrieval(
         raise InvalidInput(f"threads must be between 1 and {numba.config.NUMBA_NUM_THREADS}, got {threads}")
     if not 0 <= window_ms <= 1000:
         raise InvalidInput(f"the batching window must be between 0 and 1000 ms, got {window_ms}")
+    _wait_for_index(index, wait_for_index)
     node = RetrievalNode(
         index,
         shard,
@@ -66,6 +70,9 @@ def node_retrieval(
 @node_app.command("coordinator")
 def node_coordinator(
     index: Path = typer.Option(..., "--index", help="The index the nodes serve (any of its shard layouts; only its manifest is read)."),
+    wait_for_index: float = typer.Option(
+        0, "--wait-for-index", help="Wait up to this many seconds for the index to appear (a deployment's index job may still write it)."
+    ),
     nodes: list[str] = typer.Option(
         ...,
         "--nodes",
@@ -84,6 +91,7 @@ def node_coordinator(
 
     if not 0 < timeout <= 3600:
         raise InvalidInput(f"timeout must be between 0 and 3600 seconds, got {timeout}")
+    _wait_for_index(index, wait_for_index)
     cluster = ClusterConfig.of_index(index, nodes)
     coordinator = Coordinator(cluster, timeout=timeout, on_missing=on_missing, keys=CurveKeys.load(keys) if keys else None)
     say(f"coordinator: index {cluster.content}, nodes from {', '.join(nodes)}")
@@ -110,6 +118,16 @@ def node_probe(
     typer.echo(json.dumps(info))
     if not (info.get("ready") if info.get("role") == "coordinator" else not info.get("draining")):
         raise Unavailable(f"the {info.get('role', 'process')} at {endpoint} is not ready")
+
+
+def _wait_for_index(index: Path, seconds: float) -> None:
+    from retriever.files import wait_for_path
+
+    if not 0 <= seconds <= 86400:
+        raise InvalidInput(f"--wait-for-index must be between 0 and 86400 seconds, got {seconds}")
+    if seconds and not index.exists():
+        say(f"waiting up to {seconds:g} s for the index at {index}")
+        wait_for_path(index, seconds)
 
 
 @keys_app.command("gen")

@@ -25,7 +25,7 @@ from pathlib import Path
 from chameleon.server.settings import ServeSettings
 from chameleon.server.starting import StartingResponder
 from retriever.errors import InvalidInput, Unavailable
-from retriever.files import write_json_atomic
+from retriever.files import wait_for_path, write_json_atomic
 
 GRACEFUL_SHUTDOWN_S = 120
 READY_TIMEOUT_S = 180
@@ -74,6 +74,9 @@ def serve(settings: ServeSettings, ready_file: Path | None = None) -> None:
     served = service = app = engine = kind = None
     try:
         kind = engine_kind("torch" if settings.engine == "auto" and settings.knnlm is not None else settings.engine)
+        if settings.index is not None and settings.wait_for_index:
+            starting.step(f"waiting for the index at {settings.index}")
+            wait_for_path(settings.index, settings.wait_for_index)
         starting.step("loading the embedder and the passage index")
         embedder = Embedder()
         rag_index = RagIndex(settings.index or builtin_rag_index(embedder, progress=True), embedder.fingerprint)
@@ -199,6 +202,8 @@ def open_index(settings: ServeSettings, rag_index, state_dir: Path):
     from retriever.search import Searcher
     from retriever.wire.security import CurveKeys
 
+    if settings.coordinator is not None:
+        return _tier_of_others(settings, rag_index)
     if not settings.shards:
         searcher = Searcher(
             rag_index.index, settings.retrieval_engine, **engine_options(settings.retrieval_engine, settings.fpga_mode, settings.xclbin)
@@ -228,6 +233,31 @@ def open_index(settings: ServeSettings, rag_index, state_dir: Path):
     except BaseException:
         cluster.down(state_dir)
         raise
+
+
+def _tier_of_others(settings: ServeSettings, rag_index):
+    """``rag_index`` searched through the coordinator of a tier this server did not start. A tier
+    that answers and serves another index version is refused at once; one that does not answer
+    yet keeps the server from being ready until it does (``IndexServing.readiness``)."""
+    from chameleon import cluster
+    from chameleon.server.served_index import ServedIndex
+    from coordinator.client import RetrievalClient
+    from retriever.errors import ChameleonError
+    from retriever.index import content_fingerprint, read_manifest
+    from retriever.wire.security import CurveKeys
+
+    keys = CurveKeys.load(settings.keys) if settings.keys is not None else None
+    tier = RetrievalClient(settings.coordinator, keys=keys, timeout=1.0)
+    try:
+        serves = tier.info()["content"]
+    except ChameleonError:
+        serves = None
+    ours = content_fingerprint(read_manifest(rag_index.path / "index"))
+    if serves not in (None, ours):
+        tier.close()
+        raise InvalidInput(f"the retrieval tier at {settings.coordinator} serves index {serves}, not this passage index's {ours}")
+    _say(f"searching the retrieval tier through its coordinator at {settings.coordinator}")
+    return ServedIndex(rag_index, cluster.ClusterSearcher.connect(settings.coordinator, rag_index.path / "index", keys), tier)
 
 
 def _document_cache(kind: str, engine, settings: ServeSettings, cache: Path, template: list[int]):
@@ -265,9 +295,10 @@ def _banner(url: str, model_id: str, rag_index, settings: ServeSettings) -> None
     auth = " -H 'Authorization: Bearer YOUR_KEY'" if settings.api_keys else ""
     key = "YOUR_KEY" if settings.api_keys else "none"
     question = json.dumps({"question": "How do I read a file line by line?"})
+    tier = f"retrieval through {settings.coordinator}" if settings.coordinator else f"{settings.shards or 'no'} retrieval shard(s)"
     print(
         f"\nChameleon serves {model_id} over {len(rag_index.passages):,} passages of {rag_index.meta['corpus']} "
-        f"({settings.shards or 'no'} retrieval shard(s)) at {url}\n\n"
+        f"({tier}) at {url}\n\n"
         f"  curl -s {url}/v1/rag -H 'Content-Type: application/json'{auth} -d '{question}'\n\n"
         f"  python -c \"from openai import OpenAI; client = OpenAI(base_url='{url}/v1', api_key='{key}'); "
         f"print(client.chat.completions.create(model='{model_id}', messages=[{{'role': 'user', "

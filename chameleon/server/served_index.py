@@ -19,6 +19,7 @@ from chameleon.rag.corpus import RagIndex
 from chameleon.rag.pipeline import RagPipeline
 from coordinator.client import RetrievalClient
 from retriever.errors import ChameleonError
+from retriever.index import content_fingerprint, read_manifest
 from retriever.search import Retrieval
 
 
@@ -26,7 +27,8 @@ from retriever.search import Retrieval
 class ServedIndex:
     """One version of the passage index as the server serves it: its passages, what searches them
     (a ``retriever.Searcher`` in this process, or a ``chameleon.cluster.ClusterSearcher``) and, with
-    a tier, a client of its coordinator (readiness, metrics) and the directory of its processes."""
+    a tier, a client of its coordinator (readiness, metrics) and, when this server started the
+    tier, the directory of its processes."""
 
     rag_index: RagIndex
     retrieval: Retrieval
@@ -34,7 +36,10 @@ class ServedIndex:
     state_dir: Path | None = None
 
     def describe(self) -> dict:
-        where = {"retrieval": "tier", "state_dir": str(self.state_dir)} if self.tier is not None else {"retrieval": "in-process"}
+        if self.tier is None:
+            where = {"retrieval": "in-process"}
+        else:
+            where = {"retrieval": "tier", "coordinator": self.tier.endpoint, "state_dir": str(self.state_dir) if self.state_dir else None}
         return {
             "path": str(self.rag_index.path),
             "passages": len(self.rag_index.passages),
@@ -51,6 +56,8 @@ class ServedIndex:
 
         self.retrieval.close()
         self.tier.close()
+        if self.state_dir is None:
+            return []  # a tier of others: it goes on serving
         stopped = cluster.down(self.state_dir)
         if discard_copies:
             for index_copy in self.state_dir.glob("index-*-shards"):
@@ -92,6 +99,10 @@ class IndexServing:
         info = self.tier_info()
         if info is None:
             return {"ready": False, "retrieval": "tier", "reason": "the coordinator does not answer", **index}
+        serving = content_fingerprint(read_manifest(self.served.rag_index.path / "index"))
+        if info["content"] != serving:
+            reason = f"the retrieval tier serves index {info['content']}, not {serving}"
+            return {"ready": False, "retrieval": "tier", "reason": reason, **index}
         if not info["ready"]:
             live = {n["shard"] for n in info["nodes"] if n["alive"] and n["fingerprint"] == info["fingerprint"]}
             missing = sorted(set(range(info["nshards"])) - live) if info["nshards"] else "all"

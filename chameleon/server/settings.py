@@ -18,6 +18,9 @@ class ServeSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CHAMELEON_", extra="forbid")
 
     index: Path | None = Field(None, description="Passage index directory (default: built-in python-docs, built on first run).")
+    wait_for_index: float = Field(
+        0, ge=0, le=86400, description="Wait up to this many seconds for the index to appear (a deployment's index job may still write it)."
+    )
     model: str | None = Field(None, description="Local Hugging Face model directory (default: built-in SmolLM2-135M-Instruct).")
     engine: Literal["auto", "torch", "vllm"] = Field(
         "auto",
@@ -41,6 +44,11 @@ class ServeSettings(BaseSettings):
     xclbin: Path | None = Field(None, description="With fpga_mode hw: the bitstream (make -C hls hw).")
     keys: Path | None = Field(None, description="CURVE keys directory (`chameleon keys gen`) to encrypt the tier.")
     state_dir: Path | None = Field(None, description="Where the tier's processes keep state and logs (default: in the cache).")
+    coordinator: str | None = Field(
+        None,
+        description="Search a running retrieval tier through its coordinator (tcp://HOST:PORT) instead of starting one "
+        "(shards and replicas are then the tier's business); it must serve the vectors of the passage index.",
+    )
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535, description="0 picks a free port.")
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="Bearer keys; none means open.")
