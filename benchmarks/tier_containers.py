@@ -71,7 +71,9 @@ def main() -> None:
         print(json.dumps(measure(sys.argv[2], sys.argv[3], int(sys.argv[4]))))
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--project", default="deploy", help="The Compose project (docker compose -p; named after the directory by default).")
+    parser.add_argument(
+        "--project", default="deploy", help="The Compose project (docker compose -p; named after the directory by default)."
+    )
     parser.add_argument("--queries", type=int, default=2000)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as work:

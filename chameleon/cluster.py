@@ -219,10 +219,11 @@ def _start_nodes(state: dict, index_dir: Path, nodes: list[tuple[int, int]], sta
         name = f"node-{shard}-{replica}-of-{nshards}"
         log = state_dir / "logs" / f"{name}.log"
         announcement = state_dir / NODES_DIR / f"{name}.json"
+        announcement.unlink(missing_ok=True)  # a dead node's, whose name this one takes over
         command = _chameleon(
             "node", "retrieval", "--index", index_dir, "--shard", shard, "--bind", "tcp://127.0.0.1:*", "--ready-file", announcement
         )
-        process = _spawn([*command, *state["node_flags"]], log, die_with_parent=state["owner"] == os.getpid())
+        process = _spawn([*command, *state["node_flags"]], log, die_with_parent=state.get("owner") == os.getpid())
         started.append(process)
         processes.append(process)
         entries.append({"shard": shard, "replica": replica, "nshards": nshards, "name": name, "log": str(log)})
@@ -260,7 +261,8 @@ def scale(state_dir: str | os.PathLike, replicas: int | None = None, shards: int
     coordinators had time to send elsewhere. Another shard count: the index is split again (same
     vectors, another layout), a whole set of nodes for it starts, the coordinators switch to it
     once every shard has a live node, then the old layout's nodes withdraw and drain. Searches go
-    on throughout; none fails while a replica of each shard remains.
+    on throughout; none fails while a replica of each shard remains. Nodes whose process died are
+    replaced.
     """
     state = read_state(state_dir)
     replicas = state["replicas"] if replicas is None else replicas
@@ -275,9 +277,10 @@ def scale(state_dir: str | os.PathLike, replicas: int | None = None, shards: int
             leaving, kept = state["nodes"], fresh
             state["index"] = str(index)
         else:
-            fresh, kept, leaving = [], [], []
+            # a node whose process died is replaced, as if the cluster had one replica fewer
+            fresh, kept, leaving = [], [], [n for n in state["nodes"] if not _is_ours(n["pid"])]
             for shard in range(shards):
-                ours = sorted((n for n in state["nodes"] if n["shard"] == shard), key=lambda n: n["replica"])
+                ours = sorted((n for n in state["nodes"] if n["shard"] == shard and n not in leaving), key=lambda n: n["replica"])
                 kept += ours[:replicas]
                 leaving += ours[replicas:]
                 taken = {n["replica"] for n in ours}

@@ -2,11 +2,13 @@
 under a bounded load, and versions that must not be merged."""
 
 import json
+import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -138,6 +140,29 @@ def test_scaling_replicas_and_shards_while_searches_run_fails_none(index_dir, tm
     assert summary["searches"] > 50
     assert summary["failed"] == [] and summary["partial"] == [] and summary["wrong"] == []
     assert summary["whole"] == summary["searches"]
+
+
+def process_gone(pid: int) -> bool:
+    try:
+        return b"chameleon" not in Path(f"/proc/{pid}/cmdline").read_bytes()  # a zombie's is empty
+    except OSError:
+        return True
+
+
+def test_scaling_replaces_nodes_whose_process_died(index_dir, tmp_path):
+    state = cluster.up(index_dir, 1, tmp_path / "state", replicas=2, threads=1)
+    try:
+        dead = state["nodes"][0]
+        os.kill(dead["pid"], signal.SIGKILL)
+        assert wait_for(lambda: process_gone(dead["pid"]))
+        healed = cluster.scale(tmp_path / "state", replicas=2)
+        assert dead["endpoint"] not in {n["endpoint"] for n in healed["nodes"]}
+        assert [n["running"] for n in cluster.status(tmp_path / "state")["nodes"]] == [True, True]
+        with RetrievalClient(state["coordinator"]["endpoint"]) as client:
+            assert wait_for(lambda: {n["endpoint"] for n in client.info()["nodes"]} == {n["endpoint"] for n in healed["nodes"]})
+            assert all(n["alive"] for n in client.info()["nodes"])
+    finally:
+        cluster.down(tmp_path / "state")
 
 
 def test_a_node_of_another_index_version_is_never_merged(index_dir, tmp_path, small_data):
