@@ -4,8 +4,9 @@ Starts dockerd if none answers, builds the images on a debootstrap base (no Dock
 brings up deploy/compose.yaml (the index job, 2 shards x 2 replicas, the coordinator, the
 server), answers /v1/rag and the OpenAI client, then, under a search load from a container on
 the tier's network: scales every shard to 3 replicas and back, ``docker kill``s a node container
-(compose brings it back) and crashes another node's process (Docker restarts it). Every search
-must be whole and equal to the in-process search. ``docker compose down`` must leave
+(compose brings it back), crashes another node's process (Docker restarts it), and re-shards from
+2 to 3 shards (deploy/compose.reshard-3.yaml's layout and nodes, then the old shards' services stopped).
+Every search must be whole and equal to the in-process search. ``docker compose down`` must leave
 nothing running. Then the same file as a stack on a single-node Swarm, scaled with
 ``docker service scale``. Needs root, Docker and Compose v2 (docs/deployment.md).
 """
@@ -27,6 +28,7 @@ pytestmark = pytest.mark.skipif(os.environ.get("CHAMELEON_TEST_DEPLOY") != "1", 
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "deploy" / "compose.yaml"
+RESHARD = ROOT / "deploy" / "compose.reshard-3.yaml"
 PROJECT = "chameleon-test"
 BASE = "chameleon-base:bookworm"
 
@@ -151,12 +153,20 @@ def test_the_compose_deployment_serves_scales_and_heals(docker, tmp_path):
         sh("docker", "exec", crashed, "sh", "-c", "kill -KILL -1", check=False)
         wait_for(lambda: sh("docker", "inspect", crashed, "--format", "{{.RestartCount}}").stdout.strip() != "0", 60, "a restart")
         wait_for(lambda: nodes_alive(probe("coordinator", 6000)) == 4, 300, "the restarted node back in rotation")
+        # re-sharding 2 -> 3 while searches run: the new layout's nodes join, the coordinator
+        # switches once it is whole, then the old layout's services stop (they drain)
+        reshard = ("-f", RESHARD, "up", "-d", "--no-recreate", "--scale", "retrieval-0=2", "--scale", "retrieval-1=2")
+        compose(*reshard, env=env)
+        wait_for(lambda: probe("coordinator", 6000)["nshards"] == 3, 600, "the coordinator serving 3 shards")
+        compose("-f", RESHARD, "stop", "retrieval-0", "retrieval-1", env=env)
+        wait_for(lambda: len(probe("coordinator", 6000)["nodes"]) == 6, 120, "the old layout's nodes gone")
+        time.sleep(5)  # searches on the new layout alone
         summary = stop_load(load, tmp_path)
         print(f"compose: ready {ready_s:.0f} s after up; {summary['searches']} searches, {summary['whole']} whole")
         assert summary["searches"] > 100
         assert summary["failed"] == [] and summary["partial"] == [] and summary["wrong"] == []
     finally:
-        compose("down", "-v", "--timeout", "30", env=env, check=False)
+        compose("down", "-v", "--remove-orphans", "--timeout", "30", env=env, check=False)
     assert sh("docker", "ps", "-q", "--filter", f"label=com.docker.compose.project={PROJECT}").stdout.strip() == ""
 
 

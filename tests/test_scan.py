@@ -238,3 +238,14 @@ def test_serial_and_parallel_kernels_give_the_same_answers(small_index, small_da
     for q in range(0, 40, 3):
         d, i = engine.search(queries[q : q + 3], list_ids[q : q + 3], 20)
         np.testing.assert_array_equal(i, batch_i[q : q + 3])
+
+
+def test_warm_up_compiles_the_kernels_for_the_read_only_arrays_a_node_receives(l2_index):
+    """A node's requests arrive as read-only arrays (straight from the wire), which Numba compiles
+    apart from writable ones: compiled on a first request instead, they cost seconds, enough for a
+    coordinator to time a fresh node out (seen with containers, whose Numba cache starts empty)."""
+    from retriever.kernels.adc import scan_ivfpq_serial
+
+    NumbaEngine(l2_index).warm_up()
+    for kernel in (scan_ivfpq, scan_ivfpq_serial):
+        assert {signature[0].mutable for signature in kernel.signatures} == {True, False}  # the queries' array type

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from retriever.engines.base import PRECOMPUTED_TABLE_MAX_BYTES, ScanEngine, l2_list_terms
+from retriever.engines.base import PRECOMPUTED_TABLE_MAX_BYTES, ScanEngine, l2_list_terms, warm_up_inputs
 from retriever.index import IVFPQIndex, unpack_codes
 from retriever.kernels.adc import scan_ivfpq, scan_ivfpq_serial
 
@@ -31,7 +31,8 @@ class NumbaEngine(ScanEngine):
 
     def warm_up(self) -> None:
         super().warm_up()
-        self._kernel(scan_ivfpq, self.centroids[:2], np.zeros((2, 1), np.int64), 1)  # the parallel kernel too
+        for queries, list_ids in warm_up_inputs(self.centroids, 2):  # the parallel kernel too
+            self._kernel(scan_ivfpq, queries, list_ids, 1)
 
     def _kernel(self, kernel, queries, list_ids, k):
         return kernel(

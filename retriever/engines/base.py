@@ -80,9 +80,12 @@ class ScanEngine:
         return queries.shape[0] > 1 and numba.get_num_threads() > 1 and self.codes_to_scan(list_ids) >= PARALLEL_MIN_CODES
 
     def warm_up(self) -> None:
-        """Run the search paths once (Numba compiles or loads its kernels on first use), so that a
-        server reports ready only when it answers at full speed."""
-        self.search(self.centroids[:1], np.zeros((1, 1), np.int64), 1)
+        """Run the search paths once for each kind of input they get, so that a server reports
+        ready only when it answers at full speed: Numba compiles (or loads) a kernel per argument
+        types, and a read-only array is another type than a writable one (a node's requests
+        arrive read-only, straight from the wire; an in-process search's queries are writable)."""
+        for queries, list_ids in warm_up_inputs(self.centroids, 1):
+            self.search(queries, list_ids, 1)
 
     def search(self, queries: np.ndarray, list_ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k of already prepared (float32, normalised for cos) ``queries`` over ``list_ids``."""
@@ -91,6 +94,18 @@ class ScanEngine:
     def search_checked(self, queries, list_ids, k):
         """``search`` on what :meth:`check` returned (a node checks each request as it arrives, then scans them in a batch)."""
         raise NotImplementedError
+
+
+def warm_up_inputs(centroids: np.ndarray, rows: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(queries, list_ids) of ``rows`` rows probing list 0, writable and read-only: the inputs an
+    engine's ``warm_up`` runs its kernels on."""
+    pairs = []
+    for writable in (True, False):
+        queries, list_ids = np.array(centroids[:rows], dtype=np.float32), np.zeros((rows, 1), np.int64)
+        queries.setflags(write=writable)
+        list_ids.setflags(write=writable)
+        pairs.append((queries, list_ids))
+    return pairs
 
 
 def l2_list_terms(params, centroids: np.ndarray, codebooks: np.ndarray) -> np.ndarray:

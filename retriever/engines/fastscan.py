@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from retriever.engines.base import PRECOMPUTED_TABLE_MAX_BYTES, ScanEngine, l2_list_terms
+from retriever.engines.base import PRECOMPUTED_TABLE_MAX_BYTES, ScanEngine, l2_list_terms, warm_up_inputs
 from retriever.errors import InvalidInput
 from retriever.index import IVFPQIndex, unpack_codes
 from retriever.kernels.common import dynamic_schedule
@@ -45,7 +45,8 @@ class FastScanEngine(ScanEngine):
 
     def warm_up(self) -> None:
         super().warm_up()
-        self._kernel(scan_fastscan, self.centroids[:2], np.zeros((2, 1), np.int64), 1)
+        for queries, list_ids in warm_up_inputs(self.centroids, 2):  # the parallel kernel too
+            self._kernel(scan_fastscan, queries, list_ids, 1)
 
     def _kernel(self, kernel, queries, list_ids, k):
         return kernel(
