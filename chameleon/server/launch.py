@@ -243,7 +243,6 @@ def _tier_of_others(settings: ServeSettings, rag_index):
     from chameleon.server.served_index import ServedIndex
     from coordinator.client import RetrievalClient
     from retriever.errors import ChameleonError
-    from retriever.index import content_fingerprint, read_manifest
     from retriever.wire.security import CurveKeys
 
     keys = CurveKeys.load(settings.keys) if settings.keys is not None else None
@@ -252,12 +251,12 @@ def _tier_of_others(settings: ServeSettings, rag_index):
         serves = tier.info()["content"]
     except ChameleonError:
         serves = None
-    ours = content_fingerprint(read_manifest(rag_index.path / "index"))
-    if serves not in (None, ours):
-        tier.close()
-        raise InvalidInput(f"the retrieval tier at {settings.coordinator} serves index {serves}, not this passage index's {ours}")
+    served = ServedIndex(rag_index, cluster.ClusterSearcher.connect(settings.coordinator, rag_index.path / "index", keys), tier)
+    if serves not in (None, served.content):
+        served.close()
+        raise InvalidInput(f"the retrieval tier at {settings.coordinator} serves index {serves}, not this passage index's {served.content}")
     _say(f"searching the retrieval tier through its coordinator at {settings.coordinator}")
-    return ServedIndex(rag_index, cluster.ClusterSearcher.connect(settings.coordinator, rag_index.path / "index", keys), tier)
+    return served
 
 
 def _document_cache(kind: str, engine, settings: ServeSettings, cache: Path, template: list[int]):

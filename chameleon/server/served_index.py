@@ -12,7 +12,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from chameleon.rag.corpus import RagIndex
@@ -34,6 +34,10 @@ class ServedIndex:
     retrieval: Retrieval
     tier: RetrievalClient | None = None
     state_dir: Path | None = None
+    content: str = field(init=False)  # the vectors' content fingerprint, which a tier must serve
+
+    def __post_init__(self):
+        self.content = content_fingerprint(read_manifest(self.rag_index.path / "index"))
 
     def describe(self) -> dict:
         if self.tier is None:
@@ -99,9 +103,8 @@ class IndexServing:
         info = self.tier_info()
         if info is None:
             return {"ready": False, "retrieval": "tier", "reason": "the coordinator does not answer", **index}
-        serving = content_fingerprint(read_manifest(self.served.rag_index.path / "index"))
-        if info["content"] != serving:
-            reason = f"the retrieval tier serves index {info['content']}, not {serving}"
+        if info["content"] != self.served.content:
+            reason = f"the retrieval tier serves index {info['content']}, not {self.served.content}"
             return {"ready": False, "retrieval": "tier", "reason": reason, **index}
         if not info["ready"]:
             live = {n["shard"] for n in info["nodes"] if n["alive"] and n["fingerprint"] == info["fingerprint"]}
