@@ -135,7 +135,7 @@ def up(
         state = read_state(state_dir)
         if any(_is_ours(p["pid"]) for p in [state["coordinator"], *state["nodes"]]):
             raise InvalidInput(f"a cluster is already up in {state_dir} (`chameleon cluster down --state-dir {state_dir}`)")
-    _check_size(nshards, replicas)
+    check_size(nshards, replicas)
     keys = CurveKeys.load(keys_dir) if keys_dir is not None else None  # fail now, not in every child
     options = engine_options(engine, fpga_mode, xclbin)
     source = Path(index_dir).resolve()
@@ -196,7 +196,7 @@ def up(
     return state
 
 
-def _check_size(nshards: int, replicas: int) -> None:
+def check_size(nshards: int, replicas: int) -> None:
     if not 1 <= nshards <= 256 or not 1 <= replicas <= 16:
         raise InvalidInput(f"shards must be in 1..256 and replicas in 1..16, got {nshards} and {replicas}")
 
@@ -267,7 +267,7 @@ def scale(state_dir: str | os.PathLike, replicas: int | None = None, shards: int
     state = read_state(state_dir)
     replicas = state["replicas"] if replicas is None else replicas
     shards = state["nshards"] if shards is None else shards
-    _check_size(shards, replicas)
+    check_size(shards, replicas)
     keys = CurveKeys.load(state["keys"]) if state.get("keys") else None
     started: list[subprocess.Popen] = []
     try:

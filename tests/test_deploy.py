@@ -3,9 +3,9 @@
 Starts dockerd if none answers, builds the images on a debootstrap base (no Docker Hub needed),
 brings up deploy/compose.yaml (the index job, 2 shards x 2 replicas, the coordinator, the
 server), answers /v1/rag and the OpenAI client, then, under a search load from a container on
-the tier's network: scales every shard to 3 replicas and back, ``docker kill``s a node container
-(compose brings it back), crashes another node's process (Docker restarts it), and re-shards from
-2 to 3 shards (deploy/compose.reshard-3.yaml's layout and nodes, then the old shards' services stopped).
+the tier's network and through ``chameleon cluster scale --compose``: scales every shard to 3
+replicas and back, ``docker kill``s a node container (the scaler brings it back), crashes another
+node's process (Docker restarts it), re-shards from 2 to 3 shards and back to 2 with 1 replica.
 Every search must be whole and equal to the in-process search. ``docker compose down`` must leave
 nothing running. Then the same file as a stack on a single-node Swarm, scaled with
 ``docker service scale``. Needs root, Docker and Compose v2 (docs/deployment.md).
@@ -28,7 +28,6 @@ pytestmark = pytest.mark.skipif(os.environ.get("CHAMELEON_TEST_DEPLOY") != "1", 
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "deploy" / "compose.yaml"
-RESHARD = ROOT / "deploy" / "compose.reshard-3.yaml"
 PROJECT = "chameleon-test"
 BASE = "chameleon-base:bookworm"
 
@@ -74,6 +73,12 @@ def docker():
 
 def compose(*args, env=None, **options):
     return sh("docker", "compose", "-p", PROJECT, "-f", COMPOSE, *args, env={**os.environ, **(env or {})}, **options)
+
+
+def scale(*args, env=None) -> str:
+    """``chameleon cluster scale`` on the test's deployment; what it prints."""
+    command = [sys.executable, "-m", "chameleon", "cluster", "scale", "--compose", COMPOSE, "-p", PROJECT, *args]
+    return sh(*command, env={**os.environ, **(env or {})}, timeout=900).stdout
 
 
 def free_port() -> int:
@@ -137,29 +142,31 @@ def test_the_compose_deployment_serves_scales_and_heals(docker, tmp_path):
         load = start_load(tmp_path, f"{PROJECT}_tier", np.random.default_rng(0).standard_normal((200, 384), dtype=np.float32))
         wait_for(lambda: (tmp_path / "load.json").exists() or probe("coordinator", 6000)["jobs"] > 50, 120, "the load")
         scale_up = time.monotonic()
-        compose("up", "-d", "--no-recreate", "--scale", "retrieval-0=3", "--scale", "retrieval-1=3", env=env)
-        wait_for(lambda: nodes_alive(probe("coordinator", 6000)) == 6, 300, "6 nodes in rotation")
+        assert "2 shard(s) x 3 replica(s), 6 node(s) in rotation" in scale("--replicas", 3, env=env)
         print(f"3 replicas per shard in rotation {time.monotonic() - scale_up:.0f} s after the scale command")
-        compose("up", "-d", "--no-recreate", "--scale", "retrieval-0=2", "--scale", "retrieval-1=2", env=env)
-        wait_for(lambda: len(probe("coordinator", 6000)["nodes"]) == 4, 120, "back to 4 nodes")
-        # a node container killed (its replica answers), then brought back by compose
+        scale("--replicas", 2, env=env)
+        assert len(probe("coordinator", 6000)["nodes"]) == 4
+        # a node container killed (its replica answers), then brought back by the scaler
         victim = compose("ps", "-q", "retrieval-0").stdout.split()[0]
         sh("docker", "kill", victim)
         wait_for(lambda: nodes_alive(probe("coordinator", 6000)) == 3, 60, "the killed node out of rotation")
-        compose("up", "-d", "--no-recreate", "--scale", "retrieval-0=2", "--scale", "retrieval-1=2", env=env)
-        wait_for(lambda: nodes_alive(probe("coordinator", 6000)) == 4, 300, "the killed node back in rotation")
+        scale("--replicas", 2, env=env)
+        assert nodes_alive(probe("coordinator", 6000)) == 4
         # a node's process crashing: Docker restarts the container (restart: unless-stopped)
         crashed = compose("ps", "-q", "retrieval-1").stdout.split()[0]
         sh("docker", "exec", crashed, "sh", "-c", "kill -KILL -1", check=False)
         wait_for(lambda: sh("docker", "inspect", crashed, "--format", "{{.RestartCount}}").stdout.strip() != "0", 60, "a restart")
         wait_for(lambda: nodes_alive(probe("coordinator", 6000)) == 4, 300, "the restarted node back in rotation")
-        # re-sharding 2 -> 3 while searches run: the new layout's nodes join, the coordinator
-        # switches once it is whole, then the old layout's services stop (they drain)
-        reshard = ("-f", RESHARD, "up", "-d", "--no-recreate", "--scale", "retrieval-0=2", "--scale", "retrieval-1=2")
-        compose(*reshard, env=env)
-        wait_for(lambda: probe("coordinator", 6000)["nshards"] == 3, 600, "the coordinator serving 3 shards")
-        compose("-f", RESHARD, "stop", "retrieval-0", "retrieval-1", env=env)
-        wait_for(lambda: len(probe("coordinator", 6000)["nodes"]) == 6, 120, "the old layout's nodes gone")
+        # re-sharding while searches run, 2 -> 3 shards and back to the file's own layout: the new
+        # layout's nodes join, the coordinator switches once it is whole, the old layout drains
+        reshard = time.monotonic()
+        out = scale("--shards", 3, env=env)
+        assert "3 shard(s) x 2 replica(s), 6 node(s) in rotation" in out and "service retrieval-3-2: 2 container(s)" in out
+        print(f"re-sharded to 3 in {time.monotonic() - reshard:.0f} s")
+        assert {n["shard"] for n in probe("coordinator", 6000)["nodes"]} == {0, 1, 2}
+        assert compose("ps", "-q", "retrieval-0").stdout.strip() == ""
+        out = scale("--shards", 2, "--replicas", 1, env=env)
+        assert "2 shard(s) x 1 replica(s), 2 node(s) in rotation" in out and "service retrieval-0: 1 container(s)" in out
         time.sleep(5)  # searches on the new layout alone
         summary = stop_load(load, tmp_path)
         print(f"compose: ready {ready_s:.0f} s after up; {summary['searches']} searches, {summary['whole']} whole")
@@ -167,6 +174,7 @@ def test_the_compose_deployment_serves_scales_and_heals(docker, tmp_path):
         assert summary["failed"] == [] and summary["partial"] == [] and summary["wrong"] == []
     finally:
         compose("down", "-v", "--remove-orphans", "--timeout", "30", env=env, check=False)
+        (COMPOSE.parent / f"compose.scale.{PROJECT}.json").unlink(missing_ok=True)
     assert sh("docker", "ps", "-q", "--filter", f"label=com.docker.compose.project={PROJECT}").stdout.strip() == ""
 
 

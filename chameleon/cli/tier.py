@@ -190,15 +190,31 @@ def cluster_down(state_dir: Path = typer.Option(..., "--state-dir")):
 
 @cluster_app.command("scale")
 def cluster_scale(
-    state_dir: Path = typer.Option(..., "--state-dir"),
+    state_dir: Path | None = typer.Option(None, "--state-dir", help="A local cluster (`cluster up`)."),
+    compose: Path | None = typer.Option(None, "--compose", help="Or a Compose deployment: its file (deploy/compose.yaml)."),
+    project: str | None = typer.Option(None, "--project", "-p", help="With --compose: the project name, if not the file's directory's."),
     replicas: int | None = typer.Option(None, "--replicas", help="Nodes per shard from now on."),
     shards: int | None = typer.Option(None, "--shards", help="Shards from now on (the index is split again; searches go on)."),
 ):
-    """Change the nodes per shard or the number of shards while the cluster serves; print what runs after."""
-    from chameleon.cluster import scale
-
+    """Change the nodes per shard or the number of shards while the retrieval tier serves, on a
+    local cluster or a Compose deployment; print what runs after."""
     if replicas is None and shards is None:
         raise InvalidInput("say --replicas N, --shards N or both")
+    if (state_dir is None) == (compose is None):
+        raise InvalidInput("say which deployment: --state-dir DIR (a local cluster) or --compose FILE")
+    if compose is not None:
+        from chameleon.compose import scale as scale_compose
+
+        report = scale_compose(compose, replicas=replicas, shards=shards, project=project)
+        typer.echo(
+            f"{report['project']}: {report['nshards']} shard(s) x {report['replicas']} replica(s), {report['nodes_alive']} node(s) in rotation"
+        )
+        for service, count in report["services"].items():
+            typer.echo(f"service {service}: {count} container(s)")
+        say(f"what runs now: docker compose -p {report['project']} -f {compose} -f {report['overlay']} up -d")
+        return
+    from chameleon.cluster import scale
+
     state = scale(state_dir, replicas=replicas, shards=shards)
     typer.echo(f"cluster: {state['nshards']} shard(s) x {state['replicas']} replica(s)")
     for n in state["nodes"]:
