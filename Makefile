@@ -83,7 +83,7 @@ test-vllm:
 IMAGE_BASE ?= debian:bookworm-slim
 images:
 	$(BOOTSTRAP_PYTHON) -m pip download -q --no-deps -d deploy/docker/wheelhouse "$(TORCH)"
-	cert="$$($(BOOTSTRAP_PYTHON) -m pip config get global.cert 2>/dev/null)"; \
+	cert="$$($(BOOTSTRAP_PYTHON) -m pip config list 2>/dev/null | sed -n "s/^[^ ]*\.cert='\(.*\)'$$/\1/p" | head -n 1)"; \
 	    if [ -n "$$cert" ]; then cp "$$cert" deploy/docker/ca/pip.crt; fi
 	docker build -q -f deploy/docker/Dockerfile --build-arg BASE=$(IMAGE_BASE) --target retrieval -t chameleon-retrieval .
 	docker build -q -f deploy/docker/Dockerfile --build-arg BASE=$(IMAGE_BASE) --target server -t chameleon-server .
