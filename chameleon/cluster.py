@@ -13,19 +13,22 @@ instead (the same code, driven by the searcher's own calls), one network hop few
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import fcntl
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from chameleon.supervisor import Child, RestartPolicy, Supervisor
 from coordinator.client import RetrievalClient
 from coordinator.membership import RESOLVE_INTERVAL
 from coordinator.router import ClusterConfig, Coordinator, InlineCoordinator
@@ -51,13 +54,17 @@ def _chameleon(*args) -> list[str]:
     return [sys.executable, "-m", "chameleon", *map(str, args)]
 
 
+# The processes this one started, by pid, so that a keeper in this process gets their exit status.
+_STARTED: dict[int, subprocess.Popen] = {}
+
+
 def _spawn(command: list[str], log: Path, die_with_parent: bool = False) -> subprocess.Popen:
     log.parent.mkdir(parents=True, exist_ok=True)
     # The processes of a local cluster share the machine's cores: idle OpenMP workers must sleep, not
     # spin on a core that another node needs.
     env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ}
     with open(log, "ab") as out:
-        return subprocess.Popen(
+        process = subprocess.Popen(
             command,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -66,6 +73,8 @@ def _spawn(command: list[str], log: Path, die_with_parent: bool = False) -> subp
             env=env,
             preexec_fn=_term_when_parent_dies if die_with_parent and _PRCTL is not None else None,
         )
+    _STARTED[process.pid] = process
+    return process
 
 
 # Linux: a child can ask for SIGTERM when its parent dies, so a killed server leaves no nodes behind.
@@ -119,6 +128,7 @@ def up(
     threads: int | None = None,
     fpga_mode: str | None = None,
     xclbin: str | os.PathLike | None = None,
+    keep: bool = False,
 ) -> dict:
     """Start the cluster and return its state (also written to ``STATE/cluster.json``).
 
@@ -129,11 +139,13 @@ def up(
     ``threads``: scan threads per node (default: this machine's cores shared among the nodes).
     ``fpga_mode``: with ``engine="fpga"``, ``emu`` or ``hw``; ``xclbin``: the bitstream for ``hw``
     (see ``chameleon node retrieval``).
+    ``keep``: leave a keeper process beside the cluster that restarts what exits or goes silent
+    (:class:`ClusterKeeper`); ``down`` stops it first.
     """
     state_dir = Path(state_dir).resolve()
     if (state_dir / STATE_FILE).is_file():
         state = read_state(state_dir)
-        if any(_is_ours(p["pid"]) for p in [state["coordinator"], *state["nodes"]]):
+        if _keeper_running(state) or any(_is_ours(p["pid"]) for p in [state["coordinator"], *state["nodes"]]):
             raise InvalidInput(f"a cluster is already up in {state_dir} (`chameleon cluster down --state-dir {state_dir}`)")
     check_size(nshards, replicas)
     keys = CurveKeys.load(keys_dir) if keys_dir is not None else None  # fail now, not in every child
@@ -185,7 +197,14 @@ def up(
         coordinator = _spawn(command, logs / "coordinator.log", die_with_parent)
         started.append(coordinator)
         front = _wait_ready(coordinator, run / "coordinator.json", logs / "coordinator.log", time.monotonic() + START_TIMEOUT)
-        state["coordinator"] = {**front, "log": str(logs / "coordinator.log"), "timeout": timeout, "on_missing": on_missing}
+        command[command.index("--bind") + 1] = front["endpoint"]  # a restart takes the same endpoint: clients reconnect
+        state["coordinator"] = {
+            **front,
+            "log": str(logs / "coordinator.log"),
+            "timeout": timeout,
+            "on_missing": on_missing,
+            "command": list(map(str, command)),
+        }
         with RetrievalClient(front["endpoint"], keys=keys) as client:
             _wait_serving(client, state["nodes"], time.monotonic() + START_TIMEOUT)
     except BaseException:
@@ -193,6 +212,21 @@ def up(
             process.kill()
         raise
     write_json_atomic(state_dir / STATE_FILE, state)
+    if keep:
+        state = _start_keeper(state_dir)
+    return state
+
+
+def _start_keeper(state_dir: Path) -> dict:
+    """Start the keeper of the cluster in ``state_dir`` and return the state once it keeps it."""
+    log = state_dir / "logs" / "keeper.log"
+    keeper = _spawn(_chameleon("cluster", "keep", "--state-dir", state_dir), log)
+    deadline = time.monotonic() + START_TIMEOUT
+    while (state := read_state(state_dir)).get("keeper", {}).get("pid") != keeper.pid:
+        if keeper.poll() is not None or time.monotonic() > deadline:
+            keeper.kill()
+            raise InvalidInput(f"the cluster's keeper did not start:\n{log.read_text(errors='replace')[-2000:]}")
+        time.sleep(0.05)
     return state
 
 
@@ -223,10 +257,11 @@ def _start_nodes(state: dict, index_dir: Path, nodes: list[tuple[int, int]], sta
         command = _chameleon(
             "node", "retrieval", "--index", index_dir, "--shard", shard, "--bind", "tcp://127.0.0.1:*", "--ready-file", announcement
         )
-        process = _spawn([*command, *state["node_flags"]], log, die_with_parent=state.get("owner") == os.getpid())
+        command = [*map(str, command), *state["node_flags"]]
+        process = _spawn(command, log, die_with_parent=state.get("owner") == os.getpid())
         started.append(process)
         processes.append(process)
-        entries.append({"shard": shard, "replica": replica, "nshards": nshards, "name": name, "log": str(log)})
+        entries.append({"shard": shard, "replica": replica, "nshards": nshards, "name": name, "log": str(log), "command": command})
     deadline = time.monotonic() + START_TIMEOUT
     for entry, process in zip(entries, processes):
         entry.update(_wait_ready(process, state_dir / NODES_DIR / f"{entry['name']}.json", Path(entry["log"]), deadline))
@@ -277,8 +312,11 @@ def scale(state_dir: str | os.PathLike, replicas: int | None = None, shards: int
             leaving, kept = state["nodes"], fresh
             state["index"] = str(index)
         else:
-            # a node whose process died is replaced, as if the cluster had one replica fewer
-            fresh, kept, leaving = [], [], [n for n in state["nodes"] if not _is_ours(n["pid"])]
+            # a node whose process died is replaced, as if the cluster had one replica fewer (under a
+            # keeper, only one it gave up on: it restarts the others itself)
+            kept_alive = _keeper_running(state)
+            dead = [n for n in state["nodes"] if not _is_ours(n["pid"]) and (not kept_alive or n.get("supervision") == "failed")]
+            fresh, kept, leaving = [], [], dead
             for shard in range(shards):
                 ours = sorted((n for n in state["nodes"] if n["shard"] == shard and n not in leaving), key=lambda n: n["replica"])
                 kept += ours[:replicas]
@@ -293,10 +331,15 @@ def scale(state_dir: str | os.PathLike, replicas: int | None = None, shards: int
         for process in started:
             process.kill()
         raise
-    state.update(nshards=shards, replicas=replicas, nodes=sorted(kept, key=lambda n: (n["shard"], n["replica"])))
-    write_json_atomic(Path(state_dir) / STATE_FILE, state)
+    with _state_locked(state_dir) as current:  # a keeper may have restarted some of the kept nodes meanwhile
+        now = {n["name"]: n for n in current["nodes"]}
+        started_here = {n["name"] for n in fresh}
+        nodes = [n if n["name"] in started_here else now.get(n["name"], n) for n in kept]
+        current.update(
+            index=state["index"], nshards=shards, replicas=replicas, nodes=sorted(nodes, key=lambda n: (n["shard"], n["replica"]))
+        )
     _retire(state_dir, leaving)
-    return state
+    return current
 
 
 def _retire(state_dir: str | os.PathLike, nodes: list[dict]) -> None:
@@ -333,12 +376,36 @@ def _embedded_coordinator(state: dict, keys: CurveKeys | None) -> Coordinator:
 
 
 def down(state_dir: str | os.PathLike) -> list[int]:
-    """SIGTERM every process of the cluster (coordinator first), SIGKILL what outlives the grace."""
+    """SIGTERM every process of the cluster (its keeper first, then the coordinator), SIGKILL what
+    outlives the grace."""
     state = read_state(state_dir)
+    if _keeper_running(state):
+        _stop([state["keeper"]["pid"]])
+        state = read_state(state_dir)  # with what it restarted last
     pids = [p["pid"] for p in [state["coordinator"], *state["nodes"]] if _is_ours(p["pid"])]
     _stop(pids)
     (Path(state_dir) / STATE_FILE).unlink()
     return pids
+
+
+def keep(state_dir: str | os.PathLike) -> None:
+    """Keep the processes of the cluster in ``state_dir`` running until SIGTERM or SIGINT (the
+    keeper process ``cluster up`` leaves beside the cluster; ``down`` stops it first)."""
+    stopping = []
+    for stop_signal in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop_signal, lambda *_: stopping.append(True))  # a plain list: safe in a handler
+    keeper = ClusterKeeper(state_dir).start()
+    with _state_locked(state_dir) as state:
+        state["keeper"] = {"pid": os.getpid(), "log": str(Path(state_dir) / "logs" / "keeper.log")}
+    try:
+        while not stopping:
+            time.sleep(0.2)
+    finally:
+        keeper.stop()
+
+
+def _keeper_running(state: dict) -> bool:
+    return "keeper" in state and _is_ours(state["keeper"]["pid"])
 
 
 def status(state_dir: str | os.PathLike) -> dict:
@@ -351,10 +418,134 @@ def status(state_dir: str | os.PathLike) -> dict:
     except ChameleonError:
         view = None
     return {
+        "keeper": {**state["keeper"], "running": _keeper_running(state)} if "keeper" in state else None,
         "coordinator": {**state["coordinator"], "running": _is_ours(state["coordinator"]["pid"])},
         "nodes": [{**n, "running": _is_ours(n["pid"])} for n in state["nodes"]],
         "view": view,
     }
+
+
+class ClusterKeeper:
+    """The processes of the local cluster in ``state_dir`` kept running (:mod:`chameleon.supervisor`):
+    one that exits, or that the coordinator stops hearing, is started again with the same command;
+    a node comes back through the same path as any node (its announcement, its shard and index
+    version checked), the coordinator on the same endpoint, so its clients reconnect. Each change
+    is written to ``STATE/cluster.json`` (pids, endpoints, restarts, why a process failed), and the
+    nodes that :func:`scale` adds or retires are followed from there.
+
+    ``chameleon serve`` keeps the cluster it starts in its own process; ``chameleon cluster up``
+    leaves a keeper process (``cluster keep``) beside the cluster, which ``down`` stops first.
+    Processes another process started are watched by pid: that they ended is known, not how."""
+
+    def __init__(self, state_dir: str | os.PathLike, policy: RestartPolicy = RestartPolicy()):
+        self.state_dir = Path(state_dir)
+        self.state = read_state(state_dir)
+        self._keys = CurveKeys.load(self.state["keys"]) if self.state.get("keys") else None
+        self._view: RetrievalClient | None = None  # made and used on the supervisor's thread
+        self.supervisor = Supervisor(
+            [self._child(self.state["coordinator"]), *map(self._child, self.state["nodes"])],
+            self._spawn,
+            self._changed,
+            self._unheard,
+            policy,
+        )
+
+    def start(self) -> ClusterKeeper:
+        self.supervisor.start()
+        return self
+
+    def stop(self) -> None:
+        """Restart nothing from now on; the processes go on until ``down``."""
+        self.supervisor.stop()
+        if self._view is not None:
+            self._view.close()
+
+    def failed(self) -> list[str]:
+        return self.supervisor.failed()
+
+    def _child(self, entry: dict) -> Child:
+        name = entry.get("name", "coordinator")
+        if name == "coordinator":
+            tier, shard, ready_file = "coordinator", None, self.state_dir / "run" / "coordinator.json"
+        else:
+            tier, shard, ready_file = "retrieval", entry["shard"], self.state_dir / NODES_DIR / f"{name}.json"
+        process = _STARTED.pop(entry["pid"], None) or _Adopted(entry["pid"])
+        return Child(name, tier, shard, entry["command"], Path(entry["log"]), ready_file, process, state="running")
+
+    def _spawn(self, child: Child) -> subprocess.Popen:
+        return _spawn(child.command, child.log, die_with_parent=self.state.get("owner") == os.getpid())
+
+    def _changed(self, child: Child) -> None:
+        with _state_locked(self.state_dir) as state:
+            entry = _entry(state, child.name)
+            if entry is None:
+                return  # retired by scale meanwhile
+            entry.update(pid=child.process.pid, restarts=child.restarts, supervision=child.state, cause=child.cause)
+            if child.ready:
+                entry["endpoint"] = child.ready["endpoint"]
+        self.state = state
+
+    def _unheard(self) -> set[str]:
+        """Once a second, on the supervisor's thread: the nodes :func:`scale` changed, then the
+        processes the tier does not hear: the coordinator if it does not answer, else the nodes it
+        does not see alive."""
+        self._follow_scale()
+        if self._view is None:
+            self._view = RetrievalClient(self.state["coordinator"]["endpoint"], keys=self._keys, timeout=1.0)
+        try:
+            info = self._view.info()
+        except ChameleonError:
+            return {"coordinator"}
+        alive = {n["endpoint"] for n in info["nodes"] if n["alive"]}
+        return {n["name"] for n in self.state["nodes"] if n["endpoint"] not in alive}
+
+    def _follow_scale(self) -> None:
+        """Take the nodes ``scale`` started under supervision and let go of those it retired (or
+        replaced: another pid under the same name)."""
+        self.state = read_state(self.state_dir)
+        listed = {n["name"]: n for n in self.state["nodes"]}
+        for child in list(self.supervisor.children.values()):
+            entry = listed.get(child.name)
+            if child.tier == "retrieval" and (entry is None or entry["pid"] != child.process.pid):
+                self.supervisor.remove(child.name)
+        for name, entry in listed.items():
+            if name not in self.supervisor.children:
+                self.supervisor.add(self._child(entry))
+
+
+@dataclass
+class _Adopted:
+    """A process of the cluster that another process started: a keeper sees that it ended, not how."""
+
+    pid: int
+
+    def poll(self) -> int | str | None:
+        return None if _is_ours(self.pid) else "exited (its exit status went to the process that started it)"
+
+    def kill(self) -> None:
+        if _is_ours(self.pid):
+            os.kill(self.pid, signal.SIGKILL)
+
+    def wait(self) -> None:
+        while _is_ours(self.pid):
+            time.sleep(0.05)
+
+
+def _entry(state: dict, name: str) -> dict | None:
+    if name == "coordinator":
+        return state["coordinator"]
+    return next((n for n in state["nodes"] if n["name"] == name), None)
+
+
+@contextlib.contextmanager
+def _state_locked(state_dir: str | os.PathLike) -> Iterator[dict]:
+    """``cluster.json``, read and then written back under an exclusive lock: a keeper and ``scale``
+    both change it."""
+    with open(Path(state_dir) / "cluster.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        state = read_state(state_dir)
+        yield state
+        write_json_atomic(Path(state_dir) / STATE_FILE, state)
 
 
 @dataclass
@@ -368,13 +559,20 @@ class ClusterSearcher:
 
     @classmethod
     def connect(
-        cls, coordinator: str, index_dir: str | os.PathLike, keys: CurveKeys | None = None, timeout: float = 30.0
+        cls,
+        coordinator: str,
+        index_dir: str | os.PathLike,
+        keys: CurveKeys | None = None,
+        timeout: float = 30.0,
+        coordinator_timeout: float = 2.0,
     ) -> ClusterSearcher:
-        """Search through the coordinator at ``coordinator`` (a tier this process did not start), with
-        the coarse search of ``index_dir``."""
+        """Search through the coordinator at ``coordinator``, with the coarse search of ``index_dir``.
+        ``coordinator_timeout``: its per-shard timeout. It answers within that, failing over once,
+        so a search unanswered for twice as long was lost (it restarted) and is sent again."""
         index = load_index(index_dir, shard=0)
         quantizer = CoarseQuantizer(index.centroids, index.params.metric)
-        return cls(Path(index_dir), quantizer, RetrievalClient(coordinator, keys=keys, timeout=timeout))
+        client = RetrievalClient(coordinator, keys=keys, timeout=timeout, resend_after=2 * coordinator_timeout + 1.0)
+        return cls(Path(index_dir), quantizer, client)
 
     @classmethod
     def open(cls, state_dir: str | os.PathLike, timeout: float = 30.0, embedded: bool = False) -> ClusterSearcher:
@@ -385,7 +583,7 @@ class ClusterSearcher:
         state = read_state(state_dir)
         keys = CurveKeys.load(state["keys"]) if state.get("keys") else None
         if not embedded:
-            return cls.connect(state["coordinator"]["endpoint"], state["index"], keys, timeout)
+            return cls.connect(state["coordinator"]["endpoint"], state["index"], keys, timeout, state["coordinator"]["timeout"])
         index = load_index(state["index"], shard=0)
         client = InlineCoordinator(_embedded_coordinator(state, keys), timeout=timeout)
         searcher = cls(Path(state["index"]), CoarseQuantizer(index.centroids, index.params.metric), client)

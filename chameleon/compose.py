@@ -175,15 +175,13 @@ def scale(
     if target != now:
         # both layouts run until the coordinator serves the new one; then the old one drains
         _apply(deployment, {now: min(running[name] for name in now.services), target: replicas})
-        _wait(deployment, lambda view: view["ready"] and view["nshards"] == shards, wait, f"the coordinator serving {shards} shards")
+        # every new node in rotation, not one per shard: nodes still warming up slow the others down
+        _wait(deployment, lambda view: _serves_whole(view, shards, replicas), wait, f"the coordinator serving {shards} shards x {replicas}")
         _apply(deployment, {now: 0, target: replicas})
     _apply(deployment, {target: replicas})
     wanted = shards * replicas
     _wait(
-        deployment,
-        lambda view: view["ready"] and len(view["nodes"]) == wanted and sum(n["alive"] for n in view["nodes"]) == wanted,
-        wait,
-        f"{wanted} nodes in rotation",
+        deployment, lambda view: _serves_whole(view, shards, replicas) and len(view["nodes"]) == wanted, wait, f"{wanted} nodes in rotation"
     )
     running = deployment.running()
     return {
@@ -200,6 +198,13 @@ def _apply(deployment: Deployment, replicas: dict[Layout, int]) -> None:
     """Write the overlay for ``replicas`` and bring the deployment to it (no container recreated)."""
     write_json_atomic(deployment.overlay, overlay(deployment, replicas))
     deployment.compose("up", "--detach", "--no-recreate", "--remove-orphans")
+
+
+def _serves_whole(view: dict, shards: int, replicas: int) -> bool:
+    """Whether a coordinator's INFO shows a layout of ``shards`` served with ``replicas`` live nodes each."""
+    if not view["ready"] or view["nshards"] != shards:
+        return False
+    return sum(n["alive"] and n["fingerprint"] == view["fingerprint"] for n in view["nodes"]) == shards * replicas
 
 
 def _wait(deployment: Deployment, condition, seconds: float, what: str) -> None:

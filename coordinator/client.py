@@ -95,16 +95,26 @@ class RepliesByRid:
 class RetrievalClient(RepliesByRid):
     """One DEALER connection (one thread at a time); ``timeout`` seconds per request, never a hang."""
 
-    def __init__(self, endpoint: str, keys: CurveKeys | None = None, timeout: float = 10.0):
+    def __init__(self, endpoint: str, keys: CurveKeys | None = None, timeout: float = 10.0, resend_after: float | None = None):
+        """``resend_after``: seconds without an answer after which a request is sent again, for a
+        peer that answers every request within a bound of its own (a coordinator: its per-shard
+        timeout): a longer silence means that it lost the request (it restarted on the same
+        endpoint), and ZeroMQ delivers the copy once it is back. The first answer counts."""
         super().__init__()
         self.endpoint = endpoint
         self.timeout = timeout
+        self.resend_after = resend_after
+        self._sent: dict[int, tuple[Message, float]] = {}  # with resend_after: rid -> (request, when last sent)
         self._context = zmq.Context()
         self._socket = self._context.socket(zmq.DEALER)
         self._socket.setsockopt(zmq.LINGER, 0)
         secure_client(self._socket, keys)
         self._socket.connect(endpoint)
         self._rids = itertools.count(1)
+
+    def _close_request(self, rid: int) -> None:
+        super()._close_request(rid)
+        self._sent.pop(rid, None)
 
     def close(self) -> None:
         self._socket.close(linger=0)
@@ -126,6 +136,8 @@ class RetrievalClient(RepliesByRid):
         message.rid = next(self._rids)
         protocol.send(self._socket, message)
         self._outstanding.add(message.rid)
+        if self.resend_after is not None:
+            self._sent[message.rid] = (message, time.monotonic())
         return message.rid
 
     def receive(self, rid: int, timeout: float | None = None, early: bool = False) -> Message:
@@ -137,8 +149,18 @@ class RetrievalClient(RepliesByRid):
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         try:
             while not self._has_reply(rid, early):
-                left_ms = int(max(0.0, deadline - time.monotonic()) * 1000)
-                if not self._socket.poll(left_ms, zmq.POLLIN):
+                now = time.monotonic()
+                until = deadline
+                if rid in self._sent:
+                    message, sent = self._sent[rid]
+                    until = min(deadline, sent + self.resend_after)
+                    if now >= until and until < deadline and not self._socket.poll(0, zmq.POLLIN):
+                        protocol.send(self._socket, message)
+                        self._sent[rid] = (message, now)
+                        continue
+                if not self._socket.poll(int(max(0.0, until - now) * 1000), zmq.POLLIN):
+                    if until < deadline:
+                        continue  # time to send it again
                     raise Timeout(f"no answer from {self.endpoint} within {self.timeout if timeout is None else timeout:g} s")
                 try:
                     reply = protocol.decode(self._socket.recv_multipart(copy=False))

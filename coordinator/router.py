@@ -102,6 +102,7 @@ class _Job:
     missing: set = field(default_factory=set)
     error: Message | None = None
     answered: bool = False
+    layouts_tried: set = field(default_factory=set)
 
 
 @dataclass
@@ -168,15 +169,24 @@ class Coordinator:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self.drain)
         context = zmq.Context()
-        front, authenticator, self.endpoint = bind_router(context, bind, self.keys, ready_file)
+        front = authenticator = None
         try:
-            self.connect(context, functools.partial(protocol.send, front))
+            self.connect(context, lambda *reply: protocol.send(front, *reply))
+            # Clients come once the nodes answer (or a node's silence limit has passed): a client
+            # re-sending to a coordinator restarted on the same endpoint gets a whole answer, not
+            # "no live node" from one that has not heard its nodes yet.
+            deadline = time.monotonic() + self.silence_limit
+            while not self._draining and self._serving_layout() not in self._whole_since and time.monotonic() < deadline:
+                self.tick(time.monotonic())
+                self.poll(TURN_MS)
+            front, authenticator, self.endpoint = bind_router(context, bind, self.keys, ready_file)
             self._listen(front, self._on_client)
             while not (self._draining and not self._subs):
                 self.tick(time.monotonic())
                 self.poll(TURN_MS)
         finally:
-            front.close(linger=0)
+            if front is not None:
+                front.close(linger=0)
             self.close()
             if authenticator:
                 authenticator.stop()
@@ -489,6 +499,8 @@ class Coordinator:
             return
         if job.answered:
             return  # an error arrived before the other shards
+        if job.missing and job.error is None and self._retry_elsewhere(job):
+            return
         if job.error is not None:
             reply = protocol.error_reply(job.rid, job.error.fields["code"], job.error.fields["message"])
         elif job.missing and (self.on_missing == "fail" or not job.results):
@@ -498,6 +510,22 @@ class Coordinator:
             reply = protocol.result_reply(job.rid, distances, ids, sorted(job.missing))
         self._reply(reply, job.envelope)
         job.answered = True
+
+    def _retry_elsewhere(self, job: _Job) -> bool:
+        """Send ``job`` again, whole, to another layout with a live node for every shard, if there
+        is one: while a re-shard switches layouts, the new layout's nodes may all be lost to a
+        shard at once (starting nodes slowed by the others' warm-up), and the old one still
+        answers. Returns whether it was sent."""
+        self._serving_layout()  # brings _whole_since up to date
+        job.layouts_tried.add(job.layout)
+        others = [layout for layout in self._whole_since if layout not in job.layouts_tried]
+        if not others:
+            return False
+        job.layout = max(others, key=self._whole_since.__getitem__)
+        job.nshards, job.results, job.missing, job.early_results = self._nshards(job.layout), {}, set(), {}
+        for shard in range(job.nshards):
+            self._dispatch(_Sub(job, shard))
+        return True
 
     def _merged(self, parts: dict, k: int) -> tuple:
         """The global top-``k`` of the shards' (distances, ids) in ``parts`` (shard -> answer)."""

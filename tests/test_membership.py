@@ -19,7 +19,8 @@ from coordinator.membership import Membership, NodeSource
 from coordinator.router import ClusterConfig, Coordinator, InlineCoordinator
 from retriever.build import add_vectors
 from retriever.errors import InvalidInput
-from retriever.index import content_fingerprint, index_fingerprint, load_index, read_manifest, save_index
+from retriever.index import content_fingerprint, index_fingerprint, load_index, read_manifest, save_index, save_layout
+from retriever.search import Searcher
 from tests.test_tier import start_node
 
 
@@ -140,6 +141,32 @@ def test_scaling_replicas_and_shards_while_searches_run_fails_none(index_dir, tm
     assert summary["searches"] > 50
     assert summary["failed"] == [] and summary["partial"] == [] and summary["wrong"] == []
     assert summary["whole"] == summary["searches"]
+
+
+def test_a_search_the_new_layout_loses_is_answered_by_the_old_one_while_both_run(index_dir, tmp_path, small_data):
+    """During a re-shard, when every replica of the new layout misses a search's deadline (nodes
+    slowed by the others' warm-up), the coordinator sends it to the old layout: whole, not failed."""
+    state_dir = tmp_path / "state"
+    state = cluster.up(index_dir, 1, state_dir, threads=1, timeout=0.5)
+    layout = save_layout(index_dir, 2, tmp_path / "layout-2")
+    new = [start_node(layout, state_dir / cluster.NODES_DIR, shard=shard)[0] for shard in (0, 1)]
+    try:
+        with RetrievalClient(state["coordinator"]["endpoint"]) as client:
+            assert wait_for(lambda: client.info()["nshards"] == 2)  # the newer layout serves
+        for node in new:
+            os.kill(node.pid, signal.SIGSTOP)  # running, but answering nothing
+        searcher = cluster.ClusterSearcher.connect(state["coordinator"]["endpoint"], index_dir, timeout=10)
+        try:
+            result = searcher.search(small_data.queries, 10, 8)
+        finally:
+            searcher.close()
+        assert not result.partial
+        np.testing.assert_array_equal(result.ids, Searcher(load_index(index_dir)).search(small_data.queries, 10, 8).ids)
+    finally:
+        for node in new:
+            node.kill()
+            node.wait()
+        cluster.down(state_dir)
 
 
 def process_gone(pid: int) -> bool:

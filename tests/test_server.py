@@ -582,6 +582,103 @@ def test_a_killed_server_takes_its_tier_with_it(tmp_path, facts_index, tiny_mode
     assert _wait_gone(pids) == []
 
 
+def test_serve_restarts_the_tier_processes_that_die_and_gives_up_on_a_corrupt_shard(tmp_path, facts_index, tiny_model):
+    """Issue 29 under a bounded search load: a killed node (replicas 1) means partial answers until
+    its restart rejoins, a killed coordinator none at all (searches wait for it on the same
+    endpoint), a node whose shard is corrupt is given up on with the cause in /readyz while the
+    other shard answers, and SIGTERM while a node restarts leaves no process behind."""
+    from tests.helpers import chameleon
+
+    server = start_server(tmp_path, "--index", facts_index, "--model", tiny_model, "--shards", 2)
+    state_dir = Path(server.state_dir)
+
+    def entry(name: str) -> dict:
+        state = json.loads((state_dir / "cluster.json").read_text())
+        return state["coordinator"] if name == "coordinator" else next(n for n in state["nodes"] if n["name"] == name)
+
+    question = {"query": "What colour are the oceans of Zorblax-42?", "k": 3}
+    whole = call(server.url + "/v1/search", question)[1]["results"]
+    answers, done = [], threading.Event()
+
+    def load():
+        while not done.is_set():
+            sent = time.monotonic()
+            status, body, _ = call(server.url + "/v1/search", question)
+            answers.append((sent, status, body.get("partial"), body.get("results")))
+
+    def whole_again_after(moment: float, limit: float) -> float:
+        """Seconds from ``moment`` to the sending of the first search after it answered whole."""
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
+            later = [a for a in answers if a[0] > moment and a[1] == 200 and a[2] is False]
+            if later:
+                return later[0][0] - moment
+            time.sleep(0.1)
+        raise AssertionError(f"no whole answer within {limit} s")
+
+    searching = threading.Thread(target=load)
+    searching.start()
+    try:
+        # a retrieval node killed: the shard's answers are missing (partial) until it is back
+        node = entry("node-0-0-of-2")
+        killed = time.monotonic()
+        os.kill(node["pid"], signal.SIGKILL)
+        healed = whole_again_after(killed + 0.5, 60)
+        print(f"a killed node: whole answers again {healed:.1f} s later")
+        assert entry("node-0-0-of-2")["restarts"] == 1 and entry("node-0-0-of-2")["cause"] == "killed by SIGKILL"
+        # the coordinator killed: restarted on the same endpoint, the searches it lost sent again
+        coordinator = entry("coordinator")
+        killed = time.monotonic()
+        os.kill(coordinator["pid"], signal.SIGKILL)
+        healed = whole_again_after(killed, 60)
+        print(f"a killed coordinator: whole answers again {healed:.1f} s later")
+        restarted = entry("coordinator")
+        assert restarted["restarts"] == 1 and restarted["endpoint"] == coordinator["endpoint"] and restarted["pid"] != coordinator["pid"]
+        time.sleep(1.0)
+        loaded = list(answers)
+        assert len(loaded) > 20 and all(status == 200 for _, status, _, _ in loaded), {a[1] for a in loaded}
+        assert all(results == whole for _, _, partial, results in loaded if not partial)
+        assert all(not partial for moment, _, partial, _ in loaded if moment > killed)  # none lost a shard to a coordinator's death
+        metrics = call(server.url + "/metrics")[1]["text"]
+        assert _sample(metrics, "chameleon_tier_restarts_total", tier="retrieval", shard="0") == 1
+        assert _sample(metrics, "chameleon_tier_restarts_total", tier="coordinator", shard="") == 1
+        # a corrupt shard: its node fails at every start and is given up on; the other shard answers
+        codes = state_dir / "index-2-shards" / "shard-001" / "codes.npy"
+        codes.write_bytes(codes.read_bytes()[: codes.stat().st_size // 2])
+        os.kill(entry("node-1-0-of-2")["pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        while entry("node-1-0-of-2").get("supervision") != "failed":
+            assert time.monotonic() < deadline, entry("node-1-0-of-2")
+            time.sleep(0.5)
+        status, ready, _ = call(server.url + "/readyz", key=None)
+        assert status == 503 and ready["reason"].startswith("no live node for shard(s) [1]; node-1-0-of-2 failed: exited with status")
+        assert "codes.npy" in ready["reason"] and ready["failed"] == [ready["reason"].split("; ", 1)[1]]
+        status, body, _ = call(server.url + "/v1/search", question)
+        assert status == 200 and body["partial"] is True and body["results"]
+        assert _sample(call(server.url + "/metrics")[1]["text"], "chameleon_tier_processes_failed", tier="retrieval", shard="1") == 1
+        report = chameleon("cluster", "status", "--state-dir", state_dir).stdout
+        assert "node shard 1 replica 0" in report and "FAILED" in report and "restarted 1 time(s)" in report
+    finally:
+        done.set()
+        searching.join(120)
+    # SIGTERM while a node is being restarted: everything stops, nothing is restarted, none left
+    os.kill(entry("node-0-0-of-2")["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while entry("node-0-0-of-2")["restarts"] < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert server.stop() == 0
+    leftovers = [p for p in Path("/proc").glob("[0-9]*") if str(state_dir).encode() in _read(p / "cmdline")]
+    assert leftovers == []
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return b""
+
+
 def test_a_server_reloads_its_changed_index_and_tier_while_it_answers(tmp_path, facts_index, embedder, tiny_model):
     import shutil
 

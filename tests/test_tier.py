@@ -344,6 +344,66 @@ def test_node_killed_with_one_replica_gives_partial_answers_then_whole_again(ind
         cluster.down(tmp_path / "state")
 
 
+def test_cluster_up_leaves_a_keeper_that_restarts_what_dies_and_follows_scale(index_dir, tmp_path, small_data, reference):
+    state_dir = tmp_path / "state"
+    state = cluster.up(index_dir, 2, state_dir, replicas=1, keep=True)
+    processes = [state["keeper"], state["coordinator"], *state["nodes"]]
+
+    def entry(name: str) -> dict:
+        now = cluster.read_state(state_dir)
+        return now["coordinator"] if name == "coordinator" else next(n for n in now["nodes"] if n["name"] == name)
+
+    def restarted(name: str, times: int) -> dict:
+        deadline = time.monotonic() + 60
+        while (e := entry(name)).get("restarts", 0) < times or e["supervision"] != "running":
+            assert time.monotonic() < deadline, e
+            time.sleep(0.1)
+        return e
+
+    def whole_answers() -> None:
+        deadline = time.monotonic() + 30
+        searcher = cluster.ClusterSearcher.open(state_dir)
+        try:
+            while (result := searcher.search(small_data.queries, 10, 8)).partial:
+                assert time.monotonic() < deadline, "never whole again"
+                time.sleep(0.2)
+        finally:
+            searcher.close()
+        np.testing.assert_array_equal(result.ids, reference.ids)
+
+    try:
+        # a node the keeper did not start (up() did, in this process): it sees that it ended, not how
+        os.kill(state["nodes"][1]["pid"], signal.SIGKILL)
+        back = restarted("node-1-0-of-2", 1)
+        assert back["cause"] == "exited (its exit status went to the process that started it)"
+        whole_answers()
+        # the coordinator comes back on its endpoint
+        os.kill(state["coordinator"]["pid"], signal.SIGKILL)
+        assert restarted("coordinator", 1)["endpoint"] == state["coordinator"]["endpoint"]
+        whole_answers()
+        # nodes that scale adds are kept as well; the ones it retires are let go (not restarted)
+        cluster.scale(state_dir, replicas=2)
+        added = entry("node-0-1-of-2")
+        processes += [added]
+        os.kill(added["pid"], signal.SIGKILL)
+        restarted("node-0-1-of-2", 1)
+        retired = entry("node-0-1-of-2")
+        processes += cluster.read_state(state_dir)["nodes"]
+        cluster.scale(state_dir, replicas=1)
+        time.sleep(3 * cluster.RESOLVE_INTERVAL)
+        assert [n["name"] for n in cluster.read_state(state_dir)["nodes"]] == ["node-0-0-of-2", "node-1-0-of-2"]
+        assert not cluster._is_ours(retired["pid"])  # stopped by scale, not restarted
+        whole_answers()
+        report = cluster.status(state_dir)
+        assert report["keeper"]["running"] and report["coordinator"]["restarts"] == 1
+    finally:
+        processes += [cluster.read_state(state_dir)["coordinator"], *cluster.read_state(state_dir)["nodes"]]
+        cluster.down(state_dir)
+    # down stopped the keeper first: nothing came back
+    time.sleep(1.0)
+    assert [p["pid"] for p in processes if cluster._is_ours(p["pid"])] == []
+
+
 def test_embedded_coordinator_gives_partial_answers_when_a_node_dies(index_dir, tmp_path, small_data, reference):
     state = cluster.up(index_dir, 2, tmp_path / "state", replicas=1, timeout=1.0)
     try:

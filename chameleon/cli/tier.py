@@ -159,6 +159,7 @@ def cluster_up(
     keys: Path | None = typer.Option(None, "--keys", help="CURVE key directory."),
     timeout: float = typer.Option(2.0, "--timeout", help="Coordinator's per-shard timeout in seconds."),
     on_missing: str = typer.Option("partial", "--on-missing", help="partial or fail."),
+    keep: bool = typer.Option(True, "--keep/--no-keep", help="Leave a keeper that restarts processes that exit or go silent."),
 ):
     """Start retrieval nodes and a coordinator in the background; print the coordinator endpoint."""
     from chameleon.cluster import up
@@ -174,8 +175,10 @@ def cluster_up(
         on_missing=on_missing,
         fpga_mode=fpga_mode,
         xclbin=xclbin,
+        keep=keep,
     )
-    say(f"cluster up: {shards} shard(s) x {replicas} replica(s); state in {state_dir}/cluster.json")
+    kept = f", kept running by pid {state['keeper']['pid']}" if keep else ""
+    say(f"cluster up: {shards} shard(s) x {replicas} replica(s){kept}; state in {state_dir}/cluster.json")
     typer.echo(state["coordinator"]["endpoint"])
 
 
@@ -186,6 +189,14 @@ def cluster_down(state_dir: Path = typer.Option(..., "--state-dir")):
 
     pids = down(state_dir)
     typer.echo(f"stopped {len(pids)} process(es)")
+
+
+@cluster_app.command("keep", hidden=True)
+def cluster_keep(state_dir: Path = typer.Option(..., "--state-dir")):
+    """Keep the cluster's processes running until SIGTERM (`cluster up` starts it, `cluster down` stops it)."""
+    from chameleon.cluster import keep
+
+    keep(state_dir)
 
 
 @cluster_app.command("scale")
@@ -227,15 +238,27 @@ def cluster_status(state_dir: Path = typer.Option(..., "--state-dir")):
     from chameleon.cluster import status
 
     report = status(state_dir)
+    if report["keeper"] is not None:
+        k = report["keeper"]
+        typer.echo(f"keeper pid {k['pid']} {'running' if k['running'] else 'NOT RUNNING: nothing is restarted'}")
     c = report["coordinator"]
-    typer.echo(f"coordinator {c['endpoint']} pid {c['pid']} {'running' if c['running'] else 'NOT RUNNING'}")
+    typer.echo(f"coordinator {c['endpoint']} pid {c['pid']} {'running' if c['running'] else 'NOT RUNNING'}{_supervision(c)}")
     seen = {n["endpoint"]: n["alive"] for n in (report["view"] or {}).get("nodes", [])}
     for n in report["nodes"]:
         view = seen.get(n["endpoint"])
         state = "alive" if view else ("unknown" if view is None else "dead")
         typer.echo(
             f"node shard {n['shard']} replica {n['replica']} {n['endpoint']} pid {n['pid']} "
-            f"{'running' if n['running'] else 'NOT RUNNING'}, coordinator sees it {state}"
+            f"{'running' if n['running'] else 'NOT RUNNING'}, coordinator sees it {state}{_supervision(n)}"
         )
     if report["view"] is None:
         raise Unavailable("the coordinator does not answer")
+
+
+def _supervision(entry: dict) -> str:
+    """What the keeper of a process did about it (``chameleon.supervisor``), if anything."""
+    if entry.get("supervision") == "failed":
+        return f"; FAILED, not restarted again: {entry['cause']}"
+    if entry.get("restarts"):
+        return f"; restarted {entry['restarts']} time(s) (last: {entry['cause']})"
+    return ""

@@ -93,7 +93,10 @@ def serve(settings: ServeSettings, ready_file: Path | None = None) -> None:
         starting.step("starting the retrieval tier")
         served = open_index(settings, rag_index, state_dir)
         reloads = itertools.count(1)
-        metrics = Metrics(tier_info=lambda: service.tier_info() if service is not None else None)
+        metrics = Metrics(
+            tier_info=lambda: service.tier_info() if service is not None else None,
+            tier_processes=lambda: service.tier_processes() if service is not None else [],
+        )
         metrics.queue_depth.set_function(lambda: engine.waiting)
         metrics.batch_size.set_function(lambda: engine.running)
         template = prompt_segments(engine, "?", rag_index.passages[:1])[0]  # the head every standard request shares
@@ -222,6 +225,7 @@ def open_index(settings: ServeSettings, rag_index, state_dir: Path):
         fpga_mode=settings.fpga_mode,
         xclbin=settings.xclbin,
     )
+    keeper = cluster.ClusterKeeper(state_dir).start()  # processes that exit or go silent are restarted
     try:
         keys = CurveKeys.load(settings.keys) if settings.keys is not None else None
         return ServedIndex(
@@ -229,8 +233,10 @@ def open_index(settings: ServeSettings, rag_index, state_dir: Path):
             cluster.ClusterSearcher.open(state_dir),
             RetrievalClient(state["coordinator"]["endpoint"], keys=keys, timeout=1.0),
             state_dir,
+            keeper,
         )
     except BaseException:
+        keeper.stop()
         cluster.down(state_dir)
         raise
 

@@ -16,7 +16,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 
 
 class Metrics:
-    def __init__(self, tier_info: Callable[[], dict | None] | None = None):
+    def __init__(self, tier_info: Callable[[], dict | None] | None = None, tier_processes: Callable[[], list[dict]] | None = None):
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("chameleon_requests", "HTTP requests by route and status.", ["route", "status"], registry=r)
@@ -45,6 +45,8 @@ class Metrics:
         self.passages = Gauge("chameleon_index_passages", "Passages in the version of the index served.", registry=r)
         if tier_info is not None:
             r.register(_TierCollector(tier_info))
+        if tier_processes is not None:
+            r.register(_SupervisionCollector(tier_processes))
 
     def watch_cache(self, doc_cache) -> None:
         """Export the document KV cache's counters (nothing when there is no cache)."""
@@ -123,3 +125,33 @@ class _TierCollector:
             alive.add_metric(labels, 1.0 if node["alive"] else 0.0)
         yield latency
         yield alive
+
+
+class _SupervisionCollector:
+    """Restarts of the tier processes this server started and keeps (``chameleon.supervisor``), by
+    tier and shard, and the processes given up on."""
+
+    def __init__(self, tier_processes: Callable[[], list[dict]]):
+        self.tier_processes = tier_processes
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        restarts = CounterMetricFamily(
+            "chameleon_tier_restarts", "Tier processes restarted by this server, by tier and shard.", labels=["tier", "shard"]
+        )
+        failed = GaugeMetricFamily(
+            "chameleon_tier_processes_failed", "Tier processes that kept failing and are no longer restarted.", labels=["tier", "shard"]
+        )
+        totals: dict[tuple[str, str], list[int]] = {}
+        for child in self.tier_processes():
+            labels = (child["tier"], "" if child["shard"] is None else str(child["shard"]))
+            total = totals.setdefault(labels, [0, 0])
+            total[0] += child["restarts"]
+            total[1] += child["state"] == "failed"
+        for labels, (count, gave_up) in sorted(totals.items()):
+            restarts.add_metric(list(labels), count)
+            failed.add_metric(list(labels), gave_up)
+        yield restarts
+        yield failed

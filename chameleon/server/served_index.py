@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from chameleon.rag.corpus import RagIndex
 from chameleon.rag.pipeline import RagPipeline
@@ -22,18 +23,22 @@ from retriever.errors import ChameleonError
 from retriever.index import content_fingerprint, read_manifest
 from retriever.search import Retrieval
 
+if TYPE_CHECKING:
+    from chameleon.cluster import ClusterKeeper
+
 
 @dataclass
 class ServedIndex:
     """One version of the passage index as the server serves it: its passages, what searches them
     (a ``retriever.Searcher`` in this process, or a ``chameleon.cluster.ClusterSearcher``) and, with
     a tier, a client of its coordinator (readiness, metrics) and, when this server started the
-    tier, the directory of its processes."""
+    tier, the directory of its processes and what keeps them running."""
 
     rag_index: RagIndex
     retrieval: Retrieval
     tier: RetrievalClient | None = None
     state_dir: Path | None = None
+    keeper: ClusterKeeper | None = None  # restarts the tier's processes that exit or go silent
     content: str = field(init=False)  # the vectors' content fingerprint, which a tier must serve
 
     def __post_init__(self):
@@ -58,6 +63,8 @@ class ServedIndex:
             return []
         from chameleon import cluster
 
+        if self.keeper is not None:
+            self.keeper.stop()  # nothing restarted while the tier stops
         self.retrieval.close()
         self.tier.close()
         if self.state_dir is None:
@@ -100,6 +107,9 @@ class IndexServing:
         index = {"index": self.served.describe()}
         if self.served.tier is None:
             return {"ready": True, "retrieval": "in-process", **index}
+        failed = self.served.keeper.failed() if self.served.keeper is not None else []
+        if failed:  # processes given up on: why, whether or not the rest still makes the tier whole
+            index["failed"] = failed
         info = self.tier_info()
         if info is None:
             return {"ready": False, "retrieval": "tier", "reason": "the coordinator does not answer", **index}
@@ -109,7 +119,8 @@ class IndexServing:
         if not info["ready"]:
             live = {n["shard"] for n in info["nodes"] if n["alive"] and n["fingerprint"] == info["fingerprint"]}
             missing = sorted(set(range(info["nshards"])) - live) if info["nshards"] else "all"
-            return {"ready": False, "retrieval": "tier", "reason": f"no live node for shard(s) {missing}", **index}
+            reason = "; ".join([f"no live node for shard(s) {missing}", *failed])
+            return {"ready": False, "retrieval": "tier", "reason": reason, **index}
         alive = sum(n["alive"] for n in info["nodes"])
         return {"ready": True, "retrieval": "tier", "shards": info["nshards"], "nodes": alive, **index}
 

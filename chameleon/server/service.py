@@ -89,6 +89,11 @@ class Service:
     def tier_info(self) -> dict | None:
         return self.index.tier_info()
 
+    def tier_processes(self) -> list[dict]:
+        """The tier processes this server keeps running, and their restarts (none for a tier of others)."""
+        keeper = self.served.keeper
+        return keeper.supervisor.snapshot() if keeper is not None else []
+
     def readiness(self) -> dict:
         """``ready`` plus why not: the engine runs, and the index's tier answers (see ``IndexServing.readiness``)."""
         if not getattr(self.engine, "alive", True):
