@@ -473,6 +473,8 @@ class ClusterKeeper:
         return Child(name, tier, shard, entry["command"], Path(entry["log"]), ready_file, process, state="running")
 
     def _spawn(self, child: Child) -> subprocess.Popen:
+        # Under serve, PR_SET_PDEATHSIG fires when the supervisor's thread ends, not the process:
+        # it ends only with stop(), when the server stops its tier anyway.
         return _spawn(child.command, child.log, die_with_parent=self.state.get("owner") == os.getpid())
 
     def _changed(self, child: Child) -> None:

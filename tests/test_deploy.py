@@ -69,6 +69,13 @@ def docker():
     }
     print(f"images built in {time.monotonic() - started:.0f} s: " + ", ".join(f"{i} {int(s) / 1e6:.0f} MB" for i, s in sizes.items()))
     assert "torch" not in sh("docker", "run", "--rm", "--entrypoint", "pip", "chameleon-retrieval", "list").stdout
+    remove_volumes()  # a run starts from empty volumes: the index is built, as on a first `up`
+
+
+def remove_volumes() -> None:
+    """The test project's volumes gone (a stack's containers may still hold them for a while)."""
+    rm = ("docker", "volume", "rm", "-f", f"{PROJECT}_data", f"{PROJECT}_cache")
+    wait_for(lambda: sh(*rm, check=False).returncode == 0, 120, "the volumes removed")
 
 
 def compose(*args, env=None, **options):
@@ -203,7 +210,7 @@ def test_the_same_file_deploys_on_a_swarm(docker):
             120,
             "the stack gone",
         )
-        sh("docker", "volume", "rm", f"{PROJECT}_data", f"{PROJECT}_cache", check=False)
+        remove_volumes()
         if joined_here:
             sh("docker", "swarm", "leave", "--force", check=False)
 
