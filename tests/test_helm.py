@@ -1,0 +1,142 @@
+"""The Helm chart (deploy/helm/chameleon) rendered offline with Helm's own engine
+(``helm-python-sdk``), linted, every manifest validated against the Kubernetes API schemas
+(``kubernetes-validate``), and every command it runs parsed by our own command line. No cluster
+runs here: docs/deployment.md says what has run where."""
+
+import shlex
+from pathlib import Path
+
+import helm_python
+import kubernetes_validate
+import pytest
+import yaml
+from typer.main import get_command
+
+from chameleon.cli import app
+
+ROOT = Path(__file__).resolve().parent.parent
+CHART = ROOT / "deploy" / "helm" / "chameleon"
+GPU_FPGA = yaml.safe_load((ROOT / "deploy" / "helm" / "values-gpu-fpga.yaml").read_text())
+KUBERNETES = "1.30"  # the oldest release the chart's objects are checked against...
+NEWEST = "1.37"  # ... and the newest kubernetes-validate knows
+LAYOUTS = {"default": {}, "gpu-fpga": GPU_FPGA, "three shards": {"index": {"shards": 3}, "retrieval": {"replicas": 1}}}
+
+
+def render(values: dict) -> list[dict]:
+    chart = helm_python.Chart.load(CHART)
+    try:
+        rendered = chart.render(values, name="rag", namespace="serving")
+    finally:
+        chart.close()
+    return [doc for text in rendered.values() for doc in yaml.safe_load_all(text) if doc]
+
+
+def named(docs: list[dict], kind: str) -> dict[str, dict]:
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
+
+
+def container(deployment: dict) -> dict:
+    (only,) = deployment["spec"]["template"]["spec"]["containers"]
+    return only
+
+
+def parse(args: list[str]):
+    """``args`` parsed by `chameleon`'s own command line, the context of the command they name (an
+    unknown command or option, or a bad value, raises)."""
+    command, context, name = get_command(app), None, "chameleon"
+    while hasattr(command, "get_command"):  # a group: the chart passes it no options, only a command's name
+        context = command.make_context(name, list(args), parent=context)
+        name, args = args[0], args[1:]
+        command = command.get_command(context, name)
+        assert command is not None, f"`chameleon` has no command {name}"
+    return command.make_context(name, list(args), parent=context)
+
+
+def test_the_chart_lints_without_warnings():
+    for values in LAYOUTS.values():
+        report = helm_python.lint(CHART, values, strict=True)
+        assert report["errors"] == []
+        assert [m for m in report["messages"] if m["severity"] >= 2] == []
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("version", [KUBERNETES, NEWEST])
+def test_every_manifest_validates_against_the_kubernetes_schemas(layout, version):
+    docs = render(LAYOUTS[layout])
+    for doc in docs:
+        if doc["apiVersion"].startswith("monitoring.coreos.com/"):
+            continue  # prometheus-operator's CRD, checked below
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_every_command_the_chart_runs_is_one_our_command_line_accepts(layout):
+    docs = render(LAYOUTS[layout])
+    for deployment in named(docs, "Deployment").values():
+        parse(container(deployment)["args"])
+        probe = container(deployment)["readinessProbe"].get("exec")
+        if probe:
+            assert probe["command"][0] == "chameleon"
+            parse(probe["command"][1:])
+    (job,) = named(docs, "Job").values()
+    for step in container(job)["args"][0].split(";")[1:]:
+        words = shlex.split(step.split("||")[-1])
+        assert words[0] == "chameleon"
+        parse(words[1:])
+
+
+def test_one_deployment_and_one_disruption_budget_per_shard_behind_one_headless_service():
+    docs = render({"index": {"shards": 3}, "retrieval": {"replicas": 2}})
+    deployments, budgets = named(docs, "Deployment"), named(docs, "PodDisruptionBudget")
+    service = named(docs, "Service")["rag-chameleon-retrieval"]
+    assert service["spec"]["clusterIP"] == "None"
+    for shard in range(3):
+        node = deployments[f"rag-chameleon-retrieval-{shard}"]
+        args = parse(container(node)["args"]).params
+        assert (args["shard"], str(args["index"]), node["spec"]["replicas"]) == (shard, "/var/lib/chameleon/data/shards-3", 2)
+        labels = node["spec"]["template"]["metadata"]["labels"]
+        assert service["spec"]["selector"].items() <= labels.items()  # every node behind the coordinator's DNS name
+        budget = budgets[f"rag-chameleon-retrieval-{shard}"]["spec"]
+        assert budget["minAvailable"] == 1 and budget["selector"]["matchLabels"].items() <= labels.items()
+        assert {k: v for k, v in budget["selector"]["matchLabels"].items() if k == "chameleon.io/shard"} == {
+            "chameleon.io/shard": str(shard)
+        }
+    coordinator = parse(container(deployments["rag-chameleon-coordinator"])["args"]).params
+    assert coordinator["nodes"] == ["dns://rag-chameleon-retrieval:5555"]
+    (job,) = named(docs, "Job").values()
+    assert "--shards 3 --out shards-3" in container(job)["args"][0]
+    server = parse(container(deployments["rag-chameleon-server"])["args"]).params
+    assert server["coordinator"] == "tcp://rag-chameleon-coordinator:6000"
+
+
+def test_probes_ask_the_processes_own_readiness():
+    deployments = named(render({}), "Deployment")
+    server = container(deployments["rag-chameleon-server"])
+    assert server["readinessProbe"]["httpGet"]["path"] == "/readyz" and server["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    for name in ("rag-chameleon-retrieval-0", "rag-chameleon-coordinator"):
+        probe = container(deployments[name])["readinessProbe"]["exec"]["command"]
+        assert probe[:3] == ["chameleon", "node", "probe"]
+
+
+def test_gpu_and_fpga_hosts_get_their_devices_keys_and_metrics():
+    docs = render(GPU_FPGA)
+    deployments = named(docs, "Deployment")
+    server = container(deployments["rag-chameleon-server"])
+    assert server["resources"]["limits"] == {"nvidia.com/gpu": 1}
+    assert deployments["rag-chameleon-server"]["spec"]["template"]["spec"]["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert server["env"] == [{"name": "CHAMELEON_API_KEYS", "valueFrom": {"secretKeyRef": {"name": "chameleon-api-keys", "key": "keys"}}}]
+    for shard in range(4):
+        node = deployments[f"rag-chameleon-retrieval-{shard}"]
+        args = parse(container(node)["args"]).params
+        assert (args["engine"], args["fpga_mode"], str(args["keys"])) == ("fpga", "hw", "/etc/chameleon/keys")
+        assert container(node)["resources"]["limits"] == {"xilinx.com/fpga-xilinx_u280_gen3x16_xdma_base_1-1": 1}
+        assert node["spec"]["template"]["spec"]["nodeSelector"] == {"chameleon.io/accelerator": "alveo-u280"}
+        (keys,) = [v for v in node["spec"]["template"]["spec"]["volumes"] if v["name"] == "keys"]
+        # the directory `chameleon keys gen` writes, from a Secret made of its files
+        assert {item["path"] for item in keys["secret"]["items"]} == {"server.key_secret", "client.key_secret", "authorized/client.key"}
+    (monitor,) = named(docs, "ServiceMonitor").values()
+    service = named(docs, "Service")["rag-chameleon-server"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert monitor["spec"]["endpoints"] == [{"port": "http", "path": "/metrics"}]
+    assert {p["name"] for p in service["spec"]["ports"]} == {"http"}
+    assert named(docs, "PersistentVolumeClaim")["rag-chameleon-index"]["spec"]["accessModes"] == ["ReadWriteMany"]
