@@ -19,7 +19,13 @@ CHART = ROOT / "deploy" / "helm" / "chameleon"
 GPU_FPGA = yaml.safe_load((ROOT / "deploy" / "helm" / "values-gpu-fpga.yaml").read_text())
 KUBERNETES = "1.30"  # the oldest release the chart's objects are checked against...
 NEWEST = "1.37"  # ... and the newest kubernetes-validate knows
-LAYOUTS = {"default": {}, "gpu-fpga": GPU_FPGA, "three shards": {"index": {"shards": 3}, "retrieval": {"replicas": 1}}}
+ADAPTER = yaml.safe_load((ROOT / "deploy" / "helm" / "prometheus-adapter-values.yaml").read_text())
+LAYOUTS = {
+    "default": {},
+    "gpu-fpga": GPU_FPGA,
+    "three shards": {"index": {"shards": 3}, "retrieval": {"replicas": 1}},
+    "autoscaling": {"autoscaling": {"enabled": True}},
+}
 
 
 def render(values: dict) -> list[dict]:
@@ -140,3 +146,45 @@ def test_gpu_and_fpga_hosts_get_their_devices_keys_and_metrics():
     assert monitor["spec"]["endpoints"] == [{"port": "http", "path": "/metrics"}]
     assert {p["name"] for p in service["spec"]["ports"]} == {"http"}
     assert named(docs, "PersistentVolumeClaim")["rag-chameleon-index"]["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+def test_autoscalers_take_over_the_replica_counts_on_metrics_the_adapter_serves():
+    docs = render({"autoscaling": {"enabled": True}, "index": {"shards": 3}})
+    deployments, autoscalers = named(docs, "Deployment"), named(docs, "HorizontalPodAutoscaler")
+    served = {rule["name"]["as"] for rules in ADAPTER["rules"].values() if isinstance(rules, list) for rule in rules}
+    scaled = {a["spec"]["scaleTargetRef"]["name"]: a["spec"] for a in autoscalers.values()}
+    assert set(scaled) == {"rag-chameleon-server", *(f"rag-chameleon-retrieval-{shard}" for shard in range(3))}
+    for name, spec in scaled.items():
+        assert "replicas" not in deployments[name]["spec"]  # the autoscaler's to set
+        (metric,) = spec["metrics"]
+        asked = metric[metric["type"].lower()]["metric"]
+        assert asked["name"] in served
+        if name.startswith("rag-chameleon-retrieval-"):
+            assert asked["selector"]["matchLabels"] == {"shard": name.rsplit("-", 1)[1]}
+    assert "replicas" in deployments["rag-chameleon-coordinator"]["spec"]
+
+
+def test_the_series_the_autoscalers_use_are_on_a_running_servers_metrics(tmp_path, facts_index, tiny_model):
+    """What the adapter's rules query (deploy/helm/prometheus-adapter-values.yaml) exists on the
+    /metrics of a server with a retrieval tier, with the labels the rules group by."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests.helpers import start_server
+
+    server = start_server(tmp_path, "--index", facts_index, "--model", tiny_model, "--shards", 2)
+    try:
+        with urllib.request.urlopen(server.url + "/metrics", timeout=30) as response:
+            samples = [s for family in text_string_to_metric_families(response.read().decode()) for s in family.samples]
+    finally:
+        assert server.stop() == 0
+    for kind, rules in ADAPTER["rules"].items():
+        for rule in rules if isinstance(rules, list) else []:
+            series = rule["seriesQuery"].split("{")[0]
+            found = [s for s in samples if s.name == series]
+            assert found, f"{kind} rule: no {series} on /metrics"
+            grouped = set(rule["metricsQuery"].split("by (")[1].split(")")[0].replace(" ", "").split(",")) - {"<<.GroupBy>>"}
+            assert all(grouped <= s.labels.keys() for s in found), (series, grouped)
+    by_shard = {s.labels["shard"] for s in samples if s.name == "chameleon_shard_node_inflight"}
+    assert by_shard == {"0", "1"}

@@ -119,12 +119,19 @@ class _TierCollector:
             "chameleon_shard_latency_seconds", "Retrieval node answer time, per node.", labels=["shard", "endpoint"]
         )
         alive = GaugeMetricFamily("chameleon_shard_node_alive", "1 when the coordinator sees the node alive.", labels=["shard", "endpoint"])
+        inflight = GaugeMetricFamily(
+            "chameleon_shard_node_inflight",
+            "Sub-requests the coordinator has sent the node and not had answered (the retrieval tier's autoscaling signal).",
+            labels=["shard", "endpoint"],
+        )
         for node in (info or {}).get("nodes", []):
             labels = ["" if node["shard"] is None else str(node["shard"]), node["endpoint"]]
             latency.add_metric(labels, count_value=node.get("answered", 0), sum_value=node.get("answer_s", 0.0))
             alive.add_metric(labels, 1.0 if node["alive"] else 0.0)
+            inflight.add_metric(labels, node.get("inflight", 0) + node.get("waiting", 0))
         yield latency
         yield alive
+        yield inflight
 
 
 class _SupervisionCollector:
