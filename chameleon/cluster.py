@@ -54,7 +54,9 @@ def _chameleon(*args) -> list[str]:
     return [sys.executable, "-m", "chameleon", *map(str, args)]
 
 
-# The processes this one started, by pid, so that a keeper in this process gets their exit status.
+# The processes this one started to own (they die with it), by pid, until the keeper in this
+# process takes them over and reads their exit status. Others are not held here: a Popen nobody
+# holds is reaped by the subprocess module, not left a zombie.
 _STARTED: dict[int, subprocess.Popen] = {}
 
 
@@ -73,7 +75,8 @@ def _spawn(command: list[str], log: Path, die_with_parent: bool = False) -> subp
             env=env,
             preexec_fn=_term_when_parent_dies if die_with_parent and _PRCTL is not None else None,
         )
-    _STARTED[process.pid] = process
+    if die_with_parent:
+        _STARTED[process.pid] = process
     return process
 
 
@@ -475,7 +478,9 @@ class ClusterKeeper:
     def _spawn(self, child: Child) -> subprocess.Popen:
         # Under serve, PR_SET_PDEATHSIG fires when the supervisor's thread ends, not the process:
         # it ends only with stop(), when the server stops its tier anyway.
-        return _spawn(child.command, child.log, die_with_parent=self.state.get("owner") == os.getpid())
+        process = _spawn(child.command, child.log, die_with_parent=self.state.get("owner") == os.getpid())
+        _STARTED.pop(process.pid, None)  # this keeper holds it
+        return process
 
     def _changed(self, child: Child) -> None:
         with _state_locked(self.state_dir) as state:
