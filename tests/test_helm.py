@@ -111,6 +111,7 @@ def test_one_deployment_and_one_disruption_budget_per_shard_behind_one_headless_
     assert coordinator["nodes"] == ["dns://rag-chameleon-retrieval:5555"]
     (job,) = named(docs, "Job").values()
     assert "--shards 3 --out shards-3" in container(job)["args"][0]
+    assert job["metadata"]["name"] == "rag-chameleon-index-3"  # another layout, another Job (a Job's template is immutable)
     server = parse(container(deployments["rag-chameleon-server"])["args"]).params
     assert server["coordinator"] == "tcp://rag-chameleon-coordinator:6000"
 
