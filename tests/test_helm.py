@@ -25,6 +25,7 @@ LAYOUTS = {
     "gpu-fpga": GPU_FPGA,
     "three shards": {"index": {"shards": 3}, "retrieval": {"replicas": 1}},
     "autoscaling": {"autoscaling": {"enabled": True}},
+    "re-shard": {"index": {"shards": 3, "previousShards": 2}},
 }
 
 
@@ -97,18 +98,19 @@ def test_one_deployment_and_one_disruption_budget_per_shard_behind_one_headless_
     service = named(docs, "Service")["rag-chameleon-retrieval"]
     assert service["spec"]["clusterIP"] == "None"
     for shard in range(3):
-        node = deployments[f"rag-chameleon-retrieval-{shard}"]
+        node = deployments[f"rag-chameleon-retrieval-3-{shard}"]
         args = parse(container(node)["args"]).params
         assert (args["shard"], str(args["index"]), node["spec"]["replicas"]) == (shard, "/var/lib/chameleon/data/shards-3", 2)
         labels = node["spec"]["template"]["metadata"]["labels"]
         assert service["spec"]["selector"].items() <= labels.items()  # every node behind the coordinator's DNS name
-        budget = budgets[f"rag-chameleon-retrieval-{shard}"]["spec"]
+        budget = budgets[f"rag-chameleon-retrieval-3-{shard}"]["spec"]
         assert budget["minAvailable"] == 1 and budget["selector"]["matchLabels"].items() <= labels.items()
         assert {k: v for k, v in budget["selector"]["matchLabels"].items() if k == "chameleon.io/shard"} == {
             "chameleon.io/shard": str(shard)
         }
     coordinator = parse(container(deployments["rag-chameleon-coordinator"])["args"]).params
     assert coordinator["nodes"] == ["dns://rag-chameleon-retrieval:5555"]
+    assert str(coordinator["index"]) == "/var/lib/chameleon/data/rag/index"  # the version: a re-shard does not restart it
     (job,) = named(docs, "Job").values()
     assert "--shards 3 --out shards-3" in container(job)["args"][0]
     assert job["metadata"]["name"] == "rag-chameleon-index-3"  # another layout, another Job (a Job's template is immutable)
@@ -116,11 +118,28 @@ def test_one_deployment_and_one_disruption_budget_per_shard_behind_one_headless_
     assert server["coordinator"] == "tcp://rag-chameleon-coordinator:6000"
 
 
+def test_a_reshard_runs_both_layouts_until_the_next_upgrade_drops_the_old_one():
+    during = render({"index": {"shards": 3, "previousShards": 2}})
+    deployments = named(during, "Deployment")
+    layouts = {}
+    for name, deployment in deployments.items():
+        if "-retrieval-" in name:
+            args = parse(container(deployment)["args"]).params
+            layouts.setdefault(str(args["index"]), set()).add(args["shard"])
+    assert layouts == {"/var/lib/chameleon/data/shards-3": {0, 1, 2}, "/var/lib/chameleon/data/shards-2": {0, 1}}
+    # no pod of one layout's Deployment is taken for the other's: their selectors differ
+    selectors = [tuple(sorted(d["spec"]["selector"]["matchLabels"].items())) for n, d in deployments.items() if "-retrieval-" in n]
+    assert len(set(selectors)) == len(selectors) == 5
+    assert [job["metadata"]["name"] for job in named(during, "Job").values()] == ["rag-chameleon-index-3"]  # the old layout exists
+    after = named(render({"index": {"shards": 3}}), "Deployment")
+    assert sorted(n for n in after if "-retrieval-" in n) == [f"rag-chameleon-retrieval-3-{shard}" for shard in range(3)]
+
+
 def test_probes_ask_the_processes_own_readiness():
     deployments = named(render({}), "Deployment")
     server = container(deployments["rag-chameleon-server"])
     assert server["readinessProbe"]["httpGet"]["path"] == "/readyz" and server["livenessProbe"]["httpGet"]["path"] == "/healthz"
-    for name in ("rag-chameleon-retrieval-0", "rag-chameleon-coordinator"):
+    for name in ("rag-chameleon-retrieval-2-0", "rag-chameleon-coordinator"):
         probe = container(deployments[name])["readinessProbe"]["exec"]["command"]
         assert probe[:3] == ["chameleon", "node", "probe"]
 
@@ -133,7 +152,7 @@ def test_gpu_and_fpga_hosts_get_their_devices_keys_and_metrics():
     assert deployments["rag-chameleon-server"]["spec"]["template"]["spec"]["tolerations"][0]["key"] == "nvidia.com/gpu"
     assert server["env"] == [{"name": "CHAMELEON_API_KEYS", "valueFrom": {"secretKeyRef": {"name": "chameleon-api-keys", "key": "keys"}}}]
     for shard in range(4):
-        node = deployments[f"rag-chameleon-retrieval-{shard}"]
+        node = deployments[f"rag-chameleon-retrieval-4-{shard}"]
         args = parse(container(node)["args"]).params
         assert (args["engine"], args["fpga_mode"], str(args["keys"])) == ("fpga", "hw", "/etc/chameleon/keys")
         assert container(node)["resources"]["limits"] == {"xilinx.com/fpga-xilinx_u280_gen3x16_xdma_base_1-1": 1}
@@ -154,7 +173,7 @@ def test_autoscalers_take_over_the_replica_counts_on_metrics_the_adapter_serves(
     deployments, autoscalers = named(docs, "Deployment"), named(docs, "HorizontalPodAutoscaler")
     served = {rule["name"]["as"] for rules in ADAPTER["rules"].values() if isinstance(rules, list) for rule in rules}
     scaled = {a["spec"]["scaleTargetRef"]["name"]: a["spec"] for a in autoscalers.values()}
-    assert set(scaled) == {"rag-chameleon-server", *(f"rag-chameleon-retrieval-{shard}" for shard in range(3))}
+    assert set(scaled) == {"rag-chameleon-server", *(f"rag-chameleon-retrieval-3-{shard}" for shard in range(3))}
     for name, spec in scaled.items():
         assert "replicas" not in deployments[name]["spec"]  # the autoscaler's to set
         (metric,) = spec["metrics"]

@@ -18,9 +18,8 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{ .repository }}:{{ .tag }}
 {{- end -}}
 
-{{/* Where the index volume is mounted, and the layout the nodes serve. */}}
+{{/* Where the index volume is mounted. */}}
 {{- define "chameleon.data" -}}/var/lib/chameleon/data{{- end -}}
-{{- define "chameleon.layout" -}}{{ include "chameleon.data" . }}/shards-{{ .Values.index.shards }}{{- end -}}
 
 {{- define "chameleon.curveArgs" -}}
 {{- if .Values.curveKeys.secretName }}
