@@ -101,8 +101,9 @@ class Deployment:
         index = str(PurePosixPath(self.base.index).parent / f"shards-{nshards}")
         return Layout(nshards, index, tuple(f"retrieval-{nshards}-{s}" for s in range(nshards)), generated=True)
 
-    def compose(self, *args: str, overlay: bool = True) -> str:
-        files = ["-f", str(self.file), *(["-f", str(self.overlay)] if overlay and self.overlay.is_file() else [])]
+    def compose(self, *args: str) -> str:
+        """``docker compose ARGS`` on the file and the overlay of what runs."""
+        files = ["-f", str(self.file), *(["-f", str(self.overlay)] if self.overlay.is_file() else [])]
         return _docker("compose", "-p", self.project, *files, *args)
 
     def running(self) -> Counter:
