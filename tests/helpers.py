@@ -1,6 +1,7 @@
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,14 @@ def same_up_to_ties(d1, i1, d2, i2, rtol=1e-5):
 
 
 START_TIMEOUT = 300
+
+
+def wait_for(condition, seconds: float, what: str = "the condition", interval: float = 0.1) -> None:
+    """Return once ``condition()`` is true; fail the test if it is not within ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(interval)
 
 
 @dataclass

@@ -21,6 +21,7 @@ from retriever.build import add_vectors
 from retriever.errors import InvalidInput
 from retriever.index import content_fingerprint, index_fingerprint, load_index, read_manifest, save_index, save_layout
 from retriever.search import Searcher
+from tests.helpers import wait_for
 from tests.test_tier import start_node
 
 
@@ -62,22 +63,13 @@ def test_membership_follows_a_directory_while_it_runs(tmp_path):
     membership.start()
     try:
         (tmp_path / "n.json").write_text(json.dumps({"endpoint": "tcp://127.0.0.1:7001"}))
-        assert wait_for(lambda: membership.endpoints == {"tcp://127.0.0.1:7000", "tcp://127.0.0.1:7001"})
+        wait_for(lambda: membership.endpoints == {"tcp://127.0.0.1:7000", "tcp://127.0.0.1:7001"}, 10, interval=0.02)
         (tmp_path / "n.json").unlink()
-        assert wait_for(lambda: membership.endpoints == {"tcp://127.0.0.1:7000"})
+        wait_for(lambda: membership.endpoints == {"tcp://127.0.0.1:7000"}, 10, interval=0.02)
     finally:
         membership.stop()
     with pytest.raises(InvalidInput, match="at least one"):
         Membership([])
-
-
-def wait_for(condition, seconds=10.0):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 # -- a serving tier -------------------------------------------------------------------------------
@@ -118,21 +110,21 @@ def test_scaling_replicas_and_shards_while_searches_run_fails_none(index_dir, tm
     try:
         load = start_load(index_dir, state["coordinator"]["endpoint"], small_data.queries, tmp_path)
         with RetrievalClient(state["coordinator"]["endpoint"]) as client:
-            assert wait_for(lambda: sum(answered_by(client).values()) > 20)
+            wait_for(lambda: sum(answered_by(client).values()) > 20, 10, interval=0.02)
             grown = cluster.scale(state_dir, replicas=2)
             fresh = {n["endpoint"] for n in grown["nodes"]} - {n["endpoint"] for n in state["nodes"]}
             assert len(fresh) == 2 and len(grown["nodes"]) == 4
             # the new replicas take searches within seconds
-            assert wait_for(lambda: all(answered_by(client).get(e, 0) > 0 for e in fresh))
+            wait_for(lambda: all(answered_by(client).get(e, 0) > 0 for e in fresh), 10, interval=0.02)
             shrunk = cluster.scale(state_dir, replicas=1)
             assert sorted(n["replica"] for n in shrunk["nodes"]) == [0, 0]
-            assert wait_for(lambda: len(client.info()["nodes"]) == 2)
+            wait_for(lambda: len(client.info()["nodes"]) == 2, 10, interval=0.02)
             resharded = cluster.scale(state_dir, shards=3)
             info = client.info()
             assert info["nshards"] == 3 and info["ready"]
             assert info["fingerprint"] == index_fingerprint(read_manifest(resharded["index"]))
             assert info["content"] == content_fingerprint(read_manifest(index_dir))
-            assert wait_for(lambda: sum(answered_by(client).values()) > 20 and len(client.info()["nodes"]) == 3)
+            wait_for(lambda: sum(answered_by(client).values()) > 20 and len(client.info()["nodes"]) == 3, 10, interval=0.02)
         summary = stop_load(load, tmp_path)
         assert cluster.status(state_dir)["view"]["nshards"] == 3
         assert [n["running"] for n in cluster.status(state_dir)["nodes"]] == [True] * 3
@@ -152,7 +144,7 @@ def test_a_search_the_new_layout_loses_is_answered_by_the_old_one_while_both_run
     new = [start_node(layout, state_dir / cluster.NODES_DIR, shard=shard)[0] for shard in (0, 1)]
     try:
         with RetrievalClient(state["coordinator"]["endpoint"]) as client:
-            assert wait_for(lambda: client.info()["nshards"] == 2)  # the newer layout serves
+            wait_for(lambda: client.info()["nshards"] == 2, 10, interval=0.02)  # the newer layout serves
         for node in new:
             os.kill(node.pid, signal.SIGSTOP)  # running, but answering nothing
         searcher = cluster.ClusterSearcher.connect(state["coordinator"]["endpoint"], index_dir, timeout=10)
@@ -181,12 +173,12 @@ def test_scaling_replaces_nodes_whose_process_died(index_dir, tmp_path):
     try:
         dead = state["nodes"][0]
         os.kill(dead["pid"], signal.SIGKILL)
-        assert wait_for(lambda: process_gone(dead["pid"]))
+        wait_for(lambda: process_gone(dead["pid"]), 10, interval=0.02)
         healed = cluster.scale(tmp_path / "state", replicas=2)
         assert dead["endpoint"] not in {n["endpoint"] for n in healed["nodes"]}
         assert [n["running"] for n in cluster.status(tmp_path / "state")["nodes"]] == [True, True]
         with RetrievalClient(state["coordinator"]["endpoint"]) as client:
-            assert wait_for(lambda: {n["endpoint"] for n in client.info()["nodes"]} == {n["endpoint"] for n in healed["nodes"]})
+            wait_for(lambda: {n["endpoint"] for n in client.info()["nodes"]} == {n["endpoint"] for n in healed["nodes"]}, 10, interval=0.02)
             assert all(n["alive"] for n in client.info()["nodes"])
     finally:
         cluster.down(tmp_path / "state")
@@ -202,7 +194,7 @@ def test_a_node_of_another_index_version_is_never_merged(index_dir, tmp_path, sm
         # it announces itself where the cluster's nodes do, as shard 0 of a one-shard index
         stranger, endpoint = start_node(other_dir, tmp_path / "state" / cluster.NODES_DIR)
         with RetrievalClient(state["coordinator"]["endpoint"]) as client:
-            assert wait_for(lambda: endpoint in answered_by(client))
+            wait_for(lambda: endpoint in answered_by(client), 10, interval=0.02)
             time.sleep(0.5)  # heartbeats come and go
             view = {n["endpoint"]: n for n in client.info()["nodes"]}
             assert view[endpoint]["alive"] is False and view[endpoint]["shard"] is None
@@ -230,9 +222,9 @@ def test_processes_started_before_their_index_wait_for_it(index_dir, tmp_path):
         assert coordinator.poll() is None and node.poll() is None and not ready.exists()
         shutil.copytree(index_dir, tmp_path / "copy")
         (tmp_path / "copy").rename(later)  # appears whole, as the index job's atomic write
-        assert wait_for(ready.is_file, 60)
+        wait_for(ready.is_file, 60, interval=0.02)
         with RetrievalClient(json.loads(ready.read_text())["endpoint"]) as client:
-            assert wait_for(lambda: client.info()["ready"], 60)
+            wait_for(lambda: client.info()["ready"], 60, interval=0.02)
     finally:
         for process in (coordinator, node):
             process.send_signal(signal.SIGTERM)
@@ -253,9 +245,9 @@ def test_a_coordinator_finds_its_nodes_by_name(index_dir, tmp_path, small_data):
     command = ["node", "coordinator", "--index", index_dir, "--nodes", f"dns://localhost:{port}", "--bind", "tcp://127.0.0.1:*"]
     coordinator = subprocess.Popen([sys.executable, "-m", "chameleon", *map(str, command), "--ready-file", str(ready)])
     try:
-        assert wait_for(ready.is_file, 60)
+        wait_for(ready.is_file, 60, interval=0.02)
         with RetrievalClient(json.loads(ready.read_text())["endpoint"]) as client:
-            assert wait_for(lambda: client.info()["ready"])
+            wait_for(lambda: client.info()["ready"], 10, interval=0.02)
             assert {n["endpoint"] for n in client.info()["nodes"] if n["alive"]} == {f"tcp://127.0.0.1:{port}"}
     finally:
         for process in (coordinator, node):

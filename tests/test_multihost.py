@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from retriever.index import save_index
+from tests.helpers import wait_for
 
 PORT, COORDINATOR_PORT = 5555, 6000
 TIMEOUT = 2.0  # the coordinator's default: a node starved of CPU on a busy 2-core machine still answers within it
@@ -107,13 +108,6 @@ def chameleon(*args) -> list:
     return [sys.executable, "-m", "chameleon", *args]
 
 
-def wait_for(condition, seconds=60.0, what="the condition"):
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
-
-
 def test_nodes_on_other_hosts_join_leave_fail_and_return_while_searches_run(lab, tmp_path, l2_index, small_data):
     index_dir = save_index(l2_index.resharded(2), tmp_path / "index")
     for host in ("coordinator", "client", "a", "b", "c", "d"):
@@ -132,7 +126,7 @@ def test_nodes_on_other_hosts_join_leave_fail_and_return_while_searches_run(lab,
         ready.unlink(missing_ok=True)
         command = chameleon("node", "retrieval", "--index", index_dir, "--shard", shard_of[host], "--threads", "1")
         nodes[host] = lab.run(host, *command, "--bind", f"tcp://{lab.hosts[host]}:{PORT}", "--ready-file", ready)
-        wait_for(ready.is_file, what=f"the node on host {host}")
+        wait_for(ready.is_file, seconds=60, what=f"the node on host {host}")
 
     def info() -> dict:
         probe = lab.run("client", *chameleon("node", "probe", coordinator_endpoint), stdout=subprocess.PIPE)
@@ -152,14 +146,14 @@ def test_nodes_on_other_hosts_join_leave_fail_and_return_while_searches_run(lab,
     coordinator_endpoint = f"tcp://{lab.hosts['coordinator']}:{COORDINATOR_PORT}"
     command = chameleon("node", "coordinator", "--index", index_dir, "--nodes", f"dns://retrieval:{PORT}", "--timeout", TIMEOUT)
     lab.run("coordinator", *command, "--bind", coordinator_endpoint, "--ready-file", tmp_path / "coordinator.json")
-    wait_for((tmp_path / "coordinator.json").is_file, what="the coordinator")
-    wait_for(lambda: alive() == {"a", "b"}, what="both nodes in rotation")
+    wait_for((tmp_path / "coordinator.json").is_file, seconds=60, what="the coordinator")
+    wait_for(lambda: alive() == {"a", "b"}, seconds=60, what="both nodes in rotation")
 
     queries = tmp_path / "queries.npy"
     np.save(queries, small_data.queries)
     load = lab.run("client", sys.executable, "-m", "tests.load", coordinator_endpoint, index_dir, queries, tmp_path / "load.json",
                    "--stop-file", tmp_path / "stop", "--seconds", "240")  # fmt: skip
-    wait_for(lambda: answered("a") > 10, what="searches through the tier")
+    wait_for(lambda: answered("a") > 10, seconds=60, what="searches through the tier")
 
     # replicas 2: a new host per shard joins once the name lists it, and takes searches within seconds
     start_node("c")
@@ -172,12 +166,12 @@ def test_nodes_on_other_hosts_join_leave_fail_and_return_while_searches_run(lab,
     # replicas 2: a host's processes SIGKILLed and another host's link cut: no search fails or is partial
     nodes["c"].kill()
     lab.set_link("d", up=False)
-    wait_for(lambda: alive() == {"a", "b"}, what="the dead hosts out of rotation")
+    wait_for(lambda: alive() == {"a", "b"}, seconds=60, what="the dead hosts out of rotation")
     time.sleep(2 * TIMEOUT)
     # ... and both come back
     start_node("c")
     lab.set_link("d", up=True)
-    wait_for(lambda: alive() == {"a", "b", "c", "d"}, what="the hosts back in rotation")
+    wait_for(lambda: alive() == {"a", "b", "c", "d"}, seconds=60, what="the hosts back in rotation")
 
     # a host stopped by SIGTERM (drained), then taken off the name (Compose's way), and another
     # taken off the name, then stopped (Kubernetes' way): still none fails
@@ -188,7 +182,9 @@ def test_nodes_on_other_hosts_join_leave_fail_and_return_while_searches_run(lab,
     time.sleep(2.0)
     nodes["d"].send_signal(signal.SIGTERM)
     assert nodes["d"].wait(timeout=30) == 0
-    wait_for(lambda: {n["endpoint"] for n in info()["nodes"]} == {f"tcp://{lab.hosts[h]}:{PORT}" for h in "ab"}, what="c and d gone")
+    wait_for(
+        lambda: {n["endpoint"] for n in info()["nodes"]} == {f"tcp://{lab.hosts[h]}:{PORT}" for h in "ab"}, seconds=60, what="c and d gone"
+    )
     whole_until = time.time()
 
     # replicas 1: a SIGKILLed host and a cut link make answers partial, within the timeout, until the host returns
@@ -201,7 +197,7 @@ def test_nodes_on_other_hosts_join_leave_fail_and_return_while_searches_run(lab,
         stop()
         time.sleep(3 * TIMEOUT)
         back()
-        wait_for(lambda: alive() == {"a", "b"}, what=f"host {host} back in rotation")
+        wait_for(lambda: alive() == {"a", "b"}, seconds=60, what=f"host {host} back in rotation")
         outages.append((shard_of[host], started, time.time()))
         time.sleep(1.0)
 

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from retriever.errors import InvalidInput
-from tests.helpers import start_server
+from tests.helpers import start_server, wait_for
 
 KEY = "test-key"
 
@@ -646,10 +646,7 @@ def test_serve_restarts_the_tier_processes_that_die_and_gives_up_on_a_corrupt_sh
         codes = state_dir / "index-2-shards" / "shard-001" / "codes.npy"
         codes.write_bytes(codes.read_bytes()[: codes.stat().st_size // 2])
         os.kill(entry("node-1-0-of-2")["pid"], signal.SIGKILL)
-        deadline = time.monotonic() + 120
-        while entry("node-1-0-of-2").get("supervision") != "failed":
-            assert time.monotonic() < deadline, entry("node-1-0-of-2")
-            time.sleep(0.5)
+        wait_for(lambda: entry("node-1-0-of-2").get("supervision") == "failed", 120, "node-1-0-of-2 given up on", interval=0.5)
         status, ready, _ = call(server.url + "/readyz", key=None)
         assert status == 503 and ready["reason"].startswith("no live node for shard(s) [1]; node-1-0-of-2 failed: exited with status")
         assert "codes.npy" in ready["reason"] and ready["failed"] == [ready["reason"].split("; ", 1)[1]]
@@ -660,10 +657,7 @@ def test_serve_restarts_the_tier_processes_that_die_and_gives_up_on_a_corrupt_sh
         assert "node shard 1 replica 0" in report and "FAILED" in report and "restarted 1 time(s)" in report
         # SIGTERM while a node is being restarted: everything stops, nothing is restarted, none left
         os.kill(entry("node-0-0-of-2")["pid"], signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while entry("node-0-0-of-2")["restarts"] < 2:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        wait_for(lambda: entry("node-0-0-of-2")["restarts"] >= 2, 10, "node-0-0-of-2 restarting", interval=0.01)
     finally:
         done.set()
         searching.join(120)

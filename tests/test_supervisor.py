@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from chameleon.supervisor import Child, RestartPolicy, Supervisor
+from tests.helpers import wait_for
 
 FAST = RestartPolicy(first_delay_s=0.05, max_delay_s=0.2, healthy_after_s=60, max_failures=3, window_s=60, silent_limit_s=0.6)
 
@@ -42,13 +43,6 @@ def spawn(c: Child) -> subprocess.Popen:
         return subprocess.Popen(c.command, stdout=log, stderr=subprocess.STDOUT)
 
 
-def wait_for(condition, seconds: float = 30.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
-
-
 def starts(c: Child) -> int:
     path = c.ready_file.with_suffix(".starts")
     return int(path.read_text()) if path.exists() else 0
@@ -59,14 +53,14 @@ def test_a_child_that_dies_is_restarted_and_each_restart_is_recorded(tmp_path):
     c = child(tmp_path, "node-0")
     supervisor = Supervisor([c], spawn, changed=lambda ch: changes.append((ch.state, ch.cause)), policy=FAST).start()
     try:
-        wait_for(lambda: c.state == "running")
+        wait_for(lambda: c.state == "running", 30, interval=0.02)
         assert c.ready["endpoint"] == "tcp://127.0.0.1:1"
         first = c.process
         first.kill()
-        wait_for(lambda: c.state == "running" and c.process is not first)
+        wait_for(lambda: c.state == "running" and c.process is not first, 30, interval=0.02)
         assert c.restarts == 1 and c.cause == "killed by SIGKILL" and c.ready["endpoint"] == "tcp://127.0.0.1:2"
         c.process.terminate()
-        wait_for(lambda: c.restarts == 2 and c.state == "running")
+        wait_for(lambda: c.restarts == 2 and c.state == "running", 30, interval=0.02)
         assert c.cause == "killed by SIGTERM"
         assert ("waiting", "killed by SIGKILL") in changes and changes[-1] == ("running", "killed by SIGTERM")
         assert supervisor.snapshot() == [
@@ -82,7 +76,7 @@ def test_a_child_that_fails_at_every_start_is_given_up_with_its_last_words(tmp_p
     healthy, broken = child(tmp_path, "node-0"), child(tmp_path, "node-1", mode="crash")
     supervisor = Supervisor([healthy, broken], spawn, policy=FAST).start()
     try:
-        wait_for(lambda: broken.state == "failed")
+        wait_for(lambda: broken.state == "failed", 30, interval=0.02)
         assert starts(broken) == FAST.max_failures  # the first start and two restarts, then no more
         assert broken.restarts == FAST.max_failures - 1
         (reason,) = supervisor.failed()
@@ -102,7 +96,7 @@ def test_the_delay_doubles_up_to_its_cap(tmp_path):
     supervisor = Supervisor([c], spawn, changed=lambda ch: delays.append(ch._delay) if ch.state == "waiting" else None, policy=policy)
     supervisor.start()
     try:
-        wait_for(lambda: len(delays) >= 5)
+        wait_for(lambda: len(delays) >= 5, 30, interval=0.02)
     finally:
         supervisor.stop()
     # the delay recorded after each failure is the next one's: 0.05 went, then 0.1, 0.2, 0.2...
@@ -114,10 +108,10 @@ def test_a_child_the_tier_does_not_hear_is_killed_and_restarted(tmp_path):
     deaf = {"node-0"}
     supervisor = Supervisor([c], spawn, unheard=lambda: set(deaf), policy=FAST).start()
     try:
-        wait_for(lambda: c.restarts == 1)
+        wait_for(lambda: c.restarts == 1, 30, interval=0.02)
         assert c.cause.startswith("missed heartbeats for")
         deaf.clear()  # heard again: left alone
-        wait_for(lambda: c.state == "running")
+        wait_for(lambda: c.state == "running", 30, interval=0.02)
         time.sleep(FAST.silent_limit_s * 3)
         assert c.restarts == 1 and c.state == "running"
     finally:
@@ -128,7 +122,7 @@ def test_a_child_the_tier_does_not_hear_is_killed_and_restarted(tmp_path):
 def test_nothing_is_restarted_once_stopped(tmp_path):
     c = child(tmp_path, "node-0")
     supervisor = Supervisor([c], spawn, policy=FAST).start()
-    wait_for(lambda: c.state == "running")
+    wait_for(lambda: c.state == "running", 30, interval=0.02)
     supervisor.stop()
     c.process.kill()
     c.process.wait()
