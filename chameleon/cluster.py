@@ -89,6 +89,14 @@ def _term_when_parent_dies() -> None:
     _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def _ready_file(state_dir: str | os.PathLike, name: str) -> Path:
+    """Where the process ``name`` of a cluster says it is ready: a node's announcement, which the
+    coordinators follow, or the coordinator's own file."""
+    if name == "coordinator":
+        return Path(state_dir) / "run" / "coordinator.json"
+    return Path(state_dir) / NODES_DIR / f"{name}.json"
+
+
 def _wait_ready(process: subprocess.Popen, ready_file: Path, log: Path, deadline: float) -> dict:
     while time.monotonic() < deadline:
         if ready_file.is_file():
@@ -179,7 +187,7 @@ def up(
         state["index"] = str(_layout(state, nshards))
         nodes = [(shard, replica) for shard in range(nshards) for replica in range(replicas)]
         state["nodes"] = _start_nodes(state, Path(state["index"]), nodes, started)
-        run, logs = state_dir / "run", state_dir / "logs"
+        logs = state_dir / "logs"
         command = _chameleon(
             "node",
             "coordinator",
@@ -194,12 +202,12 @@ def up(
             "--on-missing",
             on_missing,
             "--ready-file",
-            run / "coordinator.json",
+            _ready_file(state_dir, "coordinator"),
             *security,
         )
         coordinator = _spawn(command, logs / "coordinator.log", die_with_parent)
         started.append(coordinator)
-        front = _wait_ready(coordinator, run / "coordinator.json", logs / "coordinator.log", time.monotonic() + START_TIMEOUT)
+        front = _wait_ready(coordinator, _ready_file(state_dir, "coordinator"), logs / "coordinator.log", time.monotonic() + START_TIMEOUT)
         command[command.index("--bind") + 1] = front["endpoint"]  # a restart takes the same endpoint: clients reconnect
         state["coordinator"] = {
             **front,
@@ -255,7 +263,7 @@ def _start_nodes(state: dict, index_dir: Path, nodes: list[tuple[int, int]], sta
     for shard, replica in nodes:
         name = f"node-{shard}-{replica}-of-{nshards}"
         log = state_dir / "logs" / f"{name}.log"
-        announcement = state_dir / NODES_DIR / f"{name}.json"
+        announcement = _ready_file(state_dir, name)
         announcement.unlink(missing_ok=True)  # a dead node's, whose name this one takes over
         command = _chameleon(
             "node", "retrieval", "--index", index_dir, "--shard", shard, "--bind", "tcp://127.0.0.1:*", "--ready-file", announcement
@@ -267,7 +275,7 @@ def _start_nodes(state: dict, index_dir: Path, nodes: list[tuple[int, int]], sta
         entries.append({"shard": shard, "replica": replica, "nshards": nshards, "name": name, "log": str(log), "command": command})
     deadline = time.monotonic() + START_TIMEOUT
     for entry, process in zip(entries, processes):
-        entry.update(_wait_ready(process, state_dir / NODES_DIR / f"{entry['name']}.json", Path(entry["log"]), deadline))
+        entry.update(_wait_ready(process, _ready_file(state_dir, entry["name"]), Path(entry["log"]), deadline))
     return entries
 
 
@@ -349,7 +357,7 @@ def _retire(state_dir: str | os.PathLike, nodes: list[dict]) -> None:
     """Withdraw ``nodes``' announcements, give every coordinator following them time to notice,
     then stop them (SIGTERM: they answer what they hold and exit)."""
     for node in nodes:
-        (Path(state_dir) / NODES_DIR / f"{node['name']}.json").unlink(missing_ok=True)
+        _ready_file(state_dir, node["name"]).unlink(missing_ok=True)
     if nodes:
         time.sleep(WITHDRAW_S)
     _stop([n["pid"] for n in nodes if _is_ours(n["pid"])])
@@ -468,12 +476,9 @@ class ClusterKeeper:
 
     def _child(self, entry: dict) -> Child:
         name = entry.get("name", "coordinator")
-        if name == "coordinator":
-            tier, shard, ready_file = "coordinator", None, self.state_dir / "run" / "coordinator.json"
-        else:
-            tier, shard, ready_file = "retrieval", entry["shard"], self.state_dir / NODES_DIR / f"{name}.json"
+        tier, shard = ("coordinator", None) if name == "coordinator" else ("retrieval", entry["shard"])
         process = _STARTED.pop(entry["pid"], None) or _Adopted(entry["pid"])
-        return Child(name, tier, shard, entry["command"], Path(entry["log"]), ready_file, process, state="running")
+        return Child(name, tier, shard, entry["command"], Path(entry["log"]), _ready_file(self.state_dir, name), process, state="running")
 
     def _spawn(self, child: Child) -> subprocess.Popen:
         # Under serve, PR_SET_PDEATHSIG fires when the supervisor's thread ends, not the process:
