@@ -1,9 +1,15 @@
-"""Train and fill an IVF-PQ index: faiss k-means and PQ training on a seeded sample, residual encoding."""
+"""Train and fill an IVF-PQ index: faiss k-means and PQ training on a seeded sample, residual
+encoding. In one process (``build_index``) or in parts: train once (``train_quantizers``), encode
+row ranges in as many processes as there are parts (``encode_part``, reading memory-mapped files a
+chunk at a time), then join them (``join_parts``, a shard at a time)."""
 
 from __future__ import annotations
 
+import hashlib
+import os
 import time
 import warnings
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -11,7 +17,7 @@ from tqdm.auto import tqdm
 
 from retriever.coarse import CoarseQuantizer
 from retriever.errors import InvalidInput
-from retriever.index import InvertedLists, IVFPQIndex, IVFPQParams, split_shards
+from retriever.index import InvertedLists, IVFPQIndex, IVFPQParams, gather_shard, index_writer, load_index, split_shards
 from retriever.vectors import as_query_matrix, prepare_vectors
 
 ENCODE_CHUNK = 65536
@@ -45,6 +51,18 @@ def build_index(
         ids = np.arange(n, dtype=np.int64)
     elif np.shape(ids) != (n,):
         raise InvalidInput(f"ids must have shape ({n},), got {np.shape(ids)}")
+    trained = train_quantizers(vectors, params, train_size, seed)
+    assignment, codes = encode_vectors(vectors, params, trained.centroids, trained.codebooks, progress)
+    lists = InvertedLists.from_assignment(assignment, np.asarray(ids, dtype=np.int64), codes, params.nlist)
+    info = {**trained.build_info, "build_seconds": round(time.perf_counter() - started, 3)}
+    return IVFPQIndex(params, trained.centroids, trained.codebooks, split_shards(lists, nshards), info)
+
+
+def train_quantizers(vectors: np.ndarray, params: IVFPQParams, train_size: int | None = None, seed: int = 1234) -> IVFPQIndex:
+    """An index of no vectors whose quantizers (k-means centroids, PQ codebooks) are trained on a
+    seeded sample of ``vectors``: the first step of a build in parts. ``vectors`` may be
+    memory-mapped: only the sample's rows are read."""
+    n = _rows_of(vectors, params.dim)
     if params.nlist > n:
         raise InvalidInput(f"nlist={params.nlist} is larger than the number of vectors ({n})")
     if n < params.ksub:
@@ -54,34 +72,101 @@ def build_index(
         raise InvalidInput(
             f"train size must be between max(nlist, 2**nbits)={max(params.nlist, params.ksub)} and the number of vectors {n}, got {train_size}"
         )
-
     rng = np.random.default_rng(seed)
-    sample = prepare_vectors(vectors[np.sort(rng.choice(n, train_size, replace=False))], params.metric)
+    rows = np.sort(rng.choice(n, train_size, replace=False))
+    sample = prepare_vectors(as_query_matrix(vectors[rows], params.dim, what="training vectors"), params.metric)
     centroids = train_coarse(sample, params, seed)
     sample_assignment = CoarseQuantizer(centroids, params.metric, device="cpu").search(sample, 1)[0][:, 0]
     codebooks = train_pq(sample - centroids[sample_assignment], params, seed)
+    empty = InvertedLists(
+        np.zeros(params.nlist + 1, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros((0, params.code_size), np.uint8)
+    )
+    return IVFPQIndex(params, centroids, codebooks, [empty], {"seed": seed, "train_size": train_size, "trained_on": n})
 
-    assignment, codes = encode_vectors(vectors, params, centroids, codebooks, progress)
-    lists = InvertedLists.from_assignment(assignment, np.asarray(ids, dtype=np.int64), codes, params.nlist)
-    info = {"seed": seed, "train_size": train_size, "build_seconds": round(time.perf_counter() - started, 3)}
-    return IVFPQIndex(params, centroids, codebooks, split_shards(lists, nshards), info)
+
+def encode_part(trained: IVFPQIndex, vectors: np.ndarray, part: int, parts: int, progress: bool = False) -> IVFPQIndex:
+    """Part ``part`` of ``parts`` of a build: its share of the rows of ``vectors`` (memory-mapped:
+    read a chunk at a time) encoded with ``trained``'s quantizers, as a one-shard index whose ids
+    are the row numbers. :func:`join_parts` puts the parts together."""
+    n = _rows_of(vectors, trained.params.dim)
+    if trained.ntotal:
+        raise InvalidInput("encode with the quantizers of `index train` (an index of no vectors), not with a filled index")
+    if not 0 <= part < parts <= n:
+        raise InvalidInput(f"part must be in [0, parts) and parts at most the {n} rows, got part {part} of {parts}")
+    start, stop = part * n // parts, (part + 1) * n // parts
+    assignment, codes = encode_vectors(vectors, trained.params, trained.centroids, trained.codebooks, progress, (start, stop))
+    lists = InvertedLists.from_assignment(assignment, np.arange(start, stop, dtype=np.int64), codes, trained.params.nlist)
+    info = {**trained.build_info, "part": {"rows": [start, stop], "of": n, "trained": _quantizer_digest(trained)}}
+    return IVFPQIndex(trained.params, trained.centroids, trained.codebooks, [lists], info)
+
+
+def join_parts(parts: list[str | os.PathLike], nshards: int, out: str | os.PathLike, force: bool = False) -> Path:
+    """The parts of a build (:func:`encode_part`, in any order) joined into one index of
+    ``nshards`` shards at ``out``, written a shard at a time (memory: one output shard). The parts
+    must share their quantizers and cover every row once; the result equals ``build_index`` of
+    all the rows with those quantizers, array for array."""
+    loaded = [load_index(path) for path in parts]
+    if not loaded:
+        raise InvalidInput("no parts to join")
+    infos = [index.build_info.get("part") for index in loaded]
+    if any(info is None for info in infos):
+        raise InvalidInput("only the parts `index encode` writes can be joined")
+    if len({info["trained"] for info in infos}) != 1 or len({index.params for index in loaded}) != 1:
+        raise InvalidInput("the parts were encoded with different quantizers (every part needs the same `index train` output)")
+    order = sorted(range(len(loaded)), key=lambda i: infos[i]["rows"][0])
+    loaded, infos = [loaded[i] for i in order], [infos[i] for i in order]
+    covered = 0
+    for info in infos:
+        start, stop = info["rows"]
+        if start != covered:
+            what = f"rows {covered}-{start - 1} are in no part" if start > covered else f"rows {start}-{covered - 1} are in two parts"
+            raise InvalidInput(f"the parts do not cover the vectors once: {what}")
+        covered = stop
+    if covered != infos[0]["of"]:
+        raise InvalidInput(f"the parts do not cover the vectors once: rows {covered}-{infos[0]['of'] - 1} are in no part")
+    lists = [index.shards[0] for index in loaded]
+    first = loaded[0]
+    info = {key: value for key, value in first.build_info.items() if key != "part"}
+    with index_writer(out, first.params, first.centroids, first.codebooks, {**info, "joined_parts": len(loaded)}, force) as write_shard:
+        for shard in range(nshards):
+            write_shard(gather_shard(lists, shard, nshards))
+    return Path(out)
+
+
+def _rows_of(vectors, dim: int) -> int:
+    if getattr(vectors, "ndim", None) != 2 or vectors.shape[1] != dim:
+        raise InvalidInput(f"database vectors must have shape (n, {dim}), got {getattr(vectors, 'shape', None)}")
+    return int(vectors.shape[0])
+
+
+def _quantizer_digest(index: IVFPQIndex) -> str:
+    digest = hashlib.sha256(np.ascontiguousarray(index.centroids).tobytes())
+    digest.update(np.ascontiguousarray(index.codebooks).tobytes())
+    return digest.hexdigest()[:16]
 
 
 def encode_vectors(
-    vectors: np.ndarray, params: IVFPQParams, centroids: np.ndarray, codebooks: np.ndarray, progress: bool = False
+    vectors: np.ndarray,
+    params: IVFPQParams,
+    centroids: np.ndarray,
+    codebooks: np.ndarray,
+    progress: bool = False,
+    rows: tuple[int, int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Each vector's list (its nearest centroid) and the PQ code of its residual, with trained
-    quantizers. For ``cos`` the vectors are L2-normalised first."""
+    quantizers, for every row of ``vectors`` or the ``rows`` (start, stop) of it, read a chunk at a
+    time. For ``cos`` the vectors are L2-normalised first."""
     quantizer = CoarseQuantizer(centroids, params.metric, device="cpu")
     pq = _faiss_pq(params, codebooks)
-    n = vectors.shape[0]
-    assignment = np.empty(n, dtype=np.int64)
-    codes = np.empty((n, params.code_size), dtype=np.uint8)
-    for start in tqdm(range(0, n, ENCODE_CHUNK), desc="encode", unit="chunk", disable=not progress):
-        chunk = prepare_vectors(vectors[start : start + ENCODE_CHUNK], params.metric)
-        rows = slice(start, start + len(chunk))
-        assignment[rows] = quantizer.search(chunk, 1)[0][:, 0]
-        codes[rows] = pq.compute_codes(chunk - centroids[assignment[rows]])
+    first, stop = rows or (0, vectors.shape[0])
+    assignment = np.empty(stop - first, dtype=np.int64)
+    codes = np.empty((stop - first, params.code_size), dtype=np.uint8)
+    for start in tqdm(range(first, stop, ENCODE_CHUNK), desc="encode", unit="chunk", disable=not progress):
+        end = min(start + ENCODE_CHUNK, stop)
+        chunk = prepare_vectors(as_query_matrix(vectors[start:end], params.dim, "database vectors", start), params.metric)
+        done = slice(start - first, end - first)
+        assignment[done] = quantizer.search(chunk, 1)[0][:, 0]
+        codes[done] = pq.compute_codes(chunk - centroids[assignment[done]])
     return assignment, codes
 
 

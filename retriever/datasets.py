@@ -28,6 +28,7 @@ GLOVE_QUERIES = 10_000
 GLOVE_SEED = 2024
 ANN_BENCHMARKS_METRICS = {"angular": "cos", "euclidean": "l2", "dot": "ip", "ip": "ip"}
 VECS_DTYPES = {".fvecs": np.float32, ".bvecs": np.uint8, ".ivecs": np.int32}
+VECS_CHECK_ROWS = 1 << 20
 
 
 def cache_dir() -> Path:
@@ -41,38 +42,91 @@ def cache_dir() -> Path:
 
 
 def read_vecs(path: str | os.PathLike) -> np.ndarray:
-    """Read a TEXMEX ``.fvecs``/``.bvecs``/``.ivecs`` file into an (n, d) array."""
+    """A TEXMEX ``.fvecs``/``.bvecs``/``.ivecs`` file as an (n, d) array, memory-mapped (a view
+    that skips each row's dimension prefix), every row's prefix checked."""
     path = Path(path)
     dtype = VECS_DTYPES.get(path.suffix)
     if dtype is None:
         raise InvalidInput(f"{path}: unknown vecs suffix (expected {', '.join(VECS_DTYPES)})")
-    raw = _read_bytes(path)
-    if len(raw) < 4:
+    if path.is_dir():
+        raise InvalidInput(f"{path} is a directory, not a vector file")
+    if not path.is_file():
+        raise NotFound(f"{path} does not exist")
+    size = path.stat().st_size
+    if size < 4:
         raise InvalidInput(f"{path} is empty or truncated")
-    dim = int(np.frombuffer(raw[:4], dtype=np.int32)[0])
+    raw = np.memmap(path, dtype=np.uint8, mode="r")
+    dim = int(raw[:4].view(np.int32)[0])
     itemsize = np.dtype(dtype).itemsize
-    if dim < 1 or 4 + dim * itemsize > len(raw):
+    if dim < 1 or 4 + dim * itemsize > size:
         raise InvalidInput(f"{path} is corrupt or truncated: first row claims dimension {dim}")
     row_bytes = 4 + dim * itemsize
-    if len(raw) % row_bytes:
-        raise InvalidInput(
-            f"{path} is truncated: {len(raw)} bytes is not a whole number of {dim}-dimensional rows ({row_bytes} bytes each)"
-        )
-    rows = np.frombuffer(raw, dtype=np.uint8).reshape(-1, row_bytes)
-    dims = rows[:, :4].copy().view(np.int32)[:, 0]
-    if np.any(dims != dim):
-        bad = int(np.flatnonzero(dims != dim)[0])
-        raise InvalidInput(f"{path} is corrupt: row {bad} has dimension {dims[bad]}, row 0 has {dim}")
-    return rows[:, 4:].copy().view(dtype)
+    if size % row_bytes:
+        raise InvalidInput(f"{path} is truncated: {size} bytes is not a whole number of {dim}-dimensional rows ({row_bytes} bytes each)")
+    rows = raw.reshape(-1, row_bytes)
+    for start in range(0, rows.shape[0], VECS_CHECK_ROWS):  # a chunk at a time: a file may exceed memory
+        dims = rows[start : start + VECS_CHECK_ROWS, :4].copy().view(np.int32)[:, 0]
+        if np.any(dims != dim):
+            bad = start + int(np.flatnonzero(dims != dim)[0])
+            raise InvalidInput(f"{path} is corrupt: row {bad} has dimension {dims[bad - start]}, row 0 has {dim}")
+    return np.ndarray((rows.shape[0], dim), dtype=dtype, buffer=raw, offset=4, strides=(row_bytes, itemsize))
 
 
-def _read_bytes(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise NotFound(f"{path} does not exist") from None
-    except IsADirectoryError:
-        raise InvalidInput(f"{path} is a directory, not a vector file") from None
+class VectorFile:
+    """A ``.npy``, ``.fvecs`` or ``.bvecs`` file of vectors read a few rows at a time, into memory
+    of its own (no mapping stays): what a process holds is what it has read, however large the
+    file. Indexed like an (n, dim) array by a slice or by an array of row numbers."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise NotFound(f"{self.path} does not exist")
+        if self.path.suffix == ".npy":
+            array = read_npy(self.path)  # checks the header; only the header is read
+            if array.dtype.kind not in "fiu" or not array.flags.c_contiguous:
+                raise InvalidInput(f"{self.path} must hold a C-ordered numeric array, got {array.dtype}")
+            self.shape, self.dtype, self._offset, self._prefix = array.shape, array.dtype, array.offset, 0
+        elif self.path.suffix in (".fvecs", ".bvecs"):
+            with open(self.path, "rb") as f:
+                head = f.read(4)
+            self.dtype, size = np.dtype(VECS_DTYPES[self.path.suffix]), self.path.stat().st_size
+            dim = int(np.frombuffer(head, dtype=np.int32)[0]) if len(head) == 4 else 0
+            if dim < 1 or size % (4 + dim * self.dtype.itemsize):
+                raise InvalidInput(f"{self.path} is empty, corrupt or truncated (first row: dimension {dim}, {size} bytes)")
+            self.shape, self._offset, self._prefix = (size // (4 + dim * self.dtype.itemsize), dim), 0, 4
+        else:
+            raise InvalidInput(f"{self.path}: a build in parts reads .npy, .fvecs or .bvecs files")
+        self.ndim = 2
+        self._row_bytes = self._prefix + self.shape[1] * self.dtype.itemsize
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows) -> np.ndarray:
+        if isinstance(rows, slice):
+            start, stop, step = rows.indices(self.shape[0])
+            if step != 1:
+                raise InvalidInput("rows of a vector file are read in order, one range at a time")
+            with open(self.path, "rb") as f:
+                f.seek(self._offset + start * self._row_bytes)
+                raw = np.fromfile(f, dtype=np.uint8, count=max(stop - start, 0) * self._row_bytes)
+            return self._vectors(raw, start)
+        rows = np.asarray(rows)
+        if rows.ndim != 1 or rows.dtype.kind not in "iu" or (rows.size and (rows.min() < 0 or rows.max() >= self.shape[0])):
+            raise InvalidInput(f"row numbers must be a list of integers in [0, {self.shape[0]})")
+        with open(self.path, "rb") as f:
+            raw = b"".join(os.pread(f.fileno(), self._row_bytes, self._offset + int(row) * self._row_bytes) for row in rows)
+        return self._vectors(np.frombuffer(raw, dtype=np.uint8), None)
+
+    def _vectors(self, raw: np.ndarray, first_row: int | None) -> np.ndarray:
+        rows = raw.reshape(-1, self._row_bytes)
+        if self._prefix:  # each row of a vecs file starts with its dimension
+            dims = rows[:, :4].copy().view(np.int32)[:, 0]
+            if np.any(dims != self.shape[1]):
+                bad = int(np.flatnonzero(dims != self.shape[1])[0])
+                where = f"row {first_row + bad}" if first_row is not None else "a row"
+                raise InvalidInput(f"{self.path} is corrupt: {where} has dimension {dims[bad]}, row 0 has {self.shape[1]}")
+        return np.ascontiguousarray(rows[:, self._prefix :]).view(self.dtype).reshape(-1, self.shape[1])
 
 
 def read_npy(path: str | os.PathLike, ndim: int = 2) -> np.ndarray:

@@ -36,6 +36,10 @@ def write_json_atomic(path: str | os.PathLike, data) -> None:
     _write_atomic(Path(path), lambda f: f.write(json.dumps(data, indent=1).encode()))
 
 
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    _write_atomic(Path(path), lambda f: f.write(text.encode()))
+
+
 def save_npy_atomic(path: str | os.PathLike, array: np.ndarray) -> None:
     _write_atomic(Path(path), lambda f: np.save(f, array))
 

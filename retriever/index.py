@@ -22,6 +22,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -172,22 +174,37 @@ def split_shards(lists: InvertedLists, nshards: int) -> list[InvertedLists]:
     """Split every inverted list into ``nshards`` contiguous slices of (nearly) equal size."""
     if not isinstance(nshards, (int, np.integer)) or nshards < 1:
         raise InvalidInput(f"the number of shards must be a positive integer, got {nshards!r}")
-    rows: list[list[np.ndarray]] = [[] for _ in range(nshards)]
-    sizes = np.zeros((nshards, lists.nlist), dtype=np.int64)
-    for list_id in range(lists.nlist):
-        start, end = int(lists.offsets[list_id]), int(lists.offsets[list_id + 1])
-        bounds = start + _slice_bounds(end - start, nshards)
-        for slice_no in range(nshards):
-            owner = _slice_owner(list_id, slice_no, nshards)
-            rows[owner].append(np.arange(bounds[slice_no], bounds[slice_no + 1]))
-            sizes[owner, list_id] = bounds[slice_no + 1] - bounds[slice_no]
-    shards = []
-    for owner in range(nshards):
-        take = np.concatenate(rows[owner]) if rows[owner] else np.zeros(0, dtype=np.int64)
-        offsets = np.zeros(lists.nlist + 1, dtype=np.int64)
-        np.cumsum(sizes[owner], out=offsets[1:])
-        shards.append(InvertedLists(offsets, np.ascontiguousarray(lists.ids[take]), np.ascontiguousarray(lists.codes[take])))
-    return shards
+    return [gather_shard([lists], shard, nshards) for shard in range(nshards)]
+
+
+def gather_shard(parts: list[InvertedLists], shard: int, nshards: int) -> InvertedLists:
+    """Shard ``shard`` of the ``nshards`` that :func:`split_shards` makes of the lists ``parts``
+    hold together (each list: its entries in part after part), read from the parts slice by slice
+    without putting them together first."""
+    if not isinstance(nshards, (int, np.integer)) or nshards < 1 or not 0 <= shard < nshards:
+        raise InvalidInput(f"shard {shard} of {nshards} does not exist")
+    nlist = parts[0].nlist
+    part_sizes = np.array([part.list_sizes() for part in parts])  # (parts, nlist)
+    before = np.cumsum(part_sizes, axis=0) - part_sizes  # each list's entries in the parts before
+    sizes = np.zeros(nlist, dtype=np.int64)
+    pieces: list[tuple[InvertedLists, int, int]] = []
+    for list_id in range(nlist):
+        bounds = _slice_bounds(int(part_sizes[:, list_id].sum()), nshards)
+        slice_no = (shard - list_id) % nshards  # the slice whose owner (_slice_owner) is this shard
+        low, high = bounds[slice_no], bounds[slice_no + 1]
+        sizes[list_id] = high - low
+        for p, part in enumerate(parts):
+            begin = before[p, list_id]
+            first, last = max(low, begin), min(high, begin + part_sizes[p, list_id])
+            if first < last:
+                row = int(part.offsets[list_id] + first - begin)
+                pieces.append((part, row, row + int(last - first)))
+    offsets = np.zeros(nlist + 1, dtype=np.int64)
+    np.cumsum(sizes, out=offsets[1:])
+    code_size = parts[0].codes.shape[1]
+    ids = np.concatenate([part.ids[a:b] for part, a, b in pieces]) if pieces else np.zeros(0, dtype=np.int64)
+    codes = np.concatenate([part.codes[a:b] for part, a, b in pieces]) if pieces else np.zeros((0, code_size), dtype=np.uint8)
+    return InvertedLists(offsets, np.ascontiguousarray(ids, dtype=np.int64), np.ascontiguousarray(codes))
 
 
 def merge_shards(shards: list[InvertedLists]) -> InvertedLists:
@@ -223,25 +240,30 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _index_arrays(index: IVFPQIndex) -> dict[str, np.ndarray]:
-    arrays = {"centroids.npy": index.centroids, "codebooks.npy": index.codebooks}
-    for i, shard in enumerate(index.shards):
-        arrays[f"shard-{i:03d}/offsets.npy"] = shard.offsets
-        arrays[f"shard-{i:03d}/ids.npy"] = shard.ids
-        arrays[f"shard-{i:03d}/codes.npy"] = shard.codes
-    return arrays
-
-
 def save_index(index: IVFPQIndex, out: str | os.PathLike, force: bool = False) -> Path:
     """Write ``index`` to the directory ``out`` atomically (temporary directory, then rename).
 
     An existing ``out`` is an error unless ``force``; then it is replaced only once the new index
     is complete on disk.
     """
-    out = Path(out)
-    with atomic_directory(out, replace=force) as tmp:
-        entries = {}
-        for name, array in _index_arrays(index).items():
+    with index_writer(out, index.params, index.centroids, index.codebooks, index.build_info, force) as write_shard:
+        for shard in index.shards:
+            write_shard(shard)
+    return Path(out)
+
+
+@contextmanager
+def index_writer(
+    out: str | os.PathLike, params: IVFPQParams, centroids: np.ndarray, codebooks: np.ndarray, build_info: dict, force: bool = False
+) -> Iterator[Callable[[InvertedLists], None]]:
+    """Write an index a shard at a time: the block gets a function that writes the next shard; the
+    manifest is written, and the directory appears at ``out``, when the block ends without error
+    (atomically, as :func:`save_index`)."""
+    with atomic_directory(Path(out), replace=force) as tmp:
+        entries: dict[str, dict] = {}
+        shards: list[dict] = []
+
+        def write(name: str, array: np.ndarray) -> None:
             path = tmp / name
             path.parent.mkdir(exist_ok=True)
             with open(path, "wb") as f:
@@ -249,25 +271,35 @@ def save_index(index: IVFPQIndex, out: str | os.PathLike, force: bool = False) -
                 f.flush()
                 os.fsync(f.fileno())
             entries[name] = {"shape": list(array.shape), "dtype": str(array.dtype), "sha256": _sha256(path)}
-        p = index.params
+
+        def write_shard(lists: InvertedLists) -> None:
+            i = len(shards)
+            for name, array in (("offsets", lists.offsets), ("ids", lists.ids), ("codes", lists.codes)):
+                write(f"shard-{i:03d}/{name}.npy", array)
+            shards.append({"ntotal": lists.ntotal})
+
+        write("centroids.npy", centroids)
+        write("codebooks.npy", codebooks)
+        yield write_shard
+        if not shards:
+            raise InvalidInput("an index needs at least one shard")
         manifest = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
-            "metric": p.metric,
-            "dim": p.dim,
-            "nlist": p.nlist,
-            "m": p.m,
-            "nbits": p.nbits,
-            "ntotal": index.ntotal,
-            "shards": [{"ntotal": s.ntotal} for s in index.shards],
+            "metric": params.metric,
+            "dim": params.dim,
+            "nlist": params.nlist,
+            "m": params.m,
+            "nbits": params.nbits,
+            "ntotal": sum(shard["ntotal"] for shard in shards),
+            "shards": shards,
             "arrays": entries,
-            "build": {**index.build_info, "written": datetime.now(timezone.utc).isoformat(timespec="seconds")},
+            "build": {**build_info, "written": datetime.now(timezone.utc).isoformat(timespec="seconds")},
         }
         with open(tmp / MANIFEST, "w") as f:
             json.dump(manifest, f, indent=2)
             f.flush()
             os.fsync(f.fileno())
-    return out
 
 
 def read_manifest(path: str | os.PathLike) -> dict:

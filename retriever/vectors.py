@@ -8,8 +8,9 @@ from numba import njit
 from retriever.errors import InvalidInput
 
 
-def as_query_matrix(vectors, dim: int, what: str = "queries") -> np.ndarray:
-    """Return ``vectors`` as a (n, dim) float array, or raise a clear error for wrong shapes or NaN/inf."""
+def as_query_matrix(vectors, dim: int, what: str = "queries", first_row: int = 0) -> np.ndarray:
+    """Return ``vectors`` as a (n, dim) float array, or raise a clear error for wrong shapes or NaN/inf
+    (naming the row, counted from ``first_row``: ``vectors`` may be a chunk of a larger set)."""
     array = np.asarray(vectors)
     if array.ndim == 1 and array.shape[0] == dim:
         array = array[None, :]
@@ -21,7 +22,7 @@ def as_query_matrix(vectors, dim: int, what: str = "queries") -> np.ndarray:
     if kind not in "fiu":
         raise InvalidInput(f"{what} must be numeric, got dtype {array.dtype}")
     if kind == "f" and not np.isfinite(array).all():
-        bad = int(np.flatnonzero(~np.isfinite(array).all(axis=1))[0])
+        bad = first_row + int(np.flatnonzero(~np.isfinite(array).all(axis=1))[0])
         raise InvalidInput(f"{what} contain NaN or inf (first at row {bad})")
     return array
 

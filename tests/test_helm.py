@@ -3,6 +3,7 @@
 (``kubernetes-validate``), and every command it runs parsed by our own command line. No cluster
 runs here: docs/deployment.md says what has run where."""
 
+import json
 import shlex
 from pathlib import Path
 
@@ -208,3 +209,27 @@ def test_the_series_the_autoscalers_use_are_on_a_running_servers_metrics(tmp_pat
             assert all(grouped <= s.labels.keys() for s in found), (series, grouped)
     by_shard = {s.labels["shard"] for s in samples if s.name == "chameleon_shard_node_inflight"}
     assert by_shard == {"0", "1"}
+
+
+def test_the_planners_values_size_the_charts_tiers(tmp_path):
+    from chameleon.plan.profiles import save_profile
+    from tests.helpers import chameleon
+    from tests.test_plan import INFERENCE, RETRIEVAL
+
+    save_profile(RETRIEVAL, tmp_path / "retrieval.json")
+    save_profile(INFERENCE, tmp_path / "inference.json")
+    profiles = ["--retrieval-profile", tmp_path / "retrieval.json", "--inference-profile", tmp_path / "inference.json"]
+    database = ["--ntotal", 1e9, "--nlist", 65536, "--code-size", 16, "--node-memory-gib", 8]
+    chameleon(
+        "plan", *profiles, *database, "--qps", 40, "--ttft-p99", 2, "--values", tmp_path / "values.yaml", "--json", tmp_path / "plan.json"
+    )
+    planned = json.loads((tmp_path / "plan.json").read_text())["deployment"]
+    assert planned["shards"] > 1 and planned["inference_replicas"] > 1
+    docs = render(yaml.safe_load((tmp_path / "values.yaml").read_text()))
+    deployments = named(docs, "Deployment")
+    shards = planned["shards"]
+    nodes = {n: d for n, d in deployments.items() if n.startswith(f"rag-chameleon-retrieval-{shards}-")}
+    assert len(nodes) == shards and {d["spec"]["replicas"] for d in nodes.values()} == {planned["replicas"]}
+    assert deployments["rag-chameleon-server"]["spec"]["replicas"] == planned["inference_replicas"]
+    for doc in docs:
+        kubernetes_validate.validate(doc, NEWEST, strict=True)

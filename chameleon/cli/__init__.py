@@ -1,6 +1,6 @@
 """The ``chameleon`` command line: one module per group of commands (``index``, ``bench``,
 ``profile``, the tier's ``node``, ``cluster`` and ``keys``) or per command (``ask``, ``serve``,
-``search``), assembled here; every error the project raises ends as one line and its kind's exit code."""
+``search``, ``plan``), assembled here; every error the project raises ends as one line and its kind's exit code."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 
 import typer
 
-from chameleon.cli import ask, bench, index, profile, search, serve, tier
+from chameleon.cli import ask, bench, index, plan, profile, search, serve, tier
 from retriever.errors import ChameleonError, InvalidInput, NotFound, Unavailable, Unsupported
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, help="Chameleon: heterogeneous RAG serving.")
@@ -21,6 +21,7 @@ app.add_typer(profile.app, name="profile")
 app.command("ask")(ask.ask)
 app.command("serve")(serve.serve)
 app.command("search")(search.search)
+app.command("plan")(plan.plan)
 
 # Exit codes by kind of error (retriever.errors): 2 for what the user can fix in the command, its
 # files or its installation; 3 for a tier or server that does not answer now (the same command may

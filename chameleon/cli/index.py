@@ -66,7 +66,84 @@ def index_build(
     index = build_index(base, params, train_size=train_size, nshards=shards, seed=seed, progress=True)
     index.build_info["source"] = source
     save_index(index, out, force=force)
-    say(f"wrote {out} ({index.ntotal:,} vectors, {shards} shard(s)) in {time.perf_counter() - started:.1f} s")
+    say(f"wrote {out} ({index.ntotal:,} vectors, {shards} shard(s)) in {time.perf_counter() - started:.1f} s; {_peak_memory()}")
+
+
+@app.command("train")
+def index_train(
+    vectors: Path = typer.Option(..., "--vectors", help="Vector file: .npy, .fvecs or .bvecs (only the sample's rows are read)."),
+    out: Path = typer.Option(..., "--out", help="Where the trained quantizers go (an index of no vectors)."),
+    nlist: int = typer.Option(..., "--nlist", help="Inverted lists."),
+    m: int = typer.Option(..., "--m", help="PQ sub-quantizers, dividing the dimension."),
+    nbits: int = typer.Option(8, "--nbits", help="Bits per PQ code (4: for the numba-fastscan engine)."),
+    metric: Metric = typer.Option(Metric.l2, "--metric"),
+    train_size: int | None = typer.Option(None, "--train-size", help="Training sample size (default: up to 100 x nlist, at least 100k)."),
+    seed: int = typer.Option(1234, "--seed"),
+    force: bool = typer.Option(False, "--force", help="Replace an existing directory."),
+):
+    """A build in parts, step 1: train the coarse quantizer and the PQ codebooks once, on a sample."""
+    from retriever.build import train_quantizers
+    from retriever.datasets import VectorFile
+    from retriever.index import IVFPQParams, save_index
+
+    base = VectorFile(vectors)
+    params = IVFPQParams(metric.value, int(base.shape[1]), nlist, m, nbits)
+    trained = train_quantizers(base, params, train_size, seed)
+    trained.build_info["source"] = str(vectors)
+    save_index(trained, out, force=force)
+    say(
+        f"wrote {out}: IVF{nlist},PQ{m}x{nbits} trained on {trained.build_info['train_size']:,} of {base.shape[0]:,} vectors; {_peak_memory()}"
+    )
+
+
+@app.command("encode")
+def index_encode(
+    trained: Path = typer.Option(..., "--trained", help="`index train` output."),
+    vectors: Path = typer.Option(..., "--vectors", help="The vector file it was trained on (read a chunk at a time)."),
+    part: str = typer.Option(..., "--part", help="I/N: this process encodes the I-th of N equal row ranges (from 0)."),
+    out: Path = typer.Option(..., "--out", help="Where this part goes."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing directory."),
+):
+    """A build in parts, step 2 (one process per part, anywhere): encode a range of rows."""
+    from retriever.build import encode_part
+    from retriever.datasets import VectorFile
+    from retriever.index import load_index, save_index
+
+    number, _, count = part.partition("/")
+    if not (number.isdigit() and count.isdigit()):
+        raise InvalidInput(f"--part takes I/N, e.g. 0/4, got {part!r}")
+    index = encode_part(load_index(trained), VectorFile(vectors), int(number), int(count), progress=True)
+    save_index(index, out, force=force)
+    start, stop = index.build_info["part"]["rows"]
+    say(f"wrote {out}: rows {start:,}-{stop - 1:,} encoded; {_peak_memory()}")
+
+
+@app.command("join")
+def index_join(
+    parts: list[Path] = typer.Argument(..., help="The parts `index encode` wrote, in any order."),
+    out: Path = typer.Option(..., "--out", help="Index directory to write."),
+    shards: int = typer.Option(1, "--shards", help="Split every list into this many balanced shards."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing index directory."),
+):
+    """A build in parts, step 3: join the parts into one index (written a shard at a time)."""
+    from retriever.build import join_parts
+    from retriever.index import read_manifest
+
+    join_parts(parts, shards, out, force=force)
+    say(f"wrote {out}: {read_manifest(out)['ntotal']:,} vectors from {len(parts)} part(s), {shards} shard(s); {_peak_memory()}")
+
+
+def _peak_memory() -> str:
+    """This process's peak resident memory: Linux's VmHWM, which starts afresh at exec (getrusage's
+    maximum is carried over from the parent that forked it)."""
+    try:
+        with open("/proc/self/status") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        import resource
+
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return f"peak memory {kib / 1024:,.0f} MiB"
 
 
 @app.command("add")
