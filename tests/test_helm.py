@@ -1,6 +1,7 @@
 """The Helm chart (deploy/helm/chameleon) rendered offline with Helm's own engine
 (``helm-python-sdk``), linted, every manifest validated against the Kubernetes API schemas
-(``kubernetes-validate``), and every command it runs parsed by our own command line. No cluster
+(``kubernetes-validate``), every command it runs parsed by our own command line, and the
+autoscaling rules' PromQL parsed (``promql-parser``). No cluster
 runs here: docs/deployment.md says what has run where."""
 
 import json
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import helm_python
 import kubernetes_validate
+import promql_parser
 import pytest
 import yaml
 from typer.main import get_command
@@ -200,15 +202,45 @@ def test_the_series_the_autoscalers_use_are_on_a_running_servers_metrics(tmp_pat
             samples = [s for family in text_string_to_metric_families(response.read().decode()) for s in family.samples]
     finally:
         assert server.stop() == 0
-    for kind, rules in ADAPTER["rules"].items():
-        for rule in rules if isinstance(rules, list) else []:
-            series = rule["seriesQuery"].split("{")[0]
-            found = [s for s in samples if s.name == series]
-            assert found, f"{kind} rule: no {series} on /metrics"
-            grouped = set(rule["metricsQuery"].split("by (")[1].split(")")[0].replace(" ", "").split(",")) - {"<<.GroupBy>>"}
-            assert all(grouped <= s.labels.keys() for s in found), (series, grouped)
+    for kind, rule in adapter_rules():
+        series, grouped = rule_query(rule)
+        found = [s for s in samples if s.name == series]
+        assert found, f"{kind} rule: no {series} on /metrics"
+        assert all(grouped <= s.labels.keys() for s in found), (series, grouped)
     by_shard = {s.labels["shard"] for s in samples if s.name == "chameleon_shard_node_inflight"}
     assert by_shard == {"0", "1"}
+
+
+def adapter_rules() -> list[tuple[str, dict]]:
+    return [(kind, rule) for kind, rules in ADAPTER["rules"].items() if isinstance(rules, list) for rule in rules]
+
+
+def rule_query(rule: dict) -> tuple[str, set[str]]:
+    """A Prometheus adapter rule's query, its template filled in as the adapter fills it, parsed
+    by a PromQL parser: the series it reads and the labels of ours it groups by."""
+    series = promql_parser.parse(rule["seriesQuery"])
+    assert isinstance(series, promql_parser.VectorSelector), rule["seriesQuery"]
+    filled = (
+        rule["metricsQuery"]
+        .replace("<<.Series>>", series.name)
+        .replace("<<.LabelMatchers>>", 'namespace="serving"')
+        .replace("<<.GroupBy>>", ", ".join(rule["resources"]["overrides"]))
+    )
+    expression, grouped = promql_parser.parse(filled), set()  # a ValueError names what does not parse
+    while isinstance(expression, promql_parser.AggregateExpr):
+        grouped |= set(expression.modifier.labels)
+        expression = expression.expr
+    assert isinstance(expression, promql_parser.VectorSelector) and expression.name == series.name, filled
+    return series.name, grouped - set(rule["resources"]["overrides"])
+
+
+def test_every_adapter_rule_is_promql_over_one_of_our_series():
+    assert {kind for kind, _ in adapter_rules()} == {"custom", "external"}
+    for _, rule in adapter_rules():
+        series, grouped = rule_query(rule)
+        assert series.startswith("chameleon_")
+    with pytest.raises(ValueError, match="parenthesis"):
+        rule_query({"seriesQuery": "chameleon_x", "metricsQuery": "sum by (shard (<<.Series>>)", "resources": {"overrides": {}}})
 
 
 def test_the_planners_values_size_the_charts_tiers(tmp_path):

@@ -15,7 +15,7 @@ from chameleon.plan.measure import measure_inference, measure_retrieval, sample_
 from chameleon.plan.model import Deployment, Target, Workload, cheapest_plan, node_memory_gib, predict, wait_p99_s
 from chameleon.plan.profiles import InferenceProfile, RetrievalProfile, load_profile, save_profile
 from retriever.errors import InvalidInput, NotFound
-from retriever.index import save_index
+from retriever.index import read_manifest, save_index
 from tests.helpers import chameleon
 
 # About what this machine measures (runs/profiles after benchmarks/plan_check.py), rounded.
@@ -180,7 +180,7 @@ def test_inference_profile_is_measured_on_the_engine(tiny_model):
         measure_inference(str(tiny_model), context=10)
 
 
-def test_plan_command_sizes_predicts_and_refuses(tmp_path, l2_index):
+def test_plan_command_sizes_predicts_and_refuses(tmp_path, l2_index, facts_index):
     save_index(l2_index, tmp_path / "index")
     save_profile(RETRIEVAL, tmp_path / "retrieval.json")
     save_profile(INFERENCE, tmp_path / "inference.json")
@@ -194,6 +194,9 @@ def test_plan_command_sizes_predicts_and_refuses(tmp_path, l2_index):
     swapped = [profiles[0], profiles[3], profiles[2], profiles[1]]
     swapped = chameleon("plan", *swapped, "--qps", 3, "--index", tmp_path / "index", expect=2)
     assert "takes a retrieval profile" in swapped.stderr
+    passages = chameleon("plan", *profiles, "--qps", 3, "--index", facts_index, "--nprobe", 2, "--json", tmp_path / "passages.json")
+    assert "bottleneck" in passages.stdout
+    assert json.loads((tmp_path / "passages.json").read_text())["workload"]["ntotal"] == read_manifest(facts_index / "index")["ntotal"]
     nothing = chameleon("plan", *profiles, "--qps", 3, expect=2)
     assert "--ntotal" in nothing.stderr
     too_big = chameleon(

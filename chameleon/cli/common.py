@@ -1,8 +1,9 @@
-"""What the commands share: messages on stderr, comma-separated number lists, metric names."""
+"""What the commands share: messages on stderr, comma-separated number lists, metric names, a passage index's vectors."""
 
 from __future__ import annotations
 
 from enum import Enum
+from pathlib import Path
 
 import typer
 
@@ -13,6 +14,11 @@ class Metric(str, Enum):
     l2 = "l2"
     ip = "ip"
     cos = "cos"
+
+
+def vector_index(index: Path) -> Path:
+    """The vector index of ``index``: itself, or a passage index's (its ``index/``)."""
+    return index / "index" if (index / "rag.json").is_file() else index
 
 
 def say(message: str) -> None:

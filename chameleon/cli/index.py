@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import typer
 
-from chameleon.cli.common import Metric, say
+from chameleon.cli.common import Metric, say, vector_index
 from retriever.errors import InvalidInput
 
 app = typer.Typer(no_args_is_help=True, help="Build and inspect IVF-PQ indexes.")
@@ -199,7 +199,7 @@ def index_reshard(
 
     if not 1 <= shards <= 256:
         raise InvalidInput(f"shards must be in 1..256, got {shards}")
-    source = index / "index" if (index / "rag.json").is_file() else index
+    source = vector_index(index)
     read_manifest(source)
     save_layout(source, shards, out)
     say(f"wrote {out}: {shards} shard(s) of {source}")

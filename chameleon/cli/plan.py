@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 
+from chameleon.cli.common import vector_index
 from retriever.errors import InvalidInput
 
 
@@ -18,7 +19,9 @@ def plan(
     ),
     qps: float = typer.Option(..., "--qps", help="Target requests per second (searches per second for the retrieval tier alone)."),
     ttft_p99: float | None = typer.Option(None, "--ttft-p99", help="Time-to-first-token SLO, seconds (99th percentile)."),
-    index: Path | None = typer.Option(None, "--index", help="The index to serve (gives --ntotal, --nlist, --code-size)."),
+    index: Path | None = typer.Option(
+        None, "--index", help="The index to serve, vectors or passages (gives --ntotal, --nlist, --code-size)."
+    ),
     ntotal: float | None = typer.Option(None, "--ntotal", help="Vectors in the database (e.g. 1e9)."),
     nlist: int | None = typer.Option(None, "--nlist", help="Its inverted lists."),
     code_size: int | None = typer.Option(None, "--code-size", help="Bytes per PQ code."),
@@ -56,7 +59,7 @@ def plan(
     if not isinstance(retrieval, RetrievalProfile) or not isinstance(inference, InferenceProfile | None):
         raise InvalidInput("--retrieval-profile takes a retrieval profile and --inference-profile an inference profile")
     if index is not None:
-        manifest = read_manifest(index)
+        manifest = read_manifest(vector_index(index))
         params = IVFPQParams(*(manifest[key] for key in ("metric", "dim", "nlist", "m", "nbits")))
         ntotal, nlist, code_size = ntotal or manifest["ntotal"], nlist or params.nlist, code_size or params.code_size
     if ntotal is None or nlist is None or code_size is None or not math.isfinite(ntotal):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from chameleon.cli.common import number_list
+from chameleon.cli.common import number_list, vector_index
 from retriever.errors import InvalidInput
 
 app = typer.Typer(
@@ -56,7 +56,7 @@ def profile_retrieval(
         nprobes = tuple(number_list(nprobe, "--nprobe"))
         if len(nprobes) != 2:
             raise InvalidInput(f"--nprobe takes two values, low and high, got {nprobe!r}")
-    profile = measure_retrieval(index, seconds, in_flight, nprobes, progress=typer.echo)
+    profile = measure_retrieval(vector_index(index), seconds, in_flight, nprobes, progress=typer.echo)
     save_profile(profile, out)
     typer.echo(
         f"wrote {out}: node {profile.node_s * 1e6:.0f} us + {profile.node_per_code_s * 1e9:.2f} ns/code, "
