@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from chameleon.plan.measure import measure_inference, measure_retrieval, sample_queries
 from chameleon.plan.model import Deployment, Target, Workload, cheapest_plan, node_memory_gib, predict, wait_p99_s
 from chameleon.plan.profiles import InferenceProfile, RetrievalProfile, load_profile, save_profile
+from retriever.build import train_quantizers
 from retriever.errors import InvalidInput, NotFound
 from retriever.index import read_manifest, save_index
 from tests.helpers import chameleon
@@ -170,6 +171,9 @@ def test_retrieval_profile_is_measured_on_real_processes(tmp_path, l2_index):
     assert load_profile(tmp_path / "retrieval.json") == profile
     with pytest.raises(InvalidInput, match="low nprobe < high nprobe"):
         measure_retrieval(tmp_path / "index", nprobes=(8, 8))
+    save_index(train_quantizers(np.asarray(sample_queries(l2_index, 5000)), l2_index.params, train_size=5000), tmp_path / "trained")
+    with pytest.raises(InvalidInput, match="holds no vectors"):
+        measure_retrieval(tmp_path / "trained")
 
 
 def test_inference_profile_is_measured_on_the_engine(tiny_model):
@@ -189,8 +193,11 @@ def test_plan_command_sizes_predicts_and_refuses(tmp_path, l2_index, facts_index
     report = json.loads((tmp_path / "plan.json").read_text())
     assert report["workload"]["ntotal"] == l2_index.ntotal and report["deployment"]["replicas"] == 2  # --min-replicas
     assert "bottleneck: inference" in sized.stdout and "cluster scale --compose" in sized.stdout
-    predicted = chameleon("plan", *profiles, "--qps", 3, "--index", tmp_path / "index", "--shards", 2, "--host-cores", 2)
-    assert "host cores" in predicted.stdout
+    given = ["--shards", 2, "--host-cores", 2, "--values", tmp_path / "given.yaml"]
+    predicted = chameleon("plan", *profiles, "--qps", 3, "--index", tmp_path / "index", *given)
+    assert "host cores" in predicted.stdout and "index:\n  shards: 2" in (tmp_path / "given.yaml").read_text()
+    overloaded = chameleon("plan", *profiles, "--qps", 1000, "--index", tmp_path / "index", "--shards", 1)
+    assert "past capacity" in overloaded.stdout
     swapped = [profiles[0], profiles[3], profiles[2], profiles[1]]
     swapped = chameleon("plan", *swapped, "--qps", 3, "--index", tmp_path / "index", expect=2)
     assert "takes a retrieval profile" in swapped.stderr

@@ -44,7 +44,7 @@ def plan(
     coordinators: int = typer.Option(1, "--coordinators", help="With --shards: coordinator replicas."),
     inference_replicas: int = typer.Option(1, "--inference-replicas", help="With --shards: inference replicas."),
     host_cores: float | None = typer.Option(None, "--host-cores", help="With --shards: every process on one host of this many cores."),
-    values: Path | None = typer.Option(None, "--values", help="Write the plan as Helm values for deploy/helm/chameleon."),
+    values: Path | None = typer.Option(None, "--values", help="Write the deployment as Helm values for deploy/helm/chameleon."),
     json_out: Path | None = typer.Option(None, "--json", help="Write the plan and its prediction as JSON."),
 ):
     """Size each tier for a target rate and TTFT SLO (the cheapest plan, its bottleneck named), or
@@ -68,9 +68,9 @@ def plan(
     if shards is not None:
         deployment = Deployment(shards, replicas, inference_replicas, max_batch, host_cores, coordinators)
         prediction = predict(workload, deployment, retrieval, inference)
-        p99 = prediction.ttft_p99_s(min(qps, prediction.requests_per_s * 0.999), deployment)
+        p99 = prediction.ttft_p99_s(qps, deployment)
         _show(deployment, prediction, qps, p99)
-        result = {"deployment": deployment.__dict__, "prediction": prediction.as_dict(), "ttft_p99_s_at_qps": p99}
+        result = {"deployment": deployment.__dict__, "prediction": prediction.as_dict(), "ttft_p99_s": p99}
     else:
         target = Target(
             qps,
@@ -85,7 +85,8 @@ def plan(
         found = cheapest_plan(workload, target, retrieval, inference)
         if found.deployment is None:
             raise InvalidInput(found.reason)
-        _show(found.deployment, found.prediction, qps, found.ttft_p99_s)
+        deployment = found.deployment
+        _show(deployment, found.prediction, qps, found.ttft_p99_s)
         typer.echo(f"bottleneck: {found.reason}")
         typer.echo(
             f"compose:    chameleon cluster scale --compose deploy/compose.yaml "
@@ -97,9 +98,9 @@ def plan(
             "ttft_p99_s": found.ttft_p99_s,
             "reason": found.reason,
         }
-        if values is not None:
-            _write_values(values, found.deployment, inference is not None)
-            typer.echo(f"wrote {values} (helm install ... -f {values})")
+    if values is not None:
+        _write_values(values, deployment, inference is not None)
+        typer.echo(f"wrote {values} (helm install ... -f {values})")
     result["workload"] = workload.__dict__
     if json_out is not None:
         write_json_atomic(json_out, json.loads(json.dumps(result, default=str)))
@@ -118,7 +119,8 @@ def _show(deployment, prediction, qps: float, p99: float) -> None:
         if math.isfinite(capacity):
             typer.echo(f"  {name:<16} {capacity:>12,.2f} requests/s   {min(qps / capacity, 9.99):>5.0%} busy at {qps:g}/s")
     what = "TTFT" if math.isfinite(prediction.capacity["inference"]) else "search"
-    typer.echo(f"{what + ':':<11} {prediction.ttft_s * 1e3:,.1f} ms unloaded, p99 ~{p99 * 1e3:,.1f} ms at {qps:g}/s (M/M/c estimate)")
+    loaded = f"p99 ~{p99 * 1e3:,.1f} ms at {qps:g}/s (M/M/c estimate)" if math.isfinite(p99) else f"unbounded at {qps:g}/s (past capacity)"
+    typer.echo(f"{what + ':':<11} {prediction.ttft_s * 1e3:,.1f} ms unloaded, {loaded}")
 
 
 def _write_values(path: Path, deployment, with_inference: bool) -> None:

@@ -32,13 +32,14 @@ CALIBRATION_QUERIES = 2000
 
 def sample_queries(index: IVFPQIndex, n: int, seed: int = 0) -> np.ndarray:
     """``n`` entries of the index decoded back to vectors (their list's centroid plus their PQ
-    residual): queries from the data's own distribution, without the original vectors."""
-    whole = index.whole()
-    rows = np.random.default_rng(seed).choice(whole.ntotal, min(n, whole.ntotal), replace=False)
+    residual): queries from the data's own distribution, without the original vectors. They come
+    from the first shard, which holds a slice of every list."""
+    lists = index.shards[0]
+    rows = np.random.default_rng(seed).choice(lists.ntotal, min(n, lists.ntotal), replace=False)
     p = index.params
-    codes = unpack_codes(whole.codes[rows], p.m, p.nbits)
+    codes = unpack_codes(lists.codes[rows], p.m, p.nbits)
     residuals = index.codebooks[np.arange(p.m), codes].reshape(len(rows), p.dim)
-    return (index.centroids[whole.assignment()[rows]] + residuals).astype(np.float32)
+    return (index.centroids[lists.assignment()[rows]] + residuals).astype(np.float32)
 
 
 def drive(searcher: cluster.ClusterSearcher, queries: np.ndarray, nprobe: int, seconds: float, in_flight: int) -> int:
@@ -100,6 +101,8 @@ def measure_retrieval(
     index_dir = Path(index_dir)
     index = load_index(index_dir)
     p = index.params
+    if index.shards[0].ntotal == 0:
+        raise InvalidInput(f"{index_dir} holds no vectors to search (the output of `index train`?)")
     low, high = nprobes or (min(4, p.nlist), min(128, p.nlist))
     if not 1 <= low < high <= p.nlist:
         raise InvalidInput(f"the calibration needs 1 <= low nprobe < high nprobe <= nlist ({p.nlist}), got {low} and {high}")
@@ -107,7 +110,7 @@ def measure_retrieval(
         raise InvalidInput(f"seconds must be in [0.5, 600] and in_flight in [1, 256], got {seconds} and {in_flight}")
     queries = sample_queries(index, CALIBRATION_QUERIES)
     quantizer = CoarseQuantizer(index.centroids, p.metric)
-    sizes = index.whole().list_sizes()
+    sizes = sum(shard.list_sizes() for shard in index.shards)
     runs = []
     for shards, nprobe in ((1, low), (1, high), (2, low)):
         run = calibration_run(index_dir, shards, nprobe, queries, seconds, in_flight)
