@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chameleon.plan.measure import measure_inference, measure_retrieval, sample_queries
-from chameleon.plan.model import Deployment, Target, Workload, cheapest_plan, node_memory_gib, predict, wait_p99_s
+from chameleon.plan.model import Deployment, Target, Workload, cheapest_plan, node_memory_gib, node_seconds, predict, wait_p99_s
 from chameleon.plan.profiles import InferenceProfile, RetrievalProfile, load_profile, save_profile
 from retriever.build import train_quantizers
 from retriever.errors import InvalidInput, NotFound
@@ -86,7 +86,8 @@ def test_prediction_is_the_tightest_limit(shards, replicas, servers, cores):
     more = predict(BILLION, Deployment(shards, replicas + 1, servers), RETRIEVAL, INFERENCE)
     assert more.capacity["retrieval nodes"] == pytest.approx(prediction.capacity["retrieval nodes"] * (replicas + 1) / replicas)
     wider = predict(BILLION, Deployment(shards + 1, replicas, servers), RETRIEVAL, INFERENCE)
-    assert wider.retrieval_latency_s < prediction.retrieval_latency_s or RETRIEVAL.coordinator_per_shard_s > 0
+    assert node_seconds(BILLION, RETRIEVAL, shards + 1) < node_seconds(BILLION, RETRIEVAL, shards)  # each node scans less
+    assert wider.capacity["coordinator"] < prediction.capacity["coordinator"]  # and the coordinator fans out further
     assert wider.node_memory_gib < prediction.node_memory_gib
 
 
@@ -220,3 +221,15 @@ def test_the_retrieval_tier_alone_is_sized_with_as_many_coordinators_as_it_needs
     assert math.isinf(found.prediction.capacity["inference"])
     fewer = predict(BILLION, Deployment(d.shards, d.replicas, 1, coordinators=d.coordinators - 1), RETRIEVAL, None)
     assert fewer.capacity["coordinator"] < 3000 / 0.75
+
+
+def test_profiles_measured_by_the_command_line_plan_a_deployment(tmp_path, facts_index, tiny_model):
+    measured = chameleon("profile", "retrieval", "--index", facts_index, "--out", tmp_path / "retrieval.json", "--seconds", 0.5)
+    assert "searches/s" in measured.stdout and isinstance(load_profile(tmp_path / "retrieval.json"), RetrievalProfile)
+    chameleon("profile", "inference", "--model", tiny_model, "--context", 64, "--out", tmp_path / "inference.json")
+    assert isinstance(load_profile(tmp_path / "inference.json"), InferenceProfile)
+    profiles = ["--retrieval-profile", tmp_path / "retrieval.json", "--inference-profile", tmp_path / "inference.json"]
+    planned = chameleon("plan", *profiles, "--qps", 5, "--index", facts_index, "--nprobe", 2, "--passage-tokens", 20)
+    assert "bottleneck:" in planned.stdout
+    refused = chameleon("profile", "retrieval", "--index", facts_index, "--out", tmp_path / "x.json", "--nprobe", "1,2,3", expect=2)
+    assert "two values" in refused.stderr

@@ -96,14 +96,14 @@ def measure_retrieval(
     index_dir: str | Path, seconds: float = 3.0, in_flight: int = 8, nprobes: tuple[int, int] | None = None, progress=None
 ) -> RetrievalProfile:
     """Fit the retrieval tier's costs on three calibration runs over ``index_dir`` (a vector or
-    passage index of this host). ``nprobes``: the low and high nprobe (default: 4 and the lesser of
-    nlist and 128). ``progress``: called with a line after each run."""
+    passage index of this host). ``nprobes``: the low and high nprobe (default: 4, or half of a
+    smaller nlist, and the lesser of nlist and 128). ``progress``: called with a line after each run."""
     index_dir = Path(index_dir)
     index = load_index(index_dir)
     p = index.params
     if index.shards[0].ntotal == 0:
         raise InvalidInput(f"{index_dir} holds no vectors to search (the output of `index train`?)")
-    low, high = nprobes or (min(4, p.nlist), min(128, p.nlist))
+    low, high = nprobes or (min(4, max(1, p.nlist // 2)), min(128, p.nlist))
     if not 1 <= low < high <= p.nlist:
         raise InvalidInput(f"the calibration needs 1 <= low nprobe < high nprobe <= nlist ({p.nlist}), got {low} and {high}")
     if not 0.5 <= seconds <= 600 or not 1 <= in_flight <= 256:
