@@ -40,7 +40,7 @@ from chameleon.plan.model import Deployment, Workload, predict
 from chameleon.plan.profiles import save_profile
 from chameleon.server.launch import spawn
 from retriever.datasets import glove50
-from retriever.index import read_manifest
+from retriever.index import manifest_params, read_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
 GLOVE_INDEX = ROOT / "runs" / "glove-50"
@@ -75,8 +75,8 @@ def glove_index() -> Path:
 
 def workload_of(index: Path, nprobe: int, **tokens) -> Workload:
     manifest = read_manifest(index)
-    code_size = manifest["m"] * manifest["nbits"] // 8
-    return Workload(manifest["ntotal"], manifest["nlist"], code_size, nprobe, **tokens)
+    params = manifest_params(manifest)
+    return Workload(manifest["ntotal"], params.nlist, params.code_size, nprobe, **tokens)
 
 
 def measured_tier(index: Path, shards: int, replicas: int, nprobe: int, seconds: float) -> float:

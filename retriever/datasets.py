@@ -45,6 +45,17 @@ def read_vecs(path: str | os.PathLike) -> np.ndarray:
     """A TEXMEX ``.fvecs``/``.bvecs``/``.ivecs`` file as an (n, d) array, memory-mapped (a view
     that skips each row's dimension prefix), every row's prefix checked."""
     path = Path(path)
+    dtype, dim, n = _vecs_layout(path)
+    row_bytes = 4 + dim * dtype.itemsize
+    rows = np.memmap(path, dtype=np.uint8, mode="r").reshape(n, row_bytes)
+    for start in range(0, n, VECS_CHECK_ROWS):  # a chunk at a time: a file may exceed memory
+        _check_vecs_rows(path, rows[start : start + VECS_CHECK_ROWS], dim, range(start, n))
+    return np.ndarray((n, dim), dtype=dtype, buffer=rows, offset=4, strides=(row_bytes, dtype.itemsize))
+
+
+def _vecs_layout(path: Path) -> tuple[np.dtype, int, int]:
+    """A vecs file's element type, its dimension (its first row's prefix) and its number of rows;
+    its size checked against them."""
     dtype = VECS_DTYPES.get(path.suffix)
     if dtype is None:
         raise InvalidInput(f"{path}: unknown vecs suffix (expected {', '.join(VECS_DTYPES)})")
@@ -52,24 +63,26 @@ def read_vecs(path: str | os.PathLike) -> np.ndarray:
         raise InvalidInput(f"{path} is a directory, not a vector file")
     if not path.is_file():
         raise NotFound(f"{path} does not exist")
-    size = path.stat().st_size
+    size, dtype = path.stat().st_size, np.dtype(dtype)
     if size < 4:
         raise InvalidInput(f"{path} is empty or truncated")
-    raw = np.memmap(path, dtype=np.uint8, mode="r")
-    dim = int(raw[:4].view(np.int32)[0])
-    itemsize = np.dtype(dtype).itemsize
-    if dim < 1 or 4 + dim * itemsize > size:
+    with open(path, "rb") as f:
+        dim = int(np.frombuffer(f.read(4), dtype=np.int32)[0])
+    if dim < 1 or 4 + dim * dtype.itemsize > size:
         raise InvalidInput(f"{path} is corrupt or truncated: first row claims dimension {dim}")
-    row_bytes = 4 + dim * itemsize
+    row_bytes = 4 + dim * dtype.itemsize
     if size % row_bytes:
         raise InvalidInput(f"{path} is truncated: {size} bytes is not a whole number of {dim}-dimensional rows ({row_bytes} bytes each)")
-    rows = raw.reshape(-1, row_bytes)
-    for start in range(0, rows.shape[0], VECS_CHECK_ROWS):  # a chunk at a time: a file may exceed memory
-        dims = rows[start : start + VECS_CHECK_ROWS, :4].copy().view(np.int32)[:, 0]
-        if np.any(dims != dim):
-            bad = start + int(np.flatnonzero(dims != dim)[0])
-            raise InvalidInput(f"{path} is corrupt: row {bad} has dimension {dims[bad - start]}, row 0 has {dim}")
-    return np.ndarray((rows.shape[0], dim), dtype=dtype, buffer=raw, offset=4, strides=(row_bytes, itemsize))
+    return dtype, dim, size // row_bytes
+
+
+def _check_vecs_rows(path: Path, rows: np.ndarray, dim: int, numbers) -> None:
+    """Every row of ``rows`` (raw bytes, one row of the file each, numbered by ``numbers``) starts
+    with the file's dimension, or the first that does not is named."""
+    dims = rows[:, :4].copy().view(np.int32)[:, 0]
+    if np.any(dims != dim):
+        bad = int(np.flatnonzero(dims != dim)[0])
+        raise InvalidInput(f"{path} is corrupt: row {numbers[bad]} has dimension {dims[bad]}, row 0 has {dim}")
 
 
 class VectorFile:
@@ -87,13 +100,8 @@ class VectorFile:
                 raise InvalidInput(f"{self.path} must hold a C-ordered numeric array, got {array.dtype}")
             self.shape, self.dtype, self._offset, self._prefix = array.shape, array.dtype, array.offset, 0
         elif self.path.suffix in (".fvecs", ".bvecs"):
-            with open(self.path, "rb") as f:
-                head = f.read(4)
-            self.dtype, size = np.dtype(VECS_DTYPES[self.path.suffix]), self.path.stat().st_size
-            dim = int(np.frombuffer(head, dtype=np.int32)[0]) if len(head) == 4 else 0
-            if dim < 1 or size % (4 + dim * self.dtype.itemsize):
-                raise InvalidInput(f"{self.path} is empty, corrupt or truncated (first row: dimension {dim}, {size} bytes)")
-            self.shape, self._offset, self._prefix = (size // (4 + dim * self.dtype.itemsize), dim), 0, 4
+            self.dtype, dim, n = _vecs_layout(self.path)
+            self.shape, self._offset, self._prefix = (n, dim), 0, 4
         else:
             raise InvalidInput(f"{self.path}: a build in parts reads .npy, .fvecs or .bvecs files")
         self.ndim = 2
@@ -110,22 +118,19 @@ class VectorFile:
             with open(self.path, "rb") as f:
                 f.seek(self._offset + start * self._row_bytes)
                 raw = np.fromfile(f, dtype=np.uint8, count=max(stop - start, 0) * self._row_bytes)
-            return self._vectors(raw, start)
+            return self._vectors(raw, range(start, stop))
         rows = np.asarray(rows)
         if rows.ndim != 1 or rows.dtype.kind not in "iu" or (rows.size and (rows.min() < 0 or rows.max() >= self.shape[0])):
             raise InvalidInput(f"row numbers must be a list of integers in [0, {self.shape[0]})")
         with open(self.path, "rb") as f:
             raw = b"".join(os.pread(f.fileno(), self._row_bytes, self._offset + int(row) * self._row_bytes) for row in rows)
-        return self._vectors(np.frombuffer(raw, dtype=np.uint8), None)
+        return self._vectors(np.frombuffer(raw, dtype=np.uint8), rows)
 
-    def _vectors(self, raw: np.ndarray, first_row: int | None) -> np.ndarray:
+    def _vectors(self, raw: np.ndarray, numbers) -> np.ndarray:
+        """The vectors of ``raw``, whole rows of the file numbered by ``numbers``."""
         rows = raw.reshape(-1, self._row_bytes)
         if self._prefix:  # each row of a vecs file starts with its dimension
-            dims = rows[:, :4].copy().view(np.int32)[:, 0]
-            if np.any(dims != self.shape[1]):
-                bad = int(np.flatnonzero(dims != self.shape[1])[0])
-                where = f"row {first_row + bad}" if first_row is not None else "a row"
-                raise InvalidInput(f"{self.path} is corrupt: {where} has dimension {dims[bad]}, row 0 has {self.shape[1]}")
+            _check_vecs_rows(self.path, rows, self.shape[1], numbers)
         return np.ascontiguousarray(rows[:, self._prefix :]).view(self.dtype).reshape(-1, self.shape[1])
 
 

@@ -318,6 +318,11 @@ def read_manifest(path: str | os.PathLike) -> dict:
     return manifest
 
 
+def manifest_params(manifest: dict) -> IVFPQParams:
+    """The parameters a manifest records (``KeyError`` for one it lacks)."""
+    return IVFPQParams(manifest["metric"], manifest["dim"], manifest["nlist"], manifest["m"], manifest["nbits"])
+
+
 def index_fingerprint(manifest: dict) -> str:
     """Identifies one version of an index: its parameters, quantizers, shard layout and contents.
 
@@ -389,7 +394,7 @@ def load_index(path: str | os.PathLike, verify: bool = False, shard: int | None 
     if verify:
         verify_index(path)
     try:
-        params = IVFPQParams(manifest["metric"], manifest["dim"], manifest["nlist"], manifest["m"], manifest["nbits"])
+        params = manifest_params(manifest)
         arrays = manifest["arrays"]
         nshards = len(manifest["shards"])
         wanted = range(nshards) if shard is None else [shard]

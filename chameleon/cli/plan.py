@@ -52,7 +52,7 @@ def plan(
     from chameleon.plan.model import Deployment, Target, Workload, cheapest_plan, predict
     from chameleon.plan.profiles import InferenceProfile, RetrievalProfile, load_profile
     from retriever.files import write_json_atomic
-    from retriever.index import IVFPQParams, read_manifest
+    from retriever.index import manifest_params, read_manifest
 
     retrieval = load_profile(retrieval_profile)
     inference = load_profile(inference_profile) if inference_profile is not None else None
@@ -60,7 +60,7 @@ def plan(
         raise InvalidInput("--retrieval-profile takes a retrieval profile and --inference-profile an inference profile")
     if index is not None:
         manifest = read_manifest(vector_index(index))
-        params = IVFPQParams(*(manifest[key] for key in ("metric", "dim", "nlist", "m", "nbits")))
+        params = manifest_params(manifest)
         ntotal, nlist, code_size = ntotal or manifest["ntotal"], nlist or params.nlist, code_size or params.code_size
     if ntotal is None or nlist is None or code_size is None or not math.isfinite(ntotal):
         raise InvalidInput("give the database: --index, or --ntotal, --nlist and --code-size")

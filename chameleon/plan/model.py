@@ -234,7 +234,6 @@ def cheapest_plan(workload: Workload, target: Target, retrieval: RetrievalProfil
         one = predict(workload, Deployment(shards, 1, 1, target.max_batch), retrieval, inference)
         coordinators = math.ceil(rate / one.capacity["coordinator"])
         replicas = max(target.min_replicas, math.ceil(rate / one.capacity["retrieval nodes"]))
-        inference_replicas = math.ceil(rate / min(one.capacity["inference"], one.capacity["front"]))
         if coordinators > target.max_coordinators:
             refusals.append("coordinators")
             continue
@@ -245,7 +244,8 @@ def cheapest_plan(workload: Workload, target: Target, retrieval: RetrievalProfil
             deployment = Deployment(shards, replicas, 1, target.max_batch, coordinators=coordinators)
             prediction = predict(workload, deployment, retrieval, None)
             fitted = deployment, prediction, prediction.ttft_p99_s(target.requests_per_s, deployment)
-        else:
+        else:  # one server replica per ``front`` too: each does its requests' coarse search
+            inference_replicas = math.ceil(rate / min(one.capacity["inference"], one.capacity["front"]))
             fitted = _fewest_inference_replicas(
                 workload,
                 target,
