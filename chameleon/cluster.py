@@ -568,6 +568,7 @@ class ClusterSearcher:
     index_dir: Path
     quantizer: CoarseQuantizer
     client: RetrievalClient | InlineCoordinator
+    content: str  # the version of index_dir: every search names it, so the tier answers from that version's nodes alone
 
     @classmethod
     def connect(
@@ -584,7 +585,7 @@ class ClusterSearcher:
         index = load_index(index_dir, shard=0)
         quantizer = CoarseQuantizer(index.centroids, index.params.metric)
         client = RetrievalClient(coordinator, keys=keys, timeout=timeout, resend_after=2 * coordinator_timeout + 1.0)
-        return cls(Path(index_dir), quantizer, client)
+        return cls(Path(index_dir), quantizer, client, content_fingerprint(read_manifest(index_dir)))
 
     @classmethod
     def open(cls, state_dir: str | os.PathLike, timeout: float = 30.0, embedded: bool = False) -> ClusterSearcher:
@@ -598,7 +599,8 @@ class ClusterSearcher:
             return cls.connect(state["coordinator"]["endpoint"], state["index"], keys, timeout, state["coordinator"]["timeout"])
         index = load_index(state["index"], shard=0)
         client = InlineCoordinator(_embedded_coordinator(state, keys), timeout=timeout)
-        searcher = cls(Path(state["index"]), CoarseQuantizer(index.centroids, index.params.metric), client)
+        content = content_fingerprint(read_manifest(state["index"]))
+        searcher = cls(Path(state["index"]), CoarseQuantizer(index.centroids, index.params.metric), client, content)
         try:
             # A node is out of rotation until it answers the first heartbeat; one silent for as long as
             # a coordinator waits for a node stays out (partial answers), as with the process.
@@ -614,12 +616,12 @@ class ClusterSearcher:
         self.client.close()
 
     def search(self, queries, k: int, nprobe: int) -> SearchResult:
-        return self.client.search(*self._coarse(queries, nprobe), k)
+        return self.scan(*self._coarse(queries, nprobe), k)
 
     def submit(self, queries, k: int, nprobe: int) -> Callable[[], SearchResult]:
         """Start a search (coarse search here, then the request leaves) and return a function that
         waits for its result; a shard missing from a partial answer leaves ids -1."""
-        rid = self.client.send_search(*self._coarse(queries, nprobe), k)
+        rid = self.client.send_search(*self._coarse(queries, nprobe), k, content=self.content)
         return lambda: self.client.search_result(rid)
 
     def _coarse(self, queries, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
@@ -629,16 +631,16 @@ class ClusterSearcher:
 
     def scan(self, queries: np.ndarray, list_ids: np.ndarray, k: int) -> SearchResult:
         """The top-k of prepared ``queries`` through the tier."""
-        return self.client.search(queries, list_ids, k)
+        return self.client.search(queries, list_ids, k, content=self.content)
 
     def scan_staged(self, queries: np.ndarray, list_ids: np.ndarray, k: int, early: int) -> TierStagedScan:
         """``scan`` with an early answer from the tier after the first ``early`` lists (the
         interface of ``retriever.search.StagedScan``)."""
-        return TierStagedScan(self.client, self.client.send_search(queries, list_ids, k, early))
+        return TierStagedScan(self.client, self.client.send_search(queries, list_ids, k, early, self.content))
 
     def serves(self, index_dir: str | os.PathLike) -> bool:
         """True when the tier serves the same vectors as ``index_dir`` (whatever its sharding)."""
-        return content_fingerprint(read_manifest(self.index_dir)) == content_fingerprint(read_manifest(index_dir))
+        return self.content == content_fingerprint(read_manifest(index_dir))
 
 
 @dataclass

@@ -172,13 +172,16 @@ class RetrievalClient(RepliesByRid):
             raise
         return self._take_reply(rid, early)
 
-    def search(self, queries: np.ndarray, list_ids: np.ndarray, k: int, timeout: float | None = None) -> SearchResult:
-        return self.search_result(self.send_search(queries, list_ids, k), timeout)
+    def search(
+        self, queries: np.ndarray, list_ids: np.ndarray, k: int, timeout: float | None = None, content: str | None = None
+    ) -> SearchResult:
+        return self.search_result(self.send_search(queries, list_ids, k, content=content), timeout)
 
-    def send_search(self, queries: np.ndarray, list_ids: np.ndarray, k: int, early: int | None = None) -> int:
+    def send_search(self, queries: np.ndarray, list_ids: np.ndarray, k: int, early: int | None = None, content: str | None = None) -> int:
         """Start a SEARCH; ``search_result(rid)`` waits for it. With ``early``, an early answer
-        after the first ``early`` probed lists also comes: ``search_result(rid, early=True)``."""
-        return self.send(protocol.search_request(0, queries, list_ids, k, early))
+        after the first ``early`` probed lists also comes: ``search_result(rid, early=True)``.
+        ``content``: the index version searched (the coordinator's own when None)."""
+        return self.send(protocol.search_request(0, queries, list_ids, k, early, content))
 
     def search_result(self, rid: int, timeout: float | None = None, early: bool = False) -> SearchResult:
         return result_of_reply(self.receive(rid, timeout, early))

@@ -55,9 +55,11 @@ TURN_MS = 10  # the longest one turn of the loop waits for messages before heart
 
 @dataclass
 class ClusterConfig:
-    """What a coordinator serves: one index version, named by its metric and content fingerprint
-    (in whatever shard layouts its nodes hold), and the sources that list its nodes
-    (:mod:`coordinator.membership`)."""
+    """What a coordinator serves: the index version a search that names none goes to, named by its
+    metric and content fingerprint (in whatever shard layouts its nodes hold), and the sources that
+    list its nodes (:mod:`coordinator.membership`). Nodes of other versions with the same metric
+    serve the searches that name their version: while a new version rolls out, clients of the old
+    and of the new one search through the same coordinators, each only its own version's nodes."""
 
     metric: str
     content: str
@@ -76,7 +78,8 @@ class _Node:
     socket: zmq.Socket
     shard: int | None = None  # what its INFO says: its shard ...
     nshards: int = 0  # ... of a layout of this many shards ...
-    layout: str | None = None  # ... with this fingerprint
+    layout: str | None = None  # ... with this fingerprint, of the index version with this content fingerprint
+    content: str | None = None
     alive: bool = False
     listed: bool = True  # a source lists it; once none does it is a last resort until it stops answering
     last_seen: float = 0.0
@@ -94,7 +97,8 @@ class _Job:
     rid: int
     k: int
     message: Message
-    layout: str  # the shard layout this search goes to ...
+    content: str  # the index version this search is of ...
+    layout: str  # ... the shard layout it goes to ...
     nshards: int  # ... and its number of shards
     results: dict = field(default_factory=dict)  # shard -> (distances, ids)
     early_results: dict = field(default_factory=dict)  # shard -> (distances, ids) after its first lists
@@ -149,8 +153,10 @@ class Coordinator:
         self._nodes: dict[str, _Node] = {}  # endpoint -> node
         self._listed: frozenset[str] = frozenset()  # the membership's endpoints the nodes follow
         self._context: zmq.Context | None = None
-        self._serving: str | None = None  # the layout new searches go to
+        self._layouts: dict[str, tuple[str, int]] = {}  # layout -> (its version's content fingerprint, its number of shards)
+        self._serving: dict[str, str] = {}  # version -> the layout its new searches go to
         self._whole_since: dict[str, float] = {}  # layout -> since when every shard has a live node
+        self._searched_at: dict[str, float] = {}  # version -> when a search of it last came: who still uses an old version
         self._poller = zmq.Poller()
         self._handlers: dict[zmq.Socket, Callable] = {}  # socket -> handle(frames) for a message on it
         self._reply: Callable | None = None  # reply(message, envelope): the sink answers to clients go to
@@ -176,7 +182,7 @@ class Coordinator:
             # re-sending to a coordinator restarted on the same endpoint gets a whole answer, not
             # "no live node" from one that has not heard its nodes yet.
             deadline = time.monotonic() + self.silence_limit
-            while not self._draining and self._serving_layout() not in self._whole_since and time.monotonic() < deadline:
+            while not self._draining and self._serving_layout(self.config.content) not in self._whole_since and time.monotonic() < deadline:
                 self.tick(time.monotonic())
                 self.poll(TURN_MS)
             front, authenticator, self.endpoint = bind_router(context, bind, self.keys, ready_file)
@@ -291,26 +297,51 @@ class Coordinator:
         self.start(message, envelope)
 
     def start(self, search: Message, envelope: list | None = None) -> None:
-        """Send a client's SEARCH (already checked) to every shard of the serving layout; its
-        answers go to the reply sink with ``envelope``."""
+        """Send a client's SEARCH (already checked) to every shard of the layout its index version
+        is served from (the configured version's when it names none); its answers go to the reply
+        sink with ``envelope``."""
         self._jobs += 1
-        layout = self._serving_layout()
+        content = search.fields.get("content", self.config.content)
+        layout = self._serving_layout(content)
         if layout is None:
-            text = f"no live retrieval node serves index {self.config.content} ({len(self._nodes)} node(s) listed)"
+            text = f"no live retrieval node serves index {content} ({len(self._nodes)} node(s) listed)"
             self._reply(protocol.error_reply(search.rid, "unavailable", text), envelope)
             return
-        job = _Job(envelope, search.rid, search.fields["k"], search, layout, self._nshards(layout))
+        self._searched_at[content] = time.monotonic()  # only versions with nodes: what clients name cannot grow it
+        job = _Job(envelope, search.rid, search.fields["k"], search, content, layout, self._nshards(layout))
         for shard in range(job.nshards):
             self._dispatch(_Sub(job, shard))
 
     def _nshards(self, layout: str) -> int:
-        return next(n.nshards for n in self._nodes.values() if n.layout == layout)
+        return self._layouts[layout][1]
 
-    def _serving_layout(self) -> str | None:
-        """The layout new searches go to. Of the layouts with a live node for every shard, the one
-        whole since the latest moment: a re-sharded layout takes over once whole, and the old one
-        serves until then. With none whole, the one that served before (partial answers), else the
-        one with the most live shards."""
+    def _serving_layout(self, content: str) -> str | None:
+        """The layout new searches of the version ``content`` go to. Of its layouts with a live
+        node for every shard, the one whole since the latest moment: a re-sharded layout takes over
+        once whole, and the old one serves until then. With none whole, the one that served before
+        (partial answers), else the one with the most live shards."""
+        self._update_whole()
+        whole = [layout for layout in self._whole_since if self._layouts[layout][0] == content]
+        if whole:
+            self._serving[content] = max(whole, key=self._whole_since.__getitem__)
+            return self._serving[content]
+        live: dict[str, set[int]] = defaultdict(set)
+        for node in self._nodes.values():
+            if node.alive and node.content == content:
+                live[node.layout].add(node.shard)
+        before = self._serving.get(content)
+        if before not in live:
+            known = {n.layout for n in self._nodes.values()}  # a layout whose nodes are all down still answers: partially
+            chosen = max(live, key=lambda layout: len(live[layout]), default=before if before in known else None)
+            if chosen is None:  # no node of this version: nothing kept for it, whatever a client names
+                self._serving.pop(content, None)
+            else:
+                self._serving[content] = chosen
+        return self._serving.get(content)
+
+    def _update_whole(self) -> None:
+        """Bring ``_whole_since`` up to date: the layouts with a live node for every shard, each
+        with the moment it became whole."""
         live: dict[str, set[int]] = defaultdict(set)
         for node in self._nodes.values():
             if node.alive:
@@ -321,29 +352,39 @@ class Coordinator:
                 self._whole_since.setdefault(layout, now)
             else:
                 self._whole_since.pop(layout, None)
-        if self._whole_since:
-            self._serving = max(self._whole_since, key=self._whole_since.__getitem__)
-        elif self._serving not in live:
-            known = {n.layout for n in self._nodes.values()}  # a layout whose nodes are all down still answers: partially
-            self._serving = max(live, key=lambda layout: len(live[layout]), default=self._serving if self._serving in known else None)
-        return self._serving
 
     def info(self) -> dict:
-        """What this coordinator's INFO tells: the layout it serves (``ready``: with a live node
-        for every shard), its jobs, and its view of every node."""
-        layout = self._serving_layout()
+        """What this coordinator's INFO tells: the layout it serves the configured version from
+        (``ready``: with a live node for every shard), the same for every version it has nodes of
+        (``versions``, with the seconds since a search named it last: ``idle_s``, None before the
+        first), its jobs, and its view of every node."""
+        layout = self._serving_layout(self.config.content)
+        now = time.monotonic()
+        versions = {}
+        for content in sorted({n.content for n in self._nodes.values() if n.content is not None}):
+            served = self._serving_layout(content)
+            searched = self._searched_at.get(content)
+            versions[content] = {
+                "fingerprint": served,
+                "nshards": self._nshards(served) if served is not None else 0,
+                "ready": served in self._whole_since,
+                "idle_s": None if searched is None else round(now - searched, 1),
+            }
         return {
             "role": "coordinator",
+            "metric": self.config.metric,
             "content": self.config.content,
             "fingerprint": layout,
             "nshards": self._nshards(layout) if layout is not None else 0,
             "ready": layout in self._whole_since,
+            "versions": versions,
             "jobs": self._jobs,
             "pid": os.getpid(),
             "nodes": [
                 {
                     "endpoint": n.endpoint,
                     "shard": n.shard,
+                    "content": n.content,
                     "fingerprint": n.layout,
                     "alive": n.alive,
                     "listed": n.listed,
@@ -385,7 +426,7 @@ class Coordinator:
         sub_id = next(self._sub_ids)
         queries, list_ids = sub.job.message.arrays
         try:
-            request = protocol.search_request(sub_id, queries, list_ids, sub.job.k, sub.job.message.fields.get("early"))
+            request = protocol.search_request(sub_id, queries, list_ids, sub.job.k, sub.job.message.fields.get("early"), sub.job.content)
             protocol.send(node.socket, request, flags=zmq.NOBLOCK)
         except zmq.Again:
             return False
@@ -429,20 +470,24 @@ class Coordinator:
         self._pump(node)
 
     def _on_info(self, node: _Node, info: dict) -> None:
-        """A node's INFO: which shard of which layout it serves. Only a node of this coordinator's
-        index version is taken into rotation; one that now serves another shard or layout (a new
-        process at the same address) gives back the work waiting for it."""
-        shard, nshards, layout = info.get("shard"), info.get("nshards"), info.get("fingerprint")
+        """A node's INFO: which shard of which layout of which version it serves. A node of this
+        coordinator's metric is taken into rotation, for the searches of its version; one that now
+        serves another shard, layout or version (a new process at the same address) gives back the
+        work waiting for it."""
+        shard, nshards, layout, content = info.get("shard"), info.get("nshards"), info.get("fingerprint"), info.get("content")
         ours = (
-            info.get("content") == self.config.content
+            info.get("metric") == self.config.metric
             and not info.get("draining")
-            and isinstance(layout, str)
+            and all(isinstance(name, str) for name in (layout, content))
             and all(isinstance(n, int) and not isinstance(n, bool) for n in (shard, nshards))
             and 0 <= shard < nshards
         )
-        if (node.shard, node.nshards, node.layout) != (shard, nshards, layout):
+        if ours:
+            self._layouts.setdefault(layout, (content, nshards))
+            ours = self._layouts[layout] == (content, nshards)  # a layout's fingerprint names both
+        if (node.shard, node.nshards, node.layout, node.content) != (shard, nshards, layout, content):
             rerouted, node.waiting = list(node.waiting), deque()
-            node.shard, node.nshards, node.layout = (shard, nshards, layout) if ours else (None, 0, None)
+            node.shard, node.nshards, node.layout, node.content = (shard, nshards, layout, content) if ours else (None, 0, None, None)
             for sub in rerouted:
                 self._dispatch(sub)
         node.alive, node.info = ours, info
@@ -512,13 +557,13 @@ class Coordinator:
         job.answered = True
 
     def _retry_elsewhere(self, job: _Job) -> bool:
-        """Send ``job`` again, whole, to another layout with a live node for every shard, if there
-        is one: while a re-shard switches layouts, the new layout's nodes may all be lost to a
-        shard at once (starting nodes slowed by the others' warm-up), and the old one still
-        answers. Returns whether it was sent."""
-        self._serving_layout()  # brings _whole_since up to date
+        """Send ``job`` again, whole, to another layout of its version with a live node for every
+        shard, if there is one: while a re-shard switches layouts, the new layout's nodes may all
+        be lost to a shard at once (starting nodes slowed by the others' warm-up), and the old one
+        still answers. Returns whether it was sent."""
+        self._update_whole()
         job.layouts_tried.add(job.layout)
-        others = [layout for layout in self._whole_since if layout not in job.layouts_tried]
+        others = [layout for layout in self._whole_since if self._layouts[layout][0] == job.content and layout not in job.layouts_tried]
         if not others:
             return False
         job.layout = max(others, key=self._whole_since.__getitem__)
@@ -560,14 +605,15 @@ class InlineCoordinator(RepliesByRid):
         self.coordinator.close()
         self._context.term()
 
-    def search(self, queries: np.ndarray, list_ids: np.ndarray, k: int) -> SearchResult:
-        return self.search_result(self.send_search(queries, list_ids, k))
+    def search(self, queries: np.ndarray, list_ids: np.ndarray, k: int, content: str | None = None) -> SearchResult:
+        return self.search_result(self.send_search(queries, list_ids, k, content=content))
 
-    def send_search(self, queries: np.ndarray, list_ids: np.ndarray, k: int, early: int | None = None) -> int:
+    def send_search(self, queries: np.ndarray, list_ids: np.ndarray, k: int, early: int | None = None, content: str | None = None) -> int:
         """Start a SEARCH (its sub-requests leave now); ``search_result(rid)`` waits for it. With
         ``early``, an early answer after the first ``early`` probed lists also comes:
-        ``search_result(rid, early=True)``."""
-        search = protocol.search_request(next(self._rids), queries, list_ids, k, early)
+        ``search_result(rid, early=True)``. ``content``: the index version searched (the
+        coordinator's own when None)."""
+        search = protocol.search_request(next(self._rids), queries, list_ids, k, early, content)
         self._outstanding.add(search.rid)
         self._catch_up()
         try:

@@ -191,6 +191,9 @@ class RetrievalNode:
                 raise ProtocolError("bad_request", f"a retrieval node answers SEARCH and HEARTBEAT, not {message.op}")
             if self._draining:
                 raise ProtocolError("shutting_down", "this node is shutting down")
+            content = message.fields.get("content", self.info["content"])
+            if content != self.info["content"]:  # sent before its coordinator heard that this address now serves another version
+                raise ProtocolError("unavailable", f"this node serves index {self.info['content']}, not {content}")
             queries, list_ids, k = self.engine.check(*message.arrays, message.fields["k"])
             if pending_queries + queries.shape[0] > MAX_PENDING_QUERIES:
                 raise ProtocolError("overloaded", f"more than {MAX_PENDING_QUERIES} queries are waiting")

@@ -28,8 +28,16 @@ LAYOUTS = {
     "gpu-fpga": GPU_FPGA,
     "three shards": {"index": {"shards": 3}, "retrieval": {"replicas": 1}},
     "autoscaling": {"autoscaling": {"enabled": True}},
-    "re-shard": {"index": {"shards": 3, "previousShards": 2}},
+    "re-shard": {"index": {"shards": 3, "previous": {"shards": 2}}},
+    "new version": {
+        "index": {
+            "version": "v2",
+            "update": {"from": "v1", "add": "/var/lib/chameleon/data/new.jsonl", "removeDocs": ["a", "b c"]},
+            "previous": {"version": "v1"},
+        }
+    },
 }
+DATA = "/var/lib/chameleon/data"
 
 
 def render(values: dict) -> list[dict]:
@@ -89,10 +97,15 @@ def test_every_command_the_chart_runs_is_one_our_command_line_accepts(layout):
             assert probe["command"][0] == "chameleon"
             parse(probe["command"][1:])
     (job,) = named(docs, "Job").values()
-    for step in container(job)["args"][0].split(";")[1:]:
-        words = shlex.split(step.split("||")[-1])
-        assert words[0] == "chameleon"
-        parse(words[1:])
+    commands = [words[words.index("chameleon") + 1 :] for words in job_steps(job) if "chameleon" in words]
+    assert len(commands) >= 3  # build or update, verify, reshard
+    for command in commands:
+        parse(command)
+
+
+def job_steps(job: dict) -> list[list[str]]:
+    """The words of each step of the index Job's shell script."""
+    return [shlex.split(step) for step in container(job)["args"][0].split(";")]
 
 
 def test_one_deployment_and_one_disruption_budget_per_shard_behind_one_headless_service():
@@ -101,48 +114,95 @@ def test_one_deployment_and_one_disruption_budget_per_shard_behind_one_headless_
     service = named(docs, "Service")["rag-chameleon-retrieval"]
     assert service["spec"]["clusterIP"] == "None"
     for shard in range(3):
-        node = deployments[f"rag-chameleon-retrieval-3-{shard}"]
+        node = deployments[f"rag-chameleon-retrieval-v1-3-{shard}"]
         args = parse(container(node)["args"]).params
-        assert (args["shard"], str(args["index"]), node["spec"]["replicas"]) == (shard, "/var/lib/chameleon/data/shards-3", 2)
+        assert (args["shard"], str(args["index"]), node["spec"]["replicas"]) == (shard, f"{DATA}/versions/v1/shards-3", 2)
         labels = node["spec"]["template"]["metadata"]["labels"]
         assert service["spec"]["selector"].items() <= labels.items()  # every node behind the coordinator's DNS name
-        budget = budgets[f"rag-chameleon-retrieval-3-{shard}"]["spec"]
+        budget = budgets[f"rag-chameleon-retrieval-v1-3-{shard}"]["spec"]
         assert budget["minAvailable"] == 1 and budget["selector"]["matchLabels"].items() <= labels.items()
         assert {k: v for k, v in budget["selector"]["matchLabels"].items() if k == "chameleon.io/shard"} == {
             "chameleon.io/shard": str(shard)
         }
     coordinator = parse(container(deployments["rag-chameleon-coordinator"])["args"]).params
     assert coordinator["nodes"] == ["dns://rag-chameleon-retrieval:5555"]
-    assert str(coordinator["index"]) == "/var/lib/chameleon/data/rag/index"  # the version: a re-shard does not restart it
+    # the link to the current version: neither a re-shard nor a new version restarts a coordinator or a server
+    assert str(coordinator["index"]) == f"{DATA}/current/rag/index"
     (job,) = named(docs, "Job").values()
-    assert "--shards 3 --out shards-3" in container(job)["args"][0]
-    assert job["metadata"]["name"] == "rag-chameleon-index-3"  # another layout, another Job (a Job's template is immutable)
+    assert ["chameleon", "index", "reshard", "--index", "versions/v1/rag", "--shards", "3", "--out", "versions/v1/shards-3"] in job_steps(
+        job
+    )
+    assert job["metadata"]["name"] == "rag-chameleon-index-v1-3"  # another layout, another Job (a Job's template is immutable)
     server = parse(container(deployments["rag-chameleon-server"])["args"]).params
     assert server["coordinator"] == "tcp://rag-chameleon-coordinator:6000"
+    assert (str(server["index"]), server["watch_index"]) == (f"{DATA}/current/rag", 10)
 
 
-def test_a_reshard_runs_both_layouts_until_the_next_upgrade_drops_the_old_one():
-    during = render({"index": {"shards": 3, "previousShards": 2}})
-    deployments = named(during, "Deployment")
-    layouts = {}
-    for name, deployment in deployments.items():
+def served_layouts(docs: list[dict]) -> dict[str, set[int]]:
+    """The index directory of each layout the retrieval Deployments serve -> its shards."""
+    layouts, selectors = {}, set()
+    for name, deployment in named(docs, "Deployment").items():
         if "-retrieval-" in name:
             args = parse(container(deployment)["args"]).params
             layouts.setdefault(str(args["index"]), set()).add(args["shard"])
-    assert layouts == {"/var/lib/chameleon/data/shards-3": {0, 1, 2}, "/var/lib/chameleon/data/shards-2": {0, 1}}
-    # no pod of one layout's Deployment is taken for the other's: their selectors differ
-    selectors = [tuple(sorted(d["spec"]["selector"]["matchLabels"].items())) for n, d in deployments.items() if "-retrieval-" in n]
-    assert len(set(selectors)) == len(selectors) == 5
-    assert [job["metadata"]["name"] for job in named(during, "Job").values()] == ["rag-chameleon-index-3"]  # the old layout exists
-    after = named(render({"index": {"shards": 3}}), "Deployment")
-    assert sorted(n for n in after if "-retrieval-" in n) == [f"rag-chameleon-retrieval-3-{shard}" for shard in range(3)]
+            selectors.add(tuple(sorted(deployment["spec"]["selector"]["matchLabels"].items())))
+    # no pod of one layout's Deployment is taken for another's: their selectors differ
+    assert len(selectors) == sum(map(len, layouts.values()))
+    return layouts
+
+
+def test_a_reshard_runs_both_layouts_until_the_next_upgrade_drops_the_old_one():
+    during = render({"index": {"shards": 3, "previous": {"shards": 2}}})
+    assert served_layouts(during) == {f"{DATA}/versions/v1/shards-3": {0, 1, 2}, f"{DATA}/versions/v1/shards-2": {0, 1}}
+    assert [job["metadata"]["name"] for job in named(during, "Job").values()] == ["rag-chameleon-index-v1-3"]  # the old layout exists
+    assert served_layouts(render({"index": {"shards": 3}})) == {f"{DATA}/versions/v1/shards-3": {0, 1, 2}}
+    assert served_layouts(render({"index": {"shards": 3, "previous": {"shards": 3}}})) == {f"{DATA}/versions/v1/shards-3": {0, 1, 2}}
+
+
+def test_a_new_version_is_written_beside_the_old_one_and_served_once_its_nodes_run():
+    """The first upgrade of a version change: the new version's Job copies the old one, adds and
+    removes documents, checks it, splits it and moves `current`; both versions' nodes run. The
+    second upgrade leaves the new version's alone. Neither changes the coordinator or the server."""
+    update = {"from": "v1", "add": f"{DATA}/new docs.jsonl", "removeDocs": ["old-1", "old 2"]}
+    during = render({"index": {"version": "v2", "update": update, "previous": {"version": "v1"}}})
+    assert served_layouts(during) == {f"{DATA}/versions/v2/shards-2": {0, 1}, f"{DATA}/versions/v1/shards-2": {0, 1}}
+    (job,) = named(during, "Job").values()
+    assert job["metadata"]["name"] == "rag-chameleon-index-v2-2"
+    steps = job_steps(job)
+    order = [
+        ["cp", "-a", "versions/v1/rag", "versions/v2/rag.partial"],
+        ["chameleon", "index", "add", "--index", "versions/v2/rag.partial", "--corpus", f"{DATA}/new docs.jsonl"],
+        ["chameleon", "index", "remove", "--index", "versions/v2/rag.partial", "--doc-id", "old-1", "--doc-id", "old 2"],
+        ["mv", "versions/v2/rag.partial", "versions/v2/rag"],
+        ["chameleon", "index", "info", "versions/v2/rag/index", "--verify"],
+        ["chameleon", "index", "reshard", "--index", "versions/v2/rag", "--shards", "2", "--out", "versions/v2/shards-2"],
+        ["ln", "-sfn", "versions/v2", "current.new"],
+        ["mv", "-T", "current.new", "current"],  # a rename: the servers never see the link missing
+    ]
+    found = [step[-len(expected) :] for step in steps for expected in order if step[-len(expected) :] == expected]
+    assert found == order
+    assert steps[0] == ["set", "-e"] and ["if", "!", "test", "-f", "versions/v2/rag/rag.json"] in [s[:5] for s in steps]
+    after = render({"index": {"version": "v2"}})
+    assert served_layouts(after) == {f"{DATA}/versions/v2/shards-2": {0, 1}}
+    unchanged = ("rag-chameleon-coordinator", "rag-chameleon-server")
+    assert all(named(during, "Deployment")[n] == named(after, "Deployment")[n] == named(render({}), "Deployment")[n] for n in unchanged)
+    budgets = named(during, "PodDisruptionBudget")
+    assert {n.rsplit("-", 2)[0] for n in budgets} == {"rag-chameleon-retrieval-v1", "rag-chameleon-retrieval-v2"}
+
+
+@pytest.mark.parametrize("version", ["V2", "v_2", "-v2", "a-very-long-version-name"])
+def test_a_version_name_that_cannot_name_objects_is_refused(version):
+    with pytest.raises(Exception, match="use lowercase letters, digits and '-'"):
+        render({"index": {"version": version}})
+    with pytest.raises(Exception, match="use lowercase letters, digits and '-'"):
+        render({"index": {"version": "v2", "update": {"from": version}}})
 
 
 def test_probes_ask_the_processes_own_readiness():
     deployments = named(render({}), "Deployment")
     server = container(deployments["rag-chameleon-server"])
     assert server["readinessProbe"]["httpGet"]["path"] == "/readyz" and server["livenessProbe"]["httpGet"]["path"] == "/healthz"
-    for name in ("rag-chameleon-retrieval-2-0", "rag-chameleon-coordinator"):
+    for name in ("rag-chameleon-retrieval-v1-2-0", "rag-chameleon-coordinator"):
         probe = container(deployments[name])["readinessProbe"]["exec"]["command"]
         assert probe[:3] == ["chameleon", "node", "probe"]
 
@@ -155,7 +215,7 @@ def test_gpu_and_fpga_hosts_get_their_devices_keys_and_metrics():
     assert deployments["rag-chameleon-server"]["spec"]["template"]["spec"]["tolerations"][0]["key"] == "nvidia.com/gpu"
     assert server["env"] == [{"name": "CHAMELEON_API_KEYS", "valueFrom": {"secretKeyRef": {"name": "chameleon-api-keys", "key": "keys"}}}]
     for shard in range(4):
-        node = deployments[f"rag-chameleon-retrieval-4-{shard}"]
+        node = deployments[f"rag-chameleon-retrieval-v1-4-{shard}"]
         args = parse(container(node)["args"]).params
         assert (args["engine"], args["fpga_mode"], str(args["keys"])) == ("fpga", "hw", "/etc/chameleon/keys")
         assert container(node)["resources"]["limits"] == {"xilinx.com/fpga-xilinx_u280_gen3x16_xdma_base_1-1": 1}
@@ -176,7 +236,7 @@ def test_autoscalers_take_over_the_replica_counts_on_metrics_the_adapter_serves(
     deployments, autoscalers = named(docs, "Deployment"), named(docs, "HorizontalPodAutoscaler")
     served = {rule["name"]["as"] for rules in ADAPTER["rules"].values() if isinstance(rules, list) for rule in rules}
     scaled = {a["spec"]["scaleTargetRef"]["name"]: a["spec"] for a in autoscalers.values()}
-    assert set(scaled) == {"rag-chameleon-server", *(f"rag-chameleon-retrieval-3-{shard}" for shard in range(3))}
+    assert set(scaled) == {"rag-chameleon-server", *(f"rag-chameleon-retrieval-v1-3-{shard}" for shard in range(3))}
     for name, spec in scaled.items():
         assert "replicas" not in deployments[name]["spec"]  # the autoscaler's to set
         (metric,) = spec["metrics"]
@@ -260,7 +320,7 @@ def test_the_planners_values_size_the_charts_tiers(tmp_path):
     docs = render(yaml.safe_load((tmp_path / "values.yaml").read_text()))
     deployments = named(docs, "Deployment")
     shards = planned["shards"]
-    nodes = {n: d for n, d in deployments.items() if n.startswith(f"rag-chameleon-retrieval-{shards}-")}
+    nodes = {n: d for n, d in deployments.items() if n.startswith(f"rag-chameleon-retrieval-v1-{shards}-")}
     assert len(nodes) == shards and {d["spec"]["replicas"] for d in nodes.values()} == {planned["replicas"]}
     assert deployments["rag-chameleon-server"]["spec"]["replicas"] == planned["inference_replicas"]
     for doc in docs:

@@ -22,7 +22,7 @@ from retriever.errors import InvalidInput
 from retriever.index import content_fingerprint, index_fingerprint, load_index, read_manifest, save_index, save_layout
 from retriever.search import Searcher
 from tests.helpers import wait_for
-from tests.test_tier import start_node
+from tests.test_tier import probe, start_node
 
 
 @pytest.fixture(scope="module")
@@ -184,21 +184,41 @@ def test_scaling_replaces_nodes_whose_process_died(index_dir, tmp_path):
         cluster.down(tmp_path / "state")
 
 
-def test_a_node_of_another_index_version_is_never_merged(index_dir, tmp_path, small_data):
+def test_a_node_of_another_index_version_serves_only_the_searches_that_name_its_version(index_dir, tmp_path, small_data):
+    """Two versions under one coordinator, as while a new one rolls out: a search goes to the nodes
+    of the version it names (the coordinator's own when it names none), never to the other's."""
     other = add_vectors(load_index(index_dir), small_data.queries[:5], np.arange(10**6, 10**6 + 5))
     other_dir = save_index(other, tmp_path / "other")
-    assert content_fingerprint(read_manifest(other_dir)) != content_fingerprint(read_manifest(index_dir))
+    ours, theirs = (content_fingerprint(read_manifest(d)) for d in (index_dir, other_dir))
+    assert ours != theirs
     state = cluster.up(index_dir, 1, tmp_path / "state", threads=1)
     stranger = None
     try:
         # it announces itself where the cluster's nodes do, as shard 0 of a one-shard index
         stranger, endpoint = start_node(other_dir, tmp_path / "state" / cluster.NODES_DIR)
+        queries, list_ids = probe(index_dir, small_data.queries[:5])
         with RetrievalClient(state["coordinator"]["endpoint"]) as client:
-            wait_for(lambda: endpoint in answered_by(client), 10, interval=0.02)
-            time.sleep(0.5)  # heartbeats come and go
-            view = {n["endpoint"]: n for n in client.info()["nodes"]}
-            assert view[endpoint]["alive"] is False and view[endpoint]["shard"] is None
-            assert all(n["alive"] for e, n in view.items() if e != endpoint)
+            wait_for(lambda: client.info()["versions"].get(theirs, {}).get("ready"), 10, interval=0.02)
+            info = client.info()
+            assert info["content"] == ours and info["versions"][ours]["ready"]
+            view = {n["endpoint"]: n for n in info["nodes"]}
+            assert view[endpoint]["alive"] and view[endpoint]["content"] == theirs and view[endpoint]["shard"] == 0
+
+            for content in (None, ours):
+                before = answered_by(client)[endpoint]
+                result = client.search(queries, list_ids, 10, content=content)
+                assert answered_by(client)[endpoint] == before
+                np.testing.assert_array_equal(result.ids, Searcher(load_index(index_dir)).scan(queries, list_ids, 10).ids)
+            # the other version's answers, with the vectors it added, come only from its node
+            assert client.info()["versions"][theirs]["idle_s"] is None  # nobody searched it yet
+            before = answered_by(client)[endpoint]
+            result = client.search(queries, list_ids, 10, content=theirs)
+            assert answered_by(client)[endpoint] == before + 1
+            assert 0 <= client.info()["versions"][theirs]["idle_s"] < 5
+            np.testing.assert_array_equal(result.ids, Searcher(other).scan(queries, list_ids, 10).ids)
+            assert (result.ids >= 10**6).any()
+            with pytest.raises(RemoteUnavailable, match="no live retrieval node serves index feedface"):
+                client.search(queries, list_ids, 10, content="feedface")
     finally:
         if stranger is not None:
             stranger.send_signal(signal.SIGTERM)

@@ -41,6 +41,7 @@ def test_golden_search_message():
         protocol.result_reply(3, np.zeros((2, 4), np.float32), np.arange(8).reshape(2, 4), missing=[1]),
         protocol.result_reply(3, np.zeros((0, 4), np.float32), np.zeros((0, 4), np.int64)),
         protocol.search_request(4, np.ones((2, 3), np.float32), np.arange(8).reshape(2, 4), 10, early=3),
+        protocol.search_request(4, np.ones((2, 3), np.float32), np.arange(8).reshape(2, 4), 10, content="0123456789abcdef"),
         protocol.result_reply(4, np.zeros((2, 10), np.float32), np.zeros((2, 10), np.int64), early=True),
         Message("HEARTBEAT", 2**63 - 1),
         Message("INFO", 1, {"info": {"shard": 0, "nodes": [{"alive": True}]}}),
@@ -79,6 +80,9 @@ def frames_with(header_changes=None, arrays=None):
         (frames_with({"early": 2}), "bad_request", "early must be"),  # nprobe is 2: nothing left for later
         (frames_with({"early": 0}), "bad_request", "early must be"),
         (frames_with({"early": True}), "bad_request", "early must be"),
+        (frames_with({"content": 7}), "bad_request", "content must be"),
+        (frames_with({"content": ""}), "bad_request", "content must be"),
+        (frames_with({"content": "f" * 65}), "bad_request", "content must be"),
         (frames_with(arrays=GOLDEN_SEARCH_ARRAYS[:1]), "bad_request", "describes"),
         (frames_with(arrays=[GOLDEN_SEARCH_ARRAYS[0][:-1], GOLDEN_SEARCH_ARRAYS[1]]), "bad_request", "needs 8 bytes"),
         (frames_with({"arrays": [["float32", [10**12, 10**12]], ["int64", [1, 2]]]}), "bad_request", "needs"),
@@ -125,7 +129,7 @@ def test_check_applies_decodes_rules_to_a_message_in_hand():
 
 
 headers = st.dictionaries(
-    st.sampled_from(["v", "op", "rid", "arrays", "k", "early", "code", "message", "info", "partial", "missing", "x"]),
+    st.sampled_from(["v", "op", "rid", "arrays", "k", "early", "content", "code", "message", "info", "partial", "missing", "x"]),
     st.one_of(
         st.integers(-(2**63), 2**64 - 1),
         st.text(max_size=8),

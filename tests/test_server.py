@@ -544,7 +544,7 @@ def test_the_retrieval_engine_reaches_the_search_in_process_and_on_the_nodes(tmp
         assert server.stop() == 0
 
 
-def test_a_server_searches_a_tier_it_did_not_start_and_refuses_one_of_another_index(tmp_path, facts_index, tiny_model, l2_index):
+def test_a_server_searches_a_tier_it_did_not_start_and_refuses_one_of_another_metric(tmp_path, facts_index, tiny_model, l2_index):
     from chameleon import cluster
     from retriever.index import save_index
     from tests.helpers import chameleon
@@ -567,10 +567,90 @@ def test_a_server_searches_a_tier_it_did_not_start_and_refuses_one_of_another_in
         assert cluster.status(tmp_path / "tier")["view"]["ready"]  # the server left the tier running
         wrong = chameleon("serve", "--index", facts_index, "--model", tiny_model, "--port", 0, "--coordinator",
                           other["coordinator"]["endpoint"], expect=2).stderr  # fmt: skip
-        assert "serves index" in wrong and "not this passage index's" in wrong
+        assert "serves l2 indexes, not this passage index's (cos)" in wrong
     finally:
         cluster.down(tmp_path / "tier")
         cluster.down(tmp_path / "other-tier")
+
+
+def test_a_new_index_version_rolls_out_through_a_tier_of_others_and_no_search_fails(tmp_path, facts_index, tiny_model, embedder):
+    """Issue 24's index update on a cluster, with the processes a deployment runs. The server
+    searches a tier it did not start, its --index a link to the current version (as the chart's
+    index Job leaves it) and --watch-index on. The link moves to a new version (an added
+    document) before any node serves it: the server goes on serving the old one. The new
+    version's nodes join the same coordinator: the server switches by itself. The old version's
+    nodes drain. One client searches throughout: every answer is whole, answers change version
+    once, and never back."""
+    import shutil
+
+    from chameleon import cluster
+    from chameleon.rag.corpus import RagIndex, add_to_rag_index
+    from coordinator.client import RetrievalClient
+    from retriever.index import save_layout
+    from tests.test_tier import start_node
+
+    versions = tmp_path / "versions"
+    shutil.copytree(facts_index, versions / "v1" / "rag")
+    shutil.copytree(facts_index, versions / "v2" / "rag")
+    added = tmp_path / "added.jsonl"
+    added.write_text(json.dumps({"id": "quuxar", "title": "Quuxar", "text": "The planet Quuxar has golden oceans and 99 moons."}) + "\n")
+    add_to_rag_index(versions / "v2" / "rag", added, embedder)
+    for version in ("v1", "v2"):
+        save_layout(versions / version / "rag" / "index", 2, versions / version / "shards-2")
+    new = RagIndex(versions / "v2" / "rag").fingerprint
+    current = tmp_path / "current"
+    current.symlink_to(versions / "v1")
+
+    tier = cluster.up(versions / "v1" / "shards-2", 2, tmp_path / "tier")
+    (tmp_path / "server").mkdir()
+    server = start_server(tmp_path / "server", "--index", current / "rag", "--model", tiny_model,
+                          "--coordinator", tier["coordinator"]["endpoint"], "--watch-index", 0.2)  # fmt: skip
+    answers, stop = [], threading.Event()
+
+    def search_without_pause():
+        while not stop.is_set():
+            status, body, _ = call(server.url + "/v1/search", {"query": "Which planet has golden oceans and 99 moons?", "k": 3}, key=None)
+            answers.append((status, tuple(hit["doc_id"] for hit in body.get("results", [])), body.get("partial")))
+
+    client = threading.Thread(target=search_without_pause)
+    client.start()
+    started = []
+    try:
+        wait_for(lambda: len(answers) > 5, 60, interval=0.05)
+        moved = tmp_path / "current.new"
+        moved.symlink_to(versions / "v2")
+        moved.replace(current)  # what the index Job does once the new version is written
+        time.sleep(2)  # ten looks at the disk: nothing serves the new version yet
+        status, ready, _ = call(server.url + "/readyz", None, key=None)
+        assert status == 200 and ready["index"]["fingerprint"] != new
+        assert "not served yet: the retrieval tier has no node of index" in server.log.read_text()
+        status, refused, _ = call(server.url + "/admin/reload", {}, key=None)  # asked, it says why not
+        assert status == 503 and "is not served yet: the retrieval tier has no node of index" in refused["error"]["message"]
+
+        started = [start_node(versions / "v2" / "shards-2", tmp_path / "tier" / cluster.NODES_DIR, shard=shard)[0] for shard in (0, 1)]
+        wait_for(lambda: call(server.url + "/readyz", None, key=None)[1]["index"]["fingerprint"] == new, 60, interval=0.1)
+        seen = len(answers)
+        for node in tier["nodes"]:  # the old version's nodes drain
+            os.kill(node["pid"], signal.SIGTERM)
+        assert _wait_gone([node["pid"] for node in tier["nodes"]]) == []
+        wait_for(lambda: len(answers) > seen + 10, 60, interval=0.05)
+        with RetrievalClient(tier["coordinator"]["endpoint"]) as coordinator:  # the old version's nodes are forgotten
+            wait_for(lambda: [(v["nshards"], v["ready"]) for v in coordinator.info()["versions"].values()] == [(2, True)], 30)
+    finally:
+        stop.set()
+        client.join(timeout=60)
+        assert server.stop() == 0
+        for node in started:
+            node.send_signal(signal.SIGTERM)
+            node.wait(timeout=30)
+        cluster.down(tmp_path / "tier")
+    assert all(status == 200 and not partial for status, _, partial in answers), answers
+    kinds = [ids for _, ids, _ in answers]
+    old, fresh = kinds[0], kinds[-1]
+    assert fresh[0] == "quuxar" and "quuxar" not in old
+    switched = kinds.index(fresh)
+    assert set(kinds[:switched]) == {old} and set(kinds[switched:]) == {fresh}
+    assert switched > 5 and len(kinds) - switched > 10
 
 
 def test_a_killed_server_takes_its_tier_with_it(tmp_path, facts_index, tiny_model):

@@ -87,7 +87,7 @@ def probe(index_dir, queries, nprobe=8):
 # -- a single node --------------------------------------------------------------------------------
 
 fields = st.dictionaries(
-    st.sampled_from(["v", "op", "rid", "arrays", "k", "early", "info", "code", "message", "zz"]),
+    st.sampled_from(["v", "op", "rid", "arrays", "k", "early", "content", "info", "code", "message", "zz"]),
     st.one_of(
         st.integers(-(2**63), 2**64 - 1),
         st.text(max_size=6),
@@ -166,6 +166,23 @@ def test_heartbeats_are_answered_while_a_batch_is_scanned(index_dir, tmp_path, s
             assert info["shard"] == 0
             assert searcher._socket.poll(60_000)
             assert protocol.decode(searcher._socket.recv_multipart()).op == "RESULT"
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_a_node_refuses_a_search_of_another_index_version(index_dir, tmp_path, small_data):
+    """A coordinator may send a search there before it hears that the address now serves another
+    version: the node answers ``unavailable`` (which fails over), never another version's ids."""
+    process, endpoint = start_node(index_dir, tmp_path)
+    queries, list_ids = probe(index_dir, small_data.queries[:3])
+    try:
+        with RetrievalClient(endpoint, timeout=60) as client:
+            own = client.info()["content"]
+            with pytest.raises(RemoteError, match=f"serves index {own}, not feedface") as refused:
+                client.search(queries, list_ids, 10, content="feedface")
+            assert refused.value.code == "unavailable"
+            np.testing.assert_array_equal(client.search(queries, list_ids, 10, content=own).ids, client.search(queries, list_ids, 10).ids)
     finally:
         process.kill()
         process.wait()

@@ -31,6 +31,9 @@ def serve(
     keys: Path | None = typer.Option(None, "--keys", help="CURVE keys directory: encrypt and authenticate the tier."),
     state_dir: Path | None = typer.Option(None, "--state-dir", help="State and logs of the tier's processes."),
     wait_for_index: float | None = typer.Option(None, "--wait-for-index", help="Wait up to this many seconds for --index to appear (0)."),
+    watch_index: float | None = typer.Option(
+        None, "--watch-index", help="Every this many seconds, serve the index on disk again if it changed (0: only on POST /admin/reload)."
+    ),
     coordinator: str | None = typer.Option(
         None, "--coordinator", help="Search a running retrieval tier through its coordinator (tcp://HOST:PORT) instead of starting one."
     ),
@@ -74,6 +77,7 @@ def serve(
         state_dir=state_dir,
         coordinator=coordinator,
         wait_for_index=wait_for_index,
+        watch_index=watch_index,
         host=host,
         port=port,
         api_keys=api_key or None,

@@ -106,8 +106,8 @@ def node_probe(
     timeout: float = typer.Option(2.0, "--timeout", help="Seconds to wait for the answer."),
 ):
     """Print the INFO of the process at ENDPOINT; exit 0 when it is ready (a coordinator: a live node
-    for every shard; a node: answering and not draining), 3 otherwise. For container health checks
-    and Kubernetes probes."""
+    for every shard of an index version, whichever; a node: answering and not draining), 3
+    otherwise. For container health checks and Kubernetes probes."""
     import json
 
     from coordinator.client import RetrievalClient
@@ -116,7 +116,12 @@ def node_probe(
     with RetrievalClient(endpoint, keys=CurveKeys.load(keys) if keys else None, timeout=timeout) as client:
         info = client.info()
     typer.echo(json.dumps(info))
-    if not (info.get("ready") if info.get("role") == "coordinator" else not info.get("draining")):
+    if info.get("role") == "coordinator":
+        # any version: once a new version rolled out, the one it started with may have no node left
+        ready = any(version["ready"] for version in info.get("versions", {}).values())
+    else:
+        ready = not info.get("draining")
+    if not ready:
         raise Unavailable(f"the {info.get('role', 'process')} at {endpoint} is not ready")
 
 

@@ -315,7 +315,7 @@ class RagIndex:
     """A RAG index directory opened for search: the IVF-PQ index plus the passages by id."""
 
     def __init__(self, path: str | os.PathLike, embedder_fingerprint: str | None = None):
-        path = Path(path)
+        path = Path(path).resolve()  # through links once: every file read, now and later, is of one version
         meta_path = path / "rag.json"
         if not meta_path.is_file():
             raise InvalidInput(f"{path} is not a RAG index (rag.json is missing); build one with `chameleon index build --corpus`")

@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -72,6 +73,7 @@ def serve(settings: ServeSettings, ready_file: Path | None = None) -> None:
     starting = StartingResponder(listener).start()
     state_dir = (settings.state_dir or cache_dir() / "serve").resolve()
     served = service = app = engine = kind = None
+    watching = threading.Event()  # set: the index watch stops
     try:
         kind = engine_kind("torch" if settings.engine == "auto" and settings.knnlm is not None else settings.engine)
         if settings.index is not None and settings.wait_for_index:
@@ -79,7 +81,8 @@ def serve(settings: ServeSettings, ready_file: Path | None = None) -> None:
             wait_for_path(settings.index, settings.wait_for_index)
         starting.step("loading the embedder and the passage index")
         embedder = Embedder()
-        rag_index = RagIndex(settings.index or builtin_rag_index(embedder, progress=True), embedder.fingerprint)
+        index_source = settings.index or builtin_rag_index(embedder, progress=True)  # a link, with a deployment's --watch-index
+        rag_index = RagIndex(index_source, embedder.fingerprint)
         starting.step("loading the LLM")
         _say(f"loading the LLM ({settings.model or BUILTIN_LLM}, {kind} engine)")
         engine = make_llm_engine(kind, settings.model, max_batch=settings.max_batch)
@@ -118,11 +121,19 @@ def serve(settings: ServeSettings, ready_file: Path | None = None) -> None:
         model_id = Path(settings.model).name if settings.model else BUILTIN_LLM
         # a reloaded version's tier starts beside the one it replaces, in a directory of its own
         service = Service(
-            pipeline, model_id, served, lambda fresh: open_index(settings, fresh, state_dir / f"reload-{next(reloads)}"), knnlm, metrics
+            pipeline,
+            model_id,
+            served,
+            lambda fresh: open_index(settings, fresh, state_dir / f"reload-{next(reloads)}"),
+            knnlm,
+            metrics,
+            index_source,
         )
         app = create_app(service, settings, metrics)
         starting.step("waiting for every tier to answer")
         _wait_until_answering(service)
+        if settings.watch_index:
+            service.index.watch(pipeline, settings.watch_index, watching)
         host, port = listener.getsockname()[:2]
         url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
         _banner(url, model_id, rag_index, settings)
@@ -137,6 +148,9 @@ def serve(settings: ServeSettings, ready_file: Path | None = None) -> None:
         pass
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second stop must not cut the cleanup short
+        watching.set()
+        if service is not None:
+            service.index.stop_reloads()  # the version to stop is the one served last
         starting.stop()
         listener.close()
         if app is not None:
@@ -243,8 +257,9 @@ def open_index(settings: ServeSettings, rag_index, state_dir: Path):
 
 def _tier_of_others(settings: ServeSettings, rag_index):
     """``rag_index`` searched through the coordinator of a tier this server did not start. A tier
-    that answers and serves another index version is refused at once; one that does not answer
-    yet keeps the server from being ready until it does (``IndexServing.readiness``)."""
+    that answers and searches vectors of another metric is refused at once; one that does not
+    answer yet, or has no node of this version yet (a new version rolling out), keeps the server
+    from being ready until it does (``IndexServing.readiness``)."""
     from chameleon import cluster
     from chameleon.server.served_index import ServedIndex
     from coordinator.client import RetrievalClient
@@ -254,13 +269,15 @@ def _tier_of_others(settings: ServeSettings, rag_index):
     keys = CurveKeys.load(settings.keys) if settings.keys is not None else None
     tier = RetrievalClient(settings.coordinator, keys=keys, timeout=1.0)
     try:
-        serves = tier.info()["content"]
+        serves = tier.info()["metric"]
     except ChameleonError:
         serves = None
     served = ServedIndex(rag_index, cluster.ClusterSearcher.connect(settings.coordinator, rag_index.path / "index", keys), tier)
-    if serves not in (None, served.content):
+    if serves not in (None, rag_index.index.params.metric):
         served.close()
-        raise InvalidInput(f"the retrieval tier at {settings.coordinator} serves index {serves}, not this passage index's {served.content}")
+        raise InvalidInput(
+            f"the retrieval tier at {settings.coordinator} serves {serves} indexes, not this passage index's ({rag_index.index.params.metric})"
+        )
     _say(f"searching the retrieval tier through its coordinator at {settings.coordinator}")
     return served
 

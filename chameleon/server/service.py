@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 
@@ -58,7 +59,8 @@ class Completion:
 
 class Service:
     """``reopen(rag_index)`` serves another version of the index (``ServedIndex``): how ``reload``
-    starts its tier or its in-process search as the server started the first one."""
+    starts its tier or its in-process search as the server started the first one.
+    ``index_source``: where ``reload`` reads the index again (default: where the first was read)."""
 
     def __init__(
         self,
@@ -68,6 +70,7 @@ class Service:
         reopen: Callable[[RagIndex], ServedIndex],
         knnlm=None,
         metrics=None,
+        index_source: Path | None = None,
     ):
         self.pipeline = pipeline
         self.engine = pipeline.engine
@@ -75,7 +78,7 @@ class Service:
         self.embedder_id = pipeline.embedder.name
         self.knnlm = knnlm
         self.metrics = metrics
-        self.index = IndexServing(served, reopen, metrics)
+        self.index = IndexServing(served, reopen, metrics, index_source)
         self._knnlm_lock = threading.Lock()
         if metrics is not None:
             metrics.passages.set_function(lambda: len(self.served.rag_index.passages))

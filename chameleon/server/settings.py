@@ -44,6 +44,13 @@ class ServeSettings(BaseSettings):
     xclbin: Path | None = Field(None, description="With fpga_mode hw: the bitstream (make -C hls hw).")
     keys: Path | None = Field(None, description="CURVE keys directory (`chameleon keys gen`) to encrypt the tier.")
     state_dir: Path | None = Field(None, description="Where the tier's processes keep state and logs (default: in the cache).")
+    watch_index: float = Field(
+        0,
+        ge=0,
+        le=3600,
+        description="Every this many seconds, serve the index on disk again if it changed (what POST /admin/reload does), "
+        "once the retrieval tier serves the new version; 0: only when asked.",
+    )
     coordinator: str | None = Field(
         None,
         description="Search a running retrieval tier through its coordinator (tcp://HOST:PORT) instead of starting one "

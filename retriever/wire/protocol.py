@@ -16,7 +16,10 @@ and per op:
 
     SEARCH     arrays: queries float32 (nq, d), list_ids int64 (nq, nprobe) (-1 = skip)
                fields: k (int, 1 <= k <= 65536); optional early (int, 1 <= early < nprobe): also
-               answer with an early RESULT once the first ``early`` lists of every query are scanned
+               answer with an early RESULT once the first ``early`` lists of every query are scanned;
+               optional content (str): the index version (its content fingerprint) the list ids
+               and the answer's ids belong to; a coordinator searches only that version's nodes,
+               and a node of another version answers ``unavailable``
     RESULT     arrays: distances float32 (nq, k), ids int64 (nq, k) (-1 = empty slot)
                fields: partial (bool), missing (list of shard numbers without an answer); early
                (bool, true on the early answer to a SEARCH with ``early``, which always comes
@@ -168,7 +171,7 @@ def _expect_fields(message: Message, allowed: set[str]) -> None:
 
 
 def _check_search(message: Message) -> None:
-    _expect_fields(message, {"k", "early"})
+    _expect_fields(message, {"k", "early", "content"})
     _expect_arrays(message, [("queries", "float32"), ("list_ids", "int64")])
     queries, list_ids = message.arrays
     if queries.shape[0] < 1 or queries.shape[1] < 1 or list_ids.shape[1] < 1:
@@ -179,6 +182,9 @@ def _check_search(message: Message) -> None:
     early = message.fields.get("early")
     if early is not None and not (_is_int(early) and 1 <= early < list_ids.shape[1]):
         raise ProtocolError("bad_request", f"SEARCH: early must be an integer in [1, nprobe = {list_ids.shape[1]}), got {early!r}")
+    content = message.fields.get("content")
+    if content is not None and not (isinstance(content, str) and 0 < len(content) <= 64):
+        raise ProtocolError("bad_request", f"SEARCH: content must be an index version's fingerprint, got {content!r}")
 
 
 def _check_result(message: Message) -> None:
@@ -225,8 +231,14 @@ def check(message: Message) -> None:
         raise
 
 
-def search_request(rid: int, queries: np.ndarray, list_ids: np.ndarray, k: int, early: int | None = None) -> Message:
-    fields = {"k": int(k)} if early is None else {"k": int(k), "early": int(early)}
+def search_request(
+    rid: int, queries: np.ndarray, list_ids: np.ndarray, k: int, early: int | None = None, content: str | None = None
+) -> Message:
+    fields = {"k": int(k)}
+    if early is not None:
+        fields["early"] = int(early)
+    if content is not None:
+        fields["content"] = content
     return Message("SEARCH", rid, fields, [np.ascontiguousarray(queries, np.float32), np.ascontiguousarray(list_ids, np.int64)])
 
 

@@ -55,3 +55,29 @@ securityContext:
   runAsUser: 10001
   fsGroup: 10001
 {{- end -}}
+
+{{/* The index layouts the retrieval tier runs, as JSON: [{version, shards}], the current one first
+and, while a change rolls out (index.previous), the one it replaces. */}}
+{{- define "chameleon.layouts" -}}
+{{- $index := .Values.index }}
+{{- $layouts := list (dict "version" $index.version "shards" (int $index.shards)) }}
+{{- with $index.previous }}
+{{- if or .version .shards }}
+{{- $previous := dict "version" (.version | default $index.version) "shards" (int (.shards | default $index.shards)) }}
+{{- if ne (toJson $previous) (toJson (first $layouts)) }}
+{{- $layouts = append $layouts $previous }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- range $layouts }}
+{{- include "chameleon.checkVersion" .version }}
+{{- end }}
+{{- toJson $layouts }}
+{{- end -}}
+
+{{/* An index version's name becomes a directory and a part of object names and labels. */}}
+{{- define "chameleon.checkVersion" -}}
+{{- if not (regexMatch "^[a-z0-9]([-a-z0-9]{0,14}[a-z0-9])?$" (toString .)) }}
+{{- fail (printf "index version %q: use lowercase letters, digits and '-' (at most 16 characters, a letter or digit at each end)" (toString .)) }}
+{{- end }}
+{{- end -}}
