@@ -1,14 +1,19 @@
-"""Scaling a Compose deployment of the appliance (``deploy/compose.yaml``) while it serves.
+"""Scaling a Compose deployment of the appliance (``deploy/compose.yaml``) while it serves, and
+rolling out a new version of its index.
 
 Compose scales a service, not a shard layout: replicas per shard are each shard service's
-replica count, but another number of shards needs services that the file does not have. So the
-scaler keeps an overlay beside the file, ``compose.scale.PROJECT.json``, that holds what runs
-now: every shard service's replicas, plus the services of a layout the file lacks (a job that
-writes the layout with ``chameleon index reshard`` and a service per shard, under the same network
-alias the coordinator follows). ``docker compose -f compose.yaml -f THAT up -d`` brings back what
-the scaler left. A re-shard runs in the order ``cluster.scale`` uses on one machine: the new
-layout's nodes start beside the old ones, the coordinator switches once every new shard has a
-live node, then the old layout's containers stop (they drain). Searches go on throughout.
+replica count, but another number of shards, or another index version, needs services that the
+file does not have. So the scaler keeps an overlay beside the file, ``compose.scale.PROJECT.json``,
+that holds what runs now: every shard service's replicas, plus the services of a layout the file
+lacks (a job that writes the layout with ``chameleon index reshard`` and a service per shard, under
+the same network alias the coordinator follows). ``docker compose -f compose.yaml -f THAT up -d``
+brings back what the scaler left. A re-shard runs in the order ``cluster.scale`` uses on one
+machine: the new layout's nodes start beside the old ones, the coordinator switches once every
+new shard has a live node, then the old layout's containers stop (they drain). An update
+(``update``) runs the same way across versions: a job writes the new version beside the current
+one (``versions/NAME`` on the data volume: a copy with documents added and removed) and moves the
+``current`` link, its nodes start beside the old version's, the servers (``--watch-index``) switch
+once the coordinator serves it whole, then the old version's nodes drain. Searches go on throughout.
 
 The deployment is read through ``docker compose config`` (the merged, resolved model), so this
 needs no YAML parser and follows whatever the file's variables and anchors say.
@@ -18,6 +23,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import time
@@ -31,16 +38,30 @@ from retriever.files import write_json_atomic
 
 # Containers start slowly: an image's first start compiles the scan kernels before the node answers.
 WAIT_S = 600.0
+VERSION_NAME = re.compile(r"[a-z0-9]([-a-z0-9]{0,14}[a-z0-9])?")  # a directory, and a part of service names
+UPDATE_MOUNT = "/var/lib/chameleon/update"  # where a version's job reads the documents it adds
 
 
 @dataclass(frozen=True)
 class Layout:
-    """The shard services of one layout of the index: ``services[i]`` serves shard ``i``."""
+    """The shard services of one layout of one index version: ``services[i]`` serves shard ``i``."""
 
+    version: str  # its directory's name under versions/
     nshards: int
     index: str  # the layout's directory, as the containers see it
     services: tuple[str, ...]
     generated: bool  # services the overlay adds (the file has none for this layout)
+
+
+@dataclass(frozen=True)
+class VersionWrite:
+    """A new index version that a job writes: a copy of ``base`` with the documents of ``add`` (a
+    corpus file or folder on this host) added and ``remove_docs`` removed."""
+
+    version: str
+    base: str
+    add: Path | None = None
+    remove_docs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -51,9 +72,19 @@ class Deployment:
     project: str
     config: dict  # ``docker compose config`` of the file alone
     base: Layout  # the layout the file's own shard services serve
-    source_index: str  # the index every layout is a split of: what the server serves
+    source_index: str  # what the server serves: the passage index in the link to the current version
     coordinator: str  # the coordinator's service
     coordinator_port: int
+    server: str  # the server's service
+
+    @property
+    def versions(self) -> PurePosixPath:
+        """The directory of the index versions, as the containers see it."""
+        return PurePosixPath(self.base.index).parent.parent
+
+    @property
+    def current_link(self) -> PurePosixPath:
+        return PurePosixPath(self.source_index).parent
 
     @property
     def overlay(self) -> Path:
@@ -80,7 +111,7 @@ class Deployment:
             elif command[:2] == ["node", "coordinator"]:
                 coordinators.append((name, command))
             elif command[:1] == ["serve"]:
-                servers.append(_flag(command, "--index", name))
+                servers.append((name, _flag(command, "--index", name)))
         if len(shards) != 1 or len(coordinators) != 1 or len(servers) != 1:
             raise InvalidInput(
                 f"{file} is not an appliance deployment the scaler knows: it needs one layout of shard services "
@@ -90,16 +121,22 @@ class Deployment:
         (index, services), ((coordinator, command),) = next(iter(shards.items())), coordinators
         if sorted(services) != list(range(len(services))):
             raise InvalidInput(f"{file}: the shard services of {index} serve shards {sorted(services)}, not 0..{len(services) - 1}")
-        base = Layout(len(services), index, tuple(services[s] for s in range(len(services))), generated=False)
+        version = PurePosixPath(index).parent
+        if version.parent.name != "versions" or PurePosixPath(servers[0][1]).parent.name != "current":
+            raise InvalidInput(
+                f"{file}: the nodes serve {index} and the server {servers[0][1]}; the scaler needs the layout "
+                f"of a version (DATA/versions/VERSION/shards-N) and the passage index of the current one (DATA/current/rag)"
+            )
+        base = Layout(version.name, len(services), index, tuple(services[s] for s in range(len(services))), generated=False)
         port = int(_flag(command, "--bind", coordinator).rsplit(":", 1)[1])
-        return cls(file, config["name"], config, base, servers[0], coordinator, port)
+        return cls(file, config["name"], config, base, servers[0][1], coordinator, port, servers[0][0])
 
-    def layout(self, nshards: int) -> Layout:
-        """The layout of ``nshards`` shards: the file's own, or services the overlay adds."""
-        if nshards == self.base.nshards:
+    def layout(self, nshards: int, version: str) -> Layout:
+        """The layout of ``nshards`` shards of ``version``: the file's own, or services the overlay adds."""
+        if (version, nshards) == (self.base.version, self.base.nshards):
             return self.base
-        index = str(PurePosixPath(self.base.index).parent / f"shards-{nshards}")
-        return Layout(nshards, index, tuple(f"retrieval-{nshards}-{s}" for s in range(nshards)), generated=True)
+        index = str(self.versions / version / f"shards-{nshards}")
+        return Layout(version, nshards, index, tuple(f"retrieval-{version}-{nshards}-{s}" for s in range(nshards)), generated=True)
 
     def compose(self, *args: str) -> str:
         """``docker compose ARGS`` on the file and the overlay of what runs."""
@@ -122,29 +159,57 @@ class Deployment:
         except json.JSONDecodeError:
             raise Unavailable(f"the coordinator of {self.project} does not answer: {result.stderr.strip()[-500:]}") from None
 
+    def current_version(self) -> str:
+        """The version the ``current`` link names (read in the coordinator's container)."""
+        target = self.compose("exec", "-T", self.coordinator, "readlink", str(self.current_link)).strip()
+        return PurePosixPath(target).name
 
-def overlay(deployment: Deployment, replicas: dict[Layout, int]) -> dict:
+    def served_versions(self) -> list[str]:
+        """The index version each running server container serves (its ``/readyz``)."""
+        command = [str(part) for part in self.config["services"][self.server]["command"]]
+        port = _flag(command, "--port", self.server) if "--port" in command else "8000"
+        read = (
+            "import json, urllib.error, urllib.request\n"
+            "try:\n"
+            f"    answer = urllib.request.urlopen('http://127.0.0.1:{port}/readyz', timeout=5)\n"
+            "except urllib.error.HTTPError as not_ready:\n"
+            "    answer = not_ready\n"
+            "print(json.load(answer).get('index', {}).get('path', ''))"
+        )
+        served = []
+        for replica in range(1, self.running()[self.server] + 1):
+            path = self.compose("exec", "-T", "--index", str(replica), self.server, "python3", "-c", read).strip()
+            served.append(PurePosixPath(path).parent.name)
+        return served
+
+
+def overlay(deployment: Deployment, replicas: dict[Layout, int], write: VersionWrite | None = None) -> dict:
     """The overlay that runs ``replicas[layout]`` containers per shard service of each layout
-    (the file's own shard services not named run none)."""
+    (the file's own shard services not named run none), and, with ``write``, the job that writes
+    that new version (the job of its layouts waits for it)."""
     template = deployment.config["services"][deployment.base.services[0]]
+    data = str(deployment.versions.parent)
+    writable = [{**v, "read_only": False} for v in template.get("volumes", []) if v.get("target") == data]
+    if not writable:
+        raise InvalidInput(f"{deployment.file}: no volume of {deployment.base.services[0]} is mounted at {data}")
     services = {name: {"deploy": {"replicas": 0}} for name in deployment.base.services}
+    if write is not None:
+        services[f"version-{write.version}"] = version_job(deployment, write, writable)
     for layout, count in replicas.items():
         if not layout.generated:
             services.update({name: {"deploy": {"replicas": count}} for name in layout.services})
             continue
-        job = f"layout-{layout.nshards}"
-        writable = [
-            {**v, "read_only": False} for v in template.get("volumes", []) if v.get("target") == str(PurePosixPath(layout.index).parent)
-        ]
-        if not writable:
-            raise InvalidInput(f"{deployment.file}: no volume of {deployment.base.services[0]} holds {layout.index}")
+        job = f"layout-{layout.version}-{layout.nshards}"
+        version = str(deployment.versions / layout.version / "rag")
         services[job] = {
             "image": template["image"],
-            "command": ["index", "reshard", "--index", deployment.source_index, "--shards", str(layout.nshards), "--out", layout.index],
+            "command": ["index", "reshard", "--index", version, "--shards", str(layout.nshards), "--out", layout.index],
             "volumes": writable,
             "networks": list(template.get("networks", {})),
             "depends_on": template.get("depends_on", {}),
         }
+        if write is not None and write.version == layout.version:
+            services[job]["depends_on"] = {f"version-{write.version}": {"condition": "service_completed_successfully", "required": True}}
         for shard, name in enumerate(layout.services):
             command = [str(part) for part in template["command"]]
             command[command.index("--index") + 1] = layout.index
@@ -158,6 +223,37 @@ def overlay(deployment: Deployment, replicas: dict[Layout, int]) -> dict:
     return {"services": services}
 
 
+def version_job(deployment: Deployment, write: VersionWrite, writable: list[dict]) -> dict:
+    """A one-shot service that writes ``write.version`` (once: under a temporary name, then
+    renamed), verifies it and moves the ``current`` link to it (a rename: never missing). It runs
+    the server's image, which holds the embedder that ``index add`` needs."""
+    server = deployment.config["services"][deployment.server]
+    new, partial = f"versions/{write.version}", f"versions/{write.version}/rag.partial"
+    steps = [f"cp -a versions/{write.base}/rag {partial}"]
+    volumes = [*writable, *(v for v in server.get("volumes", []) if v.get("target") != str(deployment.versions.parent))]
+    if write.add is not None:
+        corpus = f"{UPDATE_MOUNT}/{write.add.name}"
+        steps.append(f"chameleon index add --index {partial} --corpus {shlex.quote(corpus)}")
+        volumes.append({"type": "bind", "source": str(write.add.resolve()), "target": corpus, "read_only": True})
+    if write.remove_docs:
+        steps.append(f"chameleon index remove --index {partial} " + " ".join(f"--doc-id {shlex.quote(d)}" for d in write.remove_docs))
+    script = "; ".join(
+        [
+            f"set -e; cd {deployment.versions.parent}; mkdir -p {new}",
+            f"if ! test -f {new}/rag/rag.json; then rm -rf {partial}; {'; '.join(steps)}; mv {partial} {new}/rag; fi",
+            f"chameleon index info {new}/rag/index --verify",
+            f"ln -sfn {new} current.new; mv -T current.new {deployment.current_link.name}",
+        ]
+    )
+    return {
+        "image": server["image"],
+        "entrypoint": ["sh", "-c"],
+        "command": [script],
+        "volumes": volumes,
+        "networks": list(server.get("networks", {})),
+    }
+
+
 def scale(
     file: str | os.PathLike, replicas: int | None = None, shards: int | None = None, project: str | None = None, wait: float = WAIT_S
 ) -> dict:
@@ -166,13 +262,14 @@ def scale(
     deployment = Deployment.read(file, project)
     info = deployment.probe()
     if not info.get("ready"):
-        raise Unavailable(f"the coordinator of {deployment.project} is not serving yet: scale a deployment once it serves")
+        raise Unavailable(f"the coordinator of {deployment.project} is not serving the current version yet: scale it once it does")
     running = deployment.running()
-    now = deployment.layout(info["nshards"])
+    version = deployment.current_version()
+    now = deployment.layout(info["nshards"], version)
     replicas = min(running[name] for name in now.services) if replicas is None else replicas
     shards = now.nshards if shards is None else shards
     check_size(shards, replicas)
-    target = deployment.layout(shards)
+    target = deployment.layout(shards, version)
     if target != now:
         # both layouts run until the coordinator serves the new one; then the old one drains
         _apply(deployment, {now: min(running[name] for name in now.services), target: replicas})
@@ -184,20 +281,74 @@ def scale(
     _wait(
         deployment, lambda view: _serves_whole(view, shards, replicas) and len(view["nodes"]) == wanted, wait, f"{wanted} nodes in rotation"
     )
+    return _report(deployment, target, replicas)
+
+
+def update(
+    file: str | os.PathLike,
+    version: str,
+    add: str | os.PathLike | None = None,
+    remove_docs: tuple[str, ...] = (),
+    project: str | None = None,
+    wait: float = WAIT_S,
+) -> dict:
+    """Serve a new version of a running Compose deployment's index, named ``version``: the
+    current one with the documents of the corpus ``add`` added and ``remove_docs`` removed (no
+    training), in the order of the module's docstring; return what runs after."""
+    if not VERSION_NAME.fullmatch(version):
+        raise InvalidInput(f"index version {version!r}: use lowercase letters, digits and '-' (at most 16 characters)")
+    if add is None and not remove_docs:
+        raise InvalidInput("say what the new version changes: --add CORPUS and/or --remove-doc ID")
+    if add is not None and not Path(add).exists():
+        raise InvalidInput(f"{add}: no such corpus file or folder")
+    deployment = Deployment.read(file, project)
+    info = deployment.probe()
+    if not info.get("ready"):
+        raise Unavailable(f"the coordinator of {deployment.project} is not serving the current version yet: update it once it does")
+    current = deployment.current_version()
+    if version == current:
+        raise InvalidInput(f"{version} is the version served now: name the new one")
+    running = deployment.running()
+    now = deployment.layout(info["nshards"], current)
+    replicas = min(running[name] for name in now.services)
+    target = deployment.layout(now.nshards, version)
+    write = VersionWrite(version, current, Path(add) if add is not None else None, tuple(remove_docs))
+    _apply(deployment, {now: replicas, target: replicas}, write)
+    # the job moves `current`; the coordinator's own version follows it
+    _wait(
+        deployment,
+        lambda view: view["content"] != info["content"] and _serves_whole(view, target.nshards, replicas),
+        wait,
+        f"the coordinator serving {version} whole",
+    )
+    _wait_until(lambda: set(deployment.served_versions()) == {version}, wait, f"{deployment.project}: not every server on {version}")
+    _apply(deployment, {target: replicas})  # the old version's nodes drain
+    wanted = target.nshards * replicas
+    _wait(
+        deployment,
+        lambda view: _serves_whole(view, target.nshards, replicas) and len(view["nodes"]) == wanted,
+        wait,
+        f"{wanted} nodes of {version} alone in rotation",
+    )
+    return {**_report(deployment, target, replicas), "previous": current}
+
+
+def _report(deployment: Deployment, layout: Layout, replicas: int) -> dict:
     running = deployment.running()
     return {
         "project": deployment.project,
         "overlay": str(deployment.overlay),
-        "nshards": shards,
+        "version": layout.version,
+        "nshards": layout.nshards,
         "replicas": replicas,
-        "services": {name: running[name] for name in target.services},
-        "nodes_alive": wanted,
+        "services": {name: running[name] for name in layout.services},
+        "nodes_alive": layout.nshards * replicas,
     }
 
 
-def _apply(deployment: Deployment, replicas: dict[Layout, int]) -> None:
-    """Write the overlay for ``replicas`` and bring the deployment to it (no container recreated)."""
-    write_json_atomic(deployment.overlay, overlay(deployment, replicas))
+def _apply(deployment: Deployment, replicas: dict[Layout, int], write: VersionWrite | None = None) -> None:
+    """Write the overlay for ``replicas`` (and ``write``) and bring the deployment to it (no container recreated)."""
+    write_json_atomic(deployment.overlay, overlay(deployment, replicas, write))
     deployment.compose("up", "--detach", "--no-recreate", "--remove-orphans")
 
 
@@ -209,15 +360,21 @@ def _serves_whole(view: dict, shards: int, replicas: int) -> bool:
 
 
 def _wait(deployment: Deployment, condition, seconds: float, what: str) -> None:
+    """Until ``condition(the coordinator's INFO)``."""
+    _wait_until(lambda: condition(deployment.probe()), seconds, f"{deployment.project}: no {what}")
+
+
+def _wait_until(condition, seconds: float, what: str) -> None:
+    """Until ``condition()``; what does not answer yet (Unavailable) counts as not yet."""
     deadline = time.monotonic() + seconds
     while True:
         try:
-            if condition(deployment.probe()):
+            if condition():
                 return
         except Unavailable:
             pass
         if time.monotonic() > deadline:
-            raise Timeout(f"{deployment.project}: no {what} within {seconds:.0f} s")
+            raise Timeout(f"{what} within {seconds:.0f} s")
         time.sleep(1.0)
 
 

@@ -35,13 +35,14 @@ import time
 from collections import defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import zmq
 
 from coordinator.client import RepliesByRid, result_of_reply
 from coordinator.membership import RESOLVE_INTERVAL, Membership
-from retriever.errors import InvalidInput, Timeout
+from retriever.errors import ChameleonError, InvalidInput, Timeout
 from retriever.index import content_fingerprint, read_manifest
 from retriever.search import SearchResult, merge_topk
 from retriever.wire import protocol
@@ -59,17 +60,30 @@ class ClusterConfig:
     metric and content fingerprint (in whatever shard layouts its nodes hold), and the sources that
     list its nodes (:mod:`coordinator.membership`). Nodes of other versions with the same metric
     serve the searches that name their version: while a new version rolls out, clients of the old
-    and of the new one search through the same coordinators, each only its own version's nodes."""
+    and of the new one search through the same coordinators, each only its own version's nodes.
+    ``index_dir``: where that version is read again while it serves (a deployment's link to its
+    current version), so the coordinator's own version follows the deployment's."""
 
     metric: str
     content: str
     sources: list[str]
+    index_dir: Path | None = None
 
     @classmethod
     def of_index(cls, index_dir: str | os.PathLike, sources: list[str]) -> ClusterConfig:
         """The version in ``index_dir`` (any of its layouts), its nodes listed by ``sources``."""
         manifest = read_manifest(index_dir)
-        return cls(manifest["metric"], content_fingerprint(manifest), list(sources))
+        return cls(manifest["metric"], content_fingerprint(manifest), list(sources), Path(index_dir))
+
+    def follow_index(self) -> None:
+        """Take the version ``index_dir`` holds now as this coordinator's own; one that cannot be
+        read now (being replaced) leaves it as it was."""
+        if self.index_dir is None:
+            return
+        try:
+            self.content = content_fingerprint(read_manifest(self.index_dir))
+        except (ChameleonError, OSError):
+            pass
 
 
 @dataclass
@@ -161,6 +175,7 @@ class Coordinator:
         self._handlers: dict[zmq.Socket, Callable] = {}  # socket -> handle(frames) for a message on it
         self._reply: Callable | None = None  # reply(message, envelope): the sink answers to clients go to
         self._next_heartbeat = 0.0
+        self._next_index_look = 0.0
 
     @property
     def silence_limit(self) -> float:
@@ -256,6 +271,9 @@ class Coordinator:
         """Follow the sources, send the heartbeats when their interval has passed, then give up on
         what is overdue at ``now``."""
         self._follow_membership()
+        if now >= self._next_index_look:
+            self.config.follow_index()
+            self._next_index_look = now + RESOLVE_INTERVAL
         if now >= self._next_heartbeat:
             self._heartbeat()
             self._next_heartbeat = now + self.heartbeat_interval

@@ -20,7 +20,7 @@ from coordinator.client import RetrievalClient
 from retriever.coarse import CoarseQuantizer
 from retriever.errors import ChameleonError
 from retriever.files import write_json_atomic
-from retriever.index import load_index
+from retriever.index import content_fingerprint, load_index, read_manifest
 from retriever.search import Searcher
 from retriever.vectors import prepare_vectors
 
@@ -32,6 +32,7 @@ def run(coordinator: str, index_dir: Path, queries: np.ndarray, stop_file: Path 
     queries = prepare_vectors(queries, index.params.metric)
     list_ids = CoarseQuantizer(index.centroids, index.params.metric, device="cpu").search(queries, NPROBE)[0]
     expected = Searcher(index).search(queries, K, NPROBE).ids
+    content = content_fingerprint(read_manifest(index_dir))  # named in each search: only that version's nodes answer
     summary = {"searches": 0, "whole": 0, "partial": [], "wrong": [], "failed": []}
     deadline = time.monotonic() + seconds
     with RetrievalClient(coordinator, timeout=10.0) as client:
@@ -41,7 +42,7 @@ def run(coordinator: str, index_dir: Path, queries: np.ndarray, stop_file: Path 
             at = time.time()
             summary["searches"] += 1
             try:
-                result = client.search(queries[rows], list_ids[rows], K)
+                result = client.search(queries[rows], list_ids[rows], K, content=content)
             except ChameleonError as e:
                 summary["failed"].append([at, str(e)])
                 continue

@@ -19,7 +19,7 @@ def node(shard: int) -> dict:
             "node",
             "retrieval",
             "--index",
-            "/var/lib/chameleon/data/shards-2",
+            "/var/lib/chameleon/data/versions/v1/shards-2",
             "--shard",
             str(shard),
             "--bind",
@@ -40,8 +40,23 @@ CONFIG = {
         "index": {"image": "chameleon-server", "command": ["set -e; chameleon index build ..."]},
         "retrieval-0": node(0),
         "retrieval-1": node(1),
-        "coordinator": {"command": ["node", "coordinator", "--index", "/var/lib/chameleon/data/shards-2", "--bind", "tcp://0.0.0.0:6000"]},
-        "server": {"command": ["serve", "--index", "/var/lib/chameleon/data/rag", "--coordinator", "tcp://coordinator:6000"]},
+        "coordinator": {
+            "command": ["node", "coordinator", "--index", "/var/lib/chameleon/data/current/rag/index", "--bind", "tcp://0.0.0.0:6000"]
+        },
+        "server": {
+            "image": "chameleon-server",
+            "command": [
+                "serve",
+                "--index",
+                "/var/lib/chameleon/data/current/rag",
+                "--watch-index",
+                "5",
+                "--coordinator",
+                "tcp://coordinator:6000",
+            ],
+            "volumes": [DATA, {"type": "volume", "source": "cache", "target": "/var/lib/chameleon/cache", "volume": {}}],
+            "networks": {"tier": None},
+        },
     },
 }
 
@@ -52,13 +67,16 @@ def deployment(config=CONFIG) -> Deployment:
 
 def test_a_deployment_is_read_from_its_services_commands():
     d = deployment()
-    assert (d.project, d.coordinator, d.coordinator_port, d.source_index) == ("demo", "coordinator", 6000, "/var/lib/chameleon/data/rag")
-    assert d.base.nshards == 2 and d.base.services == ("retrieval-0", "retrieval-1") and not d.base.generated
+    assert (d.project, d.coordinator, d.coordinator_port, d.server) == ("demo", "coordinator", 6000, "server")
+    assert (str(d.versions), str(d.current_link)) == ("/var/lib/chameleon/data/versions", "/var/lib/chameleon/data/current")
+    assert (d.base.version, d.base.nshards, d.base.services, d.base.generated) == ("v1", 2, ("retrieval-0", "retrieval-1"), False)
     assert d.overlay == Path("/srv/deploy/compose.scale.demo.json")
-    assert d.layout(2) is d.base
-    three = d.layout(3)
-    assert three.generated and three.index == "/var/lib/chameleon/data/shards-3"
-    assert three.services == ("retrieval-3-0", "retrieval-3-1", "retrieval-3-2")
+    assert d.layout(2, "v1") is d.base
+    three = d.layout(3, "v1")
+    assert three.generated and three.index == "/var/lib/chameleon/data/versions/v1/shards-3"
+    assert three.services == ("retrieval-v1-3-0", "retrieval-v1-3-1", "retrieval-v1-3-2")
+    other = d.layout(2, "v2")  # another version: services of its own, even with the file's shard count
+    assert other.generated and other.index == "/var/lib/chameleon/data/versions/v2/shards-2" and other.services[0] == "retrieval-v2-2-0"
 
 
 def test_replicas_of_the_files_own_layout():
@@ -68,25 +86,77 @@ def test_replicas_of_the_files_own_layout():
 
 def test_a_new_layout_has_a_job_that_writes_it_and_a_service_per_shard_under_the_same_alias():
     d = deployment()
-    services = overlay(d, {d.base: 2, d.layout(3): 1})["services"]
+    services = overlay(d, {d.base: 2, d.layout(3, "v1"): 1})["services"]
     assert services["retrieval-0"] == {"deploy": {"replicas": 2}}
-    job = services["layout-3"]
+    job = services["layout-v1-3"]
     assert job["command"] == [
-        "index", "reshard", "--index", "/var/lib/chameleon/data/rag", "--shards", "3", "--out", "/var/lib/chameleon/data/shards-3",
+        "index", "reshard", "--index", "/var/lib/chameleon/data/versions/v1/rag", "--shards", "3",
+        "--out", "/var/lib/chameleon/data/versions/v1/shards-3",
     ]  # fmt: skip
     assert job["volumes"] == [{**DATA, "read_only": False}] and job["image"] == "chameleon-retrieval"
     for shard in range(3):
-        service = services[f"retrieval-3-{shard}"]
+        service = services[f"retrieval-v1-3-{shard}"]
         command = service["command"]
-        assert command[command.index("--index") + 1] == "/var/lib/chameleon/data/shards-3"
+        assert command[command.index("--index") + 1] == "/var/lib/chameleon/data/versions/v1/shards-3"
         assert command[command.index("--shard") + 1] == str(shard)
         assert service["networks"] == {"tier": {"aliases": ["retrieval"]}}
         assert service["volumes"] == [DATA]  # nodes only read
         assert service["deploy"] == {"replicas": 1, "endpoint_mode": "dnsrr"}
-        assert list(service["depends_on"]) == ["layout-3"]
+        assert list(service["depends_on"]) == ["layout-v1-3"]
     # once the coordinator serves the new layout, the file's own shard services run none
-    after = overlay(d, {d.layout(3): 1})["services"]
+    after = overlay(d, {d.layout(3, "v1"): 1})["services"]
     assert after["retrieval-0"] == after["retrieval-1"] == {"deploy": {"replicas": 0}}
+
+
+def test_a_new_version_is_written_by_a_job_its_layout_waits_for(tmp_path):
+    """``update``'s overlay while both versions run: the job copies v1, adds the host's corpus
+    (mounted read-only) and removes documents, verifies, then moves ``current`` by a rename; v2's
+    layout job waits for it to finish; the job runs the server's image, with its volumes."""
+    import shlex
+
+    from chameleon.compose import VersionWrite
+
+    d = deployment()
+    corpus = tmp_path / "new docs.jsonl"
+    corpus.write_text("{}\n")
+    write = VersionWrite("v2", "v1", corpus, ("old-1", "old 2"))
+    services = overlay(d, {d.base: 2, d.layout(2, "v2"): 2}, write)["services"]
+    job = services["version-v2"]
+    assert (job["image"], job["entrypoint"]) == ("chameleon-server", ["sh", "-c"])
+    steps = [shlex.split(step) for step in job["command"][0].split(";")]
+    expected = [
+        ["cp", "-a", "versions/v1/rag", "versions/v2/rag.partial"],
+        ["chameleon", "index", "add", "--index", "versions/v2/rag.partial", "--corpus", "/var/lib/chameleon/update/new docs.jsonl"],
+        ["chameleon", "index", "remove", "--index", "versions/v2/rag.partial", "--doc-id", "old-1", "--doc-id", "old 2"],
+        ["mv", "versions/v2/rag.partial", "versions/v2/rag"],
+        ["chameleon", "index", "info", "versions/v2/rag/index", "--verify"],
+        ["ln", "-sfn", "versions/v2", "current.new"],
+        ["mv", "-T", "current.new", "current"],
+    ]
+    assert [step[-len(e) :] for step in steps for e in expected if step[-len(e) :] == e] == expected
+    assert steps[0][:2] == ["set", "-e"] and ["if", "!", "test", "-f", "versions/v2/rag/rag.json"] in [s[:5] for s in steps]
+    assert {v["target"]: v.get("read_only") for v in job["volumes"]} == {
+        "/var/lib/chameleon/data": False,
+        "/var/lib/chameleon/cache": None,
+        "/var/lib/chameleon/update/new docs.jsonl": True,
+    }
+    assert services["layout-v2-2"]["depends_on"] == {"version-v2": {"condition": "service_completed_successfully", "required": True}}
+    assert services["retrieval-0"] == {"deploy": {"replicas": 2}} and services["retrieval-v2-2-1"]["deploy"]["replicas"] == 2
+    # afterwards: v2's services alone, and no job of the version (it is done)
+    after = overlay(d, {d.layout(2, "v2"): 2})["services"]
+    assert "version-v2" not in after and after["retrieval-0"] == {"deploy": {"replicas": 0}}
+    assert after["layout-v2-2"]["depends_on"] == CONFIG["services"]["retrieval-0"]["depends_on"]
+
+
+def test_an_update_that_names_no_change_or_a_bad_version_is_refused():
+    from chameleon.compose import update
+
+    with pytest.raises(InvalidInput, match="use lowercase letters"):
+        update("/nonexistent/compose.yaml", "V2", remove_docs=("a",))
+    with pytest.raises(InvalidInput, match="say what the new version changes"):
+        update("/nonexistent/compose.yaml", "v2")
+    with pytest.raises(InvalidInput, match="no such corpus"):
+        update("/nonexistent/compose.yaml", "v2", add="/nonexistent/new.jsonl")
 
 
 def test_a_file_that_is_not_an_appliance_deployment_is_refused_by_name():
@@ -98,6 +168,11 @@ def test_a_file_that_is_not_an_appliance_deployment_is_refused_by_name():
     gap["services"]["retrieval-1"]["command"][5] = "2"
     with pytest.raises(InvalidInput, match=r"serve shards \[0, 2\]"):
         deployment(gap)
+    unversioned = copy.deepcopy(CONFIG)
+    for name in ("retrieval-0", "retrieval-1"):
+        unversioned["services"][name]["command"][3] = "/var/lib/chameleon/data/shards-2"
+    with pytest.raises(InvalidInput, match=r"needs the layout of a version \(DATA/versions/VERSION/shards-N\)"):
+        deployment(unversioned)
     no_shard = copy.deepcopy(CONFIG)
     no_shard["services"]["retrieval-1"]["command"][4:6] = []
     with pytest.raises(InvalidInput, match="retrieval-1: its command has no --shard"):

@@ -6,7 +6,10 @@ server), answers /v1/rag and the OpenAI client, then, under a search load from a
 the tier's network and through ``chameleon cluster scale --compose``: scales every shard to 3
 replicas and back, ``docker kill``s a node container (the scaler brings it back), crashes another
 node's process (Docker restarts it), re-shards from 2 to 3 shards and back to 2 with 1 replica.
-Every search must be whole and equal to the in-process search. ``docker compose down`` must leave
+Every search must be whole and equal to the in-process search. Then, while a client asks the
+server without pause, ``chameleon cluster update --compose`` serves a new index version (a
+document added, one removed): every answer whole, the version changes once and never back.
+``docker compose down`` must leave
 nothing running. Then the same file as a stack on a single-node Swarm, scaled with
 ``docker service scale``. Needs root, Docker and Compose v2 (docs/deployment.md).
 """
@@ -17,6 +20,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -30,6 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "deploy" / "compose.yaml"
 PROJECT = "chameleon-test"
 BASE = "chameleon-base:bookworm"
+LOAD = f"{PROJECT}-load"  # the search load's container: removed however the test ends, or the network stays
 
 
 def sh(*command, check=True, timeout=1800, **options) -> subprocess.CompletedProcess:
@@ -82,9 +87,9 @@ def compose(*args, env=None, **options):
     return sh("docker", "compose", "-p", PROJECT, "-f", COMPOSE, *args, env={**os.environ, **(env or {})}, **options)
 
 
-def scale(*args, env=None) -> str:
-    """``chameleon cluster scale`` on the test's deployment; what it prints."""
-    command = [sys.executable, "-m", "chameleon", "cluster", "scale", "--compose", COMPOSE, "-p", PROJECT, *args]
+def scale(*args, env=None, command="scale") -> str:
+    """``chameleon cluster scale`` (or ``command``) on the test's deployment; what it prints."""
+    command = [sys.executable, "-m", "chameleon", "cluster", command, "--compose", COMPOSE, "-p", PROJECT, *args]
     return sh(*command, env={**os.environ, **(env or {})}, timeout=900).stdout
 
 
@@ -109,10 +114,10 @@ def probe(service: str, port: int) -> dict:
 def start_load(work: Path, network: str, queries: np.ndarray) -> subprocess.Popen:
     """``tests.load`` in a container on the tier's network, searching through the coordinator."""
     np.save(work / "queries.npy", queries)
-    command = ["docker", "run", "--rm", "--network", network, "-v", f"{PROJECT}_data:/var/lib/chameleon/data:ro",
+    command = ["docker", "run", "--rm", "--name", LOAD, "--network", network, "-v", f"{PROJECT}_data:/var/lib/chameleon/data:ro",
                "-v", f"{ROOT / 'tests'}:/opt/load/tests:ro", "-v", f"{work}:/work", "-w", "/opt/load", "--user", "0",
                "--entrypoint", "python3", "chameleon-retrieval", "-m", "tests.load", "tcp://coordinator:6000",
-               "/var/lib/chameleon/data/shards-2", "/work/queries.npy", "/work/load.json", "--stop-file", "/work/stop",
+               "/var/lib/chameleon/data/versions/v1/shards-2", "/work/queries.npy", "/work/load.json", "--stop-file", "/work/stop",
                "--seconds", "1500"]  # fmt: skip
     return subprocess.Popen(command)
 
@@ -168,7 +173,7 @@ def test_the_compose_deployment_serves_scales_and_heals(docker, tmp_path):
         # layout's nodes join, the coordinator switches once it is whole, the old layout drains
         reshard = time.monotonic()
         out = scale("--shards", 3, env=env)
-        assert "3 shard(s) x 2 replica(s), 6 node(s) in rotation" in out and "service retrieval-3-2: 2 container(s)" in out
+        assert "3 shard(s) x 2 replica(s), 6 node(s) in rotation" in out and "service retrieval-v1-3-2: 2 container(s)" in out
         print(f"re-sharded to 3 in {time.monotonic() - reshard:.0f} s")
         assert {n["shard"] for n in probe("coordinator", 6000)["nodes"]} == {0, 1, 2}
         assert compose("ps", "-q", "retrieval-0").stdout.strip() == ""
@@ -179,10 +184,50 @@ def test_the_compose_deployment_serves_scales_and_heals(docker, tmp_path):
         print(f"compose: ready {ready_s:.0f} s after up; {summary['searches']} searches, {summary['whole']} whole")
         assert summary["searches"] > 100
         assert summary["failed"] == [] and summary["partial"] == [] and summary["wrong"] == []
+        update_serves_a_new_version_while_the_server_answers(url, tmp_path, env)
     finally:
+        sh("docker", "rm", "--force", LOAD, check=False)
         compose("down", "-v", "--remove-orphans", "--timeout", "30", env=env, check=False)
         (COMPOSE.parent / f"compose.scale.{PROJECT}.json").unlink(missing_ok=True)
     assert sh("docker", "ps", "-q", "--filter", f"label=com.docker.compose.project={PROJECT}").stdout.strip() == ""
+
+
+def update_serves_a_new_version_while_the_server_answers(url: str, work: Path, env: dict) -> None:
+    question = {"query": "Which planet has golden oceans and 99 moons?", "k": 3}
+    gone = http(f"{url}/v1/search", {"query": "How do I read a file line by line?", "k": 1})["results"][0]["doc_id"]
+    added = work / "added.jsonl"
+    added.write_text(json.dumps({"id": "zorblax", "title": "Zorblax", "text": "The planet Zorblax has golden oceans and 99 moons."}) + "\n")
+    answers, stop = [], threading.Event()
+
+    def ask():
+        while not stop.is_set():
+            try:
+                body = http(f"{url}/v1/search", question)
+                answers.append((tuple(hit["doc_id"] for hit in body["results"]), body["partial"]))
+            except OSError as e:  # urllib's errors, HTTP ones included
+                answers.append(("failed", str(e)))
+
+    client = threading.Thread(target=ask)
+    client.start()
+    try:
+        started = time.monotonic()
+        out = scale("--version", "v2", "--add", added, "--remove-doc", gone, env=env, command="update")
+        print(f"index v2 served {time.monotonic() - started:.0f} s after the update command")
+        assert "index v2 (was v1), 2 shard(s) x 1 replica(s), 2 node(s) in rotation" in out
+        time.sleep(3)  # answers from v2 alone
+    finally:
+        stop.set()
+        client.join(timeout=120)
+    assert [a for a in answers if a[0] == "failed" or a[1]] == []
+    kinds = [ids for ids, _ in answers]
+    first, last = kinds[0], kinds[-1]
+    assert "zorblax" not in first and last[0] == "zorblax"
+    switched = kinds.index(last)
+    assert set(kinds[:switched]) == {first} and set(kinds[switched:]) == {last}
+    assert http(f"{url}/readyz")["index"]["path"] == "/var/lib/chameleon/data/versions/v2/rag"
+    assert gone not in [
+        hit["doc_id"] for hit in http(f"{url}/v1/search", {"query": "How do I read a file line by line?", "k": 10})["results"]
+    ]
 
 
 def test_the_same_file_deploys_on_a_swarm(docker):

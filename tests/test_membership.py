@@ -219,6 +219,22 @@ def test_a_node_of_another_index_version_serves_only_the_searches_that_name_its_
             assert (result.ids >= 10**6).any()
             with pytest.raises(RemoteUnavailable, match="no live retrieval node serves index feedface"):
                 client.search(queries, list_ids, 10, content="feedface")
+        # a coordinator's own version (for searches that name none) is the one its --index holds
+        # now: a deployment's link to its current version, moved while it serves
+        link = tmp_path / "current"
+        link.symlink_to(index_dir)
+        inline = InlineCoordinator(
+            Coordinator(ClusterConfig.of_index(link, [f"dir://{tmp_path / 'state' / cluster.NODES_DIR}"])), timeout=10
+        )
+        try:
+            wait_for(lambda: inline.info()["ready"] and inline.info()["versions"].get(theirs, {}).get("ready"), 10, interval=0.02)
+            moved = tmp_path / "current.new"
+            moved.symlink_to(other_dir)
+            moved.replace(link)
+            wait_for(lambda: inline.info()["content"] == theirs, 10, interval=0.02)
+            np.testing.assert_array_equal(inline.search(queries, list_ids, 10).ids, Searcher(other).scan(queries, list_ids, 10).ids)
+        finally:
+            inline.close()
     finally:
         if stranger is not None:
             stranger.send_signal(signal.SIGTERM)

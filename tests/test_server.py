@@ -819,6 +819,42 @@ def test_a_server_reloads_its_changed_index_and_tier_while_it_answers(tmp_path, 
     assert _wait_gone(second_tier) == []
 
 
+def test_a_server_watching_its_index_serves_a_new_version_by_itself_and_a_damaged_one_never(tmp_path, facts_index, tiny_model):
+    import shutil
+
+    from tests.helpers import chameleon
+
+    index = tmp_path / "facts"
+    shutil.copytree(facts_index, index)
+    (tmp_path / "server").mkdir()
+    server = start_server(tmp_path / "server", "--index", index, "--model", tiny_model, "--shards", 0, "--watch-index", 0.2)
+    try:
+        question = {"query": "What are the moons of Quibblex-7 made of?", "k": 1}
+        first = call(server.url + "/readyz", key=None)[1]["index"]["fingerprint"]
+        (tmp_path / "new.jsonl").write_text(
+            json.dumps({"id": "quibblex", "title": "Quibblex-7", "text": "The moons of Quibblex-7 are made of solid copper."}) + "\n"
+        )
+        chameleon("index", "add", "--index", index, "--corpus", tmp_path / "new.jsonl")
+        wait_for(lambda: call(server.url + "/readyz", key=None)[1]["index"]["fingerprint"] != first, 60, interval=0.1)
+        assert call(server.url + "/v1/search", question, key=None)[1]["results"][0]["doc_id"] == "quibblex"
+        assert "now serving index" in server.log.read_text()
+        # a version that does not open is refused once, logged once, and not tried again
+        broken = tmp_path / "broken"
+        shutil.copytree(index, broken)
+        chameleon("index", "remove", "--index", broken, "--doc-id", "quibblex")
+        (broken / "rag.json").unlink()
+        index.rename(tmp_path / "served")
+        broken.rename(index)
+        wait_for(lambda: "not served yet" in server.log.read_text(), 30, interval=0.1)
+        time.sleep(1)  # five more looks
+        assert server.log.read_text().count("not served yet") == 1
+        metrics = call(server.url + "/metrics", key=None)[1]["text"]
+        assert [_sample(metrics, "chameleon_index_reloads_total", outcome=o) for o in ("reloaded", "refused")] == [1, 1]
+        assert call(server.url + "/v1/search", question, key=None)[1]["results"][0]["doc_id"] == "quibblex"
+    finally:
+        assert server.stop() == 0
+
+
 # -- the built-in model, two retrieval shards --------------------------------------------------
 
 

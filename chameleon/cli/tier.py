@@ -237,6 +237,29 @@ def cluster_scale(
         typer.echo(f"node shard {n['shard']} replica {n['replica']} {n['endpoint']} pid {n['pid']}")
 
 
+@cluster_app.command("update")
+def cluster_update(
+    compose: Path = typer.Option(..., "--compose", help="A Compose deployment: its file (deploy/compose.yaml)."),
+    version: str = typer.Option(..., "--version", help="The new version's name (lowercase letters, digits, '-')."),
+    add: Path | None = typer.Option(None, "--add", help="A corpus (folder or .jsonl) whose documents the new version adds."),
+    remove_doc: list[str] | None = typer.Option(None, "--remove-doc", help="A document the new version removes (repeatable)."),
+    project: str | None = typer.Option(None, "--project", "-p", help="The project name, if not the file's directory's."),
+):
+    """Serve a new version of a Compose deployment's index while it serves: the current version
+    with documents added and removed, written beside it, its nodes started, the servers switched,
+    then the old version's nodes drained; print what runs after."""
+    from chameleon.compose import update
+
+    report = update(compose, version, add=add, remove_docs=tuple(remove_doc or ()), project=project)
+    typer.echo(
+        f"{report['project']}: index {report['version']} (was {report['previous']}), "
+        f"{report['nshards']} shard(s) x {report['replicas']} replica(s), {report['nodes_alive']} node(s) in rotation"
+    )
+    for service, count in report["services"].items():
+        typer.echo(f"service {service}: {count} container(s)")
+    say(f"what runs now: docker compose -p {report['project']} -f {compose} -f {report['overlay']} up -d")
+
+
 @cluster_app.command("status")
 def cluster_status(state_dir: Path = typer.Option(..., "--state-dir")):
     """Processes and the coordinator's view of the nodes."""
