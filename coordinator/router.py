@@ -1,9 +1,11 @@
 """The coordinator: fans each search out to every shard, merges the global top-k, fails over.
 
-It serves one index version and learns its nodes from sources it follows while it serves
-(:mod:`coordinator.membership`: DNS names, announcement directories, fixed addresses); each
-node's INFO says which shard of which shard layout it holds. A search goes to one layout, the
-newest with a live node for every shard, so a re-sharded layout takes over once it is whole.
+It learns its nodes from sources it follows while it serves (:mod:`coordinator.membership`: DNS
+names, announcement directories, fixed addresses); each node's INFO says which shard of which
+shard layout of which index version it holds. A search names its version (or gets the
+coordinator's own) and goes to one layout of it, the newest with a live node for every shard, so
+a re-sharded layout takes over once it is whole, and two versions can be served side by side
+while a new one rolls out, never mixed in one answer.
 
 Clients send SEARCH with query vectors and their list ids (the coarse search stays with the
 queries). For every client request each shard gets one sub-request, sent to its live replica with
