@@ -131,3 +131,23 @@ def test_the_port_answers_while_the_server_starts_and_is_handed_over_intact():
         accepted, _ = listener.accept()
         accepted.close()
     listener.close()
+
+
+def test_readiness_of_a_version_names_what_is_missing_from_a_coordinators_view():
+    from chameleon.server.served_index import tier_readiness
+
+    def node(shard, content, layout, alive=True):
+        return {"shard": shard, "content": content, "fingerprint": layout, "alive": alive}
+
+    assert tier_readiness(None, "v2") == {"ready": False, "reason": "the coordinator does not answer"}
+    only_v1 = {"versions": {"c1": {"fingerprint": "l1", "nshards": 2, "ready": True}}, "nodes": [node(0, "c1", "l1"), node(1, "c1", "l1")]}
+    assert tier_readiness(only_v1, "c2", ["node-0 failed: exit 2"]) == {
+        "ready": False,
+        "reason": "the retrieval tier has no node of index c2 (it serves: ['c1']); node-0 failed: exit 2",
+    }
+    both = {
+        "versions": {**only_v1["versions"], "c2": {"fingerprint": "l2", "nshards": 2, "ready": False}},
+        "nodes": [*only_v1["nodes"], node(0, "c2", "l2"), node(1, "c2", "l2", alive=False)],
+    }
+    assert tier_readiness(both, "c2") == {"ready": False, "reason": "no live node for shard(s) [1]"}
+    assert tier_readiness(both, "c1") == {"ready": True, "shards": 2, "nodes": 2}  # the other version's nodes are not counted

@@ -224,7 +224,7 @@ def tier_readiness(info: dict | None, content: str, failed: list[str] = ()) -> d
     version = info.get("versions", {}).get(content)
     if version is None:
         serves = sorted(info.get("versions", {})) or "none"
-        return {"ready": False, "reason": f"the retrieval tier has no node of index {content} (it serves: {serves})"}
+        return {"ready": False, "reason": "; ".join([f"the retrieval tier has no node of index {content} (it serves: {serves})", *failed])}
     if not version["ready"]:
         live = {n["shard"] for n in info["nodes"] if n["alive"] and n["fingerprint"] == version["fingerprint"]}
         missing = sorted(set(range(version["nshards"])) - live) if version["nshards"] else "all"
