@@ -44,8 +44,8 @@ import zmq
 
 from coordinator.client import RepliesByRid, result_of_reply
 from coordinator.membership import RESOLVE_INTERVAL, Membership
-from retriever.errors import ChameleonError, InvalidInput, Timeout
-from retriever.index import content_fingerprint, read_manifest
+from retriever.errors import InvalidInput, Timeout
+from retriever.index import content_fingerprint, content_now, read_manifest
 from retriever.search import SearchResult, merge_topk
 from retriever.wire import protocol
 from retriever.wire.protocol import Message, ProtocolError
@@ -80,12 +80,9 @@ class ClusterConfig:
     def follow_index(self) -> None:
         """Take the version ``index_dir`` holds now as this coordinator's own; one that cannot be
         read now (being replaced) leaves it as it was."""
-        if self.index_dir is None:
-            return
-        try:
-            self.content = content_fingerprint(read_manifest(self.index_dir))
-        except (ChameleonError, OSError):
-            pass
+        content = content_now(self.index_dir) if self.index_dir is not None else None
+        if content is not None:
+            self.content = content
 
 
 @dataclass

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from retriever.errors import InvalidInput
+from retriever.errors import ChameleonError, InvalidInput
 from retriever.files import atomic_directory
 
 FORMAT_NAME = "chameleon.ivfpq"
@@ -343,6 +343,16 @@ def content_fingerprint(manifest: dict) -> str:
     codes, split another way), so a coordinator may switch between them while it serves.
     """
     return manifest["build"].get("resharded_from") or index_fingerprint(manifest)
+
+
+def content_now(path: str | os.PathLike) -> str | None:
+    """The content fingerprint of the index in ``path`` as it is now (its manifest alone is read),
+    for whoever follows a path that a deployment changes; None while it cannot be read (being
+    replaced, or gone: the next look decides)."""
+    try:
+        return content_fingerprint(read_manifest(path))
+    except (ChameleonError, OSError):
+        return None
 
 
 def save_layout(source: str | os.PathLike, nshards: int, out: str | os.PathLike) -> Path:

@@ -25,7 +25,7 @@ from chameleon.rag.corpus import RagIndex
 from chameleon.rag.pipeline import RagPipeline
 from coordinator.client import RetrievalClient
 from retriever.errors import ChameleonError, Unavailable
-from retriever.index import content_fingerprint, read_manifest
+from retriever.index import content_fingerprint, content_now, read_manifest
 from retriever.search import Retrieval
 
 if TYPE_CHECKING:
@@ -161,14 +161,6 @@ class IndexServing:
             if self.metrics is not None:
                 self.metrics.reloads.labels(outcome).inc()
 
-    def content_on_disk(self) -> str | None:
-        """The content fingerprint of the index on disk (its manifest alone is read); None while it
-        cannot be read (being replaced, or gone: the next look decides)."""
-        try:
-            return content_fingerprint(read_manifest(self.source / "index"))
-        except (ChameleonError, OSError):
-            return None
-
     def watch(self, pipeline: RagPipeline, interval: float, stop: threading.Event) -> threading.Thread:
         """Every ``interval`` s until ``stop``, reload when the index on disk holds another version.
         With a tier of others, only once that tier serves the new version whole (its nodes are
@@ -183,7 +175,7 @@ class IndexServing:
         def run():
             said = refused = None  # refused: a version that does not open is not tried again
             while not stop.wait(interval):
-                content = self.content_on_disk()
+                content = content_now(self.source / "index")
                 if content in (None, self.served.content, refused):
                     continue
                 try:
