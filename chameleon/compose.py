@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import shlex
 import shutil
 import subprocess
 import time
@@ -33,12 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from chameleon.cluster import check_size
+from chameleon.versions import check_name
 from retriever.errors import InvalidInput, Timeout, Unavailable
 from retriever.files import write_json_atomic
 
 # Containers start slowly: an image's first start compiles the scan kernels before the node answers.
 WAIT_S = 600.0
-VERSION_NAME = re.compile(r"[a-z0-9]([-a-z0-9]{0,14}[a-z0-9])?")  # a directory, and a part of service names
 UPDATE_MOUNT = "/var/lib/chameleon/update"  # where a version's job reads the documents it adds
 
 
@@ -56,10 +54,11 @@ class Layout:
 @dataclass(frozen=True)
 class VersionWrite:
     """A new index version that a job writes: a copy of ``base`` with the documents of ``add`` (a
-    corpus file or folder on this host) added and ``remove_docs`` removed."""
+    corpus file or folder on this host) added and ``remove_docs`` removed, split into ``shards``."""
 
     version: str
     base: str
+    shards: int  # the layout its nodes serve
     add: Path | None = None
     remove_docs: tuple[str, ...] = ()
 
@@ -224,31 +223,21 @@ def overlay(deployment: Deployment, replicas: dict[Layout, int], write: VersionW
 
 
 def version_job(deployment: Deployment, write: VersionWrite, writable: list[dict]) -> dict:
-    """A one-shot service that writes ``write.version`` (once: under a temporary name, then
-    renamed), verifies it and moves the ``current`` link to it (a rename: never missing). It runs
-    the server's image, which holds the embedder that ``index add`` needs."""
+    """A one-shot service that writes ``write.version`` with ``chameleon index version`` (a copy of
+    the base, changed, verified, split into the layout served, then made ``current``). It runs the
+    server's image, which holds the embedder that adding documents needs."""
     server = deployment.config["services"][deployment.server]
-    new, partial = f"versions/{write.version}", f"versions/{write.version}/rag.partial"
-    steps = [f"cp -a versions/{write.base}/rag {partial}"]
     volumes = [*writable, *(v for v in server.get("volumes", []) if v.get("target") != str(deployment.versions.parent))]
+    command = ["index", "version", write.version, "--data", str(deployment.versions.parent), "--from", write.base]
     if write.add is not None:
         corpus = f"{UPDATE_MOUNT}/{write.add.name}"
-        steps.append(f"chameleon index add --index {partial} --corpus {shlex.quote(corpus)}")
+        command += ["--add", corpus]
         volumes.append({"type": "bind", "source": str(write.add.resolve()), "target": corpus, "read_only": True})
-    if write.remove_docs:
-        steps.append(f"chameleon index remove --index {partial} " + " ".join(f"--doc-id {shlex.quote(d)}" for d in write.remove_docs))
-    script = "; ".join(
-        [
-            f"set -e; cd {deployment.versions.parent}; mkdir -p {new}",
-            f"if ! test -f {new}/rag/rag.json; then rm -rf {partial}; {'; '.join(steps)}; mv {partial} {new}/rag; fi",
-            f"chameleon index info {new}/rag/index --verify",
-            f"ln -sfn {new} current.new; mv -T current.new {deployment.current_link.name}",
-        ]
-    )
+    for doc in write.remove_docs:
+        command += ["--remove-doc", doc]
     return {
         "image": server["image"],
-        "entrypoint": ["sh", "-c"],
-        "command": [script],
+        "command": [*command, "--shards", str(write.shards)],
         "volumes": volumes,
         "networks": list(server.get("networks", {})),
     }
@@ -295,8 +284,7 @@ def update(
     """Serve a new version of a running Compose deployment's index, named ``version``: the
     current one with the documents of the corpus ``add`` added and ``remove_docs`` removed (no
     training), in the order of the module's docstring; return what runs after."""
-    if not VERSION_NAME.fullmatch(version):
-        raise InvalidInput(f"index version {version!r}: use lowercase letters, digits and '-' (at most 16 characters)")
+    check_name(version)
     if add is None and not remove_docs:
         raise InvalidInput("say what the new version changes: --add CORPUS and/or --remove-doc ID")
     if add is not None and not Path(add).exists():
@@ -312,8 +300,15 @@ def update(
     now = deployment.layout(info["nshards"], current)
     replicas = min(running[name] for name in now.services)
     target = deployment.layout(now.nshards, version)
-    write = VersionWrite(version, current, Path(add) if add is not None else None, tuple(remove_docs))
-    _apply(deployment, {now: replicas, target: replicas}, write)
+    write = VersionWrite(version, current, now.nshards, Path(add) if add is not None else None, tuple(remove_docs))
+    try:
+        _apply(deployment, {now: replicas, target: replicas}, write)
+    except Unavailable as e:
+        # the job failed (`up` stops on it before the new nodes start, and `current` moves only at
+        # the job's end): what ran before runs on, and the new version's services go
+        said = deployment.compose("logs", "--no-color", "--tail", "5", f"version-{version}").strip()
+        _apply(deployment, {now: replicas})
+        raise InvalidInput(f"the update to {version} stopped and {current} serves on: {e}\n{said}") from None
     # the job moves `current`; the coordinator's own version follows it
     _wait(
         deployment,

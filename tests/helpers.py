@@ -79,3 +79,28 @@ def write_ann_hdf5(path, train, test, neighbors, distance):
         f.create_dataset("train", data=train)
         f.create_dataset("test", data=test)
         f.create_dataset("neighbors", data=neighbors)
+
+
+def parse(args: list[str]):
+    """``args`` parsed by `chameleon`'s own command line, the context of the command they name (an
+    unknown command or option, or a bad value, raises)."""
+    from typer.main import get_command
+
+    from chameleon.cli import app
+
+    command, context, name = get_command(app), None, "chameleon"
+    while hasattr(command, "get_command"):  # a group: the chart passes it no options, only a command's name
+        context = command.make_context(name, list(args), parent=context)
+        name, args = args[0], args[1:]
+        command = command.get_command(context, name)
+        assert command is not None, f"`chameleon` has no command {name}"
+    return command.make_context(name, list(args), parent=context)
+
+
+def assert_same_index(a, b):
+    assert a.params == b.params and a.nshards == b.nshards
+    np.testing.assert_array_equal(a.centroids, b.centroids)
+    np.testing.assert_array_equal(a.codebooks, b.codebooks)
+    for x, y in zip(a.shards, b.shards):
+        for name in ("offsets", "ids", "codes"):
+            np.testing.assert_array_equal(getattr(x, name), getattr(y, name))

@@ -10,7 +10,7 @@ from retriever.build import build_index, encode_part, join_parts, train_quantize
 from retriever.datasets import VectorFile, read_vecs, read_vectors
 from retriever.errors import InvalidInput
 from retriever.index import InvertedLists, IVFPQParams, gather_shard, load_index, save_index, split_shards
-from tests.helpers import chameleon
+from tests.helpers import assert_same_index, chameleon
 
 PARAMS = IVFPQParams("l2", 32, nlist=64, m=8)
 
@@ -20,15 +20,6 @@ def write_fvecs(path, vectors):
     rows[:, 0] = np.array([vectors.shape[1]], dtype=np.int32).view(np.float32)[0]
     rows[:, 1:] = vectors
     rows.tofile(path)
-
-
-def assert_same_index(a, b):
-    assert a.params == b.params and a.nshards == b.nshards
-    np.testing.assert_array_equal(a.centroids, b.centroids)
-    np.testing.assert_array_equal(a.codebooks, b.codebooks)
-    for x, y in zip(a.shards, b.shards):
-        for name in ("offsets", "ids", "codes"):
-            np.testing.assert_array_equal(getattr(x, name), getattr(y, name))
 
 
 @pytest.fixture(scope="module")

@@ -86,7 +86,7 @@ def test_index_add_extends_a_vector_index_in_place(tmp_path, small_data):
     chameleon("index", "remove", "--index", tmp_path / "idx", "--ids-file", tmp_path / "gone.npy")
     assert sorted(load_index(tmp_path / "idx", verify=True).whole().ids.tolist()) == list(range(10, 5998))
     assert "not in the index" in error_of("index", "remove", "--index", tmp_path / "idx", "--ids", "3")
-    assert "comma-separated integers" in error_of("index", "remove", "--index", tmp_path / "idx", "--ids", "a,b")
+    assert "comma-separated list of integers" in error_of("index", "remove", "--index", tmp_path / "idx", "--ids", "a,b")
     assert "remove vectors with --ids" in error_of("index", "remove", "--index", tmp_path / "idx", "--doc-id", "x")
     assert "exactly one of" in error_of("index", "remove", "--index", tmp_path / "idx")
     assert load_index(tmp_path / "idx").ntotal == 5988

@@ -8,8 +8,8 @@ replicas and back, ``docker kill``s a node container (the scaler brings it back)
 node's process (Docker restarts it), re-shards from 2 to 3 shards and back to 2 with 1 replica.
 Every search must be whole and equal to the in-process search. Then, while a client asks the
 server without pause, ``chameleon cluster update --compose`` serves a new index version (a
-document added, one removed): every answer whole, the version changes once and never back.
-``docker compose down`` must leave
+document added, one removed): every answer whole, the version changes once and never back; an
+update whose job fails leaves it served. ``docker compose down`` must leave
 nothing running. Then the same file as a stack on a single-node Swarm, scaled with
 ``docker service scale``. Needs root, Docker and Compose v2 (docs/deployment.md).
 """
@@ -87,10 +87,10 @@ def compose(*args, env=None, **options):
     return sh("docker", "compose", "-p", PROJECT, "-f", COMPOSE, *args, env={**os.environ, **(env or {})}, **options)
 
 
-def scale(*args, env=None, command="scale") -> str:
-    """``chameleon cluster scale`` (or ``command``) on the test's deployment; what it prints."""
+def scale(*args, env=None, command="scale", check=True) -> subprocess.CompletedProcess:
+    """``chameleon cluster scale`` (or ``command``) on the test's deployment."""
     command = [sys.executable, "-m", "chameleon", "cluster", command, "--compose", COMPOSE, "-p", PROJECT, *args]
-    return sh(*command, env={**os.environ, **(env or {})}, timeout=900).stdout
+    return sh(*command, env={**os.environ, **(env or {})}, timeout=900, check=check)
 
 
 def free_port() -> int:
@@ -154,7 +154,7 @@ def test_the_compose_deployment_serves_scales_and_heals(docker, tmp_path):
         load = start_load(tmp_path, f"{PROJECT}_tier", np.random.default_rng(0).standard_normal((200, 384), dtype=np.float32))
         wait_for(lambda: (tmp_path / "load.json").exists() or probe("coordinator", 6000)["jobs"] > 50, 120, "the load")
         scale_up = time.monotonic()
-        assert "2 shard(s) x 3 replica(s), 6 node(s) in rotation" in scale("--replicas", 3, env=env)
+        assert "2 shard(s) x 3 replica(s), 6 node(s) in rotation" in scale("--replicas", 3, env=env).stdout
         print(f"3 replicas per shard in rotation {time.monotonic() - scale_up:.0f} s after the scale command")
         scale("--replicas", 2, env=env)
         assert len(probe("coordinator", 6000)["nodes"]) == 4
@@ -172,12 +172,12 @@ def test_the_compose_deployment_serves_scales_and_heals(docker, tmp_path):
         # re-sharding while searches run, 2 -> 3 shards and back to the file's own layout: the new
         # layout's nodes join, the coordinator switches once it is whole, the old layout drains
         reshard = time.monotonic()
-        out = scale("--shards", 3, env=env)
+        out = scale("--shards", 3, env=env).stdout
         assert "3 shard(s) x 2 replica(s), 6 node(s) in rotation" in out and "service retrieval-v1-3-2: 2 container(s)" in out
         print(f"re-sharded to 3 in {time.monotonic() - reshard:.0f} s")
         assert {n["shard"] for n in probe("coordinator", 6000)["nodes"]} == {0, 1, 2}
         assert compose("ps", "-q", "retrieval-0").stdout.strip() == ""
-        out = scale("--shards", 2, "--replicas", 1, env=env)
+        out = scale("--shards", 2, "--replicas", 1, env=env).stdout
         assert "2 shard(s) x 1 replica(s), 2 node(s) in rotation" in out and "service retrieval-0: 1 container(s)" in out
         time.sleep(5)  # searches on the new layout alone
         summary = stop_load(load, tmp_path)
@@ -211,9 +211,14 @@ def update_serves_a_new_version_while_the_server_answers(url: str, work: Path, e
     client.start()
     try:
         started = time.monotonic()
-        out = scale("--version", "v2", "--add", added, "--remove-doc", gone, env=env, command="update")
+        out = scale("--version", "v2", "--add", added, "--remove-doc", gone, env=env, command="update").stdout
         print(f"index v2 served {time.monotonic() - started:.0f} s after the update command")
         assert "index v2 (was v1), 2 shard(s) x 1 replica(s), 2 node(s) in rotation" in out
+        # an update that cannot be made: its job fails, v2 serves on, v3's services are gone
+        refused = scale("--version", "v3", "--remove-doc", "no-such-document", env=env, command="update", check=False)
+        assert refused.returncode == 2 and "the update to v3 stopped and v2 serves on" in refused.stderr, refused.stderr
+        assert "'no-such-document'" in refused.stderr  # the job's own reason
+        assert not [s for s in compose("ps", "-a", "--services").stdout.split() if "v3" in s]
         time.sleep(3)  # answers from v2 alone
     finally:
         stop.set()

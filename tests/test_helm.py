@@ -5,17 +5,21 @@ autoscaling rules' PromQL parsed (``promql-parser``). No cluster
 runs here: docs/deployment.md says what has run where."""
 
 import json
+import os
 import shlex
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import helm_python
 import kubernetes_validate
+import numpy as np
 import promql_parser
 import pytest
 import yaml
-from typer.main import get_command
 
-from chameleon.cli import app
+from tests.helpers import assert_same_index, parse
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "deploy" / "helm" / "chameleon"
@@ -33,6 +37,15 @@ LAYOUTS = {
         "index": {
             "version": "v2",
             "update": {"from": "v1", "add": "/var/lib/chameleon/data/new.jsonl", "removeDocs": ["a", "b c"]},
+            "previous": {"version": "v1"},
+        }
+    },
+    "vectors in parts": {"index": {"vectors": {"file": "input/base.npy", "nlist": 16, "m": 4, "parts": 3}}},
+    "new vector version": {
+        "index": {
+            "version": "v2",
+            "vectors": {"file": "input/base.npy"},
+            "update": {"from": "v1", "add": "input/more.npy", "removeIds": [1, 2]},
             "previous": {"version": "v1"},
         }
     },
@@ -56,18 +69,6 @@ def named(docs: list[dict], kind: str) -> dict[str, dict]:
 def container(deployment: dict) -> dict:
     (only,) = deployment["spec"]["template"]["spec"]["containers"]
     return only
-
-
-def parse(args: list[str]):
-    """``args`` parsed by `chameleon`'s own command line, the context of the command they name (an
-    unknown command or option, or a bad value, raises)."""
-    command, context, name = get_command(app), None, "chameleon"
-    while hasattr(command, "get_command"):  # a group: the chart passes it no options, only a command's name
-        context = command.make_context(name, list(args), parent=context)
-        name, args = args[0], args[1:]
-        command = command.get_command(context, name)
-        assert command is not None, f"`chameleon` has no command {name}"
-    return command.make_context(name, list(args), parent=context)
 
 
 def test_the_chart_lints_without_warnings():
@@ -96,16 +97,19 @@ def test_every_command_the_chart_runs_is_one_our_command_line_accepts(layout):
         if probe:
             assert probe["command"][0] == "chameleon"
             parse(probe["command"][1:])
-    (job,) = named(docs, "Job").values()
-    commands = [words[words.index("chameleon") + 1 :] for words in job_steps(job) if "chameleon" in words]
-    assert len(commands) >= 3  # build or update, verify, reshard
+    commands = [job_command(job) for job in named(docs, "Job").values()]
+    commands = [command[command.index("chameleon") + 1 :] for script in commands for command in script if "chameleon" in command]
+    assert ["index", "version"] in [command[:2] for command in commands]  # every Job ends by writing a version
     for command in commands:
         parse(command)
 
 
-def job_steps(job: dict) -> list[list[str]]:
-    """The words of each step of the index Job's shell script."""
-    return [shlex.split(step) for step in container(job)["args"][0].split(";")]
+def job_command(job: dict) -> list[list[str]]:
+    """What an index Job runs: the words of each step of its shell script, or its one command."""
+    spec = container(job)
+    if spec.get("command") == ["sh", "-c"]:
+        return [shlex.split(step) for step in spec["args"][0].split(";")]
+    return [["chameleon", *spec["args"]]]
 
 
 def test_one_deployment_and_one_disruption_budget_per_shard_behind_one_headless_service():
@@ -129,9 +133,7 @@ def test_one_deployment_and_one_disruption_budget_per_shard_behind_one_headless_
     # the link to the current version: neither a re-shard nor a new version restarts a coordinator or a server
     assert str(coordinator["index"]) == f"{DATA}/current/rag/index"
     (job,) = named(docs, "Job").values()
-    assert ["chameleon", "index", "reshard", "--index", "versions/v1/rag", "--shards", "3", "--out", "versions/v1/shards-3"] in job_steps(
-        job
-    )
+    assert job_command(job) == [["chameleon", "index", "version", "v1", "--data", ".", "--corpus", "python-docs", "--shards", "3"]]
     assert job["metadata"]["name"] == "rag-chameleon-index-v1-3"  # another layout, another Job (a Job's template is immutable)
     server = parse(container(deployments["rag-chameleon-server"])["args"]).params
     assert server["coordinator"] == "tcp://rag-chameleon-coordinator:6000"
@@ -160,28 +162,18 @@ def test_a_reshard_runs_both_layouts_until_the_next_upgrade_drops_the_old_one():
 
 
 def test_a_new_version_is_written_beside_the_old_one_and_served_once_its_nodes_run():
-    """The first upgrade of a version change: the new version's Job copies the old one, adds and
-    removes documents, checks it, splits it and moves `current`; both versions' nodes run. The
+    """The first upgrade of a version change: the new version's Job writes it from the old one
+    (`chameleon index version`, run below); both versions' nodes run. The
     second upgrade leaves the new version's alone. Neither changes the coordinator or the server."""
     update = {"from": "v1", "add": f"{DATA}/new docs.jsonl", "removeDocs": ["old-1", "old 2"]}
     during = render({"index": {"version": "v2", "update": update, "previous": {"version": "v1"}}})
     assert served_layouts(during) == {f"{DATA}/versions/v2/shards-2": {0, 1}, f"{DATA}/versions/v1/shards-2": {0, 1}}
     (job,) = named(during, "Job").values()
     assert job["metadata"]["name"] == "rag-chameleon-index-v2-2"
-    steps = job_steps(job)
-    order = [
-        ["cp", "-a", "versions/v1/rag", "versions/v2/rag.partial"],
-        ["chameleon", "index", "add", "--index", "versions/v2/rag.partial", "--corpus", f"{DATA}/new docs.jsonl"],
-        ["chameleon", "index", "remove", "--index", "versions/v2/rag.partial", "--doc-id", "old-1", "--doc-id", "old 2"],
-        ["mv", "versions/v2/rag.partial", "versions/v2/rag"],
-        ["chameleon", "index", "info", "versions/v2/rag/index", "--verify"],
-        ["chameleon", "index", "reshard", "--index", "versions/v2/rag", "--shards", "2", "--out", "versions/v2/shards-2"],
-        ["ln", "-sfn", "versions/v2", "current.new"],
-        ["mv", "-T", "current.new", "current"],  # a rename: the servers never see the link missing
+    assert job_command(job) == [
+        ["chameleon", "index", "version", "v2", "--data", ".", "--from", "v1", "--add", f"{DATA}/new docs.jsonl"]
+        + ["--remove-doc", "old-1", "--remove-doc", "old 2", "--shards", "2"]
     ]
-    found = [step[-len(expected) :] for step in steps for expected in order if step[-len(expected) :] == expected]
-    assert found == order
-    assert steps[0] == ["set", "-e"] and ["if", "!", "test", "-f", "versions/v2/rag/rag.json"] in [s[:5] for s in steps]
     after = render({"index": {"version": "v2"}})
     assert served_layouts(after) == {f"{DATA}/versions/v2/shards-2": {0, 1}}
     unchanged = ("rag-chameleon-coordinator", "rag-chameleon-server")
@@ -325,3 +317,86 @@ def test_the_planners_values_size_the_charts_tiers(tmp_path):
     assert deployments["rag-chameleon-server"]["spec"]["replicas"] == planned["inference_replicas"]
     for doc in docs:
         kubernetes_validate.validate(doc, NEWEST, strict=True)
+
+
+def start_job(job: dict, data: Path, completion: int | None = None) -> subprocess.Popen:
+    """An index Job's pod as the cluster starts it: its command, in the index volume (``data``),
+    with the `chameleon` installed here (and ``completion``, the pod's index in an Indexed Job)."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    if completion is not None:
+        env["JOB_COMPLETION_INDEX"] = str(completion)
+    spec = container(job)
+    command = [*spec["command"], *spec["args"]] if "command" in spec else ["chameleon", *spec["args"]]
+    return subprocess.Popen(command, cwd=data, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(pod: subprocess.Popen) -> tuple[int, str]:
+    output, _ = pod.communicate(timeout=600)
+    return pod.returncode, output
+
+
+def test_a_vector_index_is_built_in_parts_by_jobs_that_start_in_any_order(tmp_path):
+    """Vector mode's three Jobs run as their pods would (all at once, the join first): each step
+    waits for the one before it; the join writes the version split as the nodes serve it, equal
+    array for array to a build in one process, makes it current and removes the parts. A
+    re-shard's Job then splits the version again, the parts gone."""
+    from retriever.build import build_index
+    from retriever.index import IVFPQParams, load_index
+
+    base = np.random.default_rng(7).standard_normal((3000, 16)).astype(np.float32)
+    (tmp_path / "input").mkdir()
+    np.save(tmp_path / "input" / "base.npy", base)
+    vectors = {"file": "input/base.npy", "nlist": 16, "m": 4, "parts": 3, "waitSeconds": 300}
+    docs = render({"index": {"vectors": vectors}})
+    jobs = named(docs, "Job")
+    assert list(jobs) == ["rag-chameleon-index-v1-train", "rag-chameleon-index-v1-encode", "rag-chameleon-index-v1-2"]
+    encode = jobs["rag-chameleon-index-v1-encode"]["spec"]
+    assert (encode["completionMode"], encode["completions"], encode["parallelism"]) == ("Indexed", 3, 3)
+    assert {container(job)["image"] for job in jobs.values()} == {"chameleon-retrieval:latest"}  # no embedder needed
+    throttled = named(render({"index": {"vectors": {**vectors, "parallelism": 2}}}), "Job")["rag-chameleon-index-v1-encode"]["spec"]
+    assert (throttled["completions"], throttled["parallelism"]) == (3, 2)
+    deployments = named(docs, "Deployment")
+    assert "rag-chameleon-server" not in deployments  # a vector index has no passages to serve
+    assert str(parse(container(deployments["rag-chameleon-coordinator"])["args"]).params["index"]) == f"{DATA}/current/vectors"
+    pods = [start_job(jobs["rag-chameleon-index-v1-2"], tmp_path)]
+    pods += [start_job(jobs["rag-chameleon-index-v1-encode"], tmp_path, part) for part in range(3)]
+    pods.append(start_job(jobs["rag-chameleon-index-v1-train"], tmp_path))
+    for pod in pods:
+        code, output = finish(pod)
+        assert code == 0, output
+    assert os.readlink(tmp_path / "current") == "versions/v1"
+    assert sorted(p.name for p in (tmp_path / "versions" / "v1").iterdir()) == ["shards-2", "vectors"]
+    assert_same_index(load_index(tmp_path / "current" / "vectors", verify=True), build_index(base, IVFPQParams("l2", 16, 16, 4), nshards=2))
+    assert (tmp_path / "versions" / "v1" / "shards-2").resolve() == (tmp_path / "versions" / "v1" / "vectors").resolve()  # no second copy
+    reshard = named(render({"index": {"vectors": vectors, "shards": 3, "previous": {"shards": 2}}}), "Job")["rag-chameleon-index-v1-3"]
+    code, output = finish(start_job(reshard, tmp_path))
+    assert code == 0, output
+    assert load_index(tmp_path / "versions" / "v1" / "shards-3").nshards == 3
+
+
+def test_a_new_versions_job_writes_it_and_a_failing_one_leaves_the_served_version(tmp_path, facts_index):
+    """The passage index's update Job, run as its pod would on a volume that serves v1: v2 is v1
+    without a document, split as served, and current. An update that cannot be made (a document
+    that is not there) fails with the reason, writes nothing, and leaves `current` as it was."""
+    from chameleon.rag.corpus import RagIndex
+
+    shutil.copytree(facts_index, tmp_path / "versions" / "v1" / "rag")
+    (tmp_path / "current").symlink_to("versions/v1")
+    (job,) = named(render({"index": {"version": "v2", "update": {"from": "v1", "removeDocs": ["fact-3"]}}}), "Job").values()
+    code, output = finish(start_job(job, tmp_path))
+    assert code == 0, output
+    assert os.readlink(tmp_path / "current") == "versions/v2"
+    served = RagIndex(tmp_path / "current" / "rag")
+    assert served.meta["documents"] == 299 and "fact-3" not in {p.doc_id for p in served.passages}
+    assert RagIndex(tmp_path / "versions" / "v1" / "rag").meta["documents"] == 300
+    assert (tmp_path / "versions" / "v2" / "shards-2" / "manifest.json").is_file()
+    (failing,) = named(render({"index": {"version": "v3", "update": {"from": "v2", "removeDocs": ["fact-3"]}}}), "Job").values()
+    code, output = finish(start_job(failing, tmp_path))
+    assert code != 0 and "not in" in output and "'fact-3'" in output
+    assert os.readlink(tmp_path / "current") == "versions/v2"
+    assert [p.name for p in (tmp_path / "versions" / "v3").iterdir()] == []  # no half version left
+
+
+def test_vector_mode_refuses_autoscaling_it_has_no_metrics_for():
+    with pytest.raises(Exception, match="a vector index runs no server: set retrieval.replicas"):
+        render({"index": {"vectors": {"file": "input/base.npy"}}, "autoscaling": {"enabled": True}})

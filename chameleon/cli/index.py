@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import typer
 
-from chameleon.cli.common import Metric, say, vector_index
+from chameleon.cli.common import Metric, number_list, say, vector_index
 from retriever.errors import InvalidInput
 
 app = typer.Typer(no_args_is_help=True, help="Build and inspect IVF-PQ indexes.")
@@ -186,6 +186,40 @@ def index_add(
     say(f"added {new.shape[0]:,} vectors from {vectors} to {index}: {extended.ntotal:,} in all, in {time.perf_counter() - started:.1f} s")
 
 
+@app.command("version")
+def index_version(
+    name: str = typer.Argument(..., help="The version's name: lowercase letters, digits and '-' (at most 16 characters)."),
+    data: Path = typer.Option(..., "--data", help="The deployment's index directory: versions/NAME go in it, `current` links to one."),
+    corpus: str | None = typer.Option(None, "--corpus", help="Make it a passage index of this corpus (python-docs, a folder, .jsonl)."),
+    parts: list[Path] = typer.Option([], "--part", help="Make it a vector index of these parts of a build (`index encode`; repeatable)."),
+    base: str | None = typer.Option(None, "--from", help="Make it a copy of this earlier version, changed as below (no training)."),
+    add: str | None = typer.Option(None, "--add", help="With --from: documents (a corpus) or vectors (a vector file) to add."),
+    remove_docs: list[str] = typer.Option([], "--remove-doc", help="With --from: a document to remove from a passage index (repeatable)."),
+    remove_ids: str | None = typer.Option(
+        None, "--remove-ids", help="With --from: vector ids to remove from a vector index, comma-separated."
+    ),
+    shards: list[int] = typer.Option([], "--shards", help="A shard layout to write for the retrieval nodes (repeatable)."),
+    keep_current: bool = typer.Option(
+        False, "--keep-current", help="Make it current only if no version is (a first version's job, run again after an update)."
+    ),
+):
+    """Write a new version of a deployment's index beside the one served, check it, write its
+    shard layouts, and make it current (docs/deployment.md, "Changing the index while serving").
+
+    A version that exists already is kept as it is: a job run again goes on where it stopped."""
+    from chameleon.versions import CURRENT, VersionSpec, current_version, write_version
+
+    ids = tuple(number_list(remove_ids, "--remove-ids")) if remove_ids is not None else ()
+    spec = VersionSpec(name, corpus, tuple(parts), base, add, tuple(remove_docs), ids)
+    started = time.perf_counter()
+    version = write_version(data, spec, shards, keep_current, progress=True)
+    layouts = ", ".join(f"shards-{n}" for n in shards) or "no layout"
+    say(
+        f"wrote {version} ({layouts}) in {time.perf_counter() - started:.1f} s; {_peak_memory()}; "
+        f"{data / CURRENT} -> versions/{current_version(data)}"
+    )
+
+
 @app.command("reshard")
 def index_reshard(
     index: Path = typer.Option(..., "--index", help="A vector index, or a passage index (its vectors are split)."),
@@ -241,10 +275,7 @@ def index_remove(
     if ids_file is not None:
         wanted = read_npy(ids_file, ndim=1)
     else:
-        try:
-            wanted = np.array([int(x) for x in ids.split(",")], dtype=np.int64)
-        except ValueError:
-            raise InvalidInput(f"--ids takes comma-separated integers, got {ids!r}") from None
+        wanted = np.array(number_list(ids, "--ids"), dtype=np.int64)
     smaller = remove_ids(load_index(index), wanted)
     save_index(smaller, index, force=True)
     say(f"removed {np.unique(wanted).size:,} vectors from {index}: {smaller.ntotal:,} left")

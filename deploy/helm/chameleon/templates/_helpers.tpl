@@ -81,3 +81,62 @@ and, while a change rolls out (index.previous), the one it replaces. */}}
 {{- fail (printf "index version %q: use lowercase letters, digits and '-' (at most 16 characters, a letter or digit at each end)" (toString .)) }}
 {{- end }}
 {{- end -}}
+
+{{/* "true" when the index is a vector index (index.vectors.file): no passages, so no server. */}}
+{{- define "chameleon.vectorMode" -}}
+{{- if .Values.index.vectors.file }}true{{ else }}false{{ end }}
+{{- end -}}
+
+{{/* The current version's index that coordinators read, as the link names it. */}}
+{{- define "chameleon.served" -}}
+{{ include "chameleon.data" . }}/current/{{ if eq (include "chameleon.vectorMode" .) "true" }}vectors{{ else }}rag/index{{ end }}
+{{- end -}}
+
+{{/* A shell loop until a file another Job writes is there: (list PATH SECONDS WHO). Jobs start in
+no order; a part of a build waits for the one before it, and gives up with a reason. */}}
+{{- define "chameleon.waitFor" -}}
+{{- $path := index . 0 }}{{ $seconds := int (index . 1) }}
+{{- printf "waited=0; until test -f %s; do test $waited -lt %d || { echo \"no %s after %d s: did %s fail?\" >&2; exit 1; }; sleep 5; waited=$((waited+5)); done" $path $seconds $path $seconds (index . 2) }}
+{{- end -}}
+
+{{/* A step of a vector build in parts: (dict "root" . "step" NAME "image" IMAGE "script" SH ["parts" N]),
+a Job named by the version and step; with parts, an Indexed Job of that many pods. */}}
+{{- define "chameleon.buildJob" -}}
+{{- $root := .root }}
+apiVersion: batch/v1
+kind: Job
+metadata:
+  name: {{ printf "%s-index-%s-%s" (include "chameleon.name" $root) $root.Values.index.version .step | trunc 63 | trimSuffix "-" }}
+  labels: {{- include "chameleon.labels" $root | nindent 4 }}
+    app.kubernetes.io/component: index
+spec:
+  backoffLimit: 3
+  {{- with .parts }}
+  completionMode: Indexed
+  completions: {{ . }}
+  parallelism: {{ $root.Values.index.vectors.parallelism | default . }}
+  {{- end }}
+  template:
+    metadata:
+      labels: {{- include "chameleon.selector" $root | nindent 8 }}
+        app.kubernetes.io/component: index
+    spec:
+      restartPolicy: OnFailure
+      {{- include "chameleon.podSecurity" $root | nindent 6 }}
+      containers:
+        - name: {{ .step }}
+          image: {{ include "chameleon.image" .image }}
+          imagePullPolicy: {{ .image.pullPolicy }}
+          workingDir: {{ include "chameleon.data" $root }}
+          command: ["sh", "-c"]
+          args: [{{ printf "set -e; %s" .script | quote }}]
+          {{- with $root.Values.index.resources }}
+          resources: {{- toYaml . | nindent 12 }}
+          {{- end }}
+          volumeMounts:
+            - {name: index, mountPath: {{ include "chameleon.data" $root }}}
+      volumes:
+        - name: index
+          persistentVolumeClaim:
+            claimName: {{ include "chameleon.name" $root }}-index
+{{- end -}}
