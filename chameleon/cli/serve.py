@@ -14,6 +14,9 @@ def serve(
     engine: str | None = typer.Option(
         None, "--engine", help="LLM engine: auto (vllm on a CUDA host where it is installed, else torch), torch or vllm."
     ),
+    decode_weights: str | None = typer.Option(
+        None, "--decode-weights", help="Torch engine on CPU: decode with the model's weights (model), or int8 or int4 copies (faster)."
+    ),
     max_batch: int | None = typer.Option(None, "--max-batch", help="Sequences decoded together (8); 1: one at a time."),
     reorder_window: int | None = typer.Option(
         None, "--reorder-window", help="Cache-aware admission: pass a request over at most N times (8); 0: arrival order."
@@ -66,6 +69,7 @@ def serve(
         index=index,
         model=model,
         engine=engine,
+        decode_weights=decode_weights,
         max_batch=max_batch,
         reorder_window=reorder_window,
         shards=shards,

@@ -38,12 +38,17 @@ def engine_kind(kind: str) -> str:
     return "vllm" if installed and torch.cuda.is_available() else "torch"
 
 
-def make_llm_engine(kind: str = "auto", model: str | Path | None = None, dtype: str = "bfloat16", max_batch: int = 256) -> LLMEngine:
+def make_llm_engine(
+    kind: str = "auto", model: str | Path | None = None, dtype: str = "bfloat16", max_batch: int = 256, decode_weights: str = "model"
+) -> LLMEngine:
     """The engine ``kind`` (see ``engine_kind``) on ``model`` (None: the built-in LLM).
 
     The torch engine decodes one sequence at a time (``chameleon.engines.batching.BatchingEngine`` batches
-    it, up to its own ``max_batch``); the vLLM engine is thread-safe and batches up to ``max_batch``.
+    it, up to its own ``max_batch``), with ``decode_weights`` (``chameleon.engines.llama_decode.WEIGHTS``);
+    the vLLM engine is thread-safe and batches up to ``max_batch``, with the model's own weights.
     """
     if engine_kind(kind) == "vllm":
+        if decode_weights != "model":
+            raise InvalidInput(f"decode weights {decode_weights!r} are the torch engine's: vLLM decodes with the model's own weights")
         return VllmEngine(model, dtype=dtype, max_batch=max_batch)
-    return TorchEngine(model, dtype=dtype)
+    return TorchEngine(model, dtype=dtype, decode_weights=decode_weights)

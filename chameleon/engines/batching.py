@@ -39,6 +39,7 @@ from chameleon.engines.base import (
     decode_speed,
     worth_continuing,
 )
+from chameleon.engines.decode_batch import DecodeBatch
 from chameleon.engines.sampling import GREEDY, Sampler, check_scored
 from chameleon.engines.torch_engine import TorchEngine
 from coordinator.kv_cache import CacheAwareQueue
@@ -108,7 +109,7 @@ class BatchingEngine(ThreadedEngine):
         else:
             self._waiting = CacheAwareQueue(lambda sequence: sequence.reuse_ratio, reorder_window)
         self._running: list[_Sequence] = []
-        self._batch = DecodeBatch(engine.model, engine.device)  # the running sequences' KV, row for row
+        self._batch = DecodeBatch(engine)  # the running sequences' KV, row for row
         self._scoring: list[tuple[Future, list[int], int]] = []  # prompt_logprobs calls for the thread
         self._start(self._loop, "chameleon-engine")
 
@@ -266,107 +267,3 @@ class BatchingEngine(ThreadedEngine):
                 queue_s=sequence.started - sequence.submitted,
             )
         )
-
-
-class DecodeBatch:
-    """Sequences of different lengths decoded together on one KV cache.
-
-    Each row's KV is left-padded to the longest, with an attention mask over the padding; every
-    step passes each row's own position. A row alone is never padded and runs exactly the
-    model's plain decode step. Rows are in join order; ``keep`` drops the others.
-    """
-
-    def __init__(self, model, device):
-        self.model, self.device = model, device
-        self.layers: list[tuple] = []  # per layer (keys, values), (rows, heads, time, dim)
-        self.mask = None  # (rows, time), 0 over padding
-
-    def __len__(self) -> int:
-        return 0 if self.mask is None else self.mask.shape[0]
-
-    def join(self, cache) -> None:
-        """Add a prefilled sequence's KV cache as the last row, left-padding whichever side is shorter."""
-        import torch
-        from torch.nn.functional import pad
-
-        layers = [(layer.keys, layer.values) for layer in cache.layers]
-        mask = torch.ones(1, layers[0][0].shape[2], dtype=torch.long, device=self.device)
-        if self.mask is None:
-            self.layers, self.mask = layers, mask
-            return
-        length = max(self.mask.shape[1], mask.shape[1])
-
-        def left_pad(tensor, to):  # (rows, heads, time, dim) or (rows, time)
-            extra = to - tensor.shape[-2 if tensor.dim() == 4 else -1]
-            return pad(tensor, (0, 0, extra, 0) if tensor.dim() == 4 else (extra, 0))
-
-        self.layers = [
-            (torch.cat([left_pad(bk, length), left_pad(k, length)]), torch.cat([left_pad(bv, length), left_pad(v, length)]))
-            for (bk, bv), (k, v) in zip(self.layers, layers)
-        ]
-        self.mask = torch.cat([left_pad(self.mask, length), left_pad(mask, length)])
-
-    def prefill(self, prompts: list[list[int]], hidden_states: bool = False):
-        """Start an empty batch with ``prompts`` in one forward pass, left-padded; the model's output
-        (the last column holds every row's next-token logits)."""
-        import torch
-
-        if self.mask is not None:
-            raise InvalidInput("prefill starts an empty batch")
-        length = max(len(prompt) for prompt in prompts)
-        ids = torch.tensor([[0] * (length - len(p)) + list(p) for p in prompts], device=self.device)
-        mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in prompts], device=self.device)
-        options = {"use_cache": True, "output_hidden_states": hidden_states}
-        if len(prompts) == 1:
-            out = self.model(ids, **options)
-        else:
-            positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-            out = self.model(ids, attention_mask=mask, position_ids=positions, **options)
-        self.layers, self.mask = [(layer.keys, layer.values) for layer in out.past_key_values.layers], mask
-        return out
-
-    def step(self, tokens: list[int], kv_lengths: list[int], hidden_states: bool = False):
-        """Feed one token per row (each row's KV holds ``kv_lengths[row]`` real tokens); the model's output."""
-        import torch
-        from transformers import DynamicCache
-
-        last = torch.tensor([[token] for token in tokens], device=self.device)
-        mask = torch.cat([self.mask, torch.ones(len(tokens), 1, dtype=self.mask.dtype, device=self.device)], dim=1)
-        options = {"past_key_values": DynamicCache(self.layers), "use_cache": True, "output_hidden_states": hidden_states}
-        if len(tokens) == 1:
-            out = self.model(last, **options)
-        else:
-            positions = torch.tensor([[length] for length in kv_lengths], device=self.device)
-            out = self.model(last, attention_mask=mask, position_ids=positions, **options)
-        self.layers, self.mask = [(layer.keys, layer.values) for layer in out.past_key_values.layers], mask
-        return out
-
-    def own_cache(self, row: int, length: int):
-        """Row ``row``'s real KV (its last ``length`` columns), copied so that it does not keep the
-        whole batch's KV alive."""
-        from transformers import DynamicCache
-
-        return DynamicCache([(k[row : row + 1, :, -length:].clone(), v[row : row + 1, :, -length:].clone()) for k, v in self.layers])
-
-    def row_head(self, row: int, length: int, head: int):
-        """The KV of the first ``head`` tokens of row ``row`` (whose KV holds ``length`` real
-        tokens), copied so that it does not keep the whole batch's KV alive."""
-        from transformers import DynamicCache
-
-        start = self.mask.shape[1] - length
-        return DynamicCache(
-            [(k[row : row + 1, :, start : start + head].clone(), v[row : row + 1, :, start : start + head].clone()) for k, v in self.layers]
-        )
-
-    def keep(self, rows: list[int]) -> None:
-        """Keep only ``rows`` (in that order), dropping columns that are padding in all of them."""
-        import torch
-
-        if not rows:
-            self.layers, self.mask = [], None
-            return
-        index = torch.tensor(rows, device=self.device)
-        mask = self.mask[index]
-        start = int((mask.sum(dim=0) > 0).nonzero()[0])
-        self.layers = [(k[index, :, start:], v[index, :, start:]) for k, v in self.layers]
-        self.mask = mask[:, start:]

@@ -1,8 +1,10 @@
 """The torch engine: a transformers causal LM on CPU or CUDA with its own decoding loop.
 
 One prefill over the prompt (optionally continuing from a cached prefix's KV), then one decode step
-per token on the KV cache it holds. It reports time to first token and decode speed. Decoding is
-greedy unless a request's :class:`~chameleon.engines.sampling.Sampler` says otherwise.
+per token on the KV cache it holds (:class:`~chameleon.engines.decode_batch.DecodeBatch` of one
+row). Llama-family models decode through :class:`~chameleon.engines.llama_decode.LlamaDecoder`
+(``fast_decode``), others through transformers. It reports time to first token and decode speed.
+Decoding is greedy unless a request's :class:`~chameleon.engines.sampling.Sampler` says otherwise.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from chameleon.engines.base import (
     end_token_ids,
     shared_cache,
 )
+from chameleon.engines.decode_batch import DecodeBatch
+from chameleon.engines.llama_decode import LlamaDecoder, unsupported
 from chameleon.engines.sampling import GREEDY, Sampler, TokenLogprob, check_scored, token_logprobs
 from chameleon.models import resolve_model
 from retriever.errors import Unsupported
@@ -37,7 +41,14 @@ PREFILL_CHUNK = 512
 class TorchEngine(EngineText):
     name = "torch"
 
-    def __init__(self, model: str | Path | None = None, device: str = "auto", dtype: str = "bfloat16"):
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        device: str = "auto",
+        dtype: str = "bfloat16",
+        fast_decode: bool = True,
+        decode_weights: str = "model",
+    ):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -50,6 +61,12 @@ class TorchEngine(EngineText):
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval().to(self.device)
         self.context_window = context_window(self.model.config)
         self.eos_ids = end_token_ids(self.model.generation_config, self.tokenizer)
+        # off only to measure transformers' decode against it; a model it cannot run gets the reason
+        self.decode_path = unsupported(self.model) if fast_decode else "fast_decode is off"
+        if decode_weights != "model" and (self.decode_path is not None or self.device != "cpu"):
+            reason = self.decode_path or f"its quantized kernels run on CPU, and this engine runs on {self.device}"
+            raise Unsupported(f"decode weights {decode_weights!r} need the engine's own decode step on CPU: {reason}")
+        self.decoder = LlamaDecoder(self.model, decode_weights) if self.decode_path is None else None
 
     def prefill(
         self, tokens: list[int], prefix: KVPrefix | None = None, cancelled: Callable[[], bool] | None = None
@@ -120,15 +137,18 @@ class TorchEngine(EngineText):
             return cancelled_generation(tokens, prefix, state, time.perf_counter() - started)
         generated = [pick(logits)]
         ttft = time.perf_counter() - started
-        cache = state.cache
         decode_started = time.perf_counter()
         stopped = on_token is not None and bool(on_token(generated[-1]))
-        with torch.inference_mode():
-            while len(generated) < max_new_tokens and generated[-1] not in self.eos_ids and not stopped:
-                out = self.model(torch.tensor([[generated[-1]]], device=self.device), past_key_values=cache, use_cache=True)
-                cache = out.past_key_values
-                generated.append(pick(out.logits[0, -1]))
-                stopped = on_token is not None and bool(on_token(generated[-1]))
+        cache = state.cache
+        if len(generated) < max_new_tokens and generated[-1] not in self.eos_ids and not stopped:
+            batch = DecodeBatch(self)
+            batch.join(cache)
+            with torch.inference_mode():
+                while len(generated) < max_new_tokens and generated[-1] not in self.eos_ids and not stopped:
+                    out = batch.step([generated[-1]], [len(tokens) + len(generated) - 1])
+                    generated.append(pick(out.logits[0, -1]))
+                    stopped = on_token is not None and bool(on_token(generated[-1]))
+            cache = batch.own_cache(0, len(tokens) + len(generated) - 1)
         decode_s = time.perf_counter() - decode_started
         state = KVPrefix(list(tokens) + generated[:-1], cache)
         return Generation(

@@ -158,7 +158,7 @@ def measure_inference(
     ``batches`` rows after ``context`` tokens (about a RAG prompt: question and passages)."""
     import torch
 
-    from chameleon.engines.batching import DecodeBatch
+    from chameleon.engines.decode_batch import DecodeBatch
     from chameleon.engines.torch_engine import TorchEngine
     from chameleon.rag.embedder import Embedder
 
@@ -182,7 +182,7 @@ def measure_inference(
     steps = []
     with torch.inference_mode():
         for rows in batches:
-            batch = DecodeBatch(engine.model, engine.device)
+            batch = DecodeBatch(engine)
             batch.prefill([rng.integers(100, vocab, context).tolist() for _ in range(rows)])
             tokens = rng.integers(100, vocab, rows).tolist()
             times = [_timed(lambda i=i: batch.step(tokens, [context + i] * rows)) for i in range(repeats + 2)]

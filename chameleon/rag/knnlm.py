@@ -234,10 +234,10 @@ class HiddenStateBatch:
     state of each row: the kNN-LM's queries (``coordinator.pipeline.MicroBatch``)."""
 
     def __init__(self, engine, prompts: list[list[int]]):
-        from chameleon.engines.batching import DecodeBatch
+        from chameleon.engines.decode_batch import DecodeBatch
 
         self.engine, self.prompts = engine, prompts
-        self.batch = DecodeBatch(engine.model, engine.device)
+        self.batch = DecodeBatch(engine)
         self.kv_lengths: list[int] = []
 
     def prefill(self) -> StepOutput:

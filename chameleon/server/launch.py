@@ -85,7 +85,7 @@ def serve(settings: ServeSettings, ready_file: Path | None = None) -> None:
         rag_index = RagIndex(index_source, embedder.fingerprint)
         starting.step("loading the LLM")
         _say(f"loading the LLM ({settings.model or BUILTIN_LLM}, {kind} engine)")
-        engine = make_llm_engine(kind, settings.model, max_batch=settings.max_batch)
+        engine = make_llm_engine(kind, settings.model, max_batch=settings.max_batch, decode_weights=settings.decode_weights)
         if kind == "torch":  # vLLM batches by itself
             engine = BatchingEngine(engine, settings.max_batch, settings.reorder_window or None)
         knnlm = None
