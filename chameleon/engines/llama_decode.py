@@ -102,23 +102,21 @@ class LlamaDecoder:
         which are real."""
         import torch
 
-        rows = tokens.shape[0]
+        rows, heads, kv_heads, dim = tokens.shape[0], self.heads, self.kv_heads, self.head_dim
         hidden = self.embed(tokens)
         cos, sin = self.rotary(hidden, positions)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # (rows, 1, 1, head dim): over every head
         if mask is not None:  # True over padding
             mask = ~mask.bool()[:, None, None, :]
-        split = [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim]
         for layer, key_buffer, value_buffer in zip(self.layers, keys, values):
             residual = hidden
-            query, key, value = layer.qkv(layer.input_norm(hidden)).split(split, dim=-1)
-            query = query.view(rows, 1, self.heads, self.head_dim).transpose(1, 2)
-            key = key.view(rows, 1, self.kv_heads, self.head_dim).transpose(1, 2)
-            query = query * cos + _rotate_half(query, torch) * sin
-            key_buffer[..., column : column + 1] = (key * cos + _rotate_half(key, torch) * sin).transpose(2, 3)
-            value_buffer[:, :, column : column + 1] = value.view(rows, 1, self.kv_heads, self.head_dim).transpose(1, 2)
+            projected = layer.qkv(layer.input_norm(hidden)).view(rows, 1, heads + 2 * kv_heads, dim)
+            rotated = projected[:, :, : heads + kv_heads]  # the queries' and keys' heads, rotated at once
+            rotated = rotated * cos + _rotate_half(rotated, torch) * sin
+            key_buffer[..., column] = rotated[:, 0, heads:]
+            value_buffer[:, :, column] = projected[:, 0, heads + kv_heads :]
             # one query per head, grouped by the KV head it reads: (rows, kv heads, queries per kv head, dim)
-            grouped = query.reshape(rows, self.kv_heads, self.heads // self.kv_heads, self.head_dim).float()
+            grouped = rotated[:, 0, :heads].reshape(rows, kv_heads, heads // kv_heads, dim).float()
             scores = torch.matmul(grouped, key_buffer[..., : column + 1]) * layer.scaling
             if mask is not None:
                 scores = scores.masked_fill(mask, float("-inf"))
