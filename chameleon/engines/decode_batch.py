@@ -18,14 +18,16 @@ class DecodeBatch:
     step passes each row's own position. A row alone is never padded and runs exactly the
     model's plain decode step. Rows are in join order; ``keep`` drops the others.
 
-    With the engine's :class:`~chameleon.engines.llama_decode.LlamaDecoder`, the KV lives in
-    buffers with room for more columns (doubled when full), each step writing its column in place;
-    other models decode through transformers, whose cache grows by concatenation.
+    With the engine's :class:`~chameleon.engines.llama_decode.LlamaDecoder`, the KV lives in its
+    buffers (``kv_buffers``: float32, keys transposed) with room for more columns (``room_for``),
+    each step writing its column in place; other models decode through transformers, whose cache
+    grows by concatenation. What leaves the batch (``own_cache``, ``row_head``) is a copy in
+    transformers' shape and the model's dtype.
     """
 
     def __init__(self, engine):
         self.model, self.device, self.decoder = engine.model, engine.device, engine.decoder
-        self.keys: list = []  # per layer, (rows, kv heads, capacity, head dim); columns 0..length-1 hold KV
+        self.keys: list = []  # per layer; columns 0..length-1 hold KV (the decoder's layout, or transformers')
         self.values: list = []
         self.length = 0
         self.mask = None  # (rows, length), 0 over padding
@@ -33,12 +35,13 @@ class DecodeBatch:
     def __len__(self) -> int:
         return 0 if self.mask is None else self.mask.shape[0]
 
-    @property
-    def layers(self) -> list[tuple]:
-        """Each layer's (keys, values) over the columns in use, as transformers holds them."""
+    def columns(self, rows=slice(None), start: int = 0, stop: int | None = None) -> list[tuple]:
+        """Each layer's (keys, values) of ``rows`` over columns ``start:stop`` (default: those in
+        use), in transformers' shape: views of the batch's tensors, not to be kept."""
+        stop = self.length if stop is None else stop
         if self.decoder is not None:
-            return self.decoder.kv_layers(self.keys, self.values, self.length)
-        return list(zip(self.keys, self.values))
+            return self.decoder.kv_columns(self.keys, self.values, rows, start, stop)
+        return [(k[rows, :, start:stop], v[rows, :, start:stop]) for k, v in zip(self.keys, self.values)]
 
     def join(self, cache) -> None:
         """Add a prefilled sequence's KV cache as the last row, left-padding whichever side is shorter."""
@@ -56,7 +59,7 @@ class DecodeBatch:
 
             layers = [
                 (torch.cat([left_pad(bk, length), left_pad(k, length)]), torch.cat([left_pad(bv, length), left_pad(v, length)]))
-                for (bk, bv), (k, v) in zip(self.layers, layers)
+                for (bk, bv), (k, v) in zip(self.columns(), layers)
             ]
             mask = torch.cat([left_pad(self.mask, length), left_pad(mask, length)])
         self._hold(layers, mask)
@@ -95,7 +98,7 @@ class DecodeBatch:
             self.length += 1
             self.mask = mask
             return out
-        options = {"past_key_values": DynamicCache(self.layers), "use_cache": True, "output_hidden_states": hidden_states}
+        options = {"past_key_values": DynamicCache(self.columns()), "use_cache": True, "output_hidden_states": hidden_states}
         if len(tokens) == 1:
             out = self.model(last, **options)
         else:
@@ -106,19 +109,13 @@ class DecodeBatch:
     def own_cache(self, row: int, length: int):
         """Row ``row``'s real KV (its last ``length`` columns), copied so that it does not keep the
         whole batch's KV alive."""
-        from transformers import DynamicCache
-
-        return DynamicCache([(k[row : row + 1, :, -length:].clone(), v[row : row + 1, :, -length:].clone()) for k, v in self.layers])
+        return self._copy(self.columns(slice(row, row + 1), self.length - length))
 
     def row_head(self, row: int, length: int, head: int):
         """The KV of the first ``head`` tokens of row ``row`` (whose KV holds ``length`` real
         tokens), copied so that it does not keep the whole batch's KV alive."""
-        from transformers import DynamicCache
-
         start = self.length - length
-        return DynamicCache(
-            [(k[row : row + 1, :, start : start + head].clone(), v[row : row + 1, :, start : start + head].clone()) for k, v in self.layers]
-        )
+        return self._copy(self.columns(slice(row, row + 1), start, start + head))
 
     def keep(self, rows: list[int]) -> None:
         """Keep only ``rows`` (in that order), dropping columns that are padding in all of them."""
@@ -130,7 +127,7 @@ class DecodeBatch:
         index = torch.tensor(rows, device=self.device)
         mask = self.mask[index]
         start = int((mask.sum(dim=0) > 0).nonzero()[0])
-        self._hold([(k[index, :, start:], v[index, :, start:]) for k, v in self.layers], mask[:, start:])
+        self._hold(self.columns(index, start), mask[:, start:])
 
     def _hold(self, layers: list[tuple], mask) -> None:
         """Take ``layers`` as the batch's KV. With the decoder, into buffers of our own (which its
@@ -143,7 +140,14 @@ class DecodeBatch:
 
     def _make_room(self) -> None:
         if self.length == self.values[0].shape[2]:
-            self.keys, self.values = self.decoder.kv_buffers(self.layers, room_for(self.length + 1))
+            self.keys, self.values = self.decoder.kv_buffers(self.columns(), room_for(self.length + 1))
+
+    def _copy(self, layers: list[tuple]):
+        """A transformers cache of a copy of ``layers`` in the model's dtype."""
+        from transformers import DynamicCache
+
+        dtype = self.model.dtype
+        return DynamicCache([(k.to(dtype, copy=True), v.to(dtype, copy=True)) for k, v in layers])
 
 
 def room_for(length: int) -> int:

@@ -90,10 +90,10 @@ class LlamaDecoder:
             values[-1][:, :, :length] = v
         return keys, values
 
-    def kv_layers(self, keys: list, values: list, length: int) -> list[tuple]:
-        """The first ``length`` columns of the buffers, in transformers' shape and the model's dtype."""
-        dtype = self.embed.weight.dtype
-        return [(k[..., :length].transpose(2, 3).to(dtype), v[:, :, :length].to(dtype)) for k, v in zip(keys, values)]
+    def kv_columns(self, keys: list, values: list, rows, start: int, stop: int) -> list[tuple]:
+        """Columns ``start:stop`` of ``rows`` (a slice or an index tensor) of the buffers, in
+        transformers' shape (views where they can be: still float32)."""
+        return [(k[rows, :, :, start:stop].transpose(2, 3), v[rows, :, start:stop]) for k, v in zip(keys, values)]
 
     def step(self, tokens, positions, keys: list, values: list, column: int, mask=None, hidden_states: bool = False) -> StepOutput:
         """Feed ``tokens`` (rows, 1) at ``positions`` (rows, 1); each layer's new key and value go
