@@ -1,14 +1,17 @@
 """One decode step of a Llama-family model written out in torch operations, on KV buffers that
 the caller preallocates and this step writes into.
 
-transformers' forward spends most of a decode step of a small model outside arithmetic: per-module
-dispatch, mask and cache bookkeeping, and a KV cache that grows by concatenation (every step copies
-every layer's whole KV). This step runs the same arithmetic, in the same order and precision, with
-the query, key and value projections in one matrix product and the gate and up projections in
-another (their weights fused once; the model's own modules keep views of them, so nothing is held
-twice), rotary embeddings from the model's own rotary module, and each new key and value written
-into its column of the caller's buffers. Prefill stays transformers' (it is one pass of large
-matrix products, where dispatch does not count).
+transformers' decode step of a small model on CPU goes mostly to things other than its matrix
+products: per-module dispatch, mask and cache bookkeeping, a KV cache that grows by concatenation
+(every step copies every layer's whole KV), and attention through the CPU flash-attention kernel,
+slow for one query (benchmarks/RESULTS.md, 2026-12-07). This step runs the same arithmetic with the
+query, key and value projections in one matrix product and the gate and up projections in another
+(their weights fused once; the model's own modules keep views of them, so nothing is held twice),
+the model's own norms and rotary embeddings, each new key and value written into its column of the
+caller's buffers, and attention as two products in float32 (on bf16 models a little more precise
+than transformers', and 2-3x faster on CPU than bf16 products of these shapes). In float32 its
+tokens are transformers' (tested). Prefill stays transformers' (one pass of large matrix
+products, where dispatch does not count).
 
 Models it cannot run exactly are refused with the reason (``unsupported``); the engine decodes
 them with transformers, as before.
