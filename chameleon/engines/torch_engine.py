@@ -74,7 +74,7 @@ class TorchEngine(EngineText):
         """KV of ``tokens`` (continuing ``prefix``, whose tokens they must start with) and the last
         logits. With ``cancelled``, the prompt runs in chunks of :data:`PREFILL_CHUNK` tokens and
         stops before the first chunk that finds it True: then the KV covers the tokens done so far
-        and the logits are None."""
+        and the logits are None. One token after a cached prefix runs as a decode step."""
         import torch
         from transformers import DynamicCache
 
@@ -84,6 +84,14 @@ class TorchEngine(EngineText):
         if start == len(tokens):  # everything cached: recompute the last token to get its logits
             cache.crop(-1)  # drop the last token
             start -= 1
+        if start == len(tokens) - 1 and start > 0 and self.decoder is not None:
+            # one token after a cached prefix: a decode step, as when the same tokens are decoded
+            # (continuing a generation gives the tokens decoding it in one go would have)
+            batch = DecodeBatch(self)
+            batch.join(cache)
+            with torch.inference_mode():
+                out = batch.step([tokens[start]], [start])
+            return KVPrefix(list(tokens), batch.own_cache(0, len(tokens))), out.logits[0, -1]
         chunk = PREFILL_CHUNK if cancelled is not None else len(tokens)
         with torch.inference_mode():
             for begin in range(start, len(tokens), chunk):
