@@ -37,10 +37,12 @@ def test_interpolation_lowers_perplexity_on_text_of_the_corpus(engine, datastore
 
 
 def test_generation_draws_on_the_datastore(engine, datastore):
+    from chameleon.engines.batching import BatchingEngine
     from chameleon.rag.knnlm import KnnLm, generate
 
     prompt = engine.tokenizer("The secret code of planet Zorblax-13 is", add_special_tokens=False)["input_ids"]
-    knn_text = engine.tokenizer.decode(generate(engine, KnnLm.open(datastore, engine, k=8, lam=0.9), prompt, 4))
+    knn_tokens = generate(engine, KnnLm.open(datastore, engine, k=8, lam=0.9), prompt, 4)
+    knn_text = engine.tokenizer.decode(knn_tokens)
     base_text = engine.tokenizer.decode(engine.generate(prompt, 4).tokens)
     assert any(code in knn_text for code in CODES), knn_text  # a code from the corpus, which the base LM does not know
     assert not any(code in base_text for code in CODES)
@@ -50,6 +52,12 @@ def test_generation_draws_on_the_datastore(engine, datastore):
     assert first_only[1:] == engine.generate(prompt + first_only[:1], 3).tokens
     with pytest.raises(InvalidInput, match="at least 1"):
         generate(engine, KnnLm.open(datastore, engine), prompt, 4, every=0)
+    # the server's engine: the batcher over the torch engine
+    batched = BatchingEngine(engine)
+    try:
+        assert generate(batched, KnnLm.open(datastore, batched, k=8, lam=0.9), prompt, 4) == knn_tokens
+    finally:
+        batched.close()
 
 
 def test_datastore_errors(engine, datastore, tmp_path):

@@ -101,7 +101,7 @@ class BatchingEngine(ThreadedEngine):
         self.engine = engine
         self.max_batch = max_batch
         self.tokenizer, self.eos_ids, self.context_window = engine.tokenizer, engine.eos_ids, engine.context_window
-        self.model, self.device = engine.model, engine.device
+        self.model, self.device, self.decoder = engine.model, engine.device, engine.decoder
         self.largest_batch = 0
         self.share_running_prompts = share_running_prompts  # off only to measure what it saves
         if reorder_window is None:
