@@ -69,10 +69,14 @@ def check_name(name: str) -> None:
 
 def index_of(version: Path) -> Path:
     """The index of the version directory ``version``: its passage index or its vector index."""
-    for kind in (PASSAGES, VECTORS):
-        if (version / kind).is_dir():
-            return version / kind
-    raise InvalidInput(f"{version} holds no index version ({PASSAGES}/ or {VECTORS}/)")
+    index = _index_in(version)
+    if index is None:
+        raise InvalidInput(f"{version} holds no index version ({PASSAGES}/ or {VECTORS}/)")
+    return index
+
+
+def _index_in(version: Path) -> Path | None:
+    return next((version / kind for kind in (PASSAGES, VECTORS) if (version / kind).is_dir()), None)
 
 
 def current_version(data: str | os.PathLike) -> str | None:
@@ -93,9 +97,10 @@ def write_version(
         raise InvalidInput(f"shards must be in 1..256, got {list(shards)}")
     data = Path(data)
     version = data / "versions" / spec.name
-    if not any((version / kind).is_dir() for kind in (PASSAGES, VECTORS)):
+    index = _index_in(version)
+    if index is None:
         _write_index(data, version, spec, shards, progress)
-    index = index_of(version)
+        index = index_of(version)
     vectors = index / "index" if index.name == PASSAGES else index
     verify_index(vectors)
     for n in shards:

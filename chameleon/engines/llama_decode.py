@@ -104,6 +104,7 @@ class LlamaDecoder:
         attention reads columns ``0..column``, of which ``mask`` (rows, column + 1; None: all) says
         which are real."""
         import torch
+        from transformers.models.llama.modeling_llama import rotate_half
 
         rows, heads, kv_heads, dim = tokens.shape[0], self.heads, self.kv_heads, self.head_dim
         hidden = self.embed(tokens)
@@ -115,7 +116,7 @@ class LlamaDecoder:
             residual = hidden
             projected = layer.qkv(layer.input_norm(hidden)).view(rows, 1, heads + 2 * kv_heads, dim)
             rotated = projected[:, :, : heads + kv_heads]  # the queries' and keys' heads, rotated at once
-            rotated = rotated * cos + _rotate_half(rotated, torch) * sin
+            rotated = rotated * cos + rotate_half(rotated) * sin
             key_buffer[..., column] = rotated[:, 0, heads:]
             value_buffer[:, :, column] = projected[:, 0, heads + kv_heads :]
             # one query per head, grouped by the KV head it reads: (rows, kv heads, queries per kv head, dim)
@@ -193,8 +194,3 @@ def _fuse(projections: list, torch):
             p.bias = torch.nn.Parameter(bias[start : start + rows], requires_grad=False)
         start += rows
     return weight, bias
-
-
-def _rotate_half(x, torch):
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
