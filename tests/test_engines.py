@@ -217,6 +217,39 @@ def test_quantized_decode_weights_compute_the_models_products_within_their_round
         DecodeLinear(torch.ones(4, 48, dtype=torch.bfloat16), None, "int4", torch)
 
 
+def test_auto_decode_weights_are_int4_only_where_that_loses_nothing(tiny_path, tmp_path, prompts):
+    """A model whose matrices are on an int4 grid already (a Q4_1 GGUF's, dequantized: the
+    built-in model's) decodes on int4 copies by default, and they give its own tokens; a model
+    that is not, and one a hair off the grid, keep their weights."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from chameleon.engines.llama_decode import int4_groups, layer_projections, on_int4_grid
+    from chameleon.engines.torch_engine import TorchEngine
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_path)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for projection in layer_projections(layer):
+                codes, scales, low = int4_groups(projection.weight)
+                projection.weight.copy_((codes.reshape(scales.shape[0], -1, 32) * scales + low).reshape(projection.weight.shape))
+    on_grid = tmp_path / "on-grid"
+    model.save_pretrained(on_grid)
+    AutoTokenizer.from_pretrained(tiny_path).save_pretrained(on_grid)
+
+    quantized = TorchEngine(on_grid, dtype="float32")
+    assert quantized.decoder.weights == "int4"
+    own = TorchEngine(on_grid, dtype="float32", decode_weights="model")
+    for prompt in prompts:
+        assert quantized.generate(prompt, 12).tokens == own.generate(prompt, 12).tokens
+    assert TorchEngine(on_grid).decoder.weights == "int4"  # in bf16 too: its rounding stays within the grid's tolerance
+    assert TorchEngine(tiny_path, dtype="float32").decoder.weights == "model"
+    weight = model.model.layers[0].mlp.down_proj.weight.detach()
+    assert on_int4_grid(weight) and on_int4_grid(weight.bfloat16())
+    assert not on_int4_grid(weight + 0.01 * weight.abs().max() * torch.randn_like(weight))
+    assert not on_int4_grid(weight[:, :48])  # not in whole groups of 32
+
+
 def test_quantized_decode_weights_serve_and_refuse_what_cannot_use_them(tiny_path, prompts):
     from chameleon.engines import make_llm_engine
     from chameleon.engines.batching import BatchingEngine

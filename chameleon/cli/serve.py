@@ -15,7 +15,9 @@ def serve(
         None, "--engine", help="LLM engine: auto (vllm on a CUDA host where it is installed, else torch), torch or vllm."
     ),
     decode_weights: str | None = typer.Option(
-        None, "--decode-weights", help="Torch engine on CPU: decode with the model's weights (model), or int8 or int4 copies (faster)."
+        None,
+        "--decode-weights",
+        help="Torch engine on CPU: decode with the model's weights (model), int8 or int4 copies (faster), or auto (int4 where lossless).",
     ),
     max_batch: int | None = typer.Option(None, "--max-batch", help="Sequences decoded together (8); 1: one at a time."),
     reorder_window: int | None = typer.Option(

@@ -39,7 +39,7 @@ def engine_kind(kind: str) -> str:
 
 
 def make_llm_engine(
-    kind: str = "auto", model: str | Path | None = None, dtype: str = "bfloat16", max_batch: int = 256, decode_weights: str = "model"
+    kind: str = "auto", model: str | Path | None = None, dtype: str = "bfloat16", max_batch: int = 256, decode_weights: str = "auto"
 ) -> LLMEngine:
     """The engine ``kind`` (see ``engine_kind``) on ``model`` (None: the built-in LLM).
 
@@ -48,7 +48,7 @@ def make_llm_engine(
     the vLLM engine is thread-safe and batches up to ``max_batch``, with the model's own weights.
     """
     if engine_kind(kind) == "vllm":
-        if decode_weights != "model":
+        if decode_weights not in ("auto", "model"):
             raise InvalidInput(f"decode weights {decode_weights!r} are the torch engine's: vLLM decodes with the model's own weights")
         return VllmEngine(model, dtype=dtype, max_batch=max_batch)
     return TorchEngine(model, dtype=dtype, decode_weights=decode_weights)

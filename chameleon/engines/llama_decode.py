@@ -30,9 +30,15 @@ LLAMA_LIKE = {"llama", "mistral", "qwen2"}
 # row, or to 4 bits per group of 32 inputs (the output layer at 8 bits). A decode step of a small
 # model is bound by memory bandwidth, not arithmetic: fewer bytes, faster steps. 4 bits in groups
 # of 32 with a scale and a minimum is the layout of a Q4_1 GGUF file's matrices (the built-in
-# model's): quantizing its weights again that way gives back the file's own numbers.
-WEIGHTS = {"model", "int8", "int4"}
+# model's): quantizing its weights again that way gives back the file's own numbers. ``auto`` is
+# int4 where that holds for every matrix of the layers (nothing is lost), the model's weights
+# otherwise.
+WEIGHTS = {"auto", "model", "int8", "int4"}
 INT4_GROUP = 32
+# How far a weight may sit from its int4 group's grid and still count as on it: bf16 rounding of
+# the values and of the grid's ends moves a weight by about 1/170 of the group's largest; a matrix
+# that was not on such a grid is off it by up to half a step, 1/30 of that or more.
+INT4_GRID_TOLERANCE = 1 / 64
 
 
 def unsupported(model) -> str | None:
@@ -62,7 +68,8 @@ class StepOutput:
 
 
 class LlamaDecoder:
-    """The decode step of a loaded Llama-family model (``unsupported(model)`` must be None)."""
+    """The decode step of a loaded Llama-family model (``unsupported(model)`` must be None), on
+    ``weights`` (``WEIGHTS``; ``self.weights`` says what ``auto`` chose)."""
 
     def __init__(self, model, weights: str = "model"):
         import torch
@@ -70,6 +77,10 @@ class LlamaDecoder:
         if weights not in WEIGHTS:
             raise InvalidInput(f"decode weights {weights!r}: one of {sorted(WEIGHTS)}")
         config, inner = model.config, model.model
+        if weights == "auto":
+            weights = (
+                "int4" if all(on_int4_grid(m.weight.detach()) for layer in inner.layers for m in layer_projections(layer)) else "model"
+            )
         self.weights = weights
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
@@ -134,6 +145,39 @@ class LlamaDecoder:
         return StepOutput(self.lm_head(hidden), (hidden,) if hidden_states else ())
 
 
+def layer_projections(layer) -> list:
+    attention, mlp = layer.self_attn, layer.mlp
+    return [attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+
+
+def int4_groups(weight):
+    """``weight`` (rows, inputs) in groups of :data:`INT4_GROUP` inputs, each a scale times a
+    4-bit code plus its minimum: (codes (rows, inputs) int32, scales and minimums (rows, groups, 1)
+    float32)."""
+    import torch
+
+    rows, inputs = weight.shape
+    if inputs % INT4_GROUP:
+        raise InvalidInput(f"int4 decode weights need inputs in groups of {INT4_GROUP}; a matrix has {inputs}")
+    grouped = weight.float().reshape(rows, inputs // INT4_GROUP, INT4_GROUP)
+    low = grouped.amin(dim=-1, keepdim=True)
+    scales = ((grouped.amax(dim=-1, keepdim=True) - low) / 15).clamp(min=1e-12)
+    codes = ((grouped - low) / scales).round().clamp(0, 15).to(torch.int32).reshape(rows, inputs)
+    return codes, scales, low
+
+
+def on_int4_grid(weight) -> bool:
+    """Whether every group of :data:`INT4_GROUP` inputs of ``weight`` is a scale times 4-bit codes
+    plus a minimum, up to bf16 rounding (a Q4_1 GGUF's matrices, dequantized), so that its int4
+    copy loses nothing."""
+    if weight.shape[1] % INT4_GROUP:
+        return False
+    codes, scales, low = int4_groups(weight)
+    grouped = weight.float().reshape(*scales.shape[:2], INT4_GROUP)
+    error = (codes.reshape(grouped.shape) * scales + low - grouped).abs().amax(dim=-1)
+    return bool((error <= INT4_GRID_TOLERANCE * grouped.abs().amax(dim=-1)).all())
+
+
 class _FusedLayer:
     """A decoder layer's weights, the query/key/value and gate/up projections each fused into one
     matrix; the layer's own projections become views of it (one copy of the weights)."""
@@ -159,13 +203,7 @@ class DecodeLinear:
             self.weight = (weight.float() / scales[:, None]).round().clamp(-127, 127).to(torch.int8)
             self.scales = scales.to(weight.dtype)
         elif weights == "int4":
-            rows, inputs = weight.shape
-            if inputs % INT4_GROUP:
-                raise InvalidInput(f"int4 decode weights need inputs in groups of {INT4_GROUP}; a matrix has {inputs}")
-            grouped = weight.float().reshape(rows, inputs // INT4_GROUP, INT4_GROUP)
-            low = grouped.amin(dim=-1, keepdim=True)
-            scales = ((grouped.amax(dim=-1, keepdim=True) - low) / 15).clamp(min=1e-12)
-            codes = ((grouped - low) / scales).round().clamp(0, 15).to(torch.int32).reshape(rows, inputs)
+            codes, scales, low = int4_groups(weight)
             self.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
             # the kernel's layout: (groups, rows, [scale, the value of code 8])
             self.scales = torch.stack([scales[..., 0], (low + 8 * scales)[..., 0]], dim=-1).transpose(0, 1).contiguous().to(weight.dtype)

@@ -47,7 +47,7 @@ class TorchEngine(EngineText):
         device: str = "auto",
         dtype: str = "bfloat16",
         fast_decode: bool = True,
-        decode_weights: str = "model",
+        decode_weights: str = "auto",
     ):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -63,9 +63,11 @@ class TorchEngine(EngineText):
         self.eos_ids = end_token_ids(self.model.generation_config, self.tokenizer)
         # off only to measure transformers' decode against it; a model it cannot run gets the reason
         self.decode_path = unsupported(self.model) if fast_decode else "fast_decode is off"
-        if decode_weights != "model" and (self.decode_path is not None or self.device != "cpu"):
+        if decode_weights not in ("auto", "model") and (self.decode_path is not None or self.device != "cpu"):
             reason = self.decode_path or f"its quantized kernels run on CPU, and this engine runs on {self.device}"
             raise Unsupported(f"decode weights {decode_weights!r} need the engine's own decode step on CPU: {reason}")
+        if decode_weights == "auto" and self.device != "cpu":
+            decode_weights = "model"
         self.decoder = LlamaDecoder(self.model, decode_weights) if self.decode_path is None else None
 
     def prefill(

@@ -27,10 +27,11 @@ class ServeSettings(BaseSettings):
         description="LLM engine: torch (transformers, CUDA when present) or vllm (vLLM: its own batching and prefix caching, "
         "no kNN-LM); auto is vllm on a CUDA host where it is installed (torch with --knnlm), else torch.",
     )
-    decode_weights: Literal["model", "int8", "int4"] = Field(
-        "model",
+    decode_weights: Literal["auto", "model", "int8", "int4"] = Field(
+        "auto",
         description="What the torch engine's decode steps multiply by on CPU: the model's weights, or a copy quantized to int8 per row "
-        "or int4 per group of 32 (the layout of a Q4_1 GGUF's matrices, the built-in model's); fewer bytes a step, faster decoding.",
+        "or int4 per group of 32 (the layout of a Q4_1 GGUF's matrices, the built-in model's); fewer bytes a step, faster decoding. "
+        "auto: int4 where the model's matrices are on such a grid already (nothing lost: the built-in model), else the model's.",
     )
     max_batch: int = Field(8, ge=1, le=256, description="Sequences decoded together (continuous batching); 1 is one at a time.")
     reorder_window: int = Field(
