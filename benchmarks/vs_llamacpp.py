@@ -25,7 +25,7 @@ drift falls on all.
 
 RAG stream: ``--rag-requests`` requests of ``bench kvcache``'s stream (Zipf 1.1) served one after
 another with ``--new-tokens`` new tokens, ours with the document cache, llama.cpp keeping its
-context between prompts (it computes only what follows the head two prompts share): requests/s.
+context between prompts (it computes only what follows the head a prompt shares with the last): requests/s.
 
 Agreement: greedy answers (``--new-tokens`` tokens) to ``--agreement`` prompts (questions in the
 chat template, and raw stdlib text), each engine's against the model's own in float32 (ours on
@@ -126,7 +126,7 @@ def _rag_stream(engine, llama, requests: int, zipf: float, new_tokens: int) -> l
     """``requests`` RAG requests of ``bench kvcache``'s stream (Zipf ``zipf`` popularity over the
     built-in passages, 2-5 retrieved each, the server's prompt), served back to back with
     ``new_tokens`` new tokens: ours with the document cache (the server's default policy and
-    budgets), llama.cpp with its own reuse of the previous prompt's common head. Requests per
+    budgets), llama.cpp with its own reuse of the head shared with the previous prompt. Requests per
     second, and time to first token."""
     from chameleon.bench.kvcache import request_stream, retrieve
     from chameleon.engines.prefill_timing import measure_quick
@@ -151,8 +151,8 @@ def _rag_stream(engine, llama, requests: int, zipf: float, new_tokens: int) -> l
 
     def theirs(segments, keys) -> float:
         started = time.perf_counter()
-        # reset=False: llama.cpp keeps its context and computes only what follows the common head
-        for count, _ in enumerate(llama.llm.generate(joined(segments), temp=0.0, top_k=1, reset=False), 1):
+        # not reset first: llama-cpp-python keeps the head this prompt shares with the last one
+        for count, _ in enumerate(llama.llm.generate(joined(segments), temp=0.0, top_k=1, reset=True), 1):
             if count == 1:
                 ttft = time.perf_counter() - started
             if count == new_tokens:
