@@ -224,7 +224,7 @@ def test_auto_decode_weights_are_int4_only_where_that_loses_nothing(tiny_path, t
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from chameleon.engines.llama_decode import int4_groups, layer_projections, on_int4_grid
+    from chameleon.engines.llama_decode import INT4_GROUP, int4_groups, layer_projections, on_int4_grid
     from chameleon.engines.torch_engine import TorchEngine
 
     model = AutoModelForCausalLM.from_pretrained(tiny_path)
@@ -232,7 +232,7 @@ def test_auto_decode_weights_are_int4_only_where_that_loses_nothing(tiny_path, t
         for layer in model.model.layers:
             for projection in layer_projections(layer):
                 codes, scales, low = int4_groups(projection.weight)
-                projection.weight.copy_((codes.reshape(scales.shape[0], -1, 32) * scales + low).reshape(projection.weight.shape))
+                projection.weight.copy_((codes.reshape(scales.shape[0], -1, INT4_GROUP) * scales + low).reshape(projection.weight.shape))
     on_grid = tmp_path / "on-grid"
     model.save_pretrained(on_grid)
     AutoTokenizer.from_pretrained(tiny_path).save_pretrained(on_grid)

@@ -146,6 +146,7 @@ class LlamaDecoder:
 
 
 def layer_projections(layer) -> list:
+    """A decoder layer's seven projections (their modules), the matrices a decode step multiplies by."""
     attention, mlp = layer.self_attn, layer.mlp
     return [attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
 
