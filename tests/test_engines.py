@@ -595,7 +595,7 @@ def test_vllm_answers_as_torch_on_the_builtin_model(builtin_vllm, facts_index, e
     from chameleon.rag.corpus import RagIndex
     from chameleon.rag.pipeline import RagPipeline
 
-    torch_engine = TorchEngine(dtype="float32")
+    torch_engine = TorchEngine(dtype="float32", decode_weights="model")  # the model's own sums, as vLLM's
     finishes = set()
     for question in ("Name three colours.", "How do I read a file line by line in Python?", "Say hello."):
         prompt = torch_engine.chat_tokens([{"role": "user", "content": question}])
@@ -633,7 +633,7 @@ def test_the_document_cache_follows_vllm_and_changes_no_token(builtin_vllm):
         name: Passage(n, f"planet-{name}", f"Planet {name}", "test", f"{name} has {colour} oceans and {n + 2} moons. " * 30)
         for n, (name, colour) in enumerate([("Quor", "green"), ("Velt", "violet"), ("Ysmir", "amber")])
     }
-    torch_engine = TorchEngine(dtype="float32")
+    torch_engine = TorchEngine(dtype="float32", decode_weights="model")  # the model's own sums, as vLLM's
     replies = []
     for question, retrieved in (("Which planet has green oceans?", ["Quor", "Velt"]), ("How many moons has Ysmir?", ["Ysmir", "Quor"])):
         order = cache.order(retrieved)
