@@ -127,7 +127,7 @@ def _rag_stream(engine, llama, requests: int, zipf: float, new_tokens: int) -> l
     built-in passages, 2-5 retrieved each, the server's prompt), served back to back with
     ``new_tokens`` new tokens: ours with the document cache (the server's default policy and
     budgets), llama.cpp with its own reuse of the head shared with the previous prompt. Requests per
-    second, and time to first token."""
+    second, time to first token, and the new tokens (both stop at ``new_tokens`` or the end token)."""
     from chameleon.bench.kvcache import request_stream, retrieve
     from chameleon.engines.prefill_timing import measure_quick
     from chameleon.rag.corpus import RagIndex, builtin_rag_index
@@ -143,26 +143,26 @@ def _rag_stream(engine, llama, requests: int, zipf: float, new_tokens: int) -> l
     template = prompt_segments(engine, "?", rag_index.passages[:1])[0]
     doc_cache = DocumentKVCache(engine, "pgdsf", 512 << 20, 2048 << 20, measure_quick(engine), template)
 
-    def ours(segments, keys) -> float:
+    def ours(segments, keys) -> tuple[float, int]:
         cached, admitted = doc_cache.lookup(segments, keys)
         generation = engine.generate(joined(segments), new_tokens, cached)
         doc_cache.keep(admitted, segments, generation)
-        return generation.ttft_s
+        return generation.ttft_s, len(generation.tokens)
 
-    def theirs(segments, keys) -> float:
+    def theirs(segments, keys) -> tuple[float, int]:
         started = time.perf_counter()
-        # not reset first: llama-cpp-python keeps the head this prompt shares with the last one
-        for count, _ in enumerate(llama.llm.generate(joined(segments), temp=0.0, top_k=1, reset=True), 1):
+        # no llm.reset() first: llama-cpp-python keeps the head this prompt shares with the last one
+        for count, token in enumerate(llama.llm.generate(joined(segments), temp=0.0, top_k=1, reset=True), 1):
             if count == 1:
                 ttft = time.perf_counter() - started
-            if count == new_tokens:
+            if count == new_tokens or token == llama.llm.token_eos():  # where ours stops too
                 break
-        return ttft
+        return ttft, count
 
     rows = []
     for name, serve in (("ours", ours), ("llama.cpp", theirs)):
         started = time.perf_counter()
-        ttfts = [serve(segments, keys) for segments, keys in prompts]
+        ttfts, counts = zip(*(serve(segments, keys) for segments, keys in prompts))
         seconds = time.perf_counter() - started
         row = {
             "rag_stream": requests,
@@ -170,6 +170,7 @@ def _rag_stream(engine, llama, requests: int, zipf: float, new_tokens: int) -> l
             "engine": name,
             "requests_per_s": requests / seconds,
             "ttft_p50_s": statistics.median(ttfts),
+            "new_tokens": sum(counts),
         }
         rows.append(row)
         print(json.dumps(row))
